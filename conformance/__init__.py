@@ -1,0 +1,1 @@
+"""Numerical conformance suite for MLX LoRA layers: run it with ``pytest conformance``."""

@@ -1,0 +1,196 @@
+"""Hypothesis strategies that draw cases: shapes, rank, alpha, scaling rule, dtype, and the weights.
+
+Weights are drawn as float64 master values from a seeded generator, at magnitudes Hypothesis picks,
+and rounded once to the case dtype, so the subject, the reference and the oracle all see exactly the
+same numbers. B is never zero: a zero B hides every scaling bug.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from hypothesis import assume
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from conformance import profiles
+from conformance.dtypes import BY_NAME, DType, round_to
+
+
+@dataclass(frozen=True, repr=False)
+class LinearCase:
+    """One drawn configuration of a LoRA layer on an ``nn.Linear`` base, in peft's layouts.
+
+    The parameters determine the case completely: the arrays are made from them by `make_linear_case`,
+    so `describe()` is enough to rebuild it (see ``python -m conformance.replay``).
+    """
+
+    dtype: DType
+    in_features: int
+    out_features: int
+    r: int
+    alpha: float
+    use_rslora: bool
+    dropout: float
+    batch_shape: tuple[int, ...]
+    has_bias: bool
+    magnitudes: tuple[float, float, float, float]
+    """Powers of two that scale x, W (and b), A and B."""
+    seed: int
+    weight: np.ndarray = field(repr=False)
+    """(out, in), like ``torch.nn.Linear.weight``."""
+    bias: np.ndarray | None = field(repr=False)
+    lora_A: np.ndarray = field(repr=False)
+    """(r, in), like peft's ``lora_A.weight``."""
+    lora_B: np.ndarray = field(repr=False)
+    """(out, r), like peft's ``lora_B.weight``."""
+    x: np.ndarray = field(repr=False)
+    """(*batch_shape, in)."""
+
+    @property
+    def scale(self) -> float:
+        """peft's ``scaling``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def __repr__(self) -> str:
+        parameters = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
+        return f"LinearCase({parameters})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
+        printer.text(repr(self))
+
+    def describe(self) -> dict:
+        """The case's parameters (not its arrays), for messages, result rows and replay."""
+        return {
+            "dtype": self.dtype.name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "r": self.r,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "scale": self.scale,
+            "bias": self.has_bias,
+            "dropout": self.dropout,
+            "batch_shape": list(self.batch_shape),
+            "magnitudes": list(self.magnitudes),
+            "seed": self.seed,
+        }
+
+
+def make_linear_case(
+    dtype: DType,
+    in_features: int,
+    out_features: int,
+    r: int,
+    alpha: float,
+    use_rslora: bool,
+    dropout: float,
+    batch_shape: tuple[int, ...],
+    has_bias: bool,
+    magnitudes: tuple[float, float, float, float],
+    seed: int,
+) -> LinearCase:
+    """The case with these parameters; its weights come from `seed` and are rounded to `dtype`."""
+    rng = np.random.default_rng(seed)
+    x_scale, w_scale, a_scale, b_scale = magnitudes
+    return LinearCase(
+        dtype=dtype,
+        in_features=in_features,
+        out_features=out_features,
+        r=r,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        dropout=dropout,
+        batch_shape=tuple(batch_shape),
+        has_bias=has_bias,
+        magnitudes=tuple(magnitudes),
+        seed=seed,
+        weight=_draw_array(rng, (out_features, in_features), w_scale / math.sqrt(in_features), dtype),
+        bias=_draw_array(rng, (out_features,), w_scale, dtype) if has_bias else None,
+        lora_A=_draw_array(rng, (r, in_features), a_scale / math.sqrt(in_features), dtype),
+        lora_B=_draw_array(rng, (out_features, r), b_scale / math.sqrt(r), dtype),
+        x=_draw_array(rng, (*batch_shape, in_features), x_scale, dtype),
+    )
+
+
+def case_from_description(description: dict) -> LinearCase:
+    """Rebuild a case from `LinearCase.describe()`."""
+    d = description
+    return make_linear_case(
+        dtype=BY_NAME[d["dtype"]],
+        in_features=d["in_features"],
+        out_features=d["out_features"],
+        r=d["r"],
+        alpha=d["alpha"],
+        use_rslora=d["use_rslora"],
+        dropout=d["dropout"],
+        batch_shape=tuple(d["batch_shape"]),
+        has_bias=d["bias"],
+        magnitudes=tuple(d["magnitudes"]),
+        seed=d["seed"],
+    )
+
+
+def _features(limit: int) -> st.SearchStrategy[int]:
+    # Small sizes are where off-by-one layouts show; larger ones are where rounding grows.
+    return st.one_of(st.integers(1, 8), st.integers(1, limit))
+
+
+def _alpha() -> st.SearchStrategy[float]:
+    integral = st.integers(1, 128).map(float)
+    fractional = st.floats(1e-2, 128.0, allow_nan=False, allow_infinity=False)
+    return st.one_of(integral, fractional)
+
+
+def _magnitude() -> st.SearchStrategy[float]:
+    """A power of two to scale a tensor by, so weights of very different sizes meet."""
+    return st.integers(-4, 3).map(lambda e: 2.0**e)
+
+
+def _draw_array(rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype: DType) -> np.ndarray:
+    return round_to(rng.standard_normal(shape) * scale, dtype)
+
+
+@st.composite
+def linear_cases(draw: st.DrawFn, dtype: DType) -> LinearCase:
+    sizes = profiles.sizes()
+    in_features = draw(_features(sizes.max_features), label="in_features")
+    out_features = draw(_features(sizes.max_features), label="out_features")
+    r = draw(st.integers(1, sizes.max_rank), label="r")
+    alpha = draw(_alpha(), label="alpha")
+    use_rslora = draw(st.booleans(), label="use_rslora")
+    has_bias = draw(st.booleans(), label="bias")
+    dropout = draw(st.sampled_from([0.0, 0.1, 0.5]), label="dropout")
+    batch_shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4), label="batch_shape")
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    magnitudes = tuple(draw(_magnitude(), label=f"magnitude of {name}") for name in ("x", "W", "A", "B"))
+
+    case = make_linear_case(
+        dtype=dtype,
+        in_features=in_features,
+        out_features=out_features,
+        r=r,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        dropout=dropout,
+        batch_shape=tuple(batch_shape),
+        has_bias=has_bias,
+        magnitudes=magnitudes,
+        seed=seed,
+    )
+    assume(case.lora_B.any())
+    assume(_fits(case))
+    return case
+
+
+def _fits(case: LinearCase) -> bool:
+    """Whether every intermediate stays far from overflow in the case dtype."""
+    x, limit = np.abs(case.x), case.dtype.largest / 64
+    base = x @ np.abs(case.weight).T
+    down = x @ np.abs(case.lora_A).T
+    unscaled = down @ np.abs(case.lora_B).T
+    merged = np.abs(case.weight) + case.scale * np.abs(case.lora_B) @ np.abs(case.lora_A)
+    candidates = (base, down, unscaled, case.scale * unscaled, merged)
+    return all(float(np.max(a, initial=0.0)) < limit for a in candidates)

@@ -1,0 +1,205 @@
+"""The pytest plugin of the suite: options, subject and dtype parametrization, recording, summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from hypothesis import settings
+
+from conformance import divergences, profiles, recording
+from conformance.dtypes import BY_NAME as DTYPES
+from conformance.subjects import CATALOGUE, installed_version, resolve
+
+VERSIONED = ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch", "numpy", "hypothesis")
+RECORDER = pytest.StashKey[recording.Recorder]()
+STATE = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("conformance", "MLX LoRA conformance")
+    group.addoption(
+        "--subject",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a subject to check (repeatable): " + ", ".join(s.name for s in CATALOGUE)
+        + ", or module:attribute of a Subject; default: all",
+    )
+    group.addoption(
+        "--dtype", action="append", default=[], choices=list(DTYPES), help="a case dtype to check (repeatable); default: all"
+    )
+    group.addoption("--mlx-device", choices=["cpu", "gpu"], default=None, help="MLX device; default: gpu where Metal is available, else cpu")
+    group.addoption("--results", default="results/conformance.json", metavar="PATH", help="JSON results file (default: %(default)s)")
+    group.addoption(
+        "--known-divergences",
+        default=str(divergences.DEFAULT_PATH),
+        metavar="PATH",
+        help="file of check ids expected to fail, with reasons (default: the suite's own)",
+    )
+
+
+def _versions() -> dict[str, str | None]:
+    return {name: installed_version(name) for name in VERSIONED}
+
+
+def _select_device(choice: str | None) -> str:
+    metal = mx.metal.is_available()
+    choice = choice or ("gpu" if metal else "cpu")
+    if choice == "gpu" and not metal:
+        raise pytest.UsageError("--mlx-device gpu: this machine has no Metal device; valid here: cpu")
+    mx.set_default_device(mx.gpu if choice == "gpu" else mx.cpu)
+    return choice
+
+
+def _seed_description(config: pytest.Config) -> str:
+    seed = config.getoption("hypothesis_seed", None)
+    if seed is not None:
+        return str(seed)
+    return "derandomized" if settings.default.derandomize else "random (Hypothesis prints how to replay a failure)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "family(name): the layer family a test module checks")
+    try:
+        subjects = [resolve(name) for name in config.getoption("subject")] or list(CATALOGUE)
+        known = divergences.load(Path(config.getoption("known_divergences")))
+    except (LookupError, OSError, divergences.DivergenceFileError) as error:
+        raise pytest.UsageError(str(error)) from None
+    device = _select_device(config.getoption("mlx_device"))
+    results = Path(config.getoption("results"))
+    if not hasattr(config, "workerinput"):
+        try:
+            recording.check_writable(results)
+        except OSError as error:
+            raise pytest.UsageError(f"--results {results}: cannot write: {error.strerror or error}") from None
+    meta = recording.run_meta(_versions(), device, profiles.active(), _seed_description(config))
+    config.stash[RECORDER] = recording.Recorder(meta)
+    config.stash[STATE] = {
+        "subjects": subjects,
+        "dtypes": config.getoption("dtype") or list(DTYPES),
+        "known": known,
+        "results": results,
+        "checks": [],
+    }
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    meta, state = config.stash[RECORDER].meta, config.stash[STATE]
+    versions = ", ".join(f"{name} {version or 'not installed'}" for name, version in meta["versions"].items())
+    lines = [
+        f"conformance: {versions}",
+        f"conformance: MLX device {meta['device']} ({mx.default_device()}); Hypothesis profile {meta['profile']}, seed {meta['seed']}",
+    ]
+    for subject in state["subjects"]:
+        lines.append(f"conformance: subject {subject.name}: {subject.not_provided_reason() or 'provided'}")
+    lines.append(f"conformance: results -> {state['results']}")
+    return lines
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every check of a family once per selected subject of that family and per dtype."""
+    if "subject" not in metafunc.fixturenames:
+        return
+    family = metafunc.definition.get_closest_marker("family").args[0]
+    state = metafunc.config.stash[STATE]
+    params = []
+    for subject in (s for s in state["subjects"] if s.family == family):
+        reason = subject.not_provided_reason()
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params += [pytest.param(subject, DTYPES[d], id=f"{subject.name}-{d}", marks=marks) for d in state["dtypes"]]
+    metafunc.parametrize(("subject", "dtype"), params)
+
+
+def check_id(item: pytest.Item) -> str:
+    return f"{item.path.name}::{item.name}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    known = config.stash[STATE]["known"]
+    for item in items:
+        entry = known.get(check_id(item))
+        if entry is not None:
+            item.add_marker(pytest.mark.xfail(reason=f"known divergence: {entry.reason}", strict=False))
+
+
+@pytest.fixture(scope="session")
+def recorder(pytestconfig: pytest.Config) -> recording.Recorder:
+    return pytestconfig.stash[RECORDER]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.config.stash[RECORDER].check_id = check_id(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        state = item.config.stash[STATE]
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        state["checks"].append(
+            {
+                "check_id": check_id(item),
+                "subject": str(params.get("subject")),
+                "dtype": str(params.get("dtype")),
+                "check": item.originalname.removeprefix("test_"),
+                "status": _status(report, check_id(item) in state["known"]),
+                "longrepr": str(report.longrepr) if report.failed or hasattr(report, "wasxfail") else "",
+            }
+        )
+
+
+def _status(report: pytest.TestReport, known: bool) -> str:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        return "not provided"
+    if known:
+        return "now passing" if report.passed else "known divergence"
+    return "pass" if report.passed else "fail"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    recorder, state = config.stash[RECORDER], config.stash[STATE]
+    if hasattr(config, "workeroutput"):
+        config.workeroutput["conformance"] = {"rows": recorder.rows, "checks": state["checks"]}
+        return
+    status = {c["check_id"]: c["status"] for c in state["checks"]}
+    state["divergences"] = [
+        {"check_id": e.check_id, "reason": e.reason, "status": status.get(e.check_id, "not run")}
+        for e in state["known"].values()
+    ]
+    recorder.meta["finished"] = recording.now()
+    recording.write(state["results"], recorder.meta, recorder.rows, state["checks"], state["divergences"])
+
+
+def pytest_testnodedown(node, error) -> None:
+    output = getattr(node, "workeroutput", {}).get("conformance")
+    if output:
+        state = node.config.stash[STATE]
+        node.config.stash[RECORDER].rows.extend(output["rows"])
+        state["checks"].extend(output["checks"])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):
+        return
+    recorder, state = config.stash[RECORDER], config.stash[STATE]
+    rows = recorder.rows
+    failing = sum(1 for r in rows if r["verdict"] == "fail")
+    counts: dict[str, int] = {}
+    for check in state["checks"]:
+        counts[check["status"]] = counts.get(check["status"], 0) + 1
+    write = terminalreporter.write_line
+    now_passing = [d for d in state.get("divergences", []) if d["status"] == "now passing"]
+    if now_passing:
+        terminalreporter.section("known divergences that now pass")
+        for entry in now_passing:
+            write(f"{entry['check_id']}: passes now; remove it from the known-divergences file")
+    checks = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    write(
+        f"conformance: {len(rows)} cases checked ({failing} outside the allowed error); "
+        f"checks: {checks or 'none'}; results: {state['results']}"
+    )

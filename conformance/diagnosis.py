@@ -1,0 +1,84 @@
+"""Hints that name a recognisable pattern in a failure: a scaled LoRA term, a dropped bias, a transpose."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from conformance.cases import LinearCase
+from conformance.verdict import allowed_error
+from reference import oracle
+
+
+def scalar_multiple(observed: np.ndarray, expected: np.ndarray, allowed: np.ndarray) -> float | None:
+    """k such that ``observed ≈ k * expected`` within `allowed` (scaled by |k|), if there is one."""
+    energy = float(np.sum(expected * expected))
+    if observed.shape != expected.shape or energy == 0.0 or not np.all(np.isfinite(observed)):
+        return None
+    k = float(np.sum(observed * expected)) / energy
+    if np.all(np.abs(observed - k * expected) <= allowed * max(1.0, abs(k))):
+        return k
+    return None
+
+
+def _explain_factor(k: float, case: LinearCase) -> str:
+    """What a LoRA term k times too large usually means."""
+    s, r = case.scale, case.r
+    readings = {
+        "0: the LoRA term is missing": 0.0,
+        "-1: the LoRA term has the wrong sign": -1.0,
+        "r: the raw alpha is used where alpha / r belongs": float(r),
+        "1/r": 1.0 / r,
+        "sqrt(r): the rsLoRA and plain scaling rules are swapped": math.sqrt(r),
+        "1/sqrt(r): the rsLoRA and plain scaling rules are swapped": 1.0 / math.sqrt(r),
+        "scale: the scale is applied twice": s,
+        "1/scale: the scale is not applied": 1.0 / s,
+    }
+    matches = [reading for reading, factor in readings.items() if abs(k - factor) <= 1e-2 * max(1.0, abs(factor))]
+    return f" (= {'; or '.join(matches)})" if matches else ""
+
+
+def _factor_hint(what: str, k: float | None, case: LinearCase) -> list[str]:
+    if k is None or abs(k - 1.0) < 1e-3:
+        return []
+    return [f"{what} is {k:.3f}× peft's{_explain_factor(k, case)}"]
+
+
+def _bias_hint(difference: np.ndarray, case: LinearCase, allowed: np.ndarray) -> list[str]:
+    if not case.has_bias or not case.bias.any():
+        return []
+    if np.all(np.abs(difference - case.bias) <= allowed):
+        return ["the output is off by exactly the bias: the bias is added twice"]
+    if np.all(np.abs(difference + case.bias) <= allowed):
+        return ["the output is off by exactly minus the bias: the bias is dropped"]
+    return []
+
+
+def forward_hints(case: LinearCase, output: np.ndarray) -> list[str]:
+    """Patterns in a subject's forward output that disagrees with the oracle."""
+    expected = oracle.linear_forward(case)
+    if output.shape != expected.value.shape:
+        return []
+    allowed = allowed_error(expected)
+    lora_term = output - oracle.linear_base(case).value
+    k = scalar_multiple(lora_term, oracle.lora_update(case).value, allowed)
+    return _factor_hint("the LoRA term", k, case) + _bias_hint(output - expected.value, case, allowed)
+
+
+def merge_hints(case: LinearCase, weight: np.ndarray) -> list[str]:
+    """Patterns in a subject's merged weight (out, in) that disagrees with the oracle."""
+    expected = oracle.merged_weight(case)
+    allowed = allowed_error(expected)
+    delta = oracle.lora_delta(case).value
+    if weight.shape == expected.value.T.shape and weight.shape != expected.value.shape:
+        if np.all(np.abs(weight.T - expected.value) <= allowed.T):
+            return ["the merged weight is the transpose of peft's"]
+        return ["the merged weight has the transposed shape (in, out)"]
+    if weight.shape != expected.value.shape:
+        return []
+    update = weight - case.weight
+    hints = _factor_hint("the merged LoRA update", scalar_multiple(update, delta, allowed), case)
+    if not hints and delta.shape[0] == delta.shape[1] and np.all(np.abs(update - delta.T) <= allowed):
+        hints.append("the merged LoRA update is transposed (s A^T B^T instead of s B A)")
+    return hints

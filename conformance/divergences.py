@@ -1,0 +1,42 @@
+"""Known divergences: check ids expected to fail, each with the reason it is understood.
+
+The file has one entry a line, in the spirit of array-api-tests' xfails file::
+
+    test_linear.py::test_merge[mlx_vlm.LoRaLayer-float32]  # replace_lora_with_linear raises ...
+
+A check id is the test module's file name and the test's name with its parameters. Entries that
+start passing, or that match no collected check, are reported at the end of the run, never kept
+silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PATH = Path(__file__).with_name("known_divergences.txt")
+
+
+class DivergenceFileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class KnownDivergence:
+    check_id: str
+    reason: str
+
+
+def load(path: Path) -> dict[str, KnownDivergence]:
+    """The entries of a known-divergences file by check id; every entry must give a reason."""
+    entries: dict[str, KnownDivergence] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        check_id, _, reason = (part.strip() for part in line.partition("#"))
+        if not reason:
+            raise DivergenceFileError(f"{path}:{number}: {check_id} has no reason (write it after a #)")
+        if check_id in entries:
+            raise DivergenceFileError(f"{path}:{number}: {check_id} is listed twice")
+        entries[check_id] = KnownDivergence(check_id, reason)
+    return entries

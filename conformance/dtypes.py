@@ -1,0 +1,63 @@
+"""The floating-point formats a case can be drawn in, with the numbers the verdict needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    unit_roundoff: float
+    """Half the distance from 1 to the next representable number: the relative error of one rounding."""
+    smallest_subnormal: float
+    largest: float
+
+    @property
+    def underflow(self) -> float:
+        """The largest absolute error of one rounding into the subnormal range."""
+        return self.smallest_subnormal / 2
+    torch: torch.dtype
+
+    def __str__(self) -> str:
+        return self.name
+
+    __repr__ = __str__
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
+        printer.text(repr(self))
+
+
+def _describe(name: str, torch_dtype: torch.dtype) -> DType:
+    info = torch.finfo(torch_dtype)
+    return DType(
+        name=name,
+        unit_roundoff=info.eps / 2,
+        smallest_subnormal=info.smallest_normal * info.eps,
+        largest=info.max,
+        torch=torch_dtype,
+    )
+
+
+FLOAT32 = _describe("float32", torch.float32)
+FLOAT16 = _describe("float16", torch.float16)
+BFLOAT16 = _describe("bfloat16", torch.bfloat16)
+
+CASE_DTYPES: tuple[DType, ...] = (FLOAT32, FLOAT16, BFLOAT16)
+BY_NAME = {dtype.name: dtype for dtype in CASE_DTYPES}
+
+ACCUMULATION = FLOAT32
+"""Matrix products of half-precision operands are accumulated at least in float32.
+
+This holds for MLX (CPU and Metal) and for torch on the CPU; ``tests/meta_tests`` measures it on
+the machine that runs the suite, because the whole error model rests on it.
+"""
+
+
+def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """Round float64 values to the nearest `dtype` numbers and return them as float64 (exact there)."""
+    rounded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(dtype.torch)
+    return rounded.to(torch.float64).numpy()

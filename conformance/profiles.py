@@ -1,0 +1,44 @@
+"""Hypothesis profiles: ``ci`` (derandomized, fast), ``dev`` (the default) and ``thorough`` (nightly).
+
+Choose one with ``--hypothesis-profile``. Besides Hypothesis' own settings, a profile decides how
+large the drawn layers may be, so the thorough profile also reaches inner dimensions in the thousands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, settings
+
+
+@dataclass(frozen=True)
+class Sizes:
+    max_features: int
+    max_rank: int
+
+
+SIZES = {
+    "ci": Sizes(max_features=256, max_rank=64),
+    "dev": Sizes(max_features=320, max_rank=64),
+    "thorough": Sizes(max_features=2048, max_rank=64),
+}
+DEFAULT = "dev"
+
+_common = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", max_examples=150, derandomize=True, database=None, **_common)
+settings.register_profile("dev", max_examples=100, **_common)
+settings.register_profile("thorough", max_examples=2000, **_common)
+settings.load_profile(DEFAULT)
+
+
+def active() -> str:
+    """The name of the Hypothesis profile in force (one of ours, or a user's own)."""
+    return settings.get_current_profile_name()
+
+
+def sizes() -> Sizes:
+    return SIZES.get(active(), SIZES[DEFAULT])

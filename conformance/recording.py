@@ -1,0 +1,86 @@
+"""Recording: every check of every case becomes a JSON row; the run's results file holds them all.
+
+Rows are kept in memory by each process. Under xdist a worker hands its rows to the controller
+through ``workeroutput`` when it finishes, and only the controller writes the file, so the file is
+complete and written once however many workers ran.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from conformance.verdict import Measurement
+
+FORMAT = 1
+
+
+@dataclass
+class Recorder:
+    meta: dict
+    rows: list[dict] = field(default_factory=list)
+    check_id: str = ""
+    """The check (test item) running now, set by the plugin before each test."""
+
+    def __repr__(self) -> str:
+        return f"Recorder({len(self.rows)} rows)"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
+        printer.text(repr(self))
+
+    def record(self, measurement: Measurement, final: bool) -> dict:
+        worst = measurement.worst if measurement.comparisons else None
+        row = {
+            "check_id": self.check_id,
+            "subject": measurement.subject,
+            "check": measurement.check,
+            "dtype": measurement.case.get("dtype"),
+            "case": measurement.case,
+            "verdict": "pass" if measurement.passed else "fail",
+            "margin": _finite_or_none(measurement.margin),
+            "max_error": _finite_or_none(worst.max_error) if worst else 0.0,
+            "allowed_error": worst.allowed_at_worst if worst else 0.0,
+            "worst": worst.describe() if worst else "",
+            "failures": [c.describe() for c in measurement.comparisons if not c.passed],
+            "hints": measurement.hints,
+            "final": final,
+            "versions": self.meta["versions"],
+            "device": self.meta["device"],
+        }
+        self.rows.append(row)
+        return row
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def run_meta(versions: dict[str, str | None], device: str, profile: str, seed: str) -> dict:
+    return {
+        "versions": versions,
+        "device": device,
+        "profile": profile,
+        "seed": seed,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "started": now(),
+    }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, with the path in the message, if the results file cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a"):
+        pass
+
+
+def write(path: Path, meta: dict, rows: list[dict], checks: list[dict], divergences: list[dict]) -> None:
+    document = {"format": FORMAT, "meta": meta, "checks": checks, "known_divergences": divergences, "rows": rows}
+    path.write_text(json.dumps(document, indent=1, allow_nan=False))

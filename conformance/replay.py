@@ -1,0 +1,39 @@
+"""Replay one failing case: ``python -m conformance.replay '<json from the failure message>'``.
+
+The JSON names the subject, the check and the case's parameters (the arrays are rebuilt from the
+seed), so a failure can be reproduced without Hypothesis and without pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from conformance.asserting import message
+from conformance.cases import case_from_description
+from conformance.checks import CHECKS
+from conformance.subjects import resolve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conformance.replay", description=__doc__.splitlines()[0])
+    parser.add_argument("replay", help="the JSON after 'replay:' in a failure message")
+    args = parser.parse_args(argv)
+    try:
+        spec = json.loads(args.replay)
+        subject = resolve(spec["subject"])
+        check = CHECKS[spec["check"]]
+        case = case_from_description(spec["case"])
+    except (ValueError, KeyError, LookupError) as error:
+        parser.error(f"cannot replay: {error}")
+    measurement = check(subject, case)
+    if measurement.passed:
+        print(f"{subject} {spec['check']}: passes (margin {measurement.margin:.3g})")
+        return 0
+    print(message(measurement))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Subjects: the MLX implementations under test, found in whatever mlx-vlm / mlx-lm is installed.
+
+Classes moved between modules across releases, so each subject lists the public places it has lived
+in. A subject that the installed version does not have is *not provided*: its checks are skipped
+with the version in the reason. A package that is installed but fails to import is an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass
+from functools import cached_property
+
+import mlx.nn as nn
+
+from conformance.cases import LinearCase
+from reference.bridge import Convention, LoRaLayerConvention, LoRALinearConvention
+
+
+class NotProvided(Exception):
+    """The installed packages do not provide this subject."""
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class Subject:
+    name: str
+    """``package.Class``, e.g. ``mlx_vlm.LoRaLayer``: how options, ids and reports name it."""
+    distribution: str
+    family: str
+    locations: tuple[str, ...]
+    """``module:attribute`` places to look, newest first."""
+    convention: Convention
+
+    def __str__(self) -> str:
+        return self.name
+
+    __repr__ = __str__
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
+        printer.text(repr(self))
+
+    @cached_property
+    def implementation(self) -> type:
+        """The class under test; raises `NotProvided` when the installed version has none."""
+        version = installed_version(self.distribution)
+        if version is None:
+            raise NotProvided(f"{self.distribution} is not installed")
+        for location in self.locations:
+            module_name, attribute = location.split(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as error:
+                if not (error.name or "").startswith(module_name.split(".")[0]):
+                    raise  # a dependency is missing: a broken environment, not an absent subject
+                continue
+            if hasattr(module, attribute):
+                return getattr(module, attribute)
+        places = ", ".join(self.locations)
+        raise NotProvided(f"{self.distribution} {version} does not provide it (looked in {places})")
+
+    def not_provided_reason(self) -> str | None:
+        try:
+            self.implementation
+        except NotProvided as reason:
+            return f"{self.name} not provided: {reason}"
+        return None
+
+    def build(self, case: LinearCase) -> nn.Module:
+        return self.convention.build(self.implementation, case)
+
+    def merge(self, layer: nn.Module) -> nn.Module:
+        return self.convention.merge(self.implementation, layer)
+
+
+CATALOGUE: tuple[Subject, ...] = (
+    Subject(
+        "mlx_vlm.LoRaLayer",
+        "mlx-vlm",
+        "linear",
+        ("mlx_vlm.trainer:LoRaLayer", "mlx_vlm.trainer.peft:LoRaLayer", "mlx_vlm.trainer.lora:LoRaLayer"),
+        LoRaLayerConvention(),
+    ),
+    Subject(
+        "mlx_vlm.LoRALinear",
+        "mlx-vlm",
+        "linear",
+        ("mlx_vlm.trainer:LoRALinear", "mlx_vlm.trainer.peft:LoRALinear", "mlx_vlm.trainer.lora:LoRALinear"),
+        LoRALinearConvention(),
+    ),
+    Subject(
+        "mlx_lm.LoRALinear",
+        "mlx-lm",
+        "linear",
+        ("mlx_lm.tuner.lora:LoRALinear",),
+        LoRALinearConvention(),
+    ),
+)
+BY_NAME = {subject.name: subject for subject in CATALOGUE}
+
+
+def resolve(name: str) -> Subject:
+    """A catalogue subject by name, or a `Subject` object at an import path ``module:attribute``.
+
+    The import path lets a user (and ``tests/``) run the suite on their own layer.
+    """
+    if name in BY_NAME:
+        return BY_NAME[name]
+    if ":" in name:
+        module_name, attribute = name.split(":", 1)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise LookupError(f"subject {name!r}: cannot import {module_name}: {error}") from error
+        subject = getattr(module, attribute, None)
+        if isinstance(subject, Subject):
+            return subject
+    valid = ", ".join(BY_NAME)
+    raise LookupError(f"unknown subject {name!r}; valid subjects: {valid} (or module:attribute of a Subject)")

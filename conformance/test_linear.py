@@ -1,0 +1,25 @@
+"""LoRA on an ``nn.Linear`` base: the subject computes, and merges to, what peft and the formula do."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conformance import checks
+from conformance.asserting import record_and_assert
+from conformance.cases import linear_cases
+
+pytestmark = pytest.mark.family("linear")
+
+
+@given(data=st.data())
+def test_forward(subject, dtype, data, recorder):
+    """In eval mode the output is ``x W^T + b + s (x A^T) B^T``, as peft computes it."""
+    case = data.draw(linear_cases(dtype), label="case")
+    record_and_assert(recorder, checks.forward(subject, case))
+
+
+@given(data=st.data())
+def test_merge(subject, dtype, data, recorder):
+    """The merged layer has weight ``W + s B A``, the same bias, dtype and output as peft's merge."""
+    case = data.draw(linear_cases(dtype), label="case")
+    record_and_assert(recorder, checks.merge(subject, case))

@@ -1,0 +1,205 @@
+"""The verdict: how much error rounding can explain, and whether an observed result stays within it.
+
+The allowed error is not a tolerance pair. It is a running error bound, carried through the same
+formula the oracle evaluates: every `Tracked` value holds the exact float64 result of the formula and
+a per-element bound on how far an implementation working in the case's dtype may be from it. Each
+operation adds the textbook bound of one floating-point step (Higham, *Accuracy and Stability of
+Numerical Algorithms*, ch. 3):
+
+- a product with inner dimension ``n``, accumulated in float32 (`dtypes.ACCUMULATION`), is off by at
+  most ``gamma(n) * |a| @ |b|`` with ``gamma(n) = n u / (1 - n u)``;
+- every result stored in the case dtype costs one more rounding: ``u * |result|``;
+- multiplying by a Python scalar may round the scalar to the dtype first: one more ``u``.
+
+Input errors are propagated exactly (``|a| @ e_b + e_a @ |b| + e_a @ e_b``). The bound is therefore
+the sum of magnitudes ``|x| |W|^T``, ``|b|``, ``s |x| |A|^T |B|^T`` times factors that grow with the
+inner dimension, plus the roundings at each cast, as DESIGN.md asks. It is rigorous for the
+evaluation order the oracle spells out; `CALIBRATION` is the one constant that lets another sensible
+order (say ``x @ (s B A)^T`` instead of ``s ((x A^T) B^T)``) through. Every rounding may also
+underflow, which costs up to half the dtype's smallest subnormal in absolute terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from conformance.dtypes import ACCUMULATION, DType
+
+CALIBRATION = 2.0
+"""The one calibrated constant: the bound of the oracle's evaluation order, times this, is allowed.
+
+Measured (see ``tests/meta_tests``): correct implementations use at most ~0.5 of the bound with
+this constant, and a factor 2 covers any reordering of a sum of two or three terms.
+"""
+
+
+def gamma(inner: int) -> float:
+    """Worst-case relative error of a float32-accumulated sum of `inner` products."""
+    nu = inner * ACCUMULATION.unit_roundoff
+    return nu / (1.0 - nu)
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """An exact float64 value and a bound on the error of computing it in `dtype`."""
+
+    value: np.ndarray
+    bound: np.ndarray
+    dtype: DType
+
+    @classmethod
+    def exact(cls, value: np.ndarray, dtype: DType) -> Tracked:
+        """An input: exactly representable in `dtype`, so it carries no error."""
+        value = np.asarray(value, dtype=np.float64)
+        return cls(value, np.zeros_like(value), dtype)
+
+    @property
+    def T(self) -> Tracked:  # noqa: N802 - mirrors numpy
+        return Tracked(np.swapaxes(self.value, -1, -2), np.swapaxes(self.bound, -1, -2), self.dtype)
+
+    @property
+    def magnitude(self) -> np.ndarray:
+        return np.abs(self.value) + self.bound
+
+    def _stored(self, value: np.ndarray, bound: np.ndarray) -> Tracked:
+        """The result of one operation, rounded once to the dtype (which may underflow)."""
+        rounding = self.dtype.unit_roundoff * (np.abs(value) + bound) + self.dtype.underflow
+        return Tracked(value, bound + rounding, self.dtype)
+
+    def __matmul__(self, other: Tracked) -> Tracked:
+        inner = self.value.shape[-1]
+        value = self.value @ other.value
+        propagated = np.zeros_like(value)
+        if self.bound.any():
+            propagated = propagated + self.bound @ np.abs(other.value)
+        if other.bound.any():
+            propagated = propagated + self.magnitude @ other.bound
+        accumulated = gamma(inner) * (self.magnitude @ other.magnitude)
+        return self._stored(value, propagated + accumulated)
+
+    def __add__(self, other: Tracked) -> Tracked:
+        return self._stored(self.value + other.value, self.bound + other.bound)
+
+    def __sub__(self, other: Tracked) -> Tracked:
+        return self._stored(self.value - other.value, self.bound + other.bound)
+
+    def scaled(self, factor: float) -> Tracked:
+        """Multiply by a Python float, which an implementation may first round to the dtype."""
+        u = self.dtype.unit_roundoff
+        value = factor * self.value
+        return self._stored(value, abs(factor) * self.bound + u * np.abs(factor) * self.magnitude)
+
+    def scaled_matmul(self, other: Tracked, factor: float) -> Tracked:
+        """``factor * (self @ other)``, where an implementation may instead scale either operand first.
+
+        Scaling an operand first rounds every scaled element (and the factor) before the sum, which
+        costs ``2 u |factor| |a| @ |b|`` instead of a rounding of the (possibly cancelled) result,
+        plus the underflow of each scaled element carried through the other operand.
+        """
+        product = (self @ other).scaled(factor)
+        prescaled = 2 * self.dtype.unit_roundoff * abs(factor) * (self.magnitude @ other.magnitude)
+        underflow = self.dtype.underflow * (
+            np.ones_like(self.value) @ other.magnitude + self.magnitude @ np.ones_like(other.value)
+        )
+        return Tracked(product.value, product.bound + prescaled + underflow, self.dtype)
+
+    def cast(self, dtype: DType) -> Tracked:
+        """Store in another dtype: one rounding in the new dtype."""
+        return Tracked(self.value, self.bound, dtype)._stored(self.value, self.bound)
+
+
+@dataclass
+class Comparison:
+    """One quantity of one side (subject or reference) held against the oracle."""
+
+    quantity: str
+    side: str
+    margin: float = 0.0
+    max_error: float = 0.0
+    allowed_at_worst: float = 0.0
+    worst_index: tuple[int, ...] = ()
+    observed_at_worst: float = 0.0
+    expected_at_worst: float = 0.0
+    problem: str | None = None
+    """Set when the values cannot be compared at all: an exception, a wrong shape or dtype."""
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None and self.margin <= 1.0
+
+    def describe(self) -> str:
+        if self.problem is not None:
+            return f"{self.side} {self.quantity}: {self.problem}"
+        index = ", ".join(map(str, self.worst_index))
+        return (
+            f"{self.side} {self.quantity}[{index}]={self.observed_at_worst:.7g}, but should be "
+            f"{self.expected_at_worst:.7g} (error {self.max_error:.3g}, allowed {self.allowed_at_worst:.3g}, "
+            f"margin {self.margin:.3g})"
+        )
+
+
+def allowed_error(expected: Tracked) -> np.ndarray:
+    """The per-element error that rounding in `expected.dtype` can explain."""
+    return CALIBRATION * expected.bound
+
+
+def compare(
+    quantity: str,
+    side: str,
+    observed: np.ndarray,
+    expected: Tracked,
+    observed_dtype: str | None = None,
+) -> Comparison:
+    """Judge `observed` against the oracle's `expected` value, element by element."""
+    comparison = Comparison(quantity, side)
+    if observed_dtype is not None and observed_dtype != expected.dtype.name:
+        comparison.problem = f"dtype is {observed_dtype}, but should be {expected.dtype.name}"
+        return comparison
+    if observed.shape != expected.value.shape:
+        comparison.problem = f"shape is {observed.shape}, but should be {expected.value.shape}"
+        return comparison
+    if observed.size == 0:
+        return comparison
+    allowed = allowed_error(expected)
+    error = np.abs(observed.astype(np.float64) - expected.value)
+    error = np.where(np.isnan(error), np.inf, error)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(allowed > 0, error / allowed, np.where(error > 0, np.inf, 0.0))
+    worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+    comparison.margin = float(ratio[worst])
+    comparison.max_error = float(error[worst])
+    comparison.allowed_at_worst = float(allowed[worst])
+    comparison.worst_index = tuple(int(i) for i in worst)
+    comparison.observed_at_worst = float(observed[worst])
+    comparison.expected_at_worst = float(expected.value[worst])
+    return comparison
+
+
+def failed(problem: str, quantity: str, side: str) -> Comparison:
+    """A comparison that could not be made, e.g. because the side raised."""
+    return Comparison(quantity, side, margin=float("inf"), problem=problem)
+
+
+@dataclass
+class Measurement:
+    """Everything one check found for one case: the comparisons, and a diagnosis when it failed."""
+
+    subject: str
+    check: str
+    case: dict
+    comparisons: list[Comparison] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    @property
+    def worst(self) -> Comparison:
+        return max(self.comparisons, key=lambda c: (c.problem is not None, c.margin))
+
+    @property
+    def margin(self) -> float:
+        return self.worst.margin if self.comparisons else 0.0

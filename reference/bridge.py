@@ -1,0 +1,92 @@
+"""The bridge: the one place that knows how MLX's LoRA conventions differ from peft's.
+
+peft keeps ``lora_A.weight`` as (r, in) and ``lora_B.weight`` as (out, r) and derives
+``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). MLX keeps the transposes, (in, r) and (r, out),
+and its layers take either the scale itself (``LoRALinear.from_base(..., scale=)``) or a raw alpha
+that they divide by the rank (mlx-vlm's legacy ``LoRaLayer``). A `Convention` turns a case into a
+subject layer with bit-identical weights, in eval mode, and merges it the way its package does.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from conformance.cases import LinearCase
+from conformance.dtypes import DType
+
+
+def mlx_array(values: np.ndarray, dtype: DType) -> mx.array:
+    """An MLX array holding `values` exactly (they are representable in `dtype` by construction)."""
+    return mx.array(np.asarray(values, dtype=np.float32)).astype(getattr(mx, dtype.name))
+
+
+def to_numpy(values: mx.array) -> np.ndarray:
+    return np.array(values.astype(mx.float32), dtype=np.float64)
+
+
+def dtype_name(values: mx.array) -> str:
+    return str(values.dtype).removeprefix("mlx.core.")
+
+
+def base_linear(case: LinearCase) -> nn.Linear:
+    """The frozen MLX ``nn.Linear`` with the case's weight and bias."""
+    linear = nn.Linear(case.in_features, case.out_features, bias=case.has_bias)
+    linear.weight = mlx_array(case.weight, case.dtype)
+    if case.has_bias:
+        linear.bias = mlx_array(case.bias, case.dtype)
+    return linear
+
+
+class Convention(Protocol):
+    """How one family of MLX classes is built from a case and merged."""
+
+    def build(self, cls: type, case: LinearCase) -> nn.Module: ...
+
+    def merge(self, cls: type, layer: nn.Module) -> nn.Module: ...
+
+
+class LoRaLayerConvention:
+    """mlx-vlm's legacy ``LoRaLayer(linear, rank, alpha, dropout)``; ``A`` (in, r), ``B`` (r, out).
+
+    It documents ``scale = alpha / rank`` and has no rsLoRA switch, so rsLoRA is expressed through
+    alpha: ``alpha' = scale * r``. The merge is the module-level ``replace_lora_with_linear(model)``,
+    which rewrites ``model.layers`` in place.
+    """
+
+    def build(self, cls: type, case: LinearCase) -> nn.Module:
+        layer = cls(base_linear(case), rank=case.r, alpha=case.scale * case.r, dropout=case.dropout)
+        layer.A = mlx_array(case.lora_A.T, case.dtype)
+        layer.B = mlx_array(case.lora_B.T, case.dtype)
+        return _eval_mode(layer)
+
+    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
+        replace_lora_with_linear = sys.modules[cls.__module__].replace_lora_with_linear
+        model = nn.Module()
+        model.layers = [layer]
+        replace_lora_with_linear(model)
+        return model.layers[0]
+
+
+class LoRALinearConvention:
+    """``LoRALinear.from_base(linear, r, dropout, scale)`` of mlx-lm and mlx-vlm; merged by ``fuse()``."""
+
+    def build(self, cls: type, case: LinearCase) -> nn.Module:
+        layer = cls.from_base(base_linear(case), r=case.r, dropout=case.dropout, scale=case.scale)
+        layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
+        layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
+        return _eval_mode(layer)
+
+    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
+        return layer.fuse()
+
+
+def _eval_mode(layer: nn.Module) -> nn.Module:
+    # MLX modules start in training mode; inference (and peft's reference) runs in eval mode.
+    layer.eval()
+    return layer
+
