@@ -107,7 +107,8 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
         _judge(measurement, "reference", reference, expected)
     with timer("subject"):
         observed = _judge(measurement, "subject", run_subject, expected)
-    if not measurement.passed and "merged weight" in observed:
+    weight_failed = any(c.side == "subject" and c.quantity == "merged weight" and not c.passed for c in measurement.comparisons)
+    if weight_failed and "merged weight" in observed:
         measurement.hints += diagnosis.merge_hints(case, observed["merged weight"][0])
     return measurement
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import mlx.core as mx
@@ -56,11 +57,22 @@ def _select_device(choice: str | None) -> str:
 def _seed_description(config: pytest.Config) -> str:
     seed = config.getoption("hypothesis_seed", None)
     if seed is not None:
-        return str(seed)
-    return "derandomized" if settings.default.derandomize else "random (Hypothesis prints how to replay a failure)"
+        return f"{seed} (replay with --hypothesis-seed={seed})"
+    return "derandomized"
 
 
+def _give_seed(config: pytest.Config) -> None:
+    """Give a randomized run a seed of its own, before Hypothesis reads it, so it can be replayed."""
+    profile = config.getoption("hypothesis_profile", None) or profiles.DEFAULT
+    if profile not in profiles.SIZES or hasattr(config, "workerinput"):
+        return
+    if config.getoption("hypothesis_seed", None) is None and not settings.get_profile(profile).derandomize:
+        config.option.hypothesis_seed = str(random.randrange(2**32))
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    _give_seed(config)
     config.addinivalue_line("markers", "family(name): the layer family a test module checks")
     try:
         subjects = [resolve(name) for name in config.getoption("subject")] or list(CATALOGUE)
@@ -74,8 +86,7 @@ def pytest_configure(config: pytest.Config) -> None:
             recording.check_writable(results)
         except OSError as error:
             raise pytest.UsageError(f"--results {results}: cannot write: {error.strerror or error}") from None
-    meta = recording.run_meta(_versions(), device, profiles.active(), _seed_description(config))
-    config.stash[RECORDER] = recording.Recorder(meta)
+    config.stash[RECORDER] = recording.Recorder({"versions": _versions(), "device": device})
     config.stash[STATE] = {
         "subjects": subjects,
         "dtypes": config.getoption("dtype") or list(DTYPES),
@@ -83,6 +94,14 @@ def pytest_configure(config: pytest.Config) -> None:
         "results": results,
         "checks": [],
     }
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Complete the run's description once Hypothesis has loaded the chosen profile."""
+    config = session.config
+    recorder = config.stash[RECORDER]
+    meta = recorder.meta
+    recorder.meta = recording.run_meta(meta["versions"], meta["device"], profiles.active(), _seed_description(config))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

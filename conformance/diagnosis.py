@@ -39,10 +39,13 @@ def _explain_factor(k: float, case: LinearCase) -> str:
     return f" (= {'; or '.join(matches)})" if matches else ""
 
 
-def _factor_hint(what: str, k: float | None, case: LinearCase) -> list[str]:
+def _factor_hint(what: str, k: float | None, case: LinearCase, elements: int) -> list[str]:
     if k is None or abs(k - 1.0) < 1e-3:
         return []
-    return [f"{what} is {k:.3f}× peft's{_explain_factor(k, case)}"]
+    reading = _explain_factor(k, case)
+    if elements < 2 and not reading:
+        return []  # one element is a multiple of anything: only a recognised factor says something
+    return [f"{what} is {k:.3f}× peft's{reading}"]
 
 
 def _bias_hint(difference: np.ndarray, case: LinearCase, allowed: np.ndarray) -> list[str]:
@@ -61,9 +64,12 @@ def forward_hints(case: LinearCase, output: np.ndarray) -> list[str]:
     if output.shape != expected.value.shape:
         return []
     allowed = allowed_error(expected)
+    bias = _bias_hint(output - expected.value, case, allowed)
+    if bias:
+        return bias
     lora_term = output - oracle.linear_base(case).value
     k = scalar_multiple(lora_term, oracle.lora_update(case).value, allowed)
-    return _factor_hint("the LoRA term", k, case) + _bias_hint(output - expected.value, case, allowed)
+    return _factor_hint("the LoRA term", k, case, output.size)
 
 
 def merge_hints(case: LinearCase, weight: np.ndarray) -> list[str]:
@@ -78,7 +84,8 @@ def merge_hints(case: LinearCase, weight: np.ndarray) -> list[str]:
     if weight.shape != expected.value.shape:
         return []
     update = weight - case.weight
-    hints = _factor_hint("the merged LoRA update", scalar_multiple(update, delta, allowed), case)
-    if not hints and delta.shape[0] == delta.shape[1] and np.all(np.abs(update - delta.T) <= allowed):
+    hints = _factor_hint("the merged LoRA update", scalar_multiple(update, delta, allowed), case, update.size)
+    symmetric = np.all(np.abs(delta - delta.T) <= allowed) if delta.shape[0] == delta.shape[1] else True
+    if not hints and not symmetric and np.all(np.abs(update - delta.T) <= allowed):
         hints.append("the merged LoRA update is transposed (s A^T B^T instead of s B A)")
     return hints

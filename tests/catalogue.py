@@ -1,0 +1,51 @@
+"""The catalogue of wrong variants as subjects: ``--subject tests.catalogue:<ClassName>`` runs one.
+
+`WRONG_VARIANTS` says for each which check must catch it and in which dtypes the bug is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conformance.dtypes import CASE_DTYPES
+from conformance.subjects import Subject
+from tests import lora_layers
+from tests.lora_layers import PeftStyleConvention
+
+
+def _subject(cls: type) -> Subject:
+    return Subject(f"tests.{cls.__name__}", "mlx", "linear", (f"{lora_layers.__name__}:{cls.__name__}",), PeftStyleConvention())
+
+
+ALL_DTYPES = tuple(d.name for d in CASE_DTYPES)
+
+
+@dataclass(frozen=True)
+class WrongVariant:
+    subject: Subject
+    check: str
+    """The check that must fail."""
+    visible_in: tuple[str, ...] = ALL_DTYPES
+    """The dtypes in which the bug changes anything at all."""
+    diagnosis: str = ""
+    """Words the failure message's diagnosis must contain, where the pattern is recognisable."""
+
+
+CorrectLoRALinear = _subject(lora_layers.CorrectLoRALinear)
+WRONG_VARIANTS = {
+    variant.subject.name: variant
+    for variant in (
+        WrongVariant(_subject(lora_layers.RawAlpha), "forward", diagnosis="(= r: the raw alpha"),
+        WrongVariant(_subject(lora_layers.SwappedScalingRules), "forward", diagnosis="scaling rules are swapped"),
+        WrongVariant(_subject(lora_layers.TransposedMerge), "merge"),
+        WrongVariant(_subject(lora_layers.MergeDropsBias), "merge"),
+        WrongVariant(_subject(lora_layers.DropoutInEval), "forward"),
+        WrongVariant(_subject(lora_layers.UpdateCastToFloat16), "forward", visible_in=("float32", "bfloat16")),
+        WrongVariant(_subject(lora_layers.SwappedAB), "forward"),
+        WrongVariant(_subject(lora_layers.BiasAddedTwice), "forward", diagnosis="the bias is added twice"),
+        WrongVariant(_subject(lora_layers.MergeScalesTwice), "merge", diagnosis="the scale is applied twice"),
+        WrongVariant(_subject(lora_layers.FuseIgnoresAdapter), "merge", diagnosis="the LoRA term is missing"),
+    )
+}
+# `--subject tests.catalogue:<ClassName>` finds these module attributes.
+globals().update({name.removeprefix("tests."): v.subject for name, v in WRONG_VARIANTS.items()})

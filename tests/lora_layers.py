@@ -1,0 +1,155 @@
+"""A correct MLX LoRA linear layer written for the tests, and realistic wrong variants of it.
+
+Each variant changes one thing, the way such bugs are written in real code; `tests.catalogue`
+turns them into subjects and says which check must catch each.
+"""
+
+from __future__ import annotations
+
+import math
+import mlx.core as mx
+import mlx.nn as nn
+
+from conformance.cases import LinearCase
+from reference.bridge import base_linear, mlx_array
+
+
+class CorrectLoRALinear(nn.Module):
+    """LoRA as peft defines it: ``y = x W^T + b + s (dropout(x) A) B`` with A (in, r) and B (r, out)."""
+
+    def __init__(self, linear: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
+        super().__init__()
+        output_dims, input_dims = linear.weight.shape
+        self.linear = linear
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = self.scaling(alpha, r, use_rslora)
+        self.lora_a = mx.zeros((input_dims, r))
+        self.lora_b = mx.zeros((r, output_dims))
+
+    @staticmethod
+    def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+        return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def update(self, x: mx.array) -> mx.array:
+        return (self.scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)).astype(x.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(x) + self.update(x)
+
+    def delta(self) -> mx.array:
+        """The update as a weight, (out, in)."""
+        return (self.scale * self.lora_b.T) @ self.lora_a.T
+
+    def fuse(self) -> nn.Linear:
+        weight = self.linear.weight
+        output_dims, input_dims = weight.shape
+        fused = nn.Linear(input_dims, output_dims, bias="bias" in self.linear)
+        fused.weight = weight + self.delta().astype(weight.dtype)
+        if "bias" in self.linear:
+            fused.bias = self.linear.bias
+        return fused
+
+
+class RawAlpha(CorrectLoRALinear):
+    """mlx-vlm 0.4.4's bug: the update is multiplied by alpha instead of alpha / r."""
+
+    @staticmethod
+    def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+        return alpha
+
+
+class SwappedScalingRules(CorrectLoRALinear):
+    """rsLoRA's alpha / sqrt(r) used when it is off, and alpha / r when it is on."""
+
+    @staticmethod
+    def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+        return alpha / r if use_rslora else alpha / math.sqrt(r)
+
+
+class TransposedMerge(CorrectLoRALinear):
+    """The merged update is built as s A B, (in, out), and added without the transpose."""
+
+    def delta(self) -> mx.array:
+        return self.scale * (self.lora_a @ self.lora_b)
+
+
+class MergeDropsBias(CorrectLoRALinear):
+    """The fused layer is created without the base layer's bias."""
+
+    def fuse(self) -> nn.Linear:
+        weight = self.linear.weight
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        fused.weight = weight + self.delta().astype(weight.dtype)
+        return fused
+
+
+class AlwaysOnDropout(nn.Module):
+    """A hand-written dropout that forgets to check ``self.training``."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.p == 0:
+            return x
+        keep = mx.random.bernoulli(1 - self.p, x.shape)
+        return mx.where(keep, x / (1 - self.p), mx.zeros_like(x))
+
+
+class DropoutInEval(CorrectLoRALinear):
+    """Dropout stays active in eval mode."""
+
+    def __init__(self, linear, r, alpha, use_rslora=False, dropout=0.0):
+        super().__init__(linear, r, alpha, use_rslora, dropout)
+        self.dropout = AlwaysOnDropout(dropout)
+
+
+class UpdateCastToFloat16(CorrectLoRALinear):
+    """The LoRA update is cast to float16 instead of the input's dtype."""
+
+    def update(self, x: mx.array) -> mx.array:
+        return (self.scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)).astype(mx.float16)
+
+
+class SwappedAB(CorrectLoRALinear):
+    """A and B used in each other's place, as if ``lora_b`` were (out, r) and ``lora_a`` (r, in)."""
+
+    def update(self, x: mx.array) -> mx.array:
+        return (self.scale * ((self.dropout(x) @ self.lora_b.T) @ self.lora_a.T)).astype(x.dtype)
+
+
+class BiasAddedTwice(CorrectLoRALinear):
+    """The base bias is added again on top of the base layer's output."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        out = super().__call__(x)
+        return out + self.linear.bias if "bias" in self.linear else out
+
+
+class MergeScalesTwice(CorrectLoRALinear):
+    """The merge multiplies by the scale twice."""
+
+    def delta(self) -> mx.array:
+        return self.scale * super().delta()
+
+
+class FuseIgnoresAdapter(CorrectLoRALinear):
+    """The fused layer is the base layer alone."""
+
+    def delta(self) -> mx.array:
+        return mx.zeros_like(self.linear.weight)
+
+
+class PeftStyleConvention:
+    """How the layers above are built from a case: they take peft's own (r, alpha, use_rslora)."""
+
+    def build(self, cls: type, case: LinearCase) -> nn.Module:
+        layer = cls(base_linear(case), r=case.r, alpha=case.alpha, use_rslora=case.use_rslora, dropout=case.dropout)
+        layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
+        layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
+        layer.eval()
+        return layer
+
+    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
+        return layer.fuse()

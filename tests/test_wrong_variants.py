@@ -1,0 +1,27 @@
+"""The suite fails every wrong LoRA layer in the catalogue, and passes the correct one."""
+
+import pytest
+
+from tests.catalogue import ALL_DTYPES, WRONG_VARIANTS
+
+
+def test_correct_layer_passes_every_check_in_every_dtype(run_suite):
+    run = run_suite("--subject", "tests.catalogue:CorrectLoRALinear")
+    assert run.ret == 0, run.output
+    statuses = {c["status"] for c in run.results["checks"]}
+    assert statuses == {"pass"}
+    assert len(run.results["checks"]) == 2 * len(ALL_DTYPES)
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_VARIANTS))
+def test_wrong_variant_fails_in_every_dtype_where_visible(name, run_suite):
+    variant = WRONG_VARIANTS[name]
+    run = run_suite("--subject", f"tests.catalogue:{name.removeprefix('tests.')}")
+    assert run.ret == 1, run.output
+    for dtype in variant.visible_in:
+        assert run.status(variant.check, dtype) == {"fail"}, f"{name} {variant.check} passed in {dtype}"
+    failing = [row for row in run.results["rows"] if row["verdict"] == "fail" and row["final"]]
+    assert failing and all(row["failures"] for row in failing)
+    if variant.diagnosis:
+        assert any(variant.diagnosis in hint for row in failing for hint in row["hints"]), failing[0]
+        assert variant.diagnosis in run.output
