@@ -14,7 +14,9 @@ from tests.lora_layers import PeftStyleConvention
 
 
 def _subject(cls: type) -> Subject:
-    return Subject(f"tests.{cls.__name__}", "mlx", "linear", (f"{lora_layers.__name__}:{cls.__name__}",), PeftStyleConvention())
+    """A subject named by where `resolve` finds it, so failure messages replay as they are."""
+    name = f"{__name__}:{cls.__name__}"
+    return Subject(name, "mlx", "linear", (f"{lora_layers.__name__}:{cls.__name__}",), PeftStyleConvention())
 
 
 ALL_DTYPES = tuple(d.name for d in CASE_DTYPES)
@@ -33,7 +35,7 @@ class WrongVariant:
 
 CorrectLoRALinear = _subject(lora_layers.CorrectLoRALinear)
 WRONG_VARIANTS = {
-    variant.subject.name: variant
+    variant.subject.name.partition(":")[2]: variant
     for variant in (
         WrongVariant(_subject(lora_layers.RawAlpha), "forward", diagnosis="(= r: the raw alpha"),
         WrongVariant(_subject(lora_layers.SwappedScalingRules), "forward", diagnosis="scaling rules are swapped"),
@@ -48,4 +50,8 @@ WRONG_VARIANTS = {
     )
 }
 # `--subject tests.catalogue:<ClassName>` finds these module attributes.
-globals().update({name.removeprefix("tests."): v.subject for name, v in WRONG_VARIANTS.items()})
+globals().update({name: variant.subject for name, variant in WRONG_VARIANTS.items()})
+
+# Subjects the installed packages do not provide: their checks are skipped with the reason.
+AbsentClass = Subject(f"{__name__}:AbsentClass", "mlx", "linear", ("mlx.nn:NoSuchLoRALayer",), PeftStyleConvention())
+AbsentPackage = Subject(f"{__name__}:AbsentPackage", "no-such-distribution", "linear", ("no_such_module:X",), PeftStyleConvention())

@@ -1,0 +1,108 @@
+"""The pytest plugin: options, clear errors, the header and summary, not-provided subjects, xdist recording."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from conformance import replay
+
+CORRECT = ("--subject", "tests.catalogue:CorrectLoRALinear")
+USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
+
+
+def test_header_names_versions_device_profile_and_seed(run_suite):
+    run = run_suite(*CORRECT, "--dtype", "float32", profile_args=("--hypothesis-seed", "7"))
+    assert run.ret == 0, run.output
+    assert "conformance: mlx " in run.output and "peft " in run.output and "torch " in run.output
+    assert f"MLX device {run.results['meta']['device']}" in run.output
+    assert "Hypothesis profile dev, seed 7 (replay with --hypothesis-seed=7)" in run.output
+    assert run.results["meta"]["seed"].startswith("7 ")
+
+
+def test_summary_line_counts_the_cases_checked(run_suite):
+    run = run_suite(*CORRECT, "--dtype", "float16")
+    rows = run.results["rows"]
+    assert len(rows) == 2 * 150  # two checks, the ci profile's 150 examples each
+    assert f"conformance: {len(rows)} cases checked (0 outside the allowed error)" in run.output
+    assert {r["subject"] for r in rows} == {"tests.catalogue:CorrectLoRALinear"}
+    assert all(r["versions"]["mlx"] == mx.__version__ and r["device"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--subject", "mlx_lm.NoSuchLayer"), "unknown subject 'mlx_lm.NoSuchLayer'; valid subjects: mlx_vlm.LoRaLayer,"),
+        (("--subject", "no.such.module:X"), "cannot import no.such.module"),
+        (("--mlx-device", "tpu"), "invalid choice: 'tpu' (choose from cpu, gpu)"),
+        (("--dtype", "float8"), "invalid choice: 'float8'"),
+    ],
+)
+def test_bad_options_are_one_line_errors(run_suite, args, message):
+    run = run_suite(*args)
+    assert run.ret == USAGE_ERROR
+    assert message in run.output.replace("'cpu', 'gpu'", "cpu, gpu")
+
+
+@pytest.mark.skipif(mx.metal.is_available(), reason="this machine has Metal")
+def test_gpu_without_metal_is_refused(run_suite):
+    run = run_suite("--mlx-device", "gpu")
+    assert run.ret == USAGE_ERROR and "no Metal device; valid here: cpu" in run.output
+
+
+def test_unwritable_results_path_is_refused_before_running(run_suite, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    run = run_suite(*CORRECT, "--results", str(blocker / "results.json"))
+    assert run.ret == USAGE_ERROR and f"--results {blocker / 'results.json'}: cannot write" in run.output
+
+
+def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite):
+    run = run_suite("--subject", "tests.catalogue:AbsentClass", "--subject", "tests.catalogue:AbsentPackage")
+    assert run.ret == 0, run.output
+    assert {c["status"] for c in run.results["checks"]} == {"not provided"}
+    assert f"mlx {mx.__version__} does not provide it (looked in mlx.nn:NoSuchLoRALayer)" in run.output
+    assert "no-such-distribution is not installed" in run.output
+
+
+def test_known_divergences_keep_the_gate_green_and_report_fixed_ones(run_suite, tmp_path):
+    known = tmp_path / "known.txt"
+    known.write_text(
+        "test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
+        "test_linear.py::test_merge[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r (fixed, say)\n"
+    )
+    run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known))
+    assert run.ret == 0, run.output
+    statuses = {d["check_id"]: d["status"] for d in run.results["known_divergences"]}
+    assert statuses["test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]"] == "known divergence"
+    # RawAlpha's merge uses the same wrong scale, so this entry stays failing too; a correct check that
+    # is listed is reported instead:
+    known.write_text("test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32]  # listed by mistake\n")
+    run = run_suite(*CORRECT, "--dtype", "float32", "--known-divergences", str(known))
+    assert run.ret == 0
+    assert "test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32]: passes now; remove it" in run.output
+    assert run.results["known_divergences"][0]["status"] == "now passing"
+
+
+def test_a_known_divergence_needs_a_reason(run_suite, tmp_path):
+    known = tmp_path / "known.txt"
+    known.write_text("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]\n")
+    run = run_suite(*CORRECT, "--known-divergences", str(known))
+    assert run.ret == USAGE_ERROR and "has no reason" in run.output
+
+
+def test_recording_survives_xdist_workers(run_suite):
+    serial = run_suite(*CORRECT, "--dtype", "bfloat16")
+    parallel = run_suite(*CORRECT, "--dtype", "bfloat16", "-n", "2")
+    assert parallel.ret == 0, parallel.output
+    assert len(parallel.results["rows"]) == len(serial.results["rows"]) == 300
+    assert sorted(c["check_id"] for c in parallel.results["checks"]) == sorted(c["check_id"] for c in serial.results["checks"])
+
+
+def test_a_failure_replays_without_pytest(run_suite, capsys):
+    run = run_suite("--subject", "tests.catalogue:SwappedScalingRules", "--dtype", "float32")
+    replay_line = next(line for line in run.output.splitlines() if "python -m conformance.replay '" in line)
+    spec = replay_line.split("'", 1)[1].rsplit("'", 1)[0]
+    assert json.loads(spec)["subject"] == "tests.catalogue:SwappedScalingRules"
+    assert replay.main([spec]) == 1
+    assert "scaling rules are swapped" in capsys.readouterr().out
