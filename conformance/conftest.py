@@ -61,18 +61,21 @@ def _seed_description(config: pytest.Config) -> str:
     return "derandomized"
 
 
-def _give_seed(config: pytest.Config) -> None:
+def _give_seed(config: pytest.Config, profile: str) -> None:
     """Give a randomized run a seed of its own, before Hypothesis reads it, so it can be replayed."""
-    profile = config.getoption("hypothesis_profile", None) or profiles.DEFAULT
-    if profile not in profiles.SIZES or hasattr(config, "workerinput"):
-        return
+    if hasattr(config, "workerinput"):
+        return  # workers get the controller's options, seed included
     if config.getoption("hypothesis_seed", None) is None and not settings.get_profile(profile).derandomize:
         config.option.hypothesis_seed = str(random.randrange(2**32))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    _give_seed(config)
+    profile = config.getoption("hypothesis_profile", None) or profiles.DEFAULT
+    if profile not in profiles.SIZES:
+        valid = ", ".join(profiles.SIZES)
+        raise pytest.UsageError(f"unknown Hypothesis profile {profile!r}; valid profiles: {valid}")
+    _give_seed(config, profile)
     config.addinivalue_line("markers", "family(name): the layer family a test module checks")
     try:
         subjects = [resolve(name) for name in config.getoption("subject")] or list(CATALOGUE)

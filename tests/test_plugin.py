@@ -36,6 +36,7 @@ def test_summary_line_counts_the_cases_checked(run_suite):
         (("--subject", "no.such.module:X"), "cannot import no.such.module"),
         (("--mlx-device", "tpu"), "invalid choice: 'tpu' (choose from cpu, gpu)"),
         (("--dtype", "float8"), "invalid choice: 'float8'"),
+        (("--hypothesis-profile", "nightly"), "unknown Hypothesis profile 'nightly'; valid profiles: ci, dev, thorough"),
     ],
 )
 def test_bad_options_are_one_line_errors(run_suite, args, message):
