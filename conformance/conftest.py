@@ -115,7 +115,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"conformance: MLX device {meta['device']} ({mx.default_device()}); Hypothesis profile {meta['profile']}, seed {meta['seed']}",
     ]
     for subject in state["subjects"]:
-        lines.append(f"conformance: subject {subject.name}: {subject.not_provided_reason() or 'provided'}")
+        status = subject.not_provided_reason() or f"provided by {subject.provenance()}"
+        lines.append(f"conformance: subject {subject.name}: {status}")
     lines.append(f"conformance: results -> {state['results']}")
     return lines
 

@@ -66,6 +66,11 @@ class Subject:
         places = ", ".join(self.locations)
         raise NotProvided(f"{self.distribution} {version} does not provide it (looked in {places})")
 
+    def provenance(self) -> str:
+        """Where the implementation comes from, e.g. ``mlx-vlm 0.7.10 mlx_vlm.trainer.peft.lora.LoRaLayer``."""
+        cls = self.implementation
+        return f"{self.distribution} {installed_version(self.distribution)} {cls.__module__}.{cls.__qualname__}"
+
     def not_provided_reason(self) -> str | None:
         try:
             self.implementation
