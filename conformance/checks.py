@@ -20,8 +20,8 @@ from conformance.timing import UNTIMED, PhaseTimer
 from conformance.verdict import Measurement, Tracked, compare, failed
 from reference import bridge, oracle, peft_layers
 
-Observed = dict[str, tuple[np.ndarray, str]]
-"""quantity -> (values as float64, dtype name), as one side produced them."""
+Observed = dict[str, tuple[np.ndarray, "str | None"]]
+"""quantity -> (values as float64, dtype name or None where the dtype is not judged), as one side produced them."""
 
 
 def _from_mlx(values: mx.array) -> tuple[np.ndarray, str]:
@@ -113,4 +113,42 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
     return measurement
 
 
-CHECKS: dict[str, Callable[[Subject, LinearCase, PhaseTimer], Measurement]] = {"forward": forward, "merge": merge}
+def _magnitude_at_creation(subject: Subject, case: LinearCase, timer: PhaseTimer, with_adapter: bool) -> Measurement:
+    check = "init_with_adapter" if with_adapter else "init"
+    measurement = Measurement(subject.name, check, case.describe())
+    with timer("oracle"):
+        norm = oracle.adapted_weight(case).row_norm() if with_adapter else oracle.magnitude_at_init(case)
+        expected = {"magnitude": norm}
+    # Values only: MLX keeps m in float32 where peft keeps the layer's dtype; both are exact enough.
+
+    def reference() -> Observed:
+        return {"magnitude": (peft_layers.to_numpy(peft_layers.dora_magnitude_at_creation(case, with_adapter)), None)}
+
+    def run_subject() -> Observed:
+        magnitude = subject.magnitude_at_creation(case, with_adapter)
+        mx.eval(magnitude)
+        return {"magnitude": (bridge.to_numpy(magnitude), None)}
+
+    with timer("reference"):
+        _judge(measurement, "reference", reference, expected)
+    with timer("subject"):
+        _judge(measurement, "subject", run_subject, expected)
+    return measurement
+
+
+def init(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """DoRA's magnitude as derived when the layer is created on a base (B zero): ``||W||`` per output."""
+    return _magnitude_at_creation(subject, case, timer, with_adapter=False)
+
+
+def init_with_adapter(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """DoRA's magnitude as derived with a non-zero B already in place: ``||W + s B A||`` per output."""
+    return _magnitude_at_creation(subject, case, timer, with_adapter=True)
+
+
+Check = Callable[[Subject, LinearCase, PhaseTimer], Measurement]
+CHECKS: dict[str, Check] = {"forward": forward, "merge": merge, "init": init, "init_with_adapter": init_with_adapter}
+FAMILY_CHECKS: dict[str, tuple[str, ...]] = {
+    "linear": ("forward", "merge"),
+    "dora_linear": ("forward", "merge", "init", "init_with_adapter"),
+}

@@ -14,6 +14,7 @@ from conformance.dtypes import BY_NAME as DTYPES
 from conformance.subjects import CATALOGUE, installed_version, resolve
 
 VERSIONED = ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch", "numpy", "hypothesis")
+NO_SUBJECT = "no-selected-subject"
 RECORDER = pytest.StashKey[recording.Recorder]()
 STATE = pytest.StashKey[dict]()
 
@@ -132,7 +133,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         reason = subject.not_provided_reason()
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params += [pytest.param(subject, DTYPES[d], id=f"{subject.name}-{d}", marks=marks) for d in state["dtypes"]]
-    metafunc.parametrize(("subject", "dtype"), params)
+    metafunc.parametrize(("subject", "dtype"), params or [pytest.param(None, None, id=NO_SUBJECT)])
 
 
 def check_id(item: pytest.Item) -> str:
@@ -140,6 +141,11 @@ def check_id(item: pytest.Item) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the checks of families no selected subject belongs to; mark known divergences."""
+    unused = [item for item in items if item.name.endswith(f"[{NO_SUBJECT}]")]
+    if unused:
+        config.hook.pytest_deselected(items=unused)
+        items[:] = [item for item in items if item not in unused]
     known = config.stash[STATE]["known"]
     for item in items:
         entry = known.get(check_id(item))

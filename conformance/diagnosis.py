@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from conformance.cases import LinearCase
+from conformance.dtypes import round_to
 from conformance.verdict import allowed_error
 from reference import oracle
 
@@ -58,12 +59,42 @@ def _bias_hint(difference: np.ndarray, case: LinearCase, allowed: np.ndarray) ->
     return []
 
 
+def _half_precision_norm_failures(case: LinearCase) -> str:
+    """Rows whose norm under- or overflows when the squares are formed in the case dtype."""
+    adapted = round_to(oracle.adapted_weight(case).value, case.dtype)
+    squares = round_to(adapted * adapted, case.dtype)
+    norms = np.sqrt(np.sum(squares, axis=-1))
+    broken = np.flatnonzero((norms == 0) | ~np.isfinite(norms))
+    if broken.size == 0:
+        return ""
+    kind = "overflows" if np.any(~np.isfinite(norms[broken])) else "underflows"
+    rows = ", ".join(map(str, broken[:5])) + (", ..." if broken.size > 5 else "")
+    return (
+        f"the weight norm {kind} in {case.dtype} for output rows {rows}: the subject squares "
+        f"{case.dtype} values in {case.dtype}, peft squares them in float32"
+    )
+
+
+def _dora_hints(case: LinearCase, output: np.ndarray, allowed: np.ndarray) -> list[str]:
+    unbiased = case.x @ case.weight.T + oracle.lora_update(case).value
+    bias = case.bias if case.has_bias else 0.0
+    alternatives = {
+        "the weight norm is taken from W alone, without the adapter": case.magnitude / np.linalg.norm(case.weight, axis=1),
+        "the magnitude m is not applied (no m / ||W + s B A|| factor)": np.ones_like(case.magnitude),
+    }
+    hints = [text for text, factor in alternatives.items() if np.all(np.abs(factor * unbiased + bias - output) <= allowed)]
+    norm_failure = _half_precision_norm_failures(case)
+    return hints + ([norm_failure] if norm_failure else [])
+
+
 def forward_hints(case: LinearCase, output: np.ndarray) -> list[str]:
     """Patterns in a subject's forward output that disagrees with the oracle."""
     expected = oracle.linear_forward(case)
     if output.shape != expected.value.shape:
         return []
     allowed = allowed_error(expected)
+    if case.use_dora:
+        return _dora_hints(case, output, allowed)
     bias = _bias_hint(output - expected.value, case, allowed)
     if bias:
         return bias
@@ -74,6 +105,9 @@ def forward_hints(case: LinearCase, output: np.ndarray) -> list[str]:
 
 def merge_hints(case: LinearCase, weight: np.ndarray) -> list[str]:
     """Patterns in a subject's merged weight (out, in) that disagrees with the oracle."""
+    if case.use_dora:
+        norm_failure = _half_precision_norm_failures(case)
+        return [norm_failure] if norm_failure else []
     expected = oracle.merged_weight(case)
     allowed = allowed_error(expected)
     delta = oracle.lora_delta(case).value

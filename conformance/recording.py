@@ -42,7 +42,7 @@ class Recorder:
             "verdict": "pass" if measurement.passed else "fail",
             "margin": _finite_or_none(measurement.margin),
             "max_error": _finite_or_none(worst.max_error) if worst else 0.0,
-            "allowed_error": worst.allowed_at_worst if worst else 0.0,
+            "allowed_error": _finite_or_none(worst.allowed_at_worst) if worst else 0.0,
             "worst": worst.describe() if worst else "",
             "failures": [c.describe() for c in measurement.comparisons if not c.passed],
             "hints": measurement.hints,

@@ -11,11 +11,12 @@ import importlib
 import importlib.metadata
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import mlx.nn as nn
 
 from conformance.cases import LinearCase
-from reference.bridge import Convention, LoRaLayerConvention, LoRALinearConvention
+from reference.bridge import Convention, DoRALinearConvention, LoRaLayerConvention, LoRALinearConvention
 
 
 class NotProvided(Exception):
@@ -84,6 +85,9 @@ class Subject:
     def merge(self, layer: nn.Module) -> nn.Module:
         return self.convention.merge(self.implementation, layer)
 
+    def magnitude_at_creation(self, case: LinearCase, with_adapter: bool) -> Any:
+        return self.convention.magnitude_at_creation(self.implementation, case, with_adapter)
+
 
 CATALOGUE: tuple[Subject, ...] = (
     Subject(
@@ -106,6 +110,20 @@ CATALOGUE: tuple[Subject, ...] = (
         "linear",
         ("mlx_lm.tuner.lora:LoRALinear",),
         LoRALinearConvention(),
+    ),
+    Subject(
+        "mlx_vlm.DoRALinear",
+        "mlx-vlm",
+        "dora_linear",
+        ("mlx_vlm.trainer:DoRALinear", "mlx_vlm.trainer.peft:DoRALinear", "mlx_vlm.trainer.dora:DoRALinear"),
+        DoRALinearConvention(),
+    ),
+    Subject(
+        "mlx_lm.DoRALinear",
+        "mlx-lm",
+        "dora_linear",
+        ("mlx_lm.tuner.dora:DoRALinear",),
+        DoRALinearConvention(),
     ),
 )
 BY_NAME = {subject.name: subject for subject in CATALOGUE}

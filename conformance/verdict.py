@@ -55,6 +55,15 @@ class Tracked:
         value = np.asarray(value, dtype=np.float64)
         return cls(value, np.zeros_like(value), dtype)
 
+    @staticmethod
+    def covering(*orders: Tracked) -> Tracked:
+        """One formula evaluated in several orders: the value, and a bound that covers each order."""
+        bound = np.maximum.reduce([order.bound for order in orders])
+        return Tracked(orders[0].value, bound, orders[0].dtype)
+
+    def __getitem__(self, index) -> Tracked:
+        return Tracked(self.value[index], self.bound[index], self.dtype)
+
     @property
     def T(self) -> Tracked:  # noqa: N802 - mirrors numpy
         return Tracked(np.swapaxes(self.value, -1, -2), np.swapaxes(self.bound, -1, -2), self.dtype)
@@ -84,6 +93,27 @@ class Tracked:
 
     def __sub__(self, other: Tracked) -> Tracked:
         return self._stored(self.value - other.value, self.bound + other.bound)
+
+    def __mul__(self, other: Tracked) -> Tracked:
+        """Elementwise (broadcasting) product."""
+        propagated = np.abs(self.value) * other.bound + self.bound * other.magnitude
+        return self._stored(self.value * other.value, propagated)
+
+    def __truediv__(self, other: Tracked) -> Tracked:
+        """Elementwise (broadcasting) quotient; unbounded where the divisor's error reaches its size."""
+        value = self.value / other.value
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slack = np.abs(other.value) - other.bound
+            propagated = np.where(slack > 0, (self.bound + np.abs(value) * other.bound) / slack, np.inf)
+        return self._stored(value, propagated)
+
+    def row_norm(self) -> Tracked:
+        """The Euclidean norm over the last axis, accumulated in float32."""
+        value = np.linalg.norm(self.value, axis=-1)
+        propagated = np.linalg.norm(self.bound, axis=-1)
+        # The sum of squares is off by gamma(n + 1) relatively, and a square root halves that.
+        accumulated = (gamma(self.value.shape[-1] + 1) / 2) * np.linalg.norm(self.magnitude, axis=-1)
+        return self._stored(value, propagated + accumulated)
 
     def scaled(self, factor: float) -> Tracked:
         """Multiply by a Python float, which an implementation may first round to the dtype."""
@@ -167,6 +197,7 @@ def compare(
     error = np.where(np.isnan(error), np.inf, error)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(allowed > 0, error / allowed, np.where(error > 0, np.inf, 0.0))
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)  # a non-finite result where any would do still fails
     worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
     comparison.margin = float(ratio[worst])
     comparison.max_error = float(error[worst])

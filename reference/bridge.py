@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from conformance.cases import LinearCase
-from conformance.dtypes import DType
+from conformance.dtypes import FLOAT32, DType
 
 
 def mlx_array(values: np.ndarray, dtype: DType) -> mx.array:
@@ -83,6 +83,27 @@ class LoRALinearConvention:
 
     def merge(self, cls: type, layer: nn.Module) -> nn.Module:
         return layer.fuse()
+
+
+class DoRALinearConvention(LoRALinearConvention):
+    """``DoRALinear.from_base(linear, r, dropout, scale)``: as LoRALinear, plus the magnitude ``m`` (out,).
+
+    MLX keeps ``m`` in float32 whatever the base dtype (``set_linear`` computes it from a float32 copy
+    of the weight), so the case's magnitude is stored there in float32: the same values, exactly.
+    """
+
+    def build(self, cls: type, case: LinearCase) -> nn.Module:
+        layer = super().build(cls, case)
+        layer.m = mlx_array(case.magnitude, FLOAT32)
+        return layer
+
+    def magnitude_at_creation(self, cls: type, case: LinearCase, with_adapter: bool) -> mx.array:
+        """The ``m`` that ``set_linear`` derives, with B zero (as created) or the case's B in place."""
+        layer = super().build(cls, case)
+        if not with_adapter:
+            layer.lora_b = mx.zeros_like(layer.lora_b)
+        layer.set_linear(layer.linear)
+        return layer.m
 
 
 def _eval_mode(layer: nn.Module) -> nn.Module:

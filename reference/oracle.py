@@ -38,14 +38,43 @@ def lora_update(case: LinearCase) -> Tracked:
     return down.scaled_matmul(_exact(case, case.lora_B).T, case.scale)
 
 
+def adapted_weight(case: LinearCase) -> Tracked:
+    """``W + s B A``, (out, in): LoRA's merged weight, and what DoRA normalises."""
+    return _exact(case, case.weight) + lora_delta(case)
+
+
+def dora_factor(case: LinearCase) -> Tracked:
+    """DoRA's per-output factor ``m / ||W + s B A||`` (row norms over the input dimension), (out,)."""
+    return Tracked.exact(case.magnitude, case.dtype) / adapted_weight(case).row_norm()
+
+
+def magnitude_at_init(case: LinearCase) -> Tracked:
+    """The magnitude DoRA starts from when B is zero: the base weight's row norms."""
+    return _exact(case, case.weight).row_norm()
+
+
 def linear_forward(case: LinearCase) -> Tracked:
-    """``y = x W^T + b + s (x A^T) B^T`` (Hu et al. 2021; rsLoRA: s = alpha / sqrt(r))."""
-    return linear_base(case) + lora_update(case)
+    """LoRA (Hu et al. 2021; rsLoRA: s = alpha / sqrt(r)): ``y = x W^T + b + s (x A^T) B^T``.
+
+    DoRA (Liu et al. 2024): ``y = m / ||W + s B A|| * (x W^T + s (x A^T) B^T) + b``.
+    """
+    if not case.use_dora:
+        return linear_base(case) + lora_update(case)
+    factor, unbiased, lora = dora_factor(case), _exact(case, case.x) @ _exact(case, case.weight).T, lora_update(case)
+    # MLX scales the sum; peft adds (factor - 1) * base + factor * lora to the base layer's output.
+    # When the factor is far from 1 the two round quite differently, so the bound covers both.
+    scaled_sum = factor * (unbiased + lora)
+    correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * unbiased + factor * lora
+    if case.has_bias:
+        bias = _exact(case, case.bias)
+        return Tracked.covering(scaled_sum + bias, (unbiased + bias) + correction)
+    return Tracked.covering(scaled_sum, unbiased + correction)
 
 
 def merged_weight(case: LinearCase) -> Tracked:
-    """``W + s B A``, (out, in)."""
-    return _exact(case, case.weight) + lora_delta(case)
+    """LoRA: ``W + s B A``; DoRA: ``m / ||W + s B A|| * (W + s B A)``; (out, in)."""
+    adapted = adapted_weight(case)
+    return dora_factor(case)[:, None] * adapted if case.use_dora else adapted
 
 
 def merged_forward(case: LinearCase) -> Tracked:

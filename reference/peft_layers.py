@@ -30,7 +30,7 @@ def linear(case: LinearCase) -> LoraLinear:
     """peft's LoRA ``Linear`` for the case, in eval mode."""
     base = torch.nn.Linear(case.in_features, case.out_features, bias=case.has_bias, dtype=case.dtype.torch)
     config = LoraConfig(
-        r=case.r, lora_alpha=case.alpha, use_rslora=case.use_rslora, lora_dropout=case.dropout
+        r=case.r, lora_alpha=case.alpha, use_rslora=case.use_rslora, lora_dropout=case.dropout, use_dora=case.use_dora
     )
     layer = LoraLinear(base, ADAPTER, config=config, r=case.r, lora_alpha=case.alpha)
     with torch.no_grad():
@@ -39,9 +39,36 @@ def linear(case: LinearCase) -> LoraLinear:
             base.bias.copy_(tensor(case.bias, case.dtype))
         layer.lora_A[ADAPTER].weight.copy_(tensor(case.lora_A, case.dtype))
         layer.lora_B[ADAPTER].weight.copy_(tensor(case.lora_B, case.dtype))
+        if case.use_dora:
+            layer.lora_magnitude_vector[ADAPTER].weight.copy_(tensor(case.magnitude, case.dtype))
     return layer.eval()
 
 
-def forward(layer: torch.nn.Module, case: LinearCase) -> torch.Tensor:
+def dora_magnitude_at_creation(case: LinearCase, with_adapter: bool) -> torch.Tensor:
+    """The magnitude peft derives when it creates a DoRA layer on the case's base.
+
+    Without the adapter, B is zero as peft initialises it; with it, the case's A and B are in place
+    when peft derives the magnitude, as when a layer is created with ``init_lora_weights=False``.
+    """
+    layer = linear(case)
+    dora = layer.lora_magnitude_vector[ADAPTER]
     with torch.no_grad():
-        return layer(tensor(case.x, case.dtype))
+        if not with_adapter:
+            layer.lora_B[ADAPTER].weight.zero_()
+        dora.update_layer(
+            base_layer=layer.get_base_layer(),
+            lora_A=layer.lora_A[ADAPTER].weight,
+            lora_B=layer.lora_B[ADAPTER].weight,
+            scaling=layer.scaling[ADAPTER],
+        )
+    return dora.weight
+
+
+def forward(layer: torch.nn.Module, case: LinearCase) -> torch.Tensor:
+    x = tensor(case.x, case.dtype)
+    with torch.no_grad():
+        if case.use_dora and x.ndim == 1:
+            # peft's DoRA views its factor as (1, out), which turns an unbatched (in,) input into a
+            # (1, out) output (tests/test_reference.py pins this down); give it a batch of one.
+            return layer(x[None])[0]
+        return layer(x)

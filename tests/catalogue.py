@@ -10,13 +10,16 @@ from dataclasses import dataclass
 from conformance.dtypes import CASE_DTYPES
 from conformance.subjects import Subject
 from tests import lora_layers
-from tests.lora_layers import PeftStyleConvention
+from tests.lora_layers import PeftStyleConvention, PeftStyleDoRAConvention
 
 
 def _subject(cls: type) -> Subject:
     """A subject named by where `resolve` finds it, so failure messages replay as they are."""
     name = f"{__name__}:{cls.__name__}"
-    return Subject(name, "mlx", "linear", (f"{lora_layers.__name__}:{cls.__name__}",), PeftStyleConvention())
+    location = (f"{lora_layers.__name__}:{cls.__name__}",)
+    if issubclass(cls, lora_layers.CorrectDoRALinear):
+        return Subject(name, "mlx", "dora_linear", location, PeftStyleDoRAConvention())
+    return Subject(name, "mlx", "linear", location, PeftStyleConvention())
 
 
 ALL_DTYPES = tuple(d.name for d in CASE_DTYPES)
@@ -34,6 +37,8 @@ class WrongVariant:
 
 
 CorrectLoRALinear = _subject(lora_layers.CorrectLoRALinear)
+CorrectDoRALinear = _subject(lora_layers.CorrectDoRALinear)
+CORRECT = (CorrectLoRALinear, CorrectDoRALinear)
 WRONG_VARIANTS = {
     variant.subject.name.partition(":")[2]: variant
     for variant in (
@@ -47,6 +52,11 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.BiasAddedTwice), "forward", diagnosis="the bias is added twice"),
         WrongVariant(_subject(lora_layers.MergeScalesTwice), "merge", diagnosis="the scale is applied twice"),
         WrongVariant(_subject(lora_layers.FuseIgnoresAdapter), "merge", diagnosis="the LoRA term is missing"),
+        WrongVariant(_subject(lora_layers.DoRANormOverColumns), "forward"),
+        WrongVariant(
+            _subject(lora_layers.DoRANormWithoutAdapter), "forward", diagnosis="taken from W alone, without the adapter"
+        ),
+        WrongVariant(_subject(lora_layers.DoRAMergeForgetsMagnitude), "merge"),
     )
 }
 # `--subject tests.catalogue:<ClassName>` finds these module attributes.

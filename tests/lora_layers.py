@@ -153,3 +153,75 @@ class PeftStyleConvention:
 
     def merge(self, cls: type, layer: nn.Module) -> nn.Module:
         return layer.fuse()
+
+
+class CorrectDoRALinear(CorrectLoRALinear):
+    """DoRA as peft defines it: ``y = m / ||W + s B A|| * (x W^T + s (x A^T) B^T) + b``.
+
+    The norm is taken in float32 (no half-precision under- or overflow), the magnitude is stored in
+    the layer's dtype and derived from the adapted weight, so the merge keeps the base dtype.
+    """
+
+    def __init__(self, linear, r, alpha, use_rslora=False, dropout=0.0):
+        super().__init__(linear, r, alpha, use_rslora, dropout)
+        self.derive_magnitude()
+
+    def adapted(self) -> mx.array:
+        weight = self.linear.weight
+        return weight + self.delta().astype(weight.dtype)
+
+    def weight_norm(self) -> mx.array:
+        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=1)
+
+    def derive_magnitude(self) -> None:
+        self.m = self.weight_norm().astype(self.linear.weight.dtype)
+
+    def factor(self) -> mx.array:
+        return mx.stop_gradient(self.m.astype(mx.float32) / self.weight_norm())
+
+    def __call__(self, x: mx.array) -> mx.array:
+        unbiased = x @ self.linear.weight.T + self.update(x)
+        out = self.factor().astype(x.dtype) * unbiased
+        return out + self.linear.bias if "bias" in self.linear else out
+
+    def fuse(self) -> nn.Linear:
+        fused = super().fuse()
+        fused.weight = (self.factor()[:, None] * self.adapted()).astype(self.linear.weight.dtype)
+        return fused
+
+
+class DoRANormOverColumns(CorrectDoRALinear):
+    """The weight norm taken over the output axis (per input column) instead of per output row."""
+
+    def weight_norm(self) -> mx.array:
+        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=0)
+
+
+class DoRANormWithoutAdapter(CorrectDoRALinear):
+    """The norm taken of the base weight alone, as if the adapter did not change it."""
+
+    def weight_norm(self) -> mx.array:
+        return mx.linalg.norm(self.linear.weight.astype(mx.float32), axis=1)
+
+
+class DoRAMergeForgetsMagnitude(CorrectDoRALinear):
+    """The merge folds in the LoRA update but not the magnitude / norm factor."""
+
+    def fuse(self) -> nn.Linear:
+        return CorrectLoRALinear.fuse(self)
+
+
+class PeftStyleDoRAConvention(PeftStyleConvention):
+    """As `PeftStyleConvention`, with the case's magnitude, in the layer's dtype."""
+
+    def build(self, cls: type, case: LinearCase) -> nn.Module:
+        layer = super().build(cls, case)
+        layer.m = mlx_array(case.magnitude, case.dtype)
+        return layer
+
+    def magnitude_at_creation(self, cls: type, case: LinearCase, with_adapter: bool) -> mx.array:
+        layer = super().build(cls, case)
+        if not with_adapter:
+            layer.lora_b = mx.zeros_like(layer.lora_b)
+        layer.derive_magnitude()
+        return layer.m

@@ -2,15 +2,17 @@
 
 import pytest
 
-from tests.catalogue import ALL_DTYPES, WRONG_VARIANTS
+from conformance.checks import FAMILY_CHECKS
+from tests.catalogue import ALL_DTYPES, CORRECT, WRONG_VARIANTS
 
 
-def test_correct_layer_passes_every_check_in_every_dtype(run_suite):
-    run = run_suite("--subject", "tests.catalogue:CorrectLoRALinear")
+@pytest.mark.parametrize("subject", CORRECT, ids=str)
+def test_correct_layer_passes_every_check_in_every_dtype(subject, run_suite):
+    run = run_suite("--subject", subject.name)
     assert run.ret == 0, run.output
     statuses = {c["status"] for c in run.results["checks"]}
     assert statuses == {"pass"}
-    assert len(run.results["checks"]) == 2 * len(ALL_DTYPES)
+    assert len(run.results["checks"]) == len(FAMILY_CHECKS[subject.family]) * len(ALL_DTYPES)
 
 
 @pytest.mark.parametrize("name", sorted(WRONG_VARIANTS))

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conformance import checks
-from conformance.cases import linear_cases
+from conformance.cases import cases_for
 from conformance.dtypes import ACCUMULATION, CASE_DTYPES, FLOAT16, FLOAT32, round_to
 from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, gamma
 from reference.bridge import mlx_array, to_numpy
-from tests.catalogue import CorrectLoRALinear
+from tests.catalogue import CORRECT
 
 DTYPES = pytest.mark.parametrize("dtype", CASE_DTYPES, ids=str)
 
@@ -66,16 +66,17 @@ def test_failure_message_says_what_got_and_what_it_should_be():
 def test_correct_layer_uses_well_under_the_allowed_error(dtype):
     """A small false-alarm study that runs with every test run (issue 7 measures it at scale)."""
     margins = []
+    for subject in CORRECT:
 
-    @settings(max_examples=150, derandomize=True, database=None, deadline=None)
-    @given(case=linear_cases(dtype))
-    def run(case):
-        for check in checks.CHECKS.values():
-            measurement = check(CorrectLoRALinear, case)
-            assert measurement.passed, measurement.worst.describe()
-            margins.append(measurement.margin)
+        @settings(max_examples=150, derandomize=True, database=None, deadline=None)
+        @given(case=cases_for(subject.family, dtype))
+        def run(case):
+            for name in checks.FAMILY_CHECKS[subject.family]:
+                measurement = checks.CHECKS[name](subject, case)
+                assert measurement.passed, measurement.worst.describe()
+                margins.append(measurement.margin)
 
-    run()
+        run()
     assert 0 < max(margins) <= 0.75, f"largest margin {max(margins):.3f}; CALIBRATION={CALIBRATION}"
 
 
