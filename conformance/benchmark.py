@@ -36,8 +36,8 @@ def run(subjects: list[Subject], dtypes: list[str], cases_each: int, timer: Phas
             def check_all(case):
                 nonlocal ran
                 ran += 1
-                for name in checks.FAMILY_CHECKS[subject.family]:
-                    checks.CHECKS[name](subject, case, timer)
+                for check in checks.FAMILY_CHECKS[subject.family].values():
+                    check(subject, case, timer)
 
             check_all()
     return ran

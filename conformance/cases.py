@@ -8,7 +8,7 @@ same numbers. B is never zero: a zero B hides every scaling bug.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from hypothesis import assume
@@ -136,9 +136,13 @@ def make_linear_case(
     )
 
 
-def case_from_description(description: dict) -> LinearCase:
-    """Rebuild a case from `LinearCase.describe()`."""
+def case_from_description(description: dict) -> LinearCase | EmbeddingCase:
+    """Rebuild a case from its ``describe()``."""
     d = description
+    if d.get("kind") == "embedding":
+        shared = {k: d[k] for k in _SHARED_PARAMETERS if k != "dtype"}
+        shared.update(batch_shape=tuple(d["batch_shape"]), magnitudes=tuple(d["magnitudes"]))
+        return make_embedding_case(d["num_embeddings"], d["dims"], dtype=BY_NAME[d["dtype"]], **shared)
     return make_linear_case(
         dtype=BY_NAME[d["dtype"]],
         in_features=d["in_features"],
@@ -180,7 +184,7 @@ def _draw_array(rng: np.random.Generator, shape: tuple[int, ...], scale: float, 
 
 
 @st.composite
-def linear_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False) -> LinearCase:
+def linear_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, with_bias: bool = True) -> LinearCase:
     """LoRA (or, with `use_dora`, DoRA) cases on a Linear base in `dtype`."""
     sizes = profiles.sizes()
     in_features = draw(_features(sizes.max_features), label="in_features")
@@ -188,7 +192,7 @@ def linear_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False) -> Linea
     r = draw(st.integers(1, sizes.max_rank), label="r")
     alpha = draw(_alpha(), label="alpha")
     use_rslora = draw(st.booleans(), label="use_rslora")
-    has_bias = draw(st.booleans(), label="bias")
+    has_bias = draw(st.booleans(), label="bias") if with_bias else False
     dropout = draw(st.sampled_from([0.0, 0.1, 0.5]), label="dropout")
     batch_shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4), label="batch_shape")
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
@@ -232,6 +236,87 @@ def _fits(case: LinearCase) -> bool:
     return True
 
 
-def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase]:
+@dataclass(frozen=True, repr=False)
+class EmbeddingCase:
+    """A LoRA (or DoRA) layer on an ``nn.Embedding`` base, held as the linear maps it is.
+
+    A lookup ``W[ids]`` is the linear map ``one_hot(ids) @ W``, so `lookup` is a `LinearCase` with
+    in_features = vocabulary, out_features = dims, weight ``W^T`` (dims, vocabulary) and peft's
+    ``lora_embedding_A`` (r, vocabulary) and ``lora_embedding_B`` (dims, r) as its A and B; its x is
+    the one-hot ids. DoRA's magnitude is then per embedding dimension, as in peft. `hidden` is the
+    input of ``as_linear`` (the tied output head): (*batch_shape, dims).
+    """
+
+    lookup: LinearCase
+    ids: np.ndarray
+    hidden: np.ndarray
+
+    @property
+    def dtype(self) -> DType:
+        return self.lookup.dtype
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The embedding table, (vocabulary, dims)."""
+        return self.lookup.weight.T
+
+    @property
+    def head(self) -> LinearCase:
+        """``as_linear`` as a LoRA linear case: ``hidden @ (W + s A^T B^T)^T``, dims -> vocabulary."""
+        lookup = self.lookup
+        return replace(
+            lookup,
+            in_features=lookup.out_features,
+            out_features=lookup.in_features,
+            weight=self.weight,
+            lora_A=lookup.lora_B.T,
+            lora_B=lookup.lora_A.T,
+            x=self.hidden,
+            use_dora=False,
+            magnitude=None,
+        )
+
+    def __repr__(self) -> str:
+        parameters = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
+        return f"EmbeddingCase({parameters})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(repr(self))
+
+    def describe(self) -> dict:
+        described = self.lookup.describe()
+        described["num_embeddings"] = described.pop("in_features")
+        described["dims"] = described.pop("out_features")
+        del described["bias"]
+        return {"kind": "embedding", **described}
+
+
+def make_embedding_case(num_embeddings: int, dims: int, **parameters) -> EmbeddingCase:
+    """The case with these parameters (those of `make_linear_case` but the base's shape and bias)."""
+    lookup = make_linear_case(in_features=num_embeddings, out_features=dims, has_bias=False, **parameters)
+    rng = np.random.default_rng([lookup.seed, 1])
+    ids = rng.integers(0, num_embeddings, lookup.batch_shape)
+    one_hot = np.eye(num_embeddings)[ids]
+    hidden = _draw_array(rng, (*lookup.batch_shape, dims), lookup.magnitudes[0], lookup.dtype)
+    return EmbeddingCase(lookup=replace(lookup, x=one_hot), ids=ids, hidden=hidden)
+
+
+@st.composite
+def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False) -> EmbeddingCase:
+    """LoRA (or DoRA) cases on an Embedding base in `dtype`."""
+    lookup = draw(linear_cases(dtype, use_dora=use_dora, with_bias=False))
+    parameters = {k: getattr(lookup, k) for k in _SHARED_PARAMETERS}
+    case = make_embedding_case(lookup.in_features, lookup.out_features, **parameters)
+    assume(_fits(case.lookup) and _fits(case.head))
+    return case
+
+
+_SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shape", "magnitudes", "seed", "use_dora")
+
+
+def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase]:
     """The cases a family of layers is checked on."""
-    return linear_cases(dtype, use_dora=family == "dora_linear")
+    use_dora = family.startswith("dora_")
+    if family.endswith("embedding"):
+        return embedding_cases(dtype, use_dora=use_dora)
+    return linear_cases(dtype, use_dora=use_dora)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from conformance import diagnosis
-from conformance.cases import LinearCase
+from conformance.cases import EmbeddingCase, LinearCase
 from conformance.subjects import Subject
 from conformance.timing import UNTIMED, PhaseTimer
 from conformance.verdict import Measurement, Tracked, compare, failed
@@ -22,19 +22,19 @@ from reference import bridge, oracle, peft_layers
 
 Observed = dict[str, tuple[np.ndarray, "str | None"]]
 """quantity -> (values as float64, dtype name or None where the dtype is not judged), as one side produced them."""
+Expected = dict[str, "Tracked | None"]
+"""quantity -> the oracle's value and bound, or None where the quantity must be absent."""
 
 
-def _from_mlx(values: mx.array) -> tuple[np.ndarray, str]:
-    return bridge.to_numpy(values), bridge.dtype_name(values)
+def _from_mlx(values: mx.array, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
+    return bridge.to_numpy(values), bridge.dtype_name(values) if judge_dtype else None
 
 
-def _from_torch(values: torch.Tensor) -> tuple[np.ndarray, str]:
-    return peft_layers.to_numpy(values), peft_layers.dtype_name(values)
+def _from_torch(values: torch.Tensor, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
+    return peft_layers.to_numpy(values), peft_layers.dtype_name(values) if judge_dtype else None
 
 
-def _judge(
-    measurement: Measurement, side: str, produce: Callable[[], Observed], expected: dict[str, Tracked | None]
-) -> Observed:
+def _judge(measurement: Measurement, side: str, produce: Callable[[], Observed], expected: Expected) -> Observed:
     """Run one side, then compare each quantity it should produce with the oracle."""
     try:
         observed = produce()
@@ -52,34 +52,60 @@ def _judge(
     return observed
 
 
-def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """The subject's output in eval mode, against peft's and the oracle's."""
-    measurement = Measurement(subject.name, "forward", case.describe())
+def _run(
+    check: str,
+    subject: Subject,
+    case: LinearCase | EmbeddingCase,
+    timer: PhaseTimer,
+    expect: Callable[[], Expected],
+    reference: Callable[[], Observed],
+    run_subject: Callable[[], Observed],
+    diagnose: Callable[[Measurement, Observed], list[str]] | None = None,
+) -> Measurement:
+    measurement = Measurement(subject.name, check, case.describe())
     with timer("oracle"):
-        expected = {"output": oracle.linear_forward(case)}
-
-    def reference() -> Observed:
-        return {"output": _from_torch(peft_layers.forward(peft_layers.linear(case), case))}
-
-    def run_subject() -> Observed:
-        output = subject.build(case)(bridge.mlx_array(case.x, case.dtype))
-        mx.eval(output)
-        return {"output": _from_mlx(output)}
-
+        expected = expect()
     with timer("reference"):
         _judge(measurement, "reference", reference, expected)
     with timer("subject"):
         observed = _judge(measurement, "subject", run_subject, expected)
-    if not measurement.passed and "output" in observed:
-        measurement.hints += diagnosis.forward_hints(case, observed["output"][0])
+    if diagnose is not None and not measurement.passed:
+        measurement.hints += diagnose(measurement, observed)
     return measurement
+
+
+def _evaluated(*arrays: mx.array) -> None:
+    mx.eval(*arrays)
+
+
+# Linear base ---------------------------------------------------------------------------------
+
+
+def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The subject's output in eval mode, against peft's and the oracle's."""
+
+    def run_subject() -> Observed:
+        output = subject.build(case)(bridge.mlx_array(case.x, case.dtype))
+        _evaluated(output)
+        return {"output": _from_mlx(output)}
+
+    def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
+        return diagnosis.forward_hints(case, observed["output"][0]) if "output" in observed else []
+
+    return _run(
+        "forward", subject, case, timer,
+        expect=lambda: {"output": oracle.linear_forward(case)},
+        reference=lambda: {"output": _from_torch(peft_layers.forward(peft_layers.linear(case), case))},
+        run_subject=run_subject,
+        diagnose=diagnose,
+    )
 
 
 def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """The subject's merged layer (weight, bias, output) against peft's ``merge()`` and the oracle."""
-    measurement = Measurement(subject.name, "merge", case.describe())
-    with timer("oracle"):
-        expected = {
+
+    def expect() -> Expected:
+        return {
             "merged weight": oracle.merged_weight(case),
             "merged bias": Tracked.exact(case.bias, case.dtype) if case.has_bias else None,
             "merged output": oracle.merged_forward(case),
@@ -97,58 +123,131 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
     def run_subject() -> Observed:
         merged = subject.merge(subject.build(case))
         output = merged(bridge.mlx_array(case.x, case.dtype))
-        mx.eval(merged.parameters(), output)
+        _evaluated(merged.parameters(), output)
         observed = {"merged weight": _from_mlx(merged.weight), "merged output": _from_mlx(output)}
         if "bias" in merged:
             observed["merged bias"] = _from_mlx(merged["bias"])
         return observed
 
-    with timer("reference"):
-        _judge(measurement, "reference", reference, expected)
-    with timer("subject"):
-        observed = _judge(measurement, "subject", run_subject, expected)
-    weight_failed = any(c.side == "subject" and c.quantity == "merged weight" and not c.passed for c in measurement.comparisons)
-    if weight_failed and "merged weight" in observed:
-        measurement.hints += diagnosis.merge_hints(case, observed["merged weight"][0])
-    return measurement
+    def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
+        if _failed(measurement, "merged weight") and "merged weight" in observed:
+            return diagnosis.merge_hints(case, observed["merged weight"][0])
+        return []
+
+    return _run("merge", subject, case, timer, expect, reference, run_subject, diagnose)
 
 
-def _magnitude_at_creation(subject: Subject, case: LinearCase, timer: PhaseTimer, with_adapter: bool) -> Measurement:
-    check = "init_with_adapter" if with_adapter else "init"
-    measurement = Measurement(subject.name, check, case.describe())
-    with timer("oracle"):
-        norm = oracle.adapted_weight(case).row_norm() if with_adapter else oracle.magnitude_at_init(case)
-        expected = {"magnitude": norm}
+def _failed(measurement: Measurement, quantity: str) -> bool:
+    return any(c.side == "subject" and c.quantity == quantity and not c.passed for c in measurement.comparisons)
+
+
+# DoRA's magnitude -----------------------------------------------------------------------------
+
+
+def _magnitude_at_creation(
+    subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, with_adapter: bool
+) -> Measurement:
+    view = case.lookup if isinstance(case, EmbeddingCase) else case
+
+    def expect() -> Expected:
+        norm = oracle.adapted_weight(view).row_norm() if with_adapter else oracle.magnitude_at_init(view)
+        return {"magnitude": norm}
+
     # Values only: MLX keeps m in float32 where peft keeps the layer's dtype; both are exact enough.
-
     def reference() -> Observed:
-        return {"magnitude": (peft_layers.to_numpy(peft_layers.dora_magnitude_at_creation(case, with_adapter)), None)}
+        return {"magnitude": _from_torch(peft_layers.dora_magnitude_at_creation(case, with_adapter), judge_dtype=False)}
 
     def run_subject() -> Observed:
         magnitude = subject.magnitude_at_creation(case, with_adapter)
-        mx.eval(magnitude)
-        return {"magnitude": (bridge.to_numpy(magnitude), None)}
+        _evaluated(magnitude)
+        return {"magnitude": _from_mlx(magnitude, judge_dtype=False)}
 
-    with timer("reference"):
-        _judge(measurement, "reference", reference, expected)
-    with timer("subject"):
-        _judge(measurement, "subject", run_subject, expected)
-    return measurement
+    check = "init_with_adapter" if with_adapter else "init"
+    return _run(check, subject, case, timer, expect, reference, run_subject)
 
 
-def init(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """DoRA's magnitude as derived when the layer is created on a base (B zero): ``||W||`` per output."""
+def init(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """DoRA's magnitude as derived when the layer is created on a base (B zero): the base's norms."""
     return _magnitude_at_creation(subject, case, timer, with_adapter=False)
 
 
-def init_with_adapter(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """DoRA's magnitude as derived with a non-zero B already in place: ``||W + s B A||`` per output."""
+def init_with_adapter(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """DoRA's magnitude as derived with a non-zero B already in place: the adapted weight's norms."""
     return _magnitude_at_creation(subject, case, timer, with_adapter=True)
 
 
-Check = Callable[[Subject, LinearCase, PhaseTimer], Measurement]
-CHECKS: dict[str, Check] = {"forward": forward, "merge": merge, "init": init, "init_with_adapter": init_with_adapter}
-FAMILY_CHECKS: dict[str, tuple[str, ...]] = {
-    "linear": ("forward", "merge"),
-    "dora_linear": ("forward", "merge", "init", "init_with_adapter"),
+# Embedding base -------------------------------------------------------------------------------
+
+
+def lookup(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The subject's embeddings of the case's token ids, against peft's and the oracle's."""
+
+    def run_subject() -> Observed:
+        output = subject.build(case)(mx.array(case.ids))
+        _evaluated(output)
+        return {"output": _from_mlx(output)}
+
+    return _run(
+        "forward", subject, case, timer,
+        expect=lambda: {"output": oracle.embedding_forward(case)},
+        reference=lambda: {"output": _from_torch(peft_layers.lookup(peft_layers.embedding(case), case))},
+        run_subject=run_subject,
+    )
+
+
+def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """``as_linear`` (the tied output head) against ``hidden @ merged table^T`` from peft's merge."""
+
+    def reference() -> Observed:
+        layer = peft_layers.embedding(case)
+        layer.merge()
+        table = layer.get_base_layer().weight
+        with torch.no_grad():
+            return {"output": _from_torch(peft_layers.tensor(case.hidden, case.dtype) @ table.T)}
+
+    def run_subject() -> Observed:
+        output = subject.build(case).as_linear(bridge.mlx_array(case.hidden, case.dtype))
+        _evaluated(output)
+        return {"output": _from_mlx(output)}
+
+    return _run("as_linear", subject, case, timer, lambda: {"output": oracle.embedding_as_linear(case)}, reference, run_subject)
+
+
+def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The subject's merged table and its lookups against peft's ``merge()`` and the oracle."""
+
+    def expect() -> Expected:
+        table = oracle.embedding_merged_weight(case)
+        return {"merged weight": table, "merged output": table[case.ids]}
+
+    def reference() -> Observed:
+        layer = peft_layers.embedding(case)
+        layer.merge()
+        return {
+            "merged weight": _from_torch(layer.get_base_layer().weight),
+            "merged output": _from_torch(peft_layers.lookup(layer, case)),
+        }
+
+    def run_subject() -> Observed:
+        merged = subject.merge(subject.build(case))
+        output = merged(mx.array(case.ids))
+        _evaluated(merged.parameters(), output)
+        return {"merged weight": _from_mlx(merged.weight), "merged output": _from_mlx(output)}
+
+    return _run("merge", subject, case, timer, expect, reference, run_subject)
+
+
+Check = Callable[[Subject, "LinearCase | EmbeddingCase", PhaseTimer], Measurement]
+FAMILY_CHECKS: dict[str, dict[str, Check]] = {
+    "linear": {"forward": forward, "merge": merge},
+    "dora_linear": {"forward": forward, "merge": merge, "init": init, "init_with_adapter": init_with_adapter},
+    "embedding": {"forward": lookup, "as_linear": as_linear, "merge": embedding_merge},
+    "dora_embedding": {
+        "forward": lookup,
+        "as_linear": as_linear,
+        "merge": embedding_merge,
+        "init": init,
+        "init_with_adapter": init_with_adapter,
+    },
 }
+"""Each family's checks by the name they are recorded under."""

@@ -148,7 +148,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if item not in unused]
     known = config.stash[STATE]["known"]
     for item in items:
-        entry = known.get(check_id(item))
+        entry = divergences.find(known, check_id(item))
         if entry is not None:
             item.add_marker(pytest.mark.xfail(reason=f"known divergence: {entry.reason}", strict=False))
 
@@ -175,7 +175,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 "subject": str(params.get("subject")),
                 "dtype": str(params.get("dtype")),
                 "check": item.originalname.removeprefix("test_"),
-                "status": _status(report, check_id(item) in state["known"]),
+                "status": _status(report, divergences.find(state["known"], check_id(item)) is not None),
                 "longrepr": str(report.longrepr) if report.failed or hasattr(report, "wasxfail") else "",
             }
         )
@@ -195,13 +195,24 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(config, "workeroutput"):
         config.workeroutput["conformance"] = {"rows": recorder.rows, "checks": state["checks"]}
         return
-    status = {c["check_id"]: c["status"] for c in state["checks"]}
-    state["divergences"] = [
-        {"check_id": e.check_id, "reason": e.reason, "status": status.get(e.check_id, "not run")}
-        for e in state["known"].values()
-    ]
+    state["divergences"] = [_divergence_status(entry, state) for entry in state["known"].values()]
     recorder.meta["finished"] = recording.now()
     recording.write(state["results"], recorder.meta, recorder.rows, state["checks"], state["divergences"])
+
+
+def _divergence_status(entry: divergences.KnownDivergence, state: dict) -> dict:
+    """An entry's checks that ran, and whether any still diverges ("now passing" once none does)."""
+    checks = [c for c in state["checks"] if divergences.find(state["known"], c["check_id"]) is entry]
+    statuses = {c["status"] for c in checks}
+    status = "not run" if not checks else "known divergence" if "known divergence" in statuses else "now passing"
+    if statuses == {"not provided"}:
+        status = "not provided"
+    return {
+        "check_id": entry.check_id,
+        "reason": entry.reason,
+        "status": status,
+        "now_passing": sorted(c["check_id"] for c in checks if c["status"] == "now passing"),
+    }
 
 
 def pytest_testnodedown(node, error) -> None:
@@ -222,11 +233,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for check in state["checks"]:
         counts[check["status"]] = counts.get(check["status"], 0) + 1
     write = terminalreporter.write_line
-    now_passing = [d for d in state.get("divergences", []) if d["status"] == "now passing"]
+    now_passing = [c for d in state.get("divergences", []) for c in d["now_passing"]]
     if now_passing:
         terminalreporter.section("known divergences that now pass")
-        for entry in now_passing:
-            write(f"{entry['check_id']}: passes now; remove it from the known-divergences file")
+        for check in now_passing:
+            write(f"{check}: passes now; remove it (or narrow its pattern) in the known-divergences file")
     checks = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     write(
         f"conformance: {len(rows)} cases checked ({failing} outside the allowed error); "

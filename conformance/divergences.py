@@ -4,13 +4,14 @@ The file has one entry a line, in the spirit of array-api-tests' xfails file::
 
     test_linear.py::test_merge[mlx_vlm.LoRaLayer-float32]  # replace_lora_with_linear raises ...
 
-A check id is the test module's file name and the test's name with its parameters. Entries that
-start passing, or that match no collected check, are reported at the end of the run, never kept
-silently.
+A check id is the test module's file name and the test's name with its parameters; ``*`` in an
+entry stands for any text, so one entry can cover a subject's every check and dtype. Entries that
+start passing are reported at the end of the run, never kept silently.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,17 @@ class DivergenceFileError(ValueError):
 @dataclass(frozen=True)
 class KnownDivergence:
     check_id: str
+    """The check id, or a pattern of them with ``*`` wildcards."""
     reason: str
+
+    def matches(self, check_id: str) -> bool:
+        pattern = ".*".join(re.escape(part) for part in self.check_id.split("*"))
+        return re.fullmatch(pattern, check_id) is not None
+
+
+def find(entries: dict[str, KnownDivergence], check_id: str) -> KnownDivergence | None:
+    """The entry that covers a check id: its own line first, else the first pattern that matches."""
+    return entries.get(check_id) or next((e for e in entries.values() if e.matches(check_id)), None)
 
 
 def load(path: Path) -> dict[str, KnownDivergence]:

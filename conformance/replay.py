@@ -12,7 +12,7 @@ import sys
 
 from conformance.asserting import message
 from conformance.cases import case_from_description
-from conformance.checks import CHECKS
+from conformance.checks import FAMILY_CHECKS
 from conformance.subjects import resolve
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = json.loads(args.replay)
         subject = resolve(spec["subject"])
-        check = CHECKS[spec["check"]]
+        check = FAMILY_CHECKS[subject.family][spec["check"]]
         case = case_from_description(spec["case"])
     except (ValueError, KeyError, LookupError) as error:
         parser.error(f"cannot replay: {error}")

@@ -15,8 +15,15 @@ from typing import Any
 
 import mlx.nn as nn
 
-from conformance.cases import LinearCase
-from reference.bridge import Convention, DoRALinearConvention, LoRaLayerConvention, LoRALinearConvention
+from conformance.cases import EmbeddingCase, LinearCase
+from reference.bridge import (
+    Convention,
+    DoRAEmbeddingConvention,
+    DoRALinearConvention,
+    LoRaLayerConvention,
+    LoRAEmbeddingConvention,
+    LoRALinearConvention,
+)
 
 
 class NotProvided(Exception):
@@ -79,13 +86,13 @@ class Subject:
             return f"{self.name} not provided: {reason}"
         return None
 
-    def build(self, case: LinearCase) -> nn.Module:
+    def build(self, case: LinearCase | EmbeddingCase) -> nn.Module:
         return self.convention.build(self.implementation, case)
 
     def merge(self, layer: nn.Module) -> nn.Module:
         return self.convention.merge(self.implementation, layer)
 
-    def magnitude_at_creation(self, case: LinearCase, with_adapter: bool) -> Any:
+    def magnitude_at_creation(self, case: LinearCase | EmbeddingCase, with_adapter: bool) -> Any:
         return self.convention.magnitude_at_creation(self.implementation, case, with_adapter)
 
 
@@ -124,6 +131,34 @@ CATALOGUE: tuple[Subject, ...] = (
         "dora_linear",
         ("mlx_lm.tuner.dora:DoRALinear",),
         DoRALinearConvention(),
+    ),
+    Subject(
+        "mlx_vlm.LoRAEmbedding",
+        "mlx-vlm",
+        "embedding",
+        ("mlx_vlm.trainer:LoRAEmbedding", "mlx_vlm.trainer.peft:LoRAEmbedding"),
+        LoRAEmbeddingConvention(),
+    ),
+    Subject(
+        "mlx_lm.LoRAEmbedding",
+        "mlx-lm",
+        "embedding",
+        ("mlx_lm.tuner.lora:LoRAEmbedding",),
+        LoRAEmbeddingConvention(),
+    ),
+    Subject(
+        "mlx_vlm.DoRAEmbedding",
+        "mlx-vlm",
+        "dora_embedding",
+        ("mlx_vlm.trainer:DoRAEmbedding", "mlx_vlm.trainer.peft:DoRAEmbedding"),
+        DoRAEmbeddingConvention(),
+    ),
+    Subject(
+        "mlx_lm.DoRAEmbedding",
+        "mlx-lm",
+        "dora_embedding",
+        ("mlx_lm.tuner.dora:DoRAEmbedding",),
+        DoRAEmbeddingConvention(),
     ),
 )
 BY_NAME = {subject.name: subject for subject in CATALOGUE}

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from conformance.cases import LinearCase
+from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import FLOAT32, DType
 
 
@@ -103,6 +103,57 @@ class DoRALinearConvention(LoRALinearConvention):
         if not with_adapter:
             layer.lora_b = mx.zeros_like(layer.lora_b)
         layer.set_linear(layer.linear)
+        return layer.m
+
+
+def base_embedding(case: EmbeddingCase) -> nn.Embedding:
+    """The frozen MLX ``nn.Embedding`` with the case's table."""
+    embedding = nn.Embedding(case.lookup.in_features, case.lookup.out_features)
+    embedding.weight = mlx_array(case.weight, case.dtype)
+    return embedding
+
+
+class LoRAEmbeddingConvention:
+    """``LoRAEmbedding.from_base(embedding, r, dropout, scale)``: ``lora_a`` (vocabulary, r), ``lora_b`` (r, dims).
+
+    peft's ``lora_embedding_A`` is (r, vocabulary) and ``lora_embedding_B`` (dims, r): transposes.
+    """
+
+    def build(self, cls: type, case: EmbeddingCase) -> nn.Module:
+        lookup = case.lookup
+        layer = cls.from_base(base_embedding(case), r=lookup.r, dropout=lookup.dropout, scale=lookup.scale)
+        layer.lora_a = mlx_array(lookup.lora_A.T, case.dtype)
+        layer.lora_b = mlx_array(lookup.lora_B.T, case.dtype)
+        return _eval_mode(layer)
+
+    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
+        return layer.fuse()
+
+
+class NotExpressible(Exception):
+    """The case cannot be given to this subject: its convention has no equivalent of peft's."""
+
+
+class DoRAEmbeddingConvention(LoRAEmbeddingConvention):
+    """MLX's ``DoRAEmbedding`` keeps one magnitude per vocabulary row and normalises each token's vector.
+
+    peft keeps one per embedding dimension and normalises each dimension over the vocabulary, so a
+    peft magnitude has no MLX counterpart: building from a case says so. The magnitude MLX derives
+    itself at creation can still be compared.
+    """
+
+    def build(self, cls: type, case: EmbeddingCase) -> nn.Module:
+        raise NotExpressible(
+            f"{cls.__module__}.{cls.__qualname__} keeps m per vocabulary row ({case.lookup.in_features},) and "
+            f"normalises each token's vector; peft keeps m per embedding dimension ({case.lookup.out_features},) "
+            "and normalises each dimension over the vocabulary: a peft DoRA embedding has no equivalent here"
+        )
+
+    def magnitude_at_creation(self, cls: type, case: EmbeddingCase, with_adapter: bool) -> mx.array:
+        layer = LoRAEmbeddingConvention.build(self, cls, case)
+        if not with_adapter:
+            layer.lora_b = mx.zeros_like(layer.lora_b)
+        layer.set_embedding(layer.embedding)
         return layer.m
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.cases import LinearCase
+from conformance.cases import EmbeddingCase, LinearCase
 from conformance.verdict import Tracked
 
 
@@ -80,3 +80,22 @@ def merged_weight(case: LinearCase) -> Tracked:
 def merged_forward(case: LinearCase) -> Tracked:
     """The merged layer's output ``x (W + s B A)^T + b``."""
     return _affine(case, merged_weight(case))
+
+
+def embedding_forward(case: EmbeddingCase) -> Tracked:
+    """``W[ids] + s A^T[ids] B^T`` — the lookup as the linear map it is (DoRA: per embedding dimension)."""
+    return linear_forward(case.lookup)
+
+
+def embedding_merged_weight(case: EmbeddingCase) -> Tracked:
+    """The merged table, (vocabulary, dims)."""
+    return merged_weight(case.lookup).T
+
+
+def embedding_as_linear(case: EmbeddingCase) -> Tracked:
+    """``hidden @ merged table^T``: the tied output head, (*batch, vocabulary).
+
+    LoRA may be evaluated merged or as ``hidden W^T + s (hidden B) A``; the bound covers both.
+    """
+    merged = Tracked.exact(case.hidden, case.dtype) @ merged_weight(case.lookup)
+    return merged if case.lookup.use_dora else Tracked.covering(merged, linear_forward(case.head))

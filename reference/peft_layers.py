@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from peft import LoraConfig
+from peft.tuners.lora.layer import Embedding as LoraEmbedding
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from conformance.cases import LinearCase
+from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import DType
 
 ADAPTER = "default"
@@ -26,41 +27,70 @@ def dtype_name(values: torch.Tensor) -> str:
     return str(values.dtype).removeprefix("torch.")
 
 
+def _config(case: LinearCase) -> LoraConfig:
+    return LoraConfig(
+        r=case.r, lora_alpha=case.alpha, use_rslora=case.use_rslora, lora_dropout=case.dropout, use_dora=case.use_dora
+    )
+
+
+def lora_pair(layer: LoraLinear | LoraEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's A (r, in) and B (out, r) parameters, whichever layer holds them."""
+    if isinstance(layer, LoraEmbedding):
+        return layer.lora_embedding_A[ADAPTER], layer.lora_embedding_B[ADAPTER]
+    return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+
+
+def _load(layer: LoraLinear | LoraEmbedding, case: LinearCase) -> None:
+    lora_A, lora_B = lora_pair(layer)
+    with torch.no_grad():
+        lora_A.copy_(tensor(case.lora_A, case.dtype))
+        lora_B.copy_(tensor(case.lora_B, case.dtype))
+        if case.use_dora:
+            layer.lora_magnitude_vector[ADAPTER].weight.copy_(tensor(case.magnitude, case.dtype))
+    layer.eval()
+
+
 def linear(case: LinearCase) -> LoraLinear:
     """peft's LoRA ``Linear`` for the case, in eval mode."""
     base = torch.nn.Linear(case.in_features, case.out_features, bias=case.has_bias, dtype=case.dtype.torch)
-    config = LoraConfig(
-        r=case.r, lora_alpha=case.alpha, use_rslora=case.use_rslora, lora_dropout=case.dropout, use_dora=case.use_dora
-    )
-    layer = LoraLinear(base, ADAPTER, config=config, r=case.r, lora_alpha=case.alpha)
+    layer = LoraLinear(base, ADAPTER, config=_config(case), r=case.r, lora_alpha=case.alpha)
     with torch.no_grad():
         base.weight.copy_(tensor(case.weight, case.dtype))
         if case.has_bias:
             base.bias.copy_(tensor(case.bias, case.dtype))
-        layer.lora_A[ADAPTER].weight.copy_(tensor(case.lora_A, case.dtype))
-        layer.lora_B[ADAPTER].weight.copy_(tensor(case.lora_B, case.dtype))
-        if case.use_dora:
-            layer.lora_magnitude_vector[ADAPTER].weight.copy_(tensor(case.magnitude, case.dtype))
-    return layer.eval()
+    _load(layer, case)
+    return layer
 
 
-def dora_magnitude_at_creation(case: LinearCase, with_adapter: bool) -> torch.Tensor:
+def embedding(case: EmbeddingCase) -> LoraEmbedding:
+    """peft's LoRA ``Embedding`` for the case, in eval mode."""
+    lookup = case.lookup
+    base = torch.nn.Embedding(lookup.in_features, lookup.out_features, dtype=lookup.dtype.torch)
+    layer = LoraEmbedding(base, ADAPTER, config=_config(lookup), r=lookup.r, lora_alpha=lookup.alpha)
+    with torch.no_grad():
+        base.weight.copy_(tensor(case.weight, case.dtype))
+    _load(layer, lookup)
+    return layer
+
+
+def lookup(layer: LoraEmbedding, case: EmbeddingCase) -> torch.Tensor:
+    with torch.no_grad():
+        return layer(torch.from_numpy(case.ids))
+
+
+def dora_magnitude_at_creation(case: LinearCase | EmbeddingCase, with_adapter: bool) -> torch.Tensor:
     """The magnitude peft derives when it creates a DoRA layer on the case's base.
 
     Without the adapter, B is zero as peft initialises it; with it, the case's A and B are in place
     when peft derives the magnitude, as when a layer is created with ``init_lora_weights=False``.
     """
-    layer = linear(case)
+    layer = embedding(case) if isinstance(case, EmbeddingCase) else linear(case)
     dora = layer.lora_magnitude_vector[ADAPTER]
+    lora_A, lora_B = lora_pair(layer)
     with torch.no_grad():
         if not with_adapter:
-            layer.lora_B[ADAPTER].weight.zero_()
-        dora.update_layer(
-            base_layer=layer.get_base_layer(),
-            lora_A=layer.lora_A[ADAPTER].weight,
-            lora_B=layer.lora_B[ADAPTER].weight,
-            scaling=layer.scaling[ADAPTER],
-        )
+            lora_B.zero_()
+        dora.update_layer(base_layer=layer.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=layer.scaling[ADAPTER])
     return dora.weight
 
 

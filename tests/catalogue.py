@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from conformance.dtypes import CASE_DTYPES
 from conformance.subjects import Subject
 from tests import lora_layers
-from tests.lora_layers import PeftStyleConvention, PeftStyleDoRAConvention
+from tests.lora_layers import PeftStyleConvention, PeftStyleDoRAConvention, PeftStyleEmbeddingConvention
 
 
 def _subject(cls: type) -> Subject:
@@ -19,6 +19,8 @@ def _subject(cls: type) -> Subject:
     location = (f"{lora_layers.__name__}:{cls.__name__}",)
     if issubclass(cls, lora_layers.CorrectDoRALinear):
         return Subject(name, "mlx", "dora_linear", location, PeftStyleDoRAConvention())
+    if issubclass(cls, lora_layers.CorrectLoRAEmbedding):
+        return Subject(name, "mlx", "embedding", location, PeftStyleEmbeddingConvention())
     return Subject(name, "mlx", "linear", location, PeftStyleConvention())
 
 
@@ -38,7 +40,8 @@ class WrongVariant:
 
 CorrectLoRALinear = _subject(lora_layers.CorrectLoRALinear)
 CorrectDoRALinear = _subject(lora_layers.CorrectDoRALinear)
-CORRECT = (CorrectLoRALinear, CorrectDoRALinear)
+CorrectLoRAEmbedding = _subject(lora_layers.CorrectLoRAEmbedding)
+CORRECT = (CorrectLoRALinear, CorrectDoRALinear, CorrectLoRAEmbedding)
 WRONG_VARIANTS = {
     variant.subject.name.partition(":")[2]: variant
     for variant in (
@@ -57,6 +60,9 @@ WRONG_VARIANTS = {
             _subject(lora_layers.DoRANormWithoutAdapter), "forward", diagnosis="taken from W alone, without the adapter"
         ),
         WrongVariant(_subject(lora_layers.DoRAMergeForgetsMagnitude), "merge"),
+        WrongVariant(_subject(lora_layers.EmbeddingLookupUnscaled), "forward"),
+        WrongVariant(_subject(lora_layers.AsLinearIgnoresAdapter), "as_linear"),
+        WrongVariant(_subject(lora_layers.EmbeddingMergeTransposed), "merge"),
     )
 }
 # `--subject tests.catalogue:<ClassName>` finds these module attributes.

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from conformance.cases import LinearCase
-from reference.bridge import base_linear, mlx_array
+from reference.bridge import base_embedding, base_linear, mlx_array
 
 
 class CorrectLoRALinear(nn.Module):
@@ -225,3 +225,71 @@ class PeftStyleDoRAConvention(PeftStyleConvention):
             layer.lora_b = mx.zeros_like(layer.lora_b)
         layer.derive_magnitude()
         return layer.m
+
+
+class CorrectLoRAEmbedding(nn.Module):
+    """LoRA on an embedding as peft defines it: ``W[ids] + s A^T[ids] B^T``; lora_a (V, r), lora_b (r, D)."""
+
+    def __init__(self, embedding: nn.Embedding, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
+        super().__init__()
+        vocabulary, dims = embedding.weight.shape
+        self.embedding = embedding
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = CorrectLoRALinear.scaling(alpha, r, use_rslora)
+        self.lora_a = mx.zeros((vocabulary, r))
+        self.lora_b = mx.zeros((r, dims))
+
+    def delta(self) -> mx.array:
+        """The update as a table, (V, D)."""
+        return (self.scale * self.lora_a) @ self.lora_b
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        y = self.embedding(ids)
+        return y + (self.scale * (self.lora_a[ids] @ self.lora_b)).astype(y.dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        update = (self.dropout(x) @ self.lora_b.T) @ self.lora_a.T
+        return self.embedding.as_linear(x) + (self.scale * update).astype(x.dtype)
+
+    def fuse(self) -> nn.Embedding:
+        weight = self.embedding.weight
+        fused = nn.Embedding(*weight.shape)
+        fused.weight = weight + self.delta().astype(weight.dtype)
+        return fused
+
+
+class EmbeddingLookupUnscaled(CorrectLoRAEmbedding):
+    """The lookup adds the LoRA term without the scale."""
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        y = self.embedding(ids)
+        return y + (self.lora_a[ids] @ self.lora_b).astype(y.dtype)
+
+
+class AsLinearIgnoresAdapter(CorrectLoRAEmbedding):
+    """The tied output head uses the base table alone."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.embedding.as_linear(x)
+
+
+class EmbeddingMergeTransposed(CorrectLoRAEmbedding):
+    """The merge builds the update as (D, V), the linear layout, and adds it to the (V, D) table."""
+
+    def delta(self) -> mx.array:
+        return super().delta().T
+
+
+class PeftStyleEmbeddingConvention:
+    """How the embedding layers above are built from a case: peft's (r, alpha, use_rslora)."""
+
+    def build(self, cls: type, case) -> nn.Module:
+        lookup = case.lookup
+        layer = cls(base_embedding(case), r=lookup.r, alpha=lookup.alpha, use_rslora=lookup.use_rslora, dropout=lookup.dropout)
+        layer.lora_a = mlx_array(lookup.lora_A.T, case.dtype)
+        layer.lora_b = mlx_array(lookup.lora_B.T, case.dtype)
+        layer.eval()
+        return layer
+
+    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
+        return layer.fuse()

@@ -1,0 +1,29 @@
+"""LoRA on an ``nn.Embedding`` base: lookups, the tied output head and the merge agree with peft."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conformance import checks
+from conformance.asserting import record_and_assert
+from conformance.cases import embedding_cases
+
+pytestmark = pytest.mark.family("embedding")
+
+
+@given(data=st.data())
+def test_forward(subject, dtype, data, recorder):
+    """In eval mode a lookup is ``W[ids] + s A^T[ids] B^T``, as peft's LoRA Embedding computes it."""
+    record_and_assert(recorder, checks.lookup(subject, data.draw(embedding_cases(dtype), label="case")))
+
+
+@given(data=st.data())
+def test_as_linear(subject, dtype, data, recorder):
+    """``as_linear`` (a tied output head) is ``hidden @ (W + s A^T B^T)^T``: hidden against peft's merged table."""
+    record_and_assert(recorder, checks.as_linear(subject, data.draw(embedding_cases(dtype), label="case")))
+
+
+@given(data=st.data())
+def test_merge(subject, dtype, data, recorder):
+    """The merged table is ``W + s A^T B^T`` in the base dtype, and looks up what peft's merge does."""
+    record_and_assert(recorder, checks.embedding_merge(subject, data.draw(embedding_cases(dtype), label="case")))
