@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from conformance import profiles
 from conformance.dtypes import BY_NAME, DType, round_to
+from conformance.quantization import AVAILABLE, Parts, Quantization, quantize_base
 
 
 def scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -45,6 +46,8 @@ class LinearCase:
     """Powers of two that scale x, W (and b), A and B."""
     seed: int
     use_dora: bool
+    quantization: Quantization | None
+    """The base is quantized in this mode: `weight` holds what it dequantizes to."""
     weight: np.ndarray = field(repr=False)
     """(out, in), like ``torch.nn.Linear.weight``."""
     bias: np.ndarray | None = field(repr=False)
@@ -56,6 +59,7 @@ class LinearCase:
     """(*batch_shape, in)."""
     magnitude: np.ndarray | None = field(repr=False)
     """DoRA's learned magnitude m, (out,): the adapted weight's row norms, as if trained a little."""
+    quantized_parts: Parts | None = field(repr=False, default=None)
 
     @property
     def scale(self) -> float:
@@ -84,6 +88,7 @@ class LinearCase:
             "magnitudes": list(self.magnitudes),
             "seed": self.seed,
             "use_dora": self.use_dora,
+            "quantization": self.quantization.describe() if self.quantization else None,
         }
 
 
@@ -100,11 +105,15 @@ def make_linear_case(
     magnitudes: tuple[float, float, float, float],
     seed: int,
     use_dora: bool = False,
+    quantization: Quantization | None = None,
 ) -> LinearCase:
     """The case with these parameters; its weights come from `seed` and are rounded to `dtype`."""
     rng = np.random.default_rng(seed)
     x_scale, w_scale, a_scale, b_scale = magnitudes
     weight = _draw_array(rng, (out_features, in_features), w_scale / math.sqrt(in_features), dtype)
+    parts = None
+    if quantization is not None:
+        parts, weight = quantize_base(weight, dtype, quantization)
     bias = _draw_array(rng, (out_features,), w_scale, dtype) if has_bias else None
     lora_A = _draw_array(rng, (r, in_features), a_scale / math.sqrt(in_features), dtype)
     lora_B = _draw_array(rng, (out_features, r), b_scale / math.sqrt(r), dtype)
@@ -127,6 +136,8 @@ def make_linear_case(
         magnitudes=tuple(magnitudes),
         seed=seed,
         use_dora=use_dora,
+        quantization=quantization,
+        quantized_parts=parts,
         weight=weight,
         bias=bias,
         lora_A=lora_A,
@@ -156,6 +167,7 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase:
         magnitudes=tuple(d["magnitudes"]),
         seed=d["seed"],
         use_dora=d.get("use_dora", False),
+        quantization=Quantization(**d["quantization"]) if d.get("quantization") else None,
     )
 
 
@@ -184,10 +196,18 @@ def _draw_array(rng: np.random.Generator, shape: tuple[int, ...], scale: float, 
 
 
 @st.composite
-def linear_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, with_bias: bool = True) -> LinearCase:
-    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base in `dtype`."""
+def linear_cases(
+    draw: st.DrawFn, dtype: DType, use_dora: bool = False, with_bias: bool = True, quantized: str | None = None
+) -> LinearCase:
+    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base, or a QuantizedLinear in mode `quantized`."""
     sizes = profiles.sizes()
-    in_features = draw(_features(sizes.max_features), label="in_features")
+    modes = [q for q in AVAILABLE if q.mode == quantized]
+    quantization = draw(st.sampled_from(modes), label="quantization") if quantized else None
+    if quantization is None:
+        in_features = draw(_features(sizes.max_features), label="in_features")
+    else:  # whole groups of the quantization
+        groups = draw(st.integers(1, max(1, sizes.max_features // quantization.group_size)), label="groups")
+        in_features = groups * quantization.group_size
     out_features = draw(_features(sizes.max_features), label="out_features")
     r = draw(st.integers(1, sizes.max_rank), label="r")
     alpha = draw(_alpha(), label="alpha")
@@ -211,6 +231,7 @@ def linear_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, with_bia
         magnitudes=magnitudes,
         seed=seed,
         use_dora=use_dora,
+        quantization=quantization,
     )
     assume(case.lora_B.any())
     assume(_fits(case))
@@ -287,7 +308,7 @@ class EmbeddingCase:
         described = self.lookup.describe()
         described["num_embeddings"] = described.pop("in_features")
         described["dims"] = described.pop("out_features")
-        del described["bias"]
+        del described["bias"], described["quantization"]
         return {"kind": "embedding", **described}
 
 
@@ -312,6 +333,7 @@ def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False) -> Em
 
 
 _SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shape", "magnitudes", "seed", "use_dora")
+"""What an embedding case shares with a linear one (an embedding base is never quantized here)."""
 
 
 def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import torch
 
-from conformance import diagnosis
+from conformance import diagnosis, quantization
 from conformance.cases import EmbeddingCase, LinearCase
+from conformance.quantization import Quantization
 from conformance.subjects import Subject
 from conformance.timing import UNTIMED, PhaseTimer
 from conformance.verdict import Measurement, Tracked, compare, failed
@@ -141,6 +143,42 @@ def _failed(measurement: Measurement, quantity: str) -> bool:
     return any(c.side == "subject" and c.quantity == quantity and not c.passed for c in measurement.comparisons)
 
 
+def requantize(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """``fuse(dequantize=False)`` on a quantized base is exactly ``quantize(fuse(dequantize=True))``.
+
+    The merge check holds the dequantized merge to peft and the oracle; re-quantizing it then loses
+    exactly the re-quantization error, which this check allows and nothing more: a re-quantized merge
+    that dropped the adapter, or re-quantized in another mode, bit width or group size, fails. peft has
+    no re-quantizing merge, so there is no reference side.
+    """
+    measurement = Measurement(subject.name, "requantize", case.describe())
+    q = case.quantization
+    with timer("subject"):
+        try:
+            layer = subject.build(case)
+            dequantized = subject.merge(layer, dequantize=True).weight
+            requantized = subject.merge(layer, dequantize=False)
+            if not isinstance(requantized, nn.QuantizedLinear):
+                raise TypeError(f"fuse(dequantize=False) returned a {type(requantized).__name__}, not a QuantizedLinear")
+            settings = Quantization(requantized.mode, requantized.bits, requantized.group_size)
+            biases = () if requantized.get("biases") is None else (requantized.biases,)
+            dtype = getattr(mx, case.dtype.name)
+            observed = quantization.dequantize((requantized.weight, requantized.scales, *biases), settings, dtype)
+            expected = quantization.dequantize(quantization.quantize(dequantized, q), q, dtype)
+            _evaluated(observed, expected)
+            # An affine re-quantization keeps its scales in a floating dtype: the base's, as peft keeps it.
+            scales_dtype = bridge.dtype_name(requantized.scales) if q.mode == "affine" else case.dtype.name
+        except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
+            measurement.comparisons.append(failed(f"raised {type(error).__name__}: {error}", "requantize", "subject"))
+            return measurement
+    if settings != q:
+        measurement.comparisons.append(failed(f"re-quantized as {settings}, but should be {q}", "requantized weight", "subject"))
+        return measurement
+    want = Tracked.exact(bridge.to_numpy(expected), case.dtype)
+    measurement.comparisons.append(compare("requantized weight", "subject", bridge.to_numpy(observed), want, scales_dtype))
+    return measurement
+
+
 # DoRA's magnitude -----------------------------------------------------------------------------
 
 
@@ -251,3 +289,8 @@ FAMILY_CHECKS: dict[str, dict[str, Check]] = {
     },
 }
 """Each family's checks by the name they are recorded under."""
+QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {
+    "linear": {"forward": forward, "merge": merge, "requantize": requantize},
+    "dora_linear": {"forward": forward, "merge": merge, "requantize": requantize, "init": init},
+}
+"""The checks of a family on a quantized base, where it has one."""

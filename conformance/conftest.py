@@ -78,12 +78,12 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"unknown Hypothesis profile {profile!r}; valid profiles: {valid}")
     _give_seed(config, profile)
     config.addinivalue_line("markers", "family(name): the layer family a test module checks")
+    device = _select_device(config.getoption("mlx_device"))
     try:
         subjects = [resolve(name) for name in config.getoption("subject")] or list(CATALOGUE)
-        known = divergences.load(Path(config.getoption("known_divergences")))
+        known = divergences.load(Path(config.getoption("known_divergences")), device)
     except (LookupError, OSError, divergences.DivergenceFileError) as error:
         raise pytest.UsageError(str(error)) from None
-    device = _select_device(config.getoption("mlx_device"))
     results = Path(config.getoption("results"))
     if not hasattr(config, "workerinput"):
         try:
@@ -136,16 +136,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(("subject", "dtype"), params or [pytest.param(None, None, id=NO_SUBJECT)])
 
 
+def _family(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("family")
+    return marker.args[0] if marker else None
+
+
 def check_id(item: pytest.Item) -> str:
     return f"{item.path.name}::{item.name}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Drop the checks of families no selected subject belongs to; mark known divergences."""
-    unused = [item for item in items if item.name.endswith(f"[{NO_SUBJECT}]")]
+    families = {subject.family for subject in config.stash[STATE]["subjects"]}
+    unused = [item for item in items if _family(item) not in families]
     if unused:
         config.hook.pytest_deselected(items=unused)
-        items[:] = [item for item in items if item not in unused]
+        items[:] = [item for item in items if _family(item) in families]
     known = config.stash[STATE]["known"]
     for item in items:
         entry = divergences.find(known, check_id(item))
@@ -175,17 +181,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 "subject": str(params.get("subject")),
                 "dtype": str(params.get("dtype")),
                 "check": item.originalname.removeprefix("test_"),
-                "status": _status(report, divergences.find(state["known"], check_id(item)) is not None),
+                "status": _status(report, divergences.find(state["known"], check_id(item))),
                 "longrepr": str(report.longrepr) if report.failed or hasattr(report, "wasxfail") else "",
             }
         )
 
 
-def _status(report: pytest.TestReport, known: bool) -> str:
+def _status(report: pytest.TestReport, known: divergences.KnownDivergence | None) -> str:
     if report.skipped and not hasattr(report, "wasxfail"):
         return "not provided"
-    if known:
-        return "now passing" if report.passed else "known divergence"
+    if known is not None:
+        if report.passed:
+            return "missed this run" if known.sometimes else "now passing"
+        return "known divergence"
     return "pass" if report.passed else "fail"
 
 
@@ -204,9 +212,10 @@ def _divergence_status(entry: divergences.KnownDivergence, state: dict) -> dict:
     """An entry's checks that ran, and whether any still diverges ("now passing" once none does)."""
     checks = [c for c in state["checks"] if divergences.find(state["known"], c["check_id"]) is entry]
     statuses = {c["status"] for c in checks}
-    status = "not run" if not checks else "known divergence" if "known divergence" in statuses else "now passing"
-    if statuses == {"not provided"}:
-        status = "not provided"
+    status = next(
+        (s for s in ("known divergence", "now passing", "missed this run") if s in statuses),
+        "not provided" if checks else "not run",
+    )
     return {
         "check_id": entry.check_id,
         "reason": entry.reason,

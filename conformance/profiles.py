@@ -44,3 +44,11 @@ def active() -> str:
 
 def sizes() -> Sizes:
     return SIZES.get(active(), SIZES[DEFAULT])
+
+
+def fewer_examples(fraction: int) -> settings:
+    """The active profile with 1/`fraction` of its examples, for the many parametrizations of one family.
+
+    Applied as a decorator at import, after Hypothesis has loaded the chosen profile.
+    """
+    return settings(max_examples=max(10, settings.default.max_examples // fraction))

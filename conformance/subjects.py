@@ -89,8 +89,8 @@ class Subject:
     def build(self, case: LinearCase | EmbeddingCase) -> nn.Module:
         return self.convention.build(self.implementation, case)
 
-    def merge(self, layer: nn.Module) -> nn.Module:
-        return self.convention.merge(self.implementation, layer)
+    def merge(self, layer: nn.Module, dequantize: bool = True) -> nn.Module:
+        return self.convention.merge(self.implementation, layer, dequantize)
 
     def magnitude_at_creation(self, case: LinearCase | EmbeddingCase, with_adapter: bool) -> Any:
         return self.convention.magnitude_at_creation(self.implementation, case, with_adapter)

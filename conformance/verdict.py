@@ -35,10 +35,10 @@ this constant, and a factor 2 covers any reordering of a sum of two or three ter
 """
 
 
-def gamma(inner: int) -> float:
-    """Worst-case relative error of a float32-accumulated sum of `inner` products."""
-    nu = inner * ACCUMULATION.unit_roundoff
-    return nu / (1.0 - nu)
+def gamma(inner: int, accumulation: DType = ACCUMULATION) -> float:
+    """Worst-case relative error of a sum of `inner` products accumulated in `accumulation`."""
+    nu = inner * accumulation.unit_roundoff
+    return nu / (1.0 - nu) if nu < 1 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,10 @@ class Tracked:
         return Tracked(value, bound + rounding, self.dtype)
 
     def __matmul__(self, other: Tracked) -> Tracked:
+        return self.matmul(other)
+
+    def matmul(self, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
+        """The matrix product, its sums accumulated in `accumulation` (float32 unless said otherwise)."""
         inner = self.value.shape[-1]
         value = self.value @ other.value
         propagated = np.zeros_like(value)
@@ -85,7 +89,7 @@ class Tracked:
             propagated = propagated + self.bound @ np.abs(other.value)
         if other.bound.any():
             propagated = propagated + self.magnitude @ other.bound
-        accumulated = gamma(inner) * (self.magnitude @ other.magnitude)
+        accumulated = gamma(inner, accumulation) * (self.magnitude @ other.magnitude)
         return self._stored(value, propagated + accumulated)
 
     def __add__(self, other: Tracked) -> Tracked:

@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from conformance.cases import EmbeddingCase, LinearCase
+from conformance import quantization
 from conformance.dtypes import FLOAT32, DType
 
 
@@ -33,10 +34,16 @@ def dtype_name(values: mx.array) -> str:
     return str(values.dtype).removeprefix("mlx.core.")
 
 
-def base_linear(case: LinearCase) -> nn.Linear:
-    """The frozen MLX ``nn.Linear`` with the case's weight and bias."""
-    linear = nn.Linear(case.in_features, case.out_features, bias=case.has_bias)
-    linear.weight = mlx_array(case.weight, case.dtype)
+def base_linear(case: LinearCase) -> nn.Linear | nn.QuantizedLinear:
+    """The frozen MLX ``nn.Linear`` (or ``nn.QuantizedLinear``) with the case's weight and bias."""
+    q = case.quantization
+    if q is None:
+        linear = nn.Linear(case.in_features, case.out_features, bias=case.has_bias)
+        linear.weight = mlx_array(case.weight, case.dtype)
+    else:
+        linear = nn.QuantizedLinear(case.in_features, case.out_features, case.has_bias, q.group_size, q.bits, q.mode)
+        linear.weight, linear.scales, *biases = quantization.to_mlx(case.quantized_parts, case.dtype)
+        linear.biases = biases[0] if biases else None
     if case.has_bias:
         linear.bias = mlx_array(case.bias, case.dtype)
     return linear
@@ -47,7 +54,9 @@ class Convention(Protocol):
 
     def build(self, cls: type, case: LinearCase) -> nn.Module: ...
 
-    def merge(self, cls: type, layer: nn.Module) -> nn.Module: ...
+    def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
+        """The merged layer; for a quantized base, dequantized or (``dequantize=False``) re-quantized."""
+        ...
 
 
 class LoRaLayerConvention:
@@ -64,7 +73,8 @@ class LoRaLayerConvention:
         layer.B = mlx_array(case.lora_B.T, case.dtype)
         return _eval_mode(layer)
 
-    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
+    def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
+        # replace_lora_with_linear re-quantizes a quantized base's merge itself; it has no choice.
         replace_lora_with_linear = sys.modules[cls.__module__].replace_lora_with_linear
         model = nn.Module()
         model.layers = [layer]
@@ -81,8 +91,8 @@ class LoRALinearConvention:
         layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
         return _eval_mode(layer)
 
-    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
-        return layer.fuse()
+    def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
+        return layer.fuse(dequantize=dequantize)
 
 
 class DoRALinearConvention(LoRALinearConvention):
@@ -126,8 +136,8 @@ class LoRAEmbeddingConvention:
         layer.lora_b = mlx_array(lookup.lora_B.T, case.dtype)
         return _eval_mode(layer)
 
-    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
-        return layer.fuse()
+    def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
+        return layer.fuse(dequantize=dequantize)
 
 
 class NotExpressible(Exception):

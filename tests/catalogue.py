@@ -37,6 +37,13 @@ class WrongVariant:
     diagnosis: str = ""
     """Words the failure message's diagnosis must contain, where the pattern is recognisable."""
 
+    @property
+    def module(self) -> str:
+        """The conformance test module whose `check` must catch it."""
+        if self.check == "requantize":
+            return "test_quantized_linear.py"
+        return f"test_{self.subject.family}.py"
+
 
 CorrectLoRALinear = _subject(lora_layers.CorrectLoRALinear)
 CorrectDoRALinear = _subject(lora_layers.CorrectDoRALinear)
@@ -60,6 +67,8 @@ WRONG_VARIANTS = {
             _subject(lora_layers.DoRANormWithoutAdapter), "forward", diagnosis="taken from W alone, without the adapter"
         ),
         WrongVariant(_subject(lora_layers.DoRAMergeForgetsMagnitude), "merge"),
+        WrongVariant(_subject(lora_layers.RequantizeIgnoresAdapter), "requantize"),
+        WrongVariant(_subject(lora_layers.RequantizeWithDefaults), "requantize"),
         WrongVariant(_subject(lora_layers.EmbeddingLookupUnscaled), "forward"),
         WrongVariant(_subject(lora_layers.AsLinearIgnoresAdapter), "as_linear"),
         WrongVariant(_subject(lora_layers.EmbeddingMergeTransposed), "merge"),

@@ -35,10 +35,14 @@ def run_suite(pytester: pytest.Pytester, tmp_path: Path):
     """Run ``pytest conformance`` with the given arguments (ci profile unless overridden)."""
     profile = settings.get_current_profile_name()
 
-    def run(*args: str, profile_args: tuple[str, ...] = ("--hypothesis-profile", "ci")) -> SuiteRun:
+    def run(
+        *args: str, profile_args: tuple[str, ...] = ("--hypothesis-profile", "ci"), module: str | None = None
+    ) -> SuiteRun:
+        """Run the suite, or only its test module `module`."""
         results = tmp_path / "results.json"
+        path = CONFORMANCE / module if module else CONFORMANCE
         result = pytester.runpytest_inprocess(
-            str(CONFORMANCE), "-p", "no:cacheprovider", "--results", str(results), *profile_args, *args
+            str(path), "-p", "no:cacheprovider", "--results", str(results), *profile_args, *args
         )
         document = json.loads(results.read_text()) if results.exists() else {}
         return SuiteRun(result.ret, result.stdout.str() + result.stderr.str(), document)

@@ -17,9 +17,14 @@ from reference.bridge import base_embedding, base_linear, mlx_array
 class CorrectLoRALinear(nn.Module):
     """LoRA as peft defines it: ``y = x W^T + b + s (dropout(x) A) B`` with A (in, r) and B (r, out)."""
 
+    weight_dtype: mx.Dtype | None = None
+    """The model's dtype, to dequantize a quantized base into."""
+
     def __init__(self, linear: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
         super().__init__()
         output_dims, input_dims = linear.weight.shape
+        if isinstance(linear, nn.QuantizedLinear):
+            input_dims = input_dims * 32 // linear.bits  # the packed width holds 32 // bits values per word
         self.linear = linear
         self.dropout = nn.Dropout(p=dropout)
         self.scale = self.scaling(alpha, r, use_rslora)
@@ -40,14 +45,32 @@ class CorrectLoRALinear(nn.Module):
         """The update as a weight, (out, in)."""
         return (self.scale * self.lora_b.T) @ self.lora_a.T
 
-    def fuse(self) -> nn.Linear:
-        weight = self.linear.weight
+    def base_weight(self) -> mx.array:
+        """The base weight, dequantized (in the scales' dtype) if the base is quantized."""
+        linear = self.linear
+        if not isinstance(linear, nn.QuantizedLinear):
+            return linear.weight
+        return mx.dequantize(
+            linear.weight, linear.scales, linear.get("biases"), linear.group_size, linear.bits, linear.mode,
+            dtype=self.weight_dtype,
+        )
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        weight = self.base_weight()
         output_dims, input_dims = weight.shape
         fused = nn.Linear(input_dims, output_dims, bias="bias" in self.linear)
         fused.weight = weight + self.delta().astype(weight.dtype)
         if "bias" in self.linear:
             fused.bias = self.linear.bias
-        return fused
+        return self.requantized(fused) if self.quantized and not dequantize else fused
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.linear, nn.QuantizedLinear)
+
+    def requantized(self, fused: nn.Linear) -> nn.QuantizedLinear:
+        linear = self.linear
+        return nn.QuantizedLinear.from_linear(fused, linear.group_size, linear.bits, mode=linear.mode)
 
 
 class RawAlpha(CorrectLoRALinear):
@@ -76,11 +99,11 @@ class TransposedMerge(CorrectLoRALinear):
 class MergeDropsBias(CorrectLoRALinear):
     """The fused layer is created without the base layer's bias."""
 
-    def fuse(self) -> nn.Linear:
-        weight = self.linear.weight
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        fused.weight = weight + self.delta().astype(weight.dtype)
-        return fused
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        fused = super().fuse(dequantize=True)
+        if "bias" in fused:
+            del fused["bias"]
+        return self.requantized(fused) if self.quantized and not dequantize else fused
 
 
 class AlwaysOnDropout(nn.Module):
@@ -138,21 +161,40 @@ class FuseIgnoresAdapter(CorrectLoRALinear):
     """The fused layer is the base layer alone."""
 
     def delta(self) -> mx.array:
-        return mx.zeros_like(self.linear.weight)
+        return mx.zeros_like(self.base_weight())
+
+
+class RequantizeIgnoresAdapter(CorrectLoRALinear):
+    """On a quantized base, ``fuse()`` re-quantizes the base weight instead of the merged one."""
+
+    def requantized(self, fused: nn.Linear) -> nn.QuantizedLinear:
+        fused.weight = self.base_weight()
+        return super().requantized(fused)
+
+
+class RequantizeWithDefaults(CorrectLoRALinear):
+    """On a quantized base, ``fuse()`` re-quantizes with MLX's default bits and group size."""
+
+    def requantized(self, fused: nn.Linear) -> nn.QuantizedLinear:
+        return nn.QuantizedLinear.from_linear(fused, mode=self.linear.mode)
 
 
 class PeftStyleConvention:
-    """How the layers above are built from a case: they take peft's own (r, alpha, use_rslora)."""
+    """How the layers above are built from a case: they take peft's own (r, alpha, use_rslora).
+
+    A microscaling base has no floating parts to tell the model's dtype, so the layer is told it.
+    """
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
+        CorrectLoRALinear.weight_dtype = getattr(mx, case.dtype.name)
         layer = cls(base_linear(case), r=case.r, alpha=case.alpha, use_rslora=case.use_rslora, dropout=case.dropout)
         layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
         layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
         layer.eval()
         return layer
 
-    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
-        return layer.fuse()
+    def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
+        return layer.fuse(dequantize=dequantize)
 
 
 class CorrectDoRALinear(CorrectLoRALinear):
@@ -167,27 +209,27 @@ class CorrectDoRALinear(CorrectLoRALinear):
         self.derive_magnitude()
 
     def adapted(self) -> mx.array:
-        weight = self.linear.weight
+        weight = self.base_weight()
         return weight + self.delta().astype(weight.dtype)
 
     def weight_norm(self) -> mx.array:
         return mx.linalg.norm(self.adapted().astype(mx.float32), axis=1)
 
     def derive_magnitude(self) -> None:
-        self.m = self.weight_norm().astype(self.linear.weight.dtype)
+        self.m = self.weight_norm().astype(self.base_weight().dtype)
 
     def factor(self) -> mx.array:
         return mx.stop_gradient(self.m.astype(mx.float32) / self.weight_norm())
 
     def __call__(self, x: mx.array) -> mx.array:
-        unbiased = x @ self.linear.weight.T + self.update(x)
+        unbiased = x @ self.base_weight().astype(x.dtype).T + self.update(x)
         out = self.factor().astype(x.dtype) * unbiased
         return out + self.linear.bias if "bias" in self.linear else out
 
-    def fuse(self) -> nn.Linear:
-        fused = super().fuse()
-        fused.weight = (self.factor()[:, None] * self.adapted()).astype(self.linear.weight.dtype)
-        return fused
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        fused = super().fuse(dequantize=True)
+        fused.weight = (self.factor()[:, None] * self.adapted()).astype(self.base_weight().dtype)
+        return self.requantized(fused) if self.quantized and not dequantize else fused
 
 
 class DoRANormOverColumns(CorrectDoRALinear):
@@ -201,14 +243,14 @@ class DoRANormWithoutAdapter(CorrectDoRALinear):
     """The norm taken of the base weight alone, as if the adapter did not change it."""
 
     def weight_norm(self) -> mx.array:
-        return mx.linalg.norm(self.linear.weight.astype(mx.float32), axis=1)
+        return mx.linalg.norm(self.base_weight().astype(mx.float32), axis=1)
 
 
 class DoRAMergeForgetsMagnitude(CorrectDoRALinear):
     """The merge folds in the LoRA update but not the magnitude / norm factor."""
 
-    def fuse(self) -> nn.Linear:
-        return CorrectLoRALinear.fuse(self)
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        return CorrectLoRALinear.fuse(self, dequantize)
 
 
 class PeftStyleDoRAConvention(PeftStyleConvention):
@@ -291,5 +333,5 @@ class PeftStyleEmbeddingConvention:
         layer.eval()
         return layer
 
-    def merge(self, cls: type, layer: nn.Module) -> nn.Module:
+    def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         return layer.fuse()

@@ -12,7 +12,7 @@ USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
 
 
 def test_header_names_versions_device_profile_and_seed(run_suite):
-    run = run_suite(*CORRECT, "--dtype", "float32", profile_args=("--hypothesis-seed", "7"))
+    run = run_suite(*CORRECT, "--dtype", "float32", profile_args=("--hypothesis-seed", "7"), module="test_linear.py")
     assert run.ret == 0, run.output
     assert "conformance: mlx " in run.output and "peft " in run.output and "torch " in run.output
     assert f"MLX device {run.results['meta']['device']}" in run.output
@@ -21,7 +21,7 @@ def test_header_names_versions_device_profile_and_seed(run_suite):
 
 
 def test_summary_line_counts_the_cases_checked(run_suite):
-    run = run_suite(*CORRECT, "--dtype", "float16")
+    run = run_suite(*CORRECT, "--dtype", "float16", module="test_linear.py")
     rows = run.results["rows"]
     assert len(rows) == 2 * 150  # two checks, the ci profile's 150 examples each
     assert f"conformance: {len(rows)} cases checked (0 outside the allowed error)" in run.output
@@ -59,7 +59,7 @@ def test_unwritable_results_path_is_refused_before_running(run_suite, tmp_path):
 
 
 def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite):
-    run = run_suite("--subject", "tests.catalogue:AbsentClass", "--subject", "tests.catalogue:AbsentPackage")
+    run = run_suite("--subject", "tests.catalogue:AbsentClass", "--subject", "tests.catalogue:AbsentPackage", module="test_linear.py")
     assert run.ret == 0, run.output
     assert {c["status"] for c in run.results["checks"]} == {"not provided"}
     assert f"mlx {mx.__version__} does not provide it (looked in mlx.nn:NoSuchLoRALayer)" in run.output
@@ -72,14 +72,14 @@ def test_known_divergences_keep_the_gate_green_and_report_fixed_ones(run_suite, 
         "test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
         "test_linear.py::test_merge[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r (fixed, say)\n"
     )
-    run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known))
+    run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
     assert run.ret == 0, run.output
     statuses = {d["check_id"]: d["status"] for d in run.results["known_divergences"]}
     assert statuses["test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]"] == "known divergence"
     # RawAlpha's merge uses the same wrong scale, so this entry stays failing too; a correct check that
     # is listed is reported instead:
     known.write_text("test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32]  # listed by mistake\n")
-    run = run_suite(*CORRECT, "--dtype", "float32", "--known-divergences", str(known))
+    run = run_suite(*CORRECT, "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
     assert run.ret == 0
     assert "test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32]: passes now; remove it" in run.output
     assert run.results["known_divergences"][0]["status"] == "now passing"
@@ -93,15 +93,15 @@ def test_a_known_divergence_needs_a_reason(run_suite, tmp_path):
 
 
 def test_recording_survives_xdist_workers(run_suite):
-    serial = run_suite(*CORRECT, "--dtype", "bfloat16")
-    parallel = run_suite(*CORRECT, "--dtype", "bfloat16", "-n", "2")
+    serial = run_suite(*CORRECT, "--dtype", "bfloat16", module="test_linear.py")
+    parallel = run_suite(*CORRECT, "--dtype", "bfloat16", "-n", "2", module="test_linear.py")
     assert parallel.ret == 0, parallel.output
     assert len(parallel.results["rows"]) == len(serial.results["rows"]) == 300
     assert sorted(c["check_id"] for c in parallel.results["checks"]) == sorted(c["check_id"] for c in serial.results["checks"])
 
 
 def test_a_failure_replays_without_pytest(run_suite, capsys):
-    run = run_suite("--subject", "tests.catalogue:SwappedScalingRules", "--dtype", "float32")
+    run = run_suite("--subject", "tests.catalogue:SwappedScalingRules", "--dtype", "float32", module="test_linear.py")
     replay_line = next(line for line in run.output.splitlines() if "python -m conformance.replay '" in line)
     spec = replay_line.split("'", 1)[1].rsplit("'", 1)[0]
     assert json.loads(spec)["subject"] == "tests.catalogue:SwappedScalingRules"

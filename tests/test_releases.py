@@ -42,6 +42,8 @@ def test_mlx_vlm_0_4_4_fails_loralayer_forward_with_the_lora_term_r_times_peft(t
     )
     assert run.returncode == 1, run.stdout + run.stderr
     assert "mlx-vlm 0.4.4" in run.stdout
-    statuses = {(c["check"], c["dtype"]): c["status"] for c in json.loads(results.read_text())["checks"]}
-    assert {statuses[("forward", d)] for d in ("float32", "float16", "bfloat16")} == {"fail"}
+    checks = json.loads(results.read_text())["checks"]
+    statuses = {c["check_id"]: c["status"] for c in checks}
+    dtypes = ("float32", "float16", "bfloat16")
+    assert {statuses[f"test_linear.py::test_forward[mlx_vlm.LoRaLayer-{d}]"] for d in dtypes} == {"fail"}
     assert re.search(r"the LoRA term is \d+\.\d{3}× peft's \(= r: the raw alpha is used where alpha / r belongs", run.stdout)

@@ -1,0 +1,49 @@
+"""DoRA on a quantized Linear base, in every quantization mode and bit width the installed MLX offers.
+
+peft is given the dequantized weight: that is what the quantized base computes with. Each mode is
+its own parametrization, with a fifth of the profile's examples (the modes' bit widths and group
+sizes are drawn).
+"""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conformance import checks, profiles
+from conformance.asserting import record_and_assert
+from conformance.cases import linear_cases
+from conformance.quantization import MODES
+
+pytestmark = [pytest.mark.parametrize("mode", MODES), pytest.mark.family("dora_linear")]
+
+
+def _quantized_cases(dtype, mode):
+    return linear_cases(dtype, use_dora=True, quantized=mode)
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_forward(subject, dtype, mode, data, recorder):
+    """On a ``QuantizedLinear`` the output is DoRA's on the dequantized weight."""
+    record_and_assert(recorder, checks.forward(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_merge(subject, dtype, mode, data, recorder):
+    """``fuse(dequantize=True)`` gives DoRA's merge of the dequantized weight in the base dtype, as peft's merge does."""
+    record_and_assert(recorder, checks.merge(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_requantize(subject, dtype, mode, data, recorder):
+    """``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size."""
+    record_and_assert(recorder, checks.requantize(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_init(subject, dtype, mode, data, recorder):
+    """Created on a quantized base, the magnitude is the dequantized weight's row norms."""
+    record_and_assert(recorder, checks.init(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
