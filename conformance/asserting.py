@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from hypothesis.control import current_build_context
+from hypothesis.control import current_build_context, currently_in_test_context
 
+from conformance.checks import FAMILY_CHECKS
 from conformance.recording import Recorder
 from conformance.verdict import Measurement
 
@@ -20,12 +21,17 @@ def message(measurement: Measurement, check_id: str = "") -> str:
     if agreeing:
         lines.append(f"  within the allowed error: {', '.join(agreeing)}")
     lines += [f"  diagnosis: {hint}" for hint in measurement.hints]
-    replay = json.dumps({"subject": measurement.subject, "check": measurement.check, "case": measurement.case})
-    lines.append(f"  replay: python -m conformance.replay '{replay}'")
+    if any(measurement.check in checks for checks in FAMILY_CHECKS.values()):
+        replay = json.dumps({"subject": measurement.subject, "check": measurement.check, "case": measurement.case})
+        lines.append(f"  replay: python -m conformance.replay '{replay}'")
+    elif check_id:
+        lines.append(f"  replay: pytest 'conformance/{check_id}'")
     return "\n".join(lines)
 
 
 def record_and_assert(recorder: Recorder, measurement: Measurement) -> None:
-    """Record the row (marking Hypothesis' final, shrunk replay), then fail if the check failed."""
-    recorder.record(measurement, final=current_build_context().is_final)
+    """Record the row (marking Hypothesis' final, shrunk replay; a check outside Hypothesis is final), then
+    fail if the check failed."""
+    final = current_build_context().is_final if currently_in_test_context() else True
+    recorder.record(measurement, final=final)
     assert measurement.passed, message(measurement, recorder.check_id)

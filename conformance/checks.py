@@ -19,7 +19,7 @@ from conformance.cases import EmbeddingCase, LinearCase
 from conformance.quantization import Quantization
 from conformance.subjects import Subject
 from conformance.timing import UNTIMED, PhaseTimer
-from conformance.verdict import Measurement, Tracked, compare, failed
+from conformance.verdict import Comparison, Measurement, Tracked, compare, failed
 from reference import bridge, oracle, peft_layers
 
 Observed = dict[str, tuple[np.ndarray, "str | None"]]
@@ -273,6 +273,50 @@ def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = U
         return {"merged weight": _from_mlx(merged.weight), "merged output": _from_mlx(output)}
 
     return _run("merge", subject, case, timer, expect, reference, run_subject)
+
+
+# Error parity -------------------------------------------------------------------------------
+
+
+def _outcome(run: Callable[[], torch.Tensor | mx.array]) -> tuple[str, np.ndarray | None]:
+    """What one side did with a bad configuration or input: what it raised, or what it computed."""
+    try:
+        output = run()
+    except Exception as error:  # noqa: BLE001 - raising is the expected, good outcome here
+        return f"raised {type(error).__name__}: {str(error).splitlines()[0][:160]}", None
+    values = peft_layers.to_numpy(output) if isinstance(output, torch.Tensor) else bridge.to_numpy(output)
+    finite = int(np.isfinite(values).sum())
+    return f"computed an output of shape {values.shape} ({finite} of {values.size} elements finite)", values
+
+
+def error_parity(
+    subject: Subject,
+    case: LinearCase | EmbeddingCase,
+    scenario: str,
+    subject_run: Callable[[], mx.array],
+    reference_run: Callable[[], torch.Tensor],
+) -> Measurement:
+    """The subject and peft meet a bad configuration or input the same way.
+
+    Where peft raises a clear error, a subject that silently computes something fails; a subject that
+    raises where peft computes is stricter, which is recorded, not failed; where both compute (NaN or
+    inf inputs), the non-finite elements must be the same ones.
+    """
+    measurement = Measurement(subject.name, "error_parity", {**case.describe(), "scenario": scenario})
+    said, got = _outcome(subject_run)
+    peft_said, want = _outcome(reference_run)
+    measurement.hints.append(f"subject {said}; peft {peft_said}")
+    if got is not None and want is None:
+        problem = f"{said}, but peft {peft_said}"
+        measurement.comparisons.append(failed(problem, scenario, "subject"))
+    elif got is None:
+        measurement.comparisons.append(Comparison(scenario, "subject"))
+    elif got is not None and (got.shape != want.shape or np.any(np.isfinite(got) != np.isfinite(want))):
+        problem = f"non-finite elements differ from peft's: subject {said}, peft {peft_said}"
+        measurement.comparisons.append(failed(problem, scenario, "subject"))
+    else:
+        measurement.comparisons.append(Comparison(scenario, "subject"))
+    return measurement
 
 
 Check = Callable[[Subject, "LinearCase | EmbeddingCase", PhaseTimer], Measurement]

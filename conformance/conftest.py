@@ -78,6 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"unknown Hypothesis profile {profile!r}; valid profiles: {valid}")
     _give_seed(config, profile)
     config.addinivalue_line("markers", "family(name): the layer family a test module checks")
+    config.addinivalue_line("markers", "check(name): the check a test runs, where its name does not say")
     device = _select_device(config.getoption("mlx_device"))
     try:
         subjects = [resolve(name) for name in config.getoption("subject")] or list(CATALOGUE)
@@ -141,6 +142,12 @@ def _family(item: pytest.Item) -> str | None:
     return marker.args[0] if marker else None
 
 
+def _check_name(item: pytest.Item) -> str:
+    """The check a test item runs: its ``check`` marker, else its function's name."""
+    marker = item.get_closest_marker("check")
+    return marker.args[0] if marker else item.originalname.removeprefix("test_")
+
+
 def check_id(item: pytest.Item) -> str:
     return f"{item.path.name}::{item.name}"
 
@@ -180,7 +187,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 "check_id": check_id(item),
                 "subject": str(params.get("subject")),
                 "dtype": str(params.get("dtype")),
-                "check": item.originalname.removeprefix("test_"),
+                "check": _check_name(item),
                 "status": _status(report, divergences.find(state["known"], check_id(item))),
                 "longrepr": str(report.longrepr) if report.failed or hasattr(report, "wasxfail") else "",
             }

@@ -86,6 +86,9 @@ class Subject:
             return f"{self.name} not provided: {reason}"
         return None
 
+    def construct(self, case: LinearCase | EmbeddingCase, r: int, dropout: float) -> nn.Module:
+        return self.convention.construct(self.implementation, case, r, dropout)
+
     def build(self, case: LinearCase | EmbeddingCase) -> nn.Module:
         return self.convention.build(self.implementation, case)
 

@@ -52,7 +52,13 @@ def base_linear(case: LinearCase) -> nn.Linear | nn.QuantizedLinear:
 class Convention(Protocol):
     """How one family of MLX classes is built from a case and merged."""
 
-    def build(self, cls: type, case: LinearCase) -> nn.Module: ...
+    def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
+        """The layer as the package creates it on the case's base, with these arguments (eval mode)."""
+        ...
+
+    def build(self, cls: type, case: LinearCase) -> nn.Module:
+        """The layer holding the case's adapter, in eval mode."""
+        ...
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         """The merged layer; for a quantized base, dequantized or (``dequantize=False``) re-quantized."""
@@ -67,8 +73,11 @@ class LoRaLayerConvention:
     which rewrites ``model.layers`` in place.
     """
 
+    def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
+        return _eval_mode(cls(base_linear(case), rank=r, alpha=case.scale * r, dropout=dropout))
+
     def build(self, cls: type, case: LinearCase) -> nn.Module:
-        layer = cls(base_linear(case), rank=case.r, alpha=case.scale * case.r, dropout=case.dropout)
+        layer = self.construct(cls, case, case.r, case.dropout)
         layer.A = mlx_array(case.lora_A.T, case.dtype)
         layer.B = mlx_array(case.lora_B.T, case.dtype)
         return _eval_mode(layer)
@@ -85,8 +94,11 @@ class LoRaLayerConvention:
 class LoRALinearConvention:
     """``LoRALinear.from_base(linear, r, dropout, scale)`` of mlx-lm and mlx-vlm; merged by ``fuse()``."""
 
+    def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
+        return _eval_mode(cls.from_base(base_linear(case), r=r, dropout=dropout, scale=case.scale))
+
     def build(self, cls: type, case: LinearCase) -> nn.Module:
-        layer = cls.from_base(base_linear(case), r=case.r, dropout=case.dropout, scale=case.scale)
+        layer = self.construct(cls, case, case.r, case.dropout)
         layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
         layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
         return _eval_mode(layer)
@@ -129,9 +141,12 @@ class LoRAEmbeddingConvention:
     peft's ``lora_embedding_A`` is (r, vocabulary) and ``lora_embedding_B`` (dims, r): transposes.
     """
 
+    def construct(self, cls: type, case: EmbeddingCase, r: int, dropout: float) -> nn.Module:
+        return _eval_mode(cls.from_base(base_embedding(case), r=r, dropout=dropout, scale=case.lookup.scale))
+
     def build(self, cls: type, case: EmbeddingCase) -> nn.Module:
         lookup = case.lookup
-        layer = cls.from_base(base_embedding(case), r=lookup.r, dropout=lookup.dropout, scale=lookup.scale)
+        layer = self.construct(cls, case, lookup.r, lookup.dropout)
         layer.lora_a = mlx_array(lookup.lora_A.T, case.dtype)
         layer.lora_b = mlx_array(lookup.lora_B.T, case.dtype)
         return _eval_mode(layer)

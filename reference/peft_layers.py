@@ -27,10 +27,26 @@ def dtype_name(values: torch.Tensor) -> str:
     return str(values.dtype).removeprefix("torch.")
 
 
-def _config(case: LinearCase) -> LoraConfig:
+def _config(case: LinearCase, r: int | None = None, dropout: float | None = None) -> LoraConfig:
     return LoraConfig(
-        r=case.r, lora_alpha=case.alpha, use_rslora=case.use_rslora, lora_dropout=case.dropout, use_dora=case.use_dora
+        r=case.r if r is None else r,
+        lora_alpha=case.alpha,
+        use_rslora=case.use_rslora,
+        lora_dropout=case.dropout if dropout is None else dropout,
+        use_dora=case.use_dora,
     )
+
+
+def construct(case: LinearCase | EmbeddingCase, r: int, dropout: float) -> LoraLinear | LoraEmbedding:
+    """peft's layer created on the case's base with these arguments, as peft initialises it (eval mode)."""
+    if isinstance(case, EmbeddingCase):
+        lookup = case.lookup
+        base = torch.nn.Embedding(lookup.in_features, lookup.out_features, dtype=lookup.dtype.torch)
+        layer = LoraEmbedding(base, ADAPTER, config=_config(lookup, r, dropout), r=r, lora_alpha=lookup.alpha)
+    else:
+        base = torch.nn.Linear(case.in_features, case.out_features, bias=case.has_bias, dtype=case.dtype.torch)
+        layer = LoraLinear(base, ADAPTER, config=_config(case, r, dropout), r=r, lora_alpha=case.alpha)
+    return layer.eval()
 
 
 def lora_pair(layer: LoraLinear | LoraEmbedding) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,8 @@ class WrongVariant:
         """The conformance test module whose `check` must catch it."""
         if self.check == "requantize":
             return "test_quantized_linear.py"
+        if self.check == "error_parity":
+            return "test_error_parity.py"
         return f"test_{self.subject.family}.py"
 
 
@@ -71,6 +73,7 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.RequantizeWithDefaults), "requantize"),
         WrongVariant(_subject(lora_layers.EmbeddingLookupUnscaled), "forward"),
         WrongVariant(_subject(lora_layers.AsLinearIgnoresAdapter), "as_linear"),
+        WrongVariant(_subject(lora_layers.LookupWithoutRangeCheck), "error_parity"),
         WrongVariant(_subject(lora_layers.EmbeddingMergeTransposed), "merge"),
     )
 }

@@ -185,9 +185,14 @@ class PeftStyleConvention:
     A microscaling base has no floating parts to tell the model's dtype, so the layer is told it.
     """
 
-    def build(self, cls: type, case: LinearCase) -> nn.Module:
+    def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
         CorrectLoRALinear.weight_dtype = getattr(mx, case.dtype.name)
-        layer = cls(base_linear(case), r=case.r, alpha=case.alpha, use_rslora=case.use_rslora, dropout=case.dropout)
+        layer = cls(base_linear(case), r=r, alpha=case.alpha, use_rslora=case.use_rslora, dropout=dropout)
+        layer.eval()
+        return layer
+
+    def build(self, cls: type, case: LinearCase) -> nn.Module:
+        layer = self.construct(cls, case, case.r, case.dropout)
         layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
         layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
         layer.eval()
@@ -285,7 +290,13 @@ class CorrectLoRAEmbedding(nn.Module):
         """The update as a table, (V, D)."""
         return (self.scale * self.lora_a) @ self.lora_b
 
+    def check_ids(self, ids: mx.array) -> None:
+        vocabulary = self.embedding.weight.shape[0]
+        if mx.any((ids < 0) | (ids >= vocabulary)).item():
+            raise IndexError(f"token ids must lie in [0, {vocabulary})")
+
     def __call__(self, ids: mx.array) -> mx.array:
+        self.check_ids(ids)
         y = self.embedding(ids)
         return y + (self.scale * (self.lora_a[ids] @ self.lora_b)).astype(y.dtype)
 
@@ -304,8 +315,16 @@ class EmbeddingLookupUnscaled(CorrectLoRAEmbedding):
     """The lookup adds the LoRA term without the scale."""
 
     def __call__(self, ids: mx.array) -> mx.array:
+        self.check_ids(ids)
         y = self.embedding(ids)
         return y + (self.lora_a[ids] @ self.lora_b).astype(y.dtype)
+
+
+class LookupWithoutRangeCheck(CorrectLoRAEmbedding):
+    """Token ids outside the vocabulary are gathered from wherever they land, without an error."""
+
+    def check_ids(self, ids: mx.array) -> None:
+        pass
 
 
 class AsLinearIgnoresAdapter(CorrectLoRAEmbedding):
@@ -325,9 +344,15 @@ class EmbeddingMergeTransposed(CorrectLoRAEmbedding):
 class PeftStyleEmbeddingConvention:
     """How the embedding layers above are built from a case: peft's (r, alpha, use_rslora)."""
 
+    def construct(self, cls: type, case, r: int, dropout: float) -> nn.Module:
+        lookup = case.lookup
+        layer = cls(base_embedding(case), r=r, alpha=lookup.alpha, use_rslora=lookup.use_rslora, dropout=dropout)
+        layer.eval()
+        return layer
+
     def build(self, cls: type, case) -> nn.Module:
         lookup = case.lookup
-        layer = cls(base_embedding(case), r=lookup.r, alpha=lookup.alpha, use_rslora=lookup.use_rslora, dropout=lookup.dropout)
+        layer = self.construct(cls, case, lookup.r, lookup.dropout)
         layer.lora_a = mlx_array(lookup.lora_A.T, case.dtype)
         layer.lora_b = mlx_array(lookup.lora_B.T, case.dtype)
         layer.eval()
