@@ -48,6 +48,8 @@ class LinearCase:
     use_dora: bool
     quantization: Quantization | None
     """The base is quantized in this mode: `weight` holds what it dequantizes to."""
+    fan_in_fan_out: bool
+    """peft's base is a transformers ``Conv1D``, which stores the weight as (in, out)."""
     weight: np.ndarray = field(repr=False)
     """(out, in), like ``torch.nn.Linear.weight``."""
     bias: np.ndarray | None = field(repr=False)
@@ -89,6 +91,7 @@ class LinearCase:
             "seed": self.seed,
             "use_dora": self.use_dora,
             "quantization": self.quantization.describe() if self.quantization else None,
+            "fan_in_fan_out": self.fan_in_fan_out,
         }
 
 
@@ -106,6 +109,7 @@ def make_linear_case(
     seed: int,
     use_dora: bool = False,
     quantization: Quantization | None = None,
+    fan_in_fan_out: bool = False,
 ) -> LinearCase:
     """The case with these parameters; its weights come from `seed` and are rounded to `dtype`."""
     rng = np.random.default_rng(seed)
@@ -137,6 +141,7 @@ def make_linear_case(
         seed=seed,
         use_dora=use_dora,
         quantization=quantization,
+        fan_in_fan_out=fan_in_fan_out,
         quantized_parts=parts,
         weight=weight,
         bias=bias,
@@ -168,6 +173,7 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase:
         seed=d["seed"],
         use_dora=d.get("use_dora", False),
         quantization=Quantization(**d["quantization"]) if d.get("quantization") else None,
+        fan_in_fan_out=d.get("fan_in_fan_out", False),
     )
 
 
@@ -197,9 +203,15 @@ def _draw_array(rng: np.random.Generator, shape: tuple[int, ...], scale: float, 
 
 @st.composite
 def linear_cases(
-    draw: st.DrawFn, dtype: DType, use_dora: bool = False, with_bias: bool = True, quantized: str | None = None
+    draw: st.DrawFn,
+    dtype: DType,
+    use_dora: bool = False,
+    with_bias: bool = True,
+    quantized: str | None = None,
+    fan_in_fan_out: bool = False,
 ) -> LinearCase:
-    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base, or a QuantizedLinear in mode `quantized`."""
+    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base, or a QuantizedLinear in mode `quantized`;
+    with `fan_in_fan_out`, peft's base is a transformers Conv1D."""
     sizes = profiles.sizes()
     modes = [q for q in AVAILABLE if q.mode == quantized]
     quantization = draw(st.sampled_from(modes), label="quantization") if quantized else None
@@ -232,6 +244,7 @@ def linear_cases(
         seed=seed,
         use_dora=use_dora,
         quantization=quantization,
+        fan_in_fan_out=fan_in_fan_out,
     )
     assume(case.lora_B.any())
     assume(_fits(case))
@@ -308,7 +321,7 @@ class EmbeddingCase:
         described = self.lookup.describe()
         described["num_embeddings"] = described.pop("in_features")
         described["dims"] = described.pop("out_features")
-        del described["bias"], described["quantization"]
+        del described["bias"], described["quantization"], described["fan_in_fan_out"]
         return {"kind": "embedding", **described}
 
 

@@ -117,8 +117,9 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
         layer = peft_layers.linear(case)
         layer.merge()
         base = layer.get_base_layer()
-        observed = {"merged weight": _from_torch(base.weight), "merged output": _from_torch(peft_layers.forward(layer, case))}
-        if base.bias is not None:
+        weight = peft_layers.base_weight(layer, case)
+        observed = {"merged weight": _from_torch(weight), "merged output": _from_torch(peft_layers.forward(layer, case))}
+        if base.bias is not None and (case.has_bias or not case.fan_in_fan_out):
             observed["merged bias"] = _from_torch(base.bias)
         return observed
 

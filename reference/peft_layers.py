@@ -34,6 +34,7 @@ def _config(case: LinearCase, r: int | None = None, dropout: float | None = None
         use_rslora=case.use_rslora,
         lora_dropout=case.dropout if dropout is None else dropout,
         use_dora=case.use_dora,
+        fan_in_fan_out=case.fan_in_fan_out,
     )
 
 
@@ -66,14 +67,33 @@ def _load(layer: LoraLinear | LoraEmbedding, case: LinearCase) -> None:
     layer.eval()
 
 
+def _base(case: LinearCase) -> torch.nn.Module:
+    """The torch base: ``nn.Linear``, or with `fan_in_fan_out` a transformers ``Conv1D`` (weight (in, out),
+    always with a bias, zero where the case has none)."""
+    if not case.fan_in_fan_out:
+        return torch.nn.Linear(case.in_features, case.out_features, bias=case.has_bias, dtype=case.dtype.torch)
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(case.out_features, case.in_features).to(case.dtype.torch)
+
+
+def base_weight(layer: LoraLinear, case: LinearCase) -> torch.Tensor:
+    """The (merged) base weight in ``nn.Linear``'s (out, in) layout."""
+    weight = layer.get_base_layer().weight
+    return weight.T if case.fan_in_fan_out else weight
+
+
 def linear(case: LinearCase) -> LoraLinear:
-    """peft's LoRA ``Linear`` for the case, in eval mode."""
-    base = torch.nn.Linear(case.in_features, case.out_features, bias=case.has_bias, dtype=case.dtype.torch)
+    """peft's LoRA ``Linear`` for the case (``fan_in_fan_out`` on a Conv1D base), in eval mode."""
+    base = _base(case)
     layer = LoraLinear(base, ADAPTER, config=_config(case), r=case.r, lora_alpha=case.alpha)
     with torch.no_grad():
-        base.weight.copy_(tensor(case.weight, case.dtype))
+        weight = tensor(case.weight, case.dtype)
+        base.weight.copy_(weight.T if case.fan_in_fan_out else weight)
         if case.has_bias:
             base.bias.copy_(tensor(case.bias, case.dtype))
+        elif case.fan_in_fan_out:
+            base.bias.zero_()
     _load(layer, case)
     return layer
 
