@@ -2,8 +2,7 @@
 
 import pytest
 
-from conformance.checks import FAMILY_CHECKS
-from tests.catalogue import ALL_DTYPES, CORRECT, WRONG_VARIANTS
+from tests.catalogue import CORRECT, WRONG_VARIANTS
 
 
 @pytest.mark.parametrize("subject", CORRECT, ids=str)

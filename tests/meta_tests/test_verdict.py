@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from conformance import checks
 from conformance.cases import cases_for
