@@ -6,7 +6,7 @@ import json
 
 from hypothesis.control import current_build_context, currently_in_test_context
 
-from conformance.checks import FAMILY_CHECKS
+from conformance.checks import replayable
 from conformance.recording import Recorder
 from conformance.verdict import Measurement
 
@@ -21,7 +21,7 @@ def message(measurement: Measurement, check_id: str = "") -> str:
     if agreeing:
         lines.append(f"  within the allowed error: {', '.join(agreeing)}")
     lines += [f"  diagnosis: {hint}" for hint in measurement.hints]
-    if any(measurement.check in checks for checks in FAMILY_CHECKS.values()):
+    if replayable(measurement.check):
         replay = json.dumps({"subject": measurement.subject, "check": measurement.check, "case": measurement.case})
         lines.append(f"  replay: python -m conformance.replay '{replay}'")
     elif check_id:

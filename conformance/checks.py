@@ -339,3 +339,12 @@ QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {
     "dora_linear": {"forward": forward, "merge": merge, "requantize": requantize, "init": init},
 }
 """The checks of a family on a quantized base, where it has one."""
+
+
+def find_check(family: str, name: str) -> Check | None:
+    """The check `name` of a family, on a plain or a quantized base: what ``replay`` can re-run."""
+    return FAMILY_CHECKS.get(family, {}).get(name) or QUANTIZED_CHECKS.get(family, {}).get(name)
+
+
+def replayable(name: str) -> bool:
+    return any(find_check(family, name) for family in FAMILY_CHECKS)

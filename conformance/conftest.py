@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 from hypothesis import settings
 
-from conformance import divergences, profiles, recording
+from conformance import divergences, profiles, quantization, recording
 from conformance.dtypes import BY_NAME as DTYPES
 from conformance.subjects import CATALOGUE, installed_version, resolve
 
@@ -116,6 +116,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"conformance: {versions}",
         f"conformance: MLX device {meta['device']} ({mx.default_device()}); Hypothesis profile {meta['profile']}, seed {meta['seed']}",
     ]
+    available = ", ".join(map(str, quantization.AVAILABLE))
+    missing = ", ".join(map(str, quantization.UNAVAILABLE)) or "none"
+    lines.append(f"conformance: quantized bases: {available}; not offered on this device: {missing}")
     for subject in state["subjects"]:
         status = subject.not_provided_reason() or f"provided by {subject.provenance()}"
         lines.append(f"conformance: subject {subject.name}: {status}")

@@ -12,7 +12,7 @@ import sys
 
 from conformance.asserting import message
 from conformance.cases import case_from_description
-from conformance.checks import FAMILY_CHECKS
+from conformance.checks import find_check
 from conformance.subjects import resolve
 
 
@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = json.loads(args.replay)
         subject = resolve(spec["subject"])
-        check = FAMILY_CHECKS[subject.family][spec["check"]]
+        check = find_check(subject.family, spec["check"])
+        if check is None:
+            raise LookupError(f"{subject} has no check {spec['check']!r}")
         case = case_from_description(spec["case"])
     except (ValueError, KeyError, LookupError) as error:
         parser.error(f"cannot replay: {error}")

@@ -139,10 +139,6 @@ class Tracked:
         )
         return Tracked(product.value, product.bound + prescaled + underflow, self.dtype)
 
-    def cast(self, dtype: DType) -> Tracked:
-        """Store in another dtype: one rounding in the new dtype."""
-        return Tracked(self.value, self.bound, dtype)._stored(self.value, self.bound)
-
 
 @dataclass
 class Comparison:

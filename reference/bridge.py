@@ -98,10 +98,7 @@ class LoRALinearConvention:
         return _eval_mode(cls.from_base(base_linear(case), r=r, dropout=dropout, scale=case.scale))
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
-        layer = self.construct(cls, case, case.r, case.dropout)
-        layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
-        layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
-        return _eval_mode(layer)
+        return _with_adapter(self.construct(cls, case, case.r, case.dropout), case)
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         return layer.fuse(dequantize=dequantize)
@@ -145,11 +142,7 @@ class LoRAEmbeddingConvention:
         return _eval_mode(cls.from_base(base_embedding(case), r=r, dropout=dropout, scale=case.lookup.scale))
 
     def build(self, cls: type, case: EmbeddingCase) -> nn.Module:
-        lookup = case.lookup
-        layer = self.construct(cls, case, lookup.r, lookup.dropout)
-        layer.lora_a = mlx_array(lookup.lora_A.T, case.dtype)
-        layer.lora_b = mlx_array(lookup.lora_B.T, case.dtype)
-        return _eval_mode(layer)
+        return _with_adapter(self.construct(cls, case, case.lookup.r, case.lookup.dropout), case.lookup)
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         return layer.fuse(dequantize=dequantize)
@@ -180,6 +173,13 @@ class DoRAEmbeddingConvention(LoRAEmbeddingConvention):
             layer.lora_b = mx.zeros_like(layer.lora_b)
         layer.set_embedding(layer.embedding)
         return layer.m
+
+
+def _with_adapter(layer: nn.Module, case: LinearCase) -> nn.Module:
+    """Give an MLX layer the case's A and B in MLX's layout: ``lora_a`` (in, r), ``lora_b`` (r, out)."""
+    layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
+    layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
+    return _eval_mode(layer)
 
 
 def _eval_mode(layer: nn.Module) -> nn.Module:
