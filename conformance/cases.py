@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from hypothesis import assume
@@ -18,6 +19,9 @@ from hypothesis.extra import numpy as hnp
 from conformance import profiles
 from conformance.dtypes import BY_NAME, DType, round_to
 from conformance.quantization import AVAILABLE, Parts, Quantization, quantize_base
+
+if TYPE_CHECKING:
+    from conformance.switch_cases import SwitchCase
 
 
 def scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -152,14 +156,14 @@ def make_linear_case(
     )
 
 
-def case_from_description(description: dict) -> LinearCase | EmbeddingCase:
+def case_from_description(description: dict) -> LinearCase | EmbeddingCase | SwitchCase:
     """Rebuild a case from its ``describe()``."""
     d = description
     if d.get("kind") == "embedding":
         shared = {k: d[k] for k in _SHARED_PARAMETERS if k != "dtype"}
         shared.update(batch_shape=tuple(d["batch_shape"]), magnitudes=tuple(d["magnitudes"]))
         return make_embedding_case(d["num_embeddings"], d["dims"], dtype=BY_NAME[d["dtype"]], **shared)
-    return make_linear_case(
+    parameters = dict(
         dtype=BY_NAME[d["dtype"]],
         in_features=d["in_features"],
         out_features=d["out_features"],
@@ -175,6 +179,12 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase:
         quantization=Quantization(**d["quantization"]) if d.get("quantization") else None,
         fan_in_fan_out=d.get("fan_in_fan_out", False),
     )
+    if d.get("kind") == "switch":
+        from conformance.switch_cases import make_switch_case  # it builds on this module
+
+        del parameters["use_dora"], parameters["fan_in_fan_out"]
+        return make_switch_case(d["num_experts"], d["top_k"], d["sorted_indices"], **parameters)
+    return make_linear_case(**parameters)
 
 
 def _features(limit: int) -> st.SearchStrategy[int]:
@@ -349,8 +359,12 @@ _SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_sha
 """What an embedding case shares with a linear one (an embedding base is never quantized here)."""
 
 
-def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase]:
+def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
     """The cases a family of layers is checked on."""
+    if family == "switch_linear":
+        from conformance.switch_cases import switch_cases  # it builds on this module
+
+        return switch_cases(dtype)
     use_dora = family.startswith("dora_")
     if family.endswith("embedding"):
         return embedding_cases(dtype, use_dora=use_dora)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import torch
 
@@ -18,6 +17,7 @@ from conformance import diagnosis, quantization
 from conformance.cases import EmbeddingCase, LinearCase
 from conformance.quantization import Quantization
 from conformance.subjects import Subject
+from conformance.switch_cases import SwitchCase
 from conformance.timing import UNTIMED, PhaseTimer
 from conformance.verdict import Comparison, Measurement, Tracked, compare, failed
 from reference import bridge, oracle, peft_layers
@@ -144,7 +144,7 @@ def _failed(measurement: Measurement, quantity: str) -> bool:
     return any(c.side == "subject" and c.quantity == quantity and not c.passed for c in measurement.comparisons)
 
 
-def requantize(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+def requantize(subject: Subject, case: LinearCase | SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """``fuse(dequantize=False)`` on a quantized base is exactly ``quantize(fuse(dequantize=True))``.
 
     The merge check holds the dequantized merge to peft and the oracle; re-quantizing it then loses
@@ -159,8 +159,8 @@ def requantize(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) 
             layer = subject.build(case)
             dequantized = subject.merge(layer, dequantize=True).weight
             requantized = subject.merge(layer, dequantize=False)
-            if not isinstance(requantized, nn.QuantizedLinear):
-                raise TypeError(f"fuse(dequantize=False) returned a {type(requantized).__name__}, not a QuantizedLinear")
+            if "scales" not in requantized:
+                raise TypeError(f"fuse(dequantize=False) returned a {type(requantized).__name__}, not a quantized layer")
             settings = Quantization(requantized.mode, requantized.bits, requantized.group_size)
             biases = () if requantized.get("biases") is None else (requantized.biases,)
             dtype = getattr(mx, case.dtype.name)
@@ -276,6 +276,81 @@ def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = U
     return _run("merge", subject, case, timer, expect, reference, run_subject)
 
 
+# Mixture-of-experts base ----------------------------------------------------------------------
+
+
+def switch_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """Each token's outputs from its k experts, against peft's and the oracle's.
+
+    peft's reference is its LoRA on the experts' weight parameter (``target_parameters``), or one peft
+    ``Linear`` per expert where peft refuses that (dropout > 0): see `peft_layers.switch`.
+    """
+
+    def run_subject() -> Observed:
+        output = bridge.switch_call(subject.build(case), case)
+        _evaluated(output)
+        return {"output": _from_mlx(output)}
+
+    return _run(
+        "forward", subject, case, timer,
+        expect=lambda: {"output": oracle.switch_forward(case)},
+        reference=lambda: {"output": _from_torch(peft_layers.switch_forward(peft_layers.switch(case), case))},
+        run_subject=run_subject,
+    )
+
+
+def switch_merge(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The merged experts' weights (E, out, in) and biases, values and dtypes, against peft's ``merge()``.
+
+    The merged layer's outputs are a check of their own (`switch_merged_forward`): running a switch
+    layer can fail where merging one does not (MLX's CPU ``gather_mm`` takes float32 only).
+    """
+
+    def expect() -> Expected:
+        bias = Tracked.exact(case.stacked("bias"), case.dtype) if case.first.has_bias else None
+        return {"merged weight": oracle.switch_merged_weight(case), "merged bias": bias}
+
+    def reference() -> Observed:
+        layer = peft_layers.switch(case)
+        layer.merge()
+        weight, bias = peft_layers.switch_merged_parameters(layer)
+        observed = {"merged weight": _from_torch(weight)}
+        if bias is not None:
+            observed["merged bias"] = _from_torch(bias)
+        return observed
+
+    def run_subject() -> Observed:
+        merged = subject.merge(subject.build(case))
+        _evaluated(merged.parameters())
+        observed = {"merged weight": _from_mlx(merged.weight)}
+        if "bias" in merged:
+            observed["merged bias"] = _from_mlx(merged["bias"])
+        return observed
+
+    return _run("merge", subject, case, timer, expect, reference, run_subject)
+
+
+def switch_merged_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The merged layer routes each token to its experts' merged weights, as peft's merged layer does."""
+
+    def reference() -> Observed:
+        layer = peft_layers.switch(case)
+        layer.merge()
+        return {"merged output": _from_torch(peft_layers.switch_forward(layer, case))}
+
+    def run_subject() -> Observed:
+        output = bridge.switch_call(subject.merge(subject.build(case)), case)
+        _evaluated(output)
+        return {"merged output": _from_mlx(output)}
+
+    return _run(
+        "merged_forward", subject, case, timer,
+        expect=lambda: {"merged output": oracle.switch_merged_forward(case)},
+        reference=reference,
+        run_subject=run_subject,
+    )
+
+
 # Error parity -------------------------------------------------------------------------------
 
 
@@ -332,11 +407,13 @@ FAMILY_CHECKS: dict[str, dict[str, Check]] = {
         "init": init,
         "init_with_adapter": init_with_adapter,
     },
+    "switch_linear": {"forward": switch_forward, "merge": switch_merge, "merged_forward": switch_merged_forward},
 }
 """Each family's checks by the name they are recorded under."""
 QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {
     "linear": {"forward": forward, "merge": merge, "requantize": requantize},
     "dora_linear": {"forward": forward, "merge": merge, "requantize": requantize, "init": init},
+    "switch_linear": {**FAMILY_CHECKS["switch_linear"], "requantize": requantize},
 }
 """The checks of a family on a quantized base, where it has one."""
 

@@ -16,13 +16,15 @@ from typing import Any
 import mlx.nn as nn
 
 from conformance.cases import EmbeddingCase, LinearCase
+from conformance.switch_cases import SwitchCase
 from reference.bridge import (
     Convention,
     DoRAEmbeddingConvention,
     DoRALinearConvention,
-    LoRaLayerConvention,
     LoRAEmbeddingConvention,
+    LoRaLayerConvention,
     LoRALinearConvention,
+    LoRASwitchLinearConvention,
 )
 
 
@@ -86,10 +88,10 @@ class Subject:
             return f"{self.name} not provided: {reason}"
         return None
 
-    def construct(self, case: LinearCase | EmbeddingCase, r: int, dropout: float) -> nn.Module:
+    def construct(self, case: LinearCase | EmbeddingCase | SwitchCase, r: int, dropout: float) -> nn.Module:
         return self.convention.construct(self.implementation, case, r, dropout)
 
-    def build(self, case: LinearCase | EmbeddingCase) -> nn.Module:
+    def build(self, case: LinearCase | EmbeddingCase | SwitchCase) -> nn.Module:
         return self.convention.build(self.implementation, case)
 
     def merge(self, layer: nn.Module, dequantize: bool = True) -> nn.Module:
@@ -162,6 +164,20 @@ CATALOGUE: tuple[Subject, ...] = (
         "dora_embedding",
         ("mlx_lm.tuner.dora:DoRAEmbedding",),
         DoRAEmbeddingConvention(),
+    ),
+    Subject(
+        "mlx_vlm.LoRASwitchLinear",
+        "mlx-vlm",
+        "switch_linear",
+        ("mlx_vlm.trainer:LoRASwitchLinear", "mlx_vlm.trainer.peft:LoRASwitchLinear"),
+        LoRASwitchLinearConvention(),
+    ),
+    Subject(
+        "mlx_lm.LoRASwitchLinear",
+        "mlx-lm",
+        "switch_linear",
+        ("mlx_lm.tuner.lora:LoRASwitchLinear",),
+        LoRASwitchLinearConvention(),
     ),
 )
 BY_NAME = {subject.name: subject for subject in CATALOGUE}

@@ -61,6 +61,17 @@ class Tracked:
         bound = np.maximum.reduce([order.bound for order in orders])
         return Tracked(orders[0].value, bound, orders[0].dtype)
 
+    @staticmethod
+    def stack(parts: list[Tracked], axis: int = 0) -> Tracked:
+        """Several results side by side (no arithmetic, so no error of its own)."""
+        value = np.stack([part.value for part in parts], axis=axis)
+        return Tracked(value, np.stack([part.bound for part in parts], axis=axis), parts[0].dtype)
+
+    def take_along_axis(self, indices: np.ndarray, axis: int) -> Tracked:
+        """``np.take_along_axis`` of value and bound: a gather, exact."""
+        take = np.take_along_axis
+        return Tracked(take(self.value, indices, axis), take(self.bound, indices, axis), self.dtype)
+
     def __getitem__(self, index) -> Tracked:
         return Tracked(self.value[index], self.bound[index], self.dtype)
 

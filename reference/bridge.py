@@ -16,9 +16,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from conformance.cases import EmbeddingCase, LinearCase
 from conformance import quantization
+from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import FLOAT32, DType
+from conformance.switch_cases import SwitchCase
 
 
 def mlx_array(values: np.ndarray, dtype: DType) -> mx.array:
@@ -173,6 +174,66 @@ class DoRAEmbeddingConvention(LoRAEmbeddingConvention):
             layer.lora_b = mx.zeros_like(layer.lora_b)
         layer.set_embedding(layer.embedding)
         return layer.m
+
+
+def base_switch(case: SwitchCase, switch_linear: type, quantized_switch_linear: type) -> nn.Module:
+    """The frozen ``SwitchLinear`` (``QuantizedSwitchLinear``) base: experts' weights (E, out, in), bias (E, out).
+
+    Both classes come from the subject's own package, whose ``fuse()`` checks for its own types.
+    """
+    first = case.first
+    E, q = case.num_experts, first.quantization
+    if q is None:
+        switch = switch_linear(first.in_features, first.out_features, E, bias=first.has_bias)
+        switch.weight = mlx_array(case.stacked("weight"), case.dtype)
+    else:
+        switch = quantized_switch_linear(
+            first.in_features, first.out_features, E, bias=first.has_bias, group_size=q.group_size, bits=q.bits, mode=q.mode
+        )
+        # Each expert's rows were quantized by themselves, as a stacked (E, out, in) weight is.
+        parts = [np.stack(part) for part in zip(*(expert.quantized_parts for expert in case.experts))]
+        switch.weight, switch.scales, *biases = quantization.to_mlx(tuple(parts), case.dtype)
+        switch.biases = biases[0] if biases else None
+    if first.has_bias:
+        switch.bias = mlx_array(case.stacked("bias"), case.dtype)
+    return switch
+
+
+class LoRASwitchLinearConvention:
+    """``LoRASwitchLinear.from_base(switch, r, dropout, scale)``: ``lora_a`` (E, r, in) and ``lora_b``
+    (E, out, r), peft's per-expert layouts stacked; merged by ``fuse()``."""
+
+    def construct(self, cls: type, case: SwitchCase, r: int, dropout: float) -> nn.Module:
+        package = sys.modules[cls.__module__]
+        base = base_switch(case, package.SwitchLinear, package.QuantizedSwitchLinear)
+        return _eval_mode(cls.from_base(base, r=r, dropout=dropout, scale=case.first.scale))
+
+    def build(self, cls: type, case: SwitchCase) -> nn.Module:
+        layer = self.construct(cls, case, case.first.r, case.first.dropout)
+        layer.lora_a = mlx_array(case.stacked("lora_A"), case.dtype)
+        layer.lora_b = mlx_array(case.stacked("lora_B"), case.dtype)
+        return _eval_mode(layer)
+
+    def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
+        return layer.fuse(dequantize=dequantize)
+
+
+def switch_call(layer: nn.Module, case: SwitchCase) -> mx.array:
+    """Call a switch layer as mlx-lm's ``SwitchGLU`` does: each token's k experts' outputs, (*batch, k, out).
+
+    Unsorted, the tokens keep their places and the indices broadcast over them. Sorted, the (token,
+    expert) pairs are listed in expert order, the layer runs on those rows with
+    ``sorted_indices=True``, and the outputs go back to the tokens' order.
+    """
+    x, indices = mlx_array(case.x, case.dtype), mx.array(case.indices)
+    if not case.sorted_indices:
+        return layer(x[..., None, None, :], indices).squeeze(-2)
+    k = case.top_k
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    rows = x.reshape(-1, x.shape[-1])[order // k][:, None, :]  # (tokens * k, 1, in)
+    output = layer(rows, flat[order], sorted_indices=True).squeeze(-2)
+    return output[mx.argsort(order)].reshape(*case.indices.shape, -1)
 
 
 def _with_adapter(layer: nn.Module, case: LinearCase) -> nn.Module:

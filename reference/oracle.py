@@ -11,6 +11,7 @@ import numpy as np
 
 from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import ACCUMULATION, DType
+from conformance.switch_cases import SwitchCase
 from conformance.verdict import Tracked
 
 
@@ -114,3 +115,28 @@ def embedding_as_linear(case: EmbeddingCase) -> Tracked:
     """
     merged = Tracked.exact(case.hidden, case.dtype) @ merged_weight(case.lookup)
     return merged if case.lookup.use_dora else Tracked.covering(merged, linear_forward(case.head))
+
+
+def _routed(case: SwitchCase, per_expert: list[Tracked]) -> Tracked:
+    """Each token's results from its k experts, (*batch, k, out), from every expert's (*batch, out)."""
+    every = Tracked.stack(per_expert, axis=-2)
+    return every.take_along_axis(case.indices[..., None].astype(np.intp), axis=-2)
+
+
+def switch_forward(case: SwitchCase) -> Tracked:
+    """Each routed expert's LoRA output: ``x W_e^T + b_e + s (x A_e^T) B_e^T`` for e in the token's indices.
+
+    MLX evaluates the LoRA term on the input side; peft's ``target_parameters`` adapts the expert
+    weight itself, ``x (W_e + s B_e A_e)^T + b_e``. The bound covers both orders.
+    """
+    return _routed(case, [Tracked.covering(linear_forward(e), merged_forward(e)) for e in case.experts])
+
+
+def switch_merged_weight(case: SwitchCase) -> Tracked:
+    """``W_e + s B_e A_e`` for every expert, (E, out, in)."""
+    return Tracked.stack([merged_weight(e) for e in case.experts])
+
+
+def switch_merged_forward(case: SwitchCase) -> Tracked:
+    """The merged layer's routed outputs ``x (W_e + s B_e A_e)^T + b_e``, (*batch, k, out)."""
+    return _routed(case, [merged_forward(e) for e in case.experts])

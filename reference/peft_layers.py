@@ -7,9 +7,11 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Embedding as LoraEmbedding
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import ParamWrapper
 
 from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import DType
+from conformance.switch_cases import SwitchCase
 
 ADAPTER = "default"
 
@@ -138,3 +140,78 @@ def forward(layer: torch.nn.Module, case: LinearCase) -> torch.Tensor:
             # (1, out) output (tests/test_reference.py pins this down); give it a batch of one.
             return layer(x[None])[0]
         return layer(x)
+
+
+# Mixture of experts ----------------------------------------------------------------------------
+
+
+class Experts(torch.nn.Module):
+    """A mixture-of-experts projection as transformers models store one: ``weight`` (experts, out, in),
+    ``bias`` (experts, out). Each token goes through the k experts its indices name: (*batch, k, out)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        routed = self.weight[indices]  # (*batch, k, out, in)
+        output = (routed @ x[..., None, :, None]).squeeze(-1)
+        return output if self.bias is None else output + self.bias[indices]
+
+
+class PerExpertLinears(torch.nn.Module):
+    """One peft LoRA ``Linear`` per expert, routed like `Experts`: for what ``target_parameters`` refuses."""
+
+    def __init__(self, case: SwitchCase) -> None:
+        super().__init__()
+        self.experts = torch.nn.ModuleList(linear(expert) for expert in case.experts)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        every = torch.stack([expert(x) for expert in self.experts], dim=-2)  # (*batch, E, out)
+        return torch.take_along_dim(every, indices[..., None], dim=-2)
+
+    def merge(self) -> None:
+        for expert in self.experts:
+            expert.merge()
+
+    def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bases = [expert.get_base_layer() for expert in self.experts]
+        biases = [base.bias for base in bases]
+        return torch.stack([base.weight for base in bases]), None if biases[0] is None else torch.stack(biases)
+
+
+def uses_target_parameters(case: SwitchCase) -> bool:
+    """Whether peft's ``target_parameters`` can express the case: it refuses dropout (eval mode or not)."""
+    return case.first.dropout == 0.0
+
+
+def switch(case: SwitchCase) -> torch.nn.Module:
+    """peft's LoRA on the experts' weight (``LoraConfig(target_parameters=...)``'s ``ParamWrapper``), in
+    eval mode; where peft refuses the case, one peft ``Linear`` per expert (`PerExpertLinears`)."""
+    if not uses_target_parameters(case):
+        return PerExpertLinears(case).eval()
+    first, dtype = case.first, case.dtype
+    bias = tensor(case.stacked("bias"), dtype) if first.has_bias else None
+    base = Experts(tensor(case.stacked("weight"), dtype), bias)
+    layer = ParamWrapper(base, ADAPTER, parameter_name="weight", config=_config(first), r=first.r, lora_alpha=first.alpha)
+    E, r = case.num_experts, first.r
+    with torch.no_grad():
+        # peft's layouts: A (E r, in), expert-major; B (out, r E), expert-minor (see get_delta_weight).
+        layer.lora_A[ADAPTER].weight.copy_(tensor(case.stacked("lora_A").reshape(E * r, -1), dtype))
+        b = case.stacked("lora_B")  # (E, out, r)
+        layer.lora_B[ADAPTER].weight.copy_(tensor(b.transpose(1, 2, 0).reshape(first.out_features, r * E), dtype))
+    return layer.eval()
+
+
+def switch_forward(layer: torch.nn.Module, case: SwitchCase) -> torch.Tensor:
+    with torch.no_grad():
+        return layer(tensor(case.x, case.dtype), torch.from_numpy(case.indices.astype(np.int64)))
+
+
+def switch_merged_parameters(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The merged experts' weight (E, out, in) and bias (E, out) or None."""
+    if isinstance(layer, PerExpertLinears):
+        return layer.merged_parameters()
+    base = layer.get_base_layer()
+    return base.weight, base.bias

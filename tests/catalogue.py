@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from conformance.dtypes import CASE_DTYPES
 from conformance.subjects import Subject
 from tests import lora_layers
-from tests.lora_layers import PeftStyleConvention, PeftStyleDoRAConvention, PeftStyleEmbeddingConvention
+from tests.lora_layers import (
+    PeftStyleConvention,
+    PeftStyleDoRAConvention,
+    PeftStyleEmbeddingConvention,
+    PeftStyleSwitchConvention,
+)
 
 
 def _subject(cls: type) -> Subject:
@@ -19,6 +24,8 @@ def _subject(cls: type) -> Subject:
     location = (f"{lora_layers.__name__}:{cls.__name__}",)
     if issubclass(cls, lora_layers.CorrectDoRALinear):
         return Subject(name, "mlx", "dora_linear", location, PeftStyleDoRAConvention())
+    if issubclass(cls, lora_layers.CorrectLoRASwitchLinear):
+        return Subject(name, "mlx", "switch_linear", location, PeftStyleSwitchConvention())
     if issubclass(cls, lora_layers.CorrectLoRAEmbedding):
         return Subject(name, "mlx", "embedding", location, PeftStyleEmbeddingConvention())
     return Subject(name, "mlx", "linear", location, PeftStyleConvention())
@@ -50,7 +57,8 @@ class WrongVariant:
 CorrectLoRALinear = _subject(lora_layers.CorrectLoRALinear)
 CorrectDoRALinear = _subject(lora_layers.CorrectDoRALinear)
 CorrectLoRAEmbedding = _subject(lora_layers.CorrectLoRAEmbedding)
-CORRECT = (CorrectLoRALinear, CorrectDoRALinear, CorrectLoRAEmbedding)
+CorrectLoRASwitchLinear = _subject(lora_layers.CorrectLoRASwitchLinear)
+CORRECT = (CorrectLoRALinear, CorrectDoRALinear, CorrectLoRAEmbedding, CorrectLoRASwitchLinear)
 WRONG_VARIANTS = {
     variant.subject.name.partition(":")[2]: variant
     for variant in (
@@ -75,6 +83,9 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.AsLinearIgnoresAdapter), "as_linear"),
         WrongVariant(_subject(lora_layers.LookupWithoutRangeCheck), "error_parity"),
         WrongVariant(_subject(lora_layers.EmbeddingMergeTransposed), "merge"),
+        WrongVariant(_subject(lora_layers.AdapterIgnoresRouting), "forward"),
+        WrongVariant(_subject(lora_layers.ExpertBiasNotRouted), "forward"),
+        WrongVariant(_subject(lora_layers.SwitchFuseIgnoresAdapter), "merge"),
     )
 }
 # `--subject tests.catalogue:<ClassName>` finds these module attributes.

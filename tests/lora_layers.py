@@ -7,11 +7,12 @@ turns them into subjects and says which check must catch each.
 from __future__ import annotations
 
 import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from conformance.cases import LinearCase
-from reference.bridge import base_embedding, base_linear, mlx_array
+from reference.bridge import LoRASwitchLinearConvention, base_embedding, base_linear, base_switch, mlx_array
 
 
 class CorrectLoRALinear(nn.Module):
@@ -360,3 +361,119 @@ class PeftStyleEmbeddingConvention:
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         return layer.fuse()
+
+
+# Mixture of experts ------------------------------------------------------------------------------
+
+
+class GatheredSwitchLinear(nn.Module):
+    """A ``SwitchLinear`` base that gathers each token's experts' weights: it runs in every dtype, where
+    MLX's CPU ``gather_mm`` takes float32 only. Weight (E, out, in), bias (E, out)."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, bias: bool = True):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+
+    def expert_weights(self, dtype: mx.Dtype | None = None) -> mx.array:
+        return self.weight
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        output = x @ self.expert_weights(x.dtype)[indices].swapaxes(-1, -2)
+        return output + mx.expand_dims(self.bias[indices], -2) if "bias" in self else output
+
+
+class GatheredQuantizedSwitchLinear(GatheredSwitchLinear):
+    """The quantized base: the experts' weights are dequantized (into the input's dtype) and gathered."""
+
+    def __init__(self, input_dims, output_dims, num_experts, bias=True, group_size=64, bits=4, mode="affine"):
+        super().__init__(input_dims, output_dims, num_experts, bias)
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+
+    def expert_weights(self, dtype: mx.Dtype | None = None) -> mx.array:
+        return mx.dequantize(
+            self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode, dtype=dtype
+        )
+
+
+class CorrectLoRASwitchLinear(nn.Module):
+    """LoRA on every expert, as peft's ``target_parameters`` defines it: a token routed to expert e gets
+    ``x W_e^T + b_e + s (x A_e^T) B_e^T``; ``lora_a`` (E, r, in), ``lora_b`` (E, out, r)."""
+
+    def __init__(self, switch: GatheredSwitchLinear, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
+        super().__init__()
+        num_experts, output_dims, _ = switch.weight.shape
+        input_dims = switch.scales.shape[-1] * switch.group_size if "scales" in switch else switch.weight.shape[-1]
+        self.linear = switch
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = CorrectLoRALinear.scaling(alpha, r, use_rslora)
+        self.lora_a = mx.zeros((num_experts, r, input_dims))
+        self.lora_b = mx.zeros((num_experts, output_dims, r))
+
+    def adapters(self, indices: mx.array) -> tuple[mx.array, mx.array]:
+        """Each token's experts' A and B."""
+        return self.lora_a[indices], self.lora_b[indices]
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        lora_a, lora_b = self.adapters(indices)
+        update = (self.dropout(x) @ lora_a.swapaxes(-1, -2)) @ lora_b.swapaxes(-1, -2)
+        return self.linear(x, indices) + (self.scale * update).astype(x.dtype)
+
+    def merged_weights(self) -> mx.array:
+        weight = self.linear.expert_weights(self.lora_a.dtype)
+        return weight + (self.scale * (self.lora_b @ self.lora_a)).astype(weight.dtype)
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        weight = self.merged_weights()
+        num_experts, output_dims, input_dims = weight.shape
+        fused = GatheredSwitchLinear(input_dims, output_dims, num_experts, bias="bias" in self.linear)
+        fused.weight = weight
+        if "bias" in self.linear:
+            fused.bias = self.linear.bias
+        if "scales" not in self.linear or dequantize:
+            return fused
+        base = self.linear
+        requantized = GatheredQuantizedSwitchLinear(
+            input_dims, output_dims, num_experts, "bias" in base, base.group_size, base.bits, base.mode
+        )
+        requantized.weight, requantized.scales, *biases = mx.quantize(weight, base.group_size, base.bits, mode=base.mode)
+        requantized.biases = biases[0] if biases else None
+        if "bias" in base:
+            requantized.bias = base.bias
+        return requantized
+
+
+class AdapterIgnoresRouting(CorrectLoRASwitchLinear):
+    """A dense LoRA bolted onto an MoE layer: every token gets expert 0's adapter."""
+
+    def adapters(self, indices: mx.array) -> tuple[mx.array, mx.array]:
+        return super().adapters(mx.zeros_like(indices))
+
+
+class ExpertBiasNotRouted(CorrectLoRASwitchLinear):
+    """The base's bias is taken from the first expert for every token, as if it were a dense layer's."""
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        output = super().__call__(x, indices, sorted_indices)
+        if "bias" not in self.linear:
+            return output
+        return output - mx.expand_dims(self.linear.bias[indices], -2) + self.linear.bias[0]
+
+
+class SwitchFuseIgnoresAdapter(CorrectLoRASwitchLinear):
+    """``fuse()`` returns the experts' base weights: the adapter is lost."""
+
+    def merged_weights(self) -> mx.array:
+        return self.linear.expert_weights(self.lora_a.dtype)
+
+
+class PeftStyleSwitchConvention(LoRASwitchLinearConvention):
+    """The switch layers above take peft's (r, alpha, use_rslora), on the gathering bases."""
+
+    def construct(self, cls: type, case, r: int, dropout: float) -> nn.Module:
+        base = base_switch(case, GatheredSwitchLinear, GatheredQuantizedSwitchLinear)
+        first = case.first
+        layer = cls(base, r=r, alpha=first.alpha, use_rslora=first.use_rslora, dropout=dropout)
+        layer.eval()
+        return layer

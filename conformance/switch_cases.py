@@ -1,0 +1,118 @@
+"""Cases for LoRA on a mixture-of-experts base (MLX's ``SwitchLinear``): one linear case per expert.
+
+A switch layer holds ``E`` experts' weights, (E, out, in), and routes each token to the ``k`` experts
+its indices name. A `SwitchCase` is therefore ``E`` `LinearCase`s that share the input ``x`` and the
+case parameters but not their weights, plus the routing: indices (*batch, k), ``k`` distinct experts
+per token, as a top-k router picks them. Whether the subject is called with the rows sorted by expert
+(``sorted_indices=True``, as ``SwitchGLU`` does for long inputs) is part of the case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from conformance.cases import LinearCase, _fits, linear_cases, make_linear_case
+from conformance.dtypes import DType
+from conformance.quantization import Quantization
+
+
+@dataclass(frozen=True, repr=False)
+class SwitchCase:
+    experts: tuple[LinearCase, ...]
+    indices: np.ndarray
+    """(*batch_shape, top_k): the experts each token is routed to."""
+    sorted_indices: bool
+
+    @property
+    def first(self) -> LinearCase:
+        """The case parameters (every expert has the same), and the shared input."""
+        return self.experts[0]
+
+    @property
+    def dtype(self) -> DType:
+        return self.first.dtype
+
+    @property
+    def quantization(self) -> Quantization | None:
+        return self.first.quantization
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def top_k(self) -> int:
+        return self.indices.shape[-1]
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.first.x
+
+    def stacked(self, name: str) -> np.ndarray:
+        """One array of every expert, stacked on a leading expert axis: ``stacked("weight")`` is (E, out, in)."""
+        return np.stack([getattr(expert, name) for expert in self.experts])
+
+    def __repr__(self) -> str:
+        parameters = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
+        return f"SwitchCase({parameters})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
+        printer.text(repr(self))
+
+    def describe(self) -> dict:
+        return {
+            "kind": "switch",
+            **self.first.describe(),
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "sorted_indices": self.sorted_indices,
+        }
+
+
+def make_switch_case(num_experts: int, top_k: int, sorted_indices: bool, seed: int, **parameters) -> SwitchCase:
+    """The case with these parameters (those of `make_linear_case`, which each expert is made with)."""
+    streams = np.random.SeedSequence(seed).spawn(num_experts + 1)
+    experts = [
+        make_linear_case(seed=seed, **parameters) if e == 0 else
+        make_linear_case(seed=int(streams[e].generate_state(1)[0]), **parameters)
+        for e in range(num_experts)
+    ]
+    x = experts[0].x
+    rng = np.random.default_rng(streams[-1])
+    batch_shape = experts[0].batch_shape
+    # k distinct experts per token: the first k of a random order of all of them.
+    indices = np.argsort(rng.random((*batch_shape, num_experts)), axis=-1)[..., :top_k].astype(np.uint32)
+    return SwitchCase(
+        experts=tuple(replace(expert, x=x) for expert in experts),
+        indices=indices,
+        sorted_indices=sorted_indices,
+    )
+
+
+@st.composite
+def switch_cases(draw: st.DrawFn, dtype: DType, quantized: str | None = None) -> SwitchCase:
+    """LoRA cases on a SwitchLinear base (a QuantizedSwitchLinear in mode `quantized`), 1 to 8 experts."""
+    shape = draw(linear_cases(dtype, quantized=quantized), label="expert shape")
+    num_experts = draw(st.integers(1, 8), label="num_experts")
+    top_k = draw(st.integers(1, min(4, num_experts)), label="top_k")
+    sorted_indices = draw(st.booleans(), label="sorted_indices")
+    parameters = dict(
+        dtype=dtype,
+        in_features=shape.in_features,
+        out_features=shape.out_features,
+        r=shape.r,
+        alpha=shape.alpha,
+        use_rslora=shape.use_rslora,
+        dropout=shape.dropout,
+        batch_shape=shape.batch_shape or (1,),
+        has_bias=shape.has_bias,
+        magnitudes=shape.magnitudes,
+        quantization=shape.quantization,
+    )
+    case = make_switch_case(num_experts, top_k, sorted_indices, shape.seed, **parameters)
+    assume(all(expert.lora_B.any() and _fits(expert) for expert in case.experts))
+    return case

@@ -1,0 +1,41 @@
+"""LoRA on a quantized mixture-of-experts base (``QuantizedSwitchLinear``), in every mode the installed
+MLX offers: peft is given the dequantized experts' weights."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conformance import checks, profiles
+from conformance.asserting import record_and_assert
+from conformance.quantization import MODES
+from conformance.switch_cases import switch_cases
+
+pytestmark = [pytest.mark.parametrize("mode", MODES), pytest.mark.family("switch_linear")]
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_forward(subject, dtype, mode, data, recorder):
+    """Each routed output is LoRA's on the token's expert's dequantized weight."""
+    record_and_assert(recorder, checks.switch_forward(subject, data.draw(switch_cases(dtype, mode), label="case")))
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_merge(subject, dtype, mode, data, recorder):
+    """``fuse(dequantize=True)`` gives every expert ``W_e + s B_e A_e`` in the base dtype, as peft's merge."""
+    record_and_assert(recorder, checks.switch_merge(subject, data.draw(switch_cases(dtype, mode), label="case")))
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_merged_forward(subject, dtype, mode, data, recorder):
+    """The dequantized fused layer routes tokens to their experts' merged weights."""
+    record_and_assert(recorder, checks.switch_merged_forward(subject, data.draw(switch_cases(dtype, mode), label="case")))
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_requantize(subject, dtype, mode, data, recorder):
+    """``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size."""
+    record_and_assert(recorder, checks.requantize(subject, data.draw(switch_cases(dtype, mode), label="case")))
