@@ -40,8 +40,16 @@ def _config(case: LinearCase, r: int | None = None, dropout: float | None = None
     )
 
 
-def construct(case: LinearCase | EmbeddingCase, r: int, dropout: float) -> LoraLinear | LoraEmbedding:
-    """peft's layer created on the case's base with these arguments, as peft initialises it (eval mode)."""
+def construct(
+    case: LinearCase | EmbeddingCase | SwitchCase, r: int, dropout: float
+) -> LoraLinear | LoraEmbedding | PerExpertLinears:
+    """peft's layer created on the case's base with these arguments, as peft initialises it (eval mode).
+
+    Experts get one ``Linear`` each (`PerExpertLinears`): ``target_parameters`` refuses any dropout,
+    which would hide what peft says of the dropout's value.
+    """
+    if isinstance(case, SwitchCase):
+        return PerExpertLinears([construct(expert, r, dropout) for expert in case.experts]).eval()
     if isinstance(case, EmbeddingCase):
         lookup = case.lookup
         base = torch.nn.Embedding(lookup.in_features, lookup.out_features, dtype=lookup.dtype.torch)
@@ -163,9 +171,9 @@ class Experts(torch.nn.Module):
 class PerExpertLinears(torch.nn.Module):
     """One peft LoRA ``Linear`` per expert, routed like `Experts`: for what ``target_parameters`` refuses."""
 
-    def __init__(self, case: SwitchCase) -> None:
+    def __init__(self, experts: list[LoraLinear]) -> None:
         super().__init__()
-        self.experts = torch.nn.ModuleList(linear(expert) for expert in case.experts)
+        self.experts = torch.nn.ModuleList(experts)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         every = torch.stack([expert(x) for expert in self.experts], dim=-2)  # (*batch, E, out)
@@ -190,7 +198,7 @@ def switch(case: SwitchCase) -> torch.nn.Module:
     """peft's LoRA on the experts' weight (``LoraConfig(target_parameters=...)``'s ``ParamWrapper``), in
     eval mode; where peft refuses the case, one peft ``Linear`` per expert (`PerExpertLinears`)."""
     if not uses_target_parameters(case):
-        return PerExpertLinears(case).eval()
+        return PerExpertLinears([linear(expert) for expert in case.experts]).eval()
     first, dtype = case.first, case.dtype
     bias = tensor(case.stacked("bias"), dtype) if first.has_bias else None
     base = Experts(tensor(case.stacked("weight"), dtype), bias)

@@ -86,6 +86,7 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.AdapterIgnoresRouting), "forward"),
         WrongVariant(_subject(lora_layers.ExpertBiasNotRouted), "forward"),
         WrongVariant(_subject(lora_layers.SwitchFuseIgnoresAdapter), "merge"),
+        WrongVariant(_subject(lora_layers.ExpertIndexUnchecked), "error_parity"),
     )
 }
 # `--subject tests.catalogue:<ClassName>` finds these module attributes.

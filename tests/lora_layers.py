@@ -415,7 +415,12 @@ class CorrectLoRASwitchLinear(nn.Module):
         """Each token's experts' A and B."""
         return self.lora_a[indices], self.lora_b[indices]
 
+    def check_indices(self, indices: mx.array) -> None:
+        if indices.size and int(indices.max()) >= self.lora_a.shape[0]:
+            raise IndexError(f"expert indices must lie in [0, {self.lora_a.shape[0]})")
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        self.check_indices(indices)
         lora_a, lora_b = self.adapters(indices)
         update = (self.dropout(x) @ lora_a.swapaxes(-1, -2)) @ lora_b.swapaxes(-1, -2)
         return self.linear(x, indices) + (self.scale * update).astype(x.dtype)
@@ -459,6 +464,13 @@ class ExpertBiasNotRouted(CorrectLoRASwitchLinear):
         if "bias" not in self.linear:
             return output
         return output - mx.expand_dims(self.linear.bias[indices], -2) + self.linear.bias[0]
+
+
+class ExpertIndexUnchecked(CorrectLoRASwitchLinear):
+    """Routes to whatever an index past the last expert finds, as ``gather_mm`` does."""
+
+    def check_indices(self, indices: mx.array) -> None:
+        pass
 
 
 class SwitchFuseIgnoresAdapter(CorrectLoRASwitchLinear):
