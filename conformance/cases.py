@@ -162,7 +162,10 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase | Swi
     if d.get("kind") == "embedding":
         shared = {k: d[k] for k in _SHARED_PARAMETERS if k != "dtype"}
         shared.update(batch_shape=tuple(d["batch_shape"]), magnitudes=tuple(d["magnitudes"]))
-        return make_embedding_case(d["num_embeddings"], d["dims"], dtype=BY_NAME[d["dtype"]], **shared)
+        quantization = Quantization(**d["quantization"]) if d.get("quantization") else None
+        return make_embedding_case(
+            d["num_embeddings"], d["dims"], dtype=BY_NAME[d["dtype"]], quantization=quantization, **shared
+        )
     parameters = dict(
         dtype=BY_NAME[d["dtype"]],
         in_features=d["in_features"],
@@ -294,10 +297,17 @@ class EmbeddingCase:
     lookup: LinearCase
     ids: np.ndarray
     hidden: np.ndarray
+    quantized_parts: Parts | None = field(repr=False, default=None)
+    """A quantized table's parts: the (vocabulary, dims) table quantized along dims, as
+    ``nn.QuantizedEmbedding`` holds it (`lookup.quantization` names the mode)."""
 
     @property
     def dtype(self) -> DType:
         return self.lookup.dtype
+
+    @property
+    def quantization(self) -> Quantization | None:
+        return self.lookup.quantization
 
     @property
     def weight(self) -> np.ndarray:
@@ -318,6 +328,7 @@ class EmbeddingCase:
             x=self.hidden,
             use_dora=False,
             magnitude=None,
+            quantized_parts=self.quantized_parts,
         )
 
     def __repr__(self) -> str:
@@ -331,32 +342,41 @@ class EmbeddingCase:
         described = self.lookup.describe()
         described["num_embeddings"] = described.pop("in_features")
         described["dims"] = described.pop("out_features")
-        del described["bias"], described["quantization"], described["fan_in_fan_out"]
+        del described["bias"], described["fan_in_fan_out"]
         return {"kind": "embedding", **described}
 
 
-def make_embedding_case(num_embeddings: int, dims: int, **parameters) -> EmbeddingCase:
-    """The case with these parameters (those of `make_linear_case` but the base's shape and bias)."""
+def make_embedding_case(
+    num_embeddings: int, dims: int, quantization: Quantization | None = None, **parameters
+) -> EmbeddingCase:
+    """The case with these parameters (those of `make_linear_case` but the base's shape and bias); with
+    `quantization`, the table is an ``nn.QuantizedEmbedding``'s, quantized along dims."""
     lookup = make_linear_case(in_features=num_embeddings, out_features=dims, has_bias=False, **parameters)
     rng = np.random.default_rng([lookup.seed, 1])
     ids = rng.integers(0, num_embeddings, lookup.batch_shape)
     one_hot = np.eye(num_embeddings)[ids]
     hidden = _draw_array(rng, (*lookup.batch_shape, dims), lookup.magnitudes[0], lookup.dtype)
-    return EmbeddingCase(lookup=replace(lookup, x=one_hot), ids=ids, hidden=hidden)
+    parts = None
+    if quantization is not None:
+        parts, table = quantize_base(lookup.weight.T, lookup.dtype, quantization)
+        lookup = replace(lookup, weight=table.T, quantization=quantization)
+    return EmbeddingCase(lookup=replace(lookup, x=one_hot), ids=ids, hidden=hidden, quantized_parts=parts)
 
 
 @st.composite
-def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False) -> EmbeddingCase:
-    """LoRA (or DoRA) cases on an Embedding base in `dtype`."""
-    lookup = draw(linear_cases(dtype, use_dora=use_dora, with_bias=False))
-    parameters = {k: getattr(lookup, k) for k in _SHARED_PARAMETERS}
-    case = make_embedding_case(lookup.in_features, lookup.out_features, **parameters)
+def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, quantized: str | None = None) -> EmbeddingCase:
+    """LoRA (or DoRA) cases on an Embedding base in `dtype`, or a QuantizedEmbedding in mode `quantized`."""
+    shape = draw(linear_cases(dtype, use_dora=use_dora, with_bias=False, quantized=quantized))
+    parameters = {k: getattr(shape, k) for k in _SHARED_PARAMETERS}
+    # A quantized table is quantized along dims: the shape drawn for a quantized linear's input is dims.
+    vocabulary, dims = (shape.out_features, shape.in_features) if quantized else (shape.in_features, shape.out_features)
+    case = make_embedding_case(vocabulary, dims, quantization=shape.quantization, **parameters)
     assume(_fits(case.lookup) and _fits(case.head))
     return case
 
 
 _SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shape", "magnitudes", "seed", "use_dora")
-"""What an embedding case shares with a linear one (an embedding base is never quantized here)."""
+"""What an embedding case shares with a linear one, but its shape (and a quantized table's mode)."""
 
 
 def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:

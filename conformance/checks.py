@@ -144,7 +144,7 @@ def _failed(measurement: Measurement, quantity: str) -> bool:
     return any(c.side == "subject" and c.quantity == quantity and not c.passed for c in measurement.comparisons)
 
 
-def requantize(subject: Subject, case: LinearCase | SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """``fuse(dequantize=False)`` on a quantized base is exactly ``quantize(fuse(dequantize=True))``.
 
     The merge check holds the dequantized merge to peft and the oracle; re-quantizing it then loses
@@ -414,6 +414,7 @@ QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {
     "linear": {"forward": forward, "merge": merge, "requantize": requantize},
     "dora_linear": {"forward": forward, "merge": merge, "requantize": requantize, "init": init},
     "switch_linear": {**FAMILY_CHECKS["switch_linear"], "requantize": requantize},
+    "embedding": {**FAMILY_CHECKS["embedding"], "requantize": requantize},
 }
 """The checks of a family on a quantized base, where it has one."""
 

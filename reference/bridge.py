@@ -126,10 +126,16 @@ class DoRALinearConvention(LoRALinearConvention):
         return layer.m
 
 
-def base_embedding(case: EmbeddingCase) -> nn.Embedding:
-    """The frozen MLX ``nn.Embedding`` with the case's table."""
-    embedding = nn.Embedding(case.lookup.in_features, case.lookup.out_features)
-    embedding.weight = mlx_array(case.weight, case.dtype)
+def base_embedding(case: EmbeddingCase) -> nn.Embedding | nn.QuantizedEmbedding:
+    """The frozen MLX ``nn.Embedding`` (or ``nn.QuantizedEmbedding``) with the case's table."""
+    vocabulary, dims, q = case.lookup.in_features, case.lookup.out_features, case.quantization
+    if q is None:
+        embedding = nn.Embedding(vocabulary, dims)
+        embedding.weight = mlx_array(case.weight, case.dtype)
+        return embedding
+    embedding = nn.QuantizedEmbedding(vocabulary, dims, q.group_size, q.bits, q.mode)
+    embedding.weight, embedding.scales, *biases = quantization.to_mlx(case.quantized_parts, case.dtype)
+    embedding.biases = biases[0] if biases else None
     return embedding
 
 

@@ -43,10 +43,14 @@ class WrongVariant:
     """The dtypes in which the bug changes anything at all."""
     diagnosis: str = ""
     """Words the failure message's diagnosis must contain, where the pattern is recognisable."""
+    base: str = ""
+    """"quantized" where the bug only shows on a quantized base."""
 
     @property
     def module(self) -> str:
         """The conformance test module whose `check` must catch it."""
+        if self.base == "quantized":
+            return f"test_quantized_{self.subject.family}.py"
         if self.check == "requantize":
             return "test_quantized_linear.py"
         if self.check == "error_parity":
@@ -83,6 +87,9 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.AsLinearIgnoresAdapter), "as_linear"),
         WrongVariant(_subject(lora_layers.LookupWithoutRangeCheck), "error_parity"),
         WrongVariant(_subject(lora_layers.EmbeddingMergeTransposed), "merge"),
+        WrongVariant(
+            _subject(lora_layers.LookupInDefaultDtype), "forward", visible_in=("float32", "float16"), base="quantized"
+        ),
         WrongVariant(_subject(lora_layers.AdapterIgnoresRouting), "forward"),
         WrongVariant(_subject(lora_layers.ExpertBiasNotRouted), "forward"),
         WrongVariant(_subject(lora_layers.SwitchFuseIgnoresAdapter), "merge"),

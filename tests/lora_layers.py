@@ -276,40 +276,59 @@ class PeftStyleDoRAConvention(PeftStyleConvention):
 
 
 class CorrectLoRAEmbedding(nn.Module):
-    """LoRA on an embedding as peft defines it: ``W[ids] + s A^T[ids] B^T``; lora_a (V, r), lora_b (r, D)."""
+    """LoRA on an embedding as peft defines it: ``W[ids] + s A^T[ids] B^T``; lora_a (V, r), lora_b (r, D).
 
-    def __init__(self, embedding: nn.Embedding, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
+    A quantized table is dequantized into the adapter's dtype (the model's), one id or many.
+    """
+
+    def __init__(self, embedding: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
         super().__init__()
         vocabulary, dims = embedding.weight.shape
+        if isinstance(embedding, nn.QuantizedEmbedding):
+            dims = embedding.scales.shape[-1] * embedding.group_size
         self.embedding = embedding
         self.dropout = nn.Dropout(p=dropout)
         self.scale = CorrectLoRALinear.scaling(alpha, r, use_rslora)
         self.lora_a = mx.zeros((vocabulary, r))
         self.lora_b = mx.zeros((r, dims))
 
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.embedding, nn.QuantizedEmbedding)
+
+    def table(self) -> mx.array:
+        """The base table, (V, D), dequantized into the model's dtype if quantized."""
+        e = self.embedding
+        if not self.quantized:
+            return e.weight
+        return mx.dequantize(e.weight, e.scales, e.get("biases"), e.group_size, e.bits, e.mode, dtype=self.lora_a.dtype)
+
     def delta(self) -> mx.array:
         """The update as a table, (V, D)."""
         return (self.scale * self.lora_a) @ self.lora_b
 
     def check_ids(self, ids: mx.array) -> None:
-        vocabulary = self.embedding.weight.shape[0]
+        vocabulary = self.lora_a.shape[0]
         if mx.any((ids < 0) | (ids >= vocabulary)).item():
             raise IndexError(f"token ids must lie in [0, {vocabulary})")
 
     def __call__(self, ids: mx.array) -> mx.array:
         self.check_ids(ids)
-        y = self.embedding(ids)
+        y = self.table()[ids]
         return y + (self.scale * (self.lora_a[ids] @ self.lora_b)).astype(y.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         update = (self.dropout(x) @ self.lora_b.T) @ self.lora_a.T
         return self.embedding.as_linear(x) + (self.scale * update).astype(x.dtype)
 
-    def fuse(self) -> nn.Embedding:
-        weight = self.embedding.weight
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        weight = self.table()
         fused = nn.Embedding(*weight.shape)
         fused.weight = weight + self.delta().astype(weight.dtype)
-        return fused
+        if not self.quantized or dequantize:
+            return fused
+        e = self.embedding
+        return nn.QuantizedEmbedding.from_embedding(fused, e.group_size, e.bits, mode=e.mode)
 
 
 class EmbeddingLookupUnscaled(CorrectLoRAEmbedding):
@@ -317,7 +336,7 @@ class EmbeddingLookupUnscaled(CorrectLoRAEmbedding):
 
     def __call__(self, ids: mx.array) -> mx.array:
         self.check_ids(ids)
-        y = self.embedding(ids)
+        y = self.table()[ids]
         return y + (self.lora_a[ids] @ self.lora_b).astype(y.dtype)
 
 
@@ -333,6 +352,17 @@ class AsLinearIgnoresAdapter(CorrectLoRAEmbedding):
 
     def as_linear(self, x: mx.array) -> mx.array:
         return self.embedding.as_linear(x)
+
+
+class LookupInDefaultDtype(CorrectLoRAEmbedding):
+    """A quantized table is dequantized without a dtype, as ``nn.QuantizedEmbedding`` does: an mx
+    table's lookups come back bfloat16 whatever the model's dtype."""
+
+    def table(self) -> mx.array:
+        e = self.embedding
+        if not self.quantized:
+            return e.weight
+        return mx.dequantize(e.weight, e.scales, e.get("biases"), e.group_size, e.bits, e.mode)
 
 
 class EmbeddingMergeTransposed(CorrectLoRAEmbedding):
@@ -360,7 +390,7 @@ class PeftStyleEmbeddingConvention:
         return layer
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
-        return layer.fuse()
+        return layer.fuse(dequantize=dequantize)
 
 
 # Mixture of experts ------------------------------------------------------------------------------
