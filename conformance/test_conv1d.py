@@ -42,3 +42,12 @@ def test_lora_merge(subject, dtype, data, recorder):
 def test_dora_forward(subject, dtype, data, recorder):
     """DoRA's output, against peft's DoRA on a Conv1D base."""
     record_and_assert(recorder, checks.forward(subject, data.draw(_conv1d_cases(dtype, True), label="case")))
+
+
+@pytest.mark.family("dora_linear")
+@pytest.mark.check("merge")
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_dora_merge(subject, dtype, data, recorder):
+    """DoRA's merged weight, bias, dtype and output, against peft's merge on a Conv1D base."""
+    record_and_assert(recorder, checks.merge(subject, data.draw(_conv1d_cases(dtype, True), label="case")))

@@ -67,6 +67,11 @@ class Tracked:
         value = np.stack([part.value for part in parts], axis=axis)
         return Tracked(value, np.stack([part.bound for part in parts], axis=axis), parts[0].dtype)
 
+    @staticmethod
+    def concatenate(parts: list[Tracked], axis: int = -1) -> Tracked:
+        value = np.concatenate([part.value for part in parts], axis=axis)
+        return Tracked(value, np.concatenate([part.bound for part in parts], axis=axis), parts[0].dtype)
+
     def take_along_axis(self, indices: np.ndarray, axis: int) -> Tracked:
         """``np.take_along_axis`` of value and bound: a gather, exact."""
         take = np.take_along_axis

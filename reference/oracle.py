@@ -28,8 +28,16 @@ def _base_weight(case: LinearCase) -> Tracked:
 
 
 def _affine(case: LinearCase, weight: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
-    out = _exact(case, case.x).matmul(weight.T, accumulation)
-    return out + _exact(case, case.bias) if case.has_bias else out
+    """``x W^T + b``: the product, then the bias; or, as BLAS's ``addmm`` (torch's Linear and Conv1D)
+    does, one sum of n + 1 terms that starts from the bias. The bound covers both."""
+    x = _exact(case, case.x)
+    out = x.matmul(weight.T, accumulation)
+    if not case.has_bias:
+        return out
+    bias = _exact(case, case.bias)
+    ones = Tracked.exact(np.ones((*case.x.shape[:-1], 1)), case.dtype)
+    folded = Tracked.concatenate([x, ones]).matmul(Tracked.concatenate([weight.T, bias[None]], axis=0), accumulation)
+    return Tracked.covering(out + bias, folded)
 
 
 def lora_delta(case: LinearCase) -> Tracked:
