@@ -7,6 +7,7 @@ same numbers. B is never zero: a zero B hides every scaling bug.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -190,17 +191,34 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase | Swi
     return make_linear_case(**parameters)
 
 
+# Strategies are built once: Hypothesis works out a new strategy's properties on its first draw,
+# which, per case, took as long as drawing the case.
+
+
+@functools.cache
+def integers_between(low: int, high: int) -> st.SearchStrategy[int]:
+    return st.integers(low, high)
+
+
+@functools.cache
+def _sampled_from(values: tuple) -> st.SearchStrategy:
+    return st.sampled_from(values)
+
+
+@functools.cache
 def _features(limit: int) -> st.SearchStrategy[int]:
     # Small sizes are where off-by-one layouts show; larger ones are where rounding grows.
     return st.one_of(st.integers(1, 8), st.integers(1, limit))
 
 
+@functools.cache
 def _alpha() -> st.SearchStrategy[float]:
     integral = st.integers(1, 128).map(float)
     fractional = st.floats(1e-2, 128.0, allow_nan=False, allow_infinity=False)
     return st.one_of(integral, fractional)
 
 
+@functools.cache
 def _magnitude() -> st.SearchStrategy[float]:
     """A power of two to scale a tensor by, so weights of very different sizes meet.
 
@@ -208,6 +226,10 @@ def _magnitude() -> st.SearchStrategy[float]:
     overflow; whatever still fits the dtype is a case a correct implementation must get right.
     """
     return st.one_of(st.integers(-4, 3), st.sampled_from([-10, -8, 5, 6])).map(lambda e: 2.0**e)
+
+
+BOOLEANS = st.booleans()
+_BATCH_SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4)
 
 
 def _draw_array(rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype: DType) -> np.ndarray:
@@ -227,20 +249,20 @@ def linear_cases(
     with `fan_in_fan_out`, peft's base is a transformers Conv1D."""
     sizes = profiles.sizes()
     modes = [q for q in AVAILABLE if q.mode == quantized]
-    quantization = draw(st.sampled_from(modes), label="quantization") if quantized else None
+    quantization = draw(_sampled_from(tuple(modes)), label="quantization") if quantized else None
     if quantization is None:
         in_features = draw(_features(sizes.max_features), label="in_features")
     else:  # whole groups of the quantization
-        groups = draw(st.integers(1, max(1, sizes.max_features // quantization.group_size)), label="groups")
+        groups = draw(integers_between(1, max(1, sizes.max_features // quantization.group_size)), label="groups")
         in_features = groups * quantization.group_size
     out_features = draw(_features(sizes.max_features), label="out_features")
-    r = draw(st.integers(1, sizes.max_rank), label="r")
+    r = draw(integers_between(1, sizes.max_rank), label="r")
     alpha = draw(_alpha(), label="alpha")
-    use_rslora = draw(st.booleans(), label="use_rslora")
-    has_bias = draw(st.booleans(), label="bias") if with_bias else False
-    dropout = draw(st.sampled_from([0.0, 0.1, 0.5]), label="dropout")
-    batch_shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4), label="batch_shape")
-    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    use_rslora = draw(BOOLEANS, label="use_rslora")
+    has_bias = draw(BOOLEANS, label="bias") if with_bias else False
+    dropout = draw(_sampled_from((0.0, 0.1, 0.5)), label="dropout")
+    batch_shape = draw(_BATCH_SHAPES, label="batch_shape")
+    seed = draw(integers_between(0, 2**32 - 1), label="seed")
     magnitudes = tuple(draw(_magnitude(), label=f"magnitude of {name}") for name in ("x", "W", "A", "B"))
 
     case = make_linear_case(
@@ -260,11 +282,11 @@ def linear_cases(
         fan_in_fan_out=fan_in_fan_out,
     )
     assume(case.lora_B.any())
-    assume(_fits(case))
+    assume(fits_dtype(case))
     return case
 
 
-def _fits(case: LinearCase) -> bool:
+def fits_dtype(case: LinearCase) -> bool:
     """Whether every intermediate stays far from overflow in the case dtype."""
     x, limit = np.abs(case.x), case.dtype.largest / 64
     base = x @ np.abs(case.weight).T
@@ -371,7 +393,7 @@ def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, quant
     # A quantized table is quantized along dims: the shape drawn for a quantized linear's input is dims.
     vocabulary, dims = (shape.out_features, shape.in_features) if quantized else (shape.in_features, shape.out_features)
     case = make_embedding_case(vocabulary, dims, quantization=shape.quantization, **parameters)
-    assume(_fits(case.lookup) and _fits(case.head))
+    assume(fits_dtype(case.lookup) and fits_dtype(case.head))
     return case
 
 

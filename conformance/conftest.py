@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 from conformance import divergences, profiles, quantization, recording
 from conformance.dtypes import BY_NAME as DTYPES
@@ -176,6 +176,25 @@ def recorder(pytestconfig: pytest.Config) -> recording.Recorder:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     item.config.stash[RECORDER].check_id = check_id(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Run a known divergence without Hypothesis' shrink phase.
+
+    Its first failing case is recorded and replayable, and its reason is already written down;
+    shrinking it again on every run took a third of the ci profile's time. New failures are shrunk.
+    """
+    test = getattr(item, "obj", None)
+    own = getattr(test, "_hypothesis_internal_use_settings", None)  # Hypothesis reads it at call time
+    if own is None or divergences.find(item.config.stash[STATE]["known"], check_id(item)) is None:
+        yield
+        return
+    test._hypothesis_internal_use_settings = settings(own, phases=[p for p in own.phases if p != Phase.shrink])
+    try:
+        yield
+    finally:
+        test._hypothesis_internal_use_settings = own
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -15,7 +15,7 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from conformance.cases import LinearCase, _fits, linear_cases, make_linear_case
+from conformance.cases import BOOLEANS, LinearCase, fits_dtype, integers_between, linear_cases, make_linear_case
 from conformance.dtypes import DType
 from conformance.quantization import Quantization
 
@@ -97,9 +97,9 @@ def make_switch_case(num_experts: int, top_k: int, sorted_indices: bool, seed: i
 def switch_cases(draw: st.DrawFn, dtype: DType, quantized: str | None = None) -> SwitchCase:
     """LoRA cases on a SwitchLinear base (a QuantizedSwitchLinear in mode `quantized`), 1 to 8 experts."""
     shape = draw(linear_cases(dtype, quantized=quantized), label="expert shape")
-    num_experts = draw(st.integers(1, 8), label="num_experts")
-    top_k = draw(st.integers(1, min(4, num_experts)), label="top_k")
-    sorted_indices = draw(st.booleans(), label="sorted_indices")
+    num_experts = draw(integers_between(1, 8), label="num_experts")
+    top_k = draw(integers_between(1, min(4, num_experts)), label="top_k")
+    sorted_indices = draw(BOOLEANS, label="sorted_indices")
     parameters = dict(
         dtype=dtype,
         in_features=shape.in_features,
@@ -114,5 +114,5 @@ def switch_cases(draw: st.DrawFn, dtype: DType, quantized: str | None = None) ->
         quantization=shape.quantization,
     )
     case = make_switch_case(num_experts, top_k, sorted_indices, shape.seed, **parameters)
-    assume(all(expert.lora_B.any() and _fits(expert) for expert in case.experts))
+    assume(all(expert.lora_B.any() and fits_dtype(expert) for expert in case.experts))
     return case

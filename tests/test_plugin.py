@@ -85,6 +85,19 @@ def test_known_divergences_keep_the_gate_green_and_report_fixed_ones(run_suite, 
     assert run.results["known_divergences"][0]["status"] == "now passing"
 
 
+def test_a_new_failure_is_shrunk_and_a_known_divergence_is_not(run_suite, tmp_path):
+    known = tmp_path / "known.txt"
+    known.write_text("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n")
+    run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
+    failing = {check: [r for r in run.results["rows"] if r["check"] == check and r["verdict"] == "fail"] for check in ("forward", "merge")}
+    # The known divergence: its first failing case, then Hypothesis' final replay of it.
+    assert len(failing["forward"]) == 2 and failing["forward"][0]["case"] == failing["forward"][1]["case"]
+    # The new failure: the shrinker tried many smaller failing cases and reports the smallest.
+    assert len(failing["merge"]) > 2
+    final = next(r for r in failing["merge"] if r["final"])
+    assert final["case"]["in_features"] == final["case"]["out_features"] == 1
+
+
 def test_a_known_divergence_needs_a_reason(run_suite, tmp_path):
     known = tmp_path / "known.txt"
     known.write_text("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]\n")
