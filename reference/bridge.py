@@ -79,8 +79,7 @@ class LoRaLayerConvention:
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         layer = self.construct(cls, case, case.r, case.dropout)
-        layer.A = mlx_array(case.lora_A.T, case.dtype)
-        layer.B = mlx_array(case.lora_B.T, case.dtype)
+        load_adapter(layer, A=mlx_array(case.lora_A.T, case.dtype), B=mlx_array(case.lora_B.T, case.dtype))
         return _eval_mode(layer)
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
@@ -216,8 +215,9 @@ class LoRASwitchLinearConvention:
 
     def build(self, cls: type, case: SwitchCase) -> nn.Module:
         layer = self.construct(cls, case, case.first.r, case.first.dropout)
-        layer.lora_a = mlx_array(case.stacked("lora_A"), case.dtype)
-        layer.lora_b = mlx_array(case.stacked("lora_B"), case.dtype)
+        load_adapter(
+            layer, lora_a=mlx_array(case.stacked("lora_A"), case.dtype), lora_b=mlx_array(case.stacked("lora_B"), case.dtype)
+        )
         return _eval_mode(layer)
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
@@ -242,10 +242,22 @@ def switch_call(layer: nn.Module, case: SwitchCase) -> mx.array:
     return output[mx.argsort(order)].reshape(*case.indices.shape, -1)
 
 
+def load_adapter(layer: nn.Module, **arrays: mx.array) -> None:
+    """Give a layer adapter weights, as loading an adapter file does: each must have the shape the layer
+    created it with (``load_weights`` refuses others), so a layer that sizes its adapter wrongly fails here."""
+    for name, values in arrays.items():
+        created = getattr(layer, name).shape
+        if tuple(created) != tuple(values.shape):
+            raise ValueError(
+                f"the layer created {name} with shape {tuple(created)}; the adapter's {name} has shape "
+                f"{tuple(values.shape)} and would not load"
+            )
+        setattr(layer, name, values)
+
+
 def _with_adapter(layer: nn.Module, case: LinearCase) -> nn.Module:
     """Give an MLX layer the case's A and B in MLX's layout: ``lora_a`` (in, r), ``lora_b`` (r, out)."""
-    layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
-    layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
+    load_adapter(layer, lora_a=mlx_array(case.lora_A.T, case.dtype), lora_b=mlx_array(case.lora_B.T, case.dtype))
     return _eval_mode(layer)
 
 

@@ -12,7 +12,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from conformance.cases import LinearCase
-from reference.bridge import LoRASwitchLinearConvention, base_embedding, base_linear, base_switch, mlx_array
+from reference.bridge import (
+    LoRASwitchLinearConvention,
+    base_embedding,
+    base_linear,
+    base_switch,
+    load_adapter,
+    mlx_array,
+)
 
 
 class CorrectLoRALinear(nn.Module):
@@ -136,6 +143,15 @@ class UpdateCastToFloat16(CorrectLoRALinear):
         return (self.scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)).astype(mx.float16)
 
 
+class QuantizedWidthAssumesFourBits(CorrectLoRALinear):
+    """Sizes the adapter of a quantized base as if every base were 4-bit (8 values per packed word)."""
+
+    def __init__(self, linear: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
+        super().__init__(linear, r, alpha, use_rslora, dropout)
+        if isinstance(linear, nn.QuantizedLinear):
+            self.lora_a = mx.zeros((linear.weight.shape[1] * 8, r))
+
+
 class SwappedAB(CorrectLoRALinear):
     """A and B used in each other's place, as if ``lora_b`` were (out, r) and ``lora_a`` (r, in)."""
 
@@ -194,8 +210,7 @@ class PeftStyleConvention:
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         layer = self.construct(cls, case, case.r, case.dropout)
-        layer.lora_a = mlx_array(case.lora_A.T, case.dtype)
-        layer.lora_b = mlx_array(case.lora_B.T, case.dtype)
+        load_adapter(layer, lora_a=mlx_array(case.lora_A.T, case.dtype), lora_b=mlx_array(case.lora_B.T, case.dtype))
         layer.eval()
         return layer
 
@@ -384,8 +399,7 @@ class PeftStyleEmbeddingConvention:
     def build(self, cls: type, case) -> nn.Module:
         lookup = case.lookup
         layer = self.construct(cls, case, lookup.r, lookup.dropout)
-        layer.lora_a = mlx_array(lookup.lora_A.T, case.dtype)
-        layer.lora_b = mlx_array(lookup.lora_B.T, case.dtype)
+        load_adapter(layer, lora_a=mlx_array(lookup.lora_A.T, case.dtype), lora_b=mlx_array(lookup.lora_B.T, case.dtype))
         layer.eval()
         return layer
 
