@@ -245,11 +245,11 @@ def linear_cases(
     quantized: str | None = None,
     fan_in_fan_out: bool = False,
 ) -> LinearCase:
-    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base, or a QuantizedLinear in mode `quantized`;
+    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base, or a QuantizedLinear of kind `quantized` (see `Quantization.kind`);
     with `fan_in_fan_out`, peft's base is a transformers Conv1D."""
     sizes = profiles.sizes()
-    modes = [q for q in AVAILABLE if q.mode == quantized]
-    quantization = draw(_sampled_from(tuple(modes)), label="quantization") if quantized else None
+    kinds = tuple(q for q in AVAILABLE if q.kind == quantized)
+    quantization = draw(_sampled_from(kinds), label="quantization") if quantized else None
     if quantization is None:
         in_features = draw(_features(sizes.max_features), label="in_features")
     else:  # whole groups of the quantization
@@ -387,7 +387,7 @@ def make_embedding_case(
 
 @st.composite
 def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, quantized: str | None = None) -> EmbeddingCase:
-    """LoRA (or DoRA) cases on an Embedding base in `dtype`, or a QuantizedEmbedding in mode `quantized`."""
+    """LoRA (or DoRA) cases on an Embedding base in `dtype`, or a QuantizedEmbedding of kind `quantized` (see `Quantization.kind`)."""
     shape = draw(linear_cases(dtype, use_dora=use_dora, with_bias=False, quantized=quantized))
     parameters = {k: getattr(shape, k) for k in _SHARED_PARAMETERS}
     # A quantized table is quantized along dims: the shape drawn for a quantized linear's input is dims.

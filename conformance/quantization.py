@@ -20,6 +20,15 @@ class Quantization:
     bits: int
     group_size: int
 
+    @property
+    def kind(self) -> str:
+        """The mode, with affine split by whether a value fits whole in a 32-bit word: 1, 2, 4 and 8
+        bits do ("affine"); 3, 5 and 6 bits straddle words ("affine-unaligned"), which code that
+        sizes a layer from the packed width has got wrong."""
+        if self.mode != "affine":
+            return self.mode
+        return "affine" if 32 % self.bits == 0 else "affine-unaligned"
+
     def __str__(self) -> str:
         return f"{self.mode}{self.bits}g{self.group_size}" if self.mode == "affine" else f"{self.mode}g{self.group_size}"
 
@@ -58,7 +67,12 @@ def dequantize(parts: tuple[mx.array, ...], quantization: Quantization, dtype: m
     return mx.dequantize(weight, scales, biases[0] if biases else None, **quantization.describe(), dtype=dtype)
 
 
-MODES: tuple[str, ...] = tuple(dict.fromkeys(q.mode for q in AVAILABLE))
+KINDS: tuple[str, ...] = tuple(dict.fromkeys(q.kind for q in AVAILABLE))
+"""What the quantized test modules parametrize over: each mode, affine split by `Quantization.kind`."""
+
+
+def first_of_kind(kind: str) -> Quantization:
+    return next(q for q in AVAILABLE if q.kind == kind)
 
 
 Parts = tuple[np.ndarray, ...]

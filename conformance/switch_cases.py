@@ -95,7 +95,7 @@ def make_switch_case(num_experts: int, top_k: int, sorted_indices: bool, seed: i
 
 @st.composite
 def switch_cases(draw: st.DrawFn, dtype: DType, quantized: str | None = None) -> SwitchCase:
-    """LoRA cases on a SwitchLinear base (a QuantizedSwitchLinear in mode `quantized`), 1 to 8 experts."""
+    """LoRA cases on a SwitchLinear base (a QuantizedSwitchLinear of kind `quantized` (see `Quantization.kind`)), 1 to 8 experts."""
     shape = draw(linear_cases(dtype, quantized=quantized), label="expert shape")
     num_experts = draw(integers_between(1, 8), label="num_experts")
     top_k = draw(integers_between(1, min(4, num_experts)), label="top_k")

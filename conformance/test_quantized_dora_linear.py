@@ -1,7 +1,8 @@
 """DoRA on a quantized Linear base, in every quantization mode and bit width the installed MLX offers.
 
 peft is given the dequantized weight: that is what the quantized base computes with. Each mode is
-its own parametrization, with a fifth of the profile's examples (the modes' bit widths and group
+its own parametrization (affine twice: bit widths whose values fit a 32-bit word whole, and 3, 5
+and 6 bits, which straddle words), with a fifth of the profile's examples (the modes' bit widths and group
 sizes are drawn).
 """
 
@@ -12,38 +13,38 @@ from hypothesis import strategies as st
 from conformance import checks, profiles
 from conformance.asserting import record_and_assert
 from conformance.cases import linear_cases
-from conformance.quantization import MODES
+from conformance.quantization import KINDS
 
-pytestmark = [pytest.mark.parametrize("mode", MODES), pytest.mark.family("dora_linear")]
+pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("dora_linear")]
 
 
-def _quantized_cases(dtype, mode):
-    return linear_cases(dtype, use_dora=True, quantized=mode)
+def _quantized_cases(dtype, kind):
+    return linear_cases(dtype, use_dora=True, quantized=kind)
 
 
 @profiles.fewer_examples(5)
 @given(data=st.data())
-def test_forward(subject, dtype, mode, data, recorder):
+def test_forward(subject, dtype, kind, data, recorder):
     """On a ``QuantizedLinear`` the output is DoRA's on the dequantized weight."""
-    record_and_assert(recorder, checks.forward(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.forward(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
 
 
 @profiles.fewer_examples(5)
 @given(data=st.data())
-def test_merge(subject, dtype, mode, data, recorder):
+def test_merge(subject, dtype, kind, data, recorder):
     """``fuse(dequantize=True)`` gives DoRA's merge of the dequantized weight in the base dtype, as peft's merge does."""
-    record_and_assert(recorder, checks.merge(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.merge(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
 
 
 @profiles.fewer_examples(5)
 @given(data=st.data())
-def test_requantize(subject, dtype, mode, data, recorder):
+def test_requantize(subject, dtype, kind, data, recorder):
     """``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size."""
-    record_and_assert(recorder, checks.requantize(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.requantize(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
 
 
 @profiles.fewer_examples(5)
 @given(data=st.data())
-def test_init(subject, dtype, mode, data, recorder):
+def test_init(subject, dtype, kind, data, recorder):
     """Created on a quantized base, the magnitude is the dequantized weight's row norms."""
-    record_and_assert(recorder, checks.init(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.init(subject, data.draw(_quantized_cases(dtype, kind), label="case")))

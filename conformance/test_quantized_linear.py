@@ -1,7 +1,8 @@
 """LoRA on a quantized Linear base, in every quantization mode and bit width the installed MLX offers.
 
 peft is given the dequantized weight: that is what the quantized base computes with. Each mode is
-its own parametrization, with a fifth of the profile's examples (the modes' bit widths and group
+its own parametrization (affine twice: bit widths whose values fit a 32-bit word whole, and 3, 5
+and 6 bits, which straddle words), with a fifth of the profile's examples (the modes' bit widths and group
 sizes are drawn).
 """
 
@@ -15,46 +16,46 @@ from conformance import checks, profiles
 from conformance.asserting import record_and_assert
 from conformance.cases import linear_cases
 from conformance.dtypes import CASE_DTYPES, round_to
-from conformance.quantization import AVAILABLE, MODES, quantize_base, to_mlx
+from conformance.quantization import KINDS, first_of_kind, quantize_base, to_mlx
 from conformance.verdict import Tracked, compare
 from reference.bridge import mlx_array, to_numpy
 
-pytestmark = [pytest.mark.parametrize("mode", MODES), pytest.mark.family("linear")]
+pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("linear")]
 
 
-def _quantized_cases(dtype, mode):
-    return linear_cases(dtype, quantized=mode)
+def _quantized_cases(dtype, kind):
+    return linear_cases(dtype, quantized=kind)
 
 
 @profiles.fewer_examples(5)
 @given(data=st.data())
-def test_forward(subject, dtype, mode, data, recorder):
+def test_forward(subject, dtype, kind, data, recorder):
     """On a ``QuantizedLinear`` the output is LoRA's on the dequantized weight."""
-    record_and_assert(recorder, checks.forward(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.forward(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
 
 
 @profiles.fewer_examples(5)
 @given(data=st.data())
-def test_merge(subject, dtype, mode, data, recorder):
+def test_merge(subject, dtype, kind, data, recorder):
     """``fuse(dequantize=True)`` gives ``W_dequantized + s B A`` in the base dtype, as peft's merge does."""
-    record_and_assert(recorder, checks.merge(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.merge(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
 
 
 @profiles.fewer_examples(5)
 @given(data=st.data())
-def test_requantize(subject, dtype, mode, data, recorder):
+def test_requantize(subject, dtype, kind, data, recorder):
     """``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size."""
-    record_and_assert(recorder, checks.requantize(subject, data.draw(_quantized_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.requantize(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
 
 
 @pytest.mark.parametrize("dtype", CASE_DTYPES, ids=str)
-def test_quantized_matmul_accumulation(dtype, mode):
+def test_quantized_matmul_accumulation(dtype, kind):
     """The base itself: MLX's quantized matrix product sums in float32, as a dense one does.
 
     A long all-positive row makes a sum in a half-precision accumulator visibly wrong, whatever the
     LoRA layer on top of it does; the LoRA checks above allow for such a base (see `oracle.linear_base`).
     """
-    q = next(q for q in AVAILABLE if q.mode == mode)
+    q = first_of_kind(kind)
     rng = np.random.default_rng(0)
     parts, weight = quantize_base(round_to(rng.uniform(0.5, 1, (4, 4096)), dtype), dtype, q)
     x = round_to(rng.uniform(0.5, 1, (2, 4096)), dtype)

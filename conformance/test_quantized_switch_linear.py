@@ -12,35 +12,35 @@ from hypothesis import strategies as st
 
 from conformance import checks, profiles
 from conformance.asserting import record_and_assert
-from conformance.quantization import MODES
+from conformance.quantization import KINDS
 from conformance.switch_cases import switch_cases
 
-pytestmark = [pytest.mark.parametrize("mode", MODES), pytest.mark.family("switch_linear")]
+pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("switch_linear")]
 
 
 @profiles.fewer_examples(10)
 @given(data=st.data())
-def test_forward(subject, dtype, mode, data, recorder):
+def test_forward(subject, dtype, kind, data, recorder):
     """Each routed output is LoRA's on the token's expert's dequantized weight."""
-    record_and_assert(recorder, checks.switch_forward(subject, data.draw(switch_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.switch_forward(subject, data.draw(switch_cases(dtype, kind), label="case")))
 
 
 @profiles.fewer_examples(10)
 @given(data=st.data())
-def test_merge(subject, dtype, mode, data, recorder):
+def test_merge(subject, dtype, kind, data, recorder):
     """``fuse(dequantize=True)`` gives every expert ``W_e + s B_e A_e`` in the base dtype, as peft's merge."""
-    record_and_assert(recorder, checks.switch_merge(subject, data.draw(switch_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.switch_merge(subject, data.draw(switch_cases(dtype, kind), label="case")))
 
 
 @profiles.fewer_examples(10)
 @given(data=st.data())
-def test_merged_forward(subject, dtype, mode, data, recorder):
+def test_merged_forward(subject, dtype, kind, data, recorder):
     """The dequantized fused layer routes tokens to their experts' merged weights."""
-    record_and_assert(recorder, checks.switch_merged_forward(subject, data.draw(switch_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.switch_merged_forward(subject, data.draw(switch_cases(dtype, kind), label="case")))
 
 
 @profiles.fewer_examples(10)
 @given(data=st.data())
-def test_requantize(subject, dtype, mode, data, recorder):
+def test_requantize(subject, dtype, kind, data, recorder):
     """``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size."""
-    record_and_assert(recorder, checks.requantize(subject, data.draw(switch_cases(dtype, mode), label="case")))
+    record_and_assert(recorder, checks.requantize(subject, data.draw(switch_cases(dtype, kind), label="case")))

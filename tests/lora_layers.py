@@ -143,13 +143,14 @@ class UpdateCastToFloat16(CorrectLoRALinear):
         return (self.scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)).astype(mx.float16)
 
 
-class QuantizedWidthAssumesFourBits(CorrectLoRALinear):
-    """Sizes the adapter of a quantized base as if every base were 4-bit (8 values per packed word)."""
+class QuantizedWidthRoundedDown(CorrectLoRALinear):
+    """Sizes the adapter of a quantized base as packed width × (32 // bits), as mlx-lm's DoRALinear does:
+    short for 3, 5 and 6 bits, whose values straddle 32-bit words."""
 
     def __init__(self, linear: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
         super().__init__(linear, r, alpha, use_rslora, dropout)
         if isinstance(linear, nn.QuantizedLinear):
-            self.lora_a = mx.zeros((linear.weight.shape[1] * 8, r))
+            self.lora_a = mx.zeros((linear.weight.shape[1] * (32 // linear.bits), r))
 
 
 class SwappedAB(CorrectLoRALinear):
