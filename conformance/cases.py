@@ -191,8 +191,8 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase | Swi
     return make_linear_case(**parameters)
 
 
-# Strategies are built once: Hypothesis works out a new strategy's properties on its first draw,
-# which, per case, took as long as drawing the case.
+# Strategies are built once per process: Hypothesis works out a new strategy's properties when it is
+# first drawn from, which need not happen again for every case.
 
 
 @functools.cache
@@ -245,8 +245,8 @@ def linear_cases(
     quantized: str | None = None,
     fan_in_fan_out: bool = False,
 ) -> LinearCase:
-    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base, or a QuantizedLinear of kind `quantized` (see `Quantization.kind`);
-    with `fan_in_fan_out`, peft's base is a transformers Conv1D."""
+    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base; with `quantized` (a `Quantization.kind`)
+    on a QuantizedLinear, with `fan_in_fan_out` on peft's side a transformers Conv1D."""
     sizes = profiles.sizes()
     kinds = tuple(q for q in AVAILABLE if q.kind == quantized)
     quantization = draw(_sampled_from(kinds), label="quantization") if quantized else None
@@ -387,7 +387,8 @@ def make_embedding_case(
 
 @st.composite
 def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, quantized: str | None = None) -> EmbeddingCase:
-    """LoRA (or DoRA) cases on an Embedding base in `dtype`, or a QuantizedEmbedding of kind `quantized` (see `Quantization.kind`)."""
+    """LoRA (or DoRA) cases on an Embedding base in `dtype`, or with `quantized` (a `Quantization.kind`) on a
+    QuantizedEmbedding."""
     shape = draw(linear_cases(dtype, use_dora=use_dora, with_bias=False, quantized=quantized))
     parameters = {k: getattr(shape, k) for k in _SHARED_PARAMETERS}
     # A quantized table is quantized along dims: the shape drawn for a quantized linear's input is dims.

@@ -22,6 +22,8 @@ from conformance.quantization import Quantization
 
 @dataclass(frozen=True, repr=False)
 class SwitchCase:
+    """LoRA on every expert of a switch layer, and how tokens are routed to them."""
+
     experts: tuple[LinearCase, ...]
     indices: np.ndarray
     """(*batch_shape, top_k): the experts each token is routed to."""
@@ -75,14 +77,12 @@ class SwitchCase:
 
 def make_switch_case(num_experts: int, top_k: int, sorted_indices: bool, seed: int, **parameters) -> SwitchCase:
     """The case with these parameters (those of `make_linear_case`, which each expert is made with)."""
-    streams = np.random.SeedSequence(seed).spawn(num_experts + 1)
-    experts = [
-        make_linear_case(seed=seed, **parameters) if e == 0 else
-        make_linear_case(seed=int(streams[e].generate_state(1)[0]), **parameters)
-        for e in range(num_experts)
-    ]
+    # Expert 0 is the linear case of `seed` itself; the others and the routing get streams of their own.
+    streams = np.random.SeedSequence(seed).spawn(num_experts)
+    seeds = [seed, *(int(stream.generate_state(1)[0]) for stream in streams[1:])]
+    experts = [make_linear_case(seed=expert_seed, **parameters) for expert_seed in seeds]
     x = experts[0].x
-    rng = np.random.default_rng(streams[-1])
+    rng = np.random.default_rng(streams[0])
     batch_shape = experts[0].batch_shape
     # k distinct experts per token: the first k of a random order of all of them.
     indices = np.argsort(rng.random((*batch_shape, num_experts)), axis=-1)[..., :top_k].astype(np.uint32)
@@ -95,7 +95,8 @@ def make_switch_case(num_experts: int, top_k: int, sorted_indices: bool, seed: i
 
 @st.composite
 def switch_cases(draw: st.DrawFn, dtype: DType, quantized: str | None = None) -> SwitchCase:
-    """LoRA cases on a SwitchLinear base (a QuantizedSwitchLinear of kind `quantized` (see `Quantization.kind`)), 1 to 8 experts."""
+    """LoRA cases on a SwitchLinear base, 1 to 8 experts; with `quantized` (a `Quantization.kind`), on a
+    QuantizedSwitchLinear."""
     shape = draw(linear_cases(dtype, quantized=quantized), label="expert shape")
     num_experts = draw(integers_between(1, 8), label="num_experts")
     top_k = draw(integers_between(1, min(4, num_experts)), label="top_k")
