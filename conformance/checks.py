@@ -92,7 +92,9 @@ def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> 
         return {"output": _from_mlx(output)}
 
     def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
-        return diagnosis.forward_hints(case, observed["output"][0]) if "output" in observed else []
+        if "output" in observed:
+            return diagnosis.forward_hints(case, observed["output"][0])
+        return diagnosis.adapter_width_hints(case, [c.problem for c in measurement.comparisons if c.problem])
 
     return _run(
         "forward", subject, case, timer,

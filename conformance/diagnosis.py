@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -123,3 +124,21 @@ def merge_hints(case: LinearCase, weight: np.ndarray) -> list[str]:
     if not hints and not symmetric and np.all(np.abs(update - delta.T) <= allowed):
         hints.append("the merged LoRA update is transposed (s A^T B^T instead of s B A)")
     return hints
+
+
+_CREATED = re.compile(r"the layer created (\w+) with shape \((\d+), (\d+)\)")
+
+
+def adapter_width_hints(case: LinearCase, problems: list[str]) -> list[str]:
+    """Name the packed-width mistake when a layer on a quantized base sized its adapter wrongly."""
+    q = case.quantization
+    created = next((m for m in map(_CREATED.search, problems) if m), None)
+    if q is None or created is None:
+        return []
+    rows, packed = int(created.group(2)), case.in_features * q.bits // 32
+    if case.in_features * q.bits % 32 or rows != packed * (32 // q.bits):
+        return []
+    return [
+        f"the input width is taken as packed width x (32 // bits) = {packed} x {32 // q.bits} = {rows}; "
+        f"with {q.bits} bits it is packed width x 32 // bits = {case.in_features}"
+    ]

@@ -83,7 +83,9 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.DoRAMergeForgetsMagnitude), "merge"),
         WrongVariant(_subject(lora_layers.RequantizeIgnoresAdapter), "requantize"),
         WrongVariant(_subject(lora_layers.RequantizeWithDefaults), "requantize"),
-        WrongVariant(_subject(lora_layers.QuantizedWidthRoundedDown), "forward", base="quantized"),
+        WrongVariant(
+            _subject(lora_layers.QuantizedWidthRoundedDown), "forward", base="quantized", diagnosis="packed width x (32 // bits)"
+        ),
         WrongVariant(_subject(lora_layers.EmbeddingLookupUnscaled), "forward"),
         WrongVariant(_subject(lora_layers.AsLinearIgnoresAdapter), "as_linear"),
         WrongVariant(_subject(lora_layers.LookupWithoutRangeCheck), "error_parity"),
