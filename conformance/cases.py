@@ -157,6 +157,23 @@ def make_linear_case(
     )
 
 
+def upstream_gradient(case: LinearCase) -> np.ndarray:
+    """The fixed random tensor T of the gradient checks' loss ``sum(y * T)``, shaped like the output."""
+    rng = np.random.default_rng([case.seed, 2])
+    return _draw_array(rng, (*case.batch_shape, case.out_features), 1.0, case.dtype)
+
+
+def gradients_fit(case: LinearCase) -> bool:
+    """Whether the backward pass's intermediates stay far from overflow in the case dtype, as `fits_dtype`
+    asks of the forward pass's."""
+    x = np.abs(case.x.reshape(-1, case.in_features))
+    t = np.abs(upstream_gradient(case).reshape(-1, case.out_features))
+    back = t @ np.abs(case.lora_B)
+    candidates = (t @ np.abs(case.weight), back, case.scale * back @ np.abs(case.lora_A), case.scale * back.T @ x,
+                  case.scale * t.T @ (x @ np.abs(case.lora_A).T))
+    return all(float(np.max(c, initial=0.0)) < case.dtype.largest / 64 for c in candidates)
+
+
 def case_from_description(description: dict) -> LinearCase | EmbeddingCase | SwitchCase:
     """Rebuild a case from its ``describe()``."""
     d = description

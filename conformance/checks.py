@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from conformance import diagnosis, quantization
-from conformance.cases import EmbeddingCase, LinearCase
+from conformance.cases import EmbeddingCase, LinearCase, upstream_gradient
 from conformance.quantization import Quantization
 from conformance.subjects import Subject
 from conformance.switch_cases import SwitchCase
@@ -179,6 +179,32 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
         return measurement
     want = Tracked.exact(bridge.to_numpy(expected), case.dtype)
     measurement.comparisons.append(compare("requantized weight", "subject", bridge.to_numpy(observed), want, scales_dtype))
+    return measurement
+
+
+def grad(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """Gradients of ``sum(y * T)`` (T fixed and random) for every adapter parameter and the input, in eval
+    mode, against torch autograd through peft's layer and the float64 formulas; and the same set of
+    trainable parameters as peft's (base frozen)."""
+    upstream = upstream_gradient(case)
+    trained: dict[str, set[str]] = {}
+
+    def reference() -> Observed:
+        grads, trained["reference"] = peft_layers.linear_grads(case, upstream)
+        return {name: _from_torch(values) for name, values in grads.items()}
+
+    def run_subject() -> Observed:
+        grads, trained["subject"] = bridge.linear_grads(subject.build(case), subject.convention.roles, case, upstream)
+        _evaluated(*grads.values())
+        return {name: _from_mlx(values) for name, values in grads.items()}
+
+    measurement = _run("grad", subject, case, timer, lambda: oracle.linear_grads(case, upstream), reference, run_subject)
+    if "subject" in trained and trained["subject"] != trained.get("reference"):
+        only_subject = sorted(trained["subject"] - trained["reference"])
+        only_peft = sorted(trained["reference"] - trained["subject"])
+        problem = f"trains {sorted(trained['subject'])}, but should train {sorted(trained['reference'])} as peft does"
+        measurement.comparisons.append(failed(problem, "trainable parameters", "subject"))
+        measurement.hints.append(f"trainable only in the subject: {only_subject}; only in peft: {only_peft}")
     return measurement
 
 
@@ -399,7 +425,7 @@ def error_parity(
 
 Check = Callable[[Subject, "LinearCase | EmbeddingCase", PhaseTimer], Measurement]
 FAMILY_CHECKS: dict[str, dict[str, Check]] = {
-    "linear": {"forward": forward, "merge": merge},
+    "linear": {"forward": forward, "merge": merge, "grad": grad},
     "dora_linear": {"forward": forward, "merge": merge, "init": init, "init_with_adapter": init_with_adapter},
     "embedding": {"forward": lookup, "as_linear": as_linear, "merge": embedding_merge},
     "dora_embedding": {

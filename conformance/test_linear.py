@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from conformance import checks
 from conformance.asserting import record_and_assert
-from conformance.cases import linear_cases
+from conformance.cases import gradients_fit, linear_cases
 
 pytestmark = pytest.mark.family("linear")
 
@@ -23,3 +23,10 @@ def test_merge(subject, dtype, data, recorder):
     """The merged layer has weight ``W + s B A``, the same bias, dtype and output as peft's merge."""
     case = data.draw(linear_cases(dtype), label="case")
     record_and_assert(recorder, checks.merge(subject, case))
+
+
+@given(data=st.data())
+def test_grad(subject, dtype, data, recorder):
+    """Gradients for A, B and x are peft's and the formulas'; A and B train, the base does not."""
+    case = data.draw(linear_cases(dtype).filter(gradients_fit), label="case")
+    record_and_assert(recorder, checks.grad(subject, case))

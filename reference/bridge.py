@@ -15,6 +15,7 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from conformance import quantization
 from conformance.cases import EmbeddingCase, LinearCase
@@ -47,11 +48,15 @@ def base_linear(case: LinearCase) -> nn.Linear | nn.QuantizedLinear:
         linear.biases = biases[0] if biases else None
     if case.has_bias:
         linear.bias = mlx_array(case.bias, case.dtype)
+    linear.freeze()  # as the packages' training paths leave a base before they attach an adapter
     return linear
 
 
 class Convention(Protocol):
     """How one family of MLX classes is built from a case and merged."""
+
+    roles: dict[str, str]
+    """The layer's adapter parameters by name -> the role ("A", "B", "magnitude") they play in peft's layouts."""
 
     def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
         """The layer as the package creates it on the case's base, with these arguments (eval mode)."""
@@ -74,6 +79,8 @@ class LoRaLayerConvention:
     which rewrites ``model.layers`` in place.
     """
 
+    roles = {"A": "A", "B": "B"}
+
     def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
         return _eval_mode(cls(base_linear(case), rank=r, alpha=case.scale * r, dropout=dropout))
 
@@ -93,6 +100,8 @@ class LoRaLayerConvention:
 
 class LoRALinearConvention:
     """``LoRALinear.from_base(linear, r, dropout, scale)`` of mlx-lm and mlx-vlm; merged by ``fuse()``."""
+
+    roles = {"lora_a": "A", "lora_b": "B"}
 
     def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
         return _eval_mode(cls.from_base(base_linear(case), r=r, dropout=dropout, scale=case.scale))
@@ -266,3 +275,18 @@ def _eval_mode(layer: nn.Module) -> nn.Module:
     layer.eval()
     return layer
 
+
+
+def linear_grads(layer: nn.Module, roles: dict[str, str], case: LinearCase, upstream: np.ndarray) -> tuple[dict[str, mx.array], set[str]]:
+    """MLX's gradients of ``sum(y * T)``: by role (in peft's layouts, MLX's are transposed) and "x", and the
+    roles of the trainable parameters (a name without a role is reported by its name: a base parameter)."""
+    x, t = mlx_array(case.x, case.dtype), mlx_array(upstream, case.dtype)
+
+    def loss(model: nn.Module, inputs: mx.array) -> mx.array:
+        return (model(inputs) * t).sum()
+
+    _, parameter_grads = nn.value_and_grad(layer, loss)(layer, x)
+    input_grad = mx.grad(lambda inputs: loss(layer, inputs))(x)
+    trainable = dict(tree_flatten(parameter_grads))
+    grads = {f"grad {roles[name]}": values.T for name, values in trainable.items() if name in roles}
+    return {**grads, "grad x": input_grad}, {roles.get(name, name) for name in trainable}

@@ -148,3 +148,25 @@ def switch_merged_weight(case: SwitchCase) -> Tracked:
 def switch_merged_forward(case: SwitchCase) -> Tracked:
     """The merged layer's routed outputs ``x (W_e + s B_e A_e)^T + b_e``, (*batch, k, out)."""
     return _routed(case, [merged_forward(e) for e in case.experts])
+
+
+def linear_grads(case: LinearCase, upstream: np.ndarray) -> dict[str, Tracked]:
+    """Gradients of ``sum(y * T)`` for LoRA: with the batch flattened to N rows,
+
+    ``dx = T W + s (T B) A``, ``dA = s (T B)^T x`` (r, in) and ``dB = s T^T (x A^T)`` (out, r), in peft's
+    layouts. The sums over the batch are products with inner dimension N. Autodiff through
+    ``s * lora(x)`` scales T first (rounded to the dtype) and carries it through the products; an
+    implementation may also scale last. The bound covers both.
+    """
+    x = _exact(case, case.x.reshape(-1, case.in_features))
+    t = _exact(case, upstream.reshape(-1, case.out_features))
+    a, b, s = _exact(case, case.lora_A), _exact(case, case.lora_B), case.scale
+    scaled_t = t.scaled(s)
+    back, scaled_back = t @ b, scaled_t @ b  # (N, r)
+    down = x @ a.T
+    dx = t @ _base_weight(case) + Tracked.covering(scaled_back @ a, back.scaled_matmul(a, s))
+    return {
+        "grad x": Tracked(dx.value.reshape(case.x.shape), dx.bound.reshape(case.x.shape), case.dtype),
+        "grad A": Tracked.covering(scaled_back.T @ x, back.T.scaled_matmul(x, s)),
+        "grad B": Tracked.covering(scaled_t.T @ down, t.T.scaled_matmul(down, s)),
+    }

@@ -223,3 +223,27 @@ def switch_merged_parameters(layer: torch.nn.Module) -> tuple[torch.Tensor, torc
         return layer.merged_parameters()
     base = layer.get_base_layer()
     return base.weight, base.bias
+
+
+# Gradients --------------------------------------------------------------------------------------
+
+ROLES = {"lora_A": "A", "lora_B": "B", "lora_magnitude_vector": "magnitude", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+"""peft's parameter names (their first component) -> the roles the gradient checks compare."""
+
+
+def role(name: str) -> str:
+    """The role of one of peft's parameters: "A", "B", "magnitude", or its own name (a base parameter)."""
+    return ROLES.get(name.split(".")[0], name)
+
+
+def linear_grads(case: LinearCase, upstream: np.ndarray) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """torch autograd of ``sum(y * T)`` through peft's layer, with the base frozen as ``PeftModel`` leaves it
+    (``bias="none"``): the gradients by role (and "x"), and the roles of the trainable parameters."""
+    layer = linear(case)
+    layer.get_base_layer().requires_grad_(False)
+    x = tensor(case.x, case.dtype).requires_grad_(True)
+    y = layer(x[None])[0] if case.use_dora and x.ndim == 1 else layer(x)
+    (y * tensor(upstream, case.dtype)).sum().backward()
+    trainable = {name: p for name, p in layer.named_parameters() if p.requires_grad}
+    grads = {f"grad {role(name)}": p.grad for name, p in trainable.items() if p.grad is not None}
+    return {**grads, "grad x": x.grad}, {role(name) for name in trainable}

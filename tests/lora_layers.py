@@ -43,11 +43,11 @@ class CorrectLoRALinear(nn.Module):
     def scaling(alpha: float, r: int, use_rslora: bool) -> float:
         return alpha / math.sqrt(r) if use_rslora else alpha / r
 
-    def update(self, x: mx.array) -> mx.array:
+    def lora_update(self, x: mx.array) -> mx.array:
         return (self.scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)).astype(x.dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(x) + self.update(x)
+        return self.linear(x) + self.lora_update(x)
 
     def delta(self) -> mx.array:
         """The update as a weight, (out, in)."""
@@ -139,7 +139,7 @@ class DropoutInEval(CorrectLoRALinear):
 class UpdateCastToFloat16(CorrectLoRALinear):
     """The LoRA update is cast to float16 instead of the input's dtype."""
 
-    def update(self, x: mx.array) -> mx.array:
+    def lora_update(self, x: mx.array) -> mx.array:
         return (self.scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)).astype(mx.float16)
 
 
@@ -153,10 +153,18 @@ class QuantizedWidthRoundedDown(CorrectLoRALinear):
             self.lora_a = mx.zeros((linear.weight.shape[1] * (32 // linear.bits), r))
 
 
+class GradientLeaksIntoBase(CorrectLoRALinear):
+    """Unfreezes the base it wraps: training would update the base weight (and bias) too."""
+
+    def __init__(self, linear: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
+        super().__init__(linear, r, alpha, use_rslora, dropout)
+        self.linear.unfreeze()
+
+
 class SwappedAB(CorrectLoRALinear):
     """A and B used in each other's place, as if ``lora_b`` were (out, r) and ``lora_a`` (r, in)."""
 
-    def update(self, x: mx.array) -> mx.array:
+    def lora_update(self, x: mx.array) -> mx.array:
         return (self.scale * ((self.dropout(x) @ self.lora_b.T) @ self.lora_a.T)).astype(x.dtype)
 
 
@@ -203,6 +211,8 @@ class PeftStyleConvention:
     A microscaling base has no floating parts to tell the model's dtype, so the layer is told it.
     """
 
+    roles = {"lora_a": "A", "lora_b": "B"}
+
     def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
         CorrectLoRALinear.weight_dtype = getattr(mx, case.dtype.name)
         layer = cls(base_linear(case), r=r, alpha=case.alpha, use_rslora=case.use_rslora, dropout=dropout)
@@ -244,7 +254,7 @@ class CorrectDoRALinear(CorrectLoRALinear):
         return mx.stop_gradient(self.m.astype(mx.float32) / self.weight_norm())
 
     def __call__(self, x: mx.array) -> mx.array:
-        unbiased = x @ self.base_weight().astype(x.dtype).T + self.update(x)
+        unbiased = x @ self.base_weight().astype(x.dtype).T + self.lora_update(x)
         out = self.factor().astype(x.dtype) * unbiased
         return out + self.linear.bias if "bias" in self.linear else out
 
