@@ -48,7 +48,7 @@ def base_linear(case: LinearCase) -> nn.Linear | nn.QuantizedLinear:
         linear.biases = biases[0] if biases else None
     if case.has_bias:
         linear.bias = mlx_array(case.bias, case.dtype)
-    linear.freeze()  # as the packages' training paths leave a base before they attach an adapter
+    linear.freeze()  # as the packages' training paths leave a base before they attach an adapter (all bases here)
     return linear
 
 
@@ -140,10 +140,12 @@ def base_embedding(case: EmbeddingCase) -> nn.Embedding | nn.QuantizedEmbedding:
     if q is None:
         embedding = nn.Embedding(vocabulary, dims)
         embedding.weight = mlx_array(case.weight, case.dtype)
+        embedding.freeze()
         return embedding
     embedding = nn.QuantizedEmbedding(vocabulary, dims, q.group_size, q.bits, q.mode)
     embedding.weight, embedding.scales, *biases = quantization.to_mlx(case.quantized_parts, case.dtype)
     embedding.biases = biases[0] if biases else None
+    embedding.freeze()
     return embedding
 
 
@@ -210,6 +212,7 @@ def base_switch(case: SwitchCase, switch_linear: type, quantized_switch_linear: 
         switch.biases = biases[0] if biases else None
     if first.has_bias:
         switch.bias = mlx_array(case.stacked("bias"), case.dtype)
+    switch.freeze()
     return switch
 
 
