@@ -428,4 +428,6 @@ def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | Embed
     use_dora = family.startswith("dora_")
     if family.endswith("embedding"):
         return embedding_cases(dtype, use_dora=use_dora)
+    if family == "linear":  # its checks include the gradients
+        return linear_cases(dtype).filter(gradients_fit)
     return linear_cases(dtype, use_dora=use_dora)

@@ -23,7 +23,7 @@ def test_header_names_versions_device_profile_and_seed(run_suite):
 def test_summary_line_counts_the_cases_checked(run_suite):
     run = run_suite(*CORRECT, "--dtype", "float16", module="test_linear.py")
     rows = run.results["rows"]
-    assert len(rows) == 2 * 150  # two checks, the ci profile's 150 examples each
+    assert len(rows) == 3 * 150  # three checks (forward, merge, grad), the ci profile's 150 examples each
     assert f"conformance: {len(rows)} cases checked (0 outside the allowed error)" in run.output
     assert {r["subject"] for r in rows} == {"tests.catalogue:CorrectLoRALinear"}
     assert all(r["versions"]["mlx"] == mx.__version__ and r["device"] for r in rows)
@@ -71,6 +71,7 @@ def test_known_divergences_keep_the_gate_green_and_report_fixed_ones(run_suite, 
     known.write_text(
         "test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
         "test_linear.py::test_merge[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r (fixed, say)\n"
+        "test_linear.py::test_grad[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
     )
     run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
     assert run.ret == 0, run.output
@@ -109,7 +110,7 @@ def test_recording_survives_xdist_workers(run_suite):
     serial = run_suite(*CORRECT, "--dtype", "bfloat16", module="test_linear.py")
     parallel = run_suite(*CORRECT, "--dtype", "bfloat16", "-n", "2", module="test_linear.py")
     assert parallel.ret == 0, parallel.output
-    assert len(parallel.results["rows"]) == len(serial.results["rows"]) == 300
+    assert len(parallel.results["rows"]) == len(serial.results["rows"]) == 3 * 150
     assert sorted(c["check_id"] for c in parallel.results["checks"]) == sorted(c["check_id"] for c in serial.results["checks"])
 
 
