@@ -56,7 +56,7 @@ class Convention(Protocol):
     """How one family of MLX classes is built from a case and merged."""
 
     roles: dict[str, str]
-    """The layer's adapter parameters by name -> the role ("A", "B", "magnitude") they play in peft's layouts."""
+    """The layer's adapter parameters by name -> the role ("A", "B") they play in peft's layouts."""
 
     def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
         """The layer as the package creates it on the case's base, with these arguments (eval mode)."""

@@ -140,14 +140,17 @@ def dora_magnitude_at_creation(case: LinearCase | EmbeddingCase, with_adapter: b
     return dora.weight
 
 
+def _call(layer: torch.nn.Module, case: LinearCase, x: torch.Tensor) -> torch.Tensor:
+    if case.use_dora and x.ndim == 1:
+        # peft's DoRA views its factor as (1, out), which turns an unbatched (in,) input into a
+        # (1, out) output (tests/test_reference.py pins this down); give it a batch of one.
+        return layer(x[None])[0]
+    return layer(x)
+
+
 def forward(layer: torch.nn.Module, case: LinearCase) -> torch.Tensor:
-    x = tensor(case.x, case.dtype)
     with torch.no_grad():
-        if case.use_dora and x.ndim == 1:
-            # peft's DoRA views its factor as (1, out), which turns an unbatched (in,) input into a
-            # (1, out) output (tests/test_reference.py pins this down); give it a batch of one.
-            return layer(x[None])[0]
-        return layer(x)
+        return _call(layer, case, tensor(case.x, case.dtype))
 
 
 # Mixture of experts ----------------------------------------------------------------------------
@@ -227,12 +230,12 @@ def switch_merged_parameters(layer: torch.nn.Module) -> tuple[torch.Tensor, torc
 
 # Gradients --------------------------------------------------------------------------------------
 
-ROLES = {"lora_A": "A", "lora_B": "B", "lora_magnitude_vector": "magnitude", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+ROLES = {"lora_A": "A", "lora_B": "B"}
 """peft's parameter names (their first component) -> the roles the gradient checks compare."""
 
 
 def role(name: str) -> str:
-    """The role of one of peft's parameters: "A", "B", "magnitude", or its own name (a base parameter)."""
+    """The role of one of peft's parameters: "A", "B", or its own name (a base parameter)."""
     return ROLES.get(name.split(".")[0], name)
 
 
@@ -242,8 +245,7 @@ def linear_grads(case: LinearCase, upstream: np.ndarray) -> tuple[dict[str, torc
     layer = linear(case)
     layer.get_base_layer().requires_grad_(False)
     x = tensor(case.x, case.dtype).requires_grad_(True)
-    y = layer(x[None])[0] if case.use_dora and x.ndim == 1 else layer(x)
-    (y * tensor(upstream, case.dtype)).sum().backward()
+    (_call(layer, case, x) * tensor(upstream, case.dtype)).sum().backward()
     trainable = {name: p for name, p in layer.named_parameters() if p.requires_grad}
     grads = {f"grad {role(name)}": p.grad for name, p in trainable.items() if p.grad is not None}
     return {**grads, "grad x": x.grad}, {role(name) for name in trainable}
