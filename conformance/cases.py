@@ -168,9 +168,15 @@ def gradients_fit(case: LinearCase) -> bool:
     asks of the forward pass's."""
     x = np.abs(case.x.reshape(-1, case.in_features))
     t = np.abs(upstream_gradient(case).reshape(-1, case.out_features))
+    candidates: tuple[np.ndarray, ...] = ()
+    if case.use_dora:  # T is scaled by DoRA's factor m / ||W + s B A||; m's gradient sums T times the output
+        unbiased = x @ np.abs(case.weight).T + case.scale * (x @ np.abs(case.lora_A).T) @ np.abs(case.lora_B).T
+        norm = np.linalg.norm(case.weight + case.scale * case.lora_B @ case.lora_A, axis=1)
+        candidates = (t * unbiased, (t * unbiased).sum(axis=0) / norm)
+        t = t * np.abs(case.magnitude) / norm
     back = t @ np.abs(case.lora_B)
-    candidates = (t @ np.abs(case.weight), back, case.scale * back @ np.abs(case.lora_A), case.scale * back.T @ x,
-                  case.scale * t.T @ (x @ np.abs(case.lora_A).T))
+    candidates += (t, t @ np.abs(case.weight), back, case.scale * back @ np.abs(case.lora_A), case.scale * back.T @ x,
+                   case.scale * t.T @ (x @ np.abs(case.lora_A).T))
     return all(float(np.max(c, initial=0.0)) < case.dtype.largest / 64 for c in candidates)
 
 
@@ -427,7 +433,6 @@ def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | Embed
         return switch_cases(dtype)
     use_dora = family.startswith("dora_")
     if family.endswith("embedding"):
-        return embedding_cases(dtype, use_dora=use_dora)
-    if family == "linear":  # its checks include the gradients
-        return linear_cases(dtype).filter(gradients_fit)
-    return linear_cases(dtype, use_dora=use_dora)
+        cases = embedding_cases(dtype, use_dora=use_dora)
+        return cases if use_dora else cases.filter(lambda case: gradients_fit(case.lookup))
+    return linear_cases(dtype, use_dora=use_dora).filter(gradients_fit)  # their checks include the gradients

@@ -182,30 +182,47 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
     return measurement
 
 
-def grad(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """Gradients of ``sum(y * T)`` (T fixed and random) for every adapter parameter and the input, in eval
-    mode, against torch autograd through peft's layer and the float64 formulas; and the same set of
-    trainable parameters as peft's (base frozen)."""
-    upstream = upstream_gradient(case)
+def _gradients(
+    subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, bias_trains: bool
+) -> Measurement:
+    embedding = isinstance(case, EmbeddingCase)
+    upstream = upstream_gradient(case.lookup if embedding else case)
     trained: dict[str, set[str]] = {}
 
+    def expect() -> Expected:
+        return oracle.embedding_grads(case, upstream) if embedding else oracle.linear_grads(case, upstream, bias_trains)
+
+    # DoRA's magnitude gradient has the magnitude's dtype: float32 in MLX, the layer's in peft.
     def reference() -> Observed:
-        grads, trained["reference"] = peft_layers.linear_grads(case, upstream)
-        return {name: _from_torch(values) for name, values in grads.items()}
+        found, trained["reference"] = peft_layers.grads(case, upstream, bias_trains)
+        return {name: _from_torch(values, judge_dtype=name != "grad m") for name, values in found.items()}
 
     def run_subject() -> Observed:
-        grads, trained["subject"] = bridge.linear_grads(subject.build(case), subject.convention.roles, case, upstream)
-        _evaluated(*grads.values())
-        return {name: _from_mlx(values) for name, values in grads.items()}
+        found, trained["subject"] = bridge.grads(subject.build(case), subject.convention.roles, case, upstream, bias_trains)
+        _evaluated(*found.values())
+        return {name: _from_mlx(values, judge_dtype=name != "grad m") for name, values in found.items()}
 
-    measurement = _run("grad", subject, case, timer, lambda: oracle.linear_grads(case, upstream), reference, run_subject)
+    check = "grad_bias_all" if bias_trains else "grad"
+    measurement = _run(check, subject, case, timer, expect, reference, run_subject)
     if "subject" in trained and trained["subject"] != trained.get("reference"):
-        only_subject = sorted(trained["subject"] - trained["reference"])
-        only_peft = sorted(trained["reference"] - trained["subject"])
-        problem = f"trains {sorted(trained['subject'])}, but should train {sorted(trained['reference'])} as peft does"
+        only_subject = sorted(trained["subject"] - trained.get("reference", set()))
+        only_peft = sorted(trained.get("reference", set()) - trained["subject"])
+        problem = f"trains {sorted(trained['subject'])}, but should train {sorted(trained.get('reference', set()))} as peft does"
         measurement.comparisons.append(failed(problem, "trainable parameters", "subject"))
         measurement.hints.append(f"trainable only in the subject: {only_subject}; only in peft: {only_peft}")
     return measurement
+
+
+def grad(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """Gradients of ``sum(y * T)`` (T fixed and random) for every adapter parameter (A, B, DoRA's m) and
+    the input, in eval mode, against torch autograd through peft's layer and the float64 formulas; and
+    the same set of trainable parameters as peft's (base frozen, ``bias="none"``)."""
+    return _gradients(subject, case, timer, bias_trains=False)
+
+
+def grad_bias_all(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """As `grad`, with peft's ``bias="all"``: the base's bias trains too (MLX: unfrozen), ``db = sum_rows(T)``."""
+    return _gradients(subject, case, timer, bias_trains=True)
 
 
 # DoRA's magnitude -----------------------------------------------------------------------------
@@ -425,9 +442,16 @@ def error_parity(
 
 Check = Callable[[Subject, "LinearCase | EmbeddingCase", PhaseTimer], Measurement]
 FAMILY_CHECKS: dict[str, dict[str, Check]] = {
-    "linear": {"forward": forward, "merge": merge, "grad": grad},
-    "dora_linear": {"forward": forward, "merge": merge, "init": init, "init_with_adapter": init_with_adapter},
-    "embedding": {"forward": lookup, "as_linear": as_linear, "merge": embedding_merge},
+    "linear": {"forward": forward, "merge": merge, "grad": grad, "grad_bias_all": grad_bias_all},
+    "dora_linear": {
+        "forward": forward,
+        "merge": merge,
+        "grad": grad,
+        "grad_bias_all": grad_bias_all,
+        "init": init,
+        "init_with_adapter": init_with_adapter,
+    },
+    "embedding": {"forward": lookup, "as_linear": as_linear, "merge": embedding_merge, "grad": grad},
     "dora_embedding": {
         "forward": lookup,
         "as_linear": as_linear,

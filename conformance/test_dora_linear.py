@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks
+from conformance import checks, profiles
 from conformance.asserting import record_and_assert
-from conformance.cases import linear_cases
+from conformance.cases import gradients_fit, linear_cases
 
 pytestmark = pytest.mark.family("dora_linear")
 
@@ -37,3 +37,18 @@ def test_init(subject, dtype, data, recorder):
 def test_init_with_adapter(subject, dtype, data, recorder):
     """Derived with a non-zero B in place, the magnitude is ``||W + s B A||``, as peft derives it."""
     record_and_assert(recorder, checks.init_with_adapter(subject, data.draw(_dora_cases(dtype), label="case")))
+
+
+@given(data=st.data())
+def test_grad(subject, dtype, data, recorder):
+    """Gradients for A, B, m and x treat ``||W + s B A||`` as a constant, as peft (and the DoRA paper) do;
+    A, B and m train, the base does not."""
+    record_and_assert(recorder, checks.grad(subject, data.draw(_dora_cases(dtype).filter(gradients_fit), label="case")))
+
+
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_grad_bias_all(subject, dtype, data, recorder):
+    """With peft's ``bias="all"`` the base's bias trains too."""
+    cases = _dora_cases(dtype).filter(gradients_fit).filter(lambda case: case.has_bias)
+    record_and_assert(recorder, checks.grad_bias_all(subject, data.draw(cases, label="case")))

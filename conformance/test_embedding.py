@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from conformance import checks
 from conformance.asserting import record_and_assert
-from conformance.cases import embedding_cases
+from conformance.cases import embedding_cases, gradients_fit
 
 pytestmark = pytest.mark.family("embedding")
 
@@ -27,3 +27,10 @@ def test_as_linear(subject, dtype, data, recorder):
 def test_merge(subject, dtype, data, recorder):
     """The merged table is ``W + s A^T B^T`` in the base dtype, and looks up what peft's merge does."""
     record_and_assert(recorder, checks.embedding_merge(subject, data.draw(embedding_cases(dtype), label="case")))
+
+
+@given(data=st.data())
+def test_grad(subject, dtype, data, recorder):
+    """Gradients for A and B of ``sum(y * T)`` are peft's and the formulas'; A and B train, the table does not."""
+    cases = embedding_cases(dtype).filter(lambda case: gradients_fit(case.lookup))
+    record_and_assert(recorder, checks.grad(subject, data.draw(cases, label="case")))

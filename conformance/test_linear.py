@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks
+from conformance import checks, profiles
 from conformance.asserting import record_and_assert
 from conformance.cases import gradients_fit, linear_cases
 
@@ -30,3 +30,11 @@ def test_grad(subject, dtype, data, recorder):
     """Gradients for A, B and x are peft's and the formulas'; A and B train, the base does not."""
     case = data.draw(linear_cases(dtype).filter(gradients_fit), label="case")
     record_and_assert(recorder, checks.grad(subject, case))
+
+
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_grad_bias_all(subject, dtype, data, recorder):
+    """With peft's ``bias="all"`` (MLX: the base's bias unfrozen) the bias trains too, ``db = sum_rows(T)``."""
+    case = data.draw(linear_cases(dtype).filter(gradients_fit).filter(lambda case: case.has_bias), label="case")
+    record_and_assert(recorder, checks.grad_bias_all(subject, case))

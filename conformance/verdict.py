@@ -77,6 +77,9 @@ class Tracked:
         take = np.take_along_axis
         return Tracked(take(self.value, indices, axis), take(self.bound, indices, axis), self.dtype)
 
+    def reshape(self, *shape: int) -> Tracked:
+        return Tracked(self.value.reshape(*shape), self.bound.reshape(*shape), self.dtype)
+
     def __getitem__(self, index) -> Tracked:
         return Tracked(self.value[index], self.bound[index], self.dtype)
 

@@ -120,6 +120,8 @@ class DoRALinearConvention(LoRALinearConvention):
     of the weight), so the case's magnitude is stored there in float32: the same values, exactly.
     """
 
+    roles = {**LoRALinearConvention.roles, "m": "m"}
+
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         layer = super().build(cls, case)
         layer.m = mlx_array(case.magnitude, FLOAT32)
@@ -154,6 +156,8 @@ class LoRAEmbeddingConvention:
 
     peft's ``lora_embedding_A`` is (r, vocabulary) and ``lora_embedding_B`` (dims, r): transposes.
     """
+
+    roles = {"lora_a": "A", "lora_b": "B"}
 
     def construct(self, cls: type, case: EmbeddingCase, r: int, dropout: float) -> nn.Module:
         return _eval_mode(cls.from_base(base_embedding(case), r=r, dropout=dropout, scale=case.lookup.scale))
@@ -280,16 +284,31 @@ def _eval_mode(layer: nn.Module) -> nn.Module:
 
 
 
-def linear_grads(layer: nn.Module, roles: dict[str, str], case: LinearCase, upstream: np.ndarray) -> tuple[dict[str, mx.array], set[str]]:
-    """MLX's gradients of ``sum(y * T)``: by role (in peft's layouts, MLX's are transposed) and "x", and the
-    roles of the trainable parameters (a name without a role is reported by its name: a base parameter)."""
-    x, t = mlx_array(case.x, case.dtype), mlx_array(upstream, case.dtype)
+def role(roles: dict[str, str], name: str) -> str:
+    """The role of one of a layer's parameters: its convention's, "bias" for a base's bias, or its name."""
+    return roles.get(name, "bias" if name.split(".")[-1] == "bias" else name)
+
+
+def grads(
+    layer: nn.Module, roles: dict[str, str], case: LinearCase | EmbeddingCase, upstream: np.ndarray, bias_trains: bool = False
+) -> tuple[dict[str, mx.array], set[str]]:
+    """MLX's gradients of ``sum(y * T)``: by role (in peft's layouts, MLX's are transposed) and "x" for a
+    linear layer, and the roles of the trainable parameters. With `bias_trains` (peft's ``bias="all"``)
+    the base's bias is unfrozen first, as a user asking for it would do."""
+    if bias_trains:
+        layer.unfreeze(keys=["bias"], strict=False)
+    embedding = isinstance(case, EmbeddingCase)
+    x = mx.array(case.ids) if embedding else mlx_array(case.x, case.dtype)
+    t = mlx_array(upstream, case.dtype)
 
     def loss(model: nn.Module, inputs: mx.array) -> mx.array:
         return (model(inputs) * t).sum()
 
     _, parameter_grads = nn.value_and_grad(layer, loss)(layer, x)
-    input_grad = mx.grad(lambda inputs: loss(layer, inputs))(x)
     trainable = dict(tree_flatten(parameter_grads))
-    grads = {f"grad {roles[name]}": values.T for name, values in trainable.items() if name in roles}
-    return {**grads, "grad x": input_grad}, {roles.get(name, name) for name in trainable}
+    found = {f"grad {roles[name]}": values.T for name, values in trainable.items() if name in roles}
+    if bias_trains:
+        found.update({"grad bias": values for name, values in trainable.items() if role(roles, name) == "bias"})
+    if not embedding:
+        found["grad x"] = mx.grad(lambda inputs: loss(layer, inputs))(x)
+    return found, {role(roles, name) for name in trainable}

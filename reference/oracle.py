@@ -150,23 +150,61 @@ def switch_merged_forward(case: SwitchCase) -> Tracked:
     return _routed(case, [merged_forward(e) for e in case.experts])
 
 
-def linear_grads(case: LinearCase, upstream: np.ndarray) -> dict[str, Tracked]:
-    """Gradients of ``sum(y * T)`` for LoRA: with the batch flattened to N rows,
+def _column_sums(values: Tracked) -> Tracked:
+    """The sum over the rows, (N, k) -> (k,), in the dtype: the reduction a broadcast's gradient is."""
+    ones = Tracked.exact(np.ones((1, values.value.shape[0])), values.dtype)
+    return ones.matmul(values, values.dtype)[0]
+
+
+def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = False) -> dict[str, Tracked]:
+    """Gradients of ``sum(y * T)``: with the batch flattened to N rows, for LoRA
 
     ``dx = T W + s (T B) A``, ``dA = s (T B)^T x`` (r, in) and ``dB = s T^T (x A^T)`` (out, r), in peft's
-    layouts. The sums over the batch are products with inner dimension N. Autodiff through
-    ``s * lora(x)`` scales T first (rounded to the dtype) and carries it through the products; an
-    implementation may also scale last. The bound covers both.
+    layouts; with `bias_trains` (peft's ``bias="all"``) also ``db = sum_rows(T)``. The sums over the batch
+    are products with inner dimension N. Autodiff through ``s * lora(x)`` scales T first (rounded to the
+    dtype) and carries it through the products; an implementation may also scale last. The bound
+    covers both.
+
+    DoRA's factor ``f = m / ||W + s B A||`` is a constant to the gradient (the norm is detached, as the
+    paper and peft say): T becomes ``T f`` in the LoRA gradients, and ``dm = sum_rows(T (x W^T + s (x A^T) B^T)) / ||W + s B A||``.
     """
     x = _exact(case, case.x.reshape(-1, case.in_features))
     t = _exact(case, upstream.reshape(-1, case.out_features))
-    a, b, s = _exact(case, case.lora_A), _exact(case, case.lora_B), case.scale
+    a, b, s, weight = _exact(case, case.lora_A), _exact(case, case.lora_B), case.scale, _base_weight(case)
+    grads: dict[str, Tracked] = {}
+    if case.use_dora:
+        factor = dora_factor(case)
+        t, unscaled_t = t * factor, t
+        # MLX scales the sum: T f goes through W. peft adds (f - 1) times the base layer's own output
+        # (less its bias) to that output, so T + T (f - 1) goes through W, or each part on its own.
+        correction = unscaled_t * (factor - Tracked.exact(np.ones_like(factor.value), case.dtype))
+        base_dx = Tracked.covering(t @ weight, (unscaled_t + correction) @ weight, unscaled_t @ weight + correction @ weight)
+        unbiased, down = x @ weight.T, x @ a.T
+        if case.has_bias:
+            bias = _exact(case, case.bias)
+            unbiased = Tracked.covering(unbiased, _affine(case, weight).reshape(-1, case.out_features) - bias)
+        lora, unscaled_lora = down.scaled_matmul(b.T, s), down @ b.T
+        norm = adapted_weight(case).row_norm()
+        grads["grad m"] = Tracked.covering(
+            _column_sums(unscaled_t * (unbiased + lora)) / norm,
+            (_column_sums(unscaled_t * unbiased) + _column_sums(unscaled_t.scaled(s) * unscaled_lora)) / norm,
+        )
+    else:
+        base_dx = t @ weight
     scaled_t = t.scaled(s)
     back, scaled_back = t @ b, scaled_t @ b  # (N, r)
     down = x @ a.T
-    dx = t @ _base_weight(case) + Tracked.covering(scaled_back @ a, back.scaled_matmul(a, s))
-    return {
-        "grad x": Tracked(dx.value.reshape(case.x.shape), dx.bound.reshape(case.x.shape), case.dtype),
-        "grad A": Tracked.covering(scaled_back.T @ x, back.T.scaled_matmul(x, s)),
-        "grad B": Tracked.covering(scaled_t.T @ down, t.T.scaled_matmul(down, s)),
-    }
+    dx = base_dx + Tracked.covering(scaled_back @ a, back.scaled_matmul(a, s))
+    grads["grad x"] = dx.reshape(*case.x.shape)
+    grads["grad A"] = Tracked.covering(scaled_back.T @ x, back.T.scaled_matmul(x, s))
+    grads["grad B"] = Tracked.covering(scaled_t.T @ down, t.T.scaled_matmul(down, s))
+    if bias_trains and case.has_bias:
+        grads["grad bias"] = _column_sums(_exact(case, upstream.reshape(-1, case.out_features)))
+    return grads
+
+
+def embedding_grads(case: EmbeddingCase, upstream: np.ndarray) -> dict[str, Tracked]:
+    """The gradients of a lookup's A and B: the linear map's, whose input (one-hot ids) has no gradient."""
+    grads = linear_grads(case.lookup, upstream)
+    del grads["grad x"]
+    return grads

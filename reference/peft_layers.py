@@ -230,22 +230,36 @@ def switch_merged_parameters(layer: torch.nn.Module) -> tuple[torch.Tensor, torc
 
 # Gradients --------------------------------------------------------------------------------------
 
-ROLES = {"lora_A": "A", "lora_B": "B"}
+ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "m"}
 """peft's parameter names (their first component) -> the roles the gradient checks compare."""
 
 
 def role(name: str) -> str:
-    """The role of one of peft's parameters: "A", "B", or its own name (a base parameter)."""
-    return ROLES.get(name.split(".")[0], name)
+    """The role of one of peft's parameters: "A", "B", "m", "bias" (the base's), or its own name."""
+    first, last = name.split(".")[0], name.split(".")[-1]
+    return ROLES.get(first, "bias" if last == "bias" else name)
 
 
-def linear_grads(case: LinearCase, upstream: np.ndarray) -> tuple[dict[str, torch.Tensor], set[str]]:
+def grads(
+    case: LinearCase | EmbeddingCase, upstream: np.ndarray, bias_trains: bool = False
+) -> tuple[dict[str, torch.Tensor], set[str]]:
     """torch autograd of ``sum(y * T)`` through peft's layer, with the base frozen as ``PeftModel`` leaves it
-    (``bias="none"``): the gradients by role (and "x"), and the roles of the trainable parameters."""
-    layer = linear(case)
-    layer.get_base_layer().requires_grad_(False)
-    x = tensor(case.x, case.dtype).requires_grad_(True)
-    (_call(layer, case, x) * tensor(upstream, case.dtype)).sum().backward()
+    (``bias="none"``; with `bias_trains`, ``bias="all"``: the base bias trains): the gradients by role
+    (and "x" for a linear layer), and the roles of the trainable parameters."""
+    layer = embedding(case) if isinstance(case, EmbeddingCase) else linear(case)
+    base = layer.get_base_layer()
+    base.requires_grad_(False)
+    if bias_trains and getattr(base, "bias", None) is not None:
+        base.bias.requires_grad_(True)
+    if isinstance(case, EmbeddingCase):
+        x = None
+        output = layer(torch.from_numpy(case.ids))
+    else:
+        x = tensor(case.x, case.dtype).requires_grad_(True)
+        output = _call(layer, case, x)
+    (output * tensor(upstream, case.dtype)).sum().backward()
     trainable = {name: p for name, p in layer.named_parameters() if p.requires_grad}
-    grads = {f"grad {role(name)}": p.grad for name, p in trainable.items() if p.grad is not None}
-    return {**grads, "grad x": x.grad}, {role(name) for name in trainable}
+    found = {f"grad {role(name)}": p.grad for name, p in trainable.items() if p.grad is not None}
+    if x is not None:
+        found["grad x"] = x.grad
+    return found, {role(name) for name in trainable}

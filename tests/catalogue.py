@@ -82,6 +82,7 @@ WRONG_VARIANTS = {
             _subject(lora_layers.DoRANormWithoutAdapter), "forward", diagnosis="taken from W alone, without the adapter"
         ),
         WrongVariant(_subject(lora_layers.DoRAMergeForgetsMagnitude), "merge"),
+        WrongVariant(_subject(lora_layers.DoRANormNotDetached), "grad"),
         WrongVariant(_subject(lora_layers.RequantizeIgnoresAdapter), "requantize"),
         WrongVariant(_subject(lora_layers.RequantizeWithDefaults), "requantize"),
         WrongVariant(

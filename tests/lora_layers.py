@@ -251,7 +251,7 @@ class CorrectDoRALinear(CorrectLoRALinear):
         self.m = self.weight_norm().astype(self.base_weight().dtype)
 
     def factor(self) -> mx.array:
-        return mx.stop_gradient(self.m.astype(mx.float32) / self.weight_norm())
+        return self.m.astype(mx.float32) / mx.stop_gradient(self.weight_norm())
 
     def __call__(self, x: mx.array) -> mx.array:
         unbiased = x @ self.base_weight().astype(x.dtype).T + self.lora_update(x)
@@ -278,6 +278,14 @@ class DoRANormWithoutAdapter(CorrectDoRALinear):
         return mx.linalg.norm(self.base_weight().astype(mx.float32), axis=1)
 
 
+class DoRANormNotDetached(CorrectDoRALinear):
+    """The weight norm left in the gradient graph, against the DoRA paper's (and peft's) detached norm:
+    the outputs are right, the gradients of A and B are not."""
+
+    def factor(self) -> mx.array:
+        return self.m.astype(mx.float32) / self.weight_norm()
+
+
 class DoRAMergeForgetsMagnitude(CorrectDoRALinear):
     """The merge folds in the LoRA update but not the magnitude / norm factor."""
 
@@ -287,6 +295,8 @@ class DoRAMergeForgetsMagnitude(CorrectDoRALinear):
 
 class PeftStyleDoRAConvention(PeftStyleConvention):
     """As `PeftStyleConvention`, with the case's magnitude, in the layer's dtype."""
+
+    roles = {**PeftStyleConvention.roles, "m": "m"}
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         layer = super().build(cls, case)
@@ -400,6 +410,8 @@ class EmbeddingMergeTransposed(CorrectLoRAEmbedding):
 
 class PeftStyleEmbeddingConvention:
     """How the embedding layers above are built from a case: peft's (r, alpha, use_rslora)."""
+
+    roles = PeftStyleConvention.roles
 
     def construct(self, cls: type, case, r: int, dropout: float) -> nn.Module:
         lookup = case.lookup

@@ -20,10 +20,14 @@ def test_header_names_versions_device_profile_and_seed(run_suite):
     assert run.results["meta"]["seed"].startswith("7 ")
 
 
+LINEAR_ROWS_PER_DTYPE = 3 * 150 + 150 // 3
+"""test_linear.py in one dtype: forward, merge and grad with the ci profile's 150 examples, grad_bias_all a third."""
+
+
 def test_summary_line_counts_the_cases_checked(run_suite):
     run = run_suite(*CORRECT, "--dtype", "float16", module="test_linear.py")
     rows = run.results["rows"]
-    assert len(rows) == 3 * 150  # three checks (forward, merge, grad), the ci profile's 150 examples each
+    assert len(rows) == LINEAR_ROWS_PER_DTYPE
     assert f"conformance: {len(rows)} cases checked (0 outside the allowed error)" in run.output
     assert {r["subject"] for r in rows} == {"tests.catalogue:CorrectLoRALinear"}
     assert all(r["versions"]["mlx"] == mx.__version__ and r["device"] for r in rows)
@@ -72,6 +76,7 @@ def test_known_divergences_keep_the_gate_green_and_report_fixed_ones(run_suite, 
         "test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
         "test_linear.py::test_merge[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r (fixed, say)\n"
         "test_linear.py::test_grad[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
+        "test_linear.py::test_grad_bias_all[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
     )
     run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
     assert run.ret == 0, run.output
@@ -110,7 +115,7 @@ def test_recording_survives_xdist_workers(run_suite):
     serial = run_suite(*CORRECT, "--dtype", "bfloat16", module="test_linear.py")
     parallel = run_suite(*CORRECT, "--dtype", "bfloat16", "-n", "2", module="test_linear.py")
     assert parallel.ret == 0, parallel.output
-    assert len(parallel.results["rows"]) == len(serial.results["rows"]) == 3 * 150
+    assert len(parallel.results["rows"]) == len(serial.results["rows"]) == LINEAR_ROWS_PER_DTYPE
     assert sorted(c["check_id"] for c in parallel.results["checks"]) == sorted(c["check_id"] for c in serial.results["checks"])
 
 
