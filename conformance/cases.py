@@ -163,6 +163,14 @@ def upstream_gradient(case: LinearCase) -> np.ndarray:
     return _draw_array(rng, (*case.batch_shape, case.out_features), 1.0, case.dtype)
 
 
+def dropout_mask(case: LinearCase, shape: tuple[int, ...]) -> np.ndarray:
+    """The keep-mask (1 kept, 0 dropped) that the dropout check gives both sides' dropout for an input of
+    `shape`: fixed by the case and the number of elements (peft sees an unbatched DoRA input as a batch
+    of one), so both sides drop the same elements of the same input."""
+    rng = np.random.default_rng([case.seed, 3])
+    return (rng.random(int(np.prod(shape))) >= case.dropout).astype(np.float64).reshape(shape)
+
+
 def gradients_fit(case: LinearCase) -> bool:
     """Whether the backward pass's intermediates stay far from overflow in the case dtype, as `fits_dtype`
     asks of the forward pass's."""

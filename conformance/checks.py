@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from conformance import diagnosis, quantization
-from conformance.cases import EmbeddingCase, LinearCase, upstream_gradient
+from conformance import diagnosis, dropout_statistics, quantization
+from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, upstream_gradient
 from conformance.quantization import Quantization
 from conformance.subjects import Subject
 from conformance.switch_cases import SwitchCase
@@ -223,6 +223,82 @@ def grad(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer =
 def grad_bias_all(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """As `grad`, with peft's ``bias="all"``: the base's bias trains too (MLX: unfrozen), ``db = sum_rows(T)``."""
     return _gradients(subject, case, timer, bias_trains=True)
+
+
+# Dropout ----------------------------------------------------------------------------------------
+
+
+def dropout(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """Where dropout acts: both layers in training mode, every dropout module given the same keep-mask
+    (a function of the shape it sees), against the formula with the adapter's input dropped (peft:
+    ``x W^T + b + s (x' A^T) B^T``; DoRA as `oracle.linear_forward` says; peft's LoRA Embedding applies
+    no dropout)."""
+    embedding = isinstance(case, EmbeddingCase)
+    view = case.lookup if embedding else case
+
+    def mask(shape: tuple[int, ...]) -> np.ndarray:
+        return dropout_mask(view, shape)
+
+    def expect() -> Expected:
+        if embedding:
+            return {"output": oracle.embedding_forward(case)}
+        return {"output": oracle.linear_forward(case, oracle.dropped_input(case, mask(case.x.shape)))}
+
+    def reference() -> Observed:
+        if embedding:
+            layer = peft_layers.trained_with_mask(peft_layers.embedding(case), mask, view.dropout)
+            return {"output": _from_torch(peft_layers.lookup(layer, case))}
+        layer = peft_layers.trained_with_mask(peft_layers.linear(case), mask, case.dropout)
+        return {"output": _from_torch(peft_layers.forward(layer, case))}
+
+    def run_subject() -> Observed:
+        layer = subject.build(case)
+        if bridge.inject_dropout(layer, view.dropout, mask) == 0:
+            raise LookupError("the layer has no mlx.nn.Dropout inside to give the mask to")
+        layer.train()
+        output = layer(mx.array(case.ids) if embedding else bridge.mlx_array(case.x, case.dtype))
+        _evaluated(output)
+        return {"output": _from_mlx(output)}
+
+    def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
+        if "output" not in observed:
+            return []
+        return diagnosis.dropout_hints(view, observed["output"][0], mask)
+
+    return _run("dropout", subject, case, timer, expect, reference, run_subject, diagnose)
+
+
+def dropout_scaling(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The subject's own dropout keeps the output's expectation (inverted dropout): the mean of
+    `dropout_statistics.SAMPLES` training-mode outputs is the eval output, within a bound that a correct
+    layer exceeds with probability `dropout_statistics.FALSE_ALARM`. No reference: this judges the
+    subject's random masks, which peft cannot share."""
+    measurement = Measurement(subject.name, "dropout_scaling", case.describe())
+    with timer("subject"):
+        try:
+            layer = subject.build(case)
+            x = bridge.mlx_array(case.x, case.dtype)
+            evaluation = layer(x)
+            layer.train()
+            training = layer(mx.broadcast_to(x, (dropout_statistics.SAMPLES, *x.shape)))
+            _evaluated(evaluation, training)
+        except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
+            measurement.comparisons.append(failed(f"raised {type(error).__name__}: {error}", "dropout_scaling", "subject"))
+            return measurement
+    with timer("oracle"):
+        premise = compare("eval output", "subject", bridge.to_numpy(evaluation), oracle.linear_forward(case))
+        if not premise.passed:  # the statistic's variance is the formula's; a wrong LoRA term breaks it
+            problem = f"cannot be judged: the eval output disagrees with the formula (the forward check says how): {premise.describe()}"
+            measurement.comparisons.append(failed(problem, "dropout_scaling", "subject"))
+            return measurement
+        comparison, ratio = dropout_statistics.judge(case, bridge.to_numpy(training), bridge.to_numpy(evaluation))
+    measurement.comparisons.append(comparison)
+    if not comparison.passed:
+        measurement.hints.append(
+            f"the training-mode LoRA term averages {ratio:.3g}x the eval one; inverted dropout keeps 1x, dropout "
+            f"without the 1 / (1 - p) rescaling keeps 1 - p = {1 - case.dropout:.3g}x"
+        )
+    return measurement
 
 
 # DoRA's magnitude -----------------------------------------------------------------------------
@@ -442,16 +518,24 @@ def error_parity(
 
 Check = Callable[[Subject, "LinearCase | EmbeddingCase", PhaseTimer], Measurement]
 FAMILY_CHECKS: dict[str, dict[str, Check]] = {
-    "linear": {"forward": forward, "merge": merge, "grad": grad, "grad_bias_all": grad_bias_all},
+    "linear": {
+        "forward": forward,
+        "merge": merge,
+        "grad": grad,
+        "grad_bias_all": grad_bias_all,
+        "dropout": dropout,
+        "dropout_scaling": dropout_scaling,
+    },
     "dora_linear": {
         "forward": forward,
         "merge": merge,
         "grad": grad,
         "grad_bias_all": grad_bias_all,
+        "dropout": dropout,
         "init": init,
         "init_with_adapter": init_with_adapter,
     },
-    "embedding": {"forward": lookup, "as_linear": as_linear, "merge": embedding_merge, "grad": grad},
+    "embedding": {"forward": lookup, "as_linear": as_linear, "merge": embedding_merge, "grad": grad, "dropout": dropout},
     "dora_embedding": {
         "forward": lookup,
         "as_linear": as_linear,

@@ -79,6 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _give_seed(config, profile)
     config.addinivalue_line("markers", "family(name): the layer family a test module checks")
     config.addinivalue_line("markers", "check(name): the check a test runs, where its name does not say")
+    config.addinivalue_line("markers", "dtypes(*names): the only case dtypes a check runs in, where not all")
     device = _select_device(config.getoption("mlx_device"))
     try:
         subjects = [resolve(name) for name in config.getoption("subject")] or list(CATALOGUE)
@@ -132,11 +133,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     family = metafunc.definition.get_closest_marker("family").args[0]
     state = metafunc.config.stash[STATE]
+    only = metafunc.definition.get_closest_marker("dtypes")
+    dtypes = [d for d in state["dtypes"] if only is None or d in only.args]
     params = []
     for subject in (s for s in state["subjects"] if s.family == family):
         reason = subject.not_provided_reason()
         marks = [pytest.mark.skip(reason=reason)] if reason else []
-        params += [pytest.param(subject, DTYPES[d], id=f"{subject.name}-{d}", marks=marks) for d in state["dtypes"]]
+        params += [pytest.param(subject, DTYPES[d], id=f"{subject.name}-{d}", marks=marks) for d in dtypes]
+    if not params and only is not None and any(s.family == family for s in state["subjects"]):
+        reason = f"this check runs in {', '.join(only.args)} only, which --dtype did not select"
+        params = [pytest.param(None, None, id=NO_SUBJECT, marks=pytest.mark.skip(reason=reason))]
     metafunc.parametrize(("subject", "dtype"), params or [pytest.param(None, None, id=NO_SUBJECT)])
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from conformance.cases import LinearCase
 from conformance.dtypes import round_to
-from conformance.verdict import allowed_error
+from conformance.verdict import Tracked, allowed_error
 from reference import oracle
 
 
@@ -142,3 +144,36 @@ def adapter_width_hints(case: LinearCase, problems: list[str]) -> list[str]:
         f"the input width is taken as packed width x (32 // bits) = {packed} x {32 // q.bits} = {rows}; "
         f"with {q.bits} bits it is packed width x 32 // bits = {case.in_features}"
     ]
+
+
+def dropout_hints(case: LinearCase, output: np.ndarray, mask: Callable[[tuple[int, ...]], np.ndarray]) -> list[str]:
+    """Where a subject's dropout acted, when the dropout check found it elsewhere than peft's: each known
+    placement evaluated with the same keep-mask, and the one the output matches."""
+    x = _exact(case, case.x)
+    dropped = oracle.dropped_input(case, mask(case.x.shape))
+    base, lora = oracle.linear_base(case), oracle.lora_update(case, dropped)
+    output_mask = Tracked.exact(mask(base.value.shape), case.dtype)
+    placements = {
+        "the output is the eval one: the subject applies no dropout in training mode": oracle.linear_forward(case),
+        "dropout acts on the LoRA term's output, not on its input": base + (oracle.lora_update(case) * output_mask).scaled(
+            1 / (1 - case.dropout)
+        ),
+    }
+    if case.use_dora:
+        factor = oracle.dora_factor(case)
+        scaled_sum = factor * (x @ _exact(case, case.weight).T + lora)
+        placements[
+            "the magnitude scales the base output of the whole input, f (x W^T + s (x' A^T) B^T) + b; peft takes "
+            "the (f - 1) x' W^T correction from the dropped input"
+        ] = scaled_sum + _exact(case, case.bias) if case.has_bias else scaled_sum
+    else:
+        dropped_case = replace(case, x=round_to(case.x * mask(case.x.shape) / (1 - case.dropout), case.dtype))
+        placements["dropout acts on the base layer's input too"] = oracle.linear_forward(dropped_case)
+    return [
+        text for text, expected in placements.items()
+        if expected.value.shape == output.shape and np.all(np.abs(output - expected.value) <= allowed_error(expected))
+    ]
+
+
+def _exact(case: LinearCase, values: np.ndarray) -> Tracked:
+    return Tracked.exact(values, case.dtype)

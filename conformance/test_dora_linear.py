@@ -52,3 +52,12 @@ def test_grad_bias_all(subject, dtype, data, recorder):
     """With peft's ``bias="all"`` the base's bias trains too."""
     cases = _dora_cases(dtype).filter(gradients_fit).filter(lambda case: case.has_bias)
     record_and_assert(recorder, checks.grad_bias_all(subject, data.draw(cases, label="case")))
+
+
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_dropout(subject, dtype, data, recorder):
+    """In training mode, with one keep-mask given to both sides: peft's ``x W^T + b + (f - 1) x' W^T +
+    f s (x' A^T) B^T`` with ``f = m / ||W + s B A||`` and ``x' = x * mask / (1 - p)``."""
+    cases = _dora_cases(dtype).filter(lambda case: case.dropout > 0)
+    record_and_assert(recorder, checks.dropout(subject, data.draw(cases, label="case")))

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks
+from conformance import checks, profiles
 from conformance.asserting import record_and_assert
 from conformance.cases import embedding_cases, gradients_fit
 
@@ -34,3 +34,12 @@ def test_grad(subject, dtype, data, recorder):
     """Gradients for A and B of ``sum(y * T)`` are peft's and the formulas'; A and B train, the table does not."""
     cases = embedding_cases(dtype).filter(lambda case: gradients_fit(case.lookup))
     record_and_assert(recorder, checks.grad(subject, data.draw(cases, label="case")))
+
+
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_dropout(subject, dtype, data, recorder):
+    """In training mode, with one keep-mask given to every dropout module: peft's LoRA Embedding applies
+    no dropout (ids cannot be dropped), so the lookup is the eval one."""
+    cases = embedding_cases(dtype).filter(lambda case: case.lookup.dropout > 0)
+    record_and_assert(recorder, checks.dropout(subject, data.draw(cases, label="case")))

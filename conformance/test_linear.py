@@ -38,3 +38,25 @@ def test_grad_bias_all(subject, dtype, data, recorder):
     """With peft's ``bias="all"`` (MLX: the base's bias unfrozen) the bias trains too, ``db = sum_rows(T)``."""
     case = data.draw(linear_cases(dtype).filter(gradients_fit).filter(lambda case: case.has_bias), label="case")
     record_and_assert(recorder, checks.grad_bias_all(subject, case))
+
+
+def _with_dropout(dtype):
+    return linear_cases(dtype).filter(lambda case: case.dropout > 0)
+
+
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_dropout(subject, dtype, data, recorder):
+    """In training mode, with one keep-mask given to both sides, dropout acts on the adapter's input only:
+    ``x W^T + b + s (x' A^T) B^T`` with ``x' = x * mask / (1 - p)``."""
+    record_and_assert(recorder, checks.dropout(subject, data.draw(_with_dropout(dtype), label="case")))
+
+
+# Dropout's rescaling does not depend on the dtype, and in half precision the rounding of the outputs
+# would outweigh what the statistic can see: the check could not fail there.
+@pytest.mark.dtypes("float32")
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_dropout_scaling(subject, dtype, data, recorder):
+    """The subject's own dropout is inverted: its training-mode outputs average to the eval output."""
+    record_and_assert(recorder, checks.dropout_scaling(subject, data.draw(_with_dropout(dtype), label="case")))

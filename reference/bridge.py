@@ -10,12 +10,13 @@ subject layer with bit-identical weights, in eval mode, and merges it the way it
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from conformance import quantization
 from conformance.cases import EmbeddingCase, LinearCase
@@ -275,6 +276,25 @@ def _with_adapter(layer: nn.Module, case: LinearCase) -> nn.Module:
     """Give an MLX layer the case's A and B in MLX's layout: ``lora_a`` (in, r), ``lora_b`` (r, out)."""
     load_adapter(layer, lora_a=mlx_array(case.lora_A.T, case.dtype), lora_b=mlx_array(case.lora_B.T, case.dtype))
     return _eval_mode(layer)
+
+
+class InjectedDropout(nn.Module):
+    """``nn.Dropout``'s arithmetic, ``(x * mask) * (1 / (1 - p))``, with a given keep-mask (a function of the
+    input's shape) instead of a random one, in any mode."""
+
+    def __init__(self, p: float, mask: Callable[[tuple[int, ...]], np.ndarray]):
+        super().__init__()
+        self.p, self.mask = p, mask
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return (x * mx.array(self.mask(tuple(x.shape))).astype(x.dtype)) * (1 / (1 - self.p))
+
+
+def inject_dropout(layer: nn.Module, p: float, mask: Callable[[tuple[int, ...]], np.ndarray]) -> int:
+    """Replace every ``nn.Dropout`` inside the layer by an `InjectedDropout`; how many there were."""
+    found = [name for name, module in layer.named_modules() if isinstance(module, nn.Dropout)]
+    layer.update_modules(tree_unflatten([(name, InjectedDropout(p, mask)) for name in found]))
+    return len(found)
 
 
 def _eval_mode(layer: nn.Module) -> nn.Module:

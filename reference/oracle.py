@@ -56,10 +56,15 @@ def linear_base(case: LinearCase) -> Tracked:
     return _affine(case, _base_weight(case), accumulation)
 
 
-def lora_update(case: LinearCase) -> Tracked:
-    """``s (x A^T) B^T``: the LoRA term."""
-    down = _exact(case, case.x) @ _exact(case, case.lora_A).T
+def lora_update(case: LinearCase, lora_input: Tracked | None = None) -> Tracked:
+    """``s (x A^T) B^T``: the LoRA term (of `lora_input`, the dropped-out input, where given)."""
+    down = (_exact(case, case.x) if lora_input is None else lora_input) @ _exact(case, case.lora_A).T
     return down.scaled_matmul(_exact(case, case.lora_B).T, case.scale)
+
+
+def dropped_input(case: LinearCase, mask: np.ndarray) -> Tracked:
+    """Inverted dropout of x with a given keep-mask: ``(x * mask) * (1 / (1 - p))``."""
+    return _exact(case, case.x * mask).scaled(1 / (1 - case.dropout))
 
 
 def adapted_weight(case: LinearCase) -> Tracked:
@@ -77,14 +82,21 @@ def magnitude_at_init(case: LinearCase) -> Tracked:
     return _base_weight(case).row_norm()
 
 
-def linear_forward(case: LinearCase) -> Tracked:
+def linear_forward(case: LinearCase, dropped: Tracked | None = None) -> Tracked:
     """LoRA (Hu et al. 2021; rsLoRA: s = alpha / sqrt(r)): ``y = x W^T + b + s (x A^T) B^T``.
 
     DoRA (Liu et al. 2024): ``y = m / ||W + s B A|| * (x W^T + s (x A^T) B^T) + b``.
+
+    In training mode, with `dropped` the dropped-out input x': LoRA's term is ``s (x' A^T) B^T``, and
+    DoRA's is peft's ``x W^T + b + (f - 1) x' W^T + f s (x' A^T) B^T`` (``f = m / ||W + s B A||``): the
+    base layer sees x, the magnitude's correction and the adapter see x'.
     """
     if not case.use_dora:
-        return linear_base(case) + lora_update(case)
-    factor, unbiased, lora = dora_factor(case), _exact(case, case.x) @ _base_weight(case).T, lora_update(case)
+        return linear_base(case) + lora_update(case, dropped)
+    factor, unbiased, lora = dora_factor(case), _exact(case, case.x) @ _base_weight(case).T, lora_update(case, dropped)
+    if dropped is not None:
+        correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * (dropped @ _base_weight(case).T)
+        return linear_base(case) + (correction + factor * lora)
     # MLX scales the sum; peft adds (factor - 1) * base + factor * lora to the base layer's output.
     # When the factor is far from 1 the two round quite differently, so the bound covers both.
     scaled_sum = factor * (unbiased + lora)

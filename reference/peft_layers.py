@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from peft import LoraConfig
@@ -151,6 +153,25 @@ def _call(layer: torch.nn.Module, case: LinearCase, x: torch.Tensor) -> torch.Te
 def forward(layer: torch.nn.Module, case: LinearCase) -> torch.Tensor:
     with torch.no_grad():
         return _call(layer, case, tensor(case.x, case.dtype))
+
+
+class InjectedDropout(torch.nn.Module):
+    """torch's dropout arithmetic with a given keep-mask (a function of the input's shape): `bridge.InjectedDropout`'s twin."""
+
+    def __init__(self, p: float, mask: Callable[[tuple[int, ...]], np.ndarray]):
+        super().__init__()
+        self.p, self.mask = p, mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * torch.from_numpy(self.mask(tuple(x.shape))).to(x.dtype)) * (1 / (1 - self.p))
+
+
+def trained_with_mask(
+    layer: LoraLinear | LoraEmbedding, mask: Callable[[tuple[int, ...]], np.ndarray], p: float
+) -> torch.nn.Module:
+    """peft's layer in training mode, its LoRA dropout replaced by an `InjectedDropout` with `mask`."""
+    layer.lora_dropout[ADAPTER] = InjectedDropout(p, mask)
+    return layer.train()
 
 
 # Mixture of experts ----------------------------------------------------------------------------

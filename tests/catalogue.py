@@ -71,6 +71,11 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.TransposedMerge), "merge"),
         WrongVariant(_subject(lora_layers.MergeDropsBias), "merge"),
         WrongVariant(_subject(lora_layers.DropoutInEval), "forward"),
+        WrongVariant(_subject(lora_layers.DropoutOnBasePath), "dropout", diagnosis="on the base layer's input too"),
+        WrongVariant(_subject(lora_layers.DropoutOnLoRAOutput), "dropout", diagnosis="on the LoRA term's output"),
+        WrongVariant(
+            _subject(lora_layers.DropoutNotRescaled), "dropout_scaling", ("float32",), "without the 1 / (1 - p) rescaling"
+        ),
         WrongVariant(_subject(lora_layers.UpdateCastToFloat16), "forward", visible_in=("float32", "bfloat16")),
         WrongVariant(_subject(lora_layers.SwappedAB), "forward"),
         WrongVariant(_subject(lora_layers.GradientLeaksIntoBase), "grad", diagnosis="trainable only in the subject: ['linear.weight'"),

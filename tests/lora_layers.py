@@ -136,6 +136,38 @@ class DropoutInEval(CorrectLoRALinear):
         self.dropout = AlwaysOnDropout(dropout)
 
 
+class DropoutOnBasePath(CorrectLoRALinear):
+    """The input is dropped before the base layer too, not only on the adapter's path."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        dropped = self.dropout(x)
+        return self.linear(dropped) + (self.scale * ((dropped @ self.lora_a) @ self.lora_b)).astype(x.dtype)
+
+
+class DropoutOnLoRAOutput(CorrectLoRALinear):
+    """Dropout applied to the LoRA term's output instead of its input."""
+
+    def lora_update(self, x: mx.array) -> mx.array:
+        return (self.scale * self.dropout((x @ self.lora_a) @ self.lora_b)).astype(x.dtype)
+
+
+class UnscaledDropout(nn.Dropout):
+    """Drops elements but forgets to rescale the kept ones by 1 / (1 - p)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.training or self._p_1 == 1:
+            return x
+        return mx.random.bernoulli(self._p_1, x.shape) * x
+
+
+class DropoutNotRescaled(CorrectLoRALinear):
+    """Its dropout keeps elements without the 1 / (1 - p) rescaling: the training-mode LoRA term shrinks by 1 - p."""
+
+    def __init__(self, linear, r, alpha, use_rslora=False, dropout=0.0):
+        super().__init__(linear, r, alpha, use_rslora, dropout)
+        self.dropout = UnscaledDropout(dropout)
+
+
 class UpdateCastToFloat16(CorrectLoRALinear):
     """The LoRA update is cast to float16 instead of the input's dtype."""
 
@@ -254,8 +286,10 @@ class CorrectDoRALinear(CorrectLoRALinear):
         return self.m.astype(mx.float32) / mx.stop_gradient(self.weight_norm())
 
     def __call__(self, x: mx.array) -> mx.array:
-        unbiased = x @ self.base_weight().astype(x.dtype).T + self.lora_update(x)
-        out = self.factor().astype(x.dtype) * unbiased
+        # peft's form: the base output of x, and a correction from the dropped input x' (x in eval mode).
+        dropped, weight, factor = self.dropout(x), self.base_weight().astype(x.dtype).T, self.factor().astype(x.dtype)
+        lora = (self.scale * ((dropped @ self.lora_a) @ self.lora_b)).astype(x.dtype)
+        out = x @ weight + ((factor - 1) * (dropped @ weight) + factor * lora)
         return out + self.linear.bias if "bias" in self.linear else out
 
     def fuse(self, dequantize: bool = False) -> nn.Module:

@@ -20,8 +20,9 @@ def test_header_names_versions_device_profile_and_seed(run_suite):
     assert run.results["meta"]["seed"].startswith("7 ")
 
 
-LINEAR_ROWS_PER_DTYPE = 3 * 150 + 150 // 3
-"""test_linear.py in one dtype: forward, merge and grad with the ci profile's 150 examples, grad_bias_all a third."""
+LINEAR_ROWS_PER_DTYPE = 3 * 150 + 2 * (150 // 3)
+"""test_linear.py in float16 or bfloat16: forward, merge and grad with the ci profile's 150 examples, grad_bias_all
+and dropout a third each (dropout_scaling runs in float32 only)."""
 
 
 def test_summary_line_counts_the_cases_checked(run_suite):
@@ -77,6 +78,8 @@ def test_known_divergences_keep_the_gate_green_and_report_fixed_ones(run_suite, 
         "test_linear.py::test_merge[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r (fixed, say)\n"
         "test_linear.py::test_grad[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
         "test_linear.py::test_grad_bias_all[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
+        "test_linear.py::test_dropout[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
+        "test_linear.py::test_dropout_scaling[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
     )
     run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
     assert run.ret == 0, run.output
