@@ -119,14 +119,14 @@ def make_linear_case(
     """The case with these parameters; its weights come from `seed` and are rounded to `dtype`."""
     rng = np.random.default_rng(seed)
     x_scale, w_scale, a_scale, b_scale = magnitudes
-    weight = _draw_array(rng, (out_features, in_features), w_scale / math.sqrt(in_features), dtype)
+    weight = draw_array(rng, (out_features, in_features), w_scale / math.sqrt(in_features), dtype)
     parts = None
     if quantization is not None:
         parts, weight = quantize_base(weight, dtype, quantization)
-    bias = _draw_array(rng, (out_features,), w_scale, dtype) if has_bias else None
-    lora_A = _draw_array(rng, (r, in_features), a_scale / math.sqrt(in_features), dtype)
-    lora_B = _draw_array(rng, (out_features, r), b_scale / math.sqrt(r), dtype)
-    x = _draw_array(rng, (*batch_shape, in_features), x_scale, dtype)
+    bias = draw_array(rng, (out_features,), w_scale, dtype) if has_bias else None
+    lora_A = draw_array(rng, (r, in_features), a_scale / math.sqrt(in_features), dtype)
+    lora_B = draw_array(rng, (out_features, r), b_scale / math.sqrt(r), dtype)
+    x = draw_array(rng, (*batch_shape, in_features), x_scale, dtype)
     magnitude = None
     if use_dora:
         adapted = weight + scaling(alpha, r, use_rslora) * lora_B @ lora_A
@@ -160,7 +160,7 @@ def make_linear_case(
 def upstream_gradient(case: LinearCase) -> np.ndarray:
     """The fixed random tensor T of the gradient checks' loss ``sum(y * T)``, shaped like the output."""
     rng = np.random.default_rng([case.seed, 2])
-    return _draw_array(rng, (*case.batch_shape, case.out_features), 1.0, case.dtype)
+    return draw_array(rng, (*case.batch_shape, case.out_features), 1.0, case.dtype)
 
 
 def dropout_mask(case: LinearCase, shape: tuple[int, ...]) -> np.ndarray:
@@ -263,7 +263,7 @@ BOOLEANS = st.booleans()
 _BATCH_SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4)
 
 
-def _draw_array(rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype: DType) -> np.ndarray:
+def draw_array(rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype: DType) -> np.ndarray:
     return round_to(rng.standard_normal(shape) * scale, dtype)
 
 
@@ -408,7 +408,7 @@ def make_embedding_case(
     rng = np.random.default_rng([lookup.seed, 1])
     ids = rng.integers(0, num_embeddings, lookup.batch_shape)
     one_hot = np.eye(num_embeddings)[ids]
-    hidden = _draw_array(rng, (*lookup.batch_shape, dims), lookup.magnitudes[0], lookup.dtype)
+    hidden = draw_array(rng, (*lookup.batch_shape, dims), lookup.magnitudes[0], lookup.dtype)
     parts = None
     if quantization is not None:
         parts, table = quantize_base(lookup.weight.T, lookup.dtype, quantization)

@@ -13,14 +13,14 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from conformance import diagnosis, dropout_statistics, quantization
+from conformance import diagnosis, dropout_statistics, optimizers, quantization
 from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, upstream_gradient
 from conformance.quantization import Quantization
 from conformance.subjects import Subject
 from conformance.switch_cases import SwitchCase
 from conformance.timing import UNTIMED, PhaseTimer
 from conformance.verdict import Comparison, Measurement, Tracked, compare, failed
-from reference import bridge, oracle, peft_layers
+from reference import bridge, oracle, peft_layers, trajectory
 
 Observed = dict[str, tuple[np.ndarray, "str | None"]]
 """quantity -> (values as float64, dtype name or None where the dtype is not judged), as one side produced them."""
@@ -301,6 +301,42 @@ def dropout_scaling(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTI
     return measurement
 
 
+# Optimizer steps ------------------------------------------------------------------------------
+
+
+def _steps(subject: Subject, case: LinearCase, timer: PhaseTimer, kind: str) -> Measurement:
+    target = optimizers.regression_target(case)
+    spec = optimizers.optimizer_for(case, kind, trajectory.first_gradients(case, target))
+
+    def by_step(adapters: list[dict], convert: Callable) -> Observed:
+        return {f"{role} after step {k}": convert(values) for k, adapter in enumerate(adapters, 1) for role, values in adapter.items()}
+
+    def expect() -> Expected:
+        return by_step(trajectory.steps(case, spec, target, optimizers.STEPS), lambda tracked: tracked)
+
+    def reference() -> Observed:
+        return by_step(peft_layers.training_steps(case, spec, target, optimizers.STEPS), _from_torch)
+
+    def run_subject() -> Observed:
+        adapters = bridge.training_steps(subject.build(case), subject.convention.roles, case, spec, target, optimizers.STEPS)
+        return by_step(adapters, _from_mlx)
+
+    measurement = _run(f"steps_{kind}", subject, case, timer, expect, reference, run_subject)
+    measurement.case.update(spec.describe())
+    return measurement
+
+
+def steps_sgd(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """A and B after each of a few SGD steps on a fixed regression problem, against torch's SGD on peft's
+    layer and the float64 steps, within the error rounding accumulates over the steps."""
+    return _steps(subject, case, timer, "sgd")
+
+
+def steps_adamw(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """As `steps_sgd`, with AdamW (bias-corrected on both sides, decoupled weight decay)."""
+    return _steps(subject, case, timer, "adamw")
+
+
 # DoRA's magnitude -----------------------------------------------------------------------------
 
 
@@ -525,6 +561,8 @@ FAMILY_CHECKS: dict[str, dict[str, Check]] = {
         "grad_bias_all": grad_bias_all,
         "dropout": dropout,
         "dropout_scaling": dropout_scaling,
+        "steps_sgd": steps_sgd,
+        "steps_adamw": steps_adamw,
     },
     "dora_linear": {
         "forward": forward,

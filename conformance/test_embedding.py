@@ -29,6 +29,7 @@ def test_merge(subject, dtype, data, recorder):
     record_and_assert(recorder, checks.embedding_merge(subject, data.draw(embedding_cases(dtype), label="case")))
 
 
+@profiles.fewer_examples(2)
 @given(data=st.data())
 def test_grad(subject, dtype, data, recorder):
     """Gradients for A and B of ``sum(y * T)`` are peft's and the formulas'; A and B train, the table does not."""

@@ -138,6 +138,16 @@ class Tracked:
         accumulated = (gamma(self.value.shape[-1] + 1) / 2) * np.linalg.norm(self.magnitude, axis=-1)
         return self._stored(value, propagated + accumulated)
 
+    def sqrt(self) -> Tracked:
+        """Elementwise square root of a non-negative quantity: the exact interval (sqrt is monotone)."""
+        value = np.sqrt(self.value)
+        low, high = np.sqrt(np.maximum(self.value - self.bound, 0.0)), np.sqrt(self.value + self.bound)
+        return self._stored(value, np.maximum(high - value, value - low))
+
+    def shifted(self, constant: float) -> Tracked:
+        """Add a Python float, which an implementation may first round to the dtype."""
+        return self._stored(self.value + constant, self.bound + self.dtype.unit_roundoff * abs(constant))
+
     def scaled(self, factor: float) -> Tracked:
         """Multiply by a Python float, which an implementation may first round to the dtype."""
         u = self.dtype.unit_roundoff

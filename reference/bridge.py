@@ -15,12 +15,14 @@ from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optimizers
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from conformance import quantization
 from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import FLOAT32, DType
+from conformance.optimizers import OptimizerSpec
 from conformance.switch_cases import SwitchCase
 
 
@@ -332,3 +334,30 @@ def grads(
     if not embedding:
         found["grad x"] = mx.grad(lambda inputs: loss(layer, inputs))(x)
     return found, {role(roles, name) for name in trainable}
+
+
+def training_steps(
+    layer: nn.Module, roles: dict[str, str], case: LinearCase, spec: OptimizerSpec, target: np.ndarray, count: int
+) -> list[dict[str, mx.array]]:
+    """The layer's A and B (by role, in peft's layouts) after each of `count` ``mlx.optimizers`` SGD / AdamW
+    steps on ``1/2 sum((y - Y)^2)``, in eval mode (no dropout), as a training loop takes them."""
+    if spec.kind == "sgd":
+        optimizer = optimizers.SGD(learning_rate=spec.lr)
+    else:
+        optimizer = optimizers.AdamW(
+            learning_rate=spec.lr, betas=list(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay, bias_correction=True
+        )
+    x, y_target = mlx_array(case.x, case.dtype), mlx_array(target, case.dtype)
+
+    def loss(model: nn.Module) -> mx.array:
+        return 0.5 * mx.sum(mx.square(model(x) - y_target))
+
+    step = nn.value_and_grad(layer, loss)
+    trajectory = []
+    for _ in range(count):
+        _, grads = step(layer)
+        optimizer.update(layer, grads)
+        mx.eval(layer.parameters(), optimizer.state)
+        parameters = dict(tree_flatten(layer.trainable_parameters()))
+        trajectory.append({roles[name]: values.T for name, values in parameters.items() if name in roles})
+    return trajectory

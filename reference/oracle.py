@@ -203,16 +203,27 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
         )
     else:
         base_dx = t @ weight
-    scaled_t = t.scaled(s)
-    back, scaled_back = t @ b, scaled_t @ b  # (N, r)
-    down = x @ a.T
-    dx = base_dx + Tracked.covering(scaled_back @ a, back.scaled_matmul(a, s))
-    grads["grad x"] = dx.reshape(*case.x.shape)
-    grads["grad A"] = Tracked.covering(scaled_back.T @ x, back.T.scaled_matmul(x, s))
-    grads["grad B"] = Tracked.covering(scaled_t.T @ down, t.T.scaled_matmul(down, s))
+    lora = lora_backward(x, t, a, b, s)
+    grads["grad x"] = (base_dx + lora["x"]).reshape(*case.x.shape)
+    grads["grad A"], grads["grad B"] = lora["A"], lora["B"]
     if bias_trains and case.has_bias:
         grads["grad bias"] = _column_sums(_exact(case, upstream.reshape(-1, case.out_features)))
     return grads
+
+
+def lora_backward(x: Tracked, t: Tracked, a: Tracked, b: Tracked, s: float) -> dict[str, Tracked]:
+    """The LoRA term's gradients of ``sum(y * T)`` for x (N, in), T (N, out), A (r, in), B (out, r):
+    ``dx = s (T B) A``, ``dA = s (T B)^T x``, ``dB = s T^T (x A^T)``, T scaled first or last; or, for a layer
+    that forms the update ``s B A`` as a weight first, through the weight's gradient ``T^T x`` (out, in)."""
+    scaled_t = t.scaled(s)
+    back, scaled_back = t @ b, scaled_t @ b  # (N, r)
+    down = x @ a.T
+    delta, weight_grad = b.scaled_matmul(a, s), t.T @ x
+    return {
+        "x": Tracked.covering(scaled_back @ a, back.scaled_matmul(a, s), t @ delta),
+        "A": Tracked.covering(scaled_back.T @ x, back.T.scaled_matmul(x, s), b.T.scaled_matmul(weight_grad, s)),
+        "B": Tracked.covering(scaled_t.T @ down, t.T.scaled_matmul(down, s), weight_grad.scaled_matmul(a.T, s)),
+    }
 
 
 def embedding_grads(case: EmbeddingCase, upstream: np.ndarray) -> dict[str, Tracked]:

@@ -79,6 +79,7 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.UpdateCastToFloat16), "forward", visible_in=("float32", "bfloat16")),
         WrongVariant(_subject(lora_layers.SwappedAB), "forward"),
         WrongVariant(_subject(lora_layers.GradientLeaksIntoBase), "grad", diagnosis="trainable only in the subject: ['linear.weight'"),
+        WrongVariant(_subject(lora_layers.CachesLoRAProduct), "steps_sgd", ("float32",)),
         WrongVariant(_subject(lora_layers.BiasAddedTwice), "forward", diagnosis="the bias is added twice"),
         WrongVariant(_subject(lora_layers.MergeScalesTwice), "merge", diagnosis="the scale is applied twice"),
         WrongVariant(_subject(lora_layers.FuseIgnoresAdapter), "merge", diagnosis="the LoRA term is missing"),

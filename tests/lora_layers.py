@@ -193,6 +193,16 @@ class GradientLeaksIntoBase(CorrectLoRALinear):
         self.linear.unfreeze()
 
 
+class CachesLoRAProduct(CorrectLoRALinear):
+    """Saves a matmul per call by keeping ``s B A`` from its first call: every output and gradient of the
+    layer as created is right, but once an optimizer moves A and B the cached product is stale."""
+
+    def lora_update(self, x: mx.array) -> mx.array:
+        if "_delta" not in self:
+            self._delta = self.delta()
+        return (self.dropout(x) @ self._delta.T).astype(x.dtype)
+
+
 class SwappedAB(CorrectLoRALinear):
     """A and B used in each other's place, as if ``lora_b`` were (out, r) and ``lora_a`` (r, in)."""
 
