@@ -17,7 +17,7 @@ from conformance import diagnosis, dropout_statistics, optimizers, quantization
 from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, upstream_gradient
 from conformance.quantization import Quantization
 from conformance.subjects import Subject
-from conformance.switch_cases import SwitchCase
+from conformance.switch_cases import SwitchCase, switch_upstream_gradient
 from conformance.timing import UNTIMED, PhaseTimer
 from conformance.verdict import Comparison, Measurement, Tracked, compare, failed
 from reference import bridge, oracle, peft_layers, trajectory
@@ -204,13 +204,20 @@ def _gradients(
 
     check = "grad_bias_all" if bias_trains else "grad"
     measurement = _run(check, subject, case, timer, expect, reference, run_subject)
-    if "subject" in trained and trained["subject"] != trained.get("reference"):
-        only_subject = sorted(trained["subject"] - trained.get("reference", set()))
-        only_peft = sorted(trained.get("reference", set()) - trained["subject"])
-        problem = f"trains {sorted(trained['subject'])}, but should train {sorted(trained.get('reference', set()))} as peft does"
-        measurement.comparisons.append(failed(problem, "trainable parameters", "subject"))
-        measurement.hints.append(f"trainable only in the subject: {only_subject}; only in peft: {only_peft}")
+    _compare_trainable(measurement, trained)
     return measurement
+
+
+def _compare_trainable(measurement: Measurement, trained: dict[str, set[str]]) -> None:
+    """A failing comparison where the subject trains other parameters (by role) than peft."""
+    if "subject" not in trained or trained["subject"] == trained.get("reference"):
+        return
+    reference = trained.get("reference", set())
+    problem = f"trains {sorted(trained['subject'])}, but should train {sorted(reference)} as peft does"
+    measurement.comparisons.append(failed(problem, "trainable parameters", "subject"))
+    measurement.hints.append(
+        f"trainable only in the subject: {sorted(trained['subject'] - reference)}; only in peft: {sorted(reference - trained['subject'])}"
+    )
 
 
 def grad(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -456,6 +463,26 @@ def switch_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIM
     )
 
 
+def switch_grad(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """Gradients of ``sum(y * T)`` for every expert's A and B and for x, against torch autograd through
+    peft's switch reference and the float64 formulas; and the same trainable parameters (base frozen)."""
+    upstream = switch_upstream_gradient(case)
+    trained: dict[str, set[str]] = {}
+
+    def reference() -> Observed:
+        found, trained["reference"] = peft_layers.switch_grads(case, upstream)
+        return {name: _from_torch(values) for name, values in found.items()}
+
+    def run_subject() -> Observed:
+        found, trained["subject"] = bridge.switch_grads(subject.build(case), subject.convention.roles, case, upstream)
+        _evaluated(*found.values())
+        return {name: _from_mlx(values) for name, values in found.items()}
+
+    measurement = _run("grad", subject, case, timer, lambda: oracle.switch_grads(case, upstream), reference, run_subject)
+    _compare_trainable(measurement, trained)
+    return measurement
+
+
 def switch_merge(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """The merged experts' weights (E, out, in) and biases, values and dtypes, against peft's ``merge()``.
 
@@ -581,7 +608,12 @@ FAMILY_CHECKS: dict[str, dict[str, Check]] = {
         "init": init,
         "init_with_adapter": init_with_adapter,
     },
-    "switch_linear": {"forward": switch_forward, "merge": switch_merge, "merged_forward": switch_merged_forward},
+    "switch_linear": {
+        "forward": switch_forward,
+        "merge": switch_merge,
+        "merged_forward": switch_merged_forward,
+        "grad": switch_grad,
+    },
 }
 """Each family's checks by the name they are recorded under."""
 QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {

@@ -15,7 +15,16 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from conformance.cases import BOOLEANS, LinearCase, fits_dtype, integers_between, linear_cases, make_linear_case
+from conformance.cases import (
+    BOOLEANS,
+    LinearCase,
+    draw_array,
+    fits_dtype,
+    gradients_fit,
+    integers_between,
+    linear_cases,
+    make_linear_case,
+)
 from conformance.dtypes import DType
 from conformance.quantization import Quantization
 
@@ -91,6 +100,18 @@ def make_switch_case(num_experts: int, top_k: int, sorted_indices: bool, seed: i
         indices=indices,
         sorted_indices=sorted_indices,
     )
+
+
+def switch_upstream_gradient(case: SwitchCase) -> np.ndarray:
+    """The fixed random T of the gradient check's loss ``sum(y * T)``, shaped like the output (*batch, k, out)."""
+    rng = np.random.default_rng([case.first.seed, 2])
+    return draw_array(rng, (*case.indices.shape, case.first.out_features), 1.0, case.dtype)
+
+
+def switch_gradients_fit(case: SwitchCase) -> bool:
+    """Whether every expert's backward intermediates stay far from overflow (T at most 1 in size, as the
+    linear check's)."""
+    return all(gradients_fit(expert) for expert in case.experts)
 
 
 @st.composite

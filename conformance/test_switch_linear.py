@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conformance import checks, profiles
 from conformance.asserting import record_and_assert
-from conformance.switch_cases import switch_cases
+from conformance.switch_cases import switch_cases, switch_gradients_fit
 
 pytestmark = pytest.mark.family("switch_linear")
 
@@ -36,3 +36,12 @@ def test_merge(subject, dtype, data, recorder):
 def test_merged_forward(subject, dtype, data, recorder):
     """The fused layer routes tokens to their experts' merged weights."""
     record_and_assert(recorder, checks.switch_merged_forward(subject, data.draw(switch_cases(dtype), label="case")))
+
+
+@profiles.fewer_examples(2)
+@given(data=st.data())
+def test_grad(subject, dtype, data, recorder):
+    """Expert e's A and B get the gradients of the tokens routed to it, x the sum over its experts; the
+    adapters train, the experts' weights do not."""
+    case = data.draw(switch_cases(dtype).filter(switch_gradients_fit), label="case")
+    record_and_assert(recorder, checks.switch_grad(subject, case))

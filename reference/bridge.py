@@ -227,6 +227,8 @@ class LoRASwitchLinearConvention:
     """``LoRASwitchLinear.from_base(switch, r, dropout, scale)``: ``lora_a`` (E, r, in) and ``lora_b``
     (E, out, r), peft's per-expert layouts stacked; merged by ``fuse()``."""
 
+    roles = {"lora_a": "A", "lora_b": "B"}
+
     def construct(self, cls: type, case: SwitchCase, r: int, dropout: float) -> nn.Module:
         package = sys.modules[cls.__module__]
         base = base_switch(case, package.SwitchLinear, package.QuantizedSwitchLinear)
@@ -243,14 +245,15 @@ class LoRASwitchLinearConvention:
         return layer.fuse(dequantize=dequantize)
 
 
-def switch_call(layer: nn.Module, case: SwitchCase) -> mx.array:
+def switch_call(layer: nn.Module, case: SwitchCase, x: mx.array | None = None) -> mx.array:
     """Call a switch layer as mlx-lm's ``SwitchGLU`` does: each token's k experts' outputs, (*batch, k, out).
 
     Unsorted, the tokens keep their places and the indices broadcast over them. Sorted, the (token,
     expert) pairs are listed in expert order, the layer runs on those rows with
     ``sorted_indices=True``, and the outputs go back to the tokens' order.
     """
-    x, indices = mlx_array(case.x, case.dtype), mx.array(case.indices)
+    x = mlx_array(case.x, case.dtype) if x is None else x
+    indices = mx.array(case.indices)
     if not case.sorted_indices:
         return layer(x[..., None, None, :], indices).squeeze(-2)
     k = case.top_k
@@ -361,3 +364,19 @@ def training_steps(
         parameters = dict(tree_flatten(layer.trainable_parameters()))
         trajectory.append({roles[name]: values.T for name, values in parameters.items() if name in roles})
     return trajectory
+
+
+def switch_grads(layer: nn.Module, roles: dict[str, str], case: SwitchCase, upstream: np.ndarray) -> tuple[dict[str, mx.array], set[str]]:
+    """MLX's gradients of ``sum(y * T)`` through a switch layer called as `switch_call` calls it: A and B by
+    role (``lora_a`` (E, r, in) and ``lora_b`` (E, out, r) are peft's per-expert layouts stacked), and x's;
+    and the roles of the trainable parameters."""
+    x, t = mlx_array(case.x, case.dtype), mlx_array(upstream, case.dtype)
+
+    def loss(model: nn.Module, inputs: mx.array) -> mx.array:
+        return (switch_call(model, case, inputs) * t).sum()
+
+    _, parameter_grads = nn.value_and_grad(layer, loss)(layer, x)
+    trainable = dict(tree_flatten(parameter_grads))
+    found = {f"grad {roles[name]}": values for name, values in trainable.items() if name in roles}
+    found["grad x"] = mx.grad(lambda inputs: loss(layer, inputs))(x)
+    return found, {role(roles, name) for name in trainable}

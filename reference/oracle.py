@@ -231,3 +231,28 @@ def embedding_grads(case: EmbeddingCase, upstream: np.ndarray) -> dict[str, Trac
     grads = linear_grads(case.lookup, upstream)
     del grads["grad x"]
     return grads
+
+
+def switch_grads(case: SwitchCase, upstream: np.ndarray) -> dict[str, Tracked]:
+    """Gradients of ``sum(y * T)`` for a switch layer, T (*batch, k, out): expert e's A and B see the
+    (token, slot) pairs routed to it (T zero elsewhere: top-k experts are distinct, so at most one slot
+    per token), stacked (E, r, in) and (E, out, r); x's gradient sums its experts' ``T_e W_e + s (T_e B_e) A_e``
+    or, merged first, ``T_e (W_e + s B_e A_e)``."""
+    first = case.first
+    x = Tracked.exact(case.x.reshape(-1, first.in_features), case.dtype)
+    t = upstream.reshape(-1, case.top_k, first.out_features)
+    indices = case.indices.reshape(-1, case.top_k)
+    grads_a, grads_b, grad_x = [], [], None
+    for e, expert in enumerate(case.experts):
+        routed = Tracked.exact(np.sum(t * (indices == e)[..., None], axis=1), case.dtype)
+        lora = lora_backward(x, routed, _exact(expert, expert.lora_A), _exact(expert, expert.lora_B), expert.scale)
+        grads_a.append(lora["A"])
+        grads_b.append(lora["B"])
+        # peft's target_parameters merges first: x's gradient then goes through W_e + s B_e A_e.
+        part = Tracked.covering(routed @ _base_weight(expert) + lora["x"], routed @ merged_weight(expert))
+        grad_x = part if grad_x is None else grad_x + part
+    return {
+        "grad A": Tracked.stack(grads_a),
+        "grad B": Tracked.stack(grads_b),
+        "grad x": grad_x.reshape(*case.x.shape),
+    }

@@ -258,8 +258,9 @@ ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_
 
 def role(name: str) -> str:
     """The role of one of peft's parameters: "A", "B", "m", "bias" (the base's), or its own name."""
-    first, last = name.split(".")[0], name.split(".")[-1]
-    return ROLES.get(first, "bias" if last == "bias" else name)
+    parts = name.split(".")
+    found = next((ROLES[part] for part in parts if part in ROLES), None)
+    return found or ("bias" if parts[-1] == "bias" else name)
 
 
 def grads(
@@ -309,3 +310,24 @@ def training_steps(case: LinearCase, spec: OptimizerSpec, target: np.ndarray, co
         lora_A, lora_B = lora_pair(layer)
         trajectory.append({"A": lora_A.detach().clone(), "B": lora_B.detach().clone()})
     return trajectory
+
+
+def switch_grads(case: SwitchCase, upstream: np.ndarray) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """torch autograd of ``sum(y * T)`` through peft's switch reference (base frozen): A's and B's gradients
+    stacked per expert, (E, r, in) and (E, out, r), x's, and the roles of the trainable parameters."""
+    layer = switch(case)
+    if isinstance(layer, PerExpertLinears):
+        for expert in layer.experts:
+            expert.get_base_layer().requires_grad_(False)
+    x = tensor(case.x, case.dtype).requires_grad_(True)
+    output = layer(x, torch.from_numpy(case.indices.astype(np.int64)))
+    (output * tensor(upstream, case.dtype)).sum().backward()
+    trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
+    if isinstance(layer, PerExpertLinears):
+        pairs = [lora_pair(expert) for expert in layer.experts]
+        grad_a, grad_b = torch.stack([a.grad for a, _ in pairs]), torch.stack([b.grad for _, b in pairs])
+    else:  # peft's layouts: A (E r, in), expert-major; B (out, r E), expert-minor
+        E, r, out = case.num_experts, case.first.r, case.first.out_features
+        grad_a = layer.lora_A[ADAPTER].weight.grad.reshape(E, r, -1)
+        grad_b = layer.lora_B[ADAPTER].weight.grad.reshape(out, r, E).permute(2, 0, 1)
+    return {"grad A": grad_a, "grad B": grad_b, "grad x": x.grad}, {role(name) for name in trainable}
