@@ -617,8 +617,8 @@ FAMILY_CHECKS: dict[str, dict[str, Check]] = {
 }
 """Each family's checks by the name they are recorded under."""
 QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {
-    "linear": {"forward": forward, "merge": merge, "requantize": requantize},
-    "dora_linear": {"forward": forward, "merge": merge, "requantize": requantize, "init": init},
+    "linear": {"forward": forward, "merge": merge, "requantize": requantize, "grad": grad},
+    "dora_linear": {"forward": forward, "merge": merge, "requantize": requantize, "init": init, "grad": grad},
     "switch_linear": {**FAMILY_CHECKS["switch_linear"], "requantize": requantize},
     "embedding": {**FAMILY_CHECKS["embedding"], "requantize": requantize},
 }

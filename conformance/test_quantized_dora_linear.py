@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conformance import checks, profiles
 from conformance.asserting import record_and_assert
-from conformance.cases import linear_cases
+from conformance.cases import gradients_fit, linear_cases
 from conformance.quantization import KINDS
 
 pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("dora_linear")]
@@ -49,3 +49,11 @@ def test_requantize(subject, dtype, kind, data, recorder):
 def test_init(subject, dtype, kind, data, recorder):
     """Created on a quantized base, the magnitude is the dequantized weight's row norms."""
     record_and_assert(recorder, checks.init(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
+
+
+@profiles.fewer_examples(10)
+@given(data=st.data())
+def test_grad(subject, dtype, kind, data, recorder):
+    """QDoRA: A, B, m and x get DoRA's gradients on the dequantized weight (norm detached)."""
+    case = data.draw(_quantized_cases(dtype, kind).filter(gradients_fit), label="case")
+    record_and_assert(recorder, checks.grad(subject, case))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conformance import checks, profiles
 from conformance.asserting import record_and_assert
-from conformance.cases import linear_cases
+from conformance.cases import gradients_fit, linear_cases
 from conformance.dtypes import CASE_DTYPES, round_to
 from conformance.quantization import KINDS, first_of_kind, quantize_base, to_mlx
 from conformance.verdict import Tracked, compare
@@ -46,6 +46,14 @@ def test_merge(subject, dtype, kind, data, recorder):
 def test_requantize(subject, dtype, kind, data, recorder):
     """``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size."""
     record_and_assert(recorder, checks.requantize(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
+
+
+@profiles.fewer_examples(5)
+@given(data=st.data())
+def test_grad(subject, dtype, kind, data, recorder):
+    """QLoRA: A, B and x get LoRA's gradients on the dequantized weight; the quantized base does not train."""
+    case = data.draw(_quantized_cases(dtype, kind).filter(gradients_fit), label="case")
+    record_and_assert(recorder, checks.grad(subject, case))
 
 
 @pytest.mark.parametrize("dtype", CASE_DTYPES, ids=str)

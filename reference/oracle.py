@@ -183,6 +183,8 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     x = _exact(case, case.x.reshape(-1, case.in_features))
     t = _exact(case, upstream.reshape(-1, case.out_features))
     a, b, s, weight = _exact(case, case.lora_A), _exact(case, case.lora_B), case.scale, _base_weight(case)
+    # A quantized base's own product (backward too) may accumulate in the dtype, as in `linear_base`.
+    accumulation = case.dtype if case.quantization is not None else ACCUMULATION
     grads: dict[str, Tracked] = {}
     if case.use_dora:
         factor = dora_factor(case)
@@ -190,7 +192,11 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
         # MLX scales the sum: T f goes through W. peft adds (f - 1) times the base layer's own output
         # (less its bias) to that output, so T + T (f - 1) goes through W, or each part on its own.
         correction = unscaled_t * (factor - Tracked.exact(np.ones_like(factor.value), case.dtype))
-        base_dx = Tracked.covering(t @ weight, (unscaled_t + correction) @ weight, unscaled_t @ weight + correction @ weight)
+        base_dx = Tracked.covering(
+            t.matmul(weight, accumulation),
+            (unscaled_t + correction).matmul(weight, accumulation),
+            unscaled_t.matmul(weight, accumulation) + correction.matmul(weight, accumulation),
+        )
         unbiased, down = x @ weight.T, x @ a.T
         if case.has_bias:
             bias = _exact(case, case.bias)
@@ -202,7 +208,7 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
             (_column_sums(unscaled_t * unbiased) + _column_sums(unscaled_t.scaled(s) * unscaled_lora)) / norm,
         )
     else:
-        base_dx = t @ weight
+        base_dx = t.matmul(weight, accumulation)
     lora = lora_backward(x, t, a, b, s)
     grads["grad x"] = (base_dx + lora["x"]).reshape(*case.x.shape)
     grads["grad A"], grads["grad B"] = lora["A"], lora["B"]
