@@ -311,15 +311,16 @@ def dropout_scaling(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTI
 # Optimizer steps ------------------------------------------------------------------------------
 
 
-def _steps(subject: Subject, case: LinearCase, timer: PhaseTimer, kind: str) -> Measurement:
-    target = optimizers.regression_target(case)
-    spec = optimizers.optimizer_for(case, kind, trajectory.first_gradients(case, target))
+def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, kind: str) -> Measurement:
+    view = case.lookup if isinstance(case, EmbeddingCase) else case  # a lookup is the one-hot linear map
+    target = optimizers.regression_target(view)
+    spec = optimizers.optimizer_for(view, kind, trajectory.first_gradients(view, target))
 
     def by_step(adapters: list[dict], convert: Callable) -> Observed:
         return {f"{role} after step {k}": convert(values) for k, adapter in enumerate(adapters, 1) for role, values in adapter.items()}
 
     def expect() -> Expected:
-        return by_step(trajectory.steps(case, spec, target, optimizers.STEPS), lambda tracked: tracked)
+        return by_step(trajectory.steps(view, spec, target, optimizers.STEPS), lambda tracked: tracked)
 
     def reference() -> Observed:
         return by_step(peft_layers.training_steps(case, spec, target, optimizers.STEPS), _from_torch)
@@ -333,13 +334,13 @@ def _steps(subject: Subject, case: LinearCase, timer: PhaseTimer, kind: str) -> 
     return measurement
 
 
-def steps_sgd(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+def steps_sgd(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """A and B after each of a few SGD steps on a fixed regression problem, against torch's SGD on peft's
     layer and the float64 steps, within the error rounding accumulates over the steps."""
     return _steps(subject, case, timer, "sgd")
 
 
-def steps_adamw(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+def steps_adamw(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """As `steps_sgd`, with AdamW (bias-corrected on both sides, decoupled weight decay)."""
     return _steps(subject, case, timer, "adamw")
 
@@ -600,7 +601,15 @@ FAMILY_CHECKS: dict[str, dict[str, Check]] = {
         "init": init,
         "init_with_adapter": init_with_adapter,
     },
-    "embedding": {"forward": lookup, "as_linear": as_linear, "merge": embedding_merge, "grad": grad, "dropout": dropout},
+    "embedding": {
+        "forward": lookup,
+        "as_linear": as_linear,
+        "merge": embedding_merge,
+        "grad": grad,
+        "dropout": dropout,
+        "steps_sgd": steps_sgd,
+        "steps_adamw": steps_adamw,
+    },
     "dora_embedding": {
         "forward": lookup,
         "as_linear": as_linear,

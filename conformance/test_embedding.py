@@ -44,3 +44,24 @@ def test_dropout(subject, dtype, data, recorder):
     no dropout (ids cannot be dropped), so the lookup is the eval one."""
     cases = embedding_cases(dtype).filter(lambda case: case.lookup.dropout > 0)
     record_and_assert(recorder, checks.dropout(subject, data.draw(cases, label="case")))
+
+
+def _fitting(dtype):
+    return embedding_cases(dtype).filter(lambda case: gradients_fit(case.lookup))
+
+
+@pytest.mark.dtypes("float32")
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_steps_sgd(subject, dtype, data, recorder):
+    """A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's (the rows of A a
+    batch does not look up stay where they are)."""
+    record_and_assert(recorder, checks.steps_sgd(subject, data.draw(_fitting(dtype), label="case")))
+
+
+@pytest.mark.dtypes("float32")
+@profiles.fewer_examples(3)
+@given(data=st.data())
+def test_steps_adamw(subject, dtype, data, recorder):
+    """A few AdamW steps move A and B as torch's AdamW moves peft's; rows not looked up still decay."""
+    record_and_assert(recorder, checks.steps_adamw(subject, data.draw(_fitting(dtype), label="case")))

@@ -340,7 +340,7 @@ def grads(
 
 
 def training_steps(
-    layer: nn.Module, roles: dict[str, str], case: LinearCase, spec: OptimizerSpec, target: np.ndarray, count: int
+    layer: nn.Module, roles: dict[str, str], case: LinearCase | EmbeddingCase, spec: OptimizerSpec, target: np.ndarray, count: int
 ) -> list[dict[str, mx.array]]:
     """The layer's A and B (by role, in peft's layouts) after each of `count` ``mlx.optimizers`` SGD / AdamW
     steps on ``1/2 sum((y - Y)^2)``, in eval mode (no dropout), as a training loop takes them."""
@@ -350,7 +350,8 @@ def training_steps(
         optimizer = optimizers.AdamW(
             learning_rate=spec.lr, betas=list(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay, bias_correction=True
         )
-    x, y_target = mlx_array(case.x, case.dtype), mlx_array(target, case.dtype)
+    x = mx.array(case.ids) if isinstance(case, EmbeddingCase) else mlx_array(case.x, case.dtype)
+    y_target = mlx_array(target, case.dtype)
 
     def loss(model: nn.Module) -> mx.array:
         return 0.5 * mx.sum(mx.square(model(x) - y_target))

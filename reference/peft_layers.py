@@ -291,21 +291,26 @@ def grads(
 # Optimizer steps --------------------------------------------------------------------------------
 
 
-def training_steps(case: LinearCase, spec: OptimizerSpec, target: np.ndarray, count: int) -> list[dict[str, torch.Tensor]]:
+def training_steps(
+    case: LinearCase | EmbeddingCase, spec: OptimizerSpec, target: np.ndarray, count: int
+) -> list[dict[str, torch.Tensor]]:
     """peft's A and B after each of `count` torch SGD / AdamW steps on ``1/2 sum((y - Y)^2)``, base frozen,
     in eval mode (no dropout)."""
-    layer = linear(case)
+    looks_up = isinstance(case, EmbeddingCase)
+    layer = embedding(case) if looks_up else linear(case)
     layer.get_base_layer().requires_grad_(False)
     parameters = [p for p in layer.parameters() if p.requires_grad]
     if spec.kind == "sgd":
         optimizer = torch.optim.SGD(parameters, lr=spec.lr)
     else:
         optimizer = torch.optim.AdamW(parameters, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
-    x, y_target = tensor(case.x, case.dtype), tensor(target, case.dtype)
+    y_target = tensor(target, case.dtype)
+    ids, x = (torch.from_numpy(case.ids), None) if looks_up else (None, tensor(case.x, case.dtype))
     trajectory = []
     for _ in range(count):
         optimizer.zero_grad()
-        (0.5 * ((_call(layer, case, x) - y_target) ** 2).sum()).backward()
+        output = layer(ids) if looks_up else _call(layer, case, x)
+        (0.5 * ((output - y_target) ** 2).sum()).backward()
         optimizer.step()
         lora_A, lora_B = lora_pair(layer)
         trajectory.append({"A": lora_A.detach().clone(), "B": lora_B.detach().clone()})
