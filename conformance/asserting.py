@@ -6,8 +6,8 @@ import json
 
 from hypothesis.control import current_build_context, currently_in_test_context
 
-from conformance.checks import replayable
 from conformance.recording import Recorder
+from conformance.registry import replayable
 from conformance.verdict import Measurement
 
 

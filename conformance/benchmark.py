@@ -16,7 +16,7 @@ import_start = time.perf_counter()
 import mlx.core as mx  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 
-from conformance import checks  # noqa: E402
+from conformance import registry  # noqa: E402
 from conformance.cases import cases_for  # noqa: E402
 from conformance.dtypes import BY_NAME as DTYPES  # noqa: E402
 from conformance.subjects import CATALOGUE, Subject, resolve  # noqa: E402
@@ -36,8 +36,9 @@ def run(subjects: list[Subject], dtypes: list[str], cases_each: int, timer: Phas
             def check_all(case):
                 nonlocal ran
                 ran += 1
-                for check in checks.FAMILY_CHECKS[subject.family].values():
-                    check(subject, case, timer)
+                for name, check in registry.FAMILY_CHECKS[subject.family].items():
+                    if registry.runs_in(name, dtype):
+                        check(subject, case, timer)
 
             check_all()
     return ran

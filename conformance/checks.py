@@ -2,7 +2,9 @@
 
 A check never raises because of the subject or the reference: an exception, a wrong shape or a
 wrong dtype becomes a failing comparison that says what happened, so one broken subject cannot stop
-the run. The caller records the `Measurement` and then asserts it.
+the run. The caller records the `Measurement` and then asserts it. The checks of training
+(gradients, dropout, optimizer steps) are in `training_checks`; which checks each family has, in
+`registry`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from conformance import diagnosis, dropout_statistics, optimizers, quantization
-from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, upstream_gradient
+from conformance import diagnosis, quantization
+from conformance.cases import EmbeddingCase, LinearCase
 from conformance.quantization import Quantization
 from conformance.subjects import Subject
-from conformance.switch_cases import SwitchCase, switch_upstream_gradient
+from conformance.switch_cases import SwitchCase
 from conformance.timing import UNTIMED, PhaseTimer
 from conformance.verdict import Comparison, Measurement, Tracked, compare, failed
-from reference import bridge, oracle, peft_layers, trajectory
+from reference import bridge, oracle, peft_layers
 
 Observed = dict[str, tuple[np.ndarray, "str | None"]]
 """quantity -> (values as float64, dtype name or None where the dtype is not judged), as one side produced them."""
@@ -28,11 +30,11 @@ Expected = dict[str, "Tracked | None"]
 """quantity -> the oracle's value and bound, or None where the quantity must be absent."""
 
 
-def _from_mlx(values: mx.array, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
+def from_mlx(values: mx.array, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
     return bridge.to_numpy(values), bridge.dtype_name(values) if judge_dtype else None
 
 
-def _from_torch(values: torch.Tensor, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
+def from_torch(values: torch.Tensor, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
     return peft_layers.to_numpy(values), peft_layers.dtype_name(values) if judge_dtype else None
 
 
@@ -54,7 +56,7 @@ def _judge(measurement: Measurement, side: str, produce: Callable[[], Observed],
     return observed
 
 
-def _run(
+def measure(
     check: str,
     subject: Subject,
     case: LinearCase | EmbeddingCase,
@@ -76,7 +78,7 @@ def _run(
     return measurement
 
 
-def _evaluated(*arrays: mx.array) -> None:
+def evaluated(*arrays: mx.array) -> None:
     mx.eval(*arrays)
 
 
@@ -88,18 +90,18 @@ def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> 
 
     def run_subject() -> Observed:
         output = subject.build(case)(bridge.mlx_array(case.x, case.dtype))
-        _evaluated(output)
-        return {"output": _from_mlx(output)}
+        evaluated(output)
+        return {"output": from_mlx(output)}
 
     def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
         if "output" in observed:
             return diagnosis.forward_hints(case, observed["output"][0])
         return diagnosis.adapter_width_hints(case, [c.problem for c in measurement.comparisons if c.problem])
 
-    return _run(
+    return measure(
         "forward", subject, case, timer,
         expect=lambda: {"output": oracle.linear_forward(case)},
-        reference=lambda: {"output": _from_torch(peft_layers.forward(peft_layers.linear(case), case))},
+        reference=lambda: {"output": from_torch(peft_layers.forward(peft_layers.linear(case), case))},
         run_subject=run_subject,
         diagnose=diagnose,
     )
@@ -120,18 +122,18 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
         layer.merge()
         base = layer.get_base_layer()
         weight = peft_layers.base_weight(layer, case)
-        observed = {"merged weight": _from_torch(weight), "merged output": _from_torch(peft_layers.forward(layer, case))}
+        observed = {"merged weight": from_torch(weight), "merged output": from_torch(peft_layers.forward(layer, case))}
         if base.bias is not None and (case.has_bias or not case.fan_in_fan_out):
-            observed["merged bias"] = _from_torch(base.bias)
+            observed["merged bias"] = from_torch(base.bias)
         return observed
 
     def run_subject() -> Observed:
         merged = subject.merge(subject.build(case))
         output = merged(bridge.mlx_array(case.x, case.dtype))
-        _evaluated(merged.parameters(), output)
-        observed = {"merged weight": _from_mlx(merged.weight), "merged output": _from_mlx(output)}
+        evaluated(merged.parameters(), output)
+        observed = {"merged weight": from_mlx(merged.weight), "merged output": from_mlx(output)}
         if "bias" in merged:
-            observed["merged bias"] = _from_mlx(merged["bias"])
+            observed["merged bias"] = from_mlx(merged["bias"])
         return observed
 
     def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
@@ -139,7 +141,7 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
             return diagnosis.merge_hints(case, observed["merged weight"][0])
         return []
 
-    return _run("merge", subject, case, timer, expect, reference, run_subject, diagnose)
+    return measure("merge", subject, case, timer, expect, reference, run_subject, diagnose)
 
 
 def _failed(measurement: Measurement, quantity: str) -> bool:
@@ -168,7 +170,7 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
             dtype = getattr(mx, case.dtype.name)
             observed = quantization.dequantize((requantized.weight, requantized.scales, *biases), settings, dtype)
             expected = quantization.dequantize(quantization.quantize(dequantized, q), q, dtype)
-            _evaluated(observed, expected)
+            evaluated(observed, expected)
             # An affine re-quantization keeps its scales in a floating dtype: the base's, as peft keeps it.
             scales_dtype = bridge.dtype_name(requantized.scales) if q.mode == "affine" else case.dtype.name
         except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
@@ -180,169 +182,6 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
     want = Tracked.exact(bridge.to_numpy(expected), case.dtype)
     measurement.comparisons.append(compare("requantized weight", "subject", bridge.to_numpy(observed), want, scales_dtype))
     return measurement
-
-
-def _gradients(
-    subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, bias_trains: bool
-) -> Measurement:
-    embedding = isinstance(case, EmbeddingCase)
-    upstream = upstream_gradient(case.lookup if embedding else case)
-    trained: dict[str, set[str]] = {}
-
-    def expect() -> Expected:
-        return oracle.embedding_grads(case, upstream) if embedding else oracle.linear_grads(case, upstream, bias_trains)
-
-    # DoRA's magnitude gradient has the magnitude's dtype: float32 in MLX, the layer's in peft.
-    def reference() -> Observed:
-        found, trained["reference"] = peft_layers.grads(case, upstream, bias_trains)
-        return {name: _from_torch(values, judge_dtype=name != "grad m") for name, values in found.items()}
-
-    def run_subject() -> Observed:
-        found, trained["subject"] = bridge.grads(subject.build(case), subject.convention.roles, case, upstream, bias_trains)
-        _evaluated(*found.values())
-        return {name: _from_mlx(values, judge_dtype=name != "grad m") for name, values in found.items()}
-
-    check = "grad_bias_all" if bias_trains else "grad"
-    measurement = _run(check, subject, case, timer, expect, reference, run_subject)
-    _compare_trainable(measurement, trained)
-    return measurement
-
-
-def _compare_trainable(measurement: Measurement, trained: dict[str, set[str]]) -> None:
-    """A failing comparison where the subject trains other parameters (by role) than peft."""
-    if "subject" not in trained or trained["subject"] == trained.get("reference"):
-        return
-    reference = trained.get("reference", set())
-    problem = f"trains {sorted(trained['subject'])}, but should train {sorted(reference)} as peft does"
-    measurement.comparisons.append(failed(problem, "trainable parameters", "subject"))
-    measurement.hints.append(
-        f"trainable only in the subject: {sorted(trained['subject'] - reference)}; only in peft: {sorted(reference - trained['subject'])}"
-    )
-
-
-def grad(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """Gradients of ``sum(y * T)`` (T fixed and random) for every adapter parameter (A, B, DoRA's m) and
-    the input, in eval mode, against torch autograd through peft's layer and the float64 formulas; and
-    the same set of trainable parameters as peft's (base frozen, ``bias="none"``)."""
-    return _gradients(subject, case, timer, bias_trains=False)
-
-
-def grad_bias_all(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """As `grad`, with peft's ``bias="all"``: the base's bias trains too (MLX: unfrozen), ``db = sum_rows(T)``."""
-    return _gradients(subject, case, timer, bias_trains=True)
-
-
-# Dropout ----------------------------------------------------------------------------------------
-
-
-def dropout(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """Where dropout acts: both layers in training mode, every dropout module given the same keep-mask
-    (a function of the shape it sees), against the formula with the adapter's input dropped (peft:
-    ``x W^T + b + s (x' A^T) B^T``; DoRA as `oracle.linear_forward` says; peft's LoRA Embedding applies
-    no dropout)."""
-    embedding = isinstance(case, EmbeddingCase)
-    view = case.lookup if embedding else case
-
-    def mask(shape: tuple[int, ...]) -> np.ndarray:
-        return dropout_mask(view, shape)
-
-    def expect() -> Expected:
-        if embedding:
-            return {"output": oracle.embedding_forward(case)}
-        return {"output": oracle.linear_forward(case, oracle.dropped_input(case, mask(case.x.shape)))}
-
-    def reference() -> Observed:
-        if embedding:
-            layer = peft_layers.trained_with_mask(peft_layers.embedding(case), mask, view.dropout)
-            return {"output": _from_torch(peft_layers.lookup(layer, case))}
-        layer = peft_layers.trained_with_mask(peft_layers.linear(case), mask, case.dropout)
-        return {"output": _from_torch(peft_layers.forward(layer, case))}
-
-    def run_subject() -> Observed:
-        layer = subject.build(case)
-        if bridge.inject_dropout(layer, view.dropout, mask) == 0:
-            raise LookupError("the layer has no mlx.nn.Dropout inside to give the mask to")
-        layer.train()
-        output = layer(mx.array(case.ids) if embedding else bridge.mlx_array(case.x, case.dtype))
-        _evaluated(output)
-        return {"output": _from_mlx(output)}
-
-    def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
-        if "output" not in observed:
-            return []
-        return diagnosis.dropout_hints(view, observed["output"][0], mask)
-
-    return _run("dropout", subject, case, timer, expect, reference, run_subject, diagnose)
-
-
-def dropout_scaling(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """The subject's own dropout keeps the output's expectation (inverted dropout): the mean of
-    `dropout_statistics.SAMPLES` training-mode outputs is the eval output, within a bound that a correct
-    layer exceeds with probability `dropout_statistics.FALSE_ALARM`. No reference: this judges the
-    subject's random masks, which peft cannot share."""
-    measurement = Measurement(subject.name, "dropout_scaling", case.describe())
-    with timer("subject"):
-        try:
-            layer = subject.build(case)
-            x = bridge.mlx_array(case.x, case.dtype)
-            evaluation = layer(x)
-            layer.train()
-            training = layer(mx.broadcast_to(x, (dropout_statistics.SAMPLES, *x.shape)))
-            _evaluated(evaluation, training)
-        except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
-            measurement.comparisons.append(failed(f"raised {type(error).__name__}: {error}", "dropout_scaling", "subject"))
-            return measurement
-    with timer("oracle"):
-        premise = compare("eval output", "subject", bridge.to_numpy(evaluation), oracle.linear_forward(case))
-        if not premise.passed:  # the statistic's variance is the formula's; a wrong LoRA term breaks it
-            problem = f"cannot be judged: the eval output disagrees with the formula (the forward check says how): {premise.describe()}"
-            measurement.comparisons.append(failed(problem, "dropout_scaling", "subject"))
-            return measurement
-        comparison, ratio = dropout_statistics.judge(case, bridge.to_numpy(training), bridge.to_numpy(evaluation))
-    measurement.comparisons.append(comparison)
-    if not comparison.passed:
-        measurement.hints.append(
-            f"the training-mode LoRA term averages {ratio:.3g}x the eval one; inverted dropout keeps 1x, dropout "
-            f"without the 1 / (1 - p) rescaling keeps 1 - p = {1 - case.dropout:.3g}x"
-        )
-    return measurement
-
-
-# Optimizer steps ------------------------------------------------------------------------------
-
-
-def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, kind: str) -> Measurement:
-    view = case.lookup if isinstance(case, EmbeddingCase) else case  # a lookup is the one-hot linear map
-    target = optimizers.regression_target(view)
-    spec = optimizers.optimizer_for(view, kind, trajectory.first_gradients(view, target))
-
-    def by_step(adapters: list[dict], convert: Callable) -> Observed:
-        return {f"{role} after step {k}": convert(values) for k, adapter in enumerate(adapters, 1) for role, values in adapter.items()}
-
-    def expect() -> Expected:
-        return by_step(trajectory.steps(view, spec, target, optimizers.STEPS), lambda tracked: tracked)
-
-    def reference() -> Observed:
-        return by_step(peft_layers.training_steps(case, spec, target, optimizers.STEPS), _from_torch)
-
-    def run_subject() -> Observed:
-        adapters = bridge.training_steps(subject.build(case), subject.convention.roles, case, spec, target, optimizers.STEPS)
-        return by_step(adapters, _from_mlx)
-
-    measurement = _run(f"steps_{kind}", subject, case, timer, expect, reference, run_subject)
-    measurement.case.update(spec.describe())
-    return measurement
-
-
-def steps_sgd(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """A and B after each of a few SGD steps on a fixed regression problem, against torch's SGD on peft's
-    layer and the float64 steps, within the error rounding accumulates over the steps."""
-    return _steps(subject, case, timer, "sgd")
-
-
-def steps_adamw(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """As `steps_sgd`, with AdamW (bias-corrected on both sides, decoupled weight decay)."""
-    return _steps(subject, case, timer, "adamw")
 
 
 # DoRA's magnitude -----------------------------------------------------------------------------
@@ -359,15 +198,15 @@ def _magnitude_at_creation(
 
     # Values only: MLX keeps m in float32 where peft keeps the layer's dtype; both are exact enough.
     def reference() -> Observed:
-        return {"magnitude": _from_torch(peft_layers.dora_magnitude_at_creation(case, with_adapter), judge_dtype=False)}
+        return {"magnitude": from_torch(peft_layers.dora_magnitude_at_creation(case, with_adapter), judge_dtype=False)}
 
     def run_subject() -> Observed:
         magnitude = subject.magnitude_at_creation(case, with_adapter)
-        _evaluated(magnitude)
-        return {"magnitude": _from_mlx(magnitude, judge_dtype=False)}
+        evaluated(magnitude)
+        return {"magnitude": from_mlx(magnitude, judge_dtype=False)}
 
     check = "init_with_adapter" if with_adapter else "init"
-    return _run(check, subject, case, timer, expect, reference, run_subject)
+    return measure(check, subject, case, timer, expect, reference, run_subject)
 
 
 def init(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -388,13 +227,13 @@ def lookup(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -
 
     def run_subject() -> Observed:
         output = subject.build(case)(mx.array(case.ids))
-        _evaluated(output)
-        return {"output": _from_mlx(output)}
+        evaluated(output)
+        return {"output": from_mlx(output)}
 
-    return _run(
+    return measure(
         "forward", subject, case, timer,
         expect=lambda: {"output": oracle.embedding_forward(case)},
-        reference=lambda: {"output": _from_torch(peft_layers.lookup(peft_layers.embedding(case), case))},
+        reference=lambda: {"output": from_torch(peft_layers.lookup(peft_layers.embedding(case), case))},
         run_subject=run_subject,
     )
 
@@ -407,14 +246,14 @@ def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED
         layer.merge()
         table = layer.get_base_layer().weight
         with torch.no_grad():
-            return {"output": _from_torch(peft_layers.tensor(case.hidden, case.dtype) @ table.T)}
+            return {"output": from_torch(peft_layers.tensor(case.hidden, case.dtype) @ table.T)}
 
     def run_subject() -> Observed:
         output = subject.build(case).as_linear(bridge.mlx_array(case.hidden, case.dtype))
-        _evaluated(output)
-        return {"output": _from_mlx(output)}
+        evaluated(output)
+        return {"output": from_mlx(output)}
 
-    return _run("as_linear", subject, case, timer, lambda: {"output": oracle.embedding_as_linear(case)}, reference, run_subject)
+    return measure("as_linear", subject, case, timer, lambda: {"output": oracle.embedding_as_linear(case)}, reference, run_subject)
 
 
 def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -428,17 +267,17 @@ def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = U
         layer = peft_layers.embedding(case)
         layer.merge()
         return {
-            "merged weight": _from_torch(layer.get_base_layer().weight),
-            "merged output": _from_torch(peft_layers.lookup(layer, case)),
+            "merged weight": from_torch(layer.get_base_layer().weight),
+            "merged output": from_torch(peft_layers.lookup(layer, case)),
         }
 
     def run_subject() -> Observed:
         merged = subject.merge(subject.build(case))
         output = merged(mx.array(case.ids))
-        _evaluated(merged.parameters(), output)
-        return {"merged weight": _from_mlx(merged.weight), "merged output": _from_mlx(output)}
+        evaluated(merged.parameters(), output)
+        return {"merged weight": from_mlx(merged.weight), "merged output": from_mlx(output)}
 
-    return _run("merge", subject, case, timer, expect, reference, run_subject)
+    return measure("merge", subject, case, timer, expect, reference, run_subject)
 
 
 # Mixture-of-experts base ----------------------------------------------------------------------
@@ -453,35 +292,15 @@ def switch_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIM
 
     def run_subject() -> Observed:
         output = bridge.switch_call(subject.build(case), case)
-        _evaluated(output)
-        return {"output": _from_mlx(output)}
+        evaluated(output)
+        return {"output": from_mlx(output)}
 
-    return _run(
+    return measure(
         "forward", subject, case, timer,
         expect=lambda: {"output": oracle.switch_forward(case)},
-        reference=lambda: {"output": _from_torch(peft_layers.switch_forward(peft_layers.switch(case), case))},
+        reference=lambda: {"output": from_torch(peft_layers.switch_forward(peft_layers.switch(case), case))},
         run_subject=run_subject,
     )
-
-
-def switch_grad(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """Gradients of ``sum(y * T)`` for every expert's A and B and for x, against torch autograd through
-    peft's switch reference and the float64 formulas; and the same trainable parameters (base frozen)."""
-    upstream = switch_upstream_gradient(case)
-    trained: dict[str, set[str]] = {}
-
-    def reference() -> Observed:
-        found, trained["reference"] = peft_layers.switch_grads(case, upstream)
-        return {name: _from_torch(values) for name, values in found.items()}
-
-    def run_subject() -> Observed:
-        found, trained["subject"] = bridge.switch_grads(subject.build(case), subject.convention.roles, case, upstream)
-        _evaluated(*found.values())
-        return {name: _from_mlx(values) for name, values in found.items()}
-
-    measurement = _run("grad", subject, case, timer, lambda: oracle.switch_grads(case, upstream), reference, run_subject)
-    _compare_trainable(measurement, trained)
-    return measurement
 
 
 def switch_merge(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -499,20 +318,20 @@ def switch_merge(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED
         layer = peft_layers.switch(case)
         layer.merge()
         weight, bias = peft_layers.switch_merged_parameters(layer)
-        observed = {"merged weight": _from_torch(weight)}
+        observed = {"merged weight": from_torch(weight)}
         if bias is not None:
-            observed["merged bias"] = _from_torch(bias)
+            observed["merged bias"] = from_torch(bias)
         return observed
 
     def run_subject() -> Observed:
         merged = subject.merge(subject.build(case))
-        _evaluated(merged.parameters())
-        observed = {"merged weight": _from_mlx(merged.weight)}
+        evaluated(merged.parameters())
+        observed = {"merged weight": from_mlx(merged.weight)}
         if "bias" in merged:
-            observed["merged bias"] = _from_mlx(merged["bias"])
+            observed["merged bias"] = from_mlx(merged["bias"])
         return observed
 
-    return _run("merge", subject, case, timer, expect, reference, run_subject)
+    return measure("merge", subject, case, timer, expect, reference, run_subject)
 
 
 def switch_merged_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -521,14 +340,14 @@ def switch_merged_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer 
     def reference() -> Observed:
         layer = peft_layers.switch(case)
         layer.merge()
-        return {"merged output": _from_torch(peft_layers.switch_forward(layer, case))}
+        return {"merged output": from_torch(peft_layers.switch_forward(layer, case))}
 
     def run_subject() -> Observed:
         output = bridge.switch_call(subject.merge(subject.build(case)), case)
-        _evaluated(output)
-        return {"merged output": _from_mlx(output)}
+        evaluated(output)
+        return {"merged output": from_mlx(output)}
 
-    return _run(
+    return measure(
         "merged_forward", subject, case, timer,
         expect=lambda: {"merged output": oracle.switch_merged_forward(case)},
         reference=reference,
@@ -578,66 +397,3 @@ def error_parity(
     else:
         measurement.comparisons.append(Comparison(scenario, "subject"))
     return measurement
-
-
-Check = Callable[[Subject, "LinearCase | EmbeddingCase", PhaseTimer], Measurement]
-FAMILY_CHECKS: dict[str, dict[str, Check]] = {
-    "linear": {
-        "forward": forward,
-        "merge": merge,
-        "grad": grad,
-        "grad_bias_all": grad_bias_all,
-        "dropout": dropout,
-        "dropout_scaling": dropout_scaling,
-        "steps_sgd": steps_sgd,
-        "steps_adamw": steps_adamw,
-    },
-    "dora_linear": {
-        "forward": forward,
-        "merge": merge,
-        "grad": grad,
-        "grad_bias_all": grad_bias_all,
-        "dropout": dropout,
-        "init": init,
-        "init_with_adapter": init_with_adapter,
-    },
-    "embedding": {
-        "forward": lookup,
-        "as_linear": as_linear,
-        "merge": embedding_merge,
-        "grad": grad,
-        "dropout": dropout,
-        "steps_sgd": steps_sgd,
-        "steps_adamw": steps_adamw,
-    },
-    "dora_embedding": {
-        "forward": lookup,
-        "as_linear": as_linear,
-        "merge": embedding_merge,
-        "init": init,
-        "init_with_adapter": init_with_adapter,
-    },
-    "switch_linear": {
-        "forward": switch_forward,
-        "merge": switch_merge,
-        "merged_forward": switch_merged_forward,
-        "grad": switch_grad,
-    },
-}
-"""Each family's checks by the name they are recorded under."""
-QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {
-    "linear": {"forward": forward, "merge": merge, "requantize": requantize, "grad": grad},
-    "dora_linear": {"forward": forward, "merge": merge, "requantize": requantize, "init": init, "grad": grad},
-    "switch_linear": {**FAMILY_CHECKS["switch_linear"], "requantize": requantize},
-    "embedding": {**FAMILY_CHECKS["embedding"], "requantize": requantize},
-}
-"""The checks of a family on a quantized base, where it has one."""
-
-
-def find_check(family: str, name: str) -> Check | None:
-    """The check `name` of a family, on a plain or a quantized base: what ``replay`` can re-run."""
-    return FAMILY_CHECKS.get(family, {}).get(name) or QUANTIZED_CHECKS.get(family, {}).get(name)
-
-
-def replayable(name: str) -> bool:
-    return any(find_check(family, name) for family in FAMILY_CHECKS)

@@ -12,7 +12,7 @@ import sys
 
 from conformance.asserting import message
 from conformance.cases import case_from_description
-from conformance.checks import find_check
+from conformance.registry import find_check
 from conformance.subjects import resolve
 
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks, profiles, training_checks
 from conformance.asserting import record_and_assert
 from conformance.cases import gradients_fit, linear_cases
 
@@ -43,7 +43,7 @@ def test_init_with_adapter(subject, dtype, data, recorder):
 def test_grad(subject, dtype, data, recorder):
     """Gradients for A, B, m and x treat ``||W + s B A||`` as a constant, as peft (and the DoRA paper) do;
     A, B and m train, the base does not."""
-    record_and_assert(recorder, checks.grad(subject, data.draw(_dora_cases(dtype).filter(gradients_fit), label="case")))
+    record_and_assert(recorder, training_checks.grad(subject, data.draw(_dora_cases(dtype).filter(gradients_fit), label="case")))
 
 
 @profiles.fewer_examples(3)
@@ -51,7 +51,7 @@ def test_grad(subject, dtype, data, recorder):
 def test_grad_bias_all(subject, dtype, data, recorder):
     """With peft's ``bias="all"`` the base's bias trains too."""
     cases = _dora_cases(dtype).filter(gradients_fit).filter(lambda case: case.has_bias)
-    record_and_assert(recorder, checks.grad_bias_all(subject, data.draw(cases, label="case")))
+    record_and_assert(recorder, training_checks.grad_bias_all(subject, data.draw(cases, label="case")))
 
 
 @profiles.fewer_examples(3)
@@ -60,4 +60,4 @@ def test_dropout(subject, dtype, data, recorder):
     """In training mode, with one keep-mask given to both sides: peft's ``x W^T + b + (f - 1) x' W^T +
     f s (x' A^T) B^T`` with ``f = m / ||W + s B A||`` and ``x' = x * mask / (1 - p)``."""
     cases = _dora_cases(dtype).filter(lambda case: case.dropout > 0)
-    record_and_assert(recorder, checks.dropout(subject, data.draw(cases, label="case")))
+    record_and_assert(recorder, training_checks.dropout(subject, data.draw(cases, label="case")))

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks, profiles, registry, training_checks
 from conformance.asserting import record_and_assert
 from conformance.cases import embedding_cases, gradients_fit
 
@@ -34,7 +34,7 @@ def test_merge(subject, dtype, data, recorder):
 def test_grad(subject, dtype, data, recorder):
     """Gradients for A and B of ``sum(y * T)`` are peft's and the formulas'; A and B train, the table does not."""
     cases = embedding_cases(dtype).filter(lambda case: gradients_fit(case.lookup))
-    record_and_assert(recorder, checks.grad(subject, data.draw(cases, label="case")))
+    record_and_assert(recorder, training_checks.grad(subject, data.draw(cases, label="case")))
 
 
 @profiles.fewer_examples(3)
@@ -43,25 +43,25 @@ def test_dropout(subject, dtype, data, recorder):
     """In training mode, with one keep-mask given to every dropout module: peft's LoRA Embedding applies
     no dropout (ids cannot be dropped), so the lookup is the eval one."""
     cases = embedding_cases(dtype).filter(lambda case: case.lookup.dropout > 0)
-    record_and_assert(recorder, checks.dropout(subject, data.draw(cases, label="case")))
+    record_and_assert(recorder, training_checks.dropout(subject, data.draw(cases, label="case")))
 
 
 def _fitting(dtype):
     return embedding_cases(dtype).filter(lambda case: gradients_fit(case.lookup))
 
 
-@pytest.mark.dtypes("float32")
+@pytest.mark.dtypes(*registry.ONLY_IN["steps_sgd"])
 @profiles.fewer_examples(3)
 @given(data=st.data())
 def test_steps_sgd(subject, dtype, data, recorder):
     """A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's (the rows of A a
     batch does not look up stay where they are)."""
-    record_and_assert(recorder, checks.steps_sgd(subject, data.draw(_fitting(dtype), label="case")))
+    record_and_assert(recorder, training_checks.steps_sgd(subject, data.draw(_fitting(dtype), label="case")))
 
 
-@pytest.mark.dtypes("float32")
+@pytest.mark.dtypes(*registry.ONLY_IN["steps_adamw"])
 @profiles.fewer_examples(3)
 @given(data=st.data())
 def test_steps_adamw(subject, dtype, data, recorder):
     """A few AdamW steps move A and B as torch's AdamW moves peft's; rows not looked up still decay."""
-    record_and_assert(recorder, checks.steps_adamw(subject, data.draw(_fitting(dtype), label="case")))
+    record_and_assert(recorder, training_checks.steps_adamw(subject, data.draw(_fitting(dtype), label="case")))

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks, profiles, registry, training_checks
 from conformance.asserting import record_and_assert
 from conformance.cases import gradients_fit, linear_cases
 
@@ -29,7 +29,7 @@ def test_merge(subject, dtype, data, recorder):
 def test_grad(subject, dtype, data, recorder):
     """Gradients for A, B and x are peft's and the formulas'; A and B train, the base does not."""
     case = data.draw(linear_cases(dtype).filter(gradients_fit), label="case")
-    record_and_assert(recorder, checks.grad(subject, case))
+    record_and_assert(recorder, training_checks.grad(subject, case))
 
 
 @profiles.fewer_examples(3)
@@ -37,7 +37,7 @@ def test_grad(subject, dtype, data, recorder):
 def test_grad_bias_all(subject, dtype, data, recorder):
     """With peft's ``bias="all"`` (MLX: the base's bias unfrozen) the bias trains too, ``db = sum_rows(T)``."""
     case = data.draw(linear_cases(dtype).filter(gradients_fit).filter(lambda case: case.has_bias), label="case")
-    record_and_assert(recorder, checks.grad_bias_all(subject, case))
+    record_and_assert(recorder, training_checks.grad_bias_all(subject, case))
 
 
 def _with_dropout(dtype):
@@ -49,32 +49,28 @@ def _with_dropout(dtype):
 def test_dropout(subject, dtype, data, recorder):
     """In training mode, with one keep-mask given to both sides, dropout acts on the adapter's input only:
     ``x W^T + b + s (x' A^T) B^T`` with ``x' = x * mask / (1 - p)``."""
-    record_and_assert(recorder, checks.dropout(subject, data.draw(_with_dropout(dtype), label="case")))
+    record_and_assert(recorder, training_checks.dropout(subject, data.draw(_with_dropout(dtype), label="case")))
 
 
-# Dropout's rescaling does not depend on the dtype, and in half precision the rounding of the outputs
-# would outweigh what the statistic can see: the check could not fail there.
-@pytest.mark.dtypes("float32")
+@pytest.mark.dtypes(*registry.ONLY_IN["dropout_scaling"])
 @profiles.fewer_examples(5)
 @given(data=st.data())
 def test_dropout_scaling(subject, dtype, data, recorder):
     """The subject's own dropout is inverted: its training-mode outputs average to the eval output."""
-    record_and_assert(recorder, checks.dropout_scaling(subject, data.draw(_with_dropout(dtype), label="case")))
+    record_and_assert(recorder, training_checks.dropout_scaling(subject, data.draw(_with_dropout(dtype), label="case")))
 
 
-# Training in half precision keeps float32 adapters (mlx-lm creates them so); and AdamW's v = g^2
-# underflows in float16.
-@pytest.mark.dtypes("float32")
+@pytest.mark.dtypes(*registry.ONLY_IN["steps_sgd"])
 @profiles.fewer_examples(3)
 @given(data=st.data())
 def test_steps_sgd(subject, dtype, data, recorder):
     """A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's."""
-    record_and_assert(recorder, checks.steps_sgd(subject, data.draw(linear_cases(dtype).filter(gradients_fit), label="case")))
+    record_and_assert(recorder, training_checks.steps_sgd(subject, data.draw(linear_cases(dtype).filter(gradients_fit), label="case")))
 
 
-@pytest.mark.dtypes("float32")
+@pytest.mark.dtypes(*registry.ONLY_IN["steps_adamw"])
 @profiles.fewer_examples(3)
 @given(data=st.data())
 def test_steps_adamw(subject, dtype, data, recorder):
     """A few AdamW steps (bias-corrected, decoupled weight decay) move A and B as torch's AdamW moves peft's."""
-    record_and_assert(recorder, checks.steps_adamw(subject, data.draw(linear_cases(dtype).filter(gradients_fit), label="case")))
+    record_and_assert(recorder, training_checks.steps_adamw(subject, data.draw(linear_cases(dtype).filter(gradients_fit), label="case")))

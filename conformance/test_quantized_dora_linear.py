@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks, profiles, training_checks
 from conformance.asserting import record_and_assert
 from conformance.cases import gradients_fit, linear_cases
 from conformance.quantization import KINDS
@@ -56,4 +56,4 @@ def test_init(subject, dtype, kind, data, recorder):
 def test_grad(subject, dtype, kind, data, recorder):
     """QDoRA: A, B, m and x get DoRA's gradients on the dequantized weight (norm detached)."""
     case = data.draw(_quantized_cases(dtype, kind).filter(gradients_fit), label="case")
-    record_and_assert(recorder, checks.grad(subject, case))
+    record_and_assert(recorder, training_checks.grad(subject, case))

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks, profiles, training_checks
 from conformance.asserting import record_and_assert
 from conformance.cases import gradients_fit, linear_cases
 from conformance.dtypes import CASE_DTYPES, round_to
@@ -53,7 +53,7 @@ def test_requantize(subject, dtype, kind, data, recorder):
 def test_grad(subject, dtype, kind, data, recorder):
     """QLoRA: A, B and x get LoRA's gradients on the dequantized weight; the quantized base does not train."""
     case = data.draw(_quantized_cases(dtype, kind).filter(gradients_fit), label="case")
-    record_and_assert(recorder, checks.grad(subject, case))
+    record_and_assert(recorder, training_checks.grad(subject, case))
 
 
 @pytest.mark.parametrize("dtype", CASE_DTYPES, ids=str)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks, profiles, training_checks
 from conformance.asserting import record_and_assert
 from conformance.switch_cases import switch_cases, switch_gradients_fit
 
@@ -44,4 +44,4 @@ def test_grad(subject, dtype, data, recorder):
     """Expert e's A and B get the gradients of the tokens routed to it, x the sum over its experts; the
     adapters train, the experts' weights do not."""
     case = data.draw(switch_cases(dtype).filter(switch_gradients_fit), label="case")
-    record_and_assert(recorder, checks.switch_grad(subject, case))
+    record_and_assert(recorder, training_checks.switch_grad(subject, case))

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-# Imported before any in-process run, so pytester's module snapshot keeps them (and MLX) loaded.
-import conformance.checks  # noqa: F401
 import conformance.conftest  # noqa: F401
+
+# Imported before any in-process run, so pytester's module snapshot keeps them (and MLX) loaded.
+import conformance.registry  # noqa: F401
 
 pytest_plugins = ["pytester"]
 

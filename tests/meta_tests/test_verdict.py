@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from conformance import checks
+from conformance import registry
 from conformance.cases import cases_for
 from conformance.dtypes import ACCUMULATION, CASE_DTYPES, FLOAT16, FLOAT32, round_to
 from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, gamma
@@ -61,6 +61,10 @@ def test_failure_message_says_what_got_and_what_it_should_be():
     assert text.startswith("subject output[0, 1]=7, but should be 6 (error 1")
 
 
+STATISTICAL = {"dropout_scaling"}
+"""Checks whose margin is a statistic's (a correct layer exceeds 1 with probability 1e-9), not rounding's."""
+
+
 @DTYPES
 def test_correct_layer_uses_well_under_the_allowed_error(dtype):
     """A small false-alarm study that runs with every test run (issue 7 measures it at scale)."""
@@ -70,27 +74,14 @@ def test_correct_layer_uses_well_under_the_allowed_error(dtype):
         @settings(max_examples=150, derandomize=True, database=None, deadline=None)
         @given(case=cases_for(subject.family, dtype))
         def run(case):
-            for check in checks.FAMILY_CHECKS[subject.family].values():
+            for name, check in registry.FAMILY_CHECKS[subject.family].items():
+                if not registry.runs_in(name, dtype.name):
+                    continue
                 measurement = check(subject, case)
                 assert measurement.passed, measurement.worst.describe()
-                margins.append(measurement.margin)
+                if name not in STATISTICAL:
+                    margins.append((measurement.margin, f"{subject.name} {name}: {measurement.worst.describe()}"))
 
         run()
-    assert 0 < max(margins) <= 0.75, f"largest margin {max(margins):.3f}; CALIBRATION={CALIBRATION}"
-
-
-@DTYPES
-def test_a_lora_term_one_percent_off_is_caught_when_it_dominates(dtype):
-    """Detection: a 1% (float32: 1e-4) error in a dominant LoRA term is far outside the allowed error."""
-    rng = np.random.default_rng(1)
-    x = Tracked.exact(round_to(rng.standard_normal((8, 64)), dtype), dtype)
-    a = Tracked.exact(round_to(rng.standard_normal((64, 8)) / 8, dtype), dtype)
-    b = Tracked.exact(round_to(rng.standard_normal((8, 32)), dtype), dtype)
-    expected = (x @ a).scaled_matmul(b, 2.0)
-    relative = 1e-4 if dtype is FLOAT32 else 1e-2 if dtype is FLOAT16 else 5e-2
-    wrong = expected.value * (1 + relative)
-    assert not compare("output", "subject", wrong, expected).passed
-
-
-def test_mlx_default_device_is_a_known_one():
-    assert mx.default_device() in (mx.Device(mx.cpu), mx.Device(mx.gpu))
+    largest, where = max(margins)
+    assert 0 < largest <= 0.75, f"largest margin {largest:.3f} ({where}); CALIBRATION={CALIBRATION}"

@@ -1,0 +1,83 @@
+"""Which checks each family of layers has, on a plain and on a quantized base, and in which dtypes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from conformance import checks, training_checks
+from conformance.cases import EmbeddingCase, LinearCase
+from conformance.subjects import Subject
+from conformance.timing import PhaseTimer
+from conformance.verdict import Measurement
+
+Check = Callable[[Subject, "LinearCase | EmbeddingCase", PhaseTimer], Measurement]
+
+_LORA_TRAINING = {
+    "grad": training_checks.grad,
+    "grad_bias_all": training_checks.grad_bias_all,
+    "dropout": training_checks.dropout,
+    "dropout_scaling": training_checks.dropout_scaling,
+    "steps_sgd": training_checks.steps_sgd,
+    "steps_adamw": training_checks.steps_adamw,
+}
+_EMBEDDING = {"forward": checks.lookup, "as_linear": checks.as_linear, "merge": checks.embedding_merge}
+_DORA_INIT = {"init": checks.init, "init_with_adapter": checks.init_with_adapter}
+_SWITCH = {
+    "forward": checks.switch_forward,
+    "merge": checks.switch_merge,
+    "merged_forward": checks.switch_merged_forward,
+}
+
+FAMILY_CHECKS: dict[str, dict[str, Check]] = {
+    "linear": {"forward": checks.forward, "merge": checks.merge, **_LORA_TRAINING},
+    "dora_linear": {
+        "forward": checks.forward,
+        "merge": checks.merge,
+        **{name: _LORA_TRAINING[name] for name in ("grad", "grad_bias_all", "dropout")},
+        **_DORA_INIT,
+    },
+    "embedding": {
+        **_EMBEDDING,
+        **{name: _LORA_TRAINING[name] for name in ("grad", "dropout", "steps_sgd", "steps_adamw")},
+    },
+    "dora_embedding": {**_EMBEDDING, **_DORA_INIT},
+    "switch_linear": {**_SWITCH, "grad": training_checks.switch_grad},
+}
+"""Each family's checks by the name they are recorded under."""
+QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {
+    "linear": {"forward": checks.forward, "merge": checks.merge, "requantize": checks.requantize, "grad": training_checks.grad},
+    "dora_linear": {
+        "forward": checks.forward,
+        "merge": checks.merge,
+        "requantize": checks.requantize,
+        "init": checks.init,
+        "grad": training_checks.grad,
+    },
+    "switch_linear": {**_SWITCH, "requantize": checks.requantize},
+    "embedding": {**_EMBEDDING, "requantize": checks.requantize},
+}
+"""The checks of a family on a quantized base, where it has one."""
+
+ONLY_IN: dict[str, tuple[str, ...]] = {
+    # Dropout's rescaling does not depend on the dtype, and in half precision the rounding of the
+    # outputs would outweigh what the statistic can see: the check could not fail there.
+    "dropout_scaling": ("float32",),
+    # Training in half precision keeps float32 adapters (mlx-lm creates them so), and AdamW's
+    # v = g^2 underflows in float16.
+    "steps_sgd": ("float32",),
+    "steps_adamw": ("float32",),
+}
+"""Checks that run in some case dtypes only (test modules mark them with ``pytest.mark.dtypes``)."""
+
+
+def runs_in(check: str, dtype: str) -> bool:
+    return dtype in ONLY_IN.get(check, (dtype,))
+
+
+def find_check(family: str, name: str) -> Check | None:
+    """The check `name` of a family, on a plain or a quantized base: what ``replay`` can re-run."""
+    return FAMILY_CHECKS.get(family, {}).get(name) or QUANTIZED_CHECKS.get(family, {}).get(name)
+
+
+def replayable(name: str) -> bool:
+    return any(find_check(family, name) for family in FAMILY_CHECKS)

@@ -1,0 +1,207 @@
+"""The checks of training: gradients, dropout in training mode, and optimizer steps.
+
+They share the harness of `checks` (each side run, each quantity held to the oracle) and, like those,
+never raise because of the subject or the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from conformance import diagnosis, dropout_statistics, optimizers
+from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, upstream_gradient
+from conformance.checks import Expected, Observed, evaluated, from_mlx, from_torch, measure
+from conformance.subjects import Subject
+from conformance.switch_cases import SwitchCase, switch_upstream_gradient
+from conformance.timing import UNTIMED, PhaseTimer
+from conformance.verdict import Measurement, compare, failed
+from reference import bridge, oracle, peft_layers, trajectory
+
+# Gradients ---------------------------------------------------------------------------------------
+
+
+def _gradients(
+    subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, bias_trains: bool
+) -> Measurement:
+    embedding = isinstance(case, EmbeddingCase)
+    upstream = upstream_gradient(case.lookup if embedding else case)
+    trained: dict[str, set[str]] = {}
+
+    def expect() -> Expected:
+        return oracle.embedding_grads(case, upstream) if embedding else oracle.linear_grads(case, upstream, bias_trains)
+
+    # DoRA's magnitude gradient has the magnitude's dtype: float32 in MLX, the layer's in peft.
+    def reference() -> Observed:
+        found, trained["reference"] = peft_layers.grads(case, upstream, bias_trains)
+        return {name: from_torch(values, judge_dtype=name != "grad m") for name, values in found.items()}
+
+    def run_subject() -> Observed:
+        found, trained["subject"] = bridge.grads(subject.build(case), subject.convention.roles, case, upstream, bias_trains)
+        evaluated(*found.values())
+        return {name: from_mlx(values, judge_dtype=name != "grad m") for name, values in found.items()}
+
+    check = "grad_bias_all" if bias_trains else "grad"
+    measurement = measure(check, subject, case, timer, expect, reference, run_subject)
+    _compare_trainable(measurement, trained)
+    return measurement
+
+
+def _compare_trainable(measurement: Measurement, trained: dict[str, set[str]]) -> None:
+    """A failing comparison where the subject trains other parameters (by role) than peft."""
+    if "subject" not in trained or trained["subject"] == trained.get("reference"):
+        return
+    reference = trained.get("reference", set())
+    problem = f"trains {sorted(trained['subject'])}, but should train {sorted(reference)} as peft does"
+    measurement.comparisons.append(failed(problem, "trainable parameters", "subject"))
+    measurement.hints.append(
+        f"trainable only in the subject: {sorted(trained['subject'] - reference)}; only in peft: {sorted(reference - trained['subject'])}"
+    )
+
+
+def grad(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """Gradients of ``sum(y * T)`` (T fixed and random) for every adapter parameter (A, B, DoRA's m) and
+    the input, in eval mode, against torch autograd through peft's layer and the float64 formulas; and
+    the same set of trainable parameters as peft's (base frozen, ``bias="none"``)."""
+    return _gradients(subject, case, timer, bias_trains=False)
+
+
+def grad_bias_all(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """As `grad`, with peft's ``bias="all"``: the base's bias trains too (MLX: unfrozen), ``db = sum_rows(T)``."""
+    return _gradients(subject, case, timer, bias_trains=True)
+
+
+def switch_grad(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """Gradients of ``sum(y * T)`` for every expert's A and B and for x, against torch autograd through
+    peft's switch reference and the float64 formulas; and the same trainable parameters (base frozen)."""
+    upstream = switch_upstream_gradient(case)
+    trained: dict[str, set[str]] = {}
+
+    def reference() -> Observed:
+        found, trained["reference"] = peft_layers.switch_grads(case, upstream)
+        return {name: from_torch(values) for name, values in found.items()}
+
+    def run_subject() -> Observed:
+        found, trained["subject"] = bridge.switch_grads(subject.build(case), subject.convention.roles, case, upstream)
+        evaluated(*found.values())
+        return {name: from_mlx(values) for name, values in found.items()}
+
+    measurement = measure("grad", subject, case, timer, lambda: oracle.switch_grads(case, upstream), reference, run_subject)
+    _compare_trainable(measurement, trained)
+    return measurement
+
+
+# Dropout ----------------------------------------------------------------------------------------
+
+
+def dropout(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """Where dropout acts: both layers in training mode, every dropout module given the same keep-mask
+    (a function of the shape it sees), against the formula with the adapter's input dropped (peft:
+    ``x W^T + b + s (x' A^T) B^T``; DoRA as `oracle.linear_forward` says; peft's LoRA Embedding applies
+    no dropout)."""
+    embedding = isinstance(case, EmbeddingCase)
+    view = case.lookup if embedding else case
+
+    def mask(shape: tuple[int, ...]) -> np.ndarray:
+        return dropout_mask(view, shape)
+
+    def expect() -> Expected:
+        if embedding:
+            return {"output": oracle.embedding_forward(case)}
+        return {"output": oracle.linear_forward(case, oracle.dropped_input(case, mask(case.x.shape)))}
+
+    def reference() -> Observed:
+        if embedding:
+            layer = peft_layers.trained_with_mask(peft_layers.embedding(case), mask, view.dropout)
+            return {"output": from_torch(peft_layers.lookup(layer, case))}
+        layer = peft_layers.trained_with_mask(peft_layers.linear(case), mask, case.dropout)
+        return {"output": from_torch(peft_layers.forward(layer, case))}
+
+    def run_subject() -> Observed:
+        layer = subject.build(case)
+        if bridge.inject_dropout(layer, view.dropout, mask) == 0:
+            raise LookupError("the layer has no mlx.nn.Dropout inside to give the mask to")
+        layer.train()
+        output = layer(mx.array(case.ids) if embedding else bridge.mlx_array(case.x, case.dtype))
+        evaluated(output)
+        return {"output": from_mlx(output)}
+
+    def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
+        if "output" not in observed:
+            return []
+        return diagnosis.dropout_hints(view, observed["output"][0], mask)
+
+    return measure("dropout", subject, case, timer, expect, reference, run_subject, diagnose)
+
+
+def dropout_scaling(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The subject's own dropout keeps the output's expectation (inverted dropout): the mean of
+    `dropout_statistics.SAMPLES` training-mode outputs is the eval output, within a bound that a correct
+    layer exceeds with probability `dropout_statistics.FALSE_ALARM`. No reference: this judges the
+    subject's random masks, which peft cannot share."""
+    measurement = Measurement(subject.name, "dropout_scaling", case.describe())
+    with timer("subject"):
+        try:
+            layer = subject.build(case)
+            x = bridge.mlx_array(case.x, case.dtype)
+            evaluation = layer(x)
+            layer.train()
+            mx.random.seed(case.seed)  # the masks, and so the verdict, are the case's: replayable
+            training = layer(mx.broadcast_to(x, (dropout_statistics.SAMPLES, *x.shape)))
+            evaluated(evaluation, training)
+        except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
+            measurement.comparisons.append(failed(f"raised {type(error).__name__}: {error}", "dropout_scaling", "subject"))
+            return measurement
+    with timer("oracle"):
+        premise = compare("eval output", "subject", bridge.to_numpy(evaluation), oracle.linear_forward(case))
+        if not premise.passed:  # the statistic's variance is the formula's; a wrong LoRA term breaks it
+            problem = f"cannot be judged: the eval output disagrees with the formula (the forward check says how): {premise.describe()}"
+            measurement.comparisons.append(failed(problem, "dropout_scaling", "subject"))
+            return measurement
+        comparison, ratio = dropout_statistics.judge(case, bridge.to_numpy(training), bridge.to_numpy(evaluation))
+    measurement.comparisons.append(comparison)
+    if not comparison.passed:
+        measurement.hints.append(
+            f"the training-mode LoRA term averages {ratio:.3g}x the eval one; inverted dropout keeps 1x, dropout "
+            f"without the 1 / (1 - p) rescaling keeps 1 - p = {1 - case.dropout:.3g}x"
+        )
+    return measurement
+
+
+# Optimizer steps ------------------------------------------------------------------------------
+
+
+def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, kind: str) -> Measurement:
+    view = case.lookup if isinstance(case, EmbeddingCase) else case  # a lookup is the one-hot linear map
+    target = optimizers.regression_target(view)
+    spec = optimizers.optimizer_for(view, kind, trajectory.first_gradients(view, target))
+
+    def by_step(adapters: list[dict], convert: Callable) -> Observed:
+        return {f"{role} after step {k}": convert(values) for k, adapter in enumerate(adapters, 1) for role, values in adapter.items()}
+
+    def expect() -> Expected:
+        return by_step(trajectory.steps(view, spec, target, optimizers.STEPS), lambda tracked: tracked)
+
+    def reference() -> Observed:
+        return by_step(peft_layers.training_steps(case, spec, target, optimizers.STEPS), from_torch)
+
+    def run_subject() -> Observed:
+        adapters = bridge.training_steps(subject.build(case), subject.convention.roles, case, spec, target, optimizers.STEPS)
+        return by_step(adapters, from_mlx)
+
+    measurement = measure(f"steps_{kind}", subject, case, timer, expect, reference, run_subject)
+    measurement.case.update(spec.describe())
+    return measurement
+
+
+def steps_sgd(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """A and B after each of a few SGD steps on a fixed regression problem, against torch's SGD on peft's
+    layer and the float64 steps, within the error rounding accumulates over the steps."""
+    return _steps(subject, case, timer, "sgd")
+
+
+def steps_adamw(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """As `steps_sgd`, with AdamW (bias-corrected on both sides, decoupled weight decay)."""
+    return _steps(subject, case, timer, "adamw")
