@@ -111,6 +111,13 @@ class Tracked:
         accumulated = gamma(inner, accumulation) * (self.magnitude @ other.magnitude)
         return self._stored(value, propagated + accumulated)
 
+    def matmul_of_stored_terms(self, other: Tracked, accumulation: DType) -> Tracked:
+        """The product where each of the n terms is stored in the dtype before the sum, as a gather's
+        gradient is (each row's product, then a scatter-add): one more rounding, and underflow, per term."""
+        product = self.matmul(other, accumulation)
+        stored = self.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + self.value.shape[-1] * self.dtype.underflow
+        return Tracked(product.value, product.bound + stored, self.dtype)
+
     def __add__(self, other: Tracked) -> Tracked:
         return self._stored(self.value + other.value, self.bound + other.bound)
 

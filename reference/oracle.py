@@ -233,9 +233,16 @@ def lora_backward(x: Tracked, t: Tracked, a: Tracked, b: Tracked, s: float) -> d
 
 
 def embedding_grads(case: EmbeddingCase, upstream: np.ndarray) -> dict[str, Tracked]:
-    """The gradients of a lookup's A and B: the linear map's, whose input (one-hot ids) has no gradient."""
-    grads = linear_grads(case.lookup, upstream)
+    """The gradients of a lookup's A and B: the linear map's, whose input (one-hot ids) has no gradient;
+    A's may also be the scatter-add of each token's row gradient, in the dtype."""
+    lookup = case.lookup
+    grads = linear_grads(lookup, upstream)
     del grads["grad x"]
+    # A's rows are gathered by id: each token's row gradient is stored, then scatter-added.
+    scaled = _exact(lookup, upstream.reshape(-1, lookup.out_features)).scaled(lookup.scale)
+    one_hot = _exact(lookup, lookup.x.reshape(-1, lookup.in_features))
+    gathered = (scaled @ _exact(lookup, lookup.lora_B)).T.matmul_of_stored_terms(one_hot, lookup.dtype)
+    grads["grad A"] = Tracked.covering(grads["grad A"], gathered)
     return grads
 
 
@@ -251,9 +258,17 @@ def switch_grads(case: SwitchCase, upstream: np.ndarray) -> dict[str, Tracked]:
     grads_a, grads_b, grad_x = [], [], None
     for e, expert in enumerate(case.experts):
         routed = Tracked.exact(np.sum(t * (indices == e)[..., None], axis=1), case.dtype)
-        lora = lora_backward(x, routed, _exact(expert, expert.lora_A), _exact(expert, expert.lora_B), expert.scale)
-        grads_a.append(lora["A"])
-        grads_b.append(lora["B"])
+        a, b = _exact(expert, expert.lora_A), _exact(expert, expert.lora_B)
+        lora = lora_backward(x, routed, a, b, expert.scale)
+        # A layer that gathers each token's A_e and B_e (or, as peft's target_parameters, each token's
+        # merged W_e) gets each token's gradient in the dtype and scatter-adds them, in the dtype.
+        scaled = routed.scaled(expert.scale)
+        weight_grad = routed.T.matmul_of_stored_terms(x, case.dtype)
+        gathered_a = (scaled @ b).T.matmul_of_stored_terms(x, case.dtype)
+        gathered_b = scaled.T.matmul_of_stored_terms(x @ a.T, case.dtype)
+        merged_a, merged_b = b.T.scaled_matmul(weight_grad, expert.scale), weight_grad.scaled_matmul(a.T, expert.scale)
+        grads_a.append(Tracked.covering(lora["A"], gathered_a, merged_a))
+        grads_b.append(Tracked.covering(lora["B"], gathered_b, merged_b))
         # peft's target_parameters merges first: x's gradient then goes through W_e + s B_e A_e.
         part = Tracked.covering(routed @ _base_weight(expert) + lora["x"], routed @ merged_weight(expert))
         grad_x = part if grad_x is None else grad_x + part

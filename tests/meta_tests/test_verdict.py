@@ -85,3 +85,20 @@ def test_correct_layer_uses_well_under_the_allowed_error(dtype):
         run()
     largest, where = max(margins)
     assert 0 < largest <= 0.75, f"largest margin {largest:.3f} ({where}); CALIBRATION={CALIBRATION}"
+
+
+@DTYPES
+def test_a_lora_term_one_percent_off_is_caught_when_it_dominates(dtype):
+    """Detection: a 1% (float32: 1e-4) error in a dominant LoRA term is far outside the allowed error."""
+    rng = np.random.default_rng(1)
+    x = Tracked.exact(round_to(rng.standard_normal((8, 64)), dtype), dtype)
+    a = Tracked.exact(round_to(rng.standard_normal((64, 8)) / 8, dtype), dtype)
+    b = Tracked.exact(round_to(rng.standard_normal((8, 32)), dtype), dtype)
+    expected = (x @ a).scaled_matmul(b, 2.0)
+    relative = 1e-4 if dtype is FLOAT32 else 1e-2 if dtype is FLOAT16 else 5e-2
+    wrong = expected.value * (1 + relative)
+    assert not compare("output", "subject", wrong, expected).passed
+
+
+def test_mlx_default_device_is_a_known_one():
+    assert mx.default_device() in (mx.Device(mx.cpu), mx.Device(mx.gpu))
