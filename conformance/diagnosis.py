@@ -146,6 +146,10 @@ def adapter_width_hints(case: LinearCase, problems: list[str]) -> list[str]:
     ]
 
 
+def _exact(case: LinearCase, values: np.ndarray) -> Tracked:
+    return Tracked.exact(values, case.dtype)
+
+
 def dropout_hints(case: LinearCase, output: np.ndarray, mask: Callable[[tuple[int, ...]], np.ndarray]) -> list[str]:
     """Where a subject's dropout acted, when the dropout check found it elsewhere than peft's: each known
     placement evaluated with the same keep-mask, and the one the output matches."""
@@ -174,6 +178,3 @@ def dropout_hints(case: LinearCase, output: np.ndarray, mask: Callable[[tuple[in
         if expected.value.shape == output.shape and np.all(np.abs(output - expected.value) <= allowed_error(expected))
     ]
 
-
-def _exact(case: LinearCase, values: np.ndarray) -> Tracked:
-    return Tracked.exact(values, case.dtype)
