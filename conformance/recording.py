@@ -46,6 +46,7 @@ class Recorder:
             "worst": worst.describe() if worst else "",
             "failures": [c.describe() for c in measurement.comparisons if not c.passed],
             "hints": measurement.hints,
+            "judged_at": _subject_worst(measurement),
             "final": final,
             "versions": self.meta["versions"],
             "device": self.meta["device"],
@@ -54,14 +55,29 @@ class Recorder:
         return row
 
 
+def _subject_worst(measurement: Measurement) -> dict | None:
+    """Where the subject came closest to (or went furthest past) its allowed error: what a reproduction checks."""
+    numeric = [c for c in measurement.comparisons if c.side == "subject" and c.problem is None and c.worst_index]
+    if not numeric:
+        return None
+    worst = max(numeric, key=lambda c: c.margin)
+    return {
+        "quantity": worst.quantity,
+        "index": [int(i) for i in worst.worst_index],
+        "error": _finite_or_none(worst.max_error),
+        "allowed": _finite_or_none(worst.allowed_at_worst),
+    }
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
-def run_meta(versions: dict[str, str | None], device: str, profile: str, seed: str) -> dict:
+def run_meta(versions: dict[str, str | None], device: str, profile: str, seed: str, subjects: dict[str, dict]) -> dict:
     return {
         "versions": versions,
         "device": device,
+        "subjects": subjects,
         "profile": profile,
         "seed": seed,
         "python": platform.python_version(),
