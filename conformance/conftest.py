@@ -11,7 +11,7 @@ from hypothesis import Phase, settings
 
 from conformance import divergences, profiles, quantization, recording
 from conformance.dtypes import BY_NAME as DTYPES
-from conformance.subjects import CATALOGUE, installed_version, resolve
+from conformance.subjects import CATALOGUE, Subject, installed_version, resolve
 
 VERSIONED = ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch", "numpy", "hypothesis")
 NO_SUBJECT = "no-selected-subject"
@@ -34,6 +34,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--mlx-device", choices=["cpu", "gpu"], default=None, help="MLX device; default: gpu where Metal is available, else cpu")
     group.addoption("--results", default="results/conformance.json", metavar="PATH", help="JSON results file (default: %(default)s)")
+    group.addoption(
+        "--report",
+        default="results/report.html",
+        metavar="PATH",
+        help="HTML parity report, written after the run with a Markdown summary beside it (PATH with .md); "
+        "'none' writes neither (default: %(default)s)",
+    )
     group.addoption(
         "--known-divergences",
         default=str(divergences.DEFAULT_PATH),
@@ -87,17 +94,21 @@ def pytest_configure(config: pytest.Config) -> None:
     except (LookupError, OSError, divergences.DivergenceFileError) as error:
         raise pytest.UsageError(str(error)) from None
     results = Path(config.getoption("results"))
+    report = None if config.getoption("report") == "none" else Path(config.getoption("report"))
     if not hasattr(config, "workerinput"):
-        try:
-            recording.check_writable(results)
-        except OSError as error:
-            raise pytest.UsageError(f"--results {results}: cannot write: {error.strerror or error}") from None
+        outputs = [("--results", results)] + ([("--report", report), ("--report", report.with_suffix(".md"))] if report else [])
+        for option, path in outputs:
+            try:
+                recording.check_writable(path)
+            except OSError as error:
+                raise pytest.UsageError(f"{option} {path}: cannot write: {error.strerror or error}") from None
     config.stash[RECORDER] = recording.Recorder({"versions": _versions(), "device": device})
     config.stash[STATE] = {
         "subjects": subjects,
         "dtypes": config.getoption("dtype") or list(DTYPES),
         "known": known,
         "results": results,
+        "report": report,
         "checks": [],
     }
 
@@ -107,7 +118,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     recorder = config.stash[RECORDER]
     meta = recorder.meta
-    recorder.meta = recording.run_meta(meta["versions"], meta["device"], profiles.active(), _seed_description(config))
+    subjects = {s.name: _subject_meta(s) for s in config.stash[STATE]["subjects"] if s.not_provided_reason() is None}
+    recorder.meta = recording.run_meta(meta["versions"], meta["device"], profiles.active(), _seed_description(config), subjects)
+
+
+def _subject_meta(subject: Subject) -> dict:
+    """Where a subject's class was found, for reports (a standalone reproduction imports it from there)."""
+    cls = subject.implementation
+    return {
+        "module": cls.__module__,
+        "class": cls.__qualname__,
+        "distribution": subject.distribution,
+        "convention": type(subject.convention).__name__,
+        "provenance": subject.provenance(),
+    }
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -123,7 +147,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     for subject in state["subjects"]:
         status = subject.not_provided_reason() or f"provided by {subject.provenance()}"
         lines.append(f"conformance: subject {subject.name}: {status}")
-    lines.append(f"conformance: results -> {state['results']}")
+    report = f", report -> {state['report']} and {state['report'].with_suffix('.md')}" if state["report"] else ""
+    lines.append(f"conformance: results -> {state['results']}{report}")
     return lines
 
 
@@ -241,6 +266,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state["divergences"] = [_divergence_status(entry, state) for entry in state["known"].values()]
     recorder.meta["finished"] = recording.now()
     recording.write(state["results"], recorder.meta, recorder.rows, state["checks"], state["divergences"])
+    if state["report"] is not None:
+        from reports import publish, results  # matplotlib and Jinja2 load only when a report is written
+
+        publish.write(results.load([state["results"]]), state["report"], state["report"].with_suffix(".md"))
 
 
 def _divergence_status(entry: divergences.KnownDivergence, state: dict) -> dict:
@@ -286,4 +315,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     write(
         f"conformance: {len(rows)} cases checked ({failing} outside the allowed error); "
         f"checks: {checks or 'none'}; results: {state['results']}"
+        + (f"; report: {state['report']}" if state["report"] else "")
     )
