@@ -1,0 +1,78 @@
+"""Figures of a check's cases, drawn with matplotlib as inline SVG: how close to the limit they came.
+
+Text stays text (``svg.fonttype = none``) and the scatter of thousands of cases is one embedded
+bitmap, so a figure is a few tens of kilobytes whatever the number of cases.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from reports.results import DTYPE_ORDER, inner_dimension  # noqa: E402
+
+COLOURS = {"float32": "#1f77b4", "float16": "#d62728", "bfloat16": "#2ca02c"}
+SMALLEST_MARGIN = 1e-4
+"""Margins below this (exact results among them) are counted in the histogram's first bin."""
+
+plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "conformance", "font.size": 9})
+
+
+def _margins_by_dtype(rows: list[dict]) -> dict[str, list[float]]:
+    by_dtype: dict[str, list[float]] = {}
+    for row in rows:
+        if row["margin"] is not None:
+            by_dtype.setdefault(row["dtype"], []).append(max(row["margin"], SMALLEST_MARGIN))
+    return by_dtype
+
+
+def _ordered(dtypes) -> list[str]:
+    return sorted(dtypes, key=lambda d: DTYPE_ORDER.index(d) if d in DTYPE_ORDER else len(DTYPE_ORDER))
+
+
+def check_figure(rows: list[dict], title: str) -> str:
+    """Two panels as one SVG: the margins' histogram per dtype, and each case's error against its inner dimension."""
+    figure, (histogram, scatter) = plt.subplots(1, 2, figsize=(9, 2.8))
+    figure.subplots_adjust(left=0.07, right=0.99, bottom=0.17, top=0.88, wspace=0.22)
+    figure.suptitle(title)
+    margins = _margins_by_dtype(rows)
+    largest = max((m for values in margins.values() for m in values), default=1.0)
+    top = max(1.0, largest) * 2
+    bins = [SMALLEST_MARGIN * (top / SMALLEST_MARGIN) ** (i / 40) for i in range(41)]
+    for dtype in _ordered(margins):
+        histogram.hist(margins[dtype], bins=bins, histtype="step", color=COLOURS.get(dtype), label=dtype)
+    histogram.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    histogram.set(xscale="log", xlabel="margin = observed / allowed error", ylabel="cases")
+    histogram.text(1.0, 1.0, " limit", transform=histogram.get_xaxis_transform(), va="top", fontsize=8)
+    if margins:
+        histogram.legend(fontsize=8, frameon=False)
+    for dtype in _ordered({r["dtype"] for r in rows}):
+        points = [
+            (inner_dimension(r["case"]), r["max_error"])
+            for r in rows
+            if r["dtype"] == dtype and r["max_error"] and inner_dimension(r["case"]) and math.isfinite(r["max_error"])
+        ]
+        if points:
+            x, y = zip(*points)
+            scatter.scatter(x, y, s=5, color=COLOURS.get(dtype), label=dtype, rasterized=True, linewidths=0)
+    scatter.set(xscale="log", yscale="log", xlabel="inner dimension (in_features; embedding: dims)",
+                ylabel="largest error of the case")
+    for axes in (histogram, scatter):
+        axes.minorticks_off()
+    svg = io.StringIO()
+    figure.savefig(svg, format="svg", dpi=72, metadata={"Date": None})
+    plt.close(figure)
+    return _compact(svg.getvalue())
+
+
+def _compact(svg: str) -> str:
+    """The SVG element alone, without matplotlib's comments and indentation (a third of its size)."""
+    svg = re.sub(r"<!--.*?-->", "", svg[svg.index("<svg"):], flags=re.DOTALL)
+    return "\n".join(line.strip() for line in svg.splitlines() if line.strip())

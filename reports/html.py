@@ -1,0 +1,140 @@
+"""The HTML parity report: one self-contained file (styles and figures inline, no network) rendered from results."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+from reports import figures, repro, verdict_study
+from reports.results import NO_SUBJECT, Results, dtypes_in, module_check, most_severe_first, subject_label
+
+LONGREPR_LINES = 12
+"""The tail of a failure's pytest report shown where no recorded case explains it (an exception, say)."""
+
+
+@dataclass
+class Detail:
+    """One subject's one check (``module:check``) over its parametrizations: a matrix cell's target."""
+
+    subject: str
+    name: str
+    anchor: str
+    items: list[dict] = field(default_factory=list)
+    """The test items: check_id, dtype, status, cases, failing cases, largest margin, card anchor."""
+
+    @property
+    def statuses_by_dtype(self) -> dict[str, list[str]]:
+        by_dtype: dict[str, set[str]] = defaultdict(set)
+        for item in self.items:
+            by_dtype[item["dtype"]].add(item["status"])
+        return {dtype: most_severe_first(statuses) for dtype, statuses in by_dtype.items()}
+
+    @property
+    def status(self) -> str:
+        return most_severe_first({i["status"] for i in self.items})[0]
+
+
+def anchor(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", "--".join(parts)).strip("-")
+
+
+def _card(check: dict, row: dict | None, subjects: dict) -> dict:
+    card = {
+        "anchor": anchor("card", check["label"], check["check_id"]),
+        "check_id": check["check_id"],
+        "subject": subject_label(check),
+        "status": check["status"],
+        "row": row,
+        "case": json.dumps(row["case"], indent=1) if row else "",
+        "longrepr": "\n".join(check.get("longrepr", "").splitlines()[-LONGREPR_LINES:]),
+    }
+    if row is not None:
+        card["replay"] = repro.replay_command(row)
+        reason = repro.unsupported_reason(row, subjects.get(row["subject"]))
+        card["script"] = repro.script(row, subjects[row["subject"]]) if reason is None else ""
+        card["no_script"] = reason or ""
+    return card
+
+
+def view(results: Results) -> dict:
+    """Everything the template shows, computed from the results alone."""
+    failing_rows = results.failing_case_by_check()
+    cases: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for row in results.rows:
+        cases[(row["run"], row["check_id"])].append(row)
+    details: dict[tuple[str, str], Detail] = {}
+    cards, divergent = [], []
+    for check in results.checks:
+        if check["subject"] == NO_SUBJECT:
+            continue
+        subject, name = subject_label(check), module_check(check["check_id"], check["check"])
+        detail = details.setdefault((subject, name), Detail(subject, name, anchor("detail", subject, name)))
+        rows = cases[(check["run"], check["check_id"])]
+        margins = [r["margin"] for r in rows if r["margin"] is not None]
+        item = {
+            "check_id": check["check_id"],
+            "dtype": check["dtype"],
+            "status": check["status"],
+            "cases": len(rows),
+            "failing": sum(r["verdict"] == "fail" for r in rows),
+            "largest_margin": max(margins, default=None),
+            "card": "",
+        }
+        if check["status"] in ("fail", "known divergence", "now passing"):
+            card = _card(check, failing_rows.get((check["run"], check["check_id"])), results.runs[check["run"]].get("subjects", {}))
+            (cards if check["status"] == "fail" else divergent).append(card)
+            item["card"] = card["anchor"]
+        detail.items.append(item)
+    modules: dict[str, dict] = {}
+    for (subject, name), detail in sorted(details.items()):
+        module, _, check = name.partition(":")
+        table = modules.setdefault(module, {"checks": [], "subjects": {}})
+        if check not in table["checks"]:
+            table["checks"].append(check)
+        table["subjects"].setdefault(subject, {})[check] = detail
+    by_check: dict[str, list[dict]] = defaultdict(list)
+    for row in results.rows:
+        by_check[module_check(row["check_id"], row["check"])].append(row)
+    counts: dict[str, int] = defaultdict(int)
+    for check in results.checks:
+        counts[check["status"]] += 1
+    return {
+        "runs": results.runs,
+        "cases": results.cases,
+        "failing_cases": len(results.failing_rows()),
+        "counts": dict(sorted(counts.items(), key=lambda kv: most_severe_first(set(counts)).index(kv[0]))),
+        "dtypes": dtypes_in(results.checks),
+        "modules": modules,
+        "details": [details[key] for key in sorted(details)],
+        "cards": cards,
+        "divergent": divergent,
+        "known_divergences": sorted(results.known_divergences, key=lambda d: (d["status"] != "now passing", d["check_id"])),
+        "figures": {name: figures.check_figure(rows, name) for name, rows in sorted(by_check.items())},
+        "figure_anchors": {name: anchor("figure", name) for name in by_check},
+        "study": verdict_study.load(),
+    }
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["margin"] = lambda m: "–" if m is None else f"{m:.3g}"
+    environment.filters["short_status"] = lambda s: {"known divergence": "known div."}.get(s, s)
+    environment.filters["css"] = lambda s: s.replace(" ", "-")
+    return environment
+
+
+def render(results: Results) -> str:
+    return _environment().get_template("report.html.j2").render(**view(results))

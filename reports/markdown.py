@@ -1,0 +1,67 @@
+"""The Markdown summary of a run, for a CI job summary: what ran, what failed and why, what changed."""
+
+from __future__ import annotations
+
+from reports import matrix
+from reports.repro import replay_command
+from reports.results import Results, most_severe_first, subject_label
+
+FAILURE_LIMIT = 30
+"""Failures listed one by one; the rest are counted (the HTML report has them all)."""
+
+
+def _versions(run: dict) -> str:
+    versions = " · ".join(f"{name} {run['versions'].get(name) or 'not installed'}" for name in ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch"))
+    label = f"**{run['label']}**: " if run.get("label") else ""
+    return f"{label}{versions} · MLX device {run['device']} · profile {run['profile']} · seed {run['seed']}"
+
+
+def render(results: Results, report_path: str = "") -> str:
+    failing_rows = results.failing_case_by_check()
+    counts: dict[str, int] = {}
+    for check in results.checks:
+        counts[check["status"]] = counts.get(check["status"], 0) + 1
+    statuses = ", ".join(f"{counts[s]} {s}" for s in most_severe_first(set(counts)))
+    lines = ["## MLX LoRA conformance", ""]
+    lines += [f"- {_versions(run)}" for run in results.runs]
+    lines += ["", f"**{results.cases} cases** checked, {len(results.failing_rows())} outside the allowed error. Checks: {statuses or 'none'}.", ""]
+    failed = [c for c in results.checks if c["status"] == "fail"]
+    lines.append(f"### New failures: {len(failed)}" if failed else "### No new failure")
+    if failed:
+        lines += ["", "| subject | check id | observed | allowed | diagnosis |", "|---|---|---|---|---|"]
+        for check in failed[:FAILURE_LIMIT]:
+            row = failing_rows.get((check["run"], check["check_id"]))
+            if row is None:
+                last = (check.get("longrepr") or "").strip().splitlines()[-1:] or [""]
+                lines.append(f"| {subject_label(check)} | `{check['check_id']}` | – | – | {_cell(last[0])} |")
+                continue
+            diagnosis = "; ".join(row["hints"] or row["failures"][:1])
+            lines.append(
+                f"| {subject_label(check)} | `{check['check_id']}` | {row['max_error']:.3g} | {row['allowed_error']:.3g} | {_cell(diagnosis)} |"
+                if row["max_error"] is not None and row["allowed_error"] is not None
+                else f"| {subject_label(check)} | `{check['check_id']}` | – | – | {_cell(diagnosis)} |"
+            )
+        if len(failed) > FAILURE_LIMIT:
+            lines.append(f"\n…and {len(failed) - FAILURE_LIMIT} more (all in the HTML report).")
+        replays = [failing_rows[(c["run"], c["check_id"])] for c in failed[:FAILURE_LIMIT] if (c["run"], c["check_id"]) in failing_rows]
+        if replays:
+            lines += ["", "<details><summary>replay commands</summary>", "", "```sh"]
+            lines += [replay_command(row) for row in replays]
+            lines += ["```", "", "</details>"]
+    now_passing = [d for d in results.known_divergences if d["status"] == "now passing"]
+    if now_passing:
+        lines += ["", "### Known divergences that now pass (drop or narrow their entries)", ""]
+        lines += [f"- `{check}`" + (f" ({d['label']})" if d.get("label") else "") for d in now_passing for check in d["now_passing"]]
+    known = [d for d in results.known_divergences if d["status"] == "known divergence"]
+    if known:
+        lines += ["", f"<details><summary>Known divergences seen this run: {len(known)}</summary>", ""]
+        lines += [f"- `{d['check_id']}`: {d['reason']}" for d in known]
+        lines += ["", "</details>"]
+    lines += ["", "<details><summary>Subject × check matrix</summary>", "", matrix.render(results), "</details>"]
+    if report_path:
+        lines += ["", f"Full report: `{report_path}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
