@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,8 @@ import conformance.registry  # noqa: F401
 
 pytest_plugins = ["pytester"]
 
-CONFORMANCE = Path(__file__).resolve().parent.parent / "conformance"
+ROOT = Path(__file__).resolve().parent.parent
+CONFORMANCE = ROOT / "conformance"
 
 
 @dataclass
@@ -50,3 +54,48 @@ def run_suite(pytester: pytest.Pytester, tmp_path: Path):
 
     yield run
     settings.load_profile(profile)
+
+
+@dataclass
+class RecordedRun:
+    """A real ``pytest conformance`` run, in a subprocess, with its results file and reports."""
+
+    ret: int
+    output: str
+    folder: Path
+
+    @property
+    def results(self) -> Path:
+        return self.folder / "conformance.json"
+
+    @property
+    def report(self) -> Path:
+        return self.folder / "report.html"
+
+
+RECORDED_SUBJECTS = (
+    "CorrectLoRALinear", "CorrectDoRALinear", "CorrectLoRAEmbedding",
+    "RawAlpha", "TransposedMerge", "MergeDropsBias", "DoRANormOverColumns", "DoRAMergeForgetsMagnitude",
+    "EmbeddingLookupUnscaled", "EmbeddingMergeTransposed",
+)
+"""Correct layers and wrong variants whose failures a standalone script can reproduce (forward and merge)."""
+RECORDED_KNOWN = "test_linear.py::test_forward[tests.catalogue:RawAlpha-bfloat16]  # a known divergence, for the report's tests\n"
+
+
+@pytest.fixture(scope="session")
+def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
+    """forward and merge of Linear, DoRA and Embedding on `RECORDED_SUBJECTS`, float32 and bfloat16, dev profile."""
+    folder = tmp_path_factory.mktemp("recorded")
+    known = folder / "known.txt"
+    known.write_text(RECORDED_KNOWN)
+    subjects = [arg for name in RECORDED_SUBJECTS for arg in ("--subject", f"tests.catalogue:{name}")]
+    modules = [str(CONFORMANCE / m) for m in ("test_linear.py", "test_dora_linear.py", "test_embedding.py")]
+    command = [
+        sys.executable, "-m", "pytest", *modules, "-p", "no:cacheprovider", "-k", "forward or merge",
+        "--hypothesis-profile", "dev", "--hypothesis-seed", "3", "--dtype", "float32", "--dtype", "bfloat16",
+        "--known-divergences", str(known), "--results", str(folder / "conformance.json"),
+        "--report", str(folder / "report.html"), *subjects,
+    ]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=environment)
+    return RecordedRun(run.returncode, run.stdout + run.stderr, folder)
