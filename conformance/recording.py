@@ -91,10 +91,13 @@ def now() -> str:
 
 
 def check_writable(path: Path) -> None:
-    """Fail early, with the path in the message, if the results file cannot be written."""
+    """Fail early, with the path in the message, if an output file cannot be written (leaving no empty file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     with path.open("a"):
         pass
+    if not existed:
+        path.unlink()
 
 
 def write(path: Path, meta: dict, rows: list[dict], checks: list[dict], divergences: list[dict]) -> None:

@@ -46,8 +46,8 @@ def run_suite(pytester: pytest.Pytester, tmp_path: Path):
         """Run the suite, or only its test module `module`."""
         results = tmp_path / "results.json"
         path = CONFORMANCE / module if module else CONFORMANCE
-        result = pytester.runpytest_inprocess(
-            str(path), "-p", "no:cacheprovider", "--results", str(results), *profile_args, *args
+        result = pytester.runpytest_inprocess(  # no report: `recorded_run` tests it; here it would cost seconds a run
+            str(path), "-p", "no:cacheprovider", "--results", str(results), "--report", "none", *profile_args, *args
         )
         document = json.loads(results.read_text()) if results.exists() else {}
         return SuiteRun(result.ret, result.stdout.str() + result.stderr.str(), document)

@@ -56,11 +56,12 @@ def test_gpu_without_metal_is_refused(run_suite):
     assert run.ret == USAGE_ERROR and "no Metal device; valid here: cpu" in run.output
 
 
-def test_unwritable_results_path_is_refused_before_running(run_suite, tmp_path):
+@pytest.mark.parametrize(("option", "name"), [("--results", "results.json"), ("--report", "report.html")])
+def test_unwritable_results_or_report_path_is_refused_before_running(run_suite, tmp_path, option, name):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    run = run_suite(*CORRECT, "--results", str(blocker / "results.json"))
-    assert run.ret == USAGE_ERROR and f"--results {blocker / 'results.json'}: cannot write" in run.output
+    run = run_suite(*CORRECT, option, str(blocker / name))
+    assert run.ret == USAGE_ERROR and f"{option} {blocker / name}: cannot write" in run.output
 
 
 def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite):
