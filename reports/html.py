@@ -62,8 +62,8 @@ def _card(check: dict, row: dict | None, subjects: dict) -> dict:
     return card
 
 
-def view(results: Results) -> dict:
-    """Everything the template shows, computed from the results alone."""
+def _details(results: Results) -> tuple[dict[tuple[str, str], Detail], list[dict], list[dict]]:
+    """Each subject's checks with their parametrizations; the failure cards and the known divergences' cards."""
     failing_rows = results.failing_case_by_check()
     cases: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for row in results.rows:
@@ -87,10 +87,16 @@ def view(results: Results) -> dict:
             "card": "",
         }
         if check["status"] in ("fail", "known divergence", "now passing"):
-            card = _card(check, failing_rows.get((check["run"], check["check_id"])), results.runs[check["run"]].get("subjects", {}))
+            subjects = results.runs[check["run"]].get("subjects", {})
+            card = _card(check, failing_rows.get((check["run"], check["check_id"])), subjects)
             (cards if check["status"] == "fail" else divergent).append(card)
             item["card"] = card["anchor"]
         detail.items.append(item)
+    return details, cards, divergent
+
+
+def _matrix(details: dict[tuple[str, str], Detail]) -> dict[str, dict]:
+    """Per test module: its checks (the columns) and, per subject (the rows), the detail of each check."""
     modules: dict[str, dict] = {}
     for (subject, name), detail in sorted(details.items()):
         module, _, check = name.partition(":")
@@ -98,19 +104,22 @@ def view(results: Results) -> dict:
         if check not in table["checks"]:
             table["checks"].append(check)
         table["subjects"].setdefault(subject, {})[check] = detail
+    return modules
+
+
+def view(results: Results) -> dict:
+    """Everything the template shows, computed from the results alone."""
+    details, cards, divergent = _details(results)
     by_check: dict[str, list[dict]] = defaultdict(list)
     for row in results.rows:
         by_check[module_check(row["check_id"], row["check"])].append(row)
-    counts: dict[str, int] = defaultdict(int)
-    for check in results.checks:
-        counts[check["status"]] += 1
     return {
         "runs": results.runs,
         "cases": results.cases,
         "failing_cases": len(results.failing_rows()),
-        "counts": dict(sorted(counts.items(), key=lambda kv: most_severe_first(set(counts)).index(kv[0]))),
+        "counts": results.status_counts(),
         "dtypes": dtypes_in(results.checks),
-        "modules": modules,
+        "modules": _matrix(details),
         "details": [details[key] for key in sorted(details)],
         "cards": cards,
         "divergent": divergent,

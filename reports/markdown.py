@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from reports import matrix
 from reports.repro import replay_command
-from reports.results import Results, most_severe_first, subject_label
+from reports.results import Results, subject_label
 
 FAILURE_LIMIT = 30
 """Failures listed one by one; the rest are counted (the HTML report has them all)."""
@@ -18,10 +18,7 @@ def _versions(run: dict) -> str:
 
 def render(results: Results, report_path: str = "") -> str:
     failing_rows = results.failing_case_by_check()
-    counts: dict[str, int] = {}
-    for check in results.checks:
-        counts[check["status"]] = counts.get(check["status"], 0) + 1
-    statuses = ", ".join(f"{counts[s]} {s}" for s in most_severe_first(set(counts)))
+    statuses = ", ".join(f"{n} {status}" for status, n in results.status_counts().items())
     lines = ["## MLX LoRA conformance", ""]
     lines += [f"- {_versions(run)}" for run in results.runs]
     lines += ["", f"**{results.cases} cases** checked, {len(results.failing_rows())} outside the allowed error. Checks: {statuses or 'none'}.", ""]

@@ -41,6 +41,13 @@ class Results:
     def failing_rows(self) -> list[dict]:
         return [r for r in self.rows if r["verdict"] == "fail"]
 
+    def status_counts(self) -> dict[str, int]:
+        """How many checks ended in each status, most severe first."""
+        counts: dict[str, int] = {}
+        for check in self.checks:
+            counts[check["status"]] = counts.get(check["status"], 0) + 1
+        return {status: counts[status] for status in most_severe_first(set(counts))}
+
     def failing_case_by_check(self) -> dict[tuple[int, str], dict]:
         """Per test item (run, check id), the row that shows its failure: Hypothesis' final, shrunk one, else the first."""
         chosen: dict[tuple[int, str], dict] = {}
