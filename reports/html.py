@@ -14,6 +14,11 @@ import jinja2
 from reports import figures, repro, verdict_study
 from reports.results import NO_SUBJECT, Results, dtypes_in, module_check, most_severe_first, subject_label
 
+MODULE_ORDER = (
+    "linear", "conv1d", "dora_linear", "quantized_linear", "quantized_dora_linear", "embedding", "dora_embedding",
+    "quantized_embedding", "switch_linear", "quantized_switch_linear", "error_parity",
+)
+"""The matrix's tables: the plain layer first, then its variants; modules not listed follow in name order."""
 LONGREPR_LINES = 12
 """The tail of a failure's pytest report shown where no recorded case explains it (an exception, say)."""
 
@@ -104,7 +109,8 @@ def _matrix(details: dict[tuple[str, str], Detail]) -> dict[str, dict]:
         if check not in table["checks"]:
             table["checks"].append(check)
         table["subjects"].setdefault(subject, {})[check] = detail
-    return modules
+    rank = {module: i for i, module in enumerate(MODULE_ORDER)}
+    return dict(sorted(modules.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
 def view(results: Results) -> dict:
