@@ -166,3 +166,10 @@ def test_a_case_too_large_for_a_script_says_so():
     reason = repro.unsupported_reason(row, {"convention": "LoRALinearConvention"})
     assert reason and "more than the 4096 a script embeds" in reason
     assert "standalone scripts cover forward and merge" in repro.unsupported_reason(row | {"check": "grad"}, {})
+
+
+def test_a_run_with_nothing_measured_still_renders(tmp_path):
+    absent = _check("test_linear.py::test_forward[s-float32]", "s", "float32", "forward", "not provided")
+    page = html.render(merge([_document([absent])]))
+    assert "<strong>0</strong> cases checked" in page and "1 not provided" in page
+    assert "No new failure" in markdown.render(merge([_document([absent])]))
