@@ -66,6 +66,8 @@ def unsupported_reason(row: dict, subject: dict | None) -> str | None:
         return "the results do not say where the subject's class is"
     if "judged_at" not in row:
         return "the results come from an older version of the suite, which did not record the element it judged"
+    if row["judged_at"] and row["judged_at"]["allowed"] is None:
+        return "the allowed error at the judged element is not finite"
     if row["check"] not in CHECKS or module not in MODULES:
         return f"standalone scripts cover forward and merge of {', '.join(MODULES)}; this is {module} {row['check']}"
     if subject.get("convention") not in _CONSTRUCT:
