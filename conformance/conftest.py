@@ -265,11 +265,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     state["divergences"] = [_divergence_status(entry, state) for entry in state["known"].values()]
     recorder.meta["finished"] = recording.now()
-    recording.write(state["results"], recorder.meta, recorder.rows, state["checks"], state["divergences"])
+    document = recording.write(state["results"], recorder.meta, recorder.rows, state["checks"], state["divergences"])
     if state["report"] is not None:
         from reports import publish, results  # matplotlib and Jinja2 load only when a report is written
 
-        publish.write(results.load([state["results"]]), state["report"], state["report"].with_suffix(".md"))
+        rendered = results.merge([document], [str(state["results"])])  # what `python -m reports` reads from the file
+        publish.write(rendered, state["report"], state["report"].with_suffix(".md"))
 
 
 def _divergence_status(entry: divergences.KnownDivergence, state: dict) -> dict:

@@ -100,6 +100,8 @@ def check_writable(path: Path) -> None:
         path.unlink()
 
 
-def write(path: Path, meta: dict, rows: list[dict], checks: list[dict], divergences: list[dict]) -> None:
+def write(path: Path, meta: dict, rows: list[dict], checks: list[dict], divergences: list[dict]) -> dict:
+    """Write the results file; returns its document, for the reports."""
     document = {"format": FORMAT, "meta": meta, "checks": checks, "known_divergences": divergences, "rows": rows}
     path.write_text(json.dumps(document, indent=1, allow_nan=False))
+    return document

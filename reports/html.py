@@ -6,7 +6,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import jinja2
@@ -33,7 +33,7 @@ class Detail:
     items: list[dict] = field(default_factory=list)
     """The test items: check_id, dtype, status, cases, failing cases, largest margin, card anchor."""
 
-    @property
+    @cached_property
     def statuses_by_dtype(self) -> dict[str, list[str]]:
         by_dtype: dict[str, set[str]] = defaultdict(set)
         for item in self.items:
