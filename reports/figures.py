@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from reports.results import DTYPE_ORDER, inner_dimension  # noqa: E402
+from reports.results import inner_dimension, ordered_dtypes  # noqa: E402
 
 COLOURS = {"float32": "#1f77b4", "float16": "#d62728", "bfloat16": "#2ca02c"}
 SMALLEST_MARGIN = 1e-4
@@ -33,10 +33,6 @@ def _margins_by_dtype(rows: list[dict]) -> dict[str, list[float]]:
     return by_dtype
 
 
-def _ordered(dtypes) -> list[str]:
-    return sorted(dtypes, key=lambda d: DTYPE_ORDER.index(d) if d in DTYPE_ORDER else len(DTYPE_ORDER))
-
-
 def check_figure(rows: list[dict], title: str) -> str:
     """Two panels as one SVG: the margins' histogram per dtype, and each case's error against its inner dimension."""
     figure, (histogram, scatter) = plt.subplots(1, 2, figsize=(9, 2.8))
@@ -46,14 +42,14 @@ def check_figure(rows: list[dict], title: str) -> str:
     largest = max((m for values in margins.values() for m in values), default=1.0)
     top = max(1.0, largest) * 2
     bins = [SMALLEST_MARGIN * (top / SMALLEST_MARGIN) ** (i / 40) for i in range(41)]
-    for dtype in _ordered(margins):
+    for dtype in ordered_dtypes(margins):
         histogram.hist(margins[dtype], bins=bins, histtype="step", color=COLOURS.get(dtype), label=dtype)
     histogram.axvline(1.0, color="black", linestyle="--", linewidth=1)
     histogram.set(xscale="log", xlabel="margin = observed / allowed error", ylabel="cases")
     histogram.text(1.0, 1.0, " limit", transform=histogram.get_xaxis_transform(), va="top", fontsize=8)
     if margins:
         histogram.legend(fontsize=8, frameon=False)
-    for dtype in _ordered({r["dtype"] for r in rows}):
+    for dtype in ordered_dtypes({r["dtype"] for r in rows}):
         points = [
             (inner_dimension(r["case"]), r["max_error"])
             for r in rows
@@ -73,6 +69,6 @@ def check_figure(rows: list[dict], title: str) -> str:
 
 
 def _compact(svg: str) -> str:
-    """The SVG element alone, without matplotlib's comments and indentation (a third of its size)."""
+    """The SVG element alone, without matplotlib's comments and indentation."""
     svg = re.sub(r"<!--.*?-->", "", svg[svg.index("<svg"):], flags=re.DOTALL)
     return "\n".join(line.strip() for line in svg.splitlines() if line.strip())

@@ -13,7 +13,7 @@ FAILURE_LIMIT = 30
 def _versions(run: dict) -> str:
     versions = " · ".join(f"{name} {run['versions'].get(name) or 'not installed'}" for name in ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch"))
     label = f"**{run['label']}**: " if run.get("label") else ""
-    return f"{label}{versions} · MLX device {run['device']} · profile {run['profile']} · seed {run['seed']}"
+    return f"{label}{versions} · MLX device {run['device']} · profile {run.get('profile', '–')} · seed {run.get('seed', '–')}"
 
 
 def render(results: Results, report_path: str = "") -> str:
@@ -26,18 +26,7 @@ def render(results: Results, report_path: str = "") -> str:
     lines.append(f"### New failures: {len(failed)}" if failed else "### No new failure")
     if failed:
         lines += ["", "| subject | check id | observed | allowed | diagnosis |", "|---|---|---|---|---|"]
-        for check in failed[:FAILURE_LIMIT]:
-            row = failing_rows.get((check["run"], check["check_id"]))
-            if row is None:
-                last = (check.get("longrepr") or "").strip().splitlines()[-1:] or [""]
-                lines.append(f"| {subject_label(check)} | `{check['check_id']}` | – | – | {_cell(last[0])} |")
-                continue
-            diagnosis = "; ".join(row["hints"] or row["failures"][:1])
-            lines.append(
-                f"| {subject_label(check)} | `{check['check_id']}` | {row['max_error']:.3g} | {row['allowed_error']:.3g} | {_cell(diagnosis)} |"
-                if row["max_error"] is not None and row["allowed_error"] is not None
-                else f"| {subject_label(check)} | `{check['check_id']}` | – | – | {_cell(diagnosis)} |"
-            )
+        lines += [_failure_line(check, failing_rows.get((check["run"], check["check_id"]))) for check in failed[:FAILURE_LIMIT]]
         if len(failed) > FAILURE_LIMIT:
             lines.append(f"\n…and {len(failed) - FAILURE_LIMIT} more (all in the HTML report).")
         replays = [failing_rows[(c["run"], c["check_id"])] for c in failed[:FAILURE_LIMIT] if (c["run"], c["check_id"]) in failing_rows]
@@ -58,6 +47,17 @@ def render(results: Results, report_path: str = "") -> str:
     if report_path:
         lines += ["", f"Full report: `{report_path}`"]
     return "\n".join(lines) + "\n"
+
+
+def _failure_line(check: dict, row: dict | None) -> str:
+    """A table row: the failing check, its worst element's error and allowed error, and the diagnosis."""
+    if row is None:  # no recorded case: the check raised before measuring
+        diagnosis = ((check.get("longrepr") or "").strip().splitlines() or [""])[-1]
+        observed = allowed = "–"
+    else:
+        diagnosis = "; ".join(row["hints"] or row["failures"][:1])
+        observed, allowed = (f"{v:.3g}" if v is not None else "–" for v in (row["max_error"], row["allowed_error"]))
+    return f"| {subject_label(check)} | `{check['check_id']}` | {observed} | {allowed} | {_cell(diagnosis)} |"
 
 
 def _cell(text: str) -> str:

@@ -141,9 +141,13 @@ def most_severe_first(statuses: set[str]) -> list[str]:
     return [s for s in STATUS_ORDER if s in statuses] + sorted(statuses - set(STATUS_ORDER))
 
 
+def ordered_dtypes(names) -> list[str]:
+    """float32, float16, bfloat16 first, in that order; any other name after them."""
+    return sorted(names, key=lambda d: (DTYPE_ORDER.index(d) if d in DTYPE_ORDER else len(DTYPE_ORDER), d))
+
+
 def dtypes_in(checks: list[dict]) -> list[str]:
-    found = {c["dtype"] for c in checks if c["dtype"] != NO_SUBJECT}
-    return sorted(found, key=lambda d: DTYPE_ORDER.index(d) if d in DTYPE_ORDER else len(DTYPE_ORDER))
+    return ordered_dtypes({c["dtype"] for c in checks if c["dtype"] != NO_SUBJECT})
 
 
 def inner_dimension(case: dict) -> int | None:
