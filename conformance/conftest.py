@@ -130,6 +130,7 @@ def _subject_meta(subject: Subject) -> dict:
         "class": cls.__qualname__,
         "distribution": subject.distribution,
         "convention": type(subject.convention).__name__,
+        "roles": dict(subject.convention.roles),
         "provenance": subject.provenance(),
     }
 

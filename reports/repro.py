@@ -3,8 +3,9 @@
 A script holds the case's arrays (rebuilt from the recorded description, which fixes them through
 its seed), builds the MLX layer as its package does and peft's layer in float64, and exits 1 when
 they disagree beyond the recorded allowed error. It is written for `forward` and `merge` of LoRA and
-DoRA on a float ``nn.Linear`` and of LoRA on ``nn.Embedding``; every other failure replays with
-``python -m conformance.replay`` (needs this suite), which `replay_command` gives.
+DoRA on a float ``nn.Linear`` and of LoRA on ``nn.Embedding``, and for the gradients (``grad``,
+``grad_bias_all``) of the Linear ones; every other failure replays with ``python -m conformance.replay``
+(needs this suite), which `replay_command` gives.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-CHECKS = ("forward", "merge")
+CHECKS = ("forward", "merge", "grad", "grad_bias_all")
+GRADIENT_MODULES = ("test_linear.py", "test_dora_linear.py")
 MODULES = {"test_linear.py": "linear", "test_dora_linear.py": "dora_linear", "test_embedding.py": "embedding"}
 LITERAL_LIMIT = 16
 """Arrays of at most this many elements are written as lists; larger ones as base64 float32."""
@@ -40,6 +42,7 @@ _ADAPTER = {
     "PeftStyleDoRAConvention": "layer.lora_a = mlx_array(A.T)\nlayer.lora_b = mlx_array(B.T)\nlayer.m = mlx_array(M)",
 }
 _DEFAULT_ADAPTER = "layer.lora_a = mlx_array(A.T)\nlayer.lora_b = mlx_array(B.T)"
+
 
 
 @cache
@@ -68,8 +71,9 @@ def unsupported_reason(row: dict, subject: dict | None) -> str | None:
         return "the results come from an older version of the suite, which did not record the element it judged"
     if row["judged_at"] and row["judged_at"]["allowed"] is None:
         return "the allowed error at the judged element is not finite"
-    if row["check"] not in CHECKS or module not in MODULES:
-        return f"standalone scripts cover forward and merge of {', '.join(MODULES)}; this is {module} {row['check']}"
+    if row["check"] not in CHECKS or module not in MODULES or (row["check"].startswith("grad") and module not in GRADIENT_MODULES):
+        return (f"standalone scripts cover forward and merge of {', '.join(MODULES)} and the gradients of "
+                f"{', '.join(GRADIENT_MODULES)}; this is {module} {row['check']}")
     if subject.get("convention") not in _CONSTRUCT:
         return f"no standalone construction for {subject.get('convention')}"
     if case.get("quantization") or case.get("fan_in_fan_out"):
@@ -80,11 +84,11 @@ def unsupported_reason(row: dict, subject: dict | None) -> str | None:
 
 
 def _values(case: dict) -> int:
-    """How many values a script of the case embeds: W (or the table), A, B and x (ids count as values too)."""
+    """How many values a script of the case embeds, at most: W (or the table), A, B, x (or the ids), T and b or m."""
     inner = case.get("in_features") or case.get("num_embeddings")
     outer = case.get("out_features") or case.get("dims")
     batch = math.prod(case["batch_shape"])
-    return inner * outer + case["r"] * (inner + outer) + batch * inner + outer
+    return inner * outer + case["r"] * (inner + outer) + batch * (inner + outer) + outer
 
 
 def _literal(array: np.ndarray) -> str:
@@ -97,7 +101,7 @@ def _literal(array: np.ndarray) -> str:
 
 def script(row: dict, subject: dict) -> str:
     """The standalone script reproducing a failing `forward` or `merge` row (see `unsupported_reason`)."""
-    from conformance.cases import case_from_description  # the arrays come from the suite's own case builder
+    from conformance.cases import case_from_description, upstream_gradient  # the suite's own case builder
 
     case = case_from_description(row["case"])
     judged = row["judged_at"] or {"quantity": None, "index": (), "allowed": None}  # None: no numeric comparison
@@ -110,6 +114,9 @@ def script(row: dict, subject: dict) -> str:
         arrays = [("W", case.weight), *([("BIAS", case.bias)] if case.has_bias else []), *arrays, ("X", case.x)]
     if linear.use_dora:
         arrays.append(("M", linear.magnitude))
+    grads = row["check"].startswith("grad")
+    if grads:
+        arrays.append(("UPSTREAM", upstream_gradient(case)))
     literals = [(name, _literal(values)) for name, values in arrays]
     if embedding:
         literals.append(("IDS", f"np.array({case.ids.tolist()!r}, dtype=np.int64)"))
@@ -138,5 +145,8 @@ def script(row: dict, subject: dict) -> str:
         has_bias=linear.has_bias,
         use_dora=linear.use_dora,
         construct=_CONSTRUCT[convention].format(cls=subject["class"], dropout=repr(linear.dropout)),
+        grads=grads,
+        bias_trains=row["check"] == "grad_bias_all" and linear.has_bias,
+        roles=repr(subject.get("roles", {})),
         adapter=_ADAPTER.get(convention, _DEFAULT_ADAPTER),
     )

@@ -76,22 +76,24 @@ class RecordedRun:
 RECORDED_SUBJECTS = (
     "CorrectLoRALinear", "CorrectDoRALinear", "CorrectLoRAEmbedding",
     "RawAlpha", "TransposedMerge", "MergeDropsBias", "DoRANormOverColumns", "DoRAMergeForgetsMagnitude",
-    "EmbeddingLookupUnscaled", "EmbeddingMergeTransposed",
+    "EmbeddingLookupUnscaled", "EmbeddingMergeTransposed", "GradientLeaksIntoBase", "DoRANormNotDetached",
 )
-"""Correct layers and wrong variants whose failures a standalone script can reproduce (forward and merge)."""
+"""Correct layers and wrong variants whose failures a standalone script can reproduce (forward, merge, gradients)."""
 RECORDED_KNOWN = "test_linear.py::test_forward[tests.catalogue:RawAlpha-bfloat16]  # a known divergence, for the report's tests\n"
 
 
 @pytest.fixture(scope="session")
 def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
-    """forward and merge of Linear, DoRA and Embedding on `RECORDED_SUBJECTS`, float32 and bfloat16, dev profile."""
+    """forward, merge and gradients of Linear, DoRA and Embedding on `RECORDED_SUBJECTS`, float32 and bfloat16, dev profile.
+
+    Its tests share one xdist group (``--dist loadgroup``), so one worker records it, once."""
     folder = tmp_path_factory.mktemp("recorded")
     known = folder / "known.txt"
     known.write_text(RECORDED_KNOWN)
     subjects = [arg for name in RECORDED_SUBJECTS for arg in ("--subject", f"tests.catalogue:{name}")]
     modules = [str(CONFORMANCE / m) for m in ("test_linear.py", "test_dora_linear.py", "test_embedding.py")]
     command = [
-        sys.executable, "-m", "pytest", *modules, "-p", "no:cacheprovider", "-k", "forward or merge",
+        sys.executable, "-m", "pytest", *modules, "-p", "no:cacheprovider", "-k", "test_forward or test_merge or test_grad",
         "--hypothesis-profile", "dev", "--hypothesis-seed", "3", "--dtype", "float32", "--dtype", "bfloat16",
         "--known-divergences", str(known), "--results", str(folder / "conformance.json"),
         "--report", str(folder / "report.html"), *subjects,

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("recorded_run")  # one worker records the run they share
+
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
