@@ -78,8 +78,11 @@ def unsupported_reason(row: dict, subject: dict | None) -> str | None:
         return f"no standalone construction for {subject.get('convention')}"
     if case.get("quantization") or case.get("fan_in_fan_out"):
         return "standalone scripts cover float bases only"
-    if _values(case) > VALUES_LIMIT:
-        return f"the case holds {_values(case)} values, more than the {VALUES_LIMIT} a script embeds (it was not shrunk)"
+    if row["check"].startswith("grad") and "roles" not in subject:
+        return "the results do not record the subject's parameter roles, which a gradient script needs"
+    values = _values(case)
+    if values > VALUES_LIMIT:
+        return f"the case holds {values} values, more than the {VALUES_LIMIT} a script embeds (it was not shrunk)"
     return None
 
 
@@ -100,12 +103,12 @@ def _literal(array: np.ndarray) -> str:
 
 
 def script(row: dict, subject: dict) -> str:
-    """The standalone script reproducing a failing `forward` or `merge` row (see `unsupported_reason`)."""
+    """The standalone script reproducing a row of a check it covers (see `unsupported_reason`)."""
     from conformance.cases import case_from_description, upstream_gradient  # the suite's own case builder
 
     case = case_from_description(row["case"])
     judged = row["judged_at"] or {"quantity": None, "index": (), "allowed": None}  # None: no numeric comparison
-    embedding = "kind" in row["case"] and row["case"]["kind"] == "embedding"
+    embedding = row["case"].get("kind") == "embedding"
     linear = case.lookup if embedding else case
     arrays = [("A", linear.lora_A), ("B", linear.lora_B)]
     if embedding:
@@ -147,6 +150,6 @@ def script(row: dict, subject: dict) -> str:
         construct=_CONSTRUCT[convention].format(cls=subject["class"], dropout=repr(linear.dropout)),
         grads=grads,
         bias_trains=row["check"] == "grad_bias_all" and linear.has_bias,
-        roles=repr(subject.get("roles", {})),
+        roles=repr(subject.get("roles")),
         adapter=_ADAPTER.get(convention, _DEFAULT_ADAPTER),
     )

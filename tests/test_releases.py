@@ -75,7 +75,8 @@ def test_the_0_4_4_reports_standalone_script_reproduces_the_raw_alpha_bug_with_t
 RENDER_SCRIPT = """
 import sys
 from pathlib import Path
-from reports import html, results
-card = next(c for c in html.view(results.load([Path(sys.argv[1])]))["cards"] if c["row"]["check"] == "forward")
-Path(sys.argv[2]).write_text(card["script"])
+from reports import repro, results
+run = results.load([Path(sys.argv[1])])
+row = next(r for r in run.failing_case_by_check().values() if r["check"] == "forward")
+Path(sys.argv[2]).write_text(repro.script(row, run.runs[0]["subjects"][row["subject"]]))
 """

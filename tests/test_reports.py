@@ -176,3 +176,10 @@ def test_a_run_with_nothing_measured_still_renders(tmp_path):
     page = html.render(merge([_document([absent])]))
     assert "<strong>0</strong> cases checked" in page and "1 not provided" in page
     assert "No new failure" in markdown.render(merge([_document([absent])]))
+
+
+def test_a_gradient_script_needs_the_subjects_recorded_roles():
+    row = {"check_id": "test_linear.py::test_grad[s-float32]", "check": "grad", "verdict": "fail", "judged_at": None,
+           "case": {"in_features": 2, "out_features": 2, "r": 1, "batch_shape": []}}
+    assert "parameter roles" in repro.unsupported_reason(row, {"convention": "LoRALinearConvention"})
+    assert repro.unsupported_reason(row, {"convention": "LoRALinearConvention", "roles": {"lora_a": "A"}}) is None
