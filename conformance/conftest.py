@@ -11,7 +11,7 @@ from hypothesis import Phase, settings
 
 from conformance import divergences, profiles, quantization, recording
 from conformance.dtypes import BY_NAME as DTYPES
-from conformance.subjects import CATALOGUE, Subject, installed_version, resolve
+from conformance.subjects import CATALOGUE, Subject, installed_version, select
 
 VERSIONED = ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch", "numpy", "hypothesis")
 NO_SUBJECT = "no-selected-subject"
@@ -27,7 +27,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         metavar="NAME",
         help="a subject to check (repeatable): " + ", ".join(s.name for s in CATALOGUE)
-        + ", or module:attribute of a Subject; default: all",
+        + "; a pattern such as 'mlx_vlm.*'; or module:attribute of a Subject; default: all",
     )
     group.addoption(
         "--dtype", action="append", default=[], choices=list(DTYPES), help="a case dtype to check (repeatable); default: all"
@@ -89,7 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dtypes(*names): the only case dtypes a check runs in, where not all")
     device = _select_device(config.getoption("mlx_device"))
     try:
-        subjects = [resolve(name) for name in config.getoption("subject")] or list(CATALOGUE)
+        subjects = select(config.getoption("subject")) or list(CATALOGUE)
         known = divergences.load(Path(config.getoption("known_divergences")), device)
     except (LookupError, OSError, divergences.DivergenceFileError) as error:
         raise pytest.UsageError(str(error)) from None

@@ -7,6 +7,7 @@ with the version in the reason. A package that is installed but fails to import 
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import importlib.metadata
 from dataclasses import dataclass
@@ -201,3 +202,17 @@ def resolve(name: str) -> Subject:
             return subject
     valid = ", ".join(BY_NAME)
     raise LookupError(f"unknown subject {name!r}; valid subjects: {valid} (or module:attribute of a Subject)")
+
+
+def select(names: list[str]) -> list[Subject]:
+    """The subjects named, in order and once each; a name with ``*`` matches catalogue names (``mlx_vlm.*``)."""
+    chosen: list[Subject] = []
+    for name in names:
+        if "*" in name and ":" not in name:
+            found = [s for s in CATALOGUE if fnmatch.fnmatchcase(s.name, name)]
+            if not found:
+                raise LookupError(f"subject pattern {name!r} matches no subject; valid subjects: {', '.join(BY_NAME)}")
+        else:
+            found = [resolve(name)]
+        chosen += [s for s in found if s not in chosen]
+    return chosen

@@ -6,6 +6,7 @@ import mlx.core as mx
 import pytest
 
 from conformance import replay
+from conformance.subjects import CATALOGUE, select
 
 CORRECT = ("--subject", "tests.catalogue:CorrectLoRALinear")
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
@@ -39,6 +40,7 @@ def test_summary_line_counts_the_cases_checked(run_suite):
     [
         (("--subject", "mlx_lm.NoSuchLayer"), "unknown subject 'mlx_lm.NoSuchLayer'; valid subjects: mlx_vlm.LoRaLayer,"),
         (("--subject", "no.such.module:X"), "cannot import no.such.module"),
+        (("--subject", "mlx_vln.*"), "subject pattern 'mlx_vln.*' matches no subject; valid subjects: mlx_vlm.LoRaLayer,"),
         (("--mlx-device", "tpu"), "invalid choice: 'tpu' (choose from cpu, gpu)"),
         (("--dtype", "float8"), "invalid choice: 'float8'"),
         (("--hypothesis-profile", "nightly"), "unknown Hypothesis profile 'nightly'; valid profiles: ci, dev, thorough"),
@@ -48,6 +50,14 @@ def test_bad_options_are_one_line_errors(run_suite, args, message):
     run = run_suite(*args)
     assert run.ret == USAGE_ERROR
     assert message in run.output.replace("'cpu', 'gpu'", "cpu, gpu")
+
+
+def test_a_subject_pattern_selects_one_packages_subjects_in_catalogue_order_once_each():
+    chosen = select(["mlx_vlm.*", "mlx_vlm.LoRaLayer", "mlx_lm.DoRA*"])
+    assert [s.name for s in chosen] == [s.name for s in CATALOGUE if s.name.startswith("mlx_vlm.")] + [
+        "mlx_lm.DoRALinear",
+        "mlx_lm.DoRAEmbedding",
+    ]
 
 
 @pytest.mark.skipif(mx.metal.is_available(), reason="this machine has Metal")
