@@ -243,9 +243,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 "dtype": str(params.get("dtype")),
                 "check": _check_name(item),
                 "status": _status(report, divergences.find(state["known"], check_id(item))),
-                "longrepr": str(report.longrepr) if report.failed or hasattr(report, "wasxfail") else "",
+                "longrepr": _longrepr(report),
             }
         )
+
+
+def _longrepr(report: pytest.TestReport) -> str:
+    """What a failure printed, or why a check was skipped (the subject is not provided); empty when it passed."""
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return report.longrepr[2].removeprefix("Skipped: ")
+    return str(report.longrepr) if report.failed or hasattr(report, "wasxfail") else ""
 
 
 def _status(report: pytest.TestReport, known: divergences.KnownDivergence | None) -> str:

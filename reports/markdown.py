@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reports import matrix
+from reports.regression import Comparison, compare
 from reports.repro import replay_command
 from reports.results import Results, subject_label
 
@@ -16,28 +17,36 @@ def _versions(run: dict) -> str:
     return f"{label}{versions} · MLX device {run['device']} · profile {run.get('profile', '–')} · seed {run.get('seed', '–')}"
 
 
-def render(results: Results, report_path: str = "") -> str:
+def render(results: Results, report_path: str = "", comparison: Comparison | None = None) -> str:
+    """The summary; with a `comparison` against a base run, failures are split into new ones and old ones."""
+    comparison = comparison or compare(results)
     failing_rows = results.failing_case_by_check()
     statuses = ", ".join(f"{n} {status}" for status, n in results.status_counts().items())
     lines = ["## MLX LoRA conformance", ""]
     lines += [f"- {_versions(run)}" for run in results.runs]
+    if comparison.base is not None:
+        lines += [f"- base: {_versions(run)}" for run in comparison.base.runs]
     lines += ["", f"**{results.cases} cases** checked, {len(results.failing_rows())} outside the allowed error. Checks: {statuses or 'none'}.", ""]
-    failed = [c for c in results.checks if c["status"] == "fail"]
+    failed = comparison.new_failures
     lines.append(f"### New failures: {len(failed)}" if failed else "### No new failure")
     if failed:
-        lines += ["", "| subject | check id | observed | allowed | diagnosis |", "|---|---|---|---|---|"]
-        lines += [_failure_line(check, failing_rows.get((check["run"], check["check_id"]))) for check in failed[:FAILURE_LIMIT]]
-        if len(failed) > FAILURE_LIMIT:
-            lines.append(f"\n…and {len(failed) - FAILURE_LIMIT} more (all in the HTML report).")
-        replays = [failing_rows[(c["run"], c["check_id"])] for c in failed[:FAILURE_LIMIT] if (c["run"], c["check_id"]) in failing_rows]
-        if replays:
-            lines += ["", "<details><summary>replay commands</summary>", "", "```sh"]
-            lines += [replay_command(row) for row in replays]
-            lines += ["```", "", "</details>"]
-    now_passing = [d for d in results.known_divergences if d["status"] == "now passing"]
-    if now_passing:
+        lines += _failure_table(failed, failing_rows)
+    if comparison.failing_in_base_too:
+        lines += ["", f"### Failing in the base too: {len(comparison.failing_in_base_too)} (not counted against this change)"]
+        lines += _failure_table(comparison.failing_in_base_too, failing_rows)
+    if comparison.fixed:
+        lines += ["", f"### Fixed since the base: {len(comparison.fixed)}", ""]
+        lines += [f"- {subject_label(c)} `{c['check_id']}`" for c in comparison.fixed]
+    if comparison.no_longer_provided:
+        lines += ["", f"### No longer provided: {len(comparison.no_longer_provided)} (ran in the base; did a class move or go?)", ""]
+        lines += [f"- `{c['check_id']}`: {_reason(c)}" for c in comparison.no_longer_provided]
+    if comparison.now_passing_divergences:
         lines += ["", "### Known divergences that now pass (drop or narrow their entries)", ""]
-        lines += [f"- `{check}`" + (f" ({d['label']})" if d.get("label") else "") for d in now_passing for check in d["now_passing"]]
+        lines += [
+            f"- `{check}`" + (f" ({d['label']})" if d.get("label") else "")
+            for d in comparison.now_passing_divergences
+            for check in d["now_passing"]
+        ]
     known = [d for d in results.known_divergences if d["status"] == "known divergence"]
     if known:
         lines += ["", f"<details><summary>Known divergences seen this run: {len(known)}</summary>", ""]
@@ -49,15 +58,37 @@ def render(results: Results, report_path: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _failure_table(checks: list[dict], failing_rows: dict) -> list[str]:
+    """The failing checks' table (observed, allowed, diagnosis), FAILURE_LIMIT of them, and their replay commands."""
+    lines = ["", "| subject | check id | observed | allowed | diagnosis |", "|---|---|---|---|---|"]
+    lines += [_failure_line(check, failing_rows.get((check["run"], check["check_id"]))) for check in checks[:FAILURE_LIMIT]]
+    if len(checks) > FAILURE_LIMIT:
+        lines.append(f"\n…and {len(checks) - FAILURE_LIMIT} more (all in the HTML report).")
+    replays = [failing_rows[(c["run"], c["check_id"])] for c in checks[:FAILURE_LIMIT] if (c["run"], c["check_id"]) in failing_rows]
+    if replays:
+        lines += ["", "<details><summary>replay commands</summary>", "", "```sh"]
+        lines += [replay_command(row) for row in replays]
+        lines += ["```", "", "</details>"]
+    return lines
+
+
+def _reason(check: dict) -> str:
+    return _cell(((check.get("longrepr") or "").strip().splitlines() or ["not provided"])[-1])
+
+
+def diagnosis(check: dict, row: dict | None) -> str:
+    """Why a check failed, in one line: its failing case's hints, else its first failure, else the error it raised."""
+    if row is None:  # no recorded case: the check raised before measuring
+        return ((check.get("longrepr") or "").strip().splitlines() or [""])[-1]
+    return "; ".join(row["hints"] or row["failures"][:1])
+
+
 def _failure_line(check: dict, row: dict | None) -> str:
     """A table row: the failing check, its worst element's error and allowed error, and the diagnosis."""
-    if row is None:  # no recorded case: the check raised before measuring
-        diagnosis = ((check.get("longrepr") or "").strip().splitlines() or [""])[-1]
-        observed = allowed = "–"
-    else:
-        diagnosis = "; ".join(row["hints"] or row["failures"][:1])
+    observed = allowed = "–"
+    if row is not None:
         observed, allowed = (f"{v:.3g}" if v is not None else "–" for v in (row["max_error"], row["allowed_error"]))
-    return f"| {subject_label(check)} | `{check['check_id']}` | {observed} | {allowed} | {_cell(diagnosis)} |"
+    return f"| {subject_label(check)} | `{check['check_id']}` | {observed} | {allowed} | {_cell(diagnosis(check, row))} |"
 
 
 def _cell(text: str) -> str:

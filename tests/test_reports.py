@@ -13,19 +13,11 @@ from reports import __main__ as reports_cli
 from reports import html, markdown, matrix, repro
 from reports.results import ResultsError, load, merge
 from tests.conftest import RECORDED_SUBJECTS, ROOT
+from tests.documents import META
+from tests.documents import check as _check
+from tests.documents import document as _document
 
 pytestmark = pytest.mark.xdist_group("recorded_run")  # one worker records the run they share
-
-META = {"versions": {"mlx": "1", "mlx-vlm": "0.7.10"}, "device": "cpu", "profile": "ci", "seed": "derandomized", "subjects": {}}
-
-
-def _check(check_id: str, subject: str, dtype: str, check: str, status: str) -> dict:
-    return {"check_id": check_id, "subject": subject, "dtype": dtype, "check": check, "status": status, "longrepr": ""}
-
-
-def _document(checks: list[dict], meta: dict = META, divergences: list[dict] = ()) -> dict:
-    return {"format": 1, "meta": meta, "rows": [], "checks": checks, "known_divergences": list(divergences)}
-
 
 def test_matrix_has_a_table_per_subject_and_the_most_severe_status_first():
     results = merge([_document([

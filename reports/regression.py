@@ -1,0 +1,62 @@
+"""Regression mode: what a run changes against the results of the base branch.
+
+A gate on a pull request must fail on what the pull request breaks, not on what was already broken:
+a check fails *newly* when it fails now and did not fail in the base (or did not exist there).
+Checks that fail in both are listed, not counted against the change. Checks that failed in the base
+and pass now are *fixed*, and a known divergence whose checks all pass now asks for its entry to be
+dropped. A check that ran in the base and is *not provided* now (a class that moved or went away)
+is reported too, so a subject cannot leave the gate unnoticed.
+
+Checks are matched by check id (test module, check, subject and dtype); with the derandomized
+``ci`` profile the base and the change are judged on the same cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reports.results import Results, most_severe_first
+
+RAN = ("fail", "now passing", "known divergence", "missed this run", "pass")
+
+
+@dataclass
+class Comparison:
+    new_failures: list[dict]
+    """Checks of this run that fail and did not fail in the base (all failing checks without a base)."""
+    failing_in_base_too: list[dict] = field(default_factory=list)
+    fixed: list[dict] = field(default_factory=list)
+    """Checks of this run that pass and failed in the base."""
+    no_longer_provided: list[dict] = field(default_factory=list)
+    """Checks of this run that are not provided and ran in the base."""
+    now_passing_divergences: list[dict] = field(default_factory=list)
+    """Known-divergence entries none of whose checks diverges any more: their entries should go."""
+    base: Results | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.new_failures
+
+
+def base_statuses(base: Results) -> dict[str, str]:
+    """Each check id's status in the base; the most severe one where the base merges several files."""
+    statuses: dict[str, set[str]] = {}
+    for check in base.checks:
+        statuses.setdefault(check["check_id"], set()).add(check["status"])
+    return {check_id: most_severe_first(found)[0] for check_id, found in statuses.items()}
+
+
+def compare(results: Results, base: Results | None = None) -> Comparison:
+    now_passing = [d for d in results.known_divergences if d["status"] == "now passing"]
+    failing = [c for c in results.checks if c["status"] == "fail"]
+    if base is None:
+        return Comparison(new_failures=failing, now_passing_divergences=now_passing)
+    before = base_statuses(base)
+    return Comparison(
+        new_failures=[c for c in failing if before.get(c["check_id"]) != "fail"],
+        failing_in_base_too=[c for c in failing if before.get(c["check_id"]) == "fail"],
+        fixed=[c for c in results.checks if c["status"] == "pass" and before.get(c["check_id"]) == "fail"],
+        no_longer_provided=[c for c in results.checks if c["status"] == "not provided" and before.get(c["check_id"]) in RAN],
+        now_passing_divergences=now_passing,
+        base=base,
+    )
