@@ -21,6 +21,8 @@ pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "conformance"
+GATE_ENVIRONMENTS = ROOT / ".tox" / "gate"
+"""Where the gate builds the environments of pinned releases for the tests (reused between them)."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Old releases are test material: the suite must catch the bugs they shipped.
 
 Each release is installed into its own virtual environment (never over the one running the tests),
-cached under ``.tox/releases``.
+built by the gate and cached under ``.tox/gate``.
 """
 
 from __future__ import annotations
@@ -9,27 +9,20 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.release
+from gate import environment, sources
+from tests.conftest import GATE_ENVIRONMENTS, ROOT
+
+pytestmark = [pytest.mark.release, pytest.mark.xdist_group("gate")]  # one worker builds the environment
 
 
 def release_environment(requirement: str) -> Path:
-    """A virtual environment with this suite (editable) and `requirement`; its python."""
-    venv = ROOT / ".tox" / "releases" / requirement.replace("==", "-")
-    python = venv / "bin" / "python"
-    ready = venv / ".ready"
-    if not ready.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        torch = ["torch==2.13.0"] if sys.platform == "linux" else []
-        install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run([*install, *torch, "-e", str(ROOT), requirement], check=True)
-        ready.touch()
-    return python
+    """The python of an environment with this suite (editable) and `requirement`, shared with the gate's tests."""
+    source = sources.parse(requirement, "mlx-vlm")
+    return environment.prepare(source, GATE_ENVIRONMENTS / source.slug())
 
 
 def test_mlx_vlm_0_4_4_fails_loralayer_forward_with_the_lora_term_r_times_peft(tmp_path):

@@ -1,0 +1,124 @@
+"""``python -m gate SOURCE [options] [-- pytest options]``: the conformance gate for one package source.
+
+Builds an isolated environment with this suite and SOURCE, runs the suite on the package's subjects
+(``--subject 'mlx_vlm.*'``), and writes into --out: ``conformance.json`` (the results), ``junit.xml``,
+``report.html``, ``summary.md`` (for a CI job summary) and ``pytest.log``. With --baseline (a base
+branch's results file) or --base (a base source, run first), only checks that newly fail fail the
+gate. Uses only the standard library, so any Python 3.10+ can run it from a checkout of the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from gate import NEW_FAILURE, PASSED, SETUP_FAILED, USAGE_ERROR, SetupError, environment, sources
+
+PYTEST_EXITS = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gate",
+        allow_abbrev=False,
+        description=__doc__.splitlines()[0],
+        epilog="Exit codes: 0 no new failure, 1 a new failure, 2 a usage error, 3 the set-up is broken (one line says why). "
+        "Options after -- go to pytest, e.g. -- -k test_forward.",
+    )
+    parser.add_argument("source", help="a source tree (path), a git URL (git+https://host/repo.git@ref) or a requirement (mlx-vlm==0.4.4)")
+    parser.add_argument("--package", choices=sources.PACKAGES, default="mlx-vlm", help="the package SOURCE provides (default: %(default)s)")
+    base = parser.add_mutually_exclusive_group()
+    base.add_argument("--baseline", type=Path, metavar="RESULTS", help="the base branch's results file: fail only on new failures")
+    base.add_argument("--base", metavar="SOURCE", help="a source for the base branch, run first to make the baseline")
+    parser.add_argument("--profile", default="ci", help="Hypothesis profile: ci (derandomized), dev or thorough (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("gate-results"), help="where the outputs go (default: %(default)s)")
+    parser.add_argument("--env-dir", type=Path, default=Path(".gate"), help="where environments are built (default: %(default)s)")
+    parser.add_argument("--python", default=sys.executable, help="the Python to build environments with (default: this one)")
+    parser.add_argument("--fresh", action="store_true", help="rebuild an environment even where a pinned source's could be reused")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, pytest_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    command_line = parser()
+    args = command_line.parse_args(own)
+    args.out, args.env_dir = args.out.resolve(), args.env_dir.resolve()
+    args.baseline = args.baseline.resolve() if args.baseline else None
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "pytest.log").write_text("")
+    except OSError as error:
+        command_line.print_usage(sys.stderr)
+        print(f"python -m gate: error: --out {args.out}: cannot write: {error.strerror or error}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        return gate(args, pytest_args)
+    except SetupError as error:
+        print(f"gate: set-up failed: {error}", flush=True)
+        return SETUP_FAILED
+
+
+def gate(args: argparse.Namespace, pytest_args: list[str]) -> int:
+    source = sources.parse(args.source, args.package)
+    baseline = args.baseline
+    if baseline is not None and not baseline.is_file():
+        raise SetupError(f"--baseline {baseline}: no such file")
+    if args.base:
+        base_source = sources.parse(args.base, args.package)
+        base_python = environment.prepare(base_source, args.env_dir / f"base-{base_source.slug()}", args.python, args.fresh)
+        print(f"gate: the base, {base_source.text}, to make the baseline", flush=True)
+        run_suite(base_python, args, args.out / "base", pytest_args, what="the base")
+        baseline = args.out / "base" / "conformance.json"
+    python = environment.prepare(source, args.env_dir / source.slug(), args.python, args.fresh)
+    version = environment.installed_version(python, args.package)
+    if version is None:
+        raise SetupError(f"{source.text} installed no distribution named {args.package}")
+    print(f"gate: {args.package} {version} from {source.text}; the suite at {environment.SUITE}", flush=True)
+    status = run_suite(python, args, args.out, pytest_args, what="the suite")
+    if status == USAGE_ERROR:
+        return USAGE_ERROR
+    decide = [str(python), "-m", "gate.outcome", str(args.out / "conformance.json"), "--package", args.package]
+    decide += ["--html", str(args.out / "report.html"), "--markdown", str(args.out / "summary.md")]
+    decide += ["--baseline", str(baseline)] if baseline else []
+    outcome = subprocess.run(decide).returncode
+    if outcome not in (PASSED, NEW_FAILURE, SETUP_FAILED):
+        raise SetupError(f"deciding the outcome failed (exit {outcome}; its error is above)")
+    outputs = ", ".join(str(args.out / name) for name in ("summary.md", "report.html", "conformance.json", "junit.xml"))
+    print(f"gate: wrote {outputs}", flush=True)
+    if outcome == NEW_FAILURE:
+        print(f"gate: replay a failure with the summary's commands, run by {python}", flush=True)
+    print(f"gate: exit {outcome}", flush=True)
+    return outcome
+
+
+def run_suite(python: Path, args: argparse.Namespace, out: Path, pytest_args: list[str], what: str) -> int:
+    """Run the suite on the package's subjects, printing its output as it comes; 0, 1 or USAGE_ERROR."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [str(python), "-m", "pytest", str(environment.SUITE / "conformance"), "-p", "no:cacheprovider"]
+    command += ["--hypothesis-profile", args.profile, "--subject", args.package.replace("-", "_") + ".*"]
+    command += ["--results", str(out / "conformance.json"), "--report", "none", "--junitxml", str(out / "junit.xml")]
+    tail: deque[str] = deque(maxlen=5)
+    with open(out / "pytest.log", "w") as log, subprocess.Popen(
+        [*command, *pytest_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            log.write(line)
+            if line.strip():
+                tail.append(line.strip())
+        status = process.wait()
+    if status in (0, 1):
+        return status
+    reason = f"{what} did not finish: pytest exited {status} ({PYTEST_EXITS.get(status, 'unknown')}): {tail[-1] if tail else 'no output'}"
+    if status == 4:
+        print(f"gate: {reason}", flush=True)
+        return USAGE_ERROR
+    raise SetupError(reason)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
