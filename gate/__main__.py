@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gate import NEW_FAILURE, PASSED, SETUP_FAILED, USAGE_ERROR, SetupError, environment, sources
 
+INTERRUPTED = 130
 PYTEST_EXITS = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
 
 
@@ -24,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gate",
         allow_abbrev=False,
-        description=__doc__.splitlines()[0],
+        description="The conformance gate for one mlx-vlm or mlx-lm source: an isolated environment, the suite, a decision.",
         epilog="Exit codes: 0 no new failure, 1 a new failure, 2 a usage error, 3 the set-up is broken (one line says why). "
         "Options after -- go to pytest, e.g. -- -k test_forward.",
     )
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as error:
         print(f"gate: set-up failed: {error}", flush=True)
         return SETUP_FAILED
+    except KeyboardInterrupt:
+        print("gate: interrupted", flush=True)
+        return INTERRUPTED
 
 
 def gate(args: argparse.Namespace, pytest_args: list[str]) -> int:
@@ -69,9 +73,12 @@ def gate(args: argparse.Namespace, pytest_args: list[str]) -> int:
         raise SetupError(f"--baseline {baseline}: no such file")
     if args.base:
         base_source = sources.parse(args.base, args.package)
-        base_python = environment.prepare(base_source, args.env_dir / f"base-{base_source.slug()}", args.python, args.fresh)
+        shared = base_source.slug() != source.slug() or base_source == source  # two trees both named mlx-vlm: apart
+        folder = base_source.slug() if shared else f"base-{base_source.slug()}"
+        base_python = environment.prepare(base_source, args.env_dir / folder, args.python, args.fresh)
         print(f"gate: the base, {base_source.text}, to make the baseline", flush=True)
-        run_suite(base_python, args, args.out / "base", pytest_args, what="the base")
+        if run_suite(base_python, args, args.out / "base", pytest_args, what="the base") == USAGE_ERROR:
+            return USAGE_ERROR
         baseline = args.out / "base" / "conformance.json"
     python = environment.prepare(source, args.env_dir / source.slug(), args.python, args.fresh)
     version = environment.installed_version(python, args.package)

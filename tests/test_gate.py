@@ -262,6 +262,18 @@ def test_regression_mode_against_the_latest_release_reports_only_0_4_4s_new_fail
 
 @pytest.mark.release
 @pytest.mark.xdist_group("gate")
+def test_the_fix_of_the_raw_alpha_bug_against_a_base_source_of_0_4_4_reports_the_fixed_checks(tmp_path):
+    run = _gate(tmp_path, LATEST, "--base", "mlx-vlm==0.4.4", "--", "-k", "test_linear.py and test_forward")
+    assert run.returncode == PASSED, run.stdout[-3000:] + run.stderr
+    assert "gate: the base, mlx-vlm==0.4.4, to make the baseline" in run.stdout
+    fixed = [f"test_linear.py::test_forward[mlx_vlm.LoRaLayer-{dtype}]" for dtype in ("float32", "float16", "bfloat16")]
+    assert "gate: fixed since the base: 3\n" + "".join(f"  {c}: mlx_vlm.LoRaLayer\n" for c in fixed) in run.stdout
+    assert "### Fixed since the base: 3" in _summary(tmp_path)
+    assert (tmp_path / "out" / "base" / "conformance.json").exists()
+
+
+@pytest.mark.release
+@pytest.mark.xdist_group("gate")
 def test_a_pull_requests_source_tree_that_drops_the_bias_fails_naming_the_bug(tmp_path):
     tree = tmp_path / "pull-request"
     shutil.copytree(PULL_REQUEST, tree)  # pip builds in the tree; keep the repository's copy clean
