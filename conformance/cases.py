@@ -436,9 +436,9 @@ _SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_sha
 def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
     """The cases a family of layers is checked on."""
     if family == "switch_linear":
-        from conformance.switch_cases import switch_cases  # it builds on this module
+        from conformance.switch_cases import switch_cases, switch_gradients_fit  # it builds on this module
 
-        return switch_cases(dtype)
+        return switch_cases(dtype).filter(switch_gradients_fit)  # as the others: their checks include the gradients
     use_dora = family.startswith("dora_")
     if family.endswith("embedding"):
         cases = embedding_cases(dtype, use_dora=use_dora)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from conformance import registry
+from conformance import profiles, registry
 from conformance.cases import cases_for
 from conformance.dtypes import ACCUMULATION, CASE_DTYPES, FLOAT16, FLOAT32, round_to
 from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, gamma
@@ -65,8 +65,17 @@ STATISTICAL = {"dropout_scaling"}
 """Checks whose margin is a statistic's (a correct layer exceeds 1 with probability 1e-9), not rounding's."""
 
 
+@pytest.fixture
+def default_profile():
+    """The default profile's case space (its sizes), whatever profile an earlier test on this worker loaded."""
+    before = settings.get_current_profile_name()
+    settings.load_profile(profiles.DEFAULT)
+    yield
+    settings.load_profile(before)
+
+
 @DTYPES
-def test_correct_layer_uses_well_under_the_allowed_error(dtype):
+def test_correct_layer_uses_well_under_the_allowed_error(dtype, default_profile):
     """A small false-alarm study that runs with every test run (issue 7 measures it at scale)."""
     margins = []
     for subject in CORRECT:
