@@ -39,7 +39,9 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
         lines += [f"- {subject_label(c)} `{c['check_id']}`" for c in comparison.fixed]
     if comparison.no_longer_provided:
         lines += ["", f"### No longer provided: {len(comparison.no_longer_provided)} (ran in the base; did a class move or go?)", ""]
+        lines += ["<details><summary>the checks</summary>", ""]
         lines += [f"- `{c['check_id']}`: {_reason(c)}" for c in comparison.no_longer_provided]
+        lines += ["", "</details>"]
     if comparison.now_passing_divergences:
         lines += ["", "### Known divergences that now pass (drop or narrow their entries)", ""]
         lines += [
