@@ -19,7 +19,7 @@ from hypothesis import given, settings  # noqa: E402
 from conformance import registry  # noqa: E402
 from conformance.cases import cases_for  # noqa: E402
 from conformance.dtypes import BY_NAME as DTYPES  # noqa: E402
-from conformance.subjects import CATALOGUE, Subject, resolve  # noqa: E402
+from conformance.subjects import CATALOGUE, Subject, select  # noqa: E402
 from conformance.timing import PhaseTimer  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - import_start
@@ -47,11 +47,11 @@ def run(subjects: list[Subject], dtypes: list[str], cases_each: int, timer: Phas
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100, help="cases per subject and dtype (default: %(default)s)")
-    parser.add_argument("--subject", action="append", default=[], help="subject (repeatable; default: all)")
+    parser.add_argument("--subject", action="append", default=[], help="subject or pattern such as mlx_vlm.* (repeatable; default: all)")
     parser.add_argument("--dtype", action="append", default=[], choices=list(DTYPES), help="dtype (repeatable; default: all)")
     args = parser.parse_args(argv)
     try:
-        subjects = [resolve(name) for name in args.subject] or list(CATALOGUE)
+        subjects = select(args.subject) or list(CATALOGUE)
     except LookupError as error:
         parser.error(str(error))
     mx.set_default_device(mx.gpu if mx.metal.is_available() else mx.cpu)
