@@ -55,6 +55,8 @@ class LinearCase:
     """The base is quantized in this mode: `weight` holds what it dequantizes to."""
     fan_in_fan_out: bool
     """peft's base is a transformers ``Conv1D``, which stores the weight as (in, out)."""
+    cancel: str | None
+    """Made to cancel (see `CANCELLATIONS`), or None: drawn independently."""
     weight: np.ndarray = field(repr=False)
     """(out, in), like ``torch.nn.Linear.weight``."""
     bias: np.ndarray | None = field(repr=False)
@@ -97,6 +99,7 @@ class LinearCase:
             "use_dora": self.use_dora,
             "quantization": self.quantization.describe() if self.quantization else None,
             "fan_in_fan_out": self.fan_in_fan_out,
+            "cancel": self.cancel,
         }
 
 
@@ -115,8 +118,12 @@ def make_linear_case(
     use_dora: bool = False,
     quantization: Quantization | None = None,
     fan_in_fan_out: bool = False,
+    cancel: str | None = None,
 ) -> LinearCase:
     """The case with these parameters; its weights come from `seed` and are rounded to `dtype`."""
+    if cancel not in (None, *CANCELLATIONS) or (cancel == "terms" and quantization is not None):
+        raise ValueError(f"cancel={cancel!r} (quantization {quantization}): should be None or one of {CANCELLATIONS}, "
+                         "and 'terms' needs a float base")
     rng = np.random.default_rng(seed)
     x_scale, w_scale, a_scale, b_scale = magnitudes
     weight = draw_array(rng, (out_features, in_features), w_scale / math.sqrt(in_features), dtype)
@@ -127,6 +134,10 @@ def make_linear_case(
     lora_A = draw_array(rng, (r, in_features), a_scale / math.sqrt(in_features), dtype)
     lora_B = draw_array(rng, (out_features, r), b_scale / math.sqrt(r), dtype)
     x = draw_array(rng, (*batch_shape, in_features), x_scale, dtype)
+    if cancel == "terms":
+        weight = round_to(weight / 1024 - scaling(alpha, r, use_rslora) * lora_B @ lora_A, dtype)
+    if cancel == "input":
+        x = _cancelling_input(x, np.concatenate([weight, lora_A]), dtype)
     magnitude = None
     if use_dora:
         adapted = weight + scaling(alpha, r, use_rslora) * lora_B @ lora_A
@@ -147,6 +158,7 @@ def make_linear_case(
         use_dora=use_dora,
         quantization=quantization,
         fan_in_fan_out=fan_in_fan_out,
+        cancel=cancel,
         quantized_parts=parts,
         weight=weight,
         bias=bias,
@@ -155,6 +167,22 @@ def make_linear_case(
         x=x,
         magnitude=magnitude,
     )
+
+
+CANCELLATIONS = ("input", "terms")
+"""How a case may be made to cancel: ``input``, x nearly orthogonal to the rows of W and A, so that
+``x W^T`` and ``x A^T`` are sums of large terms that cancel; ``terms``, W = ``W_drawn / 1024 - s B A``
+rounded, so that the base and the LoRA term of the output (and of the merged weight) cancel."""
+
+
+def _cancelling_input(x: np.ndarray, rows: np.ndarray, dtype: DType) -> np.ndarray:
+    """x with its component in the span of `rows` removed (all of them that leave a direction free)."""
+    inner = x.shape[-1]
+    rows = rows[: max(inner - 1, 0)]
+    if not len(rows) or not x.size:
+        return x
+    basis = np.linalg.qr(rows.T)[0]  # (in, k) orthonormal columns spanning the rows
+    return round_to(x - (x @ basis) @ basis.T, dtype)
 
 
 def upstream_gradient(case: LinearCase) -> np.ndarray:
@@ -192,7 +220,7 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase | Swi
     """Rebuild a case from its ``describe()``."""
     d = description
     if d.get("kind") == "embedding":
-        shared = {k: d[k] for k in _SHARED_PARAMETERS if k != "dtype"}
+        shared = {k: d[k] for k in SHARED_PARAMETERS if k != "dtype"}
         shared.update(batch_shape=tuple(d["batch_shape"]), magnitudes=tuple(d["magnitudes"]))
         quantization = Quantization(**d["quantization"]) if d.get("quantization") else None
         return make_embedding_case(
@@ -213,6 +241,7 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase | Swi
         use_dora=d.get("use_dora", False),
         quantization=Quantization(**d["quantization"]) if d.get("quantization") else None,
         fan_in_fan_out=d.get("fan_in_fan_out", False),
+        cancel=d.get("cancel"),
     )
     if d.get("kind") == "switch":
         from conformance.switch_cases import make_switch_case  # it builds on this module
@@ -421,7 +450,7 @@ def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, quant
     """LoRA (or DoRA) cases on an Embedding base in `dtype`, or with `quantized` (a `Quantization.kind`) on a
     QuantizedEmbedding."""
     shape = draw(linear_cases(dtype, use_dora=use_dora, with_bias=False, quantized=quantized))
-    parameters = {k: getattr(shape, k) for k in _SHARED_PARAMETERS}
+    parameters = {k: getattr(shape, k) for k in SHARED_PARAMETERS}
     # A quantized table is quantized along dims: the shape drawn for a quantized linear's input is dims.
     vocabulary, dims = (shape.out_features, shape.in_features) if quantized else (shape.in_features, shape.out_features)
     case = make_embedding_case(vocabulary, dims, quantization=shape.quantization, **parameters)
@@ -429,7 +458,7 @@ def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, quant
     return case
 
 
-_SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shape", "magnitudes", "seed", "use_dora")
+SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shape", "magnitudes", "seed", "use_dora")
 """What an embedding case shares with a linear one, but its shape (and a quantized table's mode)."""
 
 
