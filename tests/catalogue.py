@@ -45,6 +45,8 @@ class WrongVariant:
     """Words the failure message's diagnosis must contain, where the pattern is recognisable."""
     base: str = ""
     """"quantized" where the bug only shows on a quantized base."""
+    quantizations: tuple[str, ...] = ()
+    """On a quantized base, the modes (`conformance.quantization.KINDS`) in which it shows; () for all."""
 
     @property
     def module(self) -> str:
@@ -90,16 +92,19 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.DoRAMergeForgetsMagnitude), "merge"),
         WrongVariant(_subject(lora_layers.DoRANormNotDetached), "grad"),
         WrongVariant(_subject(lora_layers.RequantizeIgnoresAdapter), "requantize"),
-        WrongVariant(_subject(lora_layers.RequantizeWithDefaults), "requantize"),
+        # mxfp4 and mxfp8 have one bit width and group size each: MLX's defaults are the base's own.
+        WrongVariant(_subject(lora_layers.RequantizeWithDefaults), "requantize", quantizations=("affine", "affine-unaligned")),
         WrongVariant(
-            _subject(lora_layers.QuantizedWidthRoundedDown), "forward", base="quantized", diagnosis="packed width x (32 // bits)"
+            _subject(lora_layers.QuantizedWidthRoundedDown), "forward", base="quantized", diagnosis="packed width x (32 // bits)",
+            quantizations=("affine-unaligned",),
         ),
         WrongVariant(_subject(lora_layers.EmbeddingLookupUnscaled), "forward"),
         WrongVariant(_subject(lora_layers.AsLinearIgnoresAdapter), "as_linear"),
         WrongVariant(_subject(lora_layers.LookupWithoutRangeCheck), "error_parity"),
         WrongVariant(_subject(lora_layers.EmbeddingMergeTransposed), "merge"),
         WrongVariant(
-            _subject(lora_layers.LookupInDefaultDtype), "forward", visible_in=("float32", "float16"), base="quantized"
+            _subject(lora_layers.LookupInDefaultDtype), "forward", visible_in=("float32", "float16"), base="quantized",
+            quantizations=("mxfp4", "mxfp8"),  # an affine table's scales carry the dtype into the dequantized table
         ),
         WrongVariant(_subject(lora_layers.AdapterIgnoresRouting), "forward"),
         WrongVariant(_subject(lora_layers.ExpertBiasNotRouted), "forward"),

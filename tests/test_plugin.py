@@ -21,6 +21,18 @@ def test_header_names_versions_device_profile_and_seed(run_suite):
     assert run.results["meta"]["seed"].startswith("7 ")
 
 
+def test_the_same_seed_draws_the_same_cases_and_gives_the_same_verdicts(run_suite):
+    def judged(seed: str) -> list:
+        run = run_suite(*CORRECT, "--dtype", "float16", "-k", "test_forward",
+                        profile_args=("--hypothesis-seed", seed), module="test_linear.py")
+        assert run.ret == 0, run.output
+        return sorted((r["check_id"], json.dumps(r["case"], sort_keys=True), r["verdict"], r["margin"]) for r in run.results["rows"])
+
+    first = judged("12")
+    assert first == judged("12")
+    assert first != judged("13")
+
+
 LINEAR_ROWS_PER_DTYPE = 3 * 150 + 2 * (150 // 3)
 """test_linear.py in float16 or bfloat16: forward, merge and grad with the ci profile's 150 examples, grad_bias_all
 and dropout a third each (dropout_scaling runs in float32 only)."""

@@ -1,0 +1,153 @@
+"""Catch rates: in how many seeds the suite catches each wrong variant of ``tests/lora_layers.py``.
+
+``python -m studies.catch_rates [--seeds 100] [--examples 30] [--variant NAME ...] [--workers N] [--out FILE]``
+
+A seed stands for one run of the suite: Hypothesis, under that seed, draws up to `--examples` cases
+for the variant's check (30 is the fewest the ``ci`` profile gives any check: a fifth of 150), as
+the check's test module draws them, and the seed catches the variant if any of them fails. Every
+dtype in which the bug is visible counts separately, and on a quantized base every mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from studies import sampling
+
+RESULTS = Path(__file__).with_name("results")
+REQUIRED = 0.99
+
+
+class _Caught(Exception):
+    pass
+
+
+def strategy(name: str, dtype_name: str, kind: str | None):
+    """The cases the variant's check is drawn on in its test module."""
+    from conformance.cases import cases_for, embedding_cases, gradients_fit, linear_cases
+    from conformance.dtypes import BY_NAME
+    from tests.catalogue import WRONG_VARIANTS
+
+    variant, dtype = WRONG_VARIANTS[name], BY_NAME[dtype_name]
+    if kind is None:
+        return cases_for(variant.subject.family, dtype)
+    if variant.subject.family == "embedding":
+        return embedding_cases(dtype, quantized=kind)
+    cases = linear_cases(dtype, quantized=kind)
+    return cases.filter(gradients_fit) if variant.check.startswith("grad") else cases
+
+
+def measurable(name: str) -> bool:
+    from tests.catalogue import WRONG_VARIANTS
+
+    return WRONG_VARIANTS[name].check != "error_parity"  # its cases are calls with bad ids, not drawn weights
+
+
+def configurations(name: str) -> list[tuple[str, str | None]]:
+    """(dtype, quantization kind or None) in which the variant must be caught."""
+    from conformance.quantization import KINDS
+    from tests.catalogue import WRONG_VARIANTS
+
+    variant = WRONG_VARIANTS[name]
+    quantized = variant.base == "quantized" or variant.check == "requantize"
+    kinds = (variant.quantizations or KINDS) if quantized else (None,)
+    return [(dtype, kind) for dtype in variant.visible_in for kind in kinds]
+
+
+@dataclass(frozen=True)
+class Task:
+    variant: str
+    dtype: str
+    kind: str | None
+    examples: int
+    seed: int
+
+
+def run_seed(task: Task) -> dict:
+    """Whether one seed catches the variant, and after how many cases (and one replay)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
+
+    from conformance import registry
+    from tests.catalogue import WRONG_VARIANTS
+
+    variant = WRONG_VARIANTS[task.variant]
+    check = registry.find_check(variant.subject.family, variant.check)
+    tried: list[dict] = []
+
+    @hypothesis_seed(sampling.chunk_seed(task.seed, 0))
+    @settings(max_examples=task.examples, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy(task.variant, task.dtype, task.kind))
+    def run(case):
+        tried.append(case.describe())
+        if not check(variant.subject, case).passed:
+            raise _Caught
+
+    try:
+        run()
+    except _Caught:
+        return {"caught": True, "cases": len(tried) - 1}  # Hypothesis replays the failing case once
+    return {"caught": False, "cases": len(tried), "last_case": tried[-1] if tried else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tests.catalogue import WRONG_VARIANTS
+
+    parser = argparse.ArgumentParser(prog="python -m studies.catch_rates", description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=100, help="seeds per variant, dtype and mode (default: %(default)s)")
+    parser.add_argument("--examples", type=int, default=30, help="cases a seed draws at most (default: %(default)s)")
+    parser.add_argument("--variant", action="append", default=[], choices=sorted(WRONG_VARIANTS), help="(repeatable; default: all)")
+    parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "catch_rates.json", help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        sampling.check_writable(args.out)
+    except OSError as error:
+        parser.error(f"cannot write {args.out}: {error}")
+    names = args.variant or sorted(WRONG_VARIANTS)
+    start = time.perf_counter()
+    rows, tasks = [], []
+    for name in names:
+        if not measurable(name):
+            rows.append({"variant": name, "check": WRONG_VARIANTS[name].check, "measured": False,
+                         "why": "error_parity: its cases are calls with out-of-range ids, tested by tests/test_wrong_variants.py"})
+            continue
+        for dtype, kind in configurations(name):
+            tasks += [Task(name, dtype, kind, args.examples, seed) for seed in range(args.seeds)]
+    outcomes: dict[tuple, list[dict]] = {}
+    for index, (task, outcome) in enumerate(zip(tasks, sampling.spread(run_seed, tasks, args.workers)), 1):
+        outcomes.setdefault((task.variant, task.dtype, task.kind), []).append(outcome)
+        print(f"\r{index}/{len(tasks)} seeds, {time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    for (name, dtype, kind), seeds in outcomes.items():
+        caught = [s for s in seeds if s["caught"]]
+        rows.append({
+            "variant": name, "check": WRONG_VARIANTS[name].check, "dtype": dtype, "quantization": kind, "measured": True,
+            "seeds": len(seeds), "caught": len(caught), "rate": len(caught) / len(seeds),
+            "most_cases_to_catch": max((s["cases"] for s in caught), default=None),
+            "missed": [s["last_case"] for s in seeds if not s["caught"]][:3],
+        })
+    command = f"python -m studies.catch_rates --seeds {args.seeds} --examples {args.examples}" + "".join(
+        f" --variant {name}" for name in args.variant)
+    document = {"study": "catch_rates", "measured": date.today().isoformat(), "command": command, "seconds": round(time.perf_counter() - start, 1),
+                "required_rate": REQUIRED, "rows": rows}
+    args.out.write_text(json.dumps(document, indent=1) + "\n")
+    measured = [row for row in rows if row["measured"]]
+    below = [row for row in measured if row["rate"] < REQUIRED]
+    print(f"{len({r['variant'] for r in measured})} variants measured in {len(measured)} dtype/mode configurations; "
+          f"lowest rate {min((r['rate'] for r in measured), default=float('nan')):.2%}; wrote {args.out}")
+    for row in below:
+        print(f"  below {REQUIRED:.0%}: {row['variant']} {row['check']} {row['dtype']} {row['quantization'] or ''}: "
+              f"{row['caught']}/{row['seeds']}")
+    return 1 if below else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

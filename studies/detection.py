@@ -1,0 +1,224 @@
+"""Detection thresholds: the smallest relative error in a forward output that the verdict catches.
+
+``python -m studies.detection --family linear --dtype float32 [--cases N] [--kind drawn|extreme]
+[--seed S] [--workers N] [--out FILE]``
+
+For each case the correct layer's output y' (which passes) is perturbed three ways, each by a
+relative amount e, and judged against the oracle's y with the suite's own allowed error:
+
+- ``lora``: the LoRA term ``y - y(B = 0)`` scaled by 1 + e (a wrong scale, a dropped rank...);
+- ``base``: the base term ``y(B = 0) - b`` scaled by 1 + e;
+- ``element``: the output's largest element alone scaled by 1 + e.
+
+The verdict's margin is convex in e, so for each case the smallest |e| caught in both directions
+is computed exactly (no search). No verdict can see a term that is smaller than the output's own
+rounding, so each case also gets the term's `share` of the output (its largest element over the
+output's largest) and an ideal threshold: the e at which the term moves some element by one rounding
+of the dtype (``u |y|``), what a verdict allowing only a correctly rounded output would catch.
+
+Published per dtype and family: the threshold, the 99th percentile of e over the cases whose term is
+at least a tenth of the output (an error of that relative size is caught in 99% of them), and the
+looseness, the verdict's e over the ideal e (the median and 99th percentile over all cases): how
+much of the detection the error model gives away to its rigour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from studies import sampling
+
+PERTURBATIONS = ("lora", "base", "element")
+QUANTILES = (0.5, 0.9, 0.99)
+VISIBLE_SHARE = 0.1
+"""The threshold is taken over the cases whose perturbed term is at least this share of the output."""
+RESULTS = Path(__file__).with_name("results")
+
+
+def smallest_caught(error: np.ndarray, allowed: np.ndarray, term: np.ndarray) -> float:
+    """The smallest e >= 0 such that ``error + s e term`` leaves ``[-allowed, allowed]`` somewhere, for
+    both signs s: beyond it the verdict fails in both directions. Infinite where `term` is zero."""
+    error, allowed, term = (np.ravel(a) for a in (error, allowed, term))
+    moving = term != 0
+    if not moving.any():
+        return float("inf")
+    e, a, t = error[moving], allowed[moving], term[moving]
+    up = np.min((a - np.sign(t) * e) / np.abs(t))  # error + e t reaches +-allowed
+    down = np.min((a + np.sign(t) * e) / np.abs(t))  # error - e t does
+    return float(max(up, down, 0.0))
+
+
+def _without_adapter(case):
+    """The case with B = 0 and no bias: what is left is the base term."""
+    from conformance.switch_cases import SwitchCase
+
+    def linear(case):
+        return replace(case, lora_B=np.zeros_like(case.lora_B), has_bias=False, bias=None)
+
+    if isinstance(case, SwitchCase):
+        return replace(case, experts=tuple(linear(expert) for expert in case.experts))
+    if hasattr(case, "lookup"):
+        return replace(case, lookup=linear(case.lookup))
+    return linear(case)
+
+
+def forward(family: str, subject, case) -> tuple[np.ndarray, object, object]:
+    """The subject's output, the oracle's (a `Tracked`) and the oracle's for the case without adapter and bias."""
+    import mlx.core as mx
+
+    from reference import bridge, oracle
+
+    if family == "switch_linear":
+        output, expect = bridge.switch_call(subject.build(case), case), oracle.switch_forward
+    elif family.endswith("embedding"):
+        output, expect = subject.build(case)(mx.array(case.ids)), oracle.embedding_forward
+    else:
+        output, expect = subject.build(case)(bridge.mlx_array(case.x, case.dtype)), oracle.linear_forward
+    mx.eval(output)
+    return bridge.to_numpy(output), expect(case), expect(_without_adapter(case))
+
+
+@dataclass(frozen=True)
+class Task:
+    subject: str
+    family: str
+    dtype: str
+    kind: str
+    seed: int
+
+    def __call__(self, chunk: int) -> dict:
+        return run_chunk(self, chunk)
+
+
+def run_chunk(task: Task, chunk: int) -> dict:
+    from conformance.subjects import resolve
+    from conformance.verdict import allowed_error
+
+    subject = resolve(task.subject)
+    found: dict = {"keys": [], **{name: [] for name in PERTURBATIONS}, "failing": []}
+    seen: set[str] = set()
+
+    def visit(case) -> None:
+        key = sampling.key(case.describe())
+        if key in seen:
+            return
+        seen.add(key)
+        observed, expected, base = forward(task.family, subject, case)
+        allowed = allowed_error(expected)
+        error = observed - expected.value
+        if np.any(np.abs(error) > allowed):  # a false alarm: no threshold to speak of
+            found["failing"].append(case.describe())
+            return
+        largest = np.zeros_like(expected.value)
+        if largest.size:
+            at = np.unravel_index(np.argmax(np.abs(expected.value)), largest.shape)
+            largest[at] = expected.value[at]
+        terms = {"lora": expected.value - base.value - _bias_of(case, expected.value), "base": base.value, "element": largest}
+        ideal = case.dtype.unit_roundoff * np.abs(expected.value) + case.dtype.underflow
+        scale = float(np.max(np.abs(expected.value), initial=0.0))
+        for name, term in terms.items():
+            share = float(np.max(np.abs(term), initial=0.0)) / scale if scale else 0.0
+            found[name].append((smallest_caught(error, allowed, term), smallest_caught(0 * error, ideal, term), share))
+
+    sampling.draw_chunk(sampling.strategy(task.family, task.dtype, task.kind), task.seed, chunk, sampling.CHUNK, visit)
+    found["keys"] = sorted(seen)
+    return found
+
+
+def _bias_of(case, like: np.ndarray) -> np.ndarray:
+    """The bias as it appears in the output (zero without one): ``y - y(B = 0, no bias)`` keeps it."""
+    from conformance.switch_cases import SwitchCase
+
+    if isinstance(case, SwitchCase):
+        if not case.first.has_bias:
+            return np.zeros_like(like)
+        biases = case.stacked("bias")  # (E, out)
+        return biases[case.indices]
+    if hasattr(case, "lookup") or not case.has_bias:
+        return np.zeros_like(like)
+    return np.broadcast_to(case.bias, like.shape)
+
+
+def quantile(values: np.ndarray, q: float) -> float:
+    """A value of the sample (no interpolation, so an infinite one is reported as such)."""
+    return float(np.quantile(values, q, method="higher")) if len(values) else float("nan")
+
+
+def summarize(records: list[tuple[float, float, float]]) -> dict:
+    """Per-case (e caught, ideal e, share) to the published figures (see the module's docstring)."""
+    caught, ideal, share = (np.array(column, dtype=np.float64).reshape(-1) for column in zip(*records)) if records else (np.zeros(0),) * 3
+    visible = caught[share >= VISIBLE_SHARE]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        looseness = np.where(np.isfinite(ideal) & (ideal > 0), caught / ideal, np.nan)
+    looseness = looseness[np.isfinite(looseness)]
+    return {
+        "cases": len(caught),
+        "visible_cases": len(visible),
+        "threshold": quantile(visible, 0.99),
+        **{f"visible_q{round(q * 100)}": quantile(visible, q) for q in QUANTILES[:-1]},
+        "all_cases_q99": quantile(caught, 0.99),
+        "never_caught": int(np.sum(~np.isfinite(caught))),
+        "looseness_median": quantile(looseness, 0.5),
+        "looseness_q99": quantile(looseness, 0.99),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from conformance.dtypes import BY_NAME
+    from studies.false_alarms import default_subject
+
+    parser = argparse.ArgumentParser(prog="python -m studies.detection", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=("linear", "dora_linear", "embedding", "switch_linear"))
+    parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
+    parser.add_argument("--cases", type=int, default=2000, help="at least this many distinct cases (default: %(default)s)")
+    parser.add_argument("--kind", choices=sampling.KINDS, default="drawn", help="which cases (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the study's seed (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/detection/<family>-<dtype>-<kind>.json)")
+    args = parser.parse_args(argv)
+    subject = default_subject(args.family)
+    out = args.out or RESULTS / "detection" / f"{args.family}-{args.dtype}-{args.kind}.json"
+    try:
+        sampling.check_writable(out)
+    except OSError as error:
+        parser.error(f"cannot write {out}: {error}")
+
+    start = time.perf_counter()
+
+    def distinct(results: list[dict]) -> int:
+        return len({key for result in results for key in result["keys"]})
+
+    def progress(results: list[dict]) -> None:
+        print(f"\r{distinct(results)} cases, {time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
+
+    task = Task(subject, args.family, args.dtype, args.kind, args.seed)
+    results = sampling.until_enough(task, lambda results: distinct(results) >= args.cases, args.workers, progress)
+    print(file=sys.stderr)
+    command = (f"python -m studies.detection --family {args.family} --dtype {args.dtype} --cases {args.cases} "
+               f"--kind {args.kind} --seed {args.seed}")
+    document = {
+        "study": "detection", "subject": subject, "family": args.family, "dtype": args.dtype, "kind": args.kind,
+        "seed": args.seed, "seconds": round(time.perf_counter() - start, 1), "measured": date.today().isoformat(),
+        "command": command,
+        "cases": distinct(results),
+        "failing": [case for result in results for case in result["failing"]],
+        "perturbations": {name: summarize([r for result in results for r in result[name]]) for name in PERTURBATIONS},
+    }
+    out.write_text(json.dumps(document, indent=1) + "\n")
+    thresholds = ", ".join(f"{name} {document['perturbations'][name]['threshold']:.2g}" for name in PERTURBATIONS)
+    loose = ", ".join(f"{name} {document['perturbations'][name]['looseness_median']:.2g}" for name in PERTURBATIONS)
+    print(f"{args.family} {args.dtype} {args.kind}: {document['cases']} cases; caught in 99% of those where the term is "
+          f"at least {VISIBLE_SHARE:.0%} of the output: {thresholds}; median looseness over one rounding: {loose}; wrote {out}")
+    return 1 if document["failing"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

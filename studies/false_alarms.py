@@ -1,0 +1,173 @@
+"""False alarms: run correct implementations over many cases and record every check's largest margin.
+
+``python -m studies.false_alarms --family linear --dtype float32 --cases 100000 [--kind drawn|extreme]
+[--subject NAME] [--seed S] [--workers N] [--out FILE]``
+
+Every case goes through every check its family has in that dtype (`conformance.registry`), on the
+subject and on the reference (peft), both judged against the oracle; the slowest checks (`EVERY`) on
+every n-th case only. A margin above 1 is a false alarm: it is listed with the command that replays it.
+The default subject is the family's correct layer of ``tests/lora_layers.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from studies import sampling
+
+EVERY = {"dropout_scaling": 10, "steps_sgd": 10, "steps_adamw": 10}
+"""Checks that run on every n-th case only: each costs as much as the rest of the family's together."""
+STATISTICAL = {"dropout_scaling"}
+"""Checks whose margin is a statistic's (a correct layer exceeds 1 with probability 1e-9), not rounding's."""
+RESULTS = Path(__file__).with_name("results")
+
+
+@dataclass(frozen=True)
+class Task:
+    subject: str
+    family: str
+    dtype: str
+    kind: str
+    seed: int
+
+    def __call__(self, chunk: int) -> dict:
+        return run_chunk(self, chunk)
+
+
+def replay_command(subject: str, check: str, case: dict) -> str:
+    return f"python -m conformance.replay '{json.dumps({'subject': subject, 'check': check, 'case': case})}'"
+
+
+def run_chunk(task: Task, chunk: int) -> dict:
+    """One chunk of cases through every check: counts, the largest margin per check and side, and false alarms."""
+    from conformance import registry
+    from conformance.subjects import resolve
+
+    subject = resolve(task.subject)
+    checks = {name: check for name, check in registry.FAMILY_CHECKS[task.family].items() if registry.runs_in(name, task.dtype)}
+    found: dict = {"keys": [], "checks": {}, "false_alarms": []}
+    seen: set[str] = set()
+
+    def visit(case) -> None:
+        description = case.describe()
+        key = hashlib.sha1(sampling.key(description).encode()).hexdigest()[:16]
+        if key in seen:
+            return
+        index = len(seen)
+        seen.add(key)
+        for name, check in checks.items():
+            if index % EVERY.get(name, 1):
+                continue
+            measurement = check(subject, case)
+            tally = found["checks"].setdefault(name, {"runs": 0, "largest": {}})
+            tally["runs"] += 1
+            for comparison in measurement.comparisons:
+                margin = comparison.margin
+                best = tally["largest"].get(comparison.side)
+                if best is None or margin > best["margin"]:
+                    tally["largest"][comparison.side] = {
+                        "margin": margin, "quantity": comparison.quantity, "replay": replay_command(task.subject, name, description)
+                    }
+            if not measurement.passed:
+                found["false_alarms"].append({
+                    "check": name, "what": measurement.worst.describe(), "replay": replay_command(task.subject, name, description)
+                })
+
+    sampling.draw_chunk(sampling.strategy(task.family, task.dtype, task.kind), task.seed, chunk, sampling.CHUNK, visit)
+    found["keys"] = sorted(seen)
+    return found
+
+
+def merge(results: list[dict]) -> dict:
+    """The chunks' findings as one: counts add up, the largest margins are the largest of all."""
+    checks: dict = {}
+    for result in results:
+        for name, tally in result["checks"].items():
+            total = checks.setdefault(name, {"runs": 0, "largest": {}})
+            total["runs"] += tally["runs"]
+            for side, largest in tally["largest"].items():
+                if side not in total["largest"] or largest["margin"] > total["largest"][side]["margin"]:
+                    total["largest"][side] = largest
+    return {
+        "cases": distinct(results),
+        "checks": checks,
+        "false_alarms": [alarm for result in results for alarm in result["false_alarms"]],
+    }
+
+
+def distinct(results: list[dict]) -> int:
+    return len({key for result in results for key in result["keys"]})
+
+
+def largest_margin(merged: dict, statistical: bool = False) -> float:
+    return max(
+        (side["margin"] for name, tally in merged["checks"].items() if (name in STATISTICAL) == statistical
+         for side in tally["largest"].values()),
+        default=0.0,
+    )
+
+
+def default_subject(family: str) -> str:
+    from tests.catalogue import CORRECT
+
+    return next(subject.name for subject in CORRECT if subject.family == family)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from conformance.dtypes import BY_NAME
+    from conformance.registry import FAMILY_CHECKS
+
+    parser = argparse.ArgumentParser(prog="python -m studies.false_alarms", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=sorted(FAMILY_CHECKS))
+    parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
+    parser.add_argument("--cases", type=int, default=1000, help="at least this many distinct cases (default: %(default)s)")
+    parser.add_argument("--kind", choices=sampling.KINDS, default="drawn", help="which cases (default: %(default)s)")
+    parser.add_argument("--subject", help="a subject of the family (default: its correct layer in tests/)")
+    parser.add_argument("--seed", type=int, default=0, help="the study's seed: same seed, same cases (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/false_alarms/<family>-<dtype>-<kind>.json)")
+    args = parser.parse_args(argv)
+    subject = args.subject or default_subject(args.family)
+    out = args.out or RESULTS / "false_alarms" / f"{args.family}-{args.dtype}-{args.kind}.json"
+    try:
+        sampling.check_writable(out)
+    except OSError as error:
+        parser.error(f"cannot write {out}: {error}")
+
+    start = time.perf_counter()
+
+    def progress(results: list[dict]) -> None:
+        alarms = sum(len(r["false_alarms"]) for r in results)
+        print(f"\r{distinct(results)} cases, {alarms} false alarms, {time.perf_counter() - start:.0f} s",
+              end="", file=sys.stderr, flush=True)
+
+    task = Task(subject, args.family, args.dtype, args.kind, args.seed)
+    results = sampling.until_enough(task, lambda results: distinct(results) >= args.cases, args.workers, progress)
+    print(file=sys.stderr)
+    merged = merge(results)
+    command = " ".join(["python -m studies.false_alarms", f"--family {args.family}", f"--dtype {args.dtype}",
+                        f"--cases {args.cases}", f"--kind {args.kind}", f"--subject {subject}", f"--seed {args.seed}"])
+    document = {
+        "study": "false_alarms", "subject": subject, "family": args.family, "dtype": args.dtype, "kind": args.kind,
+        "seed": args.seed, "seconds": round(time.perf_counter() - start, 1), "measured": date.today().isoformat(),
+        "command": command,
+        "largest_margin": largest_margin(merged), "largest_statistical_margin": largest_margin(merged, statistical=True),
+        **merged,
+    }
+    out.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"{subject} {args.family} {args.dtype} {args.kind}: {merged['cases']} distinct cases, "
+          f"{len(merged['false_alarms'])} false alarms, largest margin {document['largest_margin']:.3f}; wrote {out}")
+    for alarm in merged["false_alarms"][:5]:
+        print(f"  {alarm['check']}: {alarm['what']}\n  replay: {alarm['replay']}")
+    return 1 if merged["false_alarms"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

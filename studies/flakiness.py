@@ -1,0 +1,98 @@
+"""Flakiness: run the ``ci`` profile again and again on correct subjects; every run must judge alike.
+
+``python -m studies.flakiness [--runs 20] [--subject PATTERN ...] [--workers 2] [--out FILE]``
+
+Each run is a separate ``pytest conformance --hypothesis-profile ci`` process (on `--workers` xdist
+workers, as CI runs it). Two runs agree when they judged the same cases (check id and case
+parameters) with the same verdicts and the same margins, and gave every check the same status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from studies import sampling
+
+RESULTS = Path(__file__).with_name("results")
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SUBJECTS = [f"tests.catalogue:Correct{name}" for name in ("LoRALinear", "DoRALinear", "LoRAEmbedding", "LoRASwitchLinear")]
+"""The correct layers of ``tests/lora_layers.py``: every check of theirs passes."""
+
+
+def fingerprint(results: dict) -> dict:
+    """What a run decided: each check's status, and each judged case's verdict and margin."""
+    return {
+        "checks": sorted((c["check_id"], c["status"]) for c in results["checks"]),
+        "rows": sorted((r["check_id"], json.dumps(r["case"], sort_keys=True), r["verdict"], repr(r["margin"]))
+                       for r in results["rows"]),
+    }
+
+
+def differences(first: dict, other: dict) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when they agree)."""
+    found = []
+    for part in ("checks", "rows"):
+        only_first, only_other = set(first[part]) - set(other[part]), set(other[part]) - set(first[part])
+        found += [f"{part}: only in the first run: {item}" for item in sorted(only_first)[:3]]
+        found += [f"{part}: only in this run: {item}" for item in sorted(only_other)[:3]]
+    return found
+
+
+def run_once(subjects: list[str], workers: int, results: Path) -> tuple[int, float]:
+    command = [sys.executable, "-m", "pytest", "conformance", "--hypothesis-profile", "ci", "-p", "no:cacheprovider",
+               "-q", "--results", str(results), "--report", "none", *(f"--subject={s}" for s in subjects)]
+    if workers > 1:
+        command += ["-n", str(workers)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    start = time.perf_counter()
+    completed = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    if completed.returncode not in (0, 1):
+        raise SystemExit(f"pytest ended with {completed.returncode}:\n{completed.stdout[-2000:]}{completed.stderr[-2000:]}")
+    return completed.returncode, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studies.flakiness", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20, help="(default: %(default)s)")
+    parser.add_argument("--subject", action="append", default=[], help=f"subject or pattern (repeatable; default: {DEFAULT_SUBJECTS})")
+    parser.add_argument("--workers", type=int, default=2, help="xdist workers per run (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "flakiness.json", help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        sampling.check_writable(args.out)
+    except OSError as error:
+        parser.error(f"cannot write {args.out}: {error}")
+    subjects = args.subject or DEFAULT_SUBJECTS
+    runs, first = [], None
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(args.runs):
+            path = Path(folder) / f"run-{index}.json"
+            code, seconds = run_once(subjects, args.workers, path)
+            print_ = fingerprint(json.loads(path.read_text()))
+            first = first or print_
+            found = differences(first, print_)
+            statuses: dict[str, int] = {}
+            for _, status in print_["checks"]:
+                statuses[status] = statuses.get(status, 0) + 1
+            runs.append({"exit": code, "seconds": round(seconds, 1), "cases_judged": len(print_["rows"]),
+                         "statuses": statuses, "differences": found})
+            print(f"run {index + 1}/{args.runs}: exit {code}, {len(print_['rows'])} judged cases, {statuses}, "
+                  f"{'same as run 1' if not found else 'DIFFERS: ' + found[0]} ({seconds:.0f} s)", flush=True)
+    identical = all(not run["differences"] for run in runs) and len({run["exit"] for run in runs}) == 1
+    command = f"python -m studies.flakiness --runs {args.runs} --workers {args.workers}" + "".join(f" --subject '{s}'" for s in subjects)
+    args.out.write_text(json.dumps({"study": "flakiness", "measured": date.today().isoformat(), "command": command, "subjects": subjects, "identical": identical,
+                                    "runs": runs}, indent=1) + "\n")
+    print(f"{args.runs} runs: {'identical verdicts' if identical else 'VERDICTS DIFFER'}; wrote {args.out}")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

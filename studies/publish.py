@@ -1,0 +1,108 @@
+"""Publish the studies: ``python -m studies.publish`` reads ``studies/results/`` and writes
+``docs/verdict-study.md`` (the numbers, with the commands that produced them) and
+``reports/verdict_study.json`` (the same figures, which every HTML report shows)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+import jinja2
+
+from studies.detection import PERTURBATIONS, VISIBLE_SHARE
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "studies" / "results"
+DOCUMENT = ROOT / "docs" / "verdict-study.md"
+FIGURES = ROOT / "reports" / "verdict_study.json"
+FAMILIES = ("linear", "dora_linear", "embedding", "switch_linear")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _load(path: Path) -> dict:
+    document = json.loads(path.read_text())  # a study writes its file once, when it is done
+    document.setdefault("measured", date.fromtimestamp(path.stat().st_mtime).isoformat())
+    return document
+
+
+def _ordered(documents: list[dict]) -> list[dict]:
+    def rank(d: dict) -> tuple:
+        return (FAMILIES.index(d["family"]) if d["family"] in FAMILIES else 99, d.get("kind", ""),
+                DTYPES.index(d["dtype"]) if d["dtype"] in DTYPES else 99)
+    return sorted(documents, key=rank)
+
+
+def studies(results: Path = RESULTS) -> dict:
+    """Every study's result files, loaded (a study that has not been run is empty)."""
+    found = {
+        "false_alarms": _ordered([_load(p) for p in sorted((results / "false_alarms").glob("*.json"))]),
+        "detection": _ordered([_load(p) for p in sorted((results / "detection").glob("*.json"))]),
+        "earlier": json.loads((results / "earlier.json").read_text()) if (results / "earlier.json").exists() else [],
+    }
+    for name in ("catch_rates", "flakiness"):
+        path = results / f"{name}.json"
+        found[name] = _load(path) if path.exists() else None
+    return found
+
+
+def figures(found: dict) -> dict:
+    """The figures every report shows (``reports/verdict_study.json``)."""
+    false_alarms = [
+        {"what": f"{d['subject']}, every check of the {d['family']} family ({d['kind']} cases)", "family": d["family"],
+         "dtype": d["dtype"], "cases": f"{d['cases']:,}", "false_alarms": len(d["false_alarms"]),
+         "largest_margin": f"{d['largest_margin']:.3f}", "measured": d["measured"], "command": d["command"]}
+        for d in found["false_alarms"]
+    ] + found["earlier"]
+    detection = [
+        {"family": d["family"], "dtype": d["dtype"], "perturbation": name, "cases": d["perturbations"][name]["visible_cases"],
+         "threshold": f"{d['perturbations'][name]['threshold']:.2g}",
+         "looseness": f"{d['perturbations'][name]['looseness_median']:.3g}", "measured": d["measured"], "command": d["command"]}
+        for d in found["detection"] for name in PERTURBATIONS
+    ]
+    study = {
+        "about": ("What the verdict has been measured to do: correct implementations' cases and their largest margin "
+                  "(false alarms), the smallest relative errors it catches in 99% of cases (detection; `lora`: the LoRA "
+                  f"term scaled, `base`: the base term scaled, `element`: the output's largest element; over cases whose "
+                  f"term is at least {VISIBLE_SHARE:.0%} of the output; looseness: that error over the one that moves an "
+                  "element by one rounding, the median over cases), the catalogue's catch rates and repeated runs. "
+                  "Each figure names the command that produced it; docs/verdict-study.md explains them."),
+        "false_alarms": false_alarms,
+        "detection": detection,
+    }
+    if found["catch_rates"]:
+        rows = [r for r in found["catch_rates"]["rows"] if r["measured"]]
+        study["catch_rates"] = {
+            "variants": len({r["variant"] for r in rows}), "configurations": len(rows),
+            "lowest_rate": min(r["rate"] for r in rows), "seeds": rows[0]["seeds"] if rows else 0,
+            "measured": found["catch_rates"]["measured"], "command": found["catch_rates"]["command"],
+        }
+    if found["flakiness"]:
+        flaky = found["flakiness"]
+        study["flakiness"] = {"runs": len(flaky["runs"]), "identical": flaky["identical"], "measured": flaky["measured"],
+                              "command": flaky["command"]}
+    return study
+
+
+def render(found: dict) -> str:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
+    )
+    return environment.get_template("verdict-study.md.j2").render(
+        found=found, perturbations=PERTURBATIONS, visible_share=VISIBLE_SHARE
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    found = studies()
+    DOCUMENT.parent.mkdir(parents=True, exist_ok=True)
+    DOCUMENT.write_text(render(found))
+    FIGURES.write_text(json.dumps(figures(found), indent=1) + "\n")
+    print(f"wrote {DOCUMENT.relative_to(ROOT)} and {FIGURES.relative_to(ROOT)} from {len(found['false_alarms'])} "
+          f"false-alarm and {len(found['detection'])} detection results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

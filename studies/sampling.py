@@ -1,0 +1,144 @@
+"""Where a study's cases come from, reproducibly, and how its work is spread over processes.
+
+A study asks for N distinct cases of a family in a dtype. They are drawn by Hypothesis in chunks
+of `CHUNK` draws; chunk k of a study with seed s is Hypothesis run under ``@seed(s * 1_000_003 + k)``
+with the generate phase only, so the same seed (and the same Hypothesis version) gives the same
+cases, and chunks can run in any order on any number of processes. Hypothesis repeats some draws
+(its generation starts from simple ones and mutates them): a case is counted, and checked, once per
+chunk, and the study takes chunks 0, 1, ... until it has N distinct cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import TypeVar
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+
+CHUNK = 500
+"""Cases per Hypothesis run: small enough to spread over processes, large enough to amortise start-up."""
+
+KINDS = ("drawn", "extreme")
+"""``drawn``: the cases the suite itself draws (`cases_for`, the dev profile's sizes); ``extreme``:
+those of `studies.extremes`, which Hypothesis would rarely reach by itself."""
+
+
+def strategy(family: str, dtype_name: str, kind: str) -> st.SearchStrategy:
+    from conformance import profiles
+    from conformance.cases import cases_for
+    from conformance.dtypes import BY_NAME
+    from studies import extremes
+
+    dtype = BY_NAME[dtype_name]
+    if kind == "extreme":
+        return extremes.cases_for(family, dtype)
+    settings.load_profile(profiles.DEFAULT)  # the dev profile's sizes, whatever profile loaded before
+    return cases_for(family, dtype)
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
+
+
+def draw_chunk(cases: st.SearchStrategy, seed: int, index: int, size: int, visit: Callable[[object], None]) -> None:
+    """Call `visit` on up to `size` cases of chunk `index` (fewer if Hypothesis rejects too many draws)."""
+
+    @hypothesis_seed(chunk_seed(seed, index))
+    @settings(
+        max_examples=size,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=cases)
+    def run(case):
+        visit(case)
+
+    run()
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError now if `path` cannot be written, rather than after hours of measuring."""
+    existed = path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a"):
+        pass
+    if not existed:
+        path.unlink()
+
+
+def key(description: dict) -> str:
+    """A case's identity: its parameters (the arrays follow from them)."""
+    return json.dumps(description, sort_keys=True)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _single_threaded() -> None:
+    """Each worker process gets one core: several processes, not threads, share the machine."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def spread(work: Callable[[T], R], tasks: list[T], workers: int) -> Iterator[R]:
+    """``map(work, tasks)`` over `workers` processes (in this one if 1), results in order."""
+    if workers <= 1:
+        yield from map(work, tasks)
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_single_threaded) as pool:
+        yield from pool.map(work, tasks, chunksize=4)
+
+
+def until_enough(
+    work: Callable[[int], R], enough: Callable[[list[R]], bool], workers: int, progress: Callable[[list[R]], None]
+) -> list[R]:
+    """The results of ``work(0), work(1), ... work(K - 1)`` for the smallest K that is `enough`.
+
+    The chunks run on `workers` processes (in this one if 1); chunks that finish beyond K are dropped,
+    so which cases a study covers does not depend on timing.
+    """
+    results: dict[int, R] = {}
+
+    def done() -> list[R] | None:
+        prefix = []
+        for index in range(len(results) + 1):
+            if index not in results:
+                return None
+            prefix.append(results[index])
+            if enough(prefix):
+                return prefix
+        return None
+
+    if workers <= 1:
+        index = 0
+        while (finished := done()) is None:
+            results[index] = work(index)
+            progress(list(results.values()))
+            index += 1
+        return finished
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_single_threaded) as pool:
+        running = {pool.submit(work, index): index for index in range(workers)}
+        submitted = workers
+        while (finished := done()) is None:
+            future = next(as_completed(running))
+            results[running.pop(future)] = future.result()
+            progress(list(results.values()))
+            running[pool.submit(work, submitted)] = submitted
+            submitted += 1
+        for future in running:
+            future.cancel()
+        return finished
