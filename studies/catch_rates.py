@@ -73,6 +73,7 @@ def run_seed(task: Task) -> dict:
     """Whether one seed catches the variant, and after how many cases (and one replay)."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
+    from hypothesis.errors import FlakyFailure
 
     from conformance import registry
     from tests.catalogue import WRONG_VARIANTS
@@ -80,6 +81,7 @@ def run_seed(task: Task) -> dict:
     variant = WRONG_VARIANTS[task.variant]
     check = registry.find_check(variant.subject.family, variant.check)
     tried: list[dict] = []
+    caught_after: list[int] = []
 
     @hypothesis_seed(sampling.chunk_seed(task.seed, 0))
     @settings(max_examples=task.examples, database=None, deadline=None, phases=[Phase.generate],
@@ -88,12 +90,18 @@ def run_seed(task: Task) -> dict:
     def run(case):
         tried.append(case.describe())
         if not check(variant.subject, case).passed:
+            caught_after.append(len(tried))
             raise _Caught
 
     try:
         run()
-    except _Caught:
-        return {"caught": True, "cases": len(tried) - 1}  # Hypothesis replays the failing case once
+    except (_Caught, FlakyFailure):
+        # Hypothesis replays the failing case; a variant with random behaviour (dropout in eval mode)
+        # may pass then, and Hypothesis calls the failure flaky. The first failure is the catch.
+        if not caught_after:
+            raise
+    if caught_after:
+        return {"caught": True, "cases": caught_after[0]}
     return {"caught": False, "cases": len(tried), "last_case": tried[-1] if tried else None}
 
 
