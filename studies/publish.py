@@ -1,6 +1,7 @@
 """Publish the studies: ``python -m studies.publish`` reads ``studies/results/`` and writes
-``docs/verdict-study.md`` (the numbers, with the commands that produced them) and
-``reports/verdict_study.json`` (the same figures, which every HTML report shows)."""
+``docs/verdict-study.md`` (the numbers, with the commands that produced them),
+``reports/verdict_study.json`` (the same figures, which every HTML report shows) and the summary
+in the README (between its markers)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "studies" / "results"
 DOCUMENT = ROOT / "docs" / "verdict-study.md"
 FIGURES = ROOT / "reports" / "verdict_study.json"
+README = ROOT / "README.md"
+MARKERS = ("<!-- verdict-study summary: written by python -m studies.publish -->", "<!-- end of the verdict-study summary -->")
 FAMILIES = ("linear", "dora_linear", "embedding", "switch_linear")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -85,13 +88,32 @@ def figures(found: dict) -> dict:
     return study
 
 
-def render(found: dict) -> str:
+def _template(name: str) -> jinja2.Template:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
     )
-    return environment.get_template("verdict-study.md.j2").render(
-        found=found, perturbations=PERTURBATIONS, visible_share=VISIBLE_SHARE
-    )
+    return environment.get_template(name)
+
+
+def render(found: dict) -> str:
+    """docs/verdict-study.md."""
+    return _template("verdict-study.md.j2").render(found=found, perturbations=PERTURBATIONS, visible_share=VISIBLE_SHARE)
+
+
+def readme_summary(found: dict) -> str:
+    """The summary the README shows between its `MARKERS`."""
+    return _template("readme-summary.md.j2").render(
+        found=found, families=FAMILIES, dtypes=DTYPES, visible_share=VISIBLE_SHARE
+    ).strip()
+
+
+def with_summary(readme: str, summary: str) -> str:
+    """The README with the summary between its markers replaced."""
+    start, end = MARKERS
+    if start not in readme or end not in readme:
+        raise ValueError(f"the README lacks the markers {start} ... {end}")
+    before, rest = readme.split(start, 1)
+    return f"{before}{start}\n{summary}\n{end}{rest.split(end, 1)[1]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     DOCUMENT.parent.mkdir(parents=True, exist_ok=True)
     DOCUMENT.write_text(render(found))
     FIGURES.write_text(json.dumps(figures(found), indent=1) + "\n")
-    print(f"wrote {DOCUMENT.relative_to(ROOT)} and {FIGURES.relative_to(ROOT)} from {len(found['false_alarms'])} "
+    README.write_text(with_summary(README.read_text(), readme_summary(found)))
+    print(f"wrote {DOCUMENT.relative_to(ROOT)}, {FIGURES.relative_to(ROOT)} and the README's summary from {len(found['false_alarms'])} "
           f"false-alarm and {len(found['detection'])} detection results")
     return 0
 

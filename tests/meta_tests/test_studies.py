@@ -117,3 +117,5 @@ def test_the_published_document_is_rendered_from_the_results_in_the_repository()
     found = publish.studies()
     assert publish.DOCUMENT.read_text() == publish.render(found), "run python -m studies.publish"
     assert json.loads(publish.FIGURES.read_text()) == publish.figures(found), "run python -m studies.publish"
+    readme = publish.README.read_text()
+    assert readme == publish.with_summary(readme, publish.readme_summary(found)), "run python -m studies.publish"
