@@ -175,3 +175,14 @@ def test_a_gradient_script_needs_the_subjects_recorded_roles():
            "case": {"in_features": 2, "out_features": 2, "r": 1, "batch_shape": []}}
     assert "parameter roles" in repro.unsupported_reason(row, {"convention": "LoRALinearConvention"})
     assert repro.unsupported_reason(row, {"convention": "LoRALinearConvention", "roles": {"lora_a": "A"}}) is None
+
+
+def test_every_report_shows_the_verdicts_measured_figures_with_their_commands():
+    from reports import verdict_study
+
+    study = verdict_study.load()
+    page = html.render(merge([_document([_check("test_linear.py::test_forward[s-float32]", "s", "float32", "forward", "pass")])]))
+    assert study["false_alarms"] and study["detection"], "run python -m studies.publish"
+    assert "Not measured yet" not in page
+    for entry in (study["false_alarms"][0], study["detection"][0]):
+        assert f"<code>{entry['command']}</code>".replace("'", "&#39;") in page
