@@ -93,6 +93,8 @@ class Task:
     dtype: str
     kind: str
     seed: int
+    size: int
+    """Draws per chunk."""
 
     def __call__(self, chunk: int) -> dict:
         return run_chunk(self, chunk)
@@ -128,7 +130,7 @@ def run_chunk(task: Task, chunk: int) -> dict:
             share = float(np.max(np.abs(term), initial=0.0)) / scale if scale else 0.0
             found[name].append((smallest_caught(error, allowed, term), smallest_caught(0 * error, ideal, term), share))
 
-    sampling.draw_chunk(sampling.strategy(task.family, task.dtype, task.kind), task.seed, chunk, sampling.CHUNK, visit)
+    sampling.draw_chunk(sampling.strategy(task.family, task.dtype, task.kind), task.seed, chunk, task.size, visit)
     found["keys"] = sorted(seen)
     return found
 
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(results: list[dict]) -> None:
         print(f"\r{distinct(results)} cases, {time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
 
-    task = Task(subject, args.family, args.dtype, args.kind, args.seed)
+    task = Task(subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases))
     results = sampling.until_enough(task, lambda results: distinct(results) >= args.cases, args.workers, progress)
     print(file=sys.stderr)
     command = (f"python -m studies.detection --family {args.family} --dtype {args.dtype} --cases {args.cases} "

@@ -36,6 +36,8 @@ class Task:
     dtype: str
     kind: str
     seed: int
+    size: int
+    """Draws per chunk."""
 
     def __call__(self, chunk: int) -> dict:
         return run_chunk(self, chunk)
@@ -80,7 +82,7 @@ def run_chunk(task: Task, chunk: int) -> dict:
                     "check": name, "what": measurement.worst.describe(), "replay": replay_command(task.subject, name, description)
                 })
 
-    sampling.draw_chunk(sampling.strategy(task.family, task.dtype, task.kind), task.seed, chunk, sampling.CHUNK, visit)
+    sampling.draw_chunk(sampling.strategy(task.family, task.dtype, task.kind), task.seed, chunk, task.size, visit)
     found["keys"] = sorted(seen)
     return found
 
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\r{distinct(results)} cases, {alarms} false alarms, {time.perf_counter() - start:.0f} s",
               end="", file=sys.stderr, flush=True)
 
-    task = Task(subject, args.family, args.dtype, args.kind, args.seed)
+    task = Task(subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases))
     results = sampling.until_enough(task, lambda results: distinct(results) >= args.cases, args.workers, progress)
     print(file=sys.stderr)
     merged = merge(results)

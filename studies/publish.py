@@ -74,6 +74,7 @@ def figures(found: dict) -> dict:
         "false_alarms": false_alarms,
         "detection": detection,
     }
+    study["catch_rates"] = study["flakiness"] = None  # until measured
     if found["catch_rates"]:
         rows = [r for r in found["catch_rates"]["rows"] if r["measured"]]
         study["catch_rates"] = {

@@ -1,7 +1,7 @@
 """Where a study's cases come from, reproducibly, and how its work is spread over processes.
 
 A study asks for N distinct cases of a family in a dtype. They are drawn by Hypothesis in chunks
-of `CHUNK` draws; chunk k of a study with seed s is Hypothesis run under ``@seed(s * 1_000_003 + k)``
+of `CHUNK` draws (N if fewer); chunk k of a study with seed s is Hypothesis run under ``@seed(s * 1_000_003 + k)``
 with the generate phase only, so the same seed (and the same Hypothesis version) gives the same
 cases, and chunks can run in any order on any number of processes. Hypothesis repeats some draws
 (its generation starts from simple ones and mutates them): a case is counted, and checked, once per
@@ -23,7 +23,12 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 CHUNK = 500
-"""Cases per Hypothesis run: small enough to spread over processes, large enough to amortise start-up."""
+"""Draws per Hypothesis run: small enough to spread over processes, large enough to amortise start-up."""
+
+
+def chunk_size(cases: int) -> int:
+    """The draws per chunk of a study that wants `cases` cases (a small study draws no more than it needs)."""
+    return max(1, min(CHUNK, cases))
 
 KINDS = ("drawn", "extreme")
 """``drawn``: the cases the suite itself draws (`cases_for`, the dev profile's sizes); ``extreme``:

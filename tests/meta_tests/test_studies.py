@@ -15,7 +15,7 @@ LINEAR = dict(in_features=64, out_features=8, r=4, alpha=8.0, use_rslora=False, 
               has_bias=True, magnitudes=(1.0, 1.0, 1.0, 1.0), seed=5)
 
 
-def keys_of_chunk(family: str, dtype: str, kind: str, seed: int, chunk: int, size: int = 20) -> list[str]:
+def keys_of_chunk(family: str, dtype: str, kind: str, seed: int, chunk: int, size: int = 10) -> list[str]:
     keys: list[str] = []
     strategy = sampling.strategy(family, dtype, kind)
     sampling.draw_chunk(strategy, seed, chunk, size, lambda case: keys.append(sampling.key(case.describe())))
@@ -27,8 +27,8 @@ def test_the_same_seed_draws_the_same_cases_and_another_seed_others(kind):
     first = keys_of_chunk("linear", "float16", kind, seed=3, chunk=1)
     assert first == keys_of_chunk("linear", "float16", kind, seed=3, chunk=1)
     other = keys_of_chunk("linear", "float16", kind, seed=4, chunk=1)
-    # Hypothesis starts every run from the simplest draws, which seeds share; the rest differ.
-    assert len(set(first) & set(other)) <= len(first) // 10
+    # Hypothesis starts every run from the simplest draws, which seeds may share; the rest differ.
+    assert len(set(first) & set(other)) <= 2
 
 
 def test_a_study_takes_the_shortest_prefix_of_chunks_that_is_enough_whatever_finishes_first():
@@ -56,7 +56,7 @@ def test_a_case_that_cannot_cancel_as_asked_is_refused():
 
 def test_extreme_cases_reach_what_the_suite_rarely_does():
     drawn = []
-    sampling.draw_chunk(extremes.cases_for("linear", FLOAT16), seed=0, index=0, size=40, visit=drawn.append)
+    sampling.draw_chunk(extremes.cases_for("linear", FLOAT16), seed=0, index=0, size=30, visit=drawn.append)
     assert drawn and all(max(c.in_features, c.out_features) >= 1024 for c in drawn)
     assert max(c.r for c in drawn) > 64 and {c.cancel for c in drawn} == {None, "input", "terms"}
     assert min(c.alpha for c in drawn) < 0.1 and max(c.alpha for c in drawn) > 10
