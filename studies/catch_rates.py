@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "catch_rates.json", help="(default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        sampling.check_writable(args.out)
-    except OSError as error:
-        parser.error(f"cannot write {args.out}: {error}")
+    sampling.writable(parser, args.out)
     names = args.variant or sorted(WRONG_VARIANTS)
     start = time.perf_counter()
     rows, tasks = [], []

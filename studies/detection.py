@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -86,21 +86,7 @@ def forward(family: str, subject, case) -> tuple[np.ndarray, object, object]:
     return bridge.to_numpy(output), expect(case), expect(_without_adapter(case))
 
 
-@dataclass(frozen=True)
-class Task:
-    subject: str
-    family: str
-    dtype: str
-    kind: str
-    seed: int
-    size: int
-    """Draws per chunk."""
-
-    def __call__(self, chunk: int) -> dict:
-        return run_chunk(self, chunk)
-
-
-def run_chunk(task: Task, chunk: int) -> dict:
+def run_chunk(task: sampling.Study, chunk: int) -> dict:
     from conformance.subjects import resolve
     from conformance.verdict import allowed_error
 
@@ -130,7 +116,7 @@ def run_chunk(task: Task, chunk: int) -> dict:
             share = float(np.max(np.abs(term), initial=0.0)) / scale if scale else 0.0
             found[name].append((smallest_caught(error, allowed, term), smallest_caught(0 * error, ideal, term), share))
 
-    sampling.draw_chunk(sampling.strategy(task.family, task.dtype, task.kind), task.seed, chunk, task.size, visit)
+    task.draw(chunk, visit)
     found["keys"] = sorted(seen)
     return found
 
@@ -180,37 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.detection", description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=("linear", "dora_linear", "embedding", "switch_linear"))
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
-    parser.add_argument("--cases", type=int, default=2000, help="at least this many distinct cases (default: %(default)s)")
-    parser.add_argument("--kind", choices=sampling.KINDS, default="drawn", help="which cases (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the study's seed (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    sampling.add_case_options(parser, default_cases=2000)
     parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/detection/<family>-<dtype>-<kind>.json)")
     args = parser.parse_args(argv)
     subject = default_subject(args.family)
     out = args.out or RESULTS / "detection" / f"{args.family}-{args.dtype}-{args.kind}.json"
-    try:
-        sampling.check_writable(out)
-    except OSError as error:
-        parser.error(f"cannot write {out}: {error}")
+    sampling.writable(parser, out)
 
     start = time.perf_counter()
-
-    def distinct(results: list[dict]) -> int:
-        return len({key for result in results for key in result["keys"]})
-
-    def progress(results: list[dict]) -> None:
-        print(f"\r{distinct(results)} cases, {time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
-
-    task = Task(subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases))
-    results = sampling.until_enough(task, lambda results: distinct(results) >= args.cases, args.workers, progress)
-    print(file=sys.stderr)
+    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases))
+    results = sampling.run(study, args.cases, args.workers, lambda results: "")
     command = (f"python -m studies.detection --family {args.family} --dtype {args.dtype} --cases {args.cases} "
                f"--kind {args.kind} --seed {args.seed}")
     document = {
         "study": "detection", "subject": subject, "family": args.family, "dtype": args.dtype, "kind": args.kind,
         "seed": args.seed, "seconds": round(time.perf_counter() - start, 1), "measured": date.today().isoformat(),
         "command": command,
-        "cases": distinct(results),
+        "cases": sampling.distinct(results),
         "failing": [case for result in results for case in result["failing"]],
         "perturbations": {name: summarize([r for result in results for r in result[name]]) for name in PERTURBATIONS},
     }

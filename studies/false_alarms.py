@@ -16,7 +16,6 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -29,25 +28,11 @@ STATISTICAL = {"dropout_scaling"}
 RESULTS = Path(__file__).with_name("results")
 
 
-@dataclass(frozen=True)
-class Task:
-    subject: str
-    family: str
-    dtype: str
-    kind: str
-    seed: int
-    size: int
-    """Draws per chunk."""
-
-    def __call__(self, chunk: int) -> dict:
-        return run_chunk(self, chunk)
-
-
 def replay_command(subject: str, check: str, case: dict) -> str:
     return f"python -m conformance.replay '{json.dumps({'subject': subject, 'check': check, 'case': case})}'"
 
 
-def run_chunk(task: Task, chunk: int) -> dict:
+def run_chunk(task: sampling.Study, chunk: int) -> dict:
     """One chunk of cases through every check: counts, the largest margin per check and side, and false alarms."""
     from conformance import registry
     from conformance.subjects import resolve
@@ -82,7 +67,7 @@ def run_chunk(task: Task, chunk: int) -> dict:
                     "check": name, "what": measurement.worst.describe(), "replay": replay_command(task.subject, name, description)
                 })
 
-    sampling.draw_chunk(sampling.strategy(task.family, task.dtype, task.kind), task.seed, chunk, task.size, visit)
+    task.draw(chunk, visit)
     found["keys"] = sorted(seen)
     return found
 
@@ -98,14 +83,10 @@ def merge(results: list[dict]) -> dict:
                 if side not in total["largest"] or largest["margin"] > total["largest"][side]["margin"]:
                     total["largest"][side] = largest
     return {
-        "cases": distinct(results),
+        "cases": sampling.distinct(results),
         "checks": checks,
         "false_alarms": [alarm for result in results for alarm in result["false_alarms"]],
     }
-
-
-def distinct(results: list[dict]) -> int:
-    return len({key for result in results for key in result["keys"]})
 
 
 def largest_margin(merged: dict, statistical: bool = False) -> float:
@@ -129,30 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.false_alarms", description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(FAMILY_CHECKS))
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
-    parser.add_argument("--cases", type=int, default=1000, help="at least this many distinct cases (default: %(default)s)")
-    parser.add_argument("--kind", choices=sampling.KINDS, default="drawn", help="which cases (default: %(default)s)")
     parser.add_argument("--subject", help="a subject of the family (default: its correct layer in tests/)")
-    parser.add_argument("--seed", type=int, default=0, help="the study's seed: same seed, same cases (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    sampling.add_case_options(parser, default_cases=1000)
     parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/false_alarms/<family>-<dtype>-<kind>.json)")
     args = parser.parse_args(argv)
     subject = args.subject or default_subject(args.family)
     out = args.out or RESULTS / "false_alarms" / f"{args.family}-{args.dtype}-{args.kind}.json"
-    try:
-        sampling.check_writable(out)
-    except OSError as error:
-        parser.error(f"cannot write {out}: {error}")
+    sampling.writable(parser, out)
 
     start = time.perf_counter()
-
-    def progress(results: list[dict]) -> None:
-        alarms = sum(len(r["false_alarms"]) for r in results)
-        print(f"\r{distinct(results)} cases, {alarms} false alarms, {time.perf_counter() - start:.0f} s",
-              end="", file=sys.stderr, flush=True)
-
-    task = Task(subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases))
-    results = sampling.until_enough(task, lambda results: distinct(results) >= args.cases, args.workers, progress)
-    print(file=sys.stderr)
+    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases))
+    results = sampling.run(study, args.cases, args.workers,
+                           lambda results: f", {sum(len(r['false_alarms']) for r in results)} false alarms")
     merged = merge(results)
     command = " ".join(["python -m studies.false_alarms", f"--family {args.family}", f"--dtype {args.dtype}",
                         f"--cases {args.cases}", f"--kind {args.kind}", f"--subject {subject}", f"--seed {args.seed}"])

@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="xdist workers per run (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "flakiness.json", help="(default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        sampling.check_writable(args.out)
-    except OSError as error:
-        parser.error(f"cannot write {args.out}: {error}")
+    sampling.writable(parser, args.out)
     subjects = args.subject or DEFAULT_SUBJECTS
     runs, first = [], None
     with tempfile.TemporaryDirectory() as folder:

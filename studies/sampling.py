@@ -10,10 +10,14 @@ chunk, and the study takes chunks 0, 1, ... until it has N distinct cases.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TypeVar
@@ -71,14 +75,65 @@ def draw_chunk(cases: st.SearchStrategy, seed: int, index: int, size: int, visit
     run()
 
 
-def check_writable(path: Path) -> None:
-    """Raise OSError now if `path` cannot be written, rather than after hours of measuring."""
+@dataclass(frozen=True)
+class Study:
+    """One study of one family in one dtype: ``study(k)`` measures its chunk k (picklable, for workers)."""
+
+    measure: Callable[[Study, int], dict]
+    """A module-level function ``(study, chunk) -> findings``, whose findings list the chunk's case `keys`."""
+    subject: str
+    family: str
+    dtype: str
+    kind: str
+    seed: int
+    size: int
+    """Draws per chunk."""
+
+    def __call__(self, chunk: int) -> dict:
+        return self.measure(self, chunk)
+
+    def draw(self, chunk: int, visit: Callable[[object], None]) -> None:
+        draw_chunk(strategy(self.family, self.dtype, self.kind), self.seed, chunk, self.size, visit)
+
+
+def distinct(results: list[dict]) -> int:
+    """How many distinct cases the chunks' findings cover."""
+    return len({key for result in results for key in result["keys"]})
+
+
+def add_case_options(parser: argparse.ArgumentParser, default_cases: int) -> None:
+    """The options every study of drawn cases takes."""
+    parser.add_argument("--cases", type=int, default=default_cases, help="at least this many distinct cases (default: %(default)s)")
+    parser.add_argument("--kind", choices=KINDS, default="drawn", help="which cases (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the study's seed: same seed, same cases (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+
+
+def run(study: Study, cases: int, workers: int, progress: Callable[[list[dict]], str]) -> list[dict]:
+    """The findings of the chunks that give `cases` distinct cases, with a progress line on stderr."""
+    start = time.perf_counter()
+
+    def show(results: list[dict]) -> None:
+        print(f"\r{distinct(results)} cases{progress(results)}, {time.perf_counter() - start:.0f} s",
+              end="", file=sys.stderr, flush=True)
+
+    results = until_enough(study, lambda results: distinct(results) >= cases, workers, show)
+    print(file=sys.stderr)
+    return results
+
+
+def writable(parser: argparse.ArgumentParser, path: Path) -> Path:
+    """`path`, once it is known to be writable: a one-line usage error now, not after hours of measuring."""
     existed = path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a"):
-        pass
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as error:
+        parser.error(f"cannot write {path}: {error}")
     if not existed:
         path.unlink()
+    return path
 
 
 def key(description: dict) -> str:
