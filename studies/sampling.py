@@ -1,9 +1,9 @@
 """Where a study's cases come from, reproducibly, and how its work is spread over processes.
 
 A study asks for N distinct cases of a family in a dtype. They are drawn by Hypothesis in chunks
-of `CHUNK` draws (N if fewer); chunk k of a study with seed s is Hypothesis run under ``@seed(s * 1_000_003 + k)``
-with the generate phase only, so the same seed (and the same Hypothesis version) gives the same
-cases, and chunks can run in any order on any number of processes. Hypothesis repeats some draws
+of `CHUNK` draws (N if fewer); chunk k of a study with seed s is Hypothesis run under
+``@seed(s * 1_000_003 + k)`` with the generate phase only, so the same seed and N (and the same
+Hypothesis version) give the same cases, and chunks can run in any order on any number of processes. Hypothesis repeats some draws
 (its generation starts from simple ones and mutates them): a case is counted, and checked, once per
 chunk, and the study takes chunks 0, 1, ... until it has N distinct cases.
 """
@@ -33,6 +33,7 @@ CHUNK = 500
 def chunk_size(cases: int) -> int:
     """The draws per chunk of a study that wants `cases` cases (a small study draws no more than it needs)."""
     return max(1, min(CHUNK, cases))
+
 
 KINDS = ("drawn", "extreme")
 """``drawn``: the cases the suite itself draws (`cases_for`, the dev profile's sizes); ``extreme``:
