@@ -91,14 +91,9 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
     from conformance.verdict import allowed_error
 
     subject = resolve(task.subject)
-    found: dict = {"keys": [], **{name: [] for name in PERTURBATIONS}, "failing": []}
-    seen: set[str] = set()
+    found: dict = {**{name: [] for name in PERTURBATIONS}, "failing": []}
 
-    def visit(case) -> None:
-        key = sampling.key(case.describe())
-        if key in seen:
-            return
-        seen.add(key)
+    def visit(case, index: int) -> None:
         observed, expected, base = forward(task.family, subject, case)
         allowed = allowed_error(expected)
         error = observed - expected.value
@@ -116,8 +111,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
             share = float(np.max(np.abs(term), initial=0.0)) / scale if scale else 0.0
             found[name].append((smallest_caught(error, allowed, term), smallest_caught(0 * error, ideal, term), share))
 
-    task.draw(chunk, visit)
-    found["keys"] = sorted(seen)
+    found["keys"] = task.each_distinct(chunk, visit)
     return found
 
 

@@ -12,7 +12,6 @@ The default subject is the family's correct layer of ``tests/lora_layers.py``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -39,16 +38,10 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
 
     subject = resolve(task.subject)
     checks = {name: check for name, check in registry.FAMILY_CHECKS[task.family].items() if registry.runs_in(name, task.dtype)}
-    found: dict = {"keys": [], "checks": {}, "false_alarms": []}
-    seen: set[str] = set()
+    found: dict = {"checks": {}, "false_alarms": []}
 
-    def visit(case) -> None:
+    def visit(case, index: int) -> None:
         description = case.describe()
-        key = hashlib.sha1(sampling.key(description).encode()).hexdigest()[:16]
-        if key in seen:
-            return
-        index = len(seen)
-        seen.add(key)
         for name, check in checks.items():
             if index % EVERY.get(name, 1):
                 continue
@@ -67,8 +60,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
                     "check": name, "what": measurement.worst.describe(), "replay": replay_command(task.subject, name, description)
                 })
 
-    task.draw(chunk, visit)
-    found["keys"] = sorted(seen)
+    found["keys"] = task.each_distinct(chunk, visit)
     return found
 
 

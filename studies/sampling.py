@@ -11,6 +11,7 @@ chunk, and the study takes chunks 0, 1, ... until it has N distinct cases.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -93,8 +94,18 @@ class Study:
     def __call__(self, chunk: int) -> dict:
         return self.measure(self, chunk)
 
-    def draw(self, chunk: int, visit: Callable[[object], None]) -> None:
-        draw_chunk(strategy(self.family, self.dtype, self.kind), self.seed, chunk, self.size, visit)
+    def each_distinct(self, chunk: int, visit: Callable[[object, int], None]) -> list[str]:
+        """Call ``visit(case, index)`` once per distinct case of chunk `chunk`; return their keys."""
+        seen: dict[str, None] = {}
+
+        def once(case) -> None:
+            identity = key(case.describe())
+            if identity not in seen:
+                seen[identity] = None
+                visit(case, len(seen) - 1)
+
+        draw_chunk(strategy(self.family, self.dtype, self.kind), self.seed, chunk, self.size, once)
+        return sorted(seen)
 
 
 def distinct(results: list[dict]) -> int:
@@ -138,8 +149,8 @@ def writable(parser: argparse.ArgumentParser, path: Path) -> Path:
 
 
 def key(description: dict) -> str:
-    """A case's identity: its parameters (the arrays follow from them)."""
-    return json.dumps(description, sort_keys=True)
+    """A case's identity: a digest of its parameters (the arrays follow from them)."""
+    return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
 T = TypeVar("T")
