@@ -71,8 +71,6 @@ class Task:
 
 def run_seed(task: Task) -> dict:
     """Whether one seed catches the variant, and after how many cases (and one replay)."""
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hypothesis_seed
     from hypothesis.errors import FlakyFailure
 
     from conformance import registry
@@ -83,18 +81,14 @@ def run_seed(task: Task) -> dict:
     tried: list[dict] = []
     caught_after: list[int] = []
 
-    @hypothesis_seed(sampling.chunk_seed(task.seed, 0))
-    @settings(max_examples=task.examples, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(case=strategy(task.variant, task.dtype, task.kind))
-    def run(case):
+    def visit(case) -> None:
         tried.append(case.describe())
         if not check(variant.subject, case).passed:
             caught_after.append(len(tried))
             raise _Caught
 
     try:
-        run()
+        sampling.draw_chunk(strategy(task.variant, task.dtype, task.kind), task.seed, 0, task.examples, visit)
     except (_Caught, FlakyFailure):
         # Hypothesis replays the failing case; a variant with random behaviour (dropout in eval mode)
         # may pass then, and Hypothesis calls the failure flaky. The first failure is the catch.
