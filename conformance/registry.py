@@ -70,8 +70,20 @@ ONLY_IN: dict[str, tuple[str, ...]] = {
 """Checks that run in some case dtypes only (test modules mark them with ``pytest.mark.dtypes``)."""
 
 
+APPLIES_TO: dict[str, Callable[[LinearCase | EmbeddingCase], bool]] = {
+    "steps_sgd": lambda case: training_checks.steps_fit(case, "sgd"),
+    "steps_adamw": lambda case: training_checks.steps_fit(case, "adamw"),
+}
+"""Checks that judge only some of their family's cases (test modules filter their cases with it)."""
+
+
 def runs_in(check: str, dtype: str) -> bool:
     return dtype in ONLY_IN.get(check, (dtype,))
+
+
+def applies(check: str, case: LinearCase | EmbeddingCase) -> bool:
+    """Whether `check` can judge `case` at all (see `APPLIES_TO`)."""
+    return check not in APPLIES_TO or APPLIES_TO[check](case)
 
 
 def find_check(family: str, name: str) -> Check | None:

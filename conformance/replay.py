@@ -12,7 +12,7 @@ import sys
 
 from conformance.asserting import message
 from conformance.cases import case_from_description
-from conformance.registry import find_check
+from conformance.registry import applies, find_check
 from conformance.subjects import resolve
 
 
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         if check is None:
             raise LookupError(f"{subject} has no check {spec['check']!r}")
         case = case_from_description(spec["case"])
+        if not applies(spec["check"], case):
+            raise ValueError(f"{spec['check']} does not judge this case (its test module leaves it out: see registry.APPLIES_TO)")
     except (ValueError, KeyError, LookupError) as error:
         parser.error(f"cannot replay: {error}")
     measurement = check(subject, case)

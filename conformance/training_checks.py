@@ -6,6 +6,7 @@ never raise because of the subject or the reference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -194,6 +195,18 @@ def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer
     measurement = measure(f"steps_{kind}", subject, case, timer, expect, reference, run_subject)
     measurement.case.update(spec.describe())
     return measurement
+
+
+def steps_fit(case: LinearCase | EmbeddingCase, kind: str) -> bool:
+    """Whether the steps' float64 trajectory keeps gradients (AdamW: their squares) and the adapter far from
+    overflow in the case dtype, as `gradients_fit` asks of one backward pass: huge weights make the regression
+    residual, and so every later step, overflow where no implementation could follow."""
+    view = case.lookup if isinstance(case, EmbeddingCase) else case
+    target = optimizers.regression_target(view)
+    spec = optimizers.optimizer_for(view, kind, trajectory.first_gradients(view, target))
+    largest: list[float] = []
+    trajectory.steps(view, spec, target, optimizers.STEPS, largest)
+    return all(math.isfinite(value) and value < view.dtype.largest / 64 for value in largest)
 
 
 def steps_sgd(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:

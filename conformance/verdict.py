@@ -16,7 +16,8 @@ the sum of magnitudes ``|x| |W|^T``, ``|b|``, ``s |x| |A|^T |B|^T`` times factor
 inner dimension, plus the roundings at each cast, as DESIGN.md asks. It is rigorous for the
 evaluation order the oracle spells out; `CALIBRATION` is the one constant that lets another sensible
 order (say ``x @ (s B A)^T`` instead of ``s ((x A^T) B^T)``) through. Every rounding may also
-underflow, which costs up to half the dtype's smallest subnormal in absolute terms.
+underflow, which costs up to half the dtype's smallest subnormal in absolute terms (a product's sum:
+once per product, in the accumulation dtype).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class Tracked:
             propagated = propagated + self.bound @ np.abs(other.value)
         if other.bound.any():
             propagated = propagated + self.magnitude @ other.bound
-        accumulated = gamma(inner, accumulation) * (self.magnitude @ other.magnitude)
+        # Each of the `inner` products may also underflow in the accumulation dtype (absolute error).
+        accumulated = gamma(inner, accumulation) * (self.magnitude @ other.magnitude) + inner * accumulation.underflow
         return self._stored(value, propagated + accumulated)
 
     def matmul_of_stored_terms(self, other: Tracked, accumulation: DType) -> Tracked:

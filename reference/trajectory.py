@@ -63,8 +63,11 @@ def _bias_corrections(spec: OptimizerSpec, step: int, case: LinearCase) -> tuple
     return _rounded(spec.lr, case) / powers[0], one / powers[1].sqrt()
 
 
-def steps(case: LinearCase, spec: OptimizerSpec, target: np.ndarray, count: int) -> list[dict[str, Tracked]]:
-    """A and B (peft's layouts) after each of `count` steps."""
+def steps(
+    case: LinearCase, spec: OptimizerSpec, target: np.ndarray, count: int, largest: list[float] | None = None
+) -> list[dict[str, Tracked]]:
+    """A and B (peft's layouts) after each of `count` steps; `largest`, if given, gets the largest
+    magnitude of what an implementation holds in the dtype: gradients (AdamW: their squares) and the adapter."""
     adapter = {"A": Tracked.exact(case.lora_A, case.dtype), "B": Tracked.exact(case.lora_B, case.dtype)}
     zeros = {name: Tracked.exact(np.zeros_like(p.value), case.dtype) for name, p in adapter.items()}
     moments, squares = dict(zeros), dict(zeros)
@@ -72,6 +75,8 @@ def steps(case: LinearCase, spec: OptimizerSpec, target: np.ndarray, count: int)
     for step in range(1, count + 1):
         grads = _gradients(case, adapter, target)
         for name, g in grads.items():
+            if largest is not None:
+                largest.append(float(np.max(g.magnitude, initial=0.0)) ** (2 if spec.kind == "adamw" else 1))
             if spec.kind == "sgd":
                 adapter[name] = adapter[name] - g.scaled(spec.lr)
                 continue
@@ -87,5 +92,7 @@ def steps(case: LinearCase, spec: OptimizerSpec, target: np.ndarray, count: int)
             limit = _adam_step_limit(spec, step) * (2 + gamma(8, case.dtype))
             update = Tracked(update.value, np.minimum(update.bound, limit), case.dtype)
             adapter[name] = adapter[name].scaled(1 - spec.lr * spec.weight_decay) - update
+        if largest is not None:
+            largest += [float(np.max(p.magnitude, initial=0.0)) for p in adapter.values()]
         trajectory.append(dict(adapter))
     return trajectory

@@ -45,8 +45,11 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
         for name, check in checks.items():
             if index % EVERY.get(name, 1):
                 continue
+            tally = found["checks"].setdefault(name, {"runs": 0, "not_judgeable": 0, "largest": {}})
+            if not registry.applies(name, case):  # as the check's test module leaves the case out
+                tally["not_judgeable"] += 1
+                continue
             measurement = check(subject, case)
-            tally = found["checks"].setdefault(name, {"runs": 0, "largest": {}})
             tally["runs"] += 1
             for comparison in measurement.comparisons:
                 margin = comparison.margin
@@ -69,8 +72,9 @@ def merge(results: list[dict]) -> dict:
     checks: dict = {}
     for result in results:
         for name, tally in result["checks"].items():
-            total = checks.setdefault(name, {"runs": 0, "largest": {}})
+            total = checks.setdefault(name, {"runs": 0, "not_judgeable": 0, "largest": {}})
             total["runs"] += tally["runs"]
+            total["not_judgeable"] += tally.get("not_judgeable", 0)
             for side, largest in tally["largest"].items():
                 if side not in total["largest"] or largest["margin"] > total["largest"][side]["margin"]:
                     total["largest"][side] = largest

@@ -1,16 +1,19 @@
 """The verdict itself: its rounding model holds on this machine, and it neither cries wolf nor waves bugs through."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 
-from conformance import profiles, registry
-from conformance.cases import cases_for
+from conformance import profiles, registry, replay
+from conformance.cases import LinearCase, case_from_description, cases_for, gradients_fit, linear_cases
 from conformance.dtypes import ACCUMULATION, CASE_DTYPES, FLOAT16, FLOAT32, round_to
 from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, gamma
 from reference.bridge import mlx_array, to_numpy
+from studies import sampling
 from tests.catalogue import CORRECT
 
 DTYPES = pytest.mark.parametrize("dtype", CASE_DTYPES, ids=str)
@@ -36,6 +39,41 @@ def test_a_sum_may_be_rounded_once_but_not_be_two_units_in_the_last_place_off():
     assert compare("y", "subject", round_to(total.value, FLOAT16), total).passed
     two_ulps_off = compare("y", "subject", np.array([1.0 + 2 * 2.0**-10]), total)
     assert not two_ulps_off.passed and two_ulps_off.margin > 1
+
+
+@pytest.mark.parametrize("multiply", [lambda a, b: to_numpy(mlx_array(a, FLOAT32) @ mlx_array(b, FLOAT32)),
+                                      lambda a, b: (torch.from_numpy(a) @ torch.from_numpy(b)).double().numpy()],
+                         ids=["mlx", "torch"])
+def test_each_product_of_a_sum_may_underflow(multiply):
+    """Found by the extreme cases: 1024 products of 2**-150 each round to zero, so their float32 sum is 0, not
+    1024 * 2**-150 (a subnormal that one final rounding would keep). The bound carries one underflow per product."""
+    a, b = np.full((1, 1024), 2.0**-75), np.full((1024, 1), 2.0**-75)
+    expected = Tracked.exact(a, FLOAT32) @ Tracked.exact(b, FLOAT32)
+    observed = multiply(a.astype(np.float32), b.astype(np.float32))
+    assert observed.item() == 0 and expected.value.item() == 1024 * 2.0**-150
+    assert compare("sum", "subject", observed, expected).passed
+
+
+def test_steps_checks_judge_every_drawn_case_and_leave_out_trajectories_that_overflow():
+    """The optimizer-step checks judge a case only if its float64 trajectory stays far inside the dtype's range
+    (`registry.APPLIES_TO`); the suite's own cases all do; x and W of 2**20 (AdamW squares the gradients) or
+    2**40 do not, and replaying such a case is refused."""
+    drawn: list[LinearCase] = []
+    sampling.draw_chunk(linear_cases(FLOAT32).filter(gradients_fit), 0, 0, 100, drawn.append)
+    for check in ("steps_sgd", "steps_adamw"):
+        assert all(registry.applies(check, case) for case in drawn)
+    sizes = {"in_features": 8, "out_features": 16, "r": 4, "batch_shape": [3]}
+
+    def weighing(scale: float) -> dict:
+        return {**drawn[0].describe(), **sizes, "magnitudes": [scale, scale, 1.0, 1.0]}
+
+    assert registry.applies("steps_sgd", case_from_description(weighing(2.0**20)))
+    assert not registry.applies("steps_adamw", case_from_description(weighing(2.0**20)))
+    assert not registry.applies("steps_sgd", case_from_description(weighing(2.0**40)))
+    spec = {"subject": CORRECT[0].name, "check": "steps_adamw", "case": weighing(2.0**20)}
+    with pytest.raises(SystemExit) as refused:
+        replay.main([json.dumps(spec)])
+    assert refused.value.code == 2
 
 
 def test_allowed_error_is_zero_for_exact_values_so_any_change_fails():
