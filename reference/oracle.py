@@ -93,14 +93,19 @@ def linear_forward(case: LinearCase, dropped: Tracked | None = None) -> Tracked:
     """
     if not case.use_dora:
         return linear_base(case) + lora_update(case, dropped)
-    factor, unbiased, lora = dora_factor(case), _exact(case, case.x) @ _base_weight(case).T, lora_update(case, dropped)
+    factor, unbiased = dora_factor(case), _exact(case, case.x) @ _base_weight(case).T
+    down, up = (_exact(case, case.x) if dropped is None else dropped) @ _exact(case, case.lora_A).T, _exact(case, case.lora_B).T
+    lora = down.scaled_matmul(up, case.scale)
+    # peft scales last, (f ((x' A^T) B^T)) s: f times the unscaled term may sink into the subnormals
+    # before s magnifies that underflow.
+    scaled_lora = Tracked.covering(factor * lora, (factor * (down @ up)).scaled(case.scale))
     if dropped is not None:
         correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * (dropped @ _base_weight(case).T)
-        return linear_base(case) + (correction + factor * lora)
+        return linear_base(case) + (correction + scaled_lora)
     # MLX scales the sum; peft adds (factor - 1) * base + factor * lora to the base layer's output.
     # When the factor is far from 1 the two round quite differently, so the bound covers both.
     scaled_sum = factor * (unbiased + lora)
-    correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * unbiased + factor * lora
+    correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * unbiased + scaled_lora
     if case.has_bias:
         bias = _exact(case, case.bias)
         return Tracked.covering(scaled_sum + bias, (unbiased + bias) + correction)

@@ -1,0 +1,54 @@
+"""Cases the verdict studies (`studies/`) found failing a correct layer, kept so that they stay fixed.
+
+Each was a gap in the error model or in what the suite draws, never a reason to widen a tolerance:
+the test says which, and fails if the gap opens again.
+"""
+
+import json
+
+import pytest
+
+from conformance import replay
+from conformance.cases import case_from_description, fits_dtype
+from tests.catalogue import CorrectDoRALinear, CorrectLoRALinear
+
+
+def _case(**parameters) -> dict:
+    defaults = {"use_rslora": False, "bias": False, "dropout": 0.0, "batch_shape": [], "use_dora": False,
+                "quantization": None, "fan_in_fan_out": False, "cancel": None}
+    return {**defaults, **parameters}
+
+
+PEFT_SCALES_DORA_LAST = _case(
+    dtype="float16", in_features=8, out_features=130, r=11, alpha=107.0, use_rslora=True, scale=32.26171386982071,
+    dropout=0.1, batch_shape=[1, 3], magnitudes=[2.0**-10, 2.0**-10, 2.0**-8, 2.0**-8], seed=29869691, use_dora=True,
+)
+"""peft computes DoRA's LoRA term as ``(f ((x' A^T) B^T)) s``: with a tiny x, A and B the product f times the
+unscaled term underflows in float16, and s = 32 magnifies that (the reference failed `dropout` with margin 1.0x)."""
+
+PRODUCTS_UNDERFLOW = _case(
+    dtype="float32", in_features=1, out_features=1314, r=128, alpha=1.0, scale=2.0**-7, bias=True, batch_shape=[2, 2],
+    magnitudes=[2.0**-61] * 4, seed=134427, cancel="input",
+)
+"""Every product of the backward pass's sums sinks below float32's subnormals, and the steps' learning rate (a tenth
+of the adapter's norm over the gradient's) magnifies each product's underflow (steps_sgd failed, margin 1.07)."""
+
+DORA_NORM_IN_THE_SUBNORMALS = _case(
+    dtype="float16", in_features=1, out_features=102, r=16, alpha=0.01, use_rslora=True, scale=0.0025, dropout=0.5,
+    magnitudes=[0.5, 2.0**-10, 64.0, 2.0**-10], seed=2757493363, use_dora=True,
+)
+"""The adapted weight's rows are single elements in float16's subnormals: the dtype does not determine DoRA's norm,
+the oracle's bound on the factor m / ||W + s B A|| was infinite and the gradients' bound NaN (grad failed)."""
+
+
+@pytest.mark.parametrize(
+    ("subject", "check", "case"),
+    [(CorrectDoRALinear, "dropout", PEFT_SCALES_DORA_LAST), (CorrectLoRALinear, "steps_sgd", PRODUCTS_UNDERFLOW)],
+    ids=["peft scales DoRA's term last", "each product underflows"],
+)
+def test_a_correct_layer_passes_where_the_bound_had_a_gap(subject, check, case, capsys):
+    assert replay.main([json.dumps({"subject": subject.name, "check": check, "case": case})]) == 0, capsys.readouterr().out
+
+
+def test_dora_cases_whose_norm_the_dtype_does_not_determine_are_not_drawn():
+    assert not fits_dtype(case_from_description(DORA_NORM_IN_THE_SUBNORMALS))
