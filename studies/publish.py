@@ -44,6 +44,9 @@ def studies(results: Path = RESULTS) -> dict:
         "detection": _ordered([_load(p) for p in sorted((results / "detection").glob("*.json"))]),
         "earlier": json.loads((results / "earlier.json").read_text()) if (results / "earlier.json").exists() else [],
     }
+    for document in found["false_alarms"]:
+        for tally in document["checks"].values():
+            tally.setdefault("not_judgeable", 0)  # measured before checks could leave cases out: each ran
     for name in ("catch_rates", "flakiness"):
         path = results / f"{name}.json"
         found[name] = _load(path) if path.exists() else None
