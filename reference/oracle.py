@@ -219,6 +219,10 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     grads["grad A"], grads["grad B"] = lora["A"], lora["B"]
     if bias_trains and case.has_bias:
         grads["grad bias"] = _column_sums(_exact(case, upstream.reshape(-1, case.out_features)))
+        if case.use_dora:  # peft's bias also enters (f - 1) (x W^T + b - b): its gradient is T + T (f - 1) - T (f - 1)
+            grads["grad bias"] = Tracked.covering(
+                grads["grad bias"], _column_sums(unscaled_t + correction) - _column_sums(correction)
+            )
     return grads
 
 
