@@ -113,6 +113,15 @@ class Tracked:
         accumulated = gamma(inner, accumulation) * (self.magnitude @ other.magnitude) + inner * accumulation.underflow
         return self._stored(value, propagated + accumulated)
 
+    def matmul_onto(self, initial: Tracked, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
+        """``initial + self @ other`` as one sum of n + 1 terms that starts from `initial`, as BLAS's gemm
+        with beta = 1 (torch's ``baddbmm``) may evaluate it: `initial` is accumulated with the products."""
+        inner = self.value.shape[-1] + 1
+        value = initial.value + self.value @ other.value
+        propagated = initial.bound + self.bound @ np.abs(other.value) + self.magnitude @ other.bound
+        accumulated = gamma(inner, accumulation) * (initial.magnitude + self.magnitude @ other.magnitude)
+        return self._stored(value, propagated + accumulated + inner * accumulation.underflow)
+
     def matmul_of_stored_terms(self, other: Tracked, accumulation: DType) -> Tracked:
         """The product where each of the n terms is stored in the dtype before the sum, as a gather's
         gradient is (each row's product, then a scatter-add): one more rounding, and underflow, per term."""

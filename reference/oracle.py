@@ -148,13 +148,22 @@ def _routed(case: SwitchCase, per_expert: list[Tracked]) -> Tracked:
     return every.take_along_axis(case.indices[..., None].astype(np.intp), axis=-2)
 
 
+def adapted_expert_weight(expert: LinearCase) -> Tracked:
+    """``W_e + s B_e A_e`` as peft's ``target_parameters`` forms it on every forward: one ``baddbmm``, which
+    BLAS may evaluate as a single sum of r + 1 terms that starts from W_e (each term s b a, s rounded into B
+    first), or as the product, scaled, then added (`adapted_weight`). The bound covers both."""
+    b, a = _exact(expert, expert.lora_B), _exact(expert, expert.lora_A)
+    folded = b.scaled(expert.scale).matmul_onto(_base_weight(expert), a)
+    return Tracked.covering(adapted_weight(expert), folded)
+
+
 def switch_forward(case: SwitchCase) -> Tracked:
     """Each routed expert's LoRA output: ``x W_e^T + b_e + s (x A_e^T) B_e^T`` for e in the token's indices.
 
     MLX evaluates the LoRA term on the input side; peft's ``target_parameters`` adapts the expert
     weight itself, ``x (W_e + s B_e A_e)^T + b_e``. The bound covers both orders.
     """
-    return _routed(case, [Tracked.covering(linear_forward(e), merged_forward(e)) for e in case.experts])
+    return _routed(case, [Tracked.covering(linear_forward(e), _affine(e, adapted_expert_weight(e))) for e in case.experts])
 
 
 def switch_merged_weight(case: SwitchCase) -> Tracked:
@@ -279,7 +288,7 @@ def switch_grads(case: SwitchCase, upstream: np.ndarray) -> dict[str, Tracked]:
         grads_a.append(Tracked.covering(lora["A"], gathered_a, merged_a))
         grads_b.append(Tracked.covering(lora["B"], gathered_b, merged_b))
         # peft's target_parameters merges first: x's gradient then goes through W_e + s B_e A_e.
-        part = Tracked.covering(routed @ _base_weight(expert) + lora["x"], routed @ merged_weight(expert))
+        part = Tracked.covering(routed @ _base_weight(expert) + lora["x"], routed @ adapted_expert_weight(expert))
         grad_x = part if grad_x is None else grad_x + part
     return {
         "grad A": Tracked.stack(grads_a),
