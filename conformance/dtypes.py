@@ -14,13 +14,23 @@ class DType:
     unit_roundoff: float
     """Half the distance from 1 to the next representable number: the relative error of one rounding."""
     smallest_subnormal: float
+    smallest_normal: float
     largest: float
+    torch: torch.dtype
+    flushes_in_dot_products: bool = False
+    """Dot-product instructions of this dtype treat subnormal operands as zero and flush subnormal results:
+    bfloat16's do (x86 AVX512_BF16's VDPBF16PS and AMX, Arm's BFDOT and BFMMLA), and torch's CPU matmul uses them."""
 
     @property
     def underflow(self) -> float:
         """The largest absolute error of one rounding into the subnormal range."""
         return self.smallest_subnormal / 2
-    torch: torch.dtype
+
+    @property
+    def dot_product_underflow(self) -> float:
+        """The same where a dot product of this dtype's numbers meets a subnormal one (an operand or its result):
+        where its dot products flush subnormals, one may become zero, an error up to the smallest normal number."""
+        return self.smallest_normal if self.flushes_in_dot_products else self.underflow
 
     def __str__(self) -> str:
         return self.name
@@ -31,20 +41,22 @@ class DType:
         printer.text(repr(self))
 
 
-def _describe(name: str, torch_dtype: torch.dtype) -> DType:
+def _describe(name: str, torch_dtype: torch.dtype, flushes_in_dot_products: bool = False) -> DType:
     info = torch.finfo(torch_dtype)
     return DType(
         name=name,
         unit_roundoff=info.eps / 2,
         smallest_subnormal=info.smallest_normal * info.eps,
+        smallest_normal=info.smallest_normal,
         largest=info.max,
         torch=torch_dtype,
+        flushes_in_dot_products=flushes_in_dot_products,
     )
 
 
 FLOAT32 = _describe("float32", torch.float32)
 FLOAT16 = _describe("float16", torch.float16)
-BFLOAT16 = _describe("bfloat16", torch.bfloat16)
+BFLOAT16 = _describe("bfloat16", torch.bfloat16, flushes_in_dot_products=True)
 
 CASE_DTYPES: tuple[DType, ...] = (FLOAT32, FLOAT16, BFLOAT16)
 BY_NAME = {dtype.name: dtype for dtype in CASE_DTYPES}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
 
 from conformance import diagnosis, dropout_statistics, optimizers
-from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, upstream_gradient
+from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, fits_dtype, gradients_fit, upstream_gradient
 from conformance.checks import Expected, Observed, evaluated, from_mlx, from_torch, measure
 from conformance.subjects import Subject
 from conformance.switch_cases import SwitchCase, switch_upstream_gradient
@@ -199,14 +200,20 @@ def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer
 
 def steps_fit(case: LinearCase | EmbeddingCase, kind: str) -> bool:
     """Whether the steps' float64 trajectory keeps gradients (AdamW: their squares) and the adapter far from
-    overflow in the case dtype, as `gradients_fit` asks of one backward pass: huge weights make the regression
-    residual, and so every later step, overflow where no implementation could follow."""
+    overflow in the case dtype, and every step's forward and backward pass fits as `fits_dtype` and
+    `gradients_fit` ask of one pass: huge weights make the regression residual, and so every later step,
+    overflow where no implementation could follow."""
     view = case.lookup if isinstance(case, EmbeddingCase) else case
     target = optimizers.regression_target(view)
     spec = optimizers.optimizer_for(view, kind, trajectory.first_gradients(view, target))
     largest: list[float] = []
-    trajectory.steps(view, spec, target, optimizers.STEPS, largest)
-    return all(math.isfinite(value) and value < view.dtype.largest / 64 for value in largest)
+    after = trajectory.steps(view, spec, target, optimizers.STEPS, largest)
+    if not all(math.isfinite(value) and value < view.dtype.largest / 64 for value in largest):
+        return False
+    starts = [view, *(replace(view, lora_A=adapter["A"].value, lora_B=adapter["B"].value) for adapter in after[:-1])]
+    return all(
+        fits_dtype(start) and gradients_fit(start, oracle.linear_forward(start).value - target) for start in starts
+    )
 
 
 def steps_sgd(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:

@@ -17,7 +17,9 @@ inner dimension, plus the roundings at each cast, as DESIGN.md asks. It is rigor
 evaluation order the oracle spells out; `CALIBRATION` is the one constant that lets another sensible
 order (say ``x @ (s B A)^T`` instead of ``s ((x A^T) B^T)``) through. Every rounding may also
 underflow, which costs up to half the dtype's smallest subnormal in absolute terms (a product's sum:
-once per product, in the accumulation dtype).
+once per product, in the accumulation dtype); where the dtype's dot products flush subnormals to zero
+(bfloat16's instructions do), a subnormal operand, product, partial sum or result of a dot product may
+become zero, which costs up to the smallest normal number instead.
 """
 
 from __future__ import annotations
@@ -92,10 +94,23 @@ class Tracked:
     def magnitude(self) -> np.ndarray:
         return np.abs(self.value) + self.bound
 
-    def _stored(self, value: np.ndarray, bound: np.ndarray) -> Tracked:
-        """The result of one operation, rounded once to the dtype (which may underflow)."""
-        rounding = self.dtype.unit_roundoff * (np.abs(value) + bound) + self.dtype.underflow
+    def _stored(self, value: np.ndarray, bound: np.ndarray, underflow: float | None = None) -> Tracked:
+        """The result of one operation, rounded once to the dtype (which may underflow, by `underflow`)."""
+        underflow = self.dtype.underflow if underflow is None else underflow
+        rounding = self.dtype.unit_roundoff * (np.abs(value) + bound) + underflow
         return Tracked(value, bound + rounding, self.dtype)
+
+    def _as_dot_product_reads_it(self) -> Tracked:
+        """This operand as a dot product of its dtype reads it: where those treat subnormals as zero, an element
+        below the smallest normal number may be read as 0, an error of up to its own magnitude."""
+        if not self.dtype.flushes_in_dot_products:
+            return self
+        subnormal = self.magnitude < self.dtype.smallest_normal
+        return Tracked(self.value, np.where(subnormal, self.magnitude, self.bound), self.dtype)
+
+    def _product_underflow(self, accumulation: DType) -> float:
+        """What one product, or partial sum, of a dot product may lose to underflow in `accumulation`."""
+        return accumulation.smallest_normal if self.dtype.flushes_in_dot_products else accumulation.underflow
 
     def __matmul__(self, other: Tracked) -> Tracked:
         return self.matmul(other)
@@ -104,29 +119,33 @@ class Tracked:
         """The matrix product, its sums accumulated in `accumulation` (float32 unless said otherwise)."""
         inner = self.value.shape[-1]
         value = self.value @ other.value
+        left, right = self._as_dot_product_reads_it(), other._as_dot_product_reads_it()
         propagated = np.zeros_like(value)
-        if self.bound.any():
-            propagated = propagated + self.bound @ np.abs(other.value)
-        if other.bound.any():
-            propagated = propagated + self.magnitude @ other.bound
+        if left.bound.any():
+            propagated = propagated + left.bound @ np.abs(right.value)
+        if right.bound.any():
+            propagated = propagated + left.magnitude @ right.bound
         # Each of the `inner` products may also underflow in the accumulation dtype (absolute error).
-        accumulated = gamma(inner, accumulation) * (self.magnitude @ other.magnitude) + inner * accumulation.underflow
-        return self._stored(value, propagated + accumulated)
+        accumulated = gamma(inner, accumulation) * (left.magnitude @ right.magnitude) + inner * self._product_underflow(accumulation)
+        return self._stored(value, propagated + accumulated, self.dtype.dot_product_underflow)
 
     def matmul_onto(self, initial: Tracked, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """``initial + self @ other`` as one sum of n + 1 terms that starts from `initial`, as BLAS's gemm
         with beta = 1 (torch's ``baddbmm``) may evaluate it: `initial` is accumulated with the products."""
         inner = self.value.shape[-1] + 1
         value = initial.value + self.value @ other.value
-        propagated = initial.bound + self.bound @ np.abs(other.value) + self.magnitude @ other.bound
-        accumulated = gamma(inner, accumulation) * (initial.magnitude + self.magnitude @ other.magnitude)
-        return self._stored(value, propagated + accumulated + inner * accumulation.underflow)
+        start, left, right = (t._as_dot_product_reads_it() for t in (initial, self, other))
+        propagated = start.bound + left.bound @ np.abs(right.value) + left.magnitude @ right.bound
+        accumulated = gamma(inner, accumulation) * (start.magnitude + left.magnitude @ right.magnitude)
+        underflow = inner * self._product_underflow(accumulation)
+        return self._stored(value, propagated + accumulated + underflow, self.dtype.dot_product_underflow)
 
     def matmul_of_stored_terms(self, other: Tracked, accumulation: DType) -> Tracked:
         """The product where each of the n terms is stored in the dtype before the sum, as a gather's
         gradient is (each row's product, then a scatter-add): one more rounding, and underflow, per term."""
         product = self.matmul(other, accumulation)
-        stored = self.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + self.value.shape[-1] * self.dtype.underflow
+        terms = self.value.shape[-1]
+        stored = self.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + terms * self.dtype.dot_product_underflow
         return Tracked(product.value, product.bound + stored, self.dtype)
 
     def __add__(self, other: Tracked) -> Tracked:
@@ -148,13 +167,17 @@ class Tracked:
             propagated = np.where(slack > 0, (self.bound + np.abs(value) * other.bound) / slack, np.inf)
         return self._stored(value, propagated)
 
-    def row_norm(self) -> Tracked:
-        """The Euclidean norm over the last axis, accumulated in float32."""
+    def row_norm(self, accumulation: DType = ACCUMULATION) -> Tracked:
+        """The Euclidean norm over the last axis, its squares formed and summed in `accumulation`."""
+        inner = self.value.shape[-1]
         value = np.linalg.norm(self.value, axis=-1)
         propagated = np.linalg.norm(self.bound, axis=-1)
-        # The sum of squares is off by gamma(n + 1) relatively, and a square root halves that.
-        accumulated = (gamma(self.value.shape[-1] + 1) / 2) * np.linalg.norm(self.magnitude, axis=-1)
-        return self._stored(value, propagated + accumulated)
+        # The sum of squares is off by gamma(n + 1) relatively, and a square root halves that; each of the n
+        # squares may also underflow, which moves the sum by n half-subnormals and the root by at most the
+        # root of that (|sqrt(a) - sqrt(b)| <= sqrt(|a - b|)).
+        accumulated = (gamma(inner + 1, accumulation) / 2) * np.linalg.norm(self.magnitude, axis=-1)
+        underflow = np.sqrt(inner * accumulation.underflow)
+        return self._stored(value, propagated + accumulated + underflow)
 
     def sqrt(self) -> Tracked:
         """Elementwise square root of a non-negative quantity: the exact interval (sqrt is monotone)."""
@@ -181,7 +204,7 @@ class Tracked:
         """
         product = (self @ other).scaled(factor)
         prescaled = 2 * self.dtype.unit_roundoff * abs(factor) * (self.magnitude @ other.magnitude)
-        underflow = self.dtype.underflow * (
+        underflow = self.dtype.dot_product_underflow * (
             np.ones_like(self.value) @ other.magnitude + self.magnitude @ np.ones_like(other.value)
         )
         return Tracked(product.value, product.bound + prescaled + underflow, self.dtype)

@@ -8,9 +8,10 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from conformance import registry, replay
-from conformance.cases import case_from_description, fits_dtype
+from conformance.cases import case_from_description, fits_dtype, gradients_fit
 from tests.catalogue import CorrectDoRALinear, CorrectLoRALinear, CorrectLoRASwitchLinear
 
 
@@ -60,11 +61,29 @@ PEFT_FOLDS_THE_EXPERT_UPDATE = _case(
 products: W_e's rounding grows with r, not once (the reference failed `forward`, margin 1.31; `grad` up to 1.44)."""
 
 
+BFLOAT16_PRODUCTS_FLUSHED = _case(
+    dtype="bfloat16", in_features=1024, out_features=1, r=80, alpha=1.0, use_rslora=True, scale=0.11180339887498948,
+    batch_shape=[3], magnitudes=[2.0**-58, 2.0**-58, 2.0**-63, 2.0**47], seed=2038, cancel="terms",
+)
+"""Every product of peft's x A^T lies below 2^-126, and torch's CPU matmul of bfloat16 (oneDNN's AVX512_BF16 kernels)
+flushes such products to zero: x A^T was off by up to 20 times its value, the output by 340 times its own (the
+reference failed `forward`, margin 1.6; `grad` 18 in a case whose gradient lies in the subnormals)."""
+
+STEPS_OVERFLOW_IN_A_LATER_STEP = _case(
+    dtype="float32", in_features=4, out_features=1053, r=128, alpha=1.0, use_rslora=True, scale=0.08838834764831843,
+    dropout=0.5, magnitudes=[2.0**-32, 2.0, 2.0**52, 2.0**41], seed=496526,
+)
+"""After the first SGD step A is near 10^24, and the next backward pass's T B overflows float32 (the reference's A
+after step 3 was inf), though the trajectory's gradients and adapters themselves stay in range."""
+
+
 @pytest.mark.parametrize(
     ("subject", "check", "case"),
     [(CorrectDoRALinear, "dropout", PEFT_SCALES_DORA_LAST), (CorrectLoRALinear, "steps_sgd", PRODUCTS_UNDERFLOW),
-     (CorrectLoRASwitchLinear, "forward", PEFT_FOLDS_THE_EXPERT_UPDATE)],
-    ids=["peft scales DoRA's term last", "each product underflows", "peft folds the expert update"],
+     (CorrectLoRASwitchLinear, "forward", PEFT_FOLDS_THE_EXPERT_UPDATE),
+     (CorrectLoRALinear, "forward", BFLOAT16_PRODUCTS_FLUSHED)],
+    ids=["peft scales DoRA's term last", "each product underflows", "peft folds the expert update",
+         "bfloat16 products flushed"],
 )
 def test_a_correct_layer_passes_where_the_bound_had_a_gap(subject, check, case, capsys):
     assert replay.main([json.dumps({"subject": subject.name, "check": check, "case": case})]) == 0, capsys.readouterr().out
@@ -79,3 +98,20 @@ def test_peft_dora_bias_gradient_is_covered_however_far_the_magnitude_is_from_th
     trained_far = dataclasses.replace(case, magnitude=8 * case.magnitude)  # the suite draws m within 2x of the norm
     measurement = registry.FAMILY_CHECKS["dora_linear"]["grad_bias_all"](CorrectDoRALinear, trained_far)
     assert measurement.passed, measurement.worst.describe()
+
+
+def test_steps_checks_leave_out_trajectories_whose_later_passes_overflow():
+    case = case_from_description(STEPS_OVERFLOW_IN_A_LATER_STEP)
+    assert fits_dtype(case) and gradients_fit(case)
+    assert not registry.applies("steps_sgd", case)
+
+
+def test_dora_cases_whose_row_norms_square_beyond_the_accumulation_are_not_drawn():
+    """Found by the extreme cases: rows of W + s B A near 10^23 square beyond float32, and torch's and MLX's norms
+    (which sum the squares without rescaling) return inf: an output of 0 where 10^10 is right."""
+    huge = _case(dtype="float32", in_features=1024, out_features=4, r=2, alpha=1.0, scale=0.5, magnitudes=[1.0, 2.0**66, 1.0, 1.0],
+                 seed=1, use_dora=True)
+    case = case_from_description(huge)
+    assert not torch.isfinite(torch.linalg.norm(torch.from_numpy(case.weight).float(), dim=1)).all()
+    assert not fits_dtype(case)
+    assert fits_dtype(case_from_description({**huge, "magnitudes": [1.0, 2.0**40, 1.0, 1.0]}))

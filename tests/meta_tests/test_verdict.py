@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 from conformance import profiles, registry, replay
 from conformance.cases import LinearCase, case_from_description, cases_for, gradients_fit, linear_cases
-from conformance.dtypes import ACCUMULATION, CASE_DTYPES, FLOAT16, FLOAT32, round_to
+from conformance.dtypes import ACCUMULATION, BFLOAT16, CASE_DTYPES, FLOAT16, FLOAT32, round_to
 from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, gamma
 from reference.bridge import mlx_array, to_numpy
 from studies import sampling
@@ -52,6 +52,34 @@ def test_each_product_of_a_sum_may_underflow(multiply):
     observed = multiply(a.astype(np.float32), b.astype(np.float32))
     assert observed.item() == 0 and expected.value.item() == 1024 * 2.0**-150
     assert compare("sum", "subject", observed, expected).passed
+
+
+@pytest.mark.parametrize("subnormal", ["products", "operands"])
+def test_bfloat16_dot_products_may_flush_subnormals_and_float32_ones_may_not(subnormal):
+    """Found by the extreme cases: torch's CPU matmul of bfloat16 (oneDNN's AVX512_BF16 kernels, for most shapes;
+    Arm's BFDOT does the same) reads subnormal operands as zero and flushes subnormal products, so peft's x A^T
+    was off by 20 times its value where every product was below 2^-126. The bound allows that in bfloat16 only."""
+    left, right = (2.0**-65, 2.0**-65) if subnormal == "products" else (2.0**-130, 2.0**3)
+    a, b = np.full((3, 64), left), np.full((64, 80), right)
+    for dtype, flush_allowed in ((BFLOAT16, True), (FLOAT32, False)):
+        expected = Tracked.exact(a, dtype) @ Tracked.exact(b, dtype)
+        by_torch = (torch.from_numpy(a).to(dtype.torch) @ torch.from_numpy(b).to(dtype.torch)).double().numpy()
+        by_mlx = to_numpy(mlx_array(a, dtype) @ mlx_array(b, dtype))
+        for observed in (by_torch, by_mlx):
+            assert compare("product", "subject", observed, expected).passed
+        assert compare("product", "subject", np.zeros_like(expected.value), expected).passed == flush_allowed
+
+
+def test_a_norm_may_lose_every_square_to_underflow():
+    """Rows of 2^-80 square to 2^-160, below float32's subnormals: torch's and MLX's norms are 0, not 2^-75. The
+    bound carries each square's underflow (and so leaves such DoRA cases undrawn: the dtype does not determine them)."""
+    rows = np.full((2, 1024), 2.0**-80)
+    expected = Tracked.exact(rows, FLOAT32).row_norm()
+    by_torch = torch.linalg.norm(torch.from_numpy(rows).float(), dim=1).double().numpy()
+    by_mlx = to_numpy(mx.linalg.norm(mlx_array(rows, FLOAT32), axis=1))
+    for observed in (by_torch, by_mlx):
+        assert compare("norm", "subject", observed, expected).passed
+    assert np.all(2 * expected.bound >= expected.value)
 
 
 def test_steps_checks_judge_every_drawn_case_and_leave_out_trajectories_that_overflow():
