@@ -13,6 +13,7 @@ from tests import lora_layers
 from tests.lora_layers import (
     PeftStyleConvention,
     PeftStyleDoRAConvention,
+    PeftStyleDoRAEmbeddingConvention,
     PeftStyleEmbeddingConvention,
     PeftStyleSwitchConvention,
 )
@@ -26,6 +27,8 @@ def _subject(cls: type) -> Subject:
         return Subject(name, "mlx", "dora_linear", location, PeftStyleDoRAConvention())
     if issubclass(cls, lora_layers.CorrectLoRASwitchLinear):
         return Subject(name, "mlx", "switch_linear", location, PeftStyleSwitchConvention())
+    if issubclass(cls, lora_layers.CorrectDoRAEmbedding):
+        return Subject(name, "mlx", "dora_embedding", location, PeftStyleDoRAEmbeddingConvention())
     if issubclass(cls, lora_layers.CorrectLoRAEmbedding):
         return Subject(name, "mlx", "embedding", location, PeftStyleEmbeddingConvention())
     return Subject(name, "mlx", "linear", location, PeftStyleConvention())
@@ -63,8 +66,9 @@ class WrongVariant:
 CorrectLoRALinear = _subject(lora_layers.CorrectLoRALinear)
 CorrectDoRALinear = _subject(lora_layers.CorrectDoRALinear)
 CorrectLoRAEmbedding = _subject(lora_layers.CorrectLoRAEmbedding)
+CorrectDoRAEmbedding = _subject(lora_layers.CorrectDoRAEmbedding)
 CorrectLoRASwitchLinear = _subject(lora_layers.CorrectLoRASwitchLinear)
-CORRECT = (CorrectLoRALinear, CorrectDoRALinear, CorrectLoRAEmbedding, CorrectLoRASwitchLinear)
+CORRECT = (CorrectLoRALinear, CorrectDoRALinear, CorrectLoRAEmbedding, CorrectDoRAEmbedding, CorrectLoRASwitchLinear)
 WRONG_VARIANTS = {
     variant.subject.name.partition(":")[2]: variant
     for variant in (
@@ -106,6 +110,7 @@ WRONG_VARIANTS = {
             _subject(lora_layers.LookupInDefaultDtype), "forward", visible_in=("float32", "float16"), base="quantized",
             quantizations=("mxfp4", "mxfp8"),  # an affine table's scales carry the dtype into the dequantized table
         ),
+        WrongVariant(_subject(lora_layers.DoRAEmbeddingNormPerToken), "forward"),
         WrongVariant(_subject(lora_layers.AdapterIgnoresRouting), "forward"),
         WrongVariant(_subject(lora_layers.ExpertBiasNotRouted), "forward"),
         WrongVariant(_subject(lora_layers.SwitchFuseIgnoresAdapter), "merge"),

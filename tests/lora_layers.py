@@ -452,6 +452,63 @@ class EmbeddingMergeTransposed(CorrectLoRAEmbedding):
         return super().delta().T
 
 
+class CorrectDoRAEmbedding(CorrectLoRAEmbedding):
+    """DoRA on an embedding as peft defines it: the table seen as the linear map from one-hot ids, so one
+    magnitude per embedding dimension, m (D,), and each dimension of W + s A B normalised over the
+    vocabulary: ``m / ||W + s A B||_columns * (W + s A B)[ids]``. Norms in float32, m in the model's dtype."""
+
+    def __init__(self, embedding: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
+        super().__init__(embedding, r, alpha, use_rslora, dropout)
+        self.derive_magnitude()
+
+    def adapted(self) -> mx.array:
+        table = self.table()
+        return table + self.delta().astype(table.dtype)
+
+    def weight_norm(self) -> mx.array:
+        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=0)
+
+    def derive_magnitude(self) -> None:
+        self.m = self.weight_norm().astype(self.table().dtype)
+
+    def factor(self) -> mx.array:
+        return self.m.astype(mx.float32) / mx.stop_gradient(self.weight_norm())
+
+    def merged_table(self) -> mx.array:
+        return (self.factor() * self.adapted()).astype(self.table().dtype)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        self.check_ids(ids)
+        y = self.table()[ids]
+        lora = (self.scale * (self.lora_a[ids] @ self.lora_b)).astype(y.dtype)
+        return self.factor().astype(y.dtype) * (y + lora)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return x @ self.merged_table().T
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        fused = nn.Embedding(*self.table().shape)
+        fused.weight = self.merged_table()
+        return fused
+
+
+class DoRAEmbeddingNormPerToken(CorrectDoRAEmbedding):
+    """Normalises each token's vector, one magnitude per vocabulary row (as MLX's DoRAEmbedding does), instead
+    of each embedding dimension over the vocabulary: the norm taken over the wrong axis of the linear map."""
+
+    def weight_norm(self) -> mx.array:
+        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=1)
+
+    def factor(self) -> mx.array:
+        return (self.m.astype(mx.float32) / mx.stop_gradient(self.weight_norm()))[:, None]
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        self.check_ids(ids)
+        y = self.table()[ids]
+        lora = (self.scale * (self.lora_a[ids] @ self.lora_b)).astype(y.dtype)
+        return self.factor()[ids].astype(y.dtype) * (y + lora)
+
+
 class PeftStyleEmbeddingConvention:
     """How the embedding layers above are built from a case: peft's (r, alpha, use_rslora)."""
 
@@ -472,6 +529,24 @@ class PeftStyleEmbeddingConvention:
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         return layer.fuse(dequantize=dequantize)
+
+
+class PeftStyleDoRAEmbeddingConvention(PeftStyleEmbeddingConvention):
+    """As `PeftStyleEmbeddingConvention`, with the case's magnitude (per embedding dimension), in the layer's dtype."""
+
+    roles = {**PeftStyleEmbeddingConvention.roles, "m": "m"}
+
+    def build(self, cls: type, case) -> nn.Module:
+        layer = super().build(cls, case)
+        layer.m = mlx_array(case.lookup.magnitude, case.dtype)
+        return layer
+
+    def magnitude_at_creation(self, cls: type, case, with_adapter: bool) -> mx.array:
+        layer = super().build(cls, case)
+        if not with_adapter:
+            layer.lora_b = mx.zeros_like(layer.lora_b)
+        layer.derive_magnitude()
+        return layer.m
 
 
 # Mixture of experts ------------------------------------------------------------------------------
