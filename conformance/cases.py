@@ -470,6 +470,20 @@ SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shap
 """What an embedding case shares with a linear one, but its shape (and a quantized table's mode)."""
 
 
+def quantized_cases_for(family: str, dtype: DType, kind: str) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
+    """The cases a family is checked on with a base quantized in `kind` (a `Quantization.kind`), as its
+    ``test_quantized_<family>.py`` draws them; like `cases_for`, only cases whose gradients fit where the
+    family's quantized checks include them, and (embedding) no single 0-d token id, which
+    ``nn.QuantizedEmbedding`` cannot look up (a known divergence of the base, checked by itself)."""
+    if family == "switch_linear":
+        from conformance.switch_cases import switch_cases  # it builds on this module
+
+        return switch_cases(dtype, kind)
+    if family == "embedding":
+        return embedding_cases(dtype, quantized=kind).filter(lambda case: case.ids.ndim > 0)
+    return linear_cases(dtype, use_dora=family.startswith("dora_"), quantized=kind).filter(gradients_fit)
+
+
 def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
     """The cases a family of layers is checked on."""
     if family == "switch_linear":

@@ -57,6 +57,21 @@ QUANTIZED_CHECKS: dict[str, dict[str, Check]] = {
     "embedding": {**_EMBEDDING, "requantize": checks.requantize},
 }
 """The checks of a family on a quantized base, where it has one."""
+CONV1D_CHECKS: dict[str, tuple[str, ...]] = {"linear": ("forward", "merge"), "dora_linear": ("forward", "merge")}
+"""The checks of a family on a base in transformers' Conv1D layout (``test_conv1d.py``), where it has one."""
+
+BASES = ("float", "conv1d", "quantized")
+"""What a family's layer may wrap: an ``nn.Linear`` (``nn.Embedding``, ``SwitchLinear``), one that peft sees as
+a transformers Conv1D, or a quantized one."""
+
+
+def checks_on(family: str, base: str = "float") -> dict[str, Check]:
+    """A family's checks on a base of `BASES`; empty where the suite has no such layer."""
+    if base == "quantized":
+        return QUANTIZED_CHECKS.get(family, {})
+    if base == "conv1d":
+        return {name: FAMILY_CHECKS[family][name] for name in CONV1D_CHECKS.get(family, ())}
+    return FAMILY_CHECKS.get(family, {})
 
 ONLY_IN: dict[str, tuple[str, ...]] = {
     # Dropout's rescaling does not depend on the dtype, and in half precision the rounding of the

@@ -1,7 +1,7 @@
 """Detection thresholds: the smallest relative error in a forward output that the verdict catches.
 
 ``python -m studies.detection --family linear --dtype float32 [--cases N] [--kind drawn|extreme]
-[--seed S] [--workers N] [--out FILE]``
+[--base float|conv1d|quantized] [--seed S] [--workers N] [--out FILE]``
 
 For each case the correct layer's output y' (which passes) is perturbed three ways, each by a
 relative amount e, and judged against the oracle's y with the suite's own allowed error:
@@ -155,27 +155,29 @@ def summarize(records: list[tuple[float, float, float]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from conformance.dtypes import BY_NAME
+    from conformance.registry import FAMILY_CHECKS
     from studies.false_alarms import default_subject
 
     parser = argparse.ArgumentParser(prog="python -m studies.detection", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=("linear", "dora_linear", "embedding", "switch_linear"))
+    parser.add_argument("--family", required=True, choices=sorted(FAMILY_CHECKS))
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
     sampling.add_case_options(parser, default_cases=2000)
-    parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/detection/<family>-<dtype>-<kind>.json)")
+    parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/detection/<family>[-<base>]-<dtype>-<kind>.json)")
     args = parser.parse_args(argv)
+    sampling.check_usage(parser, args.family, args.kind, args.base)
     subject = default_subject(args.family)
-    out = args.out or RESULTS / "detection" / f"{args.family}-{args.dtype}-{args.kind}.json"
+    out = args.out or RESULTS / "detection" / f"{sampling.study_name(args.family, args.base)}-{args.dtype}-{args.kind}.json"
     sampling.writable(parser, out)
 
     start = time.perf_counter()
-    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases))
+    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases), args.base)
     results = sampling.run(study, args.cases, args.workers, lambda results: "")
-    command = (f"python -m studies.detection --family {args.family} --dtype {args.dtype} --cases {args.cases} "
-               f"--kind {args.kind} --seed {args.seed}")
+    command = " ".join(["python -m studies.detection", f"--family {args.family}", f"--dtype {args.dtype}", f"--cases {args.cases}",
+                        f"--kind {args.kind}", *sampling.base_option(args.base), f"--seed {args.seed}"])
     document = {
-        "study": "detection", "subject": subject, "family": args.family, "dtype": args.dtype, "kind": args.kind,
-        "seed": args.seed, "seconds": round(time.perf_counter() - start, 1), "measured": date.today().isoformat(),
-        "command": command,
+        "study": "detection", "subject": subject, "family": args.family, "base": args.base, "dtype": args.dtype,
+        "kind": args.kind, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
+        "measured": date.today().isoformat(), "command": command,
         "cases": sampling.distinct(results),
         "failing": [case for result in results for case in result["failing"]],
         "perturbations": {name: summarize([r for result in results for r in result[name]]) for name in PERTURBATIONS},
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(document, indent=1) + "\n")
     thresholds = ", ".join(f"{name} {document['perturbations'][name]['threshold']:.2g}" for name in PERTURBATIONS)
     loose = ", ".join(f"{name} {document['perturbations'][name]['looseness_median']:.2g}" for name in PERTURBATIONS)
-    print(f"{args.family} {args.dtype} {args.kind}: {document['cases']} cases; caught in 99% of those where the term is "
+    print(f"{args.family} on a {args.base} base, {args.dtype} {args.kind}: {document['cases']} cases; caught in 99% of those where the term is "
           f"at least {VISIBLE_SHARE:.0%} of the output: {thresholds}; median looseness over one rounding: {loose}; wrote {out}")
     return 1 if document["failing"] else 0
 

@@ -1,12 +1,12 @@
 """False alarms: run correct implementations over many cases and record every check's largest margin.
 
 ``python -m studies.false_alarms --family linear --dtype float32 --cases 100000 [--kind drawn|extreme]
-[--subject NAME] [--seed S] [--workers N] [--out FILE]``
+[--base float|conv1d|quantized] [--subject NAME] [--seed S] [--workers N] [--out FILE]``
 
-Every case goes through every check its family has in that dtype (`conformance.registry`), on the
-subject and on the reference (peft), both judged against the oracle; the slowest checks (`EVERY`) on
-every n-th case only. A margin above 1 is a false alarm: it is listed with the command that replays it.
-The default subject is the family's correct layer of ``tests/lora_layers.py``.
+Every case goes through every check its family has on that base in that dtype (`conformance.registry`),
+on the subject and on the reference (peft), both judged against the oracle; the slowest checks
+(`EVERY`) on every n-th case only. A margin above 1 is a false alarm: it is listed with the command
+that replays it. The default subject is the family's correct layer of ``tests/lora_layers.py``.
 """
 
 from __future__ import annotations
@@ -31,14 +31,43 @@ def replay_command(subject: str, check: str, case: dict) -> str:
     return f"python -m conformance.replay '{json.dumps({'subject': subject, 'check': check, 'case': case})}'"
 
 
+def check_id(family: str, base: str, check: str, subject: str, case: dict) -> str:
+    """The suite's id of the test that runs `check` on this case, as ``known_divergences.txt`` names it."""
+    dtype = case["dtype"]
+    if base == "quantized":
+        from conformance.quantization import Quantization
+
+        kind = Quantization(**case["quantization"]).kind
+        return f"test_quantized_{family}.py::test_{check}[{subject}-{dtype}-{kind}]"
+    if base == "conv1d":
+        return f"test_conv1d.py::test_{'dora' if family.startswith('dora_') else 'lora'}_{check}[{subject}-{dtype}]"
+    return f"test_{family}.py::test_{check}[{subject}-{dtype}]"
+
+
+def known_divergences() -> dict:
+    """The suite's known divergences that hold on this MLX device."""
+    import mlx.core as mx
+
+    from conformance import divergences
+
+    device = "gpu" if mx.default_device() == mx.Device(mx.gpu) else "cpu"
+    return divergences.load(divergences.DEFAULT_PATH, device)
+
+
 def run_chunk(task: sampling.Study, chunk: int) -> dict:
-    """One chunk of cases through every check: counts, the largest margin per check and side, and false alarms."""
-    from conformance import registry
+    """One chunk of cases through every check: counts, the largest margin per check and side, and false alarms.
+
+    Where the suite lists the subject's check as a known divergence (on a quantized base, MLX's own
+    quantized product on the CPU), the subject's failures are counted as that, not as false alarms, and
+    its margins there are not the verdict's to report; the reference's failures are always false alarms.
+    """
+    from conformance import divergences, registry
     from conformance.subjects import resolve
 
     subject = resolve(task.subject)
-    checks = {name: check for name, check in registry.FAMILY_CHECKS[task.family].items() if registry.runs_in(name, task.dtype)}
-    found: dict = {"checks": {}, "false_alarms": []}
+    known = known_divergences()
+    checks = {name: check for name, check in registry.checks_on(task.family, task.base).items() if registry.runs_in(name, task.dtype)}
+    found: dict = {"checks": {}, "false_alarms": [], "known_divergences": []}
 
     def visit(case, index: int) -> None:
         description = case.describe()
@@ -51,17 +80,22 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
                 continue
             measurement = check(subject, case)
             tally["runs"] += 1
+            replay = replay_command(task.subject, name, description)
+            failing_sides = {comparison.side for comparison in measurement.comparisons if not comparison.passed}
+            entry = divergences.find(known, check_id(task.family, task.base, name, task.subject, description))
             for comparison in measurement.comparisons:
-                margin = comparison.margin
+                if entry is not None and comparison.side == "subject":
+                    continue
                 best = tally["largest"].get(comparison.side)
-                if best is None or margin > best["margin"]:
-                    tally["largest"][comparison.side] = {
-                        "margin": margin, "quantity": comparison.quantity, "replay": replay_command(task.subject, name, description)
-                    }
-            if not measurement.passed:
-                found["false_alarms"].append({
-                    "check": name, "what": measurement.worst.describe(), "replay": replay_command(task.subject, name, description)
-                })
+                if best is None or comparison.margin > best["margin"]:
+                    tally["largest"][comparison.side] = {"margin": comparison.margin, "quantity": comparison.quantity, "replay": replay}
+            if measurement.passed:
+                continue
+            finding = {"check": name, "what": measurement.worst.describe(), "replay": replay}
+            if entry is not None and failing_sides == {"subject"}:
+                found["known_divergences"].append({**finding, "reason": entry.reason})
+            else:
+                found["false_alarms"].append(finding)
 
     found["keys"] = task.each_distinct(chunk, visit)
     return found
@@ -82,6 +116,7 @@ def merge(results: list[dict]) -> dict:
         "cases": sampling.distinct(results),
         "checks": checks,
         "false_alarms": [alarm for result in results for alarm in result["false_alarms"]],
+        "known_divergences": [found for result in results for found in result["known_divergences"]],
     }
 
 
@@ -108,29 +143,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
     parser.add_argument("--subject", help="a subject of the family (default: its correct layer in tests/)")
     sampling.add_case_options(parser, default_cases=1000)
-    parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/false_alarms/<family>-<dtype>-<kind>.json)")
+    parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>.json)")
     args = parser.parse_args(argv)
+    sampling.check_usage(parser, args.family, args.kind, args.base)
     subject = args.subject or default_subject(args.family)
-    out = args.out or RESULTS / "false_alarms" / f"{args.family}-{args.dtype}-{args.kind}.json"
+    out = args.out or RESULTS / "false_alarms" / f"{sampling.study_name(args.family, args.base)}-{args.dtype}-{args.kind}.json"
     sampling.writable(parser, out)
 
     start = time.perf_counter()
-    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases))
+    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases), args.base)
     results = sampling.run(study, args.cases, args.workers,
                            lambda results: f", {sum(len(r['false_alarms']) for r in results)} false alarms")
     merged = merge(results)
     command = " ".join(["python -m studies.false_alarms", f"--family {args.family}", f"--dtype {args.dtype}",
-                        f"--cases {args.cases}", f"--kind {args.kind}", f"--subject {subject}", f"--seed {args.seed}"])
+                        f"--cases {args.cases}", f"--kind {args.kind}", *sampling.base_option(args.base),
+                        f"--subject {subject}", f"--seed {args.seed}"])
     document = {
-        "study": "false_alarms", "subject": subject, "family": args.family, "dtype": args.dtype, "kind": args.kind,
-        "seed": args.seed, "seconds": round(time.perf_counter() - start, 1), "measured": date.today().isoformat(),
-        "command": command,
+        "study": "false_alarms", "subject": subject, "family": args.family, "base": args.base, "dtype": args.dtype,
+        "kind": args.kind, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
+        "measured": date.today().isoformat(), "command": command,
         "largest_margin": largest_margin(merged), "largest_statistical_margin": largest_margin(merged, statistical=True),
         **merged,
     }
     out.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"{subject} {args.family} {args.dtype} {args.kind}: {merged['cases']} distinct cases, "
-          f"{len(merged['false_alarms'])} false alarms, largest margin {document['largest_margin']:.3f}; wrote {out}")
+    known = f", {len(merged['known_divergences'])} known divergences" if merged["known_divergences"] else ""
+    print(f"{subject} {args.family} on a {args.base} base, {args.dtype} {args.kind}: {merged['cases']} distinct cases, "
+          f"{len(merged['false_alarms'])} false alarms{known}, largest margin {document['largest_margin']:.3f}; wrote {out}")
     for alarm in merged["false_alarms"][:5]:
         print(f"  {alarm['check']}: {alarm['what']}\n  replay: {alarm['replay']}")
     return 1 if merged["false_alarms"] else 0

@@ -23,8 +23,13 @@ from studies import sampling
 
 RESULTS = Path(__file__).with_name("results")
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SUBJECTS = [f"tests.catalogue:Correct{name}" for name in ("LoRALinear", "DoRALinear", "LoRAEmbedding", "LoRASwitchLinear")]
-"""The correct layers of ``tests/lora_layers.py``: every check of theirs passes."""
+
+
+def default_subjects() -> list[str]:
+    """The correct layers of ``tests/lora_layers.py``: every check of theirs passes."""
+    from tests.catalogue import CORRECT
+
+    return [subject.name for subject in CORRECT]
 
 
 def fingerprint(results: dict) -> dict:
@@ -62,12 +67,12 @@ def run_once(subjects: list[str], workers: int, results: Path) -> tuple[int, flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.flakiness", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="(default: %(default)s)")
-    parser.add_argument("--subject", action="append", default=[], help=f"subject or pattern (repeatable; default: {DEFAULT_SUBJECTS})")
+    parser.add_argument("--subject", action="append", default=[], help="subject or pattern (repeatable; default: the correct layers of tests/)")
     parser.add_argument("--workers", type=int, default=2, help="xdist workers per run (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "flakiness.json", help="(default: %(default)s)")
     args = parser.parse_args(argv)
     sampling.writable(parser, args.out)
-    subjects = args.subject or DEFAULT_SUBJECTS
+    subjects = args.subject or default_subjects()
     runs, first = [], None
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.runs):

@@ -20,20 +20,24 @@ DOCUMENT = ROOT / "docs" / "verdict-study.md"
 FIGURES = ROOT / "reports" / "verdict_study.json"
 README = ROOT / "README.md"
 MARKERS = ("<!-- verdict-study summary: written by python -m studies.publish -->", "<!-- end of the verdict-study summary -->")
-FAMILIES = ("linear", "dora_linear", "embedding", "switch_linear")
+FAMILIES = ("linear", "dora_linear", "embedding", "dora_embedding", "switch_linear")
+BASES = ("float", "conv1d", "quantized")
+KINDS = ("drawn", "extreme")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _load(path: Path) -> dict:
     document = json.loads(path.read_text())  # a study writes its file once, when it is done
     document.setdefault("measured", date.fromtimestamp(path.stat().st_mtime).isoformat())
+    document.setdefault("base", "float")  # measured before studies took other bases
+    document.setdefault("known_divergences", [])
     return document
 
 
 def _ordered(documents: list[dict]) -> list[dict]:
     def rank(d: dict) -> tuple:
-        return (FAMILIES.index(d["family"]) if d["family"] in FAMILIES else 99, d.get("kind", ""),
-                DTYPES.index(d["dtype"]) if d["dtype"] in DTYPES else 99)
+        return tuple(order.index(d[key]) if d[key] in order else 99
+                     for key, order in (("family", FAMILIES), ("base", BASES), ("kind", KINDS), ("dtype", DTYPES)))
     return sorted(documents, key=rank)
 
 
@@ -56,13 +60,16 @@ def studies(results: Path = RESULTS) -> dict:
 def figures(found: dict) -> dict:
     """The figures every report shows (``reports/verdict_study.json``)."""
     false_alarms = [
-        {"what": f"{d['subject']}, every check of the {d['family']} family ({d['kind']} cases)", "family": d["family"],
+        {"what": f"{d['subject']}, every check of the {d['family']} family on a {d['base']} base ({d['kind']} cases)",
+         "family": d["family"],
          "dtype": d["dtype"], "cases": f"{d['cases']:,}", "false_alarms": len(d["false_alarms"]),
+         "known_divergences": len(d["known_divergences"]),
          "largest_margin": f"{d['largest_margin']:.3f}", "measured": d["measured"], "command": d["command"]}
         for d in found["false_alarms"]
     ] + found["earlier"]
     detection = [
-        {"family": d["family"], "dtype": d["dtype"], "perturbation": name, "cases": d["perturbations"][name]["visible_cases"],
+        {"family": d["family"], "base": d["base"], "dtype": d["dtype"], "perturbation": name,
+         "cases": d["perturbations"][name]["visible_cases"],
          "threshold": f"{d['perturbations'][name]['threshold']:.2g}",
          "looseness": f"{d['perturbations'][name]['looseness_median']:.3g}", "measured": d["measured"], "command": d["command"]}
         for d in found["detection"] for name in PERTURBATIONS
@@ -107,7 +114,7 @@ def render(found: dict) -> str:
 def readme_summary(found: dict) -> str:
     """The summary the README shows between its `MARKERS`."""
     return _template("readme-summary.md.j2").render(
-        found=found, families=FAMILIES, dtypes=DTYPES, visible_share=VISIBLE_SHARE
+        found=found, families=FAMILIES, bases=BASES, dtypes=DTYPES, visible_share=VISIBLE_SHARE
     ).strip()
 
 

@@ -41,17 +41,44 @@ KINDS = ("drawn", "extreme")
 those of `studies.extremes`, which Hypothesis would rarely reach by itself."""
 
 
-def strategy(family: str, dtype_name: str, kind: str) -> st.SearchStrategy:
+def strategy(family: str, dtype_name: str, kind: str, base: str = "float") -> st.SearchStrategy:
+    """A study's cases: `kind` of `KINDS` on a base of `conformance.registry.BASES` (a quantized base's
+    mode is drawn, each of `conformance.quantization.KINDS` alike; extreme cases have float bases)."""
     from conformance import profiles
-    from conformance.cases import cases_for
+    from conformance.cases import cases_for, linear_cases, quantized_cases_for
     from conformance.dtypes import BY_NAME
+    from conformance.quantization import KINDS as QUANTIZATIONS
     from studies import extremes
 
     dtype = BY_NAME[dtype_name]
     if kind == "extreme":
         return extremes.cases_for(family, dtype)
     settings.load_profile(profiles.DEFAULT)  # the dev profile's sizes, whatever profile loaded before
+    if base == "quantized":
+        return st.sampled_from(QUANTIZATIONS).flatmap(lambda mode: quantized_cases_for(family, dtype, mode))
+    if base == "conv1d":
+        return linear_cases(dtype, use_dora=family.startswith("dora_"), fan_in_fan_out=True)
     return cases_for(family, dtype)
+
+
+def study_name(family: str, base: str) -> str:
+    """How result files name a family on a base: ``linear``, ``linear-quantized``."""
+    return family if base == "float" else f"{family}-{base}"
+
+
+def base_option(base: str) -> list[str]:
+    """The ``--base`` a study's command line needs (none for the default, so older commands read as they did)."""
+    return [] if base == "float" else [f"--base {base}"]
+
+
+def check_usage(parser: argparse.ArgumentParser, family: str, kind: str, base: str) -> None:
+    """A one-line usage error for a study the suite has no cases of."""
+    from conformance.registry import checks_on
+
+    if not checks_on(family, base):
+        parser.error(f"the suite has no {family} layer on a {base} base (bases per family: conformance.registry.checks_on)")
+    if kind == "extreme" and base != "float":
+        parser.error(f"extreme cases have float bases only, not {base}")
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -90,6 +117,7 @@ class Study:
     seed: int
     size: int
     """Draws per chunk."""
+    base: str = "float"
 
     def __call__(self, chunk: int) -> dict:
         return self.measure(self, chunk)
@@ -104,7 +132,7 @@ class Study:
                 seen[identity] = None
                 visit(case, len(seen) - 1)
 
-        draw_chunk(strategy(self.family, self.dtype, self.kind), self.seed, chunk, self.size, once)
+        draw_chunk(strategy(self.family, self.dtype, self.kind, self.base), self.seed, chunk, self.size, once)
         return sorted(seen)
 
 
@@ -115,8 +143,11 @@ def distinct(results: list[dict]) -> int:
 
 def add_case_options(parser: argparse.ArgumentParser, default_cases: int) -> None:
     """The options every study of drawn cases takes."""
+    from conformance.registry import BASES
+
     parser.add_argument("--cases", type=int, default=default_cases, help="at least this many distinct cases (default: %(default)s)")
     parser.add_argument("--kind", choices=KINDS, default="drawn", help="which cases (default: %(default)s)")
+    parser.add_argument("--base", choices=BASES, default="float", help="what the layer wraps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the study's seed: same seed, same cases (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
 

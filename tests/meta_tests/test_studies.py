@@ -1,16 +1,19 @@
 """The studies of the verdict (``studies/``): they draw what they say, reproducibly, and measure what they claim."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conformance import divergences, registry
 from conformance.cases import case_from_description, make_linear_case
 from conformance.dtypes import FLOAT16, FLOAT32
-from conformance.quantization import AVAILABLE
+from conformance.quantization import AVAILABLE, KINDS
 from conformance.verdict import Tracked, compare
 from studies import catch_rates, detection, extremes, false_alarms, flakiness, publish, sampling
 
+SUITE = Path(__file__).resolve().parents[2] / "conformance"
 LINEAR = dict(in_features=64, out_features=8, r=4, alpha=8.0, use_rslora=False, dropout=0.0, batch_shape=(3,),
               has_bias=True, magnitudes=(1.0, 1.0, 1.0, 1.0), seed=5)
 
@@ -90,6 +93,38 @@ def test_the_false_alarm_study_runs_every_check_and_writes_its_figures(tmp_path)
     assert {"forward", "merge", "grad", "dropout_scaling", "steps_sgd"} <= set(document["checks"])
     assert 0 < document["largest_margin"] <= 1
     assert "python -m conformance.replay" in document["checks"]["forward"]["largest"]["subject"]["replay"]
+
+
+def test_studies_on_other_bases_draw_those_bases():
+    quantized, conv1d = [], []
+    sampling.draw_chunk(sampling.strategy("linear", "float32", "drawn", "quantized"), 0, 0, 40, quantized.append)
+    sampling.draw_chunk(sampling.strategy("dora_linear", "float16", "drawn", "conv1d"), 0, 0, 10, conv1d.append)
+    assert {case.quantization.kind for case in quantized} == set(KINDS)
+    assert all(case.fan_in_fan_out and case.use_dora for case in conv1d)
+
+
+@pytest.mark.parametrize("base", registry.BASES)
+def test_a_study_names_each_check_as_the_suite_does_so_that_known_divergences_apply(base):
+    """The study counts a subject's failure in a known divergence of the suite as that: the ids must be the suite's."""
+    case = {"dtype": "float16", "quantization": {"mode": "mxfp8", "bits": 8, "group_size": 32}}
+    for family in registry.FAMILY_CHECKS:
+        for check in registry.checks_on(family, base):
+            module, _, test = false_alarms.check_id(family, base, check, "S", case).partition("::")
+            assert f"def {test.split('[')[0]}(" in (SUITE / module).read_text(), (family, base, check)
+    on_cpu = divergences.load(divergences.DEFAULT_PATH, "cpu")
+    mxfp8 = false_alarms.check_id("linear", "quantized", "forward", "tests.catalogue:CorrectLoRALinear", case)
+    assert mxfp8 == "test_quantized_linear.py::test_forward[tests.catalogue:CorrectLoRALinear-float16-mxfp8]"
+    assert divergences.find(on_cpu, mxfp8) is not None
+
+
+@pytest.mark.parametrize(("family", "options", "refusal"), [
+    ("embedding", ["--base", "conv1d"], "no embedding layer on a conv1d base"),
+    ("linear", ["--base", "quantized", "--kind", "extreme"], "extreme cases have float bases only"),
+])
+def test_a_study_the_suite_has_no_cases_of_is_refused(family, options, refusal, capsys):
+    with pytest.raises(SystemExit):
+        false_alarms.main(["--family", family, "--dtype", "float32", *options])
+    assert refusal in capsys.readouterr().err
 
 
 def test_a_study_says_at_once_when_it_cannot_write(tmp_path, capsys):
