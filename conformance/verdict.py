@@ -9,7 +9,8 @@ Numerical Algorithms*, ch. 3):
 - a product with inner dimension ``n``, accumulated in float32 (`dtypes.ACCUMULATION`), is off by at
   most ``gamma(n) * |a| @ |b|`` with ``gamma(n) = n u / (1 - n u)``;
 - every result stored in the case dtype costs one more rounding: ``u * |result|``;
-- multiplying by a Python scalar may round the scalar to the dtype first: one more ``u``.
+- multiplying by a Python scalar may round the scalar to the dtype first: one more ``u`` (none where the
+  dtype holds the scalar, and no rounding at all for a power of two, which scales exactly).
 
 Input errors are propagated exactly (``|a| @ e_b + e_a @ |b| + e_a @ e_b``). The bound is therefore
 the sum of magnitudes ``|x| |W|^T``, ``|b|``, ``s |x| |A|^T |B|^T`` times factors that grow with the
@@ -24,11 +25,13 @@ become zero, which costs up to the smallest normal number instead.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from conformance.dtypes import ACCUMULATION, DType
+from conformance.dtypes import ACCUMULATION, DType, round_to
 
 CALIBRATION = 2.0
 """The one calibrated constant: the bound of the oracle's evaluation order, times this, is allowed.
@@ -42,6 +45,17 @@ def gamma(inner: int, accumulation: DType = ACCUMULATION) -> float:
     """Worst-case relative error of a sum of `inner` products accumulated in `accumulation`."""
     nu = inner * accumulation.unit_roundoff
     return nu / (1.0 - nu) if nu < 1 else float("inf")
+
+
+@functools.cache
+def scaling_roundings(factor: float, dtype: DType) -> int:
+    """How many roundings multiplying a number of `dtype` by the Python float `factor` may take: 2 where the
+    factor must itself be rounded to the dtype first, 1 where the dtype holds it exactly (the product's
+    rounding), 0 for a power of two, whose products are exact (but for underflow): peft's default
+    alpha = r scales by 1, mlx-vlm's alpha = 2 r by 2."""
+    if math.frexp(abs(factor))[0] == 0.5:
+        return 0
+    return 1 if float(round_to(np.array([factor]), dtype)[0]) == factor else 2
 
 
 @dataclass(frozen=True)
@@ -190,20 +204,26 @@ class Tracked:
         return self._stored(self.value + constant, self.bound + self.dtype.unit_roundoff * abs(constant))
 
     def scaled(self, factor: float) -> Tracked:
-        """Multiply by a Python float, which an implementation may first round to the dtype."""
-        u = self.dtype.unit_roundoff
-        value = factor * self.value
-        return self._stored(value, abs(factor) * self.bound + u * np.abs(factor) * self.magnitude)
+        """Multiply by a Python float, which an implementation may first round to the dtype (see
+        `scaling_roundings`: a power of two scales exactly, but for underflow)."""
+        roundings = scaling_roundings(factor, self.dtype)
+        value, propagated = factor * self.value, abs(factor) * self.bound
+        if roundings == 0:
+            return Tracked(value, propagated + self.dtype.underflow, self.dtype)
+        scalar = (roundings - 1) * self.dtype.unit_roundoff * abs(factor) * self.magnitude
+        return self._stored(value, propagated + scalar)
 
     def scaled_matmul(self, other: Tracked, factor: float) -> Tracked:
         """``factor * (self @ other)``, where an implementation may instead scale either operand first.
 
-        Scaling an operand first rounds every scaled element (and the factor) before the sum, which
-        costs ``2 u |factor| |a| @ |b|`` instead of a rounding of the (possibly cancelled) result,
-        plus the underflow of each scaled element carried through the other operand.
+        Scaling an operand first rounds every scaled element (and the factor), which costs
+        ``k u |factor| |a| @ |b|`` (k of `scaling_roundings`: 2, or 1 for a factor the dtype holds, or
+        0 for a power of two) instead of a rounding of the (possibly cancelled) result, plus the
+        underflow of each scaled element carried through the other operand.
         """
         product = (self @ other).scaled(factor)
-        prescaled = 2 * self.dtype.unit_roundoff * abs(factor) * (self.magnitude @ other.magnitude)
+        roundings = scaling_roundings(factor, self.dtype)
+        prescaled = roundings * self.dtype.unit_roundoff * abs(factor) * (self.magnitude @ other.magnitude)
         underflow = self.dtype.dot_product_underflow * (
             np.ones_like(self.value) @ other.magnitude + self.magnitude @ np.ones_like(other.value)
         )

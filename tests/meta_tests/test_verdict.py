@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from conformance import profiles, registry, replay
 from conformance.cases import LinearCase, case_from_description, cases_for, gradients_fit, linear_cases
 from conformance.dtypes import ACCUMULATION, BFLOAT16, CASE_DTYPES, FLOAT16, FLOAT32, round_to
-from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, gamma
+from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, gamma, scaling_roundings
 from reference.bridge import mlx_array, to_numpy
 from studies import sampling
 from tests.catalogue import CORRECT
@@ -80,6 +80,33 @@ def test_a_norm_may_lose_every_square_to_underflow():
     for observed in (by_torch, by_mlx):
         assert compare("norm", "subject", observed, expected).passed
     assert np.all(2 * expected.bound >= expected.value)
+
+
+def test_a_scale_the_dtype_holds_costs_fewer_roundings_and_a_power_of_two_none():
+    assert [scaling_roundings(f, BFLOAT16) for f in (2.0, 0.25, 20.0, 3.0, 7 / 3, 1 / 0.9)] == [0, 0, 1, 1, 2, 2]
+    assert scaling_roundings(20.0 + 2.0**-10, FLOAT32) == 1 and scaling_roundings(20.0 + 2.0**-10, BFLOAT16) == 2
+
+
+@DTYPES
+@pytest.mark.parametrize("scale", [2.0, 20.0, 7 / 3], ids=["power of two", "held exactly", "rounded"])
+def test_a_scaled_lora_term_of_mlx_and_torch_stays_within_its_bound_in_either_order(dtype, scale):
+    """The LoRA term s ((x A^T) B^T), scaled last or with s folded into either operand first, by MLX and torch."""
+    rng = np.random.default_rng(2)
+    x, a, b = (round_to(rng.standard_normal(shape), dtype) for shape in ((6, 96), (96, 16), (16, 40)))
+    down = Tracked.exact(x, dtype) @ Tracked.exact(a, dtype)
+    expected = down.scaled_matmul(Tracked.exact(b, dtype), scale)
+    mx_down = mlx_array(x, dtype) @ mlx_array(a, dtype)
+    t_down = torch.from_numpy(x).to(dtype.torch) @ torch.from_numpy(a).to(dtype.torch)
+    t_b = torch.from_numpy(b).to(dtype.torch)
+    orders = {
+        "mlx, scaled last": scale * (mx_down @ mlx_array(b, dtype)),
+        "mlx, scaled B": mx_down @ (scale * mlx_array(b, dtype)),
+        "torch, scaled last": (t_down @ t_b) * scale,
+        "torch, scaled input": (t_down * scale) @ t_b,
+    }
+    for name, observed in orders.items():
+        values = observed.double().numpy() if isinstance(observed, torch.Tensor) else to_numpy(observed)
+        assert compare("lora term", name, values, expected).passed, name
 
 
 def test_steps_checks_judge_every_drawn_case_and_leave_out_trajectories_that_overflow():
