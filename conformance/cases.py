@@ -272,10 +272,16 @@ def _features(limit: int) -> st.SearchStrategy[int]:
 
 
 @functools.cache
-def _alpha() -> st.SearchStrategy[float]:
+def _alpha(r: int) -> st.SearchStrategy[float]:
     integral = st.integers(1, 128).map(float)
     fractional = st.floats(1e-2, 128.0, allow_nan=False, allow_infinity=False)
-    return st.one_of(integral, fractional)
+    return st.one_of(integral, fractional, multiples_of_the_rank(r))
+
+
+def multiples_of_the_rank(r: int) -> st.SearchStrategy[float]:
+    """alpha = r / 2, r, 2 r or 4 r, as real configurations set it (peft's default alpha = r, mlx-vlm's 2 r):
+    a power-of-two scale, which the verdict allows no rounding for."""
+    return st.sampled_from((0.5, 1.0, 2.0, 4.0)).map(lambda multiple: multiple * r)
 
 
 @functools.cache
@@ -317,7 +323,7 @@ def linear_cases(
         in_features = groups * quantization.group_size
     out_features = draw(_features(sizes.max_features), label="out_features")
     r = draw(integers_between(1, sizes.max_rank), label="r")
-    alpha = draw(_alpha(), label="alpha")
+    alpha = draw(_alpha(r), label="alpha")
     use_rslora = draw(BOOLEANS, label="use_rslora")
     has_bias = draw(BOOLEANS, label="bias") if with_bias else False
     dropout = draw(_sampled_from((0.0, 0.1, 0.5)), label="dropout")

@@ -2,7 +2,7 @@
 
 - inner dimensions in the thousands (1,024 to 4,096; the other side kept small so a case stays cheap);
 - ranks up to 256;
-- alpha from 1e-3 to 1e3, log-uniformly;
+- alpha from 1e-3 to 1e3, log-uniformly, or a power-of-two multiple of r (a power-of-two scale);
 - weights near the edges of the dtype's range: each of x, W, A and B scaled by a power of two whose
   exponent reaches half the dtype's largest exponent either way, so products approach overflow (the
   cases that would overflow are left out, as the suite leaves them out) or sink into the subnormals;
@@ -29,6 +29,7 @@ from conformance.cases import (
     gradients_fit,
     make_embedding_case,
     make_linear_case,
+    multiples_of_the_rank,
 )
 from conformance.dtypes import DType
 from conformance.switch_cases import make_switch_case, switch_gradients_fit
@@ -55,8 +56,8 @@ def _linear_parameters(draw: st.DrawFn, dtype: DType, cancel: bool = True) -> di
         dtype=dtype,
         in_features=in_features,
         out_features=out_features,
-        r=draw(RANKS, label="r"),
-        alpha=draw(ALPHAS, label="alpha"),
+        r=(r := draw(RANKS, label="r")),
+        alpha=draw(st.one_of(ALPHAS, multiples_of_the_rank(r)), label="alpha"),
         use_rslora=draw(BOOLEANS, label="use_rslora"),
         dropout=draw(st.sampled_from((0.0, 0.1, 0.5)), label="dropout"),
         batch_shape=draw(BATCH_SHAPES, label="batch_shape"),
