@@ -11,9 +11,8 @@ from hypothesis import Phase, settings
 
 from conformance import divergences, profiles, quantization, recording
 from conformance.dtypes import BY_NAME as DTYPES
-from conformance.subjects import CATALOGUE, Subject, installed_version, select
+from conformance.subjects import CATALOGUE, Subject, select, versions
 
-VERSIONED = ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch", "numpy", "hypothesis")
 NO_SUBJECT = "no-selected-subject"
 RECORDER = pytest.StashKey[recording.Recorder]()
 STATE = pytest.StashKey[dict]()
@@ -47,10 +46,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="PATH",
         help="file of check ids expected to fail, with reasons (default: the suite's own)",
     )
-
-
-def _versions() -> dict[str, str | None]:
-    return {name: installed_version(name) for name in VERSIONED}
 
 
 def _select_device(choice: str | None) -> str:
@@ -102,7 +97,7 @@ def pytest_configure(config: pytest.Config) -> None:
                 recording.check_writable(path)
             except OSError as error:
                 raise pytest.UsageError(f"{option} {path}: cannot write: {error.strerror or error}") from None
-    config.stash[RECORDER] = recording.Recorder({"versions": _versions(), "device": device})
+    config.stash[RECORDER] = recording.Recorder({"versions": versions(), "device": device})
     config.stash[STATE] = {
         "subjects": subjects,
         "dtypes": config.getoption("dtype") or list(DTYPES),

@@ -40,6 +40,14 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
+VERSIONED = ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch", "numpy", "hypothesis")
+"""The distributions whose versions a run (and a study) records."""
+
+
+def versions() -> dict[str, str | None]:
+    return {name: installed_version(name) for name in VERSIONED}
+
+
 @dataclass(frozen=True, eq=False)
 class Subject:
     name: str

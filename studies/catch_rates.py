@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         })
     command = f"python -m studies.catch_rates --seeds {args.seeds} --examples {args.examples}" + "".join(
         f" --variant {name}" for name in args.variant)
-    document = {"study": "catch_rates", "measured": date.today().isoformat(), "command": command, "seconds": round(time.perf_counter() - start, 1),
+    document = {"study": "catch_rates", "measured": date.today().isoformat(), "environment": sampling.environment(),
+                "command": command, "seconds": round(time.perf_counter() - start, 1),
                 "required_rate": REQUIRED, "rows": rows}
     args.out.write_text(json.dumps(document, indent=1) + "\n")
     measured = [row for row in rows if row["measured"]]

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "study": "detection", "subject": subject, "family": args.family, "base": args.base, "dtype": args.dtype,
         "kind": args.kind, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
-        "measured": date.today().isoformat(), "command": command,
+        "measured": date.today().isoformat(), "environment": sampling.environment(), "command": command,
         "cases": sampling.distinct(results),
         "failing": [case for result in results for case in result["failing"]],
         "perturbations": {name: summarize([r for result in results for r in result[name]]) for name in PERTURBATIONS},

@@ -46,12 +46,9 @@ def check_id(family: str, base: str, check: str, subject: str, case: dict) -> st
 
 def known_divergences() -> dict:
     """The suite's known divergences that hold on this MLX device."""
-    import mlx.core as mx
-
     from conformance import divergences
 
-    device = "gpu" if mx.default_device() == mx.Device(mx.gpu) else "cpu"
-    return divergences.load(divergences.DEFAULT_PATH, device)
+    return divergences.load(divergences.DEFAULT_PATH, sampling.mlx_device())
 
 
 def run_chunk(task: sampling.Study, chunk: int) -> dict:
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "study": "false_alarms", "subject": subject, "family": args.family, "base": args.base, "dtype": args.dtype,
         "kind": args.kind, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
-        "measured": date.today().isoformat(), "command": command,
+        "measured": date.today().isoformat(), "environment": sampling.environment(), "command": command,
         "largest_margin": largest_margin(merged), "largest_statistical_margin": largest_margin(merged, statistical=True),
         **merged,
     }

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'same as run 1' if not found else 'DIFFERS: ' + found[0]} ({seconds:.0f} s)", flush=True)
     identical = all(not run["differences"] for run in runs) and len({run["exit"] for run in runs}) == 1
     command = f"python -m studies.flakiness --runs {args.runs} --workers {args.workers}" + "".join(f" --subject '{s}'" for s in subjects)
-    args.out.write_text(json.dumps({"study": "flakiness", "measured": date.today().isoformat(), "command": command, "subjects": subjects, "identical": identical,
-                                    "runs": runs}, indent=1) + "\n")
+    document = {"study": "flakiness", "measured": date.today().isoformat(), "environment": sampling.environment(),
+                "command": command, "subjects": subjects, "identical": identical, "runs": runs}
+    args.out.write_text(json.dumps(document, indent=1) + "\n")
     print(f"{args.runs} runs: {'identical verdicts' if identical else 'VERDICTS DIFFER'}; wrote {args.out}")
     return 0 if identical else 1
 

@@ -136,6 +136,22 @@ class Study:
         return sorted(seen)
 
 
+def mlx_device() -> str:
+    """The MLX device a study runs on: its default (Metal where there is one)."""
+    import mlx.core as mx
+
+    return "gpu" if mx.default_device() == mx.Device(mx.gpu) else "cpu"
+
+
+def environment() -> dict:
+    """What a study measured with: the packages' versions, MLX's device and the machine."""
+    import platform
+
+    from conformance.subjects import versions
+
+    return {**versions(), "device": mlx_device(), "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"}
+
+
 def distinct(results: list[dict]) -> int:
     """How many distinct cases the chunks' findings cover."""
     return len({key for result in results for key in result["keys"]})
