@@ -88,7 +88,7 @@ def forward(family: str, subject, case) -> tuple[np.ndarray, object, object]:
 
 def run_chunk(task: sampling.Study, chunk: int) -> dict:
     from conformance.subjects import resolve
-    from conformance.verdict import allowed_error
+    from conformance.verdict import allowed_error, scaling_roundings
 
     subject = resolve(task.subject)
     found: dict = {**{name: [] for name in PERTURBATIONS}, "failing": []}
@@ -106,13 +106,19 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
             largest[at] = expected.value[at]
         terms = {"lora": expected.value - base.value - _bias_of(case, expected.value), "base": base.value, "element": largest}
         ideal = case.dtype.unit_roundoff * np.abs(expected.value) + case.dtype.underflow
+        roundings = scaling_roundings(_parameters(case).scale, case.dtype)
         scale = float(np.max(np.abs(expected.value), initial=0.0))
         for name, term in terms.items():
             share = float(np.max(np.abs(term), initial=0.0)) / scale if scale else 0.0
-            found[name].append((smallest_caught(error, allowed, term), smallest_caught(0 * error, ideal, term), share))
+            found[name].append((smallest_caught(error, allowed, term), smallest_caught(0 * error, ideal, term), share, roundings))
 
     found["keys"] = task.each_distinct(chunk, visit)
     return found
+
+
+def _parameters(case):
+    """The linear case that holds a case's parameters (an embedding's lookup, a switch layer's first expert)."""
+    return getattr(case, "lookup", None) or getattr(case, "first", None) or case
 
 
 def _bias_of(case, like: np.ndarray) -> np.ndarray:
@@ -134,13 +140,14 @@ def quantile(values: np.ndarray, q: float) -> float:
     return float(np.quantile(values, q, method="higher")) if len(values) else float("nan")
 
 
-def summarize(records: list[tuple[float, float, float]]) -> dict:
-    """Per-case (e caught, ideal e, share) to the published figures (see the module's docstring)."""
-    caught, ideal, share = (np.array(column, dtype=np.float64).reshape(-1) for column in zip(*records)) if records else (np.zeros(0),) * 3
+def summarize(records: list[tuple[float, float, float, int]]) -> dict:
+    """Per-case (e caught, ideal e, share, the scale's roundings) to the published figures (see the module's
+    docstring); the looseness also by how many roundings the verdict allows the scale (`scaling_roundings`)."""
+    caught, ideal, share, roundings = (np.array(column, dtype=np.float64).reshape(-1) for column in zip(*records)) if records else (np.zeros(0),) * 4
     visible = caught[share >= VISIBLE_SHARE]
     with np.errstate(divide="ignore", invalid="ignore"):
         looseness = np.where(np.isfinite(ideal) & (ideal > 0), caught / ideal, np.nan)
-    looseness = looseness[np.isfinite(looseness)]
+    finite = np.isfinite(looseness)
     return {
         "cases": len(caught),
         "visible_cases": len(visible),
@@ -148,8 +155,12 @@ def summarize(records: list[tuple[float, float, float]]) -> dict:
         **{f"visible_q{round(q * 100)}": quantile(visible, q) for q in QUANTILES[:-1]},
         "all_cases_q99": quantile(caught, 0.99),
         "never_caught": int(np.sum(~np.isfinite(caught))),
-        "looseness_median": quantile(looseness, 0.5),
-        "looseness_q99": quantile(looseness, 0.99),
+        "looseness_median": quantile(looseness[finite], 0.5),
+        "looseness_q99": quantile(looseness[finite], 0.99),
+        "looseness_median_by_scale_roundings": {
+            str(k): {"cases": int(np.sum(finite & (roundings == k))), "median": quantile(looseness[finite & (roundings == k)], 0.5)}
+            for k in (0, 1, 2)
+        },
     }
 
 

@@ -64,10 +64,12 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
     subject = resolve(task.subject)
     known = known_divergences()
     checks = {name: check for name, check in registry.checks_on(task.family, task.base).items() if registry.runs_in(name, task.dtype)}
-    found: dict = {"checks": {}, "false_alarms": [], "known_divergences": []}
+    found: dict = {"checks": {}, "false_alarms": [], "known_divergences": [], "quantizations": {}}
 
     def visit(case, index: int) -> None:
         description = case.describe()
+        if case.quantization is not None:
+            found["quantizations"][case.quantization.kind] = found["quantizations"].get(case.quantization.kind, 0) + 1
         for name, check in checks.items():
             if index % EVERY.get(name, 1):
                 continue
@@ -114,6 +116,8 @@ def merge(results: list[dict]) -> dict:
         "checks": checks,
         "false_alarms": [alarm for result in results for alarm in result["false_alarms"]],
         "known_divergences": [found for result in results for found in result["known_divergences"]],
+        "quantizations": {kind: sum(result["quantizations"].get(kind, 0) for result in results)
+                          for kind in sorted({kind for result in results for kind in result["quantizations"]})},
     }
 
 

@@ -31,6 +31,7 @@ def _load(path: Path) -> dict:
     document.setdefault("measured", date.fromtimestamp(path.stat().st_mtime).isoformat())
     document.setdefault("base", "float")  # measured before studies took other bases
     document.setdefault("known_divergences", [])
+    document.setdefault("quantizations", {})
     return document
 
 
@@ -106,9 +107,25 @@ def _template(name: str) -> jinja2.Template:
     return environment.get_template(name)
 
 
+def environment(found: dict) -> dict | None:
+    """What the studies measured with (each records it; they are run on one machine)."""
+    documents = [*found["false_alarms"], *found["detection"], *(d for d in (found["catch_rates"], found["flakiness"]) if d)]
+    return next((d["environment"] for d in documents if "environment" in d), None)
+
+
+def totals(found: dict) -> dict:
+    documents = found["false_alarms"]
+    return {"cases": sum(d["cases"] for d in documents), "false_alarms": sum(len(d["false_alarms"]) for d in documents),
+            "known": sum(len(d["known_divergences"]) for d in documents)}
+
+
 def render(found: dict) -> str:
     """docs/verdict-study.md."""
-    return _template("verdict-study.md.j2").render(found=found, perturbations=PERTURBATIONS, visible_share=VISIBLE_SHARE)
+    quantizations = sorted({kind for d in found["false_alarms"] for kind in d["quantizations"]})
+    return _template("verdict-study.md.j2").render(
+        found=found, perturbations=PERTURBATIONS, visible_share=VISIBLE_SHARE, environment=environment(found),
+        totals=totals(found), quantizations=", ".join(quantizations) or "none measured yet",
+    )
 
 
 def readme_summary(found: dict) -> str:
