@@ -130,8 +130,10 @@ def render(found: dict) -> str:
 
 def readme_summary(found: dict) -> str:
     """The summary the README shows between its `MARKERS`."""
+    documents = [*found["false_alarms"], *found["detection"], *(d for d in (found["catch_rates"], found["flakiness"]) if d)]
     return _template("readme-summary.md.j2").render(
-        found=found, families=FAMILIES, bases=BASES, dtypes=DTYPES, visible_share=VISIBLE_SHARE
+        found=found, families=FAMILIES, bases=BASES, dtypes=DTYPES, visible_share=VISIBLE_SHARE,
+        environment=environment(found), measured=max((d["measured"] for d in documents), default="never"),
     ).strip()
 
 
