@@ -107,10 +107,14 @@ def _template(name: str) -> jinja2.Template:
     return environment.get_template(name)
 
 
+def _documents(found: dict) -> list[dict]:
+    """Every study's result, of every kind."""
+    return [*found["false_alarms"], *found["detection"], *(d for d in (found["catch_rates"], found["flakiness"]) if d)]
+
+
 def environment(found: dict) -> dict | None:
     """What the studies measured with (each records it; they are run on one machine)."""
-    documents = [*found["false_alarms"], *found["detection"], *(d for d in (found["catch_rates"], found["flakiness"]) if d)]
-    return next((d["environment"] for d in documents if "environment" in d), None)
+    return next((d["environment"] for d in _documents(found) if "environment" in d), None)
 
 
 def totals(found: dict) -> dict:
@@ -130,10 +134,9 @@ def render(found: dict) -> str:
 
 def readme_summary(found: dict) -> str:
     """The summary the README shows between its `MARKERS`."""
-    documents = [*found["false_alarms"], *found["detection"], *(d for d in (found["catch_rates"], found["flakiness"]) if d)]
     return _template("readme-summary.md.j2").render(
         found=found, families=FAMILIES, bases=BASES, dtypes=DTYPES, visible_share=VISIBLE_SHARE,
-        environment=environment(found), measured=max((d["measured"] for d in documents), default="never"),
+        environment=environment(found), measured=max((d["measured"] for d in _documents(found)), default="never"),
     ).strip()
 
 
