@@ -129,6 +129,7 @@ def render(found: dict) -> str:
     return _template("verdict-study.md.j2").render(
         found=found, perturbations=PERTURBATIONS, visible_share=VISIBLE_SHARE, environment=environment(found),
         totals=totals(found), quantizations=", ".join(quantizations) or "none measured yet",
+        dora_largest=max((d["largest_margin"] for d in found["false_alarms"] if d["family"].startswith("dora_")), default=0.0),
     )
 
 
