@@ -110,7 +110,8 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
         scale = float(np.max(np.abs(expected.value), initial=0.0))
         for name, term in terms.items():
             share = float(np.max(np.abs(term), initial=0.0)) / scale if scale else 0.0
-            found[name].append((smallest_caught(error, allowed, term), smallest_caught(0 * error, ideal, term), share, roundings))
+            caught, ideal_caught = smallest_caught(error, allowed, term), smallest_caught(0 * error, ideal, term)
+            found[name].append((caught, ideal_caught, share, roundings))
 
     found["keys"] = task.each_distinct(chunk, visit)
     return found
@@ -143,7 +144,8 @@ def quantile(values: np.ndarray, q: float) -> float:
 def summarize(records: list[tuple[float, float, float, int]]) -> dict:
     """Per-case (e caught, ideal e, share, the scale's roundings) to the published figures (see the module's
     docstring); the looseness also by how many roundings the verdict allows the scale (`scaling_roundings`)."""
-    caught, ideal, share, roundings = (np.array(column, dtype=np.float64).reshape(-1) for column in zip(*records)) if records else (np.zeros(0),) * 4
+    columns = zip(*records) if records else ((),) * 4
+    caught, ideal, share, roundings = (np.array(column, dtype=np.float64).reshape(-1) for column in columns)
     visible = caught[share >= VISIBLE_SHARE]
     with np.errstate(divide="ignore", invalid="ignore"):
         looseness = np.where(np.isfinite(ideal) & (ideal > 0), caught / ideal, np.nan)
@@ -158,8 +160,8 @@ def summarize(records: list[tuple[float, float, float, int]]) -> dict:
         "looseness_median": quantile(looseness[finite], 0.5),
         "looseness_q99": quantile(looseness[finite], 0.99),
         "looseness_median_by_scale_roundings": {
-            str(k): {"cases": int(np.sum(finite & (roundings == k))), "median": quantile(looseness[finite & (roundings == k)], 0.5)}
-            for k in (0, 1, 2)
+            str(k): {"cases": int(np.sum(chosen)), "median": quantile(looseness[chosen], 0.5)}
+            for k in (0, 1, 2) for chosen in [finite & (roundings == k)]
         },
     }
 
@@ -173,18 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", required=True, choices=sorted(FAMILY_CHECKS))
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
     sampling.add_case_options(parser, default_cases=2000)
-    parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/detection/<family>[-<base>]-<dtype>-<kind>.json)")
+    parser.add_argument("--out", type=Path,
+                        help="the JSON to write (default: studies/results/detection/<family>[-<base>]-<dtype>-<kind>.json)")
     args = parser.parse_args(argv)
     sampling.check_usage(parser, args.family, args.kind, args.base)
     subject = default_subject(args.family)
-    out = args.out or RESULTS / "detection" / f"{sampling.study_name(args.family, args.base)}-{args.dtype}-{args.kind}.json"
+    out = args.out or RESULTS / "detection" / sampling.result_name(args.family, args.base, args.dtype, args.kind)
     sampling.writable(parser, out)
 
     start = time.perf_counter()
-    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases), args.base)
+    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases),
+                           args.base)
     results = sampling.run(study, args.cases, args.workers, lambda results: "")
-    command = " ".join(["python -m studies.detection", f"--family {args.family}", f"--dtype {args.dtype}", f"--cases {args.cases}",
-                        f"--kind {args.kind}", *sampling.base_option(args.base), f"--seed {args.seed}"])
+    command = " ".join(["python -m studies.detection", f"--family {args.family}", f"--dtype {args.dtype}",
+                        f"--cases {args.cases}", f"--kind {args.kind}", *sampling.base_option(args.base), f"--seed {args.seed}"])
     document = {
         "study": "detection", "subject": subject, "family": args.family, "base": args.base, "dtype": args.dtype,
         "kind": args.kind, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
@@ -196,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(document, indent=1) + "\n")
     thresholds = ", ".join(f"{name} {document['perturbations'][name]['threshold']:.2g}" for name in PERTURBATIONS)
     loose = ", ".join(f"{name} {document['perturbations'][name]['looseness_median']:.2g}" for name in PERTURBATIONS)
-    print(f"{args.family} on a {args.base} base, {args.dtype} {args.kind}: {document['cases']} cases; caught in 99% of those where the term is "
+    print(f"{args.family} on a {args.base} base, {args.dtype} {args.kind}: {document['cases']} cases; "
+          "caught in 99% of those where the term is "
           f"at least {VISIBLE_SHARE:.0%} of the output: {thresholds}; median looseness over one rounding: {loose}; wrote {out}")
     return 1 if document["failing"] else 0
 

@@ -63,7 +63,8 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
 
     subject = resolve(task.subject)
     known = known_divergences()
-    checks = {name: check for name, check in registry.checks_on(task.family, task.base).items() if registry.runs_in(name, task.dtype)}
+    checks = {name: check for name, check in registry.checks_on(task.family, task.base).items()
+              if registry.runs_in(name, task.dtype)}
     found: dict = {"checks": {}, "false_alarms": [], "known_divergences": [], "quantizations": {}}
 
     def visit(case, index: int) -> None:
@@ -87,7 +88,9 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
                     continue
                 best = tally["largest"].get(comparison.side)
                 if best is None or comparison.margin > best["margin"]:
-                    tally["largest"][comparison.side] = {"margin": comparison.margin, "quantity": comparison.quantity, "replay": replay}
+                    tally["largest"][comparison.side] = {
+                        "margin": comparison.margin, "quantity": comparison.quantity, "replay": replay
+                    }
             if measurement.passed:
                 continue
             finding = {"check": name, "what": measurement.worst.describe(), "replay": replay}
@@ -144,15 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
     parser.add_argument("--subject", help="a subject of the family (default: its correct layer in tests/)")
     sampling.add_case_options(parser, default_cases=1000)
-    parser.add_argument("--out", type=Path, help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>.json)")
+    parser.add_argument("--out", type=Path,
+                        help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>.json)")
     args = parser.parse_args(argv)
     sampling.check_usage(parser, args.family, args.kind, args.base)
     subject = args.subject or default_subject(args.family)
-    out = args.out or RESULTS / "false_alarms" / f"{sampling.study_name(args.family, args.base)}-{args.dtype}-{args.kind}.json"
+    out = args.out or RESULTS / "false_alarms" / sampling.result_name(args.family, args.base, args.dtype, args.kind)
     sampling.writable(parser, out)
 
     start = time.perf_counter()
-    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases), args.base)
+    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases),
+                           args.base)
     results = sampling.run(study, args.cases, args.workers,
                            lambda results: f", {sum(len(r['false_alarms']) for r in results)} false alarms")
     merged = merge(results)

@@ -61,9 +61,9 @@ def strategy(family: str, dtype_name: str, kind: str, base: str = "float") -> st
     return cases_for(family, dtype)
 
 
-def study_name(family: str, base: str) -> str:
-    """How result files name a family on a base: ``linear``, ``linear-quantized``."""
-    return family if base == "float" else f"{family}-{base}"
+def result_name(family: str, base: str, dtype: str, kind: str) -> str:
+    """A study's result file: ``linear-float32-drawn.json``, ``linear-quantized-float32-drawn.json``."""
+    return "-".join([family, *([] if base == "float" else [base]), dtype, kind]) + ".json"
 
 
 def base_option(base: str) -> list[str]:
@@ -76,7 +76,7 @@ def check_usage(parser: argparse.ArgumentParser, family: str, kind: str, base: s
     from conformance.registry import checks_on
 
     if not checks_on(family, base):
-        parser.error(f"the suite has no {family} layer on a {base} base (bases per family: conformance.registry.checks_on)")
+        parser.error(f"the suite has no {family} layer on a {base} base (see conformance.registry.checks_on)")
     if kind == "extreme" and base != "float":
         parser.error(f"extreme cases have float bases only, not {base}")
 
@@ -149,7 +149,8 @@ def environment() -> dict:
 
     from conformance.subjects import versions
 
-    return {**versions(), "device": mlx_device(), "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"}
+    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
+    return {**versions(), "device": mlx_device(), "machine": machine}
 
 
 def distinct(results: list[dict]) -> int:
