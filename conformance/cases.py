@@ -476,7 +476,9 @@ SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shap
 """What an embedding case shares with a linear one, but its shape (and a quantized table's mode)."""
 
 
-def quantized_cases_for(family: str, dtype: DType, kind: str) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
+def quantized_cases_for(
+    family: str, dtype: DType, kind: str
+) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
     """The cases a family is checked on with a base quantized in `kind` (a `Quantization.kind`), as its
     ``test_quantized_<family>.py`` draws them; like `cases_for`, only cases whose gradients fit where the
     family's quantized checks include them, and (embedding) no single 0-d token id, which

@@ -140,8 +140,9 @@ class Tracked:
         if right.bound.any():
             propagated = propagated + left.magnitude @ right.bound
         # Each of the `inner` products may also underflow in the accumulation dtype (absolute error).
-        accumulated = gamma(inner, accumulation) * (left.magnitude @ right.magnitude) + inner * self._product_underflow(accumulation)
-        return self._stored(value, propagated + accumulated, self.dtype.dot_product_underflow)
+        accumulated = gamma(inner, accumulation) * (left.magnitude @ right.magnitude)
+        underflow = inner * self._product_underflow(accumulation)
+        return self._stored(value, propagated + accumulated + underflow, self.dtype.dot_product_underflow)
 
     def matmul_onto(self, initial: Tracked, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """``initial + self @ other`` as one sum of n + 1 terms that starts from `initial`, as BLAS's gemm
@@ -158,8 +159,8 @@ class Tracked:
         """The product where each of the n terms is stored in the dtype before the sum, as a gather's
         gradient is (each row's product, then a scatter-add): one more rounding, and underflow, per term."""
         product = self.matmul(other, accumulation)
-        terms = self.value.shape[-1]
-        stored = self.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + terms * self.dtype.dot_product_underflow
+        underflow = self.value.shape[-1] * self.dtype.dot_product_underflow
+        stored = self.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + underflow
         return Tracked(product.value, product.bound + stored, self.dtype)
 
     def __add__(self, other: Tracked) -> Tracked:
