@@ -105,10 +105,15 @@ def linear_forward(case: LinearCase, dropped: Tracked | None = None) -> Tracked:
     # MLX scales the sum; peft adds (factor - 1) * base + factor * lora to the base layer's output.
     # When the factor is far from 1 the two round quite differently, so the bound covers both.
     scaled_sum = factor * (unbiased + lora)
-    correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * unbiased + scaled_lora
+    less_one = factor - Tracked.exact(np.ones_like(factor.value), case.dtype)
+    correction = less_one * unbiased + scaled_lora
     if case.has_bias:
         bias = _exact(case, case.bias)
-        return Tracked.covering(scaled_sum + bias, (unbiased + bias) + correction)
+        # peft's base layer is torch's addmm, which may fold the bias into the sum (`linear_base`), and DoRA
+        # takes the bias off that output again: its correction carries the rounding of x W^T + b.
+        base = linear_base(case)
+        peft = base + (less_one * (base - bias) + scaled_lora)
+        return Tracked.covering(scaled_sum + bias, (unbiased + bias) + correction, peft)
     return Tracked.covering(scaled_sum, unbiased + correction)
 
 
