@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import date
 from pathlib import Path
 
 import jinja2
@@ -24,11 +23,20 @@ FAMILIES = ("linear", "dora_linear", "embedding", "dora_embedding", "switch_line
 BASES = ("float", "conv1d", "quantized")
 KINDS = ("drawn", "extreme")
 DTYPES = ("float32", "float16", "bfloat16")
+VERDICT_TIGHTENED = "2026-12-01"
+"""The day of the last change to the verdict that could raise a correct layer's margin (the scale's
+charge, ``verdict.scaling_roundings``): results measured before it are marked as the earlier verdict's."""
+
+
+class ResultError(ValueError):
+    """A result file that lacks what publishing needs."""
 
 
 def _load(path: Path) -> dict:
-    document = json.loads(path.read_text())  # a study writes its file once, when it is done
-    document.setdefault("measured", date.fromtimestamp(path.stat().st_mtime).isoformat())
+    document = json.loads(path.read_text())
+    if "measured" not in document:
+        raise ResultError(f"{path} does not say when it was measured ('measured': 'YYYY-MM-DD')")
+    document["earlier_verdict"] = document["measured"] < VERDICT_TIGHTENED
     document.setdefault("base", "float")  # measured before studies took other bases
     document.setdefault("known_divergences", [])
     document.setdefault("quantizations", {})
@@ -128,6 +136,7 @@ def render(found: dict) -> str:
     quantizations = sorted({kind for d in found["false_alarms"] for kind in d["quantizations"]})
     return _template("verdict-study.md.j2").render(
         found=found, perturbations=PERTURBATIONS, visible_share=VISIBLE_SHARE, environment=environment(found),
+        tightened=VERDICT_TIGHTENED,
         totals=totals(found), quantizations=", ".join(quantizations) or "none measured yet",
         dora_largest=max((d["largest_margin"] for d in found["false_alarms"] if d["family"].startswith("dora_")), default=0.0),
     )
@@ -136,7 +145,7 @@ def render(found: dict) -> str:
 def readme_summary(found: dict) -> str:
     """The summary the README shows between its `MARKERS`."""
     return _template("readme-summary.md.j2").render(
-        found=found, families=FAMILIES, bases=BASES, dtypes=DTYPES, visible_share=VISIBLE_SHARE,
+        found=found, families=FAMILIES, bases=BASES, dtypes=DTYPES, visible_share=VISIBLE_SHARE, tightened=VERDICT_TIGHTENED,
         environment=environment(found), measured=max((d["measured"] for d in _documents(found)), default="never"),
     ).strip()
 

@@ -154,3 +154,33 @@ def test_the_published_document_is_rendered_from_the_results_in_the_repository()
     assert json.loads(publish.FIGURES.read_text()) == publish.figures(found), "run python -m studies.publish"
     readme = publish.README.read_text()
     assert readme == publish.with_summary(readme, publish.readme_summary(found)), "run python -m studies.publish"
+
+
+def _result(folder: Path, measured: str | None) -> Path:
+    source = publish.RESULTS / "false_alarms" / "linear-float32-extreme.json"
+    document = json.loads(source.read_text())
+    document.pop("measured")
+    if measured:
+        document["measured"] = measured
+    (folder / "false_alarms").mkdir(exist_ok=True)
+    (folder / "detection").mkdir(exist_ok=True)
+    path = folder / "false_alarms" / source.name
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_a_result_measured_before_the_verdict_was_tightened_is_published_as_the_earlier_verdicts(tmp_path):
+    _result(tmp_path, "2026-11-29")
+    found = publish.studies(tmp_path)
+    assert found["false_alarms"][0]["earlier_verdict"]
+    assert "(earlier verdict)" in publish.render(found)
+    assert "extreme*" in publish.readme_summary(found) and "\\* measured before" in publish.readme_summary(found)
+    _result(tmp_path, publish.VERDICT_TIGHTENED)
+    found = publish.studies(tmp_path)
+    assert "(earlier verdict)" not in publish.render(found) and "*" not in publish.readme_summary(found)
+
+
+def test_a_result_that_does_not_say_when_it_was_measured_is_refused(tmp_path):
+    path = _result(tmp_path, None)
+    with pytest.raises(publish.ResultError, match=str(path)):
+        publish.studies(tmp_path)
