@@ -6,6 +6,8 @@ large the drawn layers may be, so the thorough profile also reaches inner dimens
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, Phase, settings
@@ -42,6 +44,17 @@ settings.load_profile(DEFAULT)
 def active() -> str:
     """The name of the Hypothesis profile in force (one of ours, or a user's own)."""
     return settings.get_current_profile_name()
+
+
+@contextmanager
+def loaded(name: str) -> Iterator[None]:
+    """The profile `name` in force inside the block, the one before it again after it."""
+    before = active()
+    settings.load_profile(name)
+    try:
+        yield
+    finally:
+        settings.load_profile(before)
 
 
 def sizes() -> Sizes:

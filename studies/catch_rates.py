@@ -1,11 +1,12 @@
 """Catch rates: in how many seeds the suite catches each wrong variant of ``tests/lora_layers.py``.
 
-``python -m studies.catch_rates [--seeds 100] [--examples 30] [--variant NAME ...] [--workers N] [--out FILE]``
+``python -m studies.catch_rates [--seeds 100] [--examples N] [--variant NAME ...] [--workers N] [--out FILE]``
 
-A seed stands for one run of the suite: Hypothesis, under that seed, draws up to `--examples` cases
-for the variant's check (30 is the fewest the ``ci`` profile gives any check: a fifth of 150), as
-the check's test module draws them, and the seed catches the variant if any of them fails. Every
-dtype in which the bug is visible counts separately, and on a quantized base every mode.
+A seed stands for one run of the suite: Hypothesis, under that seed, draws as many cases for the
+variant's check as the ``ci`` profile gives that check's test in its module (`ci_examples`: 150, or
+the fraction the module's ``profiles.fewer_examples`` leaves, e.g. 15 per quantization mode), or
+`--examples` if given, as the module draws them; the seed catches the variant if any of them
+fails. Every dtype in which the bug is visible counts separately, and on a quantized base every mode.
 """
 
 from __future__ import annotations
@@ -47,6 +48,32 @@ def measurable(name: str) -> bool:
     from tests.catalogue import WRONG_VARIANTS
 
     return WRONG_VARIANTS[name].check != "error_parity"  # its cases are calls with bad ids, not drawn weights
+
+
+def ci_examples(name: str, kind: str | None) -> int:
+    """How many cases the ``ci`` profile gives the variant's check in its test module, per dtype (and mode)."""
+    import importlib
+    import warnings
+
+    import pytest
+    from hypothesis import settings
+
+    from conformance import profiles
+    from tests.catalogue import WRONG_VARIANTS
+
+    variant = WRONG_VARIANTS[name]
+    module = f"conformance.test_{'quantized_' if kind else ''}{variant.subject.family}"
+    imported = sys.modules.get(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)  # the suite's plugin registers its marks
+        with profiles.loaded("ci"):
+            test = getattr(importlib.reload(imported) if imported else importlib.import_module(module), f"test_{variant.check}")
+            examples = (getattr(test, "_hypothesis_internal_use_settings", None) or settings.default).max_examples
+        if imported:  # its decorators read the profile at import: as it was
+            importlib.reload(imported)
+        else:
+            del sys.modules[module]
+    return examples
 
 
 def configurations(name: str) -> list[tuple[str, str | None]]:
@@ -104,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m studies.catch_rates", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=100, help="seeds per variant, dtype and mode (default: %(default)s)")
-    parser.add_argument("--examples", type=int, default=30, help="cases a seed draws at most (default: %(default)s)")
+    parser.add_argument("--examples", type=int, help="cases a seed draws at most (default: as many as the ci profile gives the check)")
     parser.add_argument("--variant", action="append", default=[], choices=sorted(WRONG_VARIANTS), help="(repeatable; default: all)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "catch_rates.json", help="(default: %(default)s)")
@@ -112,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling.writable(parser, args.out)
     names = args.variant or sorted(WRONG_VARIANTS)
     start = time.perf_counter()
-    rows, tasks = [], []
+    rows, tasks, examples = [], [], {}
     for name in names:
         if not measurable(name):
             rows.append({"variant": name, "check": WRONG_VARIANTS[name].check, "measured": False,
@@ -120,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "and tests/test_wrong_variants.py requires it to be caught"})
             continue
         for dtype, kind in configurations(name):
-            tasks += [Task(name, dtype, kind, args.examples, seed) for seed in range(args.seeds)]
+            examples[name, dtype, kind] = args.examples or ci_examples(name, kind)
+            tasks += [Task(name, dtype, kind, examples[name, dtype, kind], seed) for seed in range(args.seeds)]
     outcomes: dict[tuple, list[dict]] = {}
     for index, (task, outcome) in enumerate(zip(tasks, sampling.spread(run_seed, tasks, args.workers)), 1):
         outcomes.setdefault((task.variant, task.dtype, task.kind), []).append(outcome)
@@ -130,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         caught = [s for s in seeds if s["caught"]]
         rows.append({
             "variant": name, "check": WRONG_VARIANTS[name].check, "dtype": dtype, "quantization": kind, "measured": True,
-            "seeds": len(seeds), "caught": len(caught), "rate": len(caught) / len(seeds),
+            "examples": examples[name, dtype, kind], "seeds": len(seeds), "caught": len(caught), "rate": len(caught) / len(seeds),
             "most_cases_to_catch": max((s["cases"] for s in caught), default=None),
             "missed": [s["last_case"] for s in seeds if not s["caught"]][:3],
         })
-    command = f"python -m studies.catch_rates --seeds {args.seeds} --examples {args.examples}" + "".join(
+    command = f"python -m studies.catch_rates --seeds {args.seeds}" + (f" --examples {args.examples}" if args.examples else "") + "".join(
         f" --variant {name}" for name in args.variant)
     document = {"study": "catch_rates", "measured": date.today().isoformat(), "environment": sampling.environment(),
                 "command": command, "seconds": round(time.perf_counter() - start, 1),

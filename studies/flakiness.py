@@ -4,7 +4,8 @@
 
 Each run is a separate ``pytest conformance --hypothesis-profile ci`` process (on `--workers` xdist
 workers, as CI runs it). Two runs agree when they judged the same cases (check id and case
-parameters) with the same verdicts and the same margins, and gave every check the same status.
+parameters) with the same verdicts, gave every check the same status and ended alike. Margins that
+move between runs are counted apart (`margin_drift`): they show arithmetic that is not reproducible.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ def default_subjects() -> list[str]:
 
 
 def fingerprint(results: dict) -> dict:
-    """What a run decided: each check's status, and each judged case's verdict and margin."""
+    """What a run decided: each check's status, and each judged case's verdict (its margin aside)."""
     return {
         "checks": sorted((c["check_id"], c["status"]) for c in results["checks"]),
-        "rows": sorted((r["check_id"], json.dumps(r["case"], sort_keys=True), r["verdict"], repr(r["margin"]))
-                       for r in results["rows"]),
+        "rows": sorted((r["check_id"], json.dumps(r["case"], sort_keys=True), r["verdict"]) for r in results["rows"]),
     }
+
+
+def margins(results: dict) -> dict[tuple[str, str], float]:
+    """Each judged case's margin, by check and case."""
+    return {(r["check_id"], json.dumps(r["case"], sort_keys=True)): r["margin"] for r in results["rows"]}
 
 
 def differences(first: dict, other: dict) -> list[str]:
@@ -49,6 +54,31 @@ def differences(first: dict, other: dict) -> list[str]:
         found += [f"{part}: only in the first run: {item}" for item in sorted(only_first)[:3]]
         found += [f"{part}: only in this run: {item}" for item in sorted(only_other)[:3]]
     return found
+
+
+def _change(first: float | None, other: float | None) -> float:
+    """How far a margin moved (0 if it did not; NaN and None equal themselves)."""
+    if first == other or (first != first and other != other):
+        return 0.0
+    if first is None or other is None or first != first or other != other:
+        return float("inf")
+    return abs(other - first)
+
+
+def margin_drift(first: dict[tuple[str, str], float], other: dict[tuple[str, str], float]) -> dict:
+    """Cases judged in both runs whose margins differ: how many, the largest change, the highest margin among them.
+
+    A margin that moves between runs of the same case means some implementation's arithmetic is not
+    reproducible (a parallel sum's order); the verdict is at risk only where such a margin nears 1."""
+    moved = sorted(((_change(margin, other[key]), key) for key, margin in first.items() if key in other), reverse=True)
+    moved = [(change, key) for change, key in moved if change]
+    if not moved:
+        return {"cases": 0, "largest": None, "highest_margin": None}
+    change, (check_id, case) = moved[0]
+    highest = max(max(m for m in (first[key], other[key]) if isinstance(m, float)) for _, key in moved)
+    return {"cases": len(moved), "highest_margin": highest,
+            "largest": {"check_id": check_id, "case": json.loads(case), "first": first[(check_id, case)],
+                        "this": other[(check_id, case)], "change": change}}
 
 
 def run_once(subjects: list[str], workers: int, results: Path) -> tuple[int, float]:
@@ -73,21 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sampling.writable(parser, args.out)
     subjects = args.subject or default_subjects()
-    runs, first = [], None
+    runs, first, first_margins = [], None, None
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.runs):
             path = Path(folder) / f"run-{index}.json"
             code, seconds = run_once(subjects, args.workers, path)
-            print_ = fingerprint(json.loads(path.read_text()))
-            first = first or print_
-            found = differences(first, print_)
+            results = json.loads(path.read_text())
+            print_, margins_ = fingerprint(results), margins(results)
+            first, first_margins = first or print_, first_margins or margins_
+            found, drift = differences(first, print_), margin_drift(first_margins, margins_)
             statuses: dict[str, int] = {}
             for _, status in print_["checks"]:
                 statuses[status] = statuses.get(status, 0) + 1
             runs.append({"exit": code, "seconds": round(seconds, 1), "cases_judged": len(print_["rows"]),
-                         "statuses": statuses, "differences": found})
+                         "statuses": statuses, "differences": found, "margin_drift": drift})
+            moved = f"; {drift['cases']} margins moved" if drift["cases"] else ""
             print(f"run {index + 1}/{args.runs}: exit {code}, {len(print_['rows'])} judged cases, {statuses}, "
-                  f"{'same as run 1' if not found else 'DIFFERS: ' + found[0]} ({seconds:.0f} s)", flush=True)
+                  f"{'same verdicts as run 1' if not found else 'DIFFERS: ' + found[0]}{moved} ({seconds:.0f} s)", flush=True)
     identical = all(not run["differences"] for run in runs) and len({run["exit"] for run in runs}) == 1
     command = f"python -m studies.flakiness --runs {args.runs} --workers {args.workers}" + "".join(f" --subject '{s}'" for s in subjects)
     document = {"study": "flakiness", "measured": date.today().isoformat(), "environment": sampling.environment(),

@@ -140,12 +140,27 @@ def test_a_seed_catches_a_wrong_variant_and_the_modes_where_a_bug_is_invisible_a
     assert not catch_rates.measurable("LookupWithoutRangeCheck")
 
 
-def test_two_runs_differ_when_a_verdict_or_a_margin_does():
+def test_a_seed_draws_as_many_cases_as_the_ci_profile_gives_the_variants_check():
+    from conformance import profiles
+
+    before = profiles.active()
+    assert catch_rates.ci_examples("RawAlpha", None) == 150  # test_linear.py's test_forward: the whole profile
+    assert catch_rates.ci_examples("ExpertBiasNotRouted", None) == 75  # fewer_examples(2)
+    assert catch_rates.ci_examples("LookupInDefaultDtype", "mxfp4") == 15  # fewer_examples(10), per mode
+    assert profiles.active() == before
+
+
+def test_two_runs_differ_when_a_verdict_does_and_a_moved_margin_is_counted_apart():
     row = {"check_id": "t::f[x]", "case": {"seed": 1}, "verdict": "pass", "margin": 0.25}
     run = {"checks": [{"check_id": "t::f[x]", "status": "pass"}], "rows": [row]}
     assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(run)) == []
-    other = {**run, "rows": [{**row, "margin": 0.2500001}]}
-    assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(other))
+    assert flakiness.margin_drift(flakiness.margins(run), flakiness.margins(run))["cases"] == 0
+    moved = {**run, "rows": [{**row, "margin": 0.2500001}]}
+    assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(moved)) == []
+    drift = flakiness.margin_drift(flakiness.margins(run), flakiness.margins(moved))
+    assert drift["cases"] == 1 and drift["highest_margin"] == 0.2500001 and drift["largest"]["first"] == 0.25
+    failed = {**run, "rows": [{**row, "verdict": "fail", "margin": 1.5}]}
+    assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(failed))
 
 
 def test_the_published_document_is_rendered_from_the_results_in_the_repository():
