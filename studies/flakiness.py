@@ -75,7 +75,7 @@ def margin_drift(first: dict[tuple[str, str], float], other: dict[tuple[str, str
     if not moved:
         return {"cases": 0, "largest": None, "highest_margin": None}
     change, (check_id, case) = moved[0]
-    highest = max(max(m for m in (first[key], other[key]) if isinstance(m, float)) for _, key in moved)
+    highest = max((m for _, key in moved for m in (first[key], other[key]) if isinstance(m, float) and m == m), default=None)
     return {"cases": len(moved), "highest_margin": highest,
             "largest": {"check_id": check_id, "case": json.loads(case), "first": first[(check_id, case)],
                         "this": other[(check_id, case)], "change": change}}
