@@ -199,3 +199,16 @@ def test_a_result_that_does_not_say_when_it_was_measured_is_refused(tmp_path):
     path = _result(tmp_path, None)
     with pytest.raises(publish.ResultError, match=str(path)):
         publish.studies(tmp_path)
+
+
+def test_the_flakiness_table_shows_the_margins_that_moved_and_the_highest_of_them(tmp_path):
+    _result(tmp_path, publish.VERDICT_TIGHTENED)
+    run = {"exit": 0, "seconds": 1.0, "cases_judged": 2, "statuses": {"pass": 1}, "differences": [],
+           "margin_drift": {"cases": 0, "largest": None, "highest_margin": None}}
+    moved = {**run, "margin_drift": flakiness.margin_drift({("t::g", "{}"): 0.004}, {("t::g", "{}"): 0.0046})}
+    document = {"study": "flakiness", "measured": publish.VERDICT_TIGHTENED, "command": "python -m studies.flakiness",
+                "subjects": [], "identical": True, "runs": [run, moved]}
+    (tmp_path / "flakiness.json").write_text(json.dumps(document))
+    page = publish.render(publish.studies(tmp_path))
+    assert "| 1 | 0 | 2 | pass 1 | 1.0 | none |" in page
+    assert "| 2 | 0 | 2 | pass 1 | 1.0 | 1 (0.0046; most: `t::g`, 0.004 then 0.0046) |" in page
