@@ -12,6 +12,7 @@ fails. Every dtype in which the bug is visible counts separately, and on a quant
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -52,6 +53,17 @@ def measurable(name: str) -> bool:
 
 def ci_examples(name: str, kind: str | None) -> int:
     """How many cases the ``ci`` profile gives the variant's check in its test module, per dtype (and mode)."""
+    from tests.catalogue import WRONG_VARIANTS
+
+    variant = WRONG_VARIANTS[name]
+    return _ci_examples(f"conformance.test_{'quantized_' if kind else ''}{variant.subject.family}", f"test_{variant.check}")
+
+
+@functools.cache
+def _ci_examples(module: str, test_name: str) -> int:
+    """`test_name`'s examples under the ``ci`` profile, read from its settings, which its module's
+    decorators (``profiles.fewer_examples``) fix at import: so the module is imported under that
+    profile, and left as it was found."""
     import importlib
     import warnings
 
@@ -59,17 +71,14 @@ def ci_examples(name: str, kind: str | None) -> int:
     from hypothesis import settings
 
     from conformance import profiles
-    from tests.catalogue import WRONG_VARIANTS
 
-    variant = WRONG_VARIANTS[name]
-    module = f"conformance.test_{'quantized_' if kind else ''}{variant.subject.family}"
     imported = sys.modules.get(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)  # the suite's plugin registers its marks
         with profiles.loaded("ci"):
-            test = getattr(importlib.reload(imported) if imported else importlib.import_module(module), f"test_{variant.check}")
+            test = getattr(importlib.reload(imported) if imported else importlib.import_module(module), test_name)
             examples = (getattr(test, "_hypothesis_internal_use_settings", None) or settings.default).max_examples
-        if imported:  # its decorators read the profile at import: as it was
+        if imported:
             importlib.reload(imported)
         else:
             del sys.modules[module]

@@ -70,11 +70,10 @@ def margin_drift(first: dict[tuple[str, str], float], other: dict[tuple[str, str
 
     A margin that moves between runs of the same case means some implementation's arithmetic is not
     reproducible (a parallel sum's order); the verdict is at risk only where such a margin nears 1."""
-    moved = sorted(((_change(margin, other[key]), key) for key, margin in first.items() if key in other), reverse=True)
-    moved = [(change, key) for change, key in moved if change]
+    moved = [(change, key) for key, margin in first.items() if key in other and (change := _change(margin, other[key]))]
     if not moved:
         return {"cases": 0, "largest": None, "highest_margin": None}
-    change, (check_id, case) = moved[0]
+    change, (check_id, case) = max(moved)
     highest = max((m for _, key in moved for m in (first[key], other[key]) if isinstance(m, float) and m == m), default=None)
     return {"cases": len(moved), "highest_margin": highest,
             "largest": {"check_id": check_id, "case": json.loads(case), "first": first[(check_id, case)],
@@ -101,16 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="xdist workers per run (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "flakiness.json", help="(default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.runs < 2:
+        parser.error(f"--runs {args.runs}: at least 2 (a run has nothing to agree with but another)")
     sampling.writable(parser, args.out)
     subjects = args.subject or default_subjects()
-    runs, first, first_margins = [], None, None
+    runs = []
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.runs):
             path = Path(folder) / f"run-{index}.json"
             code, seconds = run_once(subjects, args.workers, path)
             results = json.loads(path.read_text())
             print_, margins_ = fingerprint(results), margins(results)
-            first, first_margins = first or print_, first_margins or margins_
+            if index == 0:
+                first, first_margins = print_, margins_
             found, drift = differences(first, print_), margin_drift(first_margins, margins_)
             statuses: dict[str, int] = {}
             for _, status in print_["checks"]:

@@ -212,3 +212,9 @@ def test_the_flakiness_table_shows_the_margins_that_moved_and_the_highest_of_the
     page = publish.render(publish.studies(tmp_path))
     assert "| 1 | 0 | 2 | pass 1 | 1.0 | none |" in page
     assert "| 2 | 0 | 2 | pass 1 | 1.0 | 1 (0.0046; most: `t::g`, 0.004 then 0.0046) |" in page
+
+
+def test_the_flakiness_study_refuses_fewer_than_two_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        flakiness.main(["--runs", "1", "--out", str(tmp_path / "f.json")])
+    assert "at least 2" in capsys.readouterr().err and not (tmp_path / "f.json").exists()
