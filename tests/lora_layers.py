@@ -271,29 +271,46 @@ class PeftStyleConvention:
         return layer.fuse(dequantize=dequantize)
 
 
-class CorrectDoRALinear(CorrectLoRALinear):
-    """DoRA as peft defines it: ``y = m / ||W + s B A|| * (x W^T + s (x A^T) B^T) + b``.
+class DoRAMagnitude:
+    """DoRA's magnitude, mixed into a LoRA layer: m = ||W + delta|| along `norm_axis` of the frozen weight W,
+    derived at construction, and the factor m / ||W + delta|| by which the layer scales its output.
 
-    The norm is taken in float32 (no half-precision under- or overflow), the magnitude is stored in
-    the layer's dtype and derived from the adapted weight, so the merge keeps the base dtype.
+    The norm is taken in float32 (no half-precision under- or overflow) and detached from the gradient, as in
+    the DoRA paper and peft; m is stored in W's dtype, so the merge keeps it.
     """
 
-    def __init__(self, linear, r, alpha, use_rslora=False, dropout=0.0):
-        super().__init__(linear, r, alpha, use_rslora, dropout)
+    norm_axis: int
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.derive_magnitude()
 
+    def frozen(self) -> mx.array:
+        """The weight DoRA rescales, in the layout of `delta()`."""
+        raise NotImplementedError
+
     def adapted(self) -> mx.array:
-        weight = self.base_weight()
+        weight = self.frozen()
         return weight + self.delta().astype(weight.dtype)
 
     def weight_norm(self) -> mx.array:
-        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=1)
+        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=self.norm_axis)
 
     def derive_magnitude(self) -> None:
-        self.m = self.weight_norm().astype(self.base_weight().dtype)
+        self.m = self.weight_norm().astype(self.frozen().dtype)
 
     def factor(self) -> mx.array:
         return self.m.astype(mx.float32) / mx.stop_gradient(self.weight_norm())
+
+
+class CorrectDoRALinear(DoRAMagnitude, CorrectLoRALinear):
+    """DoRA as peft defines it: ``y = m / ||W + s B A|| * (x W^T + s (x A^T) B^T) + b``, one magnitude per
+    output row."""
+
+    norm_axis = 1
+
+    def frozen(self) -> mx.array:
+        return self.base_weight()
 
     def __call__(self, x: mx.array) -> mx.array:
         # peft's form: the base output of x, and a correction from the dropped input x' (x in eval mode).
@@ -311,8 +328,7 @@ class CorrectDoRALinear(CorrectLoRALinear):
 class DoRANormOverColumns(CorrectDoRALinear):
     """The weight norm taken over the output axis (per input column) instead of per output row."""
 
-    def weight_norm(self) -> mx.array:
-        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=0)
+    norm_axis = 0
 
 
 class DoRANormWithoutAdapter(CorrectDoRALinear):
@@ -452,27 +468,15 @@ class EmbeddingMergeTransposed(CorrectLoRAEmbedding):
         return super().delta().T
 
 
-class CorrectDoRAEmbedding(CorrectLoRAEmbedding):
+class CorrectDoRAEmbedding(DoRAMagnitude, CorrectLoRAEmbedding):
     """DoRA on an embedding as peft defines it: the table seen as the linear map from one-hot ids, so one
     magnitude per embedding dimension, m (D,), and each dimension of W + s A B normalised over the
-    vocabulary: ``m / ||W + s A B||_columns * (W + s A B)[ids]``. Norms in float32, m in the model's dtype."""
+    vocabulary: ``m / ||W + s A B||_columns * (W + s A B)[ids]``."""
 
-    def __init__(self, embedding: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
-        super().__init__(embedding, r, alpha, use_rslora, dropout)
-        self.derive_magnitude()
+    norm_axis = 0
 
-    def adapted(self) -> mx.array:
-        table = self.table()
-        return table + self.delta().astype(table.dtype)
-
-    def weight_norm(self) -> mx.array:
-        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=0)
-
-    def derive_magnitude(self) -> None:
-        self.m = self.weight_norm().astype(self.table().dtype)
-
-    def factor(self) -> mx.array:
-        return self.m.astype(mx.float32) / mx.stop_gradient(self.weight_norm())
+    def frozen(self) -> mx.array:
+        return self.table()
 
     def merged_table(self) -> mx.array:
         return (self.factor() * self.adapted()).astype(self.table().dtype)
@@ -496,8 +500,7 @@ class DoRAEmbeddingNormPerToken(CorrectDoRAEmbedding):
     """Normalises each token's vector, one magnitude per vocabulary row (as MLX's DoRAEmbedding does), instead
     of each embedding dimension over the vocabulary: the norm taken over the wrong axis of the linear map."""
 
-    def weight_norm(self) -> mx.array:
-        return mx.linalg.norm(self.adapted().astype(mx.float32), axis=1)
+    norm_axis = 1
 
     def factor(self) -> mx.array:
         return (self.m.astype(mx.float32) / mx.stop_gradient(self.weight_norm()))[:, None]
