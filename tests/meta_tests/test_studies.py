@@ -117,6 +117,16 @@ def test_a_study_names_each_check_as_the_suite_does_so_that_known_divergences_ap
     assert divergences.find(on_cpu, mxfp8) is not None
 
 
+def test_a_correct_output_failing_in_a_known_divergence_is_left_out_of_detection_as_that_and_any_other_as_failing():
+    task = sampling.Study(detection.run_chunk, "tests.catalogue:CorrectLoRALinear", "linear", "float16", "drawn", 0, 1,
+                          "quantized")
+    known = false_alarms.known_divergences()
+    mxfp8, affine = ({"dtype": "float16", "quantization": {"mode": mode, "bits": bits, "group_size": size}}
+                     for mode, bits, size in (("mxfp8", 8, 32), ("affine", 4, 64)))
+    assert detection.failure_kind(known, task, mxfp8) == "known_divergences"
+    assert detection.failure_kind(known, task, affine) == "failing"
+
+
 @pytest.mark.parametrize(("family", "options", "refusal"), [
     ("embedding", ["--base", "conv1d"], "no embedding layer on a conv1d base"),
     ("linear", ["--base", "quantized", "--kind", "extreme"], "extreme cases have float bases only"),
@@ -193,6 +203,16 @@ def test_a_result_measured_before_the_verdict_was_tightened_is_published_as_the_
     _result(tmp_path, publish.VERDICT_TIGHTENED)
     found = publish.studies(tmp_path)
     assert "(earlier verdict)" not in publish.render(found) and "*" not in publish.readme_summary(found)
+
+
+def test_the_detection_table_counts_the_cases_left_out_failing_and_as_known_divergences(tmp_path):
+    _result(tmp_path, publish.VERDICT_TIGHTENED)
+    source = publish.RESULTS / "detection" / "linear-float16-drawn.json"
+    document = {**json.loads(source.read_text()), "failing": [], "known_divergences": [{"dtype": "float16"}] * 3}
+    (tmp_path / "detection" / source.name).write_text(json.dumps(document))
+    page = publish.render(publish.studies(tmp_path))
+    row = next(line for line in page.splitlines() if line.startswith("| linear | float | float16 |"))
+    assert f"| {document['cases']:,} | 0 (3) |" in row
 
 
 def test_a_result_that_does_not_say_when_it_was_measured_is_refused(tmp_path):
