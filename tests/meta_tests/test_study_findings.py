@@ -7,11 +7,17 @@ the test says which, and fails if the gap opens again.
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from conformance import registry, replay
-from conformance.cases import case_from_description, fits_dtype, gradients_fit
+from conformance.cases import case_from_description, fits_dtype, gradients_fit, make_embedding_case
+from conformance.dtypes import BFLOAT16
+from conformance.quantization import Quantization
+from conformance.subjects import resolve
+from conformance.verdict import compare
+from reference import oracle
 from tests.catalogue import CorrectDoRALinear, CorrectLoRALinear, CorrectLoRASwitchLinear
 
 
@@ -124,3 +130,17 @@ def test_dora_cases_whose_row_norms_square_beyond_the_accumulation_are_not_drawn
     assert not torch.isfinite(torch.linalg.norm(torch.from_numpy(case.weight).float(), dim=1)).all()
     assert not fits_dtype(case)
     assert fits_dtype(case_from_description({**huge, "magnitudes": [1.0, 2.0**40, 1.0, 1.0]}))
+
+
+def test_a_quantized_lookup_is_judged_as_the_gather_it_is_not_as_a_sum_in_the_dtype():
+    """Detection on quantized bases, embedding, bfloat16: a lookup's one-hot product was charged the worst case of a
+    sum of `vocabulary` terms in bfloat16, infinite from 256 terms (202 of 2,197 cases could not fail). A one-hot
+    row sums one term, which no accumulation rounds."""
+    case = make_embedding_case(512, 64, Quantization("affine", 4, 64), dtype=BFLOAT16, r=4, alpha=8.0, use_rslora=False,
+                               dropout=0.0, batch_shape=(3,), magnitudes=(1.0, 1.0, 1.0, 1.0), seed=5, use_dora=False)
+    expected = oracle.embedding_forward(case)
+    assert np.all(np.isfinite(expected.bound))
+    subject = resolve("tests.catalogue:CorrectLoRAEmbedding")
+    assert registry.checks_on("embedding", "quantized")["forward"](subject, case).passed
+    lora_term = oracle.lora_update(case.lookup).value
+    assert not compare("output", "subject", expected.value + 0.5 * lora_term, expected).passed
