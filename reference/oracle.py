@@ -54,8 +54,9 @@ def linear_base(case: LinearCase) -> Tracked:
     nonzero element (an embedding's one-hot lookup), each sum has one term, which no accumulation
     rounds (the product's rounding is its stored result's): float32's bound covers it.
     """
-    one_term = np.count_nonzero(case.x, axis=-1).max(initial=0) <= 1
-    accumulation = case.dtype if case.quantization is not None and not one_term else ACCUMULATION
+    accumulation = ACCUMULATION
+    if case.quantization is not None and np.count_nonzero(case.x, axis=-1).max(initial=0) > 1:
+        accumulation = case.dtype
     return _affine(case, _base_weight(case), accumulation)
 
 
