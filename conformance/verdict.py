@@ -78,6 +78,14 @@ class Tracked:
         bound = np.maximum.reduce([order.bound for order in orders])
         return Tracked(orders[0].value, bound, orders[0].dtype)
 
+    def narrowed_to(self, observed: np.ndarray, floor: Tracked) -> Tracked:
+        """This bound, narrowed to how far `observed` (what a known kernel computed for this very formula and
+        input) is off, where that lies within it; never below `floor`'s bound (another order's, which the
+        narrowed bound must still cover). Where `observed` is off by more, the bound stays: that kernel fails."""
+        off = np.abs(observed - self.value)
+        within = np.isfinite(off) & (off <= self.bound)
+        return Tracked(self.value, np.maximum(np.where(within, off, self.bound), floor.bound), self.dtype)
+
     @staticmethod
     def stack(parts: list[Tracked], axis: int = 0) -> Tracked:
         """Several results side by side (no arithmetic, so no error of its own)."""

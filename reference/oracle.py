@@ -7,12 +7,14 @@ case dtype can explain (see `conformance.verdict`).
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 
 from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import ACCUMULATION, DType
 from conformance.switch_cases import SwitchCase
 from conformance.verdict import Tracked
+from reference import bridge
 
 
 def _exact(case: LinearCase, array: np.ndarray) -> Tracked:
@@ -50,14 +52,29 @@ def linear_base(case: LinearCase) -> Tracked:
 
     A quantized base's own matrix product may accumulate in the case dtype (MLX's CPU kernels do:
     ``test_quantized_linear.py::test_quantized_matmul_accumulation`` judges that op by itself), so
-    that the LoRA checks judge the LoRA layer and not its base. Where every row of x has at most one
-    nonzero element (an embedding's one-hot lookup), each sum has one term, which no accumulation
-    rounds (the product's rounding is its stored result's): float32's bound covers it.
+    that the LoRA checks judge the LoRA layer and not its base. The worst case of such a sum is loose,
+    in bfloat16 infinite from 256 terms; the bound is narrowed to what MLX's quantized base itself is off
+    by on this x (`Tracked.narrowed_to`), and covers float32 accumulation (a layer that dequantizes, and
+    peft) as well. Where every row of x has at most one nonzero element (an embedding's one-hot lookup),
+    each sum has one term, which no accumulation rounds: float32's bound covers it.
     """
-    accumulation = ACCUMULATION
-    if case.quantization is not None and np.count_nonzero(case.x, axis=-1).max(initial=0) > 1:
-        accumulation = case.dtype
-    return _affine(case, _base_weight(case), accumulation)
+    in_float32 = _affine(case, _base_weight(case))
+    if case.quantization is None or np.count_nonzero(case.x, axis=-1).max(initial=0) <= 1:
+        return in_float32
+    in_dtype = _affine(case, _base_weight(case), case.dtype)
+    return in_dtype.narrowed_to(bridge.to_numpy(bridge.base_linear(case)(bridge.mlx_array(case.x, case.dtype))), in_float32)
+
+
+def _base_input_gradient(case: LinearCase, t: Tracked, upstream: np.ndarray) -> Tracked:
+    """``T W``, (N, in): the base's share of x's gradient; for a quantized base narrowed, as in `linear_base`,
+    to what MLX's own backward of that base (the quantized product with the untransposed weight) is off by."""
+    in_float32 = t.matmul(_base_weight(case))
+    if case.quantization is None:
+        return in_float32
+    base, x = bridge.base_linear(case), bridge.mlx_array(case.x, case.dtype)
+    _, (observed,) = mx.vjp(base, [x], [bridge.mlx_array(upstream, case.dtype)])
+    in_dtype = t.matmul(_base_weight(case), case.dtype)
+    return in_dtype.narrowed_to(bridge.to_numpy(observed).reshape(in_float32.value.shape), in_float32)
 
 
 def lora_update(case: LinearCase, lora_input: Tracked | None = None) -> Tracked:
@@ -206,10 +223,11 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     x = _exact(case, case.x.reshape(-1, case.in_features))
     t = _exact(case, upstream.reshape(-1, case.out_features))
     a, b, s, weight = _exact(case, case.lora_A), _exact(case, case.lora_B), case.scale, _base_weight(case)
-    # A quantized base's own product (backward too) may accumulate in the dtype, as in `linear_base`.
-    accumulation = case.dtype if case.quantization is not None else ACCUMULATION
     grads: dict[str, Tracked] = {}
     if case.use_dora:
+        # A quantized base's own product may accumulate in the dtype, as in `linear_base`; here its input, T f,
+        # is the layer's own rounded result, so no kernel can be run on it: the worst case stays.
+        accumulation = case.dtype if case.quantization is not None else ACCUMULATION
         factor = dora_factor(case)
         t, unscaled_t = t * factor, t
         # MLX scales the sum: T f goes through W. peft adds (f - 1) times the base layer's own output
@@ -231,7 +249,7 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
             (_column_sums(unscaled_t * unbiased) + _column_sums(unscaled_t.scaled(s) * unscaled_lora)) / norm,
         )
     else:
-        base_dx = t.matmul(weight, accumulation)
+        base_dx = _base_input_gradient(case, t, upstream)
     lora = lora_backward(x, t, a, b, s)
     grads["grad x"] = (base_dx + lora["x"]).reshape(*case.x.shape)
     grads["grad A"], grads["grad B"] = lora["A"], lora["B"]
