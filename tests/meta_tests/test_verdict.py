@@ -138,6 +138,15 @@ def test_allowed_error_is_zero_for_exact_values_so_any_change_fails():
     assert not compare("bias", "subject", np.array([0.5, np.nextafter(-2.0, 0)]), bias).passed
 
 
+def test_a_bound_narrowed_to_a_kernel_allows_that_kernel_s_error_within_the_worst_case_and_never_below_the_floor():
+    worst_case = Tracked(np.ones(4), np.full(4, 0.5), FLOAT32)
+    floor = Tracked(np.ones(4), np.array([0.01, 0.2, 0.01, 0.01]), FLOAT32)
+    observed = np.array([1.1, 1.1, 2.0, np.nan])  # within; within, below the floor; beyond the worst case; broken
+    narrowed = worst_case.narrowed_to(observed, floor)
+    np.testing.assert_allclose(narrowed.bound, [0.1, 0.2, 0.5, 0.5])
+    np.testing.assert_array_equal(narrowed.value, worst_case.value)
+
+
 def test_comparison_reports_shape_dtype_and_nan_as_failures():
     y = Tracked.exact(np.ones((2, 3)), FLOAT32)
     assert "shape is (3, 2)" in compare("y", "subject", np.ones((3, 2)), y).describe()
