@@ -47,6 +47,11 @@ def lora_delta(case: LinearCase) -> Tracked:
     return _exact(case, case.lora_B).scaled_matmul(_exact(case, case.lora_A), case.scale)
 
 
+def _accumulates_in_dtype(case: LinearCase) -> bool:
+    """Whether the base's product may accumulate more coarsely than in float32: a quantized base in half precision."""
+    return case.quantization is not None and case.dtype.unit_roundoff > ACCUMULATION.unit_roundoff
+
+
 def linear_base(case: LinearCase) -> Tracked:
     """``x W^T + b``: the frozen base layer alone.
 
@@ -59,7 +64,7 @@ def linear_base(case: LinearCase) -> Tracked:
     each sum has one term, which no accumulation rounds: float32's bound covers it.
     """
     in_float32 = _affine(case, _base_weight(case))
-    if case.quantization is None or np.count_nonzero(case.x, axis=-1).max(initial=0) <= 1:
+    if not _accumulates_in_dtype(case) or np.count_nonzero(case.x, axis=-1).max(initial=0) <= 1:
         return in_float32
     in_dtype = _affine(case, _base_weight(case), case.dtype)
     return in_dtype.narrowed_to(bridge.to_numpy(bridge.base_linear(case)(bridge.mlx_array(case.x, case.dtype))), in_float32)
@@ -69,7 +74,7 @@ def _base_input_gradient(case: LinearCase, t: Tracked, upstream: np.ndarray) -> 
     """``T W``, (N, in): the base's share of x's gradient; for a quantized base narrowed, as in `linear_base`,
     to what MLX's own backward of that base (the quantized product with the untransposed weight) is off by."""
     in_float32 = t.matmul(_base_weight(case))
-    if case.quantization is None:
+    if not _accumulates_in_dtype(case):
         return in_float32
     base, x = bridge.base_linear(case), bridge.mlx_array(case.x, case.dtype)
     _, (observed,) = mx.vjp(base, [x], [bridge.mlx_array(upstream, case.dtype)])
@@ -227,7 +232,7 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     if case.use_dora:
         # A quantized base's own product may accumulate in the dtype, as in `linear_base`; here its input, T f,
         # is the layer's own rounded result, so no kernel can be run on it: the worst case stays.
-        accumulation = case.dtype if case.quantization is not None else ACCUMULATION
+        accumulation = case.dtype if _accumulates_in_dtype(case) else ACCUMULATION
         factor = dora_factor(case)
         t, unscaled_t = t * factor, t
         # MLX scales the sum: T f goes through W. peft adds (f - 1) times the base layer's own output
