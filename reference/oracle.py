@@ -66,8 +66,8 @@ def linear_base(case: LinearCase) -> Tracked:
     in_float32 = _affine(case, _base_weight(case))
     if not _accumulates_in_dtype(case) or np.count_nonzero(case.x, axis=-1).max(initial=0) <= 1:
         return in_float32
-    in_dtype = _affine(case, _base_weight(case), case.dtype)
-    return in_dtype.narrowed_to(bridge.to_numpy(bridge.base_linear(case)(bridge.mlx_array(case.x, case.dtype))), in_float32)
+    observed = bridge.to_numpy(bridge.base_linear(case)(bridge.mlx_array(case.x, case.dtype)))
+    return _affine(case, _base_weight(case), case.dtype).narrowed_to(observed, in_float32)
 
 
 def _base_input_gradient(case: LinearCase, t: Tracked, upstream: np.ndarray) -> Tracked:

@@ -151,8 +151,9 @@ def test_a_quantized_base_in_bfloat16_is_judged_by_its_kernel_s_own_error_not_by
     """Detection on quantized bases, bfloat16: MLX's CPU quantized product sums in bfloat16, and the worst case of a
     sum of 256 or more terms in bfloat16 is infinite (862 of 2,473 linear cases could not fail, whatever the error).
     The base's share of the bound is what MLX's quantized base is off by on the case, forward and backward."""
+    four_bits = Quantization("affine", 4, 64)
     case = make_linear_case(BFLOAT16, 512, 8, r=4, alpha=8.0, use_rslora=False, dropout=0.0, batch_shape=(3,),
-                            has_bias=True, magnitudes=(1.0, 1.0, 1.0, 1.0), seed=1, quantization=Quantization("affine", 4, 64))
+                            has_bias=True, magnitudes=(1.0, 1.0, 1.0, 1.0), seed=1, quantization=four_bits)
     expected = oracle.linear_forward(case)
     upstream = np.ones((3, 8))
     grad_x = oracle.linear_grads(case, upstream)["grad x"]
