@@ -63,23 +63,24 @@ def linear_base(case: LinearCase) -> Tracked:
     peft) as well. Where every row of x has at most one nonzero element (an embedding's one-hot lookup),
     each sum has one term, which no accumulation rounds: float32's bound covers it.
     """
-    in_float32 = _affine(case, _base_weight(case))
+    weight = _base_weight(case)
+    in_float32 = _affine(case, weight)
     if not _accumulates_in_dtype(case) or np.count_nonzero(case.x, axis=-1).max(initial=0) <= 1:
         return in_float32
     observed = bridge.to_numpy(bridge.base_linear(case)(bridge.mlx_array(case.x, case.dtype)))
-    return _affine(case, _base_weight(case), case.dtype).narrowed_to(observed, in_float32)
+    return _affine(case, weight, case.dtype).narrowed_to(observed, in_float32)
 
 
-def _base_input_gradient(case: LinearCase, t: Tracked, upstream: np.ndarray) -> Tracked:
+def _base_input_gradient(case: LinearCase, t: Tracked, weight: Tracked, upstream: np.ndarray) -> Tracked:
     """``T W``, (N, in): the base's share of x's gradient; for a quantized base narrowed, as in `linear_base`,
     to what MLX's own backward of that base (the quantized product with the untransposed weight) is off by."""
-    in_float32 = t.matmul(_base_weight(case))
+    in_float32 = t.matmul(weight)
     if not _accumulates_in_dtype(case):
         return in_float32
     base, x = bridge.base_linear(case), bridge.mlx_array(case.x, case.dtype)
     _, (observed,) = mx.vjp(base, [x], [bridge.mlx_array(upstream, case.dtype)])
-    in_dtype = t.matmul(_base_weight(case), case.dtype)
-    return in_dtype.narrowed_to(bridge.to_numpy(observed).reshape(in_float32.value.shape), in_float32)
+    observed = bridge.to_numpy(observed).reshape(in_float32.value.shape)
+    return t.matmul(weight, case.dtype).narrowed_to(observed, in_float32)
 
 
 def lora_update(case: LinearCase, lora_input: Tracked | None = None) -> Tracked:
@@ -254,7 +255,7 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
             (_column_sums(unscaled_t * unbiased) + _column_sums(unscaled_t.scaled(s) * unscaled_lora)) / norm,
         )
     else:
-        base_dx = _base_input_gradient(case, t, upstream)
+        base_dx = _base_input_gradient(case, t, weight, upstream)
     lora = lora_backward(x, t, a, b, s)
     grads["grad x"] = (base_dx + lora["x"]).reshape(*case.x.shape)
     grads["grad A"], grads["grad B"] = lora["A"], lora["B"]
