@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 from hypothesis import Phase, settings
 
-from conformance import divergences, profiles, quantization, recording
+from conformance import divergences, profiles, quantization, recording, threads
 from conformance.dtypes import BY_NAME as DTYPES
 from conformance.subjects import CATALOGUE, Subject, select, versions
 
@@ -32,6 +32,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--dtype", action="append", default=[], choices=list(DTYPES), help="a case dtype to check (repeatable); default: all"
     )
     group.addoption("--mlx-device", choices=["cpu", "gpu"], default=None, help="MLX device; default: gpu where Metal is available, else cpu")
+    group.addoption(
+        "--threads",
+        default=None,
+        metavar="N",
+        help=f"threads per process for torch, BLAS and OpenMP, or '{threads.NATIVE}' (the libraries' own defaults); "
+        f"default: ${threads.ENVIRONMENT}, else {threads.DEFAULT}",
+    )
     group.addoption("--results", default="results/conformance.json", metavar="PATH", help="JSON results file (default: %(default)s)")
     group.addoption(
         "--report",
@@ -79,6 +86,11 @@ def pytest_configure(config: pytest.Config) -> None:
         valid = ", ".join(profiles.SIZES)
         raise pytest.UsageError(f"unknown Hypothesis profile {profile!r}; valid profiles: {valid}")
     _give_seed(config, profile)
+    try:
+        policy = threads.chosen(config.getoption("threads"))
+    except ValueError as error:
+        raise pytest.UsageError(f"--threads / ${threads.ENVIRONMENT}: {error}") from None
+    in_force = threads.apply(policy)  # before any check runs, in the controller and in every xdist worker
     config.addinivalue_line("markers", "family(name): the layer family a test module checks")
     config.addinivalue_line("markers", "check(name): the check a test runs, where its name does not say")
     config.addinivalue_line("markers", "dtypes(*names): the only case dtypes a check runs in, where not all")
@@ -99,6 +111,8 @@ def pytest_configure(config: pytest.Config) -> None:
                 raise pytest.UsageError(f"{option} {path}: cannot write: {error.strerror or error}") from None
     config.stash[RECORDER] = recording.Recorder({"versions": versions(), "device": device})
     config.stash[STATE] = {
+        "threads": policy,
+        "threads_in_force": {_process(config): in_force},
         "subjects": subjects,
         "dtypes": config.getoption("dtype") or list(DTYPES),
         "known": known,
@@ -115,6 +129,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     meta = recorder.meta
     subjects = {s.name: _subject_meta(s) for s in config.stash[STATE]["subjects"] if s.not_provided_reason() is None}
     recorder.meta = recording.run_meta(meta["versions"], meta["device"], profiles.active(), _seed_description(config), subjects)
+    recorder.meta["threads"] = _threads_meta(config.stash[STATE])
+
+
+def _process(config: pytest.Config) -> str:
+    """This process's name in the results: ``controller``, or the xdist worker's id (``gw0``)."""
+    return config.workerinput["workerid"] if hasattr(config, "workerinput") else "controller"
+
+
+def _threads_meta(state: dict) -> dict:
+    """The thread policy and what each process's libraries reported (workers' at their end of the run)."""
+    policy = state["threads"]
+    return {"policy": policy.threads or threads.NATIVE, "source": policy.source, "in_force": state["threads_in_force"]}
 
 
 def _subject_meta(subject: Subject) -> dict:
@@ -136,6 +162,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [
         f"conformance: {versions}",
         f"conformance: MLX device {meta['device']} ({mx.default_device()}); Hypothesis profile {meta['profile']}, seed {meta['seed']}",
+        f"conformance: {threads.describe(state['threads'], state['threads_in_force'][_process(config)])}",
     ]
     available = ", ".join(map(str, quantization.AVAILABLE))
     missing = ", ".join(map(str, quantization.UNAVAILABLE)) or "none"
@@ -264,9 +291,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     recorder, state = config.stash[RECORDER], config.stash[STATE]
     if hasattr(config, "workeroutput"):
-        config.workeroutput["conformance"] = {"rows": recorder.rows, "checks": state["checks"]}
+        threads_now = threads.in_force()  # at the end, so a library that reset its pool mid-run would show
+        config.workeroutput["conformance"] = {"rows": recorder.rows, "checks": state["checks"], "threads": threads_now}
         return
-    state["divergences"] = [_divergence_status(entry, state) for entry in state["known"].values()]
+    recorder.meta["threads"] = _threads_meta(state)
+    covered: dict[str, list[dict]] = {}
+    for check in state["checks"]:
+        entry = divergences.find(state["known"], check["check_id"])
+        if entry is not None:
+            covered.setdefault(entry.check_id, []).append(check)
+    state["divergences"] = [_divergence_status(e, covered.get(e.check_id, [])) for e in state["known"].values()]
     recorder.meta["finished"] = recording.now()
     document = recording.write(state["results"], recorder.meta, recorder.rows, state["checks"], state["divergences"])
     if state["report"] is not None:
@@ -276,9 +310,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         publish.write(rendered, state["report"], state["report"].with_suffix(".md"))
 
 
-def _divergence_status(entry: divergences.KnownDivergence, state: dict) -> dict:
+def _divergence_status(entry: divergences.KnownDivergence, checks: list[dict]) -> dict:
     """An entry's checks that ran, and whether any still diverges ("now passing" once none does)."""
-    checks = [c for c in state["checks"] if divergences.find(state["known"], c["check_id"]) is entry]
     statuses = {c["status"] for c in checks}
     status = next(
         (s for s in ("known divergence", "now passing", "missed this run") if s in statuses),
@@ -298,6 +331,7 @@ def pytest_testnodedown(node, error) -> None:
         state = node.config.stash[STATE]
         node.config.stash[RECORDER].rows.extend(output["rows"])
         state["checks"].extend(output["checks"])
+        state["threads_in_force"][node.workerinput["workerid"]] = output["threads"]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

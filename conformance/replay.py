@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from conformance import threads
 from conformance.asserting import message
 from conformance.cases import case_from_description
 from conformance.registry import applies, find_check
@@ -19,7 +20,9 @@ from conformance.subjects import resolve
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.replay", description=__doc__.splitlines()[0])
     parser.add_argument("replay", help="the JSON after 'replay:' in a failure message")
+    threads.add_option(parser)
     args = parser.parse_args(argv)
+    threads.apply_option(parser, args)
     try:
         spec = json.loads(args.replay)
         subject = resolve(spec["subject"])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from conformance import threads
 from studies import sampling
 
 RESULTS = Path(__file__).with_name("results")
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], choices=sorted(WRONG_VARIANTS), help="(repeatable; default: all)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "catch_rates.json", help="(default: %(default)s)")
+    threads.add_option(parser)
     args = parser.parse_args(argv)
+    threads.apply_option(parser, args)
     sampling.writable(parser, args.out)
     names = args.variant or sorted(WRONG_VARIANTS)
     start = time.perf_counter()

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conformance import threads
 from studies import false_alarms, sampling
 
 PERTURBATIONS = ("lora", "base", "element")
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path,
                         help="the JSON to write (default: studies/results/detection/<family>[-<base>]-<dtype>-<kind>.json)")
     args = parser.parse_args(argv)
+    threads.apply_option(parser, args)
     sampling.check_usage(parser, args.family, args.kind, args.base)
     subject = false_alarms.default_subject(args.family)
     out = args.out or RESULTS / "detection" / sampling.result_name(args.family, args.base, args.dtype, args.kind)

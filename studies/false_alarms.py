@@ -18,6 +18,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from conformance import threads
 from studies import sampling
 
 EVERY = {"dropout_scaling": 10, "steps_sgd": 10, "steps_adamw": 10}
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path,
                         help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>.json)")
     args = parser.parse_args(argv)
+    threads.apply_option(parser, args)
     sampling.check_usage(parser, args.family, args.kind, args.base)
     subject = args.subject or default_subject(args.family)
     out = args.out or RESULTS / "false_alarms" / sampling.result_name(args.family, args.base, args.dtype, args.kind)

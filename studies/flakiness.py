@@ -20,6 +20,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from conformance import threads
 from studies import sampling
 
 RESULTS = Path(__file__).with_name("results")
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subject", action="append", default=[], help="subject or pattern (repeatable; default: the correct layers of tests/)")
     parser.add_argument("--workers", type=int, default=2, help="xdist workers per run (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "flakiness.json", help="(default: %(default)s)")
+    threads.add_option(parser)
     args = parser.parse_args(argv)
+    threads.apply_option(parser, args)  # its pytest runs inherit the policy (CONFORMANCE_THREADS)
     if args.runs < 2:
         parser.error(f"--runs {args.runs}: at least 2 (a run has nothing to agree with but another)")
     sampling.writable(parser, args.out)

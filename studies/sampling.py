@@ -27,6 +27,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
+from conformance import threads
+
 CHUNK = 500
 """Draws per Hypothesis run: small enough to spread over processes, large enough to amortise start-up."""
 
@@ -150,7 +152,8 @@ def environment() -> dict:
     from conformance.subjects import versions
 
     machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
-    return {**versions(), "device": mlx_device(), "machine": machine}
+    policy = threads.chosen().threads or threads.NATIVE
+    return {**versions(), "device": mlx_device(), "machine": machine, "threads": policy}
 
 
 def distinct(results: list[dict]) -> int:
@@ -167,6 +170,7 @@ def add_case_options(parser: argparse.ArgumentParser, default_cases: int) -> Non
     parser.add_argument("--base", choices=BASES, default="float", help="what the layer wraps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the study's seed: same seed, same cases (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    threads.add_option(parser)
 
 
 def run(study: Study, cases: int, workers: int, progress: Callable[[list[dict]], str]) -> list[dict]:
@@ -205,11 +209,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _single_threaded() -> None:
-    """Each worker process gets one core: several processes, not threads, share the machine."""
-    import torch
+def _worker_threads() -> None:
+    """A worker process takes its parent's thread policy (`conformance.threads`) before its first case."""
+    from conformance import threads
 
-    torch.set_num_threads(1)
+    threads.apply_inherited()
 
 
 def spread(work: Callable[[T], R], tasks: list[T], workers: int) -> Iterator[R]:
@@ -217,8 +221,7 @@ def spread(work: Callable[[T], R], tasks: list[T], workers: int) -> Iterator[R]:
     if workers <= 1:
         yield from map(work, tasks)
         return
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_single_threaded) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_threads) as pool:
         yield from pool.map(work, tasks, chunksize=4)
 
 
@@ -249,8 +252,7 @@ def until_enough(
             progress(list(results.values()))
             index += 1
         return finished
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_single_threaded) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_threads) as pool:
         running = {pool.submit(work, index): index for index in range(workers)}
         submitted = workers
         while (finished := done()) is None:

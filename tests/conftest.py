@@ -13,6 +13,7 @@ import pytest
 from hypothesis import settings
 
 import conformance.conftest  # noqa: F401
+from conformance import threads
 
 # Imported before any in-process run, so pytester's module snapshot keeps them (and MLX) loaded.
 import conformance.registry  # noqa: F401
@@ -23,6 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "conformance"
 GATE_ENVIRONMENTS = ROOT / ".tox" / "gate"
 """Where the gate builds the environments of pinned releases for the tests (reused between them)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The project's own tests hold the suite's thread policy too, in each of their xdist workers."""
+    threads.apply(threads.chosen())
 
 
 @dataclass
