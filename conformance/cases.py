@@ -30,9 +30,12 @@ def scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class LinearCase:
     """One drawn configuration of a LoRA layer on an ``nn.Linear`` base, in peft's layouts.
+
+    Cases compare by identity (their arrays have no one truth value of ``==``), so what is computed from
+    one can be kept with it (`conformance.memo`).
 
     The parameters determine the case completely: the arrays are made from them by `make_linear_case`,
     so `describe()` is enough to rebuild it (see ``python -m conformance.replay``).
@@ -379,7 +382,7 @@ def fits_dtype(case: LinearCase) -> bool:
     return True
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class EmbeddingCase:
     """A LoRA (or DoRA) layer on an ``nn.Embedding`` base, held as the linear maps it is.
 
@@ -410,7 +413,7 @@ class EmbeddingCase:
         """The embedding table, (vocabulary, dims)."""
         return self.lookup.weight.T
 
-    @property
+    @functools.cached_property
     def head(self) -> LinearCase:
         """``as_linear`` as a LoRA linear case: ``hidden @ (W + s A^T B^T)^T``, dims -> vocabulary."""
         lookup = self.lookup

@@ -29,7 +29,7 @@ from conformance.dtypes import DType
 from conformance.quantization import Quantization
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class SwitchCase:
     """LoRA on every expert of a switch layer, and how tokens are routed to them."""
 

@@ -92,11 +92,6 @@ class Tracked:
         value = np.stack([part.value for part in parts], axis=axis)
         return Tracked(value, np.stack([part.bound for part in parts], axis=axis), parts[0].dtype)
 
-    @staticmethod
-    def concatenate(parts: list[Tracked], axis: int = -1) -> Tracked:
-        value = np.concatenate([part.value for part in parts], axis=axis)
-        return Tracked(value, np.concatenate([part.bound for part in parts], axis=axis), parts[0].dtype)
-
     def take_along_axis(self, indices: np.ndarray, axis: int) -> Tracked:
         """``np.take_along_axis`` of value and bound: a gather, exact."""
         take = np.take_along_axis
@@ -111,6 +106,11 @@ class Tracked:
     @property
     def T(self) -> Tracked:  # noqa: N802 - mirrors numpy
         return Tracked(np.swapaxes(self.value, -1, -2), np.swapaxes(self.bound, -1, -2), self.dtype)
+
+    @functools.cached_property
+    def allowed(self) -> np.ndarray:
+        """`allowed_error`, computed once (a check compares both sides with one expected value)."""
+        return CALIBRATION * self.bound
 
     @property
     def magnitude(self) -> np.ndarray:
@@ -137,31 +137,48 @@ class Tracked:
     def __matmul__(self, other: Tracked) -> Tracked:
         return self.matmul(other)
 
-    def matmul(self, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
-        """The matrix product, its sums accumulated in `accumulation` (float32 unless said otherwise)."""
-        inner = self.value.shape[-1]
+    def _products(self, other: Tracked) -> tuple[np.ndarray, np.ndarray | float, np.ndarray, np.ndarray | None]:
+        """What every product bound needs: the value, the operands' errors carried through
+        (``|a| @ e_b + e_a @ |b|``), ``|a| @ |b|`` as a dot product reads the operands, and ``|a| @ |b|`` of the
+        operands as they are where that is the same product (None where subnormals read as zero change it)."""
         value = self.value @ other.value
         left, right = self._as_dot_product_reads_it(), other._as_dot_product_reads_it()
-        propagated = np.zeros_like(value)
+        propagated: np.ndarray | float = 0.0
         if left.bound.any():
             propagated = propagated + left.bound @ np.abs(right.value)
         if right.bound.any():
             propagated = propagated + left.magnitude @ right.bound
+        magnitudes = left.magnitude @ right.magnitude
+        as_they_are = magnitudes if left is self and right is other else None
+        return value, propagated, magnitudes, as_they_are
+
+    def _summed(self, parts: tuple, accumulation: DType, initial: Tracked | None = None) -> Tracked:
+        """The product of `_products`' `parts` (with `initial` accumulated as one more term), stored."""
+        value, propagated, magnitudes, _ = parts
+        inner = self.value.shape[-1]
+        if initial is not None:
+            start = initial._as_dot_product_reads_it()
+            inner, value = inner + 1, initial.value + value
+            propagated, magnitudes = start.bound + propagated, start.magnitude + magnitudes
         # Each of the `inner` products may also underflow in the accumulation dtype (absolute error).
-        accumulated = gamma(inner, accumulation) * (left.magnitude @ right.magnitude)
+        accumulated = gamma(inner, accumulation) * magnitudes
         underflow = inner * self._product_underflow(accumulation)
         return self._stored(value, propagated + accumulated + underflow, self.dtype.dot_product_underflow)
+
+    def matmul(self, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
+        """The matrix product, its sums accumulated in `accumulation` (float32 unless said otherwise)."""
+        return self._summed(self._products(other), accumulation)
 
     def matmul_onto(self, initial: Tracked, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """``initial + self @ other`` as one sum of n + 1 terms that starts from `initial`, as BLAS's gemm
         with beta = 1 (torch's ``baddbmm``) may evaluate it: `initial` is accumulated with the products."""
-        inner = self.value.shape[-1] + 1
-        value = initial.value + self.value @ other.value
-        start, left, right = (t._as_dot_product_reads_it() for t in (initial, self, other))
-        propagated = start.bound + left.bound @ np.abs(right.value) + left.magnitude @ right.bound
-        accumulated = gamma(inner, accumulation) * (start.magnitude + left.magnitude @ right.magnitude)
-        underflow = inner * self._product_underflow(accumulation)
-        return self._stored(value, propagated + accumulated + underflow, self.dtype.dot_product_underflow)
+        return self._summed(self._products(other), accumulation, initial)
+
+    def affine(self, other: Tracked, bias: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
+        """``self @ other + bias``: the product, then the bias; or, as BLAS's ``addmm`` (torch's Linear and
+        Conv1D) does, one sum of n + 1 terms that starts from the bias (`matmul_onto`). The bound covers both."""
+        parts = self._products(other)
+        return Tracked.covering(self._summed(parts, accumulation) + bias, self._summed(parts, accumulation, bias))
 
     def matmul_of_stored_terms(self, other: Tracked, accumulation: DType) -> Tracked:
         """The product where each of the n terms is stored in the dtype before the sum, as a gather's
@@ -230,12 +247,15 @@ class Tracked:
         0 for a power of two) instead of a rounding of the (possibly cancelled) result, plus the
         underflow of each scaled element carried through the other operand.
         """
-        product = (self @ other).scaled(factor)
+        parts = self._products(other)
+        product = self._summed(parts, ACCUMULATION).scaled(factor)
         roundings = scaling_roundings(factor, self.dtype)
-        prescaled = roundings * self.dtype.unit_roundoff * abs(factor) * (self.magnitude @ other.magnitude)
-        underflow = self.dtype.dot_product_underflow * (
-            np.ones_like(self.value) @ other.magnitude + self.magnitude @ np.ones_like(other.value)
-        )
+        as_they_are = parts[3] if parts[3] is not None else self.magnitude @ other.magnitude
+        prescaled = roundings * self.dtype.unit_roundoff * abs(factor) * as_they_are
+        # ``1 @ |other| + |self| @ 1``: the column sums of |other| and the row sums of |self|, without the products.
+        rows = self.magnitude.sum(axis=-1)
+        rows = rows[..., None] if self.value.ndim > 1 else rows
+        underflow = self.dtype.dot_product_underflow * np.broadcast_to(rows + other.magnitude.sum(axis=-2), product.value.shape)
         return Tracked(product.value, product.bound + prescaled + underflow, self.dtype)
 
 
@@ -271,7 +291,7 @@ class Comparison:
 
 def allowed_error(expected: Tracked) -> np.ndarray:
     """The per-element error that rounding in `expected.dtype` can explain."""
-    return CALIBRATION * expected.bound
+    return expected.allowed
 
 
 def compare(
@@ -292,14 +312,19 @@ def compare(
     if observed.size == 0:
         return comparison
     allowed = allowed_error(expected)
-    error = np.abs(observed.astype(np.float64) - expected.value)
-    error = np.where(np.isnan(error), np.inf, error)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(allowed > 0, error / allowed, np.where(error > 0, np.inf, 0.0))
-    ratio = np.where(np.isnan(ratio), np.inf, ratio)  # a non-finite result where any would do still fails
+    # Four passes over the elements in the common case: |observed - expected| / allowed, in place, and its maximum.
+    with np.errstate(divide="ignore", invalid="ignore"):  # inf - inf, x / 0, 0 / 0 are decided below
+        ratio = np.asarray(np.subtract(observed, expected.value, dtype=np.float64))
+        np.abs(ratio, out=ratio)
+        np.divide(ratio, allowed, out=ratio)  # an error where none is allowed is infinitely beyond it
+        error = np.abs(observed - expected.value) if np.isnan(ratio.flat[int(np.argmax(ratio))]) else None
+    if error is not None:  # argmax found a NaN first: a NaN result, 0 / 0 or inf / inf
+        ratio[np.isnan(ratio)] = np.inf  # a non-finite result where any would do still fails
+        ratio[error == 0] = 0.0
     worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
     comparison.margin = float(ratio[worst])
-    comparison.max_error = float(error[worst])
+    error_at_worst = abs(float(observed[worst]) - float(expected.value[worst]))
+    comparison.max_error = error_at_worst if error_at_worst == error_at_worst else float("inf")
     comparison.allowed_at_worst = float(allowed[worst])
     comparison.worst_index = tuple(int(i) for i in worst)
     comparison.observed_at_worst = float(observed[worst])

@@ -12,6 +12,7 @@ import numpy as np
 
 from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import ACCUMULATION, DType
+from conformance.memo import once_per_case
 from conformance.switch_cases import SwitchCase
 from conformance.verdict import Tracked
 from reference import bridge
@@ -21,6 +22,7 @@ def _exact(case: LinearCase, array: np.ndarray) -> Tracked:
     return Tracked.exact(array, case.dtype)
 
 
+@once_per_case
 def _base_weight(case: LinearCase) -> Tracked:
     """The base weight; a quantized base may dequantize it on the fly without rounding to the dtype."""
     weight = _exact(case, case.weight)
@@ -33,15 +35,12 @@ def _affine(case: LinearCase, weight: Tracked, accumulation: DType = ACCUMULATIO
     """``x W^T + b``: the product, then the bias; or, as BLAS's ``addmm`` (torch's Linear and Conv1D)
     does, one sum of n + 1 terms that starts from the bias. The bound covers both."""
     x = _exact(case, case.x)
-    out = x.matmul(weight.T, accumulation)
     if not case.has_bias:
-        return out
-    bias = _exact(case, case.bias)
-    ones = Tracked.exact(np.ones((*case.x.shape[:-1], 1)), case.dtype)
-    folded = Tracked.concatenate([x, ones]).matmul(Tracked.concatenate([weight.T, bias[None]], axis=0), accumulation)
-    return Tracked.covering(out + bias, folded)
+        return x.matmul(weight.T, accumulation)
+    return x.affine(weight.T, _exact(case, case.bias), accumulation)
 
 
+@once_per_case
 def lora_delta(case: LinearCase) -> Tracked:
     """``s B A``: the adapter as a weight update, (out, in)."""
     return _exact(case, case.lora_B).scaled_matmul(_exact(case, case.lora_A), case.scale)
@@ -52,6 +51,7 @@ def _accumulates_in_dtype(case: LinearCase) -> bool:
     return case.quantization is not None and case.dtype.unit_roundoff > ACCUMULATION.unit_roundoff
 
 
+@once_per_case
 def linear_base(case: LinearCase) -> Tracked:
     """``x W^T + b``: the frozen base layer alone.
 
@@ -85,6 +85,15 @@ def _base_input_gradient(case: LinearCase, t: Tracked, weight: Tracked, upstream
 
 def lora_update(case: LinearCase, lora_input: Tracked | None = None) -> Tracked:
     """``s (x A^T) B^T``: the LoRA term (of `lora_input`, the dropped-out input, where given)."""
+    return _eval_lora_update(case) if lora_input is None else _lora_update(case, lora_input)
+
+
+@once_per_case
+def _eval_lora_update(case: LinearCase) -> Tracked:
+    return _lora_update(case, None)
+
+
+def _lora_update(case: LinearCase, lora_input: Tracked | None) -> Tracked:
     down = (_exact(case, case.x) if lora_input is None else lora_input) @ _exact(case, case.lora_A).T
     return down.scaled_matmul(_exact(case, case.lora_B).T, case.scale)
 
@@ -94,16 +103,19 @@ def dropped_input(case: LinearCase, mask: np.ndarray) -> Tracked:
     return _exact(case, case.x * mask).scaled(1 / (1 - case.dropout))
 
 
+@once_per_case
 def adapted_weight(case: LinearCase) -> Tracked:
     """``W + s B A``, (out, in): LoRA's merged weight, and what DoRA normalises."""
     return _base_weight(case) + lora_delta(case)
 
 
+@once_per_case
 def dora_factor(case: LinearCase) -> Tracked:
     """DoRA's per-output factor ``m / ||W + s B A||`` (row norms over the input dimension), (out,)."""
     return Tracked.exact(case.magnitude, case.dtype) / adapted_weight(case).row_norm()
 
 
+@once_per_case
 def magnitude_at_init(case: LinearCase) -> Tracked:
     """The magnitude DoRA starts from when B is zero: the base weight's row norms."""
     return _base_weight(case).row_norm()
@@ -118,6 +130,15 @@ def linear_forward(case: LinearCase, dropped: Tracked | None = None) -> Tracked:
     DoRA's is peft's ``x W^T + b + (f - 1) x' W^T + f s (x' A^T) B^T`` (``f = m / ||W + s B A||``): the
     base layer sees x, the magnitude's correction and the adapter see x'.
     """
+    return _eval_forward(case) if dropped is None else _forward(case, dropped)
+
+
+@once_per_case
+def _eval_forward(case: LinearCase) -> Tracked:
+    return _forward(case, None)
+
+
+def _forward(case: LinearCase, dropped: Tracked | None) -> Tracked:
     if not case.use_dora:
         return linear_base(case) + lora_update(case, dropped)
     factor, unbiased = dora_factor(case), _exact(case, case.x) @ _base_weight(case).T
@@ -144,27 +165,32 @@ def linear_forward(case: LinearCase, dropped: Tracked | None = None) -> Tracked:
     return Tracked.covering(scaled_sum, unbiased + correction)
 
 
+@once_per_case
 def merged_weight(case: LinearCase) -> Tracked:
     """LoRA: ``W + s B A``; DoRA: ``m / ||W + s B A|| * (W + s B A)``; (out, in)."""
     adapted = adapted_weight(case)
     return dora_factor(case)[:, None] * adapted if case.use_dora else adapted
 
 
+@once_per_case
 def merged_forward(case: LinearCase) -> Tracked:
     """The merged layer's output ``x (W + s B A)^T + b``."""
     return _affine(case, merged_weight(case))
 
 
+@once_per_case
 def embedding_forward(case: EmbeddingCase) -> Tracked:
     """``W[ids] + s A^T[ids] B^T`` — the lookup as the linear map it is (DoRA: per embedding dimension)."""
     return linear_forward(case.lookup)
 
 
+@once_per_case
 def embedding_merged_weight(case: EmbeddingCase) -> Tracked:
     """The merged table, (vocabulary, dims)."""
     return merged_weight(case.lookup).T
 
 
+@once_per_case
 def embedding_as_linear(case: EmbeddingCase) -> Tracked:
     """``hidden @ merged table^T``: the tied output head, (*batch, vocabulary).
 
@@ -180,6 +206,7 @@ def _routed(case: SwitchCase, per_expert: list[Tracked]) -> Tracked:
     return every.take_along_axis(case.indices[..., None].astype(np.intp), axis=-2)
 
 
+@once_per_case
 def adapted_expert_weight(expert: LinearCase) -> Tracked:
     """``W_e + s B_e A_e`` as peft's ``target_parameters`` forms it on every forward: one ``baddbmm``, which
     BLAS may evaluate as a single sum of r + 1 terms that starts from W_e (each term s b a, s rounded into B
@@ -189,6 +216,7 @@ def adapted_expert_weight(expert: LinearCase) -> Tracked:
     return Tracked.covering(adapted_weight(expert), folded)
 
 
+@once_per_case
 def switch_forward(case: SwitchCase) -> Tracked:
     """Each routed expert's LoRA output: ``x W_e^T + b_e + s (x A_e^T) B_e^T`` for e in the token's indices.
 
@@ -198,11 +226,13 @@ def switch_forward(case: SwitchCase) -> Tracked:
     return _routed(case, [Tracked.covering(linear_forward(e), _affine(e, adapted_expert_weight(e))) for e in case.experts])
 
 
+@once_per_case
 def switch_merged_weight(case: SwitchCase) -> Tracked:
     """``W_e + s B_e A_e`` for every expert, (E, out, in)."""
     return Tracked.stack([merged_weight(e) for e in case.experts])
 
 
+@once_per_case
 def switch_merged_forward(case: SwitchCase) -> Tracked:
     """The merged layer's routed outputs ``x (W_e + s B_e A_e)^T + b_e``, (*batch, k, out)."""
     return _routed(case, [merged_forward(e) for e in case.experts])
