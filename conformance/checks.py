@@ -30,8 +30,10 @@ Expected = dict[str, "Tracked | None"]
 """quantity -> the oracle's value and bound, or None where the quantity must be absent."""
 
 
-def from_mlx(values: mx.array, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
-    return bridge.to_numpy(values), bridge.dtype_name(values) if judge_dtype else None
+def from_mlx(arrays: dict[str, mx.array], unjudged_dtypes: tuple[str, ...] = ()) -> Observed:
+    """What the subject produced, evaluated at once: each quantity's values and (but in `unjudged_dtypes`) dtype."""
+    values = bridge.all_to_numpy(arrays)
+    return {name: (values[name], None if name in unjudged_dtypes else bridge.dtype_name(arrays[name])) for name in arrays}
 
 
 def from_torch(values: torch.Tensor, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
@@ -78,10 +80,6 @@ def measure(
     return measurement
 
 
-def evaluated(*arrays: mx.array) -> None:
-    mx.eval(*arrays)
-
-
 # Linear base ---------------------------------------------------------------------------------
 
 
@@ -89,9 +87,7 @@ def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> 
     """The subject's output in eval mode, against peft's and the oracle's."""
 
     def run_subject() -> Observed:
-        output = subject.build(case)(bridge.mlx_array(case.x, case.dtype))
-        evaluated(output)
-        return {"output": from_mlx(output)}
+        return from_mlx({"output": subject.run(case).layer()(bridge.mlx_array(case.x, case.dtype))})
 
     def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
         if "output" in observed:
@@ -101,7 +97,7 @@ def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> 
     return measure(
         "forward", subject, case, timer,
         expect=lambda: {"output": oracle.linear_forward(case)},
-        reference=lambda: {"output": from_torch(peft_layers.forward(peft_layers.linear(case), case))},
+        reference=lambda: {"output": from_torch(peft_layers.forward(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
         diagnose=diagnose,
     )
@@ -118,8 +114,7 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
         }
 
     def reference() -> Observed:
-        layer = peft_layers.linear(case)
-        layer.merge()
+        layer = peft_layers.run(case).merged()
         base = layer.get_base_layer()
         weight = peft_layers.base_weight(layer, case)
         observed = {"merged weight": from_torch(weight), "merged output": from_torch(peft_layers.forward(layer, case))}
@@ -128,13 +123,11 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
         return observed
 
     def run_subject() -> Observed:
-        merged = subject.merge(subject.build(case))
-        output = merged(bridge.mlx_array(case.x, case.dtype))
-        evaluated(merged.parameters(), output)
-        observed = {"merged weight": from_mlx(merged.weight), "merged output": from_mlx(output)}
+        merged = subject.run(case).merged()
+        produced = {"merged weight": merged.weight, "merged output": merged(bridge.mlx_array(case.x, case.dtype))}
         if "bias" in merged:
-            observed["merged bias"] = from_mlx(merged["bias"])
-        return observed
+            produced["merged bias"] = merged["bias"]
+        return from_mlx(produced)
 
     def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
         if _failed(measurement, "merged weight") and "merged weight" in observed:
@@ -170,7 +163,7 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
             dtype = getattr(mx, case.dtype.name)
             observed = quantization.dequantize((requantized.weight, requantized.scales, *biases), settings, dtype)
             expected = quantization.dequantize(quantization.quantize(dequantized, q), q, dtype)
-            evaluated(observed, expected)
+            mx.eval(observed, expected)
             # An affine re-quantization keeps its scales in a floating dtype: the base's, as peft keeps it.
             scales_dtype = bridge.dtype_name(requantized.scales) if q.mode == "affine" else case.dtype.name
         except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
@@ -201,9 +194,7 @@ def _magnitude_at_creation(
         return {"magnitude": from_torch(peft_layers.dora_magnitude_at_creation(case, with_adapter), judge_dtype=False)}
 
     def run_subject() -> Observed:
-        magnitude = subject.magnitude_at_creation(case, with_adapter)
-        evaluated(magnitude)
-        return {"magnitude": from_mlx(magnitude, judge_dtype=False)}
+        return from_mlx({"magnitude": subject.magnitude_at_creation(case, with_adapter)}, unjudged_dtypes=("magnitude",))
 
     check = "init_with_adapter" if with_adapter else "init"
     return measure(check, subject, case, timer, expect, reference, run_subject)
@@ -226,14 +217,12 @@ def lookup(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -
     """The subject's embeddings of the case's token ids, against peft's and the oracle's."""
 
     def run_subject() -> Observed:
-        output = subject.build(case)(mx.array(case.ids))
-        evaluated(output)
-        return {"output": from_mlx(output)}
+        return from_mlx({"output": subject.run(case).layer()(mx.array(case.ids))})
 
     return measure(
         "forward", subject, case, timer,
         expect=lambda: {"output": oracle.embedding_forward(case)},
-        reference=lambda: {"output": from_torch(peft_layers.lookup(peft_layers.embedding(case), case))},
+        reference=lambda: {"output": from_torch(peft_layers.lookup(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
     )
 
@@ -242,16 +231,12 @@ def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED
     """``as_linear`` (the tied output head) against ``hidden @ merged table^T`` from peft's merge."""
 
     def reference() -> Observed:
-        layer = peft_layers.embedding(case)
-        layer.merge()
-        table = layer.get_base_layer().weight
+        table = peft_layers.run(case).merged().get_base_layer().weight
         with torch.no_grad():
             return {"output": from_torch(peft_layers.tensor(case.hidden, case.dtype) @ table.T)}
 
     def run_subject() -> Observed:
-        output = subject.build(case).as_linear(bridge.mlx_array(case.hidden, case.dtype))
-        evaluated(output)
-        return {"output": from_mlx(output)}
+        return from_mlx({"output": subject.run(case).layer().as_linear(bridge.mlx_array(case.hidden, case.dtype))})
 
     return measure("as_linear", subject, case, timer, lambda: {"output": oracle.embedding_as_linear(case)}, reference, run_subject)
 
@@ -264,18 +249,15 @@ def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = U
         return {"merged weight": table, "merged output": table[case.ids]}
 
     def reference() -> Observed:
-        layer = peft_layers.embedding(case)
-        layer.merge()
+        layer = peft_layers.run(case).merged()
         return {
             "merged weight": from_torch(layer.get_base_layer().weight),
             "merged output": from_torch(peft_layers.lookup(layer, case)),
         }
 
     def run_subject() -> Observed:
-        merged = subject.merge(subject.build(case))
-        output = merged(mx.array(case.ids))
-        evaluated(merged.parameters(), output)
-        return {"merged weight": from_mlx(merged.weight), "merged output": from_mlx(output)}
+        merged = subject.run(case).merged()
+        return from_mlx({"merged weight": merged.weight, "merged output": merged(mx.array(case.ids))})
 
     return measure("merge", subject, case, timer, expect, reference, run_subject)
 
@@ -291,14 +273,12 @@ def switch_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIM
     """
 
     def run_subject() -> Observed:
-        output = bridge.switch_call(subject.build(case), case)
-        evaluated(output)
-        return {"output": from_mlx(output)}
+        return from_mlx({"output": bridge.switch_call(subject.run(case).layer(), case)})
 
     return measure(
         "forward", subject, case, timer,
         expect=lambda: {"output": oracle.switch_forward(case)},
-        reference=lambda: {"output": from_torch(peft_layers.switch_forward(peft_layers.switch(case), case))},
+        reference=lambda: {"output": from_torch(peft_layers.switch_forward(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
     )
 
@@ -315,21 +295,18 @@ def switch_merge(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED
         return {"merged weight": oracle.switch_merged_weight(case), "merged bias": bias}
 
     def reference() -> Observed:
-        layer = peft_layers.switch(case)
-        layer.merge()
-        weight, bias = peft_layers.switch_merged_parameters(layer)
+        weight, bias = peft_layers.switch_merged_parameters(peft_layers.run(case).merged())
         observed = {"merged weight": from_torch(weight)}
         if bias is not None:
             observed["merged bias"] = from_torch(bias)
         return observed
 
     def run_subject() -> Observed:
-        merged = subject.merge(subject.build(case))
-        evaluated(merged.parameters())
-        observed = {"merged weight": from_mlx(merged.weight)}
+        merged = subject.run(case).merged()
+        produced = {"merged weight": merged.weight}
         if "bias" in merged:
-            observed["merged bias"] = from_mlx(merged["bias"])
-        return observed
+            produced["merged bias"] = merged["bias"]
+        return from_mlx(produced)
 
     return measure("merge", subject, case, timer, expect, reference, run_subject)
 
@@ -338,14 +315,10 @@ def switch_merged_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer 
     """The merged layer routes each token to its experts' merged weights, as peft's merged layer does."""
 
     def reference() -> Observed:
-        layer = peft_layers.switch(case)
-        layer.merge()
-        return {"merged output": from_torch(peft_layers.switch_forward(layer, case))}
+        return {"merged output": from_torch(peft_layers.switch_forward(peft_layers.run(case).merged(), case))}
 
     def run_subject() -> Observed:
-        output = bridge.switch_call(subject.merge(subject.build(case)), case)
-        evaluated(output)
-        return {"merged output": from_mlx(output)}
+        return from_mlx({"merged output": bridge.switch_call(subject.run(case).merged(), case)})
 
     return measure(
         "merged_forward", subject, case, timer,

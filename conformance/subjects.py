@@ -17,6 +17,7 @@ from typing import Any
 import mlx.nn as nn
 
 from conformance.cases import EmbeddingCase, LinearCase
+from conformance.memo import LayerRun, once_per_case
 from conformance.switch_cases import SwitchCase
 from reference.bridge import (
     Convention,
@@ -106,8 +107,17 @@ class Subject:
     def merge(self, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         return self.convention.merge(self.implementation, layer, dequantize)
 
+    def run(self, case: LinearCase | EmbeddingCase | SwitchCase) -> LayerRun:
+        """The subject's layer for the case, shared by the checks that only call it or merge it (dequantized)."""
+        return _run(case, self)
+
     def magnitude_at_creation(self, case: LinearCase | EmbeddingCase, with_adapter: bool) -> Any:
         return self.convention.magnitude_at_creation(self.implementation, case, with_adapter)
+
+
+@once_per_case
+def _run(case: LinearCase | EmbeddingCase | SwitchCase, subject: Subject) -> LayerRun:
+    return LayerRun(case, subject.build, subject.merge)
 
 
 CATALOGUE: tuple[Subject, ...] = (

@@ -15,7 +15,7 @@ import numpy as np
 
 from conformance import diagnosis, dropout_statistics, optimizers
 from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, fits_dtype, gradients_fit, upstream_gradient
-from conformance.checks import Expected, Observed, evaluated, from_mlx, from_torch, measure
+from conformance.checks import Expected, Observed, from_mlx, from_torch, measure
 from conformance.subjects import Subject
 from conformance.switch_cases import SwitchCase, switch_upstream_gradient
 from conformance.timing import UNTIMED, PhaseTimer
@@ -42,8 +42,7 @@ def _gradients(
 
     def run_subject() -> Observed:
         found, trained["subject"] = bridge.grads(subject.build(case), subject.convention.roles, case, upstream, bias_trains)
-        evaluated(*found.values())
-        return {name: from_mlx(values, judge_dtype=name != "grad m") for name, values in found.items()}
+        return from_mlx(found, unjudged_dtypes=("grad m",))
 
     check = "grad_bias_all" if bias_trains else "grad"
     measurement = measure(check, subject, case, timer, expect, reference, run_subject)
@@ -87,8 +86,7 @@ def switch_grad(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED)
 
     def run_subject() -> Observed:
         found, trained["subject"] = bridge.switch_grads(subject.build(case), subject.convention.roles, case, upstream)
-        evaluated(*found.values())
-        return {name: from_mlx(values) for name, values in found.items()}
+        return from_mlx(found)
 
     measurement = measure("grad", subject, case, timer, lambda: oracle.switch_grads(case, upstream), reference, run_subject)
     _compare_trainable(measurement, trained)
@@ -126,9 +124,7 @@ def dropout(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTime
         if bridge.inject_dropout(layer, view.dropout, mask) == 0:
             raise LookupError("the layer has no mlx.nn.Dropout inside to give the mask to")
         layer.train()
-        output = layer(mx.array(case.ids) if embedding else bridge.mlx_array(case.x, case.dtype))
-        evaluated(output)
-        return {"output": from_mlx(output)}
+        return from_mlx({"output": layer(mx.array(case.ids) if embedding else bridge.mlx_array(case.x, case.dtype))})
 
     def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
         if "output" not in observed:
@@ -152,7 +148,7 @@ def dropout_scaling(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTI
             layer.train()
             mx.random.seed(case.seed)  # the masks, and so the verdict, are the case's: replayable
             training = layer(mx.broadcast_to(x, (dropout_statistics.SAMPLES, *x.shape)))
-            evaluated(evaluation, training)
+            mx.eval(evaluation, training)
         except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
             measurement.comparisons.append(failed(f"raised {type(error).__name__}: {error}", "dropout_scaling", "subject"))
             return measurement
@@ -191,7 +187,7 @@ def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer
 
     def run_subject() -> Observed:
         adapters = bridge.training_steps(subject.build(case), subject.convention.roles, case, spec, target, optimizers.STEPS)
-        return by_step(adapters, from_mlx)
+        return from_mlx(by_step(adapters, lambda values: values))
 
     measurement = measure(f"steps_{kind}", subject, case, timer, expect, reference, run_subject)
     measurement.case.update(spec.describe())

@@ -32,7 +32,16 @@ def mlx_array(values: np.ndarray, dtype: DType) -> mx.array:
 
 
 def to_numpy(values: mx.array) -> np.ndarray:
-    return np.array(values.astype(mx.float32), dtype=np.float64)
+    """The values as float64 (exactly: every MLX float converts); bfloat16, which NumPy lacks, via float32."""
+    return np.array(values.astype(mx.float32) if values.dtype == mx.bfloat16 else values, dtype=np.float64)
+
+
+def all_to_numpy(arrays: dict[str, mx.array]) -> dict[str, np.ndarray]:
+    """`to_numpy` of several arrays, evaluated together: one MLX evaluation (each costs a hand-over to MLX's
+    stream thread) instead of one per array and cast."""
+    readable = {name: values.astype(mx.float32) if values.dtype == mx.bfloat16 else values for name, values in arrays.items()}
+    mx.eval(*readable.values())
+    return {name: np.array(values, dtype=np.float64) for name, values in readable.items()}
 
 
 def dtype_name(values: mx.array) -> str:

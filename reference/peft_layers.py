@@ -13,6 +13,7 @@ from peft.tuners.lora.layer import ParamWrapper
 
 from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import DType
+from conformance.memo import LayerRun, once_per_case
 from conformance.optimizers import OptimizerSpec
 from conformance.switch_cases import SwitchCase
 
@@ -32,7 +33,9 @@ def dtype_name(values: torch.Tensor) -> str:
     return str(values.dtype).removeprefix("torch.")
 
 
-def _config(case: LinearCase, r: int | None = None, dropout: float | None = None) -> LoraConfig:
+def _config(case: LinearCase, r: int | None = None, dropout: float | None = None, loaded: bool = False) -> LoraConfig:
+    """peft's configuration of the case; `loaded`: for a layer whose adapter is then loaded from the case, which
+    peft need not initialise first (``init_lora_weights=False``: the values it would draw are overwritten)."""
     return LoraConfig(
         r=case.r if r is None else r,
         lora_alpha=case.alpha,
@@ -40,6 +43,7 @@ def _config(case: LinearCase, r: int | None = None, dropout: float | None = None
         lora_dropout=case.dropout if dropout is None else dropout,
         use_dora=case.use_dora,
         fan_in_fan_out=case.fan_in_fan_out,
+        init_lora_weights=not loaded,
     )
 
 
@@ -99,7 +103,7 @@ def base_weight(layer: LoraLinear, case: LinearCase) -> torch.Tensor:
 def linear(case: LinearCase) -> LoraLinear:
     """peft's LoRA ``Linear`` for the case (``fan_in_fan_out`` on a Conv1D base), in eval mode."""
     base = _base(case)
-    layer = LoraLinear(base, ADAPTER, config=_config(case), r=case.r, lora_alpha=case.alpha)
+    layer = LoraLinear(base, ADAPTER, config=_config(case, loaded=True), r=case.r, lora_alpha=case.alpha)
     with torch.no_grad():
         weight = tensor(case.weight, case.dtype)
         base.weight.copy_(weight.T if case.fan_in_fan_out else weight)
@@ -115,11 +119,23 @@ def embedding(case: EmbeddingCase) -> LoraEmbedding:
     """peft's LoRA ``Embedding`` for the case, in eval mode."""
     lookup = case.lookup
     base = torch.nn.Embedding(lookup.in_features, lookup.out_features, dtype=lookup.dtype.torch)
-    layer = LoraEmbedding(base, ADAPTER, config=_config(lookup), r=lookup.r, lora_alpha=lookup.alpha)
+    layer = LoraEmbedding(base, ADAPTER, config=_config(lookup, loaded=True), r=lookup.r, lora_alpha=lookup.alpha)
     with torch.no_grad():
         base.weight.copy_(tensor(case.weight, case.dtype))
     _load(layer, lookup)
     return layer
+
+
+def _merged(layer: torch.nn.Module) -> torch.nn.Module:
+    layer.merge()
+    return layer
+
+
+@once_per_case
+def run(case: LinearCase | EmbeddingCase | SwitchCase) -> LayerRun:
+    """peft's layer for the case (`linear`, `embedding` or `switch`), shared by the checks that only call it
+    or merge it (`conformance.memo.LayerRun`)."""
+    return LayerRun(case, {EmbeddingCase: embedding, SwitchCase: switch}.get(type(case), linear), _merged)
 
 
 def lookup(layer: LoraEmbedding, case: EmbeddingCase) -> torch.Tensor:
@@ -227,7 +243,7 @@ def switch(case: SwitchCase) -> torch.nn.Module:
     first, dtype = case.first, case.dtype
     bias = tensor(case.stacked("bias"), dtype) if first.has_bias else None
     base = Experts(tensor(case.stacked("weight"), dtype), bias)
-    layer = ParamWrapper(base, ADAPTER, parameter_name="weight", config=_config(first), r=first.r, lora_alpha=first.alpha)
+    layer = ParamWrapper(base, ADAPTER, parameter_name="weight", config=_config(first, loaded=True), r=first.r, lora_alpha=first.alpha)
     E, r = case.num_experts, first.r
     with torch.no_grad():
         # peft's layouts: A (E r, in), expert-major; B (out, r E), expert-minor (see get_delta_weight).
