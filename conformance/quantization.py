@@ -95,6 +95,7 @@ def quantize_base(weight: np.ndarray, dtype: DType, quantization: Quantization) 
     mlx_dtype = getattr(mx, dtype.name)
     values = mx.array(np.asarray(weight, dtype=np.float32)).astype(mlx_dtype)
     parts = quantize(values, quantization)
-    restored = dequantize(parts, quantization, mlx_dtype)
-    as_numpy = tuple(np.array(p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p) for p in parts)
-    return as_numpy, np.array(restored.astype(mx.float32), dtype=np.float64)
+    readable = [p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p for p in parts]
+    restored = dequantize(parts, quantization, mlx_dtype).astype(mx.float32)
+    mx.eval(*readable, restored)  # at once: each evaluation is a hand-over to MLX's stream thread
+    return tuple(np.array(p) for p in readable), np.array(restored, dtype=np.float64)
