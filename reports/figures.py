@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from reports.results import inner_dimension, ordered_dtypes  # noqa: E402
 
@@ -22,6 +23,7 @@ COLOURS = {"float32": "#1f77b4", "float16": "#d62728", "bfloat16": "#2ca02c"}
 SMALLEST_MARGIN = 1e-4
 """Margins below this (exact results among them) are counted in the histogram's first bin."""
 
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "conformance", "font.size": 9})
 
 
@@ -62,6 +64,9 @@ def check_figure(rows: list[dict], title: str) -> str:
                 ylabel="largest error of the case")
     for axes in (histogram, scatter):
         axes.minorticks_off()
+        for axis in (axes.xaxis, axes.yaxis):
+            if axis.get_scale() == "log":  # plain labels: matplotlib's 10^k ones are typeset (most of a figure's time)
+                axis.set_major_formatter(PLAIN)
     svg = io.StringIO()
     figure.savefig(svg, format="svg", dpi=72, metadata={"Date": None})
     plt.close(figure)
