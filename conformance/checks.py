@@ -33,7 +33,8 @@ Expected = dict[str, "Tracked | None"]
 def from_mlx(arrays: dict[str, mx.array], unjudged_dtypes: tuple[str, ...] = ()) -> Observed:
     """What the subject produced, evaluated at once: each quantity's values and (but in `unjudged_dtypes`) dtype."""
     values = bridge.all_to_numpy(arrays)
-    return {name: (values[name], None if name in unjudged_dtypes else bridge.dtype_name(arrays[name])) for name in arrays}
+    return {name: (values[name], None if name in unjudged_dtypes else bridge.dtype_name(array))
+            for name, array in arrays.items()}
 
 
 def from_torch(values: torch.Tensor, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:

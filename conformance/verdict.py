@@ -82,7 +82,8 @@ class Tracked:
         """This bound, narrowed to how far `observed` (what a known kernel computed for this very formula and
         input) is off, where that lies within it; never below `floor`'s bound (another order's, which the
         narrowed bound must still cover). Where `observed` is off by more, the bound stays: that kernel fails."""
-        off = np.abs(observed - self.value)
+        with np.errstate(invalid="ignore"):  # inf - inf: a kernel off by everything, which keeps the worst case
+            off = np.abs(observed - self.value)
         within = np.isfinite(off) & (off <= self.bound)
         return Tracked(self.value, np.maximum(np.where(within, off, self.bound), floor.bound), self.dtype)
 
@@ -255,7 +256,8 @@ class Tracked:
         # ``1 @ |other| + |self| @ 1``: the column sums of |other| and the row sums of |self|, without the products.
         rows = self.magnitude.sum(axis=-1)
         rows = rows[..., None] if self.value.ndim > 1 else rows
-        underflow = self.dtype.dot_product_underflow * np.broadcast_to(rows + other.magnitude.sum(axis=-2), product.value.shape)
+        ones_products = np.broadcast_to(rows + other.magnitude.sum(axis=-2), product.value.shape)
+        underflow = self.dtype.dot_product_underflow * ones_products
         return Tracked(product.value, product.bound + prescaled + underflow, self.dtype)
 
 

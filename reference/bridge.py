@@ -39,7 +39,7 @@ def to_numpy(values: mx.array) -> np.ndarray:
 def all_to_numpy(arrays: dict[str, mx.array]) -> dict[str, np.ndarray]:
     """`to_numpy` of several arrays, evaluated together: one MLX evaluation (each costs a hand-over to MLX's
     stream thread) instead of one per array and cast."""
-    readable = {name: values.astype(mx.float32) if values.dtype == mx.bfloat16 else values for name, values in arrays.items()}
+    readable = {name: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a for name, a in arrays.items()}
     mx.eval(*readable.values())
     return {name: np.array(values, dtype=np.float64) for name, values in readable.items()}
 
