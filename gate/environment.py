@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,17 @@ from gate.sources import Source
 SUITE = Path(__file__).resolve().parent.parent
 TORCH = ["torch==2.13.0"] if sys.platform == "linux" else []
 STAMP = ".gate-environment.json"
+WARM_UP = """
+import conformance.conftest, conformance.checks, conformance.training_checks, reports.publish
+from conformance.subjects import CATALOGUE
+for subject in CATALOGUE:
+    try:
+        subject.not_provided_reason()  # imports the package's LoRA modules
+    except Exception:  # a package that cannot be imported is the suite's run to report, not this one's
+        pass
+"""
+"""What a run imports (the suite's modules, the test modules' own imports, the packages' LoRA modules): importing
+it once writes the bytecode `pip install --no-compile` left out."""
 
 
 def python_of(directory: Path) -> Path:
@@ -47,9 +59,13 @@ def _prepare(source: Source, directory: Path, python: str, fresh: bool) -> Path:
         return python_of(directory)
     print(f"gate: building {directory} for {source.text}", flush=True)
     _run([python, "-m", "venv", "--clear", str(directory)], f"cannot create a virtual environment with {python}")
-    pip = [str(python_of(directory)), "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
+    # pip compiles every module it installs (torch's thousands among them), which takes longer than the
+    # installation itself; the suite's first import compiles only those it uses, and keeps them.
+    pip = [str(python_of(directory)), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", "--no-compile"]
     _run([*pip, source.pip_argument()], f"cannot install the source {source.text}")
     _run([*pip, *TORCH, "-e", str(SUITE)], "cannot install the conformance suite beside it")
+    what = "cannot import the conformance suite there"
+    _run([str(python_of(directory)), "-c", WARM_UP], what, {"PYTHONDONTWRITEBYTECODE": None})
     stamp.write_text(json.dumps(plan))
     return python_of(directory)
 
@@ -60,9 +76,16 @@ def installed_version(python: Path, distribution: str) -> str | None:
     return found or None
 
 
-def _run(command: list[str], what: str) -> None:
+def _run(command: list[str], what: str, environment: dict[str, str | None] | None = None) -> None:
+    """Run `command` (with `environment`'s variables set, or unset where None); `SetupError` naming `what`."""
+    env = dict(os.environ)
+    for name, value in (environment or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     try:
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
     except OSError as error:
         raise SetupError(f"{what}: {error.strerror or error}") from None
     if done.returncode != 0:
