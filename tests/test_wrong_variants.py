@@ -19,7 +19,7 @@ def test_correct_layer_passes_every_check_in_every_dtype(subject, run_suite):
 @pytest.mark.parametrize("name", sorted(WRONG_VARIANTS))
 def test_wrong_variant_fails_in_every_dtype_where_visible(name, run_suite):
     variant = WRONG_VARIANTS[name]
-    run = run_suite("--subject", variant.subject.name, module=variant.module)
+    run = run_suite("--subject", variant.subject.name, *variant.selection, module=variant.module)
     assert run.ret == 1, run.output
     for dtype in variant.visible_in:
         assert "fail" in run.status(variant.check, dtype), f"{name} {variant.check} passed in {dtype}"
