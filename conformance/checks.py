@@ -88,7 +88,7 @@ def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> 
     """The subject's output in eval mode, against peft's and the oracle's."""
 
     def run_subject() -> Observed:
-        return from_mlx({"output": subject.run(case).layer()(bridge.mlx_array(case.x, case.dtype))})
+        return from_mlx({"output": subject.run(case).layer()(bridge.input_of(case))})
 
     def diagnose(measurement: Measurement, observed: Observed) -> list[str]:
         if "output" in observed:
@@ -125,7 +125,7 @@ def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Me
 
     def run_subject() -> Observed:
         merged = subject.run(case).merged()
-        produced = {"merged weight": merged.weight, "merged output": merged(bridge.mlx_array(case.x, case.dtype))}
+        produced = {"merged weight": merged.weight, "merged output": merged(bridge.input_of(case))}
         if "bias" in merged:
             produced["merged bias"] = merged["bias"]
         return from_mlx(produced)

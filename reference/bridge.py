@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from conformance import quantization
 from conformance.cases import EmbeddingCase, LinearCase
 from conformance.dtypes import FLOAT32, DType
+from conformance.memo import once_per_case
 from conformance.optimizers import OptimizerSpec
 from conformance.switch_cases import SwitchCase
 
@@ -31,15 +32,23 @@ def mlx_array(values: np.ndarray, dtype: DType) -> mx.array:
     return mx.array(np.asarray(values, dtype=np.float32)).astype(getattr(mx, dtype.name))
 
 
+@once_per_case
+def input_of(case: LinearCase | SwitchCase) -> mx.array:
+    """The case's input x as an MLX array, made once for every check that calls a layer on it (MLX arrays are
+    immutable, so they can share it)."""
+    return mlx_array(case.x, case.dtype)
+
+
 def to_numpy(values: mx.array) -> np.ndarray:
-    """The values as float64 (exactly: every MLX float converts); bfloat16, which NumPy lacks, via float32."""
-    return np.array(values.astype(mx.float32) if values.dtype == mx.bfloat16 else values, dtype=np.float64)
+    """The values as float64, exactly, through float32 (NumPy has no bfloat16, and MLX's cast quiets a NaN that
+    NumPy's float16 conversion would keep signalling)."""
+    return all_to_numpy({"values": values})["values"]
 
 
 def all_to_numpy(arrays: dict[str, mx.array]) -> dict[str, np.ndarray]:
     """`to_numpy` of several arrays, evaluated together: one MLX evaluation (each costs a hand-over to MLX's
     stream thread) instead of one per array and cast."""
-    readable = {name: a.astype(mx.float32) if a.dtype == mx.bfloat16 else a for name, a in arrays.items()}
+    readable = {name: a if a.dtype == mx.float32 else a.astype(mx.float32) for name, a in arrays.items()}
     mx.eval(*readable.values())
     return {name: np.array(values, dtype=np.float64) for name, values in readable.items()}
 
@@ -261,7 +270,7 @@ def switch_call(layer: nn.Module, case: SwitchCase, x: mx.array | None = None) -
     expert) pairs are listed in expert order, the layer runs on those rows with
     ``sorted_indices=True``, and the outputs go back to the tokens' order.
     """
-    x = mlx_array(case.x, case.dtype) if x is None else x
+    x = input_of(case) if x is None else x
     indices = mx.array(case.indices)
     if not case.sorted_indices:
         return layer(x[..., None, None, :], indices).squeeze(-2)

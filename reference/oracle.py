@@ -67,7 +67,7 @@ def linear_base(case: LinearCase) -> Tracked:
     in_float32 = _affine(case, weight)
     if not _accumulates_in_dtype(case) or np.count_nonzero(case.x, axis=-1).max(initial=0) <= 1:
         return in_float32
-    observed = bridge.to_numpy(bridge.base_linear(case)(bridge.mlx_array(case.x, case.dtype)))
+    observed = bridge.to_numpy(bridge.base_linear(case)(bridge.input_of(case)))
     return _affine(case, weight, case.dtype).narrowed_to(observed, in_float32)
 
 

@@ -25,6 +25,13 @@ def tensor(values: np.ndarray, dtype: DType) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, dtype=np.float32)).to(dtype.torch)
 
 
+@once_per_case
+def input_of(case: LinearCase | SwitchCase) -> torch.Tensor:
+    """The case's input x as a tensor, made once for the checks that call a layer on it without gradients
+    (the gradient checks make their own, which they ask gradients of)."""
+    return tensor(case.x, case.dtype)
+
+
 def to_numpy(values: torch.Tensor) -> np.ndarray:
     return values.detach().to(torch.float64).numpy()
 
@@ -169,7 +176,7 @@ def _call(layer: torch.nn.Module, case: LinearCase, x: torch.Tensor) -> torch.Te
 
 def forward(layer: torch.nn.Module, case: LinearCase) -> torch.Tensor:
     with torch.no_grad():
-        return _call(layer, case, tensor(case.x, case.dtype))
+        return _call(layer, case, input_of(case))
 
 
 class InjectedDropout(torch.nn.Module):
@@ -255,7 +262,7 @@ def switch(case: SwitchCase) -> torch.nn.Module:
 
 def switch_forward(layer: torch.nn.Module, case: SwitchCase) -> torch.Tensor:
     with torch.no_grad():
-        return layer(tensor(case.x, case.dtype), torch.from_numpy(case.indices.astype(np.int64)))
+        return layer(input_of(case), torch.from_numpy(case.indices.astype(np.int64)))
 
 
 def switch_merged_parameters(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
