@@ -349,6 +349,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.section("known divergences that now pass")
         for check in now_passing:
             write(f"{check}: passes now; remove it (or narrow its pattern) in the known-divergences file")
+    policy = state["threads"]
+    for process, measured in sorted(state["threads_in_force"].items()):
+        off = threads.departures(policy, measured)
+        if off:
+            write(f"conformance: threads in {process} were not {policy.threads} as asked: {', '.join(off)}")
     checks = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     write(
         f"conformance: {len(rows)} cases checked ({failing} outside the allowed error); "

@@ -106,11 +106,11 @@ def describe(policy: Policy, measured: dict) -> str:
     return f"threads per process {policy}: {libraries}"
 
 
-def holds(policy: Policy, measured: dict) -> bool:
-    """Whether every library that can be set reports the policy's number of threads."""
+def departures(policy: Policy, measured: dict) -> list[str]:
+    """The libraries that report another number of threads than the policy's, as ``name N``."""
     if policy.threads is None:
-        return True
-    return all(count == policy.threads for count in measured.values() if isinstance(count, int))
+        return []
+    return [f"{name} {count}" for name, count in measured.items() if isinstance(count, int) and count != policy.threads]
 
 
 def add_option(parser: argparse.ArgumentParser) -> None:

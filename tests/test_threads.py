@@ -43,6 +43,7 @@ def test_a_run_holds_one_thread_per_library_in_the_controller_and_in_every_xdist
         assert any(name.startswith(("openblas", "openmp")) for name in libraries), (process, measured)
         assert set(libraries.values()) == {1}, (process, measured)
     assert "conformance: threads per process 1 (default): torch intra-op 1, torch inter-op 1" in run.output
+    assert "were not 1 as asked" not in run.output
 
 
 def test_the_option_beats_the_environment_variable_and_native_sets_nothing(run_suite, monkeypatch):
@@ -56,6 +57,7 @@ def test_the_option_beats_the_environment_variable_and_native_sets_nothing(run_s
     del controller["torch inter-op"]
     assert set(controller.values()) == {2}, controller
     assert "threads per process 2 (--threads)" in run.output
+    assert "conformance: threads in controller were not 2 as asked: torch inter-op 1" in run.output
 
     monkeypatch.setenv(threads.ENVIRONMENT, "native")  # the run above left its own policy there, for its children
     native = run_suite(*CORRECT, module="test_linear.py")
