@@ -319,18 +319,21 @@ def compare(
         ratio = np.asarray(np.subtract(observed, expected.value, dtype=np.float64))
         np.abs(ratio, out=ratio)
         np.divide(ratio, allowed, out=ratio)  # an error where none is allowed is infinitely beyond it
-        error = np.abs(observed - expected.value) if np.isnan(ratio.flat[int(np.argmax(ratio))]) else None
-    if error is not None:  # argmax found a NaN first: a NaN result, 0 / 0 or inf / inf
+    worst = int(ratio.argmax())
+    if ratio.flat[worst] != ratio.flat[worst]:  # argmax found a NaN first: a NaN result, 0 / 0 or inf / inf
+        with np.errstate(invalid="ignore"):
+            error = np.abs(observed - expected.value)
         ratio[np.isnan(ratio)] = np.inf  # a non-finite result where any would do still fails
         ratio[error == 0] = 0.0
-    worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-    comparison.margin = float(ratio[worst])
-    error_at_worst = abs(float(observed[worst]) - float(expected.value[worst]))
+        worst = int(ratio.argmax())
+    got, want = float(observed.flat[worst]), float(expected.value.flat[worst])
+    comparison.margin = float(ratio.flat[worst])
+    error_at_worst = abs(got - want)
     comparison.max_error = error_at_worst if error_at_worst == error_at_worst else float("inf")
-    comparison.allowed_at_worst = float(allowed[worst])
-    comparison.worst_index = tuple(int(i) for i in worst)
-    comparison.observed_at_worst = float(observed[worst])
-    comparison.expected_at_worst = float(expected.value[worst])
+    comparison.allowed_at_worst = float(allowed.flat[worst])
+    comparison.worst_index = tuple(int(i) for i in np.unravel_index(worst, ratio.shape))
+    comparison.observed_at_worst = got
+    comparison.expected_at_worst = want
     return comparison
 
 

@@ -108,7 +108,7 @@ class LoRaLayerConvention:
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         layer = self.construct(cls, case, case.r, case.dropout)
         load_adapter(layer, A=mlx_array(case.lora_A.T, case.dtype), B=mlx_array(case.lora_B.T, case.dtype))
-        return _eval_mode(layer)
+        return layer
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         # replace_lora_with_linear re-quantizes a quantized base's merge itself; it has no choice.
@@ -257,7 +257,7 @@ class LoRASwitchLinearConvention:
         load_adapter(
             layer, lora_a=mlx_array(case.stacked("lora_A"), case.dtype), lora_b=mlx_array(case.stacked("lora_B"), case.dtype)
         )
-        return _eval_mode(layer)
+        return layer
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
         return layer.fuse(dequantize=dequantize)
@@ -296,9 +296,10 @@ def load_adapter(layer: nn.Module, **arrays: mx.array) -> None:
 
 
 def _with_adapter(layer: nn.Module, case: LinearCase) -> nn.Module:
-    """Give an MLX layer the case's A and B in MLX's layout: ``lora_a`` (in, r), ``lora_b`` (r, out)."""
+    """Give an MLX layer (as `construct` made it, in eval mode) the case's A and B in MLX's layout: ``lora_a``
+    (in, r), ``lora_b`` (r, out)."""
     load_adapter(layer, lora_a=mlx_array(case.lora_A.T, case.dtype), lora_b=mlx_array(case.lora_B.T, case.dtype))
-    return _eval_mode(layer)
+    return layer
 
 
 class InjectedDropout(nn.Module):

@@ -134,7 +134,8 @@ def embedding(case: EmbeddingCase) -> LoraEmbedding:
 
 
 def _merged(layer: torch.nn.Module) -> torch.nn.Module:
-    layer.merge()
+    with torch.no_grad():  # merging is no training step: nothing asks its gradient
+        layer.merge()
     return layer
 
 
