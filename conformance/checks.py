@@ -195,7 +195,8 @@ def _magnitude_at_creation(
         return {"magnitude": from_torch(peft_layers.dora_magnitude_at_creation(case, with_adapter), judge_dtype=False)}
 
     def run_subject() -> Observed:
-        return from_mlx({"magnitude": subject.magnitude_at_creation(case, with_adapter)}, unjudged_dtypes=("magnitude",))
+        magnitude = subject.magnitude_at_creation(case, with_adapter)
+        return from_mlx({"magnitude": magnitude}, unjudged_dtypes=("magnitude",))
 
     check = "init_with_adapter" if with_adapter else "init"
     return measure(check, subject, case, timer, expect, reference, run_subject)

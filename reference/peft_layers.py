@@ -251,7 +251,8 @@ def switch(case: SwitchCase) -> torch.nn.Module:
     first, dtype = case.first, case.dtype
     bias = tensor(case.stacked("bias"), dtype) if first.has_bias else None
     base = Experts(tensor(case.stacked("weight"), dtype), bias)
-    layer = ParamWrapper(base, ADAPTER, parameter_name="weight", config=_config(first, loaded=True), r=first.r, lora_alpha=first.alpha)
+    config = _config(first, loaded=True)
+    layer = ParamWrapper(base, ADAPTER, parameter_name="weight", config=config, r=first.r, lora_alpha=first.alpha)
     E, r = case.num_experts, first.r
     with torch.no_grad():
         # peft's layouts: A (E r, in), expert-major; B (out, r E), expert-minor (see get_delta_weight).
