@@ -7,7 +7,8 @@ and the error model) and harness (drawing cases, judging, bookkeeping).
 With ``--same-cases``, draws the cases of the forward check once (as the ci profile does) and runs
 on them, interleaved in blocks, the suite's forward and merge checks (each recorded and asserted as
 a test does) and `bare_loop` (the same work done plainly), and prints the ratio of their speeds: what
-the suite's harness costs beyond the work itself.
+the suite's harness costs beyond the work itself. Both first run one block's copies untimed, so that
+one-time costs (first calls into torch, peft and MLX) fall on neither side.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def same_cases(subject: Subject, dtype: str, count: int, block: int) -> dict:
         "suite": lambda index: suite_checks(subject, done_with(cases, index), recorder, timers["suite"]),
         "bare": lambda index: bare_loop.run(subject, done_with(copies, index), timers["bare"]),
     }
+    for index in range(min(block, len(cases))):  # one-time costs (first calls, lazy imports) go to neither side
+        suite_checks(subject, dataclasses.replace(cases[index]), Recorder(recorder.meta), PhaseTimer())
+        bare_loop.run(subject, dataclasses.replace(cases[index]), PhaseTimer())
     for number, start in enumerate(range(0, len(cases), block)):
         order = ("suite", "bare") if number % 2 == 0 else ("bare", "suite")  # neither always runs on a warmer machine
         for name in order:

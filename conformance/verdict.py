@@ -329,7 +329,7 @@ def compare(
     got, want = float(observed.flat[worst]), float(expected.value.flat[worst])
     comparison.margin = float(ratio.flat[worst])
     error_at_worst = abs(got - want)
-    comparison.max_error = error_at_worst if error_at_worst == error_at_worst else float("inf")
+    comparison.max_error = float("inf") if math.isnan(error_at_worst) else error_at_worst
     comparison.allowed_at_worst = float(allowed.flat[worst])
     comparison.worst_index = tuple(int(i) for i in np.unravel_index(worst, ratio.shape))
     comparison.observed_at_worst = got

@@ -327,7 +327,6 @@ def _eval_mode(layer: nn.Module) -> nn.Module:
     return layer
 
 
-
 def role(roles: dict[str, str], name: str) -> str:
     """The role of one of a layer's parameters: its convention's, "bias" for a base's bias, or its name."""
     return roles.get(name, "bias" if name.split(".")[-1] == "bias" else name)

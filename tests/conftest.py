@@ -13,10 +13,10 @@ import pytest
 from hypothesis import settings
 
 import conformance.conftest  # noqa: F401
-from conformance import threads
 
 # Imported before any in-process run, so pytester's module snapshot keeps them (and MLX) loaded.
 import conformance.registry  # noqa: F401
+from conformance import threads
 
 pytest_plugins = ["pytester"]
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from conformance import benchmark
+from conformance.subjects import BY_NAME
 
 
 def test_the_same_cases_mode_runs_both_on_the_same_cases_and_prints_their_speed_ratio(capsys):
@@ -13,6 +16,21 @@ def test_the_same_cases_mode_runs_both_on_the_same_cases_and_prints_their_speed_
     assert "12 float32 cases of mlx_lm.LoRALinear, forward and merge, in blocks of 4, interleaved" in printed
     assert printed.count("12 of 12 cases within the allowed error") == 2
     assert "ratio: the suite runs at " in printed and "threads per process 1" in printed
+
+
+def test_one_time_costs_fall_on_neither_side_of_the_same_case_ratio(monkeypatch):
+    seen: list[int] = []
+
+    def first_call_is_slow(*arguments) -> bool:  # as the first calls into torch, peft and MLX are
+        seen.append(1)
+        time.sleep(0.2 if len(seen) <= 2 else 0.0)
+        return True
+
+    monkeypatch.setattr(benchmark, "suite_checks", first_call_is_slow)
+    monkeypatch.setattr(benchmark.bare_loop, "run", first_call_is_slow)
+    found = benchmark.same_cases(BY_NAME["mlx_lm.LoRALinear"], "float32", 4, 2)
+    assert len(seen) == 2 * (4 + 2) and found["agreed"] == {"suite": 4, "bare": 4}
+    assert sum(found["blocks"]["suite"]) < 0.1 and sum(found["blocks"]["bare"]) < 0.1
 
 
 def test_speed_ratios_are_the_bare_loops_time_over_the_suites_overall_and_by_median_block():
