@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from conformance import profiles, registry, replay
 from conformance.cases import LinearCase, case_from_description, cases_for, gradients_fit, linear_cases
@@ -155,6 +157,16 @@ def test_comparison_reports_shape_dtype_and_nan_as_failures():
     nan[1, 2] = np.nan
     result = compare("y", "subject", nan, y)
     assert not result.passed and result.worst_index == (1, 2)
+
+
+@given(shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=5), data=st.data())
+def test_the_worst_element_is_reported_at_its_index_in_every_shape(shape, data):
+    flat = data.draw(st.integers(0, int(np.prod(shape)) - 1))
+    observed = np.zeros(shape)
+    observed.flat[flat] = 1.0
+    result = compare("y", "subject", observed, Tracked.exact(np.zeros(shape), FLOAT32))
+    assert result.worst_index == tuple(int(i) for i in np.unravel_index(flat, shape))
+    assert all(type(i) is int for i in result.worst_index)
 
 
 def test_failure_message_says_what_got_and_what_it_should_be():
