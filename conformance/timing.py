@@ -8,7 +8,7 @@ from collections import Counter
 
 class PhaseTimer:
     """``with timer("subject"): ...`` adds the block's seconds to that phase (a plain context manager: a
-    check enters three a case, and a generator-based one costs several times as much)."""
+    check enters three for each case, and a generator-based one costs several times as much)."""
 
     def __init__(self) -> None:
         self.seconds: Counter[str] = Counter()
