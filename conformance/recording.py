@@ -33,19 +33,18 @@ class Recorder:
 
     def record(self, measurement: Measurement, final: bool) -> dict:
         worst = measurement.worst if measurement.comparisons else None
-        failures = [c.describe() for c in measurement.comparisons if not c.passed]
         row = {
             "check_id": self.check_id,
             "subject": measurement.subject,
             "check": measurement.check,
             "dtype": measurement.case.get("dtype"),
             "case": measurement.case,
-            "verdict": "fail" if failures else "pass",
-            "margin": _finite_or_none(worst.margin) if worst else 0.0,
+            "verdict": "pass" if measurement.passed else "fail",
+            "margin": _finite_or_none(measurement.margin),
             "max_error": _finite_or_none(worst.max_error) if worst else 0.0,
             "allowed_error": _finite_or_none(worst.allowed_at_worst) if worst else 0.0,
             "worst": worst.describe() if worst else "",
-            "failures": failures,
+            "failures": [c.describe() for c in measurement.comparisons if not c.passed],
             "hints": measurement.hints,
             "judged_at": _subject_worst(measurement),
             "final": final,
