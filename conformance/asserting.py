@@ -6,18 +6,28 @@ import json
 
 from hypothesis.control import current_build_context, currently_in_test_context
 
+from conformance import divergences
+from conformance.divergences import Judgement
 from conformance.recording import Recorder
 from conformance.registry import replayable
 from conformance.verdict import Measurement
 
 
-def message(measurement: Measurement, check_id: str = "") -> str:
+def message(measurement: Measurement, check_id: str = "", judgement: Judgement | None = None) -> str:
+    """What failed, what agreed, the diagnosis and a replay; with `judgement` (of a check that known divergences
+    cover), which failures they explain (listed after those none explains)."""
     case = " ".join(f"{k}={v}" for k, v in measurement.case.items())
     where = f" [{check_id}]" if check_id else ""
     lines = [f"{measurement.subject} {measurement.check}: disagrees beyond what rounding explains{where}"]
     lines.append(f"  case: {case}")
-    lines += [f"  {c.describe()}" for c in measurement.comparisons if not c.passed]
-    agreeing = sorted({f"{c.side} {c.quantity}" for c in measurement.comparisons if c.passed})
+    failing = [c for c in measurement.comparisons if not c.passed]
+    explained = {id(c): entry for c, entry in judgement.explained} if judgement else {}
+    if judgement is not None:
+        lines.append("  not explained by any known divergence:")
+    lines += [f"  {c.describe()}" for c in failing if id(c) not in explained]
+    lines += [f"  {c.describe()}  [known divergence, line {explained[id(c)].line}: {explained[id(c)].reason}]"
+              for c in failing if id(c) in explained]
+    agreeing = sorted({c.what for c in measurement.comparisons if c.passed})
     if agreeing:
         lines.append(f"  within the allowed error: {', '.join(agreeing)}")
     lines += [f"  diagnosis: {hint}" for hint in measurement.hints]
@@ -31,7 +41,8 @@ def message(measurement: Measurement, check_id: str = "") -> str:
 
 def record_and_assert(recorder: Recorder, measurement: Measurement) -> None:
     """Record the row (marking Hypothesis' final, shrunk replay; a check outside Hypothesis is final), then
-    fail if the check failed."""
+    fail if the check failed in a way no known divergence covering it explains."""
     final = current_build_context().is_final if currently_in_test_context() else True
-    recorder.record(measurement, final=final)
-    assert measurement.passed, message(measurement, recorder.check_id)
+    judgement = divergences.judge(measurement, recorder.entries)
+    recorder.record(measurement, final=final, judgement=judgement)
+    assert judgement.passed, message(measurement, recorder.check_id, judgement if recorder.entries else None)

@@ -9,6 +9,7 @@ the run. The caller records the `Measurement` and then asserts it. The checks of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -21,7 +22,7 @@ from conformance.quantization import Quantization
 from conformance.subjects import Subject
 from conformance.switch_cases import SwitchCase
 from conformance.timing import UNTIMED, PhaseTimer
-from conformance.verdict import Comparison, Measurement, Tracked, compare, failed
+from conformance.verdict import Comparison, Measurement, Tracked, compare, compare_dtype, failed, raised
 from reference import bridge, oracle, peft_layers
 
 Observed = dict[str, tuple[np.ndarray, "str | None"]]
@@ -46,16 +47,18 @@ def _judge(measurement: Measurement, side: str, produce: Callable[[], Observed],
     try:
         observed = produce()
     except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
-        measurement.comparisons.append(failed(f"raised {type(error).__name__}: {error}", measurement.check, side))
+        measurement.comparisons.append(raised(error, measurement.check, side))
         return {}
     for quantity, want in expected.items():
         got = observed.get(quantity)
         if want is None and got is not None:
-            measurement.comparisons.append(failed("is present, but should be absent", quantity, side))
+            measurement.comparisons.append(failed("is present, but should be absent", quantity, side, "present"))
         elif want is not None and got is None:
-            measurement.comparisons.append(failed("is absent, but should be present", quantity, side))
+            measurement.comparisons.append(failed("is absent, but should be present", quantity, side, "absent"))
         elif want is not None:
-            measurement.comparisons.append(compare(quantity, side, got[0], want, got[1]))
+            if got[1] is not None:
+                measurement.comparisons.append(compare_dtype(quantity, side, got[1], want))
+            measurement.comparisons.append(compare(quantity, side, got[0], want))
     return observed
 
 
@@ -168,13 +171,14 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
             # An affine re-quantization keeps its scales in a floating dtype: the base's, as peft keeps it.
             scales_dtype = bridge.dtype_name(requantized.scales) if q.mode == "affine" else case.dtype.name
         except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
-            measurement.comparisons.append(failed(f"raised {type(error).__name__}: {error}", "requantize", "subject"))
+            measurement.comparisons.append(raised(error, "requantize", "subject"))
             return measurement
     if settings != q:
-        measurement.comparisons.append(failed(f"re-quantized as {settings}, but should be {q}", "requantized weight", "subject"))
+        measurement.comparisons.append(failed(f"re-quantized as {settings}, but should be {q}", "requantized weight", "subject", "settings"))
         return measurement
     want = Tracked.exact(bridge.to_numpy(expected), case.dtype)
-    measurement.comparisons.append(compare("requantized weight", "subject", bridge.to_numpy(observed), want, scales_dtype))
+    measurement.comparisons.append(compare_dtype("requantized scales", "subject", scales_dtype, want))
+    measurement.comparisons.append(compare("requantized weight", "subject", bridge.to_numpy(observed), want))
     return measurement
 
 
@@ -333,42 +337,59 @@ def switch_merged_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer 
 # Error parity -------------------------------------------------------------------------------
 
 
-def _outcome(run: Callable[[], torch.Tensor | mx.array]) -> tuple[str, np.ndarray | None]:
-    """What one side did with a bad configuration or input: what it raised, or what it computed."""
+REFUSALS = (ValueError, IndexError)
+"""The kinds of error a bad configuration or input deserves."""
+
+
+def refuses(error: BaseException, bad_value: str) -> bool:
+    """Whether `error` is the refusal a bad value deserves: of a kind in `REFUSALS`, its message naming the value."""
+    names = re.compile(rf"(?<![\w.]){re.escape(bad_value)}(?![\w.])", re.IGNORECASE)
+    return isinstance(error, REFUSALS) and names.search(str(error)) is not None
+
+
+def _outcome(run: Callable[[], torch.Tensor | mx.array]) -> tuple[str, BaseException | None, np.ndarray | None]:
+    """What one side did with a bad configuration or input: its description, what it raised or what it computed."""
     try:
         output = run()
     except Exception as error:  # noqa: BLE001 - raising is the expected, good outcome here
-        return f"raised {type(error).__name__}: {str(error).splitlines()[0][:160]}", None
+        return f"raised {type(error).__name__}: {str(error).splitlines()[0][:160]}", error, None
     values = peft_layers.to_numpy(output) if isinstance(output, torch.Tensor) else bridge.to_numpy(output)
     finite = int(np.isfinite(values).sum())
-    return f"computed an output of shape {values.shape} ({finite} of {values.size} elements finite)", values
+    return f"computed an output of shape {values.shape} ({finite} of {values.size} elements finite)", None, values
 
 
 def error_parity(
     subject: Subject,
     case: LinearCase | EmbeddingCase,
     scenario: str,
+    bad_value: str,
     subject_run: Callable[[], mx.array],
     reference_run: Callable[[], torch.Tensor],
 ) -> Measurement:
     """The subject and peft meet a bad configuration or input the same way.
 
     Where peft raises a clear error, a subject that silently computes something fails; a subject that
-    raises where peft computes is stricter, which is recorded, not failed; where both compute (NaN or
-    inf inputs), the non-finite elements must be the same ones.
+    raises must raise the error the bad value deserves (a ValueError or IndexError whose message names
+    `bad_value`), even where peft computes (stricter, which is recorded, not failed): any other error
+    is a crash for another reason, and fails. Where both compute (NaN or inf inputs), the non-finite
+    elements must be the same ones.
     """
     measurement = Measurement(subject.name, "error_parity", {**case.describe(), "scenario": scenario})
-    said, got = _outcome(subject_run)
-    peft_said, want = _outcome(reference_run)
+    said, error, got = _outcome(subject_run)
+    peft_said, _, want = _outcome(reference_run)
     measurement.hints.append(f"subject {said}; peft {peft_said}")
-    if got is not None and want is None:
-        problem = f"{said}, but peft {peft_said}"
-        measurement.comparisons.append(failed(problem, scenario, "subject"))
-    elif got is None:
-        measurement.comparisons.append(Comparison(scenario, "subject"))
-    elif got is not None and (got.shape != want.shape or np.any(np.isfinite(got) != np.isfinite(want))):
+    if error is not None and not refuses(error, bad_value):
+        comparison = raised(error, scenario, "subject")
+        comparison.problem = (f"{said}: not the error {scenario} deserves (a {' or '.join(e.__name__ for e in REFUSALS)} "
+                              f"naming {bad_value}); peft {peft_said}")
+        measurement.comparisons.append(comparison)
+    elif error is not None:
+        measurement.comparisons.append(Comparison(scenario, "subject", kind="raises", detail=type(error).__name__))
+    elif want is None:
+        measurement.comparisons.append(failed(f"{said}, but peft {peft_said}", scenario, "subject", "computes"))
+    elif got.shape != want.shape or np.any(np.isfinite(got) != np.isfinite(want)):
         problem = f"non-finite elements differ from peft's: subject {said}, peft {peft_said}"
-        measurement.comparisons.append(failed(problem, scenario, "subject"))
+        measurement.comparisons.append(failed(problem, scenario, "subject", "non-finite"))
     else:
         measurement.comparisons.append(Comparison(scenario, "subject"))
     return measurement

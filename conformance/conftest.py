@@ -210,17 +210,12 @@ def check_id(item: pytest.Item) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the checks of families no selected subject belongs to; mark known divergences."""
+    """Drop the checks of families no selected subject belongs to."""
     families = {subject.family for subject in config.stash[STATE]["subjects"]}
     unused = [item for item in items if _family(item) not in families]
     if unused:
         config.hook.pytest_deselected(items=unused)
         items[:] = [item for item in items if _family(item) in families]
-    known = config.stash[STATE]["known"]
-    for item in items:
-        entry = divergences.find(known, check_id(item))
-        if entry is not None:
-            item.add_marker(pytest.mark.xfail(reason=f"known divergence: {entry.reason}", strict=False))
 
 
 @pytest.fixture(scope="session")
@@ -229,34 +224,28 @@ def recorder(pytestconfig: pytest.Config) -> recording.Recorder:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    item.config.stash[RECORDER].check_id = check_id(item)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    """Run a known divergence without Hypothesis' shrink phase.
-
-    Its first failing case is recorded and replayable, and its reason is already written down;
-    shrinking it again on every run took a third of the ci profile's time. New failures are shrunk.
-    """
-    test = getattr(item, "obj", None)
-    own = getattr(test, "_hypothesis_internal_use_settings", None)  # Hypothesis reads it at call time
-    if own is None or divergences.find(item.config.stash[STATE]["known"], check_id(item)) is None:
-        yield
-        return
-    test._hypothesis_internal_use_settings = settings(own, phases=[p for p in own.phases if p != Phase.shrink])
-    try:
-        yield
-    finally:
-        test._hypothesis_internal_use_settings = own
+    recorder = item.config.stash[RECORDER]
+    recorder.check_id = check_id(item)
+    recorder.entries = divergences.covering(item.config.stash[STATE]["known"], recorder.check_id)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A check's status: a known divergence when its entries explained every failure (shown as xfailed),
+    failed when an entry covering it explained nothing (it should go)."""
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        state = item.config.stash[STATE]
+        state, recorder = item.config.stash[STATE], item.config.stash[RECORDER]
+        entries = divergences.covering(state["known"], check_id(item))
+        explained = recorder.explained.get(check_id(item), {})
+        status = _status(report, entries, explained)
+        if status == "now passing":
+            report.outcome, report.longrepr = "failed", _not_seen(entries, explained)
+        elif status == "known divergence":
+            seen = [entry for entry in entries if entry.line in explained]
+            report.outcome = "skipped"
+            report.wasxfail = "known divergence: " + "; ".join(dict.fromkeys(entry.reason for entry in seen))
         params = item.callspec.params if hasattr(item, "callspec") else {}
         state["checks"].append(
             {
@@ -264,10 +253,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 "subject": str(params.get("subject")),
                 "dtype": str(params.get("dtype")),
                 "check": _check_name(item),
-                "status": _status(report, divergences.find(state["known"], check_id(item))),
+                "status": status,
+                "explained": {str(line): count for line, count in explained.items()},
                 "longrepr": _longrepr(report),
             }
         )
+
+
+def _not_seen(entries: list[divergences.KnownDivergence], explained: dict[int, int]) -> str:
+    lines = ["known divergence not seen in this check: remove the entry (or narrow its pattern; @sometimes if only some "
+             "cases reach it) in the known-divergences file"]
+    lines += [f"  line {e.line}: {e}  # {e.reason}" for e in entries if not e.sometimes and e.line not in explained]
+    return "\n".join(lines)
 
 
 def _longrepr(report: pytest.TestReport) -> str:
@@ -277,14 +274,16 @@ def _longrepr(report: pytest.TestReport) -> str:
     return str(report.longrepr) if report.failed or hasattr(report, "wasxfail") else ""
 
 
-def _status(report: pytest.TestReport, known: divergences.KnownDivergence | None) -> str:
-    if report.skipped and not hasattr(report, "wasxfail"):
+def _status(report: pytest.TestReport, entries: list[divergences.KnownDivergence], explained: dict[int, int]) -> str:
+    if report.skipped:
         return "not provided"
-    if known is not None:
-        if report.passed:
-            return "missed this run" if known.sometimes else "now passing"
-        return "known divergence"
-    return "pass" if report.passed else "fail"
+    if report.failed:
+        return "fail"
+    if not entries:
+        return "pass"
+    if any(not entry.sometimes and entry.line not in explained for entry in entries):
+        return "now passing"
+    return "known divergence" if explained else "missed this run"
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -295,12 +294,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         config.workeroutput["conformance"] = {"rows": recorder.rows, "checks": state["checks"], "threads": threads_now}
         return
     recorder.meta["threads"] = _threads_meta(state)
-    covered: dict[str, list[dict]] = {}
-    for check in state["checks"]:
-        entry = divergences.find(state["known"], check["check_id"])
-        if entry is not None:
-            covered.setdefault(entry.check_id, []).append(check)
-    state["divergences"] = [_divergence_status(e, covered.get(e.check_id, [])) for e in state["known"].values()]
+    thorough = recorder.meta["profile"] == "thorough"
+    state["divergences"] = [
+        _divergence_status(entry, [c for c in state["checks"] if entry.matches(c["check_id"])], thorough)
+        for entry in state["known"]
+    ]
+    if any(d["status"] == "never seen" for d in state["divergences"]) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     recorder.meta["finished"] = recording.now()
     document = recording.write(state["results"], recorder.meta, recorder.rows, state["checks"], state["divergences"])
     if state["report"] is not None:
@@ -310,18 +310,29 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         publish.write(rendered, state["report"], state["report"].with_suffix(".md"))
 
 
-def _divergence_status(entry: divergences.KnownDivergence, checks: list[dict]) -> dict:
-    """An entry's checks that ran, and whether any still diverges ("now passing" once none does)."""
-    statuses = {c["status"] for c in checks}
-    status = next(
-        (s for s in ("known divergence", "now passing", "missed this run") if s in statuses),
-        "not provided" if checks else "not run",
-    )
+def _divergence_status(entry: divergences.KnownDivergence, checks: list[dict], thorough: bool) -> dict:
+    """What an entry explained in the checks it covers that ran: a known divergence where it explained a
+    failure; "now passing" where it explained none (the checks failed), or "missed this run" for an
+    @sometimes entry, which a thorough run that never sees it ends as "never seen", failing the run."""
+    ran = [c for c in checks if c["status"] != "not provided"]
+    explained = sum(c["explained"].get(str(entry.line), 0) for c in ran)
+    unseen = sorted(c["check_id"] for c in ran if str(entry.line) not in c["explained"])
+    if not ran:
+        status = "not provided" if checks else "not run"
+    elif explained:
+        status = "known divergence"
+    elif entry.sometimes:
+        status = "never seen" if thorough else "missed this run"
+    else:
+        status = "now passing"
     return {
         "check_id": entry.check_id,
+        "explains": str(entry.explanation),
+        "line": entry.line,
         "reason": entry.reason,
         "status": status,
-        "now_passing": sorted(c["check_id"] for c in checks if c["status"] == "now passing"),
+        "explained": explained,
+        "now_passing": [] if entry.sometimes else unseen,
     }
 
 
@@ -344,17 +355,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for check in state["checks"]:
         counts[check["status"]] = counts.get(check["status"], 0) + 1
     write = terminalreporter.write_line
-    now_passing = [c for d in state.get("divergences", []) for c in d["now_passing"]]
-    if now_passing:
-        terminalreporter.section("known divergences that now pass")
-        for check in now_passing:
-            write(f"{check}: passes now; remove it (or narrow its pattern) in the known-divergences file")
+    stale = [d for d in state.get("divergences", []) if d["now_passing"] or d["status"] == "never seen"]
+    if stale:
+        terminalreporter.section("known divergences not seen")
+        for d in stale:
+            where = "in no case of a thorough run" if d["status"] == "never seen" else "in " + ", ".join(d["now_passing"])
+            write(f"line {d['line']}: {d['check_id']} | {d['explains']}: not seen {where}; remove it (or narrow its "
+                  "pattern) in the known-divergences file")
     policy = state["threads"]
     for process, measured in sorted(state["threads_in_force"].items()):
         off = threads.departures(policy, measured)
         if off:
             write(f"conformance: threads in {process} were not {policy.threads} as asked: {', '.join(off)}")
-    checks = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    explained = sum(n for check in state["checks"] for n in check["explained"].values())
+    what = {"known divergence": f" ({explained} failing comparisons, each explained by an entry)"}
+    checks = ", ".join(f"{n} {status}{what.get(status, '')}" for status, n in sorted(counts.items()))
     write(
         f"conformance: {len(rows)} cases checked ({failing} outside the allowed error); "
         f"checks: {checks or 'none'}; results: {state['results']}"

@@ -63,19 +63,33 @@ def _bias_hint(difference: np.ndarray, case: LinearCase, allowed: np.ndarray) ->
 
 
 def _half_precision_norm_failures(case: LinearCase) -> str:
-    """Rows whose norm under- or overflows when the squares are formed in the case dtype."""
+    """Rows whose norm under- or overflows, or loses precision to squares below the normal range, when the
+    squares are formed in the case dtype."""
     adapted = round_to(oracle.adapted_weight(case).value, case.dtype)
-    squares = round_to(adapted * adapted, case.dtype)
-    norms = np.sqrt(np.sum(squares, axis=-1))
-    broken = np.flatnonzero((norms == 0) | ~np.isfinite(norms))
+    exact = adapted * adapted
+    squares = round_to(exact, case.dtype)
+    norms = np.sqrt(round_to(np.sum(squares, axis=-1), case.dtype))  # the sum overflows where its terms do not
+    subnormal = np.any((exact != 0) & (exact < case.dtype.smallest_normal), axis=-1)
+    broken = np.flatnonzero((norms == 0) | ~np.isfinite(norms) | subnormal)
     if broken.size == 0:
         return ""
-    kind = "overflows" if np.any(~np.isfinite(norms[broken])) else "underflows"
+    if np.any(~np.isfinite(norms[broken])):
+        kind = "overflows"
+    elif np.any(norms[broken] == 0):
+        kind = "underflows"
+    else:
+        kind = "loses precision (squares below the normal range)"
     rows = ", ".join(map(str, broken[:5])) + (", ..." if broken.size > 5 else "")
     return (
         f"the weight norm {kind} in {case.dtype} for output rows {rows}: the subject squares "
         f"{case.dtype} values in {case.dtype}, peft squares them in float32"
     )
+
+
+def norm_hints(case: LinearCase) -> list[str]:
+    """Where a DoRA layer's failure may come from its weight norm in half precision."""
+    norm_failure = _half_precision_norm_failures(case) if case.use_dora else ""
+    return [norm_failure] if norm_failure else []
 
 
 def _dora_hints(case: LinearCase, output: np.ndarray, allowed: np.ndarray) -> list[str]:
@@ -86,8 +100,7 @@ def _dora_hints(case: LinearCase, output: np.ndarray, allowed: np.ndarray) -> li
         "the magnitude m is not applied (no m / ||W + s B A|| factor)": np.ones_like(case.magnitude),
     }
     hints = [text for text, factor in alternatives.items() if np.all(np.abs(factor * unbiased + bias - output) <= allowed)]
-    norm_failure = _half_precision_norm_failures(case)
-    return hints + ([norm_failure] if norm_failure else [])
+    return hints + norm_hints(case)
 
 
 def forward_hints(case: LinearCase, output: np.ndarray) -> list[str]:
@@ -109,8 +122,7 @@ def forward_hints(case: LinearCase, output: np.ndarray) -> list[str]:
 def merge_hints(case: LinearCase, weight: np.ndarray) -> list[str]:
     """Patterns in a subject's merged weight (out, in) that disagrees with the oracle."""
     if case.use_dora:
-        norm_failure = _half_precision_norm_failures(case)
-        return [norm_failure] if norm_failure else []
+        return norm_hints(case)
     expected = oracle.merged_weight(case)
     allowed = allowed_error(expected)
     delta = oracle.lora_delta(case).value

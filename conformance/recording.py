@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from conformance.divergences import Judgement, KnownDivergence
 from conformance.verdict import Measurement
 
 FORMAT = 1
@@ -24,6 +25,10 @@ class Recorder:
     rows: list[dict] = field(default_factory=list)
     check_id: str = ""
     """The check (test item) running now, set by the plugin before each test."""
+    entries: list[KnownDivergence] = field(default_factory=list)
+    """The known divergences covering the check running now, set with `check_id`."""
+    explained: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Per check id, how many failing comparisons each entry (by its line) explained."""
 
     def __repr__(self) -> str:
         return f"Recorder({len(self.rows)} rows)"
@@ -31,8 +36,14 @@ class Recorder:
     def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
         printer.text(repr(self))
 
-    def record(self, measurement: Measurement, final: bool) -> dict:
+    def record(self, measurement: Measurement, final: bool, judgement: Judgement | None = None) -> dict:
+        """A row for the measurement; `judgement` says which of its failures known divergences explain."""
         worst = measurement.worst if measurement.comparisons else None
+        failing = [c for c in measurement.comparisons if not c.passed]
+        entries = [judgement.entry_of(c) if judgement else None for c in failing]
+        for entry in filter(None, entries):
+            tally = self.explained.setdefault(self.check_id, {})
+            tally[entry.line] = tally.get(entry.line, 0) + 1
         row = {
             "check_id": self.check_id,
             "subject": measurement.subject,
@@ -44,7 +55,8 @@ class Recorder:
             "max_error": _finite_or_none(worst.max_error) if worst else 0.0,
             "allowed_error": _finite_or_none(worst.allowed_at_worst) if worst else 0.0,
             "worst": worst.describe() if worst else "",
-            "failures": [c.describe() for c in measurement.comparisons if not c.passed],
+            "failures": [c.describe() for c in failing],
+            "explained_by": [None if entry is None else str(entry) for entry in entries],
             "hints": measurement.hints,
             "judged_at": _subject_worst(measurement),
             "final": final,

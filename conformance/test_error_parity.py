@@ -42,14 +42,20 @@ def _with_value(case: Case, value: float) -> Case:
 
 
 BROKEN_INPUTS = {
-    "input one wider": lambda case: _with_input(case, np.ones((3, case.x.shape[-1] + 1))),
-    "NaN input": lambda case: _with_value(case, np.nan),
-    "inf input": lambda case: _with_value(case, np.inf),
-    "token id -1": lambda case: replace(case, ids=np.where(np.arange(case.ids.size) == 0, -1, case.ids)),
-    "token id = vocabulary": lambda case: replace(case, ids=np.where(np.arange(case.ids.size) == 0, case.lookup.in_features, case.ids)),
-    "expert index = experts": lambda case: replace(case, indices=np.where(case.indices == 0, case.num_experts, case.indices).astype(np.uint32)),
+    "input one wider": (lambda case: _with_input(case, np.ones((3, case.x.shape[-1] + 1))), lambda case: case.x.shape[-1] + 1),
+    "NaN input": (lambda case: _with_value(case, np.nan), lambda case: "nan"),
+    "inf input": (lambda case: _with_value(case, np.inf), lambda case: "inf"),
+    "token id -1": (lambda case: replace(case, ids=np.where(np.arange(case.ids.size) == 0, -1, case.ids)), lambda case: -1),
+    "token id = vocabulary": (
+        lambda case: replace(case, ids=np.where(np.arange(case.ids.size) == 0, case.lookup.in_features, case.ids)),
+        lambda case: case.lookup.in_features,
+    ),
+    "expert index = experts": (
+        lambda case: replace(case, indices=np.where(case.indices == 0, case.num_experts, case.indices).astype(np.uint32)),
+        lambda case: case.num_experts,
+    ),
 }
-"""How each input scenario breaks a valid case."""
+"""How each input scenario breaks a valid case, and the bad value it puts there (an error should name it)."""
 
 
 def _subject_output(layer, case: Case) -> mx.array:
@@ -85,10 +91,11 @@ def _check(subject, case: Case, scenario: str, recorder, as_created: bool = Fals
     view = getattr(case, "lookup", None) or getattr(case, "first", case)
     if scenario in CONFIGURATIONS:
         r, dropout = CONFIGURATIONS[scenario].get("r", view.r), CONFIGURATIONS[scenario].get("dropout", view.dropout)
-        broken = case
+        broken, (bad_value,) = case, CONFIGURATIONS[scenario].values()
     else:
         r, dropout = view.r, view.dropout
-        broken = BROKEN_INPUTS[scenario](case)
+        breaking, bad = BROKEN_INPUTS[scenario]
+        broken, bad_value = breaking(case), bad(case)
     configured = scenario in CONFIGURATIONS or as_created
 
     def subject_run():
@@ -99,7 +106,7 @@ def _check(subject, case: Case, scenario: str, recorder, as_created: bool = Fals
         layer = peft_layers.construct(case, r, dropout) if configured else _reference_layer(case)
         return _reference_output(layer, broken)
 
-    record_and_assert(recorder, checks.error_parity(subject, case, scenario, subject_run, reference_run))
+    record_and_assert(recorder, checks.error_parity(subject, case, scenario, str(bad_value), subject_run, reference_run))
 
 
 LINEAR_SCENARIOS = [*CONFIGURATIONS, "input one wider", "NaN input", "inf input"]

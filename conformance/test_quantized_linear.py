@@ -17,7 +17,7 @@ from conformance.asserting import record_and_assert
 from conformance.cases import gradients_fit, linear_cases
 from conformance.dtypes import CASE_DTYPES, round_to
 from conformance.quantization import KINDS, first_of_kind, quantize_base, to_mlx
-from conformance.verdict import Tracked, compare
+from conformance.verdict import Measurement, Tracked, compare
 from reference.bridge import mlx_array, to_numpy
 
 pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("linear")]
@@ -57,7 +57,7 @@ def test_grad(subject, dtype, kind, data, recorder):
 
 
 @pytest.mark.parametrize("dtype", CASE_DTYPES, ids=str)
-def test_quantized_matmul_accumulation(dtype, kind):
+def test_quantized_matmul_accumulation(dtype, kind, recorder):
     """The base itself: MLX's quantized matrix product sums in float32, as a dense one does.
 
     A long all-positive row makes a sum in a half-precision accumulator visibly wrong, whatever the
@@ -72,5 +72,6 @@ def test_quantized_matmul_accumulation(dtype, kind):
     base.biases = biases[0] if biases else None
     observed = to_numpy(base(mlx_array(x, dtype)))
     expected = Tracked.exact(x, dtype) @ Tracked.exact(weight, dtype).T
-    comparison = compare("quantized matmul output", "mlx", observed, expected)
-    assert comparison.passed, comparison.describe()
+    measurement = Measurement("None", "quantized_matmul_accumulation", {"dtype": dtype.name, "quantization": q.describe()})
+    measurement.comparisons.append(compare("quantized matmul output", "subject", observed, expected))
+    record_and_assert(recorder, measurement)

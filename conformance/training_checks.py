@@ -19,7 +19,7 @@ from conformance.checks import Expected, Observed, from_mlx, from_torch, measure
 from conformance.subjects import Subject
 from conformance.switch_cases import SwitchCase, switch_upstream_gradient
 from conformance.timing import UNTIMED, PhaseTimer
-from conformance.verdict import Measurement, compare, failed
+from conformance.verdict import Measurement, compare, failed, raised
 from reference import bridge, oracle, peft_layers, trajectory
 
 # Gradients ---------------------------------------------------------------------------------------
@@ -45,7 +45,8 @@ def _gradients(
         return from_mlx(found, unjudged_dtypes=("grad m",))
 
     check = "grad_bias_all" if bias_trains else "grad"
-    measurement = measure(check, subject, case, timer, expect, reference, run_subject)
+    diagnose = None if embedding else lambda measurement, observed: diagnosis.norm_hints(case)
+    measurement = measure(check, subject, case, timer, expect, reference, run_subject, diagnose)
     _compare_trainable(measurement, trained)
     return measurement
 
@@ -56,7 +57,7 @@ def _compare_trainable(measurement: Measurement, trained: dict[str, set[str]]) -
         return
     reference = trained.get("reference", set())
     problem = f"trains {sorted(trained['subject'])}, but should train {sorted(reference)} as peft does"
-    measurement.comparisons.append(failed(problem, "trainable parameters", "subject"))
+    measurement.comparisons.append(failed(problem, "trainable parameters", "subject", "trainable parameters"))
     measurement.hints.append(
         f"trainable only in the subject: {sorted(trained['subject'] - reference)}; only in peft: {sorted(reference - trained['subject'])}"
     )
@@ -150,13 +151,13 @@ def dropout_scaling(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTI
             training = layer(mx.broadcast_to(x, (dropout_statistics.SAMPLES, *x.shape)))
             mx.eval(evaluation, training)
         except Exception as error:  # noqa: BLE001 - any exception of the subject is a finding
-            measurement.comparisons.append(failed(f"raised {type(error).__name__}: {error}", "dropout_scaling", "subject"))
+            measurement.comparisons.append(raised(error, "dropout_scaling", "subject"))
             return measurement
     with timer("oracle"):
         premise = compare("eval output", "subject", bridge.to_numpy(evaluation), oracle.linear_forward(case))
         if not premise.passed:  # the statistic's variance is the formula's; a wrong LoRA term breaks it
             problem = f"cannot be judged: the eval output disagrees with the formula (the forward check says how): {premise.describe()}"
-            measurement.comparisons.append(failed(problem, "dropout_scaling", "subject"))
+            measurement.comparisons.append(failed(problem, "dropout_scaling", "subject", "premise"))
             return measurement
         comparison, ratio = dropout_statistics.judge(case, bridge.to_numpy(training), bridge.to_numpy(evaluation))
     measurement.comparisons.append(comparison)

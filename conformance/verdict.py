@@ -261,9 +261,14 @@ class Tracked:
         return Tracked(product.value, product.bound + prescaled + underflow, self.dtype)
 
 
+VALUES = "values"
+"""A `Comparison` of the values themselves, element by element, against the allowed error."""
+
+
 @dataclass
 class Comparison:
-    """One quantity of one side (subject or reference) held against the oracle."""
+    """One quantity of one side (subject or reference) held against the oracle: its values, or one other
+    property of what it produced (its dtype, that it raised...), as `kind` says."""
 
     quantity: str
     side: str
@@ -274,15 +279,38 @@ class Comparison:
     observed_at_worst: float = 0.0
     expected_at_worst: float = 0.0
     problem: str | None = None
-    """Set when the values cannot be compared at all: an exception, a wrong shape or dtype."""
+    """Set when the values cannot be compared at all: an exception, a wrong shape; or the property is wrong."""
+    kind: str = VALUES
+    """What was judged: `VALUES` element by element, or another property (``dtype``, ``raises``, ``shape``...)."""
+    detail: str | None = None
+    """What the side produced of that property: its dtype's name, the type of what it raised."""
+    non_finite: int = 0
+    """Values that fail: how many elements are inf or NaN where the oracle's are finite."""
 
     @property
     def passed(self) -> bool:
         return self.problem is None and self.margin <= 1.0
 
+    @property
+    def failure(self) -> str | None:
+        """What is wrong, in the words a known-divergence entry uses: None when it passed; ``beyond`` or
+        ``non-finite`` for values; else the kind (``dtype``, ``raises``, ``shape``, ``absent``...)."""
+        if self.passed:
+            return None
+        if self.kind == VALUES:
+            return "non-finite" if self.non_finite else "beyond"
+        return self.kind
+
+    @property
+    def what(self) -> str:
+        """The side and quantity, and the property where it is not the values: ``subject merged weight dtype``."""
+        return f"{self.side} {self.quantity}" + ("" if self.kind in (VALUES, "shape") else f" {self.kind}")
+
     def describe(self) -> str:
         if self.problem is not None:
             return f"{self.side} {self.quantity}: {self.problem}"
+        if self.kind != VALUES:
+            return f"{self.what} {self.detail}" if self.detail else self.what
         index = ", ".join(map(str, self.worst_index))
         return (
             f"{self.side} {self.quantity}[{index}]={self.observed_at_worst:.7g}, but should be "
@@ -296,20 +324,13 @@ def allowed_error(expected: Tracked) -> np.ndarray:
     return expected.allowed
 
 
-def compare(
-    quantity: str,
-    side: str,
-    observed: np.ndarray,
-    expected: Tracked,
-    observed_dtype: str | None = None,
-) -> Comparison:
-    """Judge `observed` against the oracle's `expected` value, element by element."""
+def compare(quantity: str, side: str, observed: np.ndarray, expected: Tracked) -> Comparison:
+    """Judge `observed` against the oracle's `expected` value, element by element (whatever its dtype was:
+    `compare_dtype` judges that; the values are held to the bound of the dtype they should have come in)."""
     comparison = Comparison(quantity, side)
-    if observed_dtype is not None and observed_dtype != expected.dtype.name:
-        comparison.problem = f"dtype is {observed_dtype}, but should be {expected.dtype.name}"
-        return comparison
     if observed.shape != expected.value.shape:
         comparison.problem = f"shape is {observed.shape}, but should be {expected.value.shape}"
+        comparison.kind = "shape"
         return comparison
     if observed.size == 0:
         return comparison
@@ -334,12 +355,29 @@ def compare(
     comparison.worst_index = tuple(int(i) for i in np.unravel_index(worst, ratio.shape))
     comparison.observed_at_worst = got
     comparison.expected_at_worst = want
+    if comparison.margin > 1.0:
+        comparison.non_finite = int(np.count_nonzero(~np.isfinite(observed) & np.isfinite(expected.value)))
     return comparison
 
 
-def failed(problem: str, quantity: str, side: str) -> Comparison:
-    """A comparison that could not be made, e.g. because the side raised."""
-    return Comparison(quantity, side, margin=float("inf"), problem=problem)
+def compare_dtype(quantity: str, side: str, observed_dtype: str, expected: Tracked) -> Comparison:
+    """Judge the dtype `observed_dtype` a side gave `quantity` in: the oracle's, the case's."""
+    comparison = Comparison(quantity, side, kind="dtype", detail=observed_dtype)
+    if observed_dtype != expected.dtype.name:
+        comparison.problem = f"dtype is {observed_dtype}, but should be {expected.dtype.name}"
+    return comparison
+
+
+def failed(problem: str, quantity: str, side: str, kind: str) -> Comparison:
+    """A failing judgment of one property (`kind`) of what a side did, which `problem` describes."""
+    return Comparison(quantity, side, margin=float("inf"), problem=problem, kind=kind)
+
+
+def raised(error: BaseException, quantity: str, side: str) -> Comparison:
+    """The side raised `error` where it should have produced `quantity`."""
+    comparison = failed(f"raised {type(error).__name__}: {error}", quantity, side, "raises")
+    comparison.detail = type(error).__name__
+    return comparison
 
 
 @dataclass

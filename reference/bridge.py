@@ -125,7 +125,7 @@ class LoRALinearConvention:
     roles = {"lora_a": "A", "lora_b": "B"}
 
     def construct(self, cls: type, case: LinearCase, r: int, dropout: float) -> nn.Module:
-        return _eval_mode(cls.from_base(base_linear(case), r=r, dropout=dropout, scale=case.scale))
+        return _eval_mode(from_base(cls, base_linear(case), r=r, dropout=dropout, scale=case.scale))
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         return _with_adapter(self.construct(cls, case, case.r, case.dropout), case)
@@ -181,7 +181,7 @@ class LoRAEmbeddingConvention:
     roles = {"lora_a": "A", "lora_b": "B"}
 
     def construct(self, cls: type, case: EmbeddingCase, r: int, dropout: float) -> nn.Module:
-        return _eval_mode(cls.from_base(base_embedding(case), r=r, dropout=dropout, scale=case.lookup.scale))
+        return _eval_mode(from_base(cls, base_embedding(case), r=r, dropout=dropout, scale=case.lookup.scale))
 
     def build(self, cls: type, case: EmbeddingCase) -> nn.Module:
         return _with_adapter(self.construct(cls, case, case.lookup.r, case.lookup.dropout), case.lookup)
@@ -250,7 +250,7 @@ class LoRASwitchLinearConvention:
     def construct(self, cls: type, case: SwitchCase, r: int, dropout: float) -> nn.Module:
         package = sys.modules[cls.__module__]
         base = base_switch(case, package.SwitchLinear, package.QuantizedSwitchLinear)
-        return _eval_mode(cls.from_base(base, r=r, dropout=dropout, scale=case.first.scale))
+        return _eval_mode(from_base(cls, base, r=r, dropout=dropout, scale=case.first.scale))
 
     def build(self, cls: type, case: SwitchCase) -> nn.Module:
         layer = self.construct(cls, case, case.first.r, case.first.dropout)
@@ -319,6 +319,34 @@ def inject_dropout(layer: nn.Module, p: float, mask: Callable[[tuple[int, ...]],
     found = [name for name, module in layer.named_modules() if isinstance(module, nn.Dropout)]
     layer.update_modules(tree_unflatten([(name, InjectedDropout(p, mask)) for name in found]))
     return len(found)
+
+
+class NotTheSubject(TypeError):
+    """The layer built for a subject is not of the subject's class: the checks would judge another layer."""
+
+
+def _function(method: object) -> object:
+    return getattr(method, "__func__", method)
+
+
+def from_base(cls: type, base: nn.Module, **arguments: object) -> nn.Module:
+    """``cls.from_base(base, **arguments)``, a layer of the subject's own class.
+
+    mlx-lm's and mlx-vlm's ``from_base`` construct their class by name (``LoRALinear(...)``), so a subclass
+    that inherits it would get the upstream class and never run its own code: it is given its own class
+    back (its methods run on the state the inherited ``from_base`` set up; a subclass with state of its own
+    defines its own ``from_base``). Any other layer that is not a `cls` raises `NotTheSubject`.
+    """
+    layer = cls.from_base(base, **arguments)
+    built = type(layer)
+    if built is not cls and issubclass(cls, built) and _function(cls.from_base) is _function(built.from_base):
+        layer.__class__ = cls
+    if not isinstance(layer, cls):
+        raise NotTheSubject(
+            f"{cls.__module__}.{cls.__qualname__}.from_base built a {built.__module__}.{built.__qualname__}, "
+            f"not a {cls.__qualname__}: the subject's own code would not run"
+        )
+    return layer
 
 
 def _eval_mode(layer: nn.Module) -> nn.Module:

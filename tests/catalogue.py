@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from conformance.dtypes import CASE_DTYPES
 from conformance.subjects import Subject
+from reference.bridge import LoRALinearConvention
 from tests import lora_layers
 from tests.lora_layers import (
     PeftStyleConvention,
@@ -121,10 +122,25 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(lora_layers.ExpertBiasNotRouted), "forward"),
         WrongVariant(_subject(lora_layers.SwitchFuseIgnoresAdapter), "merge"),
         WrongVariant(_subject(lora_layers.ExpertIndexUnchecked), "error_parity"),
+        WrongVariant(_subject(lora_layers.RankCheckCrashes), "error_parity"),
     )
 }
 # `--subject tests.catalogue:<ClassName>` finds these module attributes.
 globals().update({name: variant.subject for name, variant in WRONG_VARIANTS.items()})
+
+# Layers with one known divergence, and the same with a second bug behind it (tests/test_known_divergences.py).
+BEHIND_AN_ENTRY = {
+    cls.__name__: _subject(cls)
+    for cls in (lora_layers.MergeUpcast, lora_layers.MergeUpcastAndScalesTwice, lora_layers.MergeRefusesBiasFree,
+                lora_layers.MergeRefusesBiasFreeAndScalesTwice, lora_layers.RawAlphaDropsBias)
+}
+globals().update(BEHIND_AN_ENTRY)
+
+# Subclasses of an upstream class, built by its conventions as the catalogue's own subjects are.
+UpstreamLoRADropsARank = Subject(f"{__name__}:UpstreamLoRADropsARank", "mlx-lm", "linear",
+                                 (f"{lora_layers.__name__}:UpstreamLoRADropsARank",), LoRALinearConvention())
+FromBaseBuildsAnother = Subject(f"{__name__}:FromBaseBuildsAnother", "mlx-lm", "linear",
+                                (f"{lora_layers.__name__}:FromBaseBuildsAnother",), LoRALinearConvention())
 
 # Subjects the installed packages do not provide: their checks are skipped with the reason.
 AbsentClass = Subject(f"{__name__}:AbsentClass", "mlx", "linear", ("mlx.nn:NoSuchLoRALayer",), PeftStyleConvention())

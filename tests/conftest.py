@@ -87,7 +87,8 @@ RECORDED_SUBJECTS = (
     "EmbeddingLookupUnscaled", "EmbeddingMergeTransposed", "GradientLeaksIntoBase", "DoRANormNotDetached",
 )
 """Correct layers and wrong variants whose failures a standalone script can reproduce (forward, merge, gradients)."""
-RECORDED_KNOWN = "test_linear.py::test_forward[tests.catalogue:RawAlpha-bfloat16]  # a known divergence, for the report's tests\n"
+RECORDED_KNOWN = ("test_linear.py::test_forward[tests.catalogue:RawAlpha-bfloat16] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
+                  "  # a known divergence, for the report's tests\n")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.lora import LoRALinear as UpstreamLoRALinear
 
 from conformance.cases import LinearCase
 from reference.bridge import (
@@ -41,6 +42,8 @@ class CorrectLoRALinear(nn.Module):
 
     @staticmethod
     def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+        if r <= 0:
+            raise ValueError(f"r should be a positive integer, but is {r}")
         return alpha / math.sqrt(r) if use_rslora else alpha / r
 
     def lora_update(self, x: mx.array) -> mx.array:
@@ -223,6 +226,74 @@ class MergeScalesTwice(CorrectLoRALinear):
 
     def delta(self) -> mx.array:
         return self.scale * super().delta()
+
+
+class MergeUpcast(CorrectLoRALinear):
+    """fuse() returns a float32 weight whatever the base's dtype (as MLX's DoRALinear does): one known divergence."""
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        fused = super().fuse(dequantize=True)
+        fused.weight = self.base_weight().astype(mx.float32) + self.delta().astype(mx.float32)
+        return fused
+
+
+class MergeUpcastAndScalesTwice(MergeUpcast):
+    """The upcast, and behind it a second bug: the merge multiplies by the scale twice."""
+
+    def delta(self) -> mx.array:
+        return self.scale * super().delta()
+
+
+class MergeRefusesBiasFree(CorrectLoRALinear):
+    """fuse() raises for a base without a bias: one known divergence."""
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        if "bias" not in self.linear:
+            raise NotImplementedError("cannot fuse a bias-free base")
+        return super().fuse(dequantize)
+
+
+class MergeRefusesBiasFreeAndScalesTwice(MergeRefusesBiasFree):
+    """The refusal, and behind it, on bases with a bias, a merge that multiplies by the scale twice."""
+
+    def delta(self) -> mx.array:
+        return self.scale * super().delta()
+
+
+class RawAlphaDropsBias(RawAlpha):
+    """mlx-vlm 0.4.4's raw alpha, and behind it a second bug: the output drops the base's bias."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        bias = self.linear.bias if "bias" in self.linear else 0.0
+        return self.linear(x) - bias + self.lora_update(x)
+
+
+class RankCheckCrashes(CorrectLoRALinear):
+    """Meets a bad rank with an unrelated crash (a TypeError that names nothing), not the ValueError it deserves."""
+
+    @staticmethod
+    def scaling(alpha: float, r: int, use_rslora: bool) -> float:
+        if r <= 0:
+            raise TypeError("unsupported operand type(s) for /: 'float' and 'NoneType'")
+        return CorrectLoRALinear.scaling(alpha, r, use_rslora)
+
+
+class UpstreamLoRADropsARank(UpstreamLoRALinear):
+    """mlx-lm's LoRALinear subclassed, as a user would, with a forward that drops the adapter's last rank.
+
+    It inherits ``from_base``, which builds an mlx-lm ``LoRALinear`` by name: the suite must still run this class."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        z = (self.dropout(x) @ self.lora_a[:, :-1]) @ self.lora_b[:-1]
+        return self.linear(x) + (self.scale * z).astype(x.dtype)
+
+
+class FromBaseBuildsAnother(UpstreamLoRALinear):
+    """A subclass whose own ``from_base`` returns mlx-lm's class: not the subject, whatever it computes."""
+
+    @staticmethod
+    def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0) -> nn.Module:
+        return UpstreamLoRALinear.from_base(linear, r=r, dropout=dropout, scale=scale)
 
 
 class FuseIgnoresAdapter(CorrectLoRALinear):

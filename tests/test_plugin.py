@@ -94,49 +94,37 @@ def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite)
     assert "no-such-distribution is not installed" in run.output
 
 
-def test_known_divergences_keep_the_gate_green_and_report_fixed_ones(run_suite, tmp_path):
+def test_a_new_failure_is_shrunk_and_a_known_divergence_judges_every_case(run_suite, tmp_path):
     known = tmp_path / "known.txt"
-    known.write_text(
-        "test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
-        "test_linear.py::test_merge[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r (fixed, say)\n"
-        "test_linear.py::test_grad[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
-        "test_linear.py::test_grad_bias_all[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
-        "test_linear.py::test_dropout[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
-        "test_linear.py::test_dropout_scaling[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
-        "test_linear.py::test_steps_sgd[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
-        "test_linear.py::test_steps_adamw[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n"
-    )
-    run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
-    assert run.ret == 0, run.output
-    statuses = {d["check_id"]: d["status"] for d in run.results["known_divergences"]}
-    assert statuses["test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]"] == "known divergence"
-    # RawAlpha's merge uses the same wrong scale, so this entry stays failing too; a correct check that
-    # is listed is reported instead:
-    known.write_text("test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32]  # listed by mistake\n")
-    run = run_suite(*CORRECT, "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
-    assert run.ret == 0
-    assert "test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32]: passes now; remove it" in run.output
-    assert run.results["known_divergences"][0]["status"] == "now passing"
-
-
-def test_a_new_failure_is_shrunk_and_a_known_divergence_is_not(run_suite, tmp_path):
-    known = tmp_path / "known.txt"
-    known.write_text("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # alpha is not divided by r\n")
-    run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "--known-divergences", str(known), module="test_linear.py")
+    known.write_text("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
+                     "  # alpha is not divided by r\n")
+    run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "-k", "test_forward or test_merge",
+                    "--known-divergences", str(known), module="test_linear.py")
+    assert run.ret == pytest.ExitCode.TESTS_FAILED
+    assert run.status("forward", "float32") == {"known divergence"} and run.status("merge", "float32") == {"fail"}
     failing = {check: [r for r in run.results["rows"] if r["check"] == check and r["verdict"] == "fail"] for check in ("forward", "merge")}
-    # The known divergence: its first failing case, then Hypothesis' final replay of it.
-    assert len(failing["forward"]) == 2 and failing["forward"][0]["case"] == failing["forward"][1]["case"]
+    # The known divergence: every drawn case judged, each failure explained by the entry, nothing shrunk.
+    assert len([r for r in run.results["rows"] if r["check"] == "forward"]) == 150
+    assert failing["forward"] and all(r["explained_by"] == [r["explained_by"][0]] and r["explained_by"][0] for r in failing["forward"])
     # The new failure: the shrinker tried many smaller failing cases and reports the smallest.
     assert len(failing["merge"]) > 2
     final = next(r for r in failing["merge"] if r["final"])
     assert final["case"]["in_features"] == final["case"]["out_features"] == 1
 
 
-def test_a_known_divergence_needs_a_reason(run_suite, tmp_path):
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32] | output: beyond margin 1..9", "has no reason"),
+        ("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # why", "does not say which failure it explains"),
+        ("test_linear.py::test_forward[x] | output: beyond  # why", "needs the margin range"),
+    ],
+)
+def test_a_known_divergence_needs_what_it_explains_and_a_reason(run_suite, tmp_path, line, message):
     known = tmp_path / "known.txt"
-    known.write_text("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]\n")
+    known.write_text(line + "\n")
     run = run_suite(*CORRECT, "--known-divergences", str(known))
-    assert run.ret == USAGE_ERROR and "has no reason" in run.output
+    assert run.ret == USAGE_ERROR and message in run.output
 
 
 def test_recording_survives_xdist_workers(run_suite):

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from conformance import profiles, registry, replay
 from conformance.cases import LinearCase, case_from_description, cases_for, gradients_fit, linear_cases
 from conformance.dtypes import ACCUMULATION, BFLOAT16, CASE_DTYPES, FLOAT16, FLOAT32, round_to
-from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, gamma, scaling_roundings
+from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, compare_dtype, gamma, scaling_roundings
 from reference.bridge import mlx_array, to_numpy
 from studies import sampling
 from tests.catalogue import CORRECT
@@ -152,7 +152,10 @@ def test_a_bound_narrowed_to_a_kernel_allows_that_kernel_s_error_within_the_wors
 def test_comparison_reports_shape_dtype_and_nan_as_failures():
     y = Tracked.exact(np.ones((2, 3)), FLOAT32)
     assert "shape is (3, 2)" in compare("y", "subject", np.ones((3, 2)), y).describe()
-    assert "dtype is float16, but should be float32" in compare("y", "subject", np.ones((2, 3)), y, "float16").describe()
+    wrong_dtype = compare_dtype("y", "subject", "float16", y)
+    assert not wrong_dtype.passed and wrong_dtype.failure == "dtype"
+    assert "dtype is float16, but should be float32" in wrong_dtype.describe()
+    assert compare_dtype("y", "subject", "float32", y).passed
     nan = np.ones((2, 3))
     nan[1, 2] = np.nan
     result = compare("y", "subject", nan, y)

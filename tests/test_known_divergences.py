@@ -1,0 +1,90 @@
+"""Known divergences in a run: an entry explains only the failure it names, every case is still judged,
+a second bug behind an entry fails the check by name, and an entry that explains nothing fails the run."""
+
+import pytest
+
+from conformance import conftest as plugin
+from conformance.divergences import KnownDivergence, parse_explanation
+
+FAILED = pytest.ExitCode.TESTS_FAILED
+
+
+def _known(tmp_path, check: str, subjects: str, dtype: str, *explanations: str) -> str:
+    path = tmp_path / "known.txt"
+    lines = [f"test_linear.py::test_{check}[tests.catalogue:{subjects}-{dtype}] | {e}  # the known one\n" for e in explanations]
+    path.write_text("".join(lines))
+    return str(path)
+
+
+BEHIND = [
+    # (kind of entry, the layer with the known divergence, the same with a second bug, check, dtype, explanations, what shows)
+    ("dtype", "MergeUpcast", "MergeUpcastAndScalesTwice", "merge", "float16", ("merged *: dtype float32",), "subject merged "),
+    ("raise", "MergeRefusesBiasFree", "MergeRefusesBiasFreeAndScalesTwice", "merge", "float32",
+     ("merge: raises NotImplementedError ~ bias-free",), "subject merged "),
+    ("numerical", "RawAlpha", "RawAlphaDropsBias", "forward", "float32", ("output: beyond hint ~ the LoRA term is [0-9.]+× peft's",), "subject output["),
+]
+
+
+@pytest.mark.parametrize(("kind", "known", "second", "check", "dtype", "explanations", "shows"), BEHIND, ids=[b[0] for b in BEHIND])
+def test_a_second_bug_behind_an_entry_fails_its_check_and_is_named(run_suite, tmp_path, kind, known, second, check, dtype,
+                                                                    explanations, shows):
+    entries = _known(tmp_path, check, f"{known}*", dtype, *explanations)
+    selection = ("--dtype", dtype, "-k", f"test_{check} and not bias_all", "--known-divergences", entries)
+    alone = run_suite("--subject", f"tests.catalogue:{known}", *selection, module="test_linear.py")
+    assert alone.ret == 0, alone.output
+    assert alone.status(check, dtype) == {"known divergence"}
+    rows = [r for r in alone.results["rows"] if r["check"] == check]
+    assert len(rows) == 150, "every case is judged, not only the first failing one"
+    explained = sum(alone.results["checks"][0]["explained"].values())
+    assert explained == sum(len(r["failures"]) for r in rows) > 0
+    assert f"1 known divergence ({explained} failing comparisons, each explained by an entry)" in alone.output
+
+    behind = run_suite("--subject", f"tests.catalogue:{second}", *selection, module="test_linear.py")
+    assert behind.ret == FAILED, behind.output
+    assert behind.status(check, dtype) == {"fail"}
+    message = behind.output.split("not explained by any known divergence:", 1)[1]
+    assert message.lstrip("\nE ").startswith(shows), message[:500]
+    unexplained = [f for r in behind.results["rows"] for f, e in zip(r["failures"], r["explained_by"]) if e is None]
+    assert unexplained and all(f.startswith(shows) and "]=" in f for f in unexplained)  # values, at an element
+
+
+def test_an_entry_whose_check_passes_fails_the_run_unless_it_is_sometimes_seen(run_suite, tmp_path):
+    selection = ("--subject", "tests.catalogue:CorrectLoRALinear", "--dtype", "float32", "-k", "test_merge")
+    strict = _known(tmp_path, "merge", "CorrectLoRALinear", "float32", "merged weight: dtype float16")
+    run = run_suite(*selection, "--known-divergences", strict, module="test_linear.py")
+    assert run.ret == FAILED, run.output
+    assert run.status("merge", "float32") == {"now passing"}
+    assert "known divergence not seen in this check: remove the entry" in run.output
+    assert "line 1: test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32] | subject merged weight: dtype float16" in run.output
+    assert run.results["known_divergences"][0]["status"] == "now passing"
+
+    (tmp_path / "known.txt").write_text(
+        "test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32] @sometimes | merged weight: dtype float16  # rare\n"
+    )
+    run = run_suite(*selection, "--known-divergences", str(tmp_path / "known.txt"), module="test_linear.py")
+    assert run.ret == 0, run.output
+    assert run.status("merge", "float32") == {"missed this run"}
+
+
+def test_an_intermittent_entry_never_seen_in_a_thorough_run_fails_it():
+    entry = KnownDivergence("test_a.py::test_b[*]", parse_explanation("output: non-finite"), "rare", 4, sometimes=True)
+    ran = [{"check_id": "test_a.py::test_b[x]", "status": "missed this run", "explained": {}}]
+    assert plugin._divergence_status(entry, ran, thorough=False)["status"] == "missed this run"
+    assert plugin._divergence_status(entry, ran, thorough=True)["status"] == "never seen"
+    seen = [{"check_id": "test_a.py::test_b[x]", "status": "known divergence", "explained": {"4": 3}}]
+    assert plugin._divergence_status(entry, seen, thorough=True)["explained"] == 3
+
+
+def test_a_subclass_subject_runs_as_itself(run_suite):
+    run = run_suite("--subject", "tests.catalogue:UpstreamLoRADropsARank", "--dtype", "float32", "-k", "test_forward",
+                    module="test_linear.py")
+    assert run.ret == FAILED, run.output
+    assert run.status("forward", "float32") == {"fail"}
+    assert "subject output[" in run.output
+
+
+def test_a_layer_that_is_not_of_the_subjects_class_fails_saying_so(run_suite):
+    run = run_suite("--subject", "tests.catalogue:FromBaseBuildsAnother", "--dtype", "float32", "-k", "test_forward",
+                    module="test_linear.py")
+    assert run.ret == FAILED, run.output
+    assert "raised NotTheSubject: tests.lora_layers.FromBaseBuildsAnother.from_base built a mlx_lm.tuner.lora.LoRALinear" in run.output
