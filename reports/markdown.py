@@ -52,7 +52,8 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
     known = [d for d in results.known_divergences if d["status"] == "known divergence"]
     if known:
         lines += ["", f"<details><summary>Known divergences seen this run: {len(known)}</summary>", ""]
-        lines += [f"- `{d['check_id']}`: {d['reason']}" for d in known]
+        lines += [f"- `{d['check_id']}`" + (f" `{d['explains']}` ({d['explained']} explained)" if "explains" in d else "")
+                  + f": {d['reason']}" for d in known]
         lines += ["", "</details>"]
     lines += ["", "<details><summary>Subject × check matrix</summary>", "", matrix.render(results), "</details>"]
     if report_path:

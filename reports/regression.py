@@ -47,7 +47,7 @@ def base_statuses(base: Results) -> dict[str, str]:
 
 
 def compare(results: Results, base: Results | None = None) -> Comparison:
-    now_passing = [d for d in results.known_divergences if d["status"] == "now passing"]
+    now_passing = [d for d in results.known_divergences if d["status"] in ("now passing", "never seen")]
     failing = [c for c in results.checks if c["status"] == "fail"]
     if base is None:
         return Comparison(new_failures=failing, now_passing_divergences=now_passing)

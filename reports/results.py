@@ -102,13 +102,13 @@ def merge(documents: list[dict], files: list[str] | None = None) -> Results:
     for meta, label in zip(metas, _labels(metas)):
         meta["label"] = label
     results = Results(runs=metas)
-    seen_divergences: dict[tuple[str, str], dict] = {}
+    seen_divergences: dict[tuple[str, str, str], dict] = {}
     for index, document in enumerate(documents):
         label = metas[index]["label"]
         results.rows += [dict(row, run=index, label=label) for row in document["rows"]]
         results.checks += [dict(check, run=index, label=label) for check in document["checks"]]
         for entry in document["known_divergences"]:
-            key = (entry["check_id"], label)
+            key = (entry["check_id"], entry.get("explains", ""), label)
             previous = seen_divergences.get(key)
             if previous is None or _more_severe(entry["status"], previous["status"]):
                 seen_divergences[key] = dict(entry, label=label)
@@ -117,7 +117,7 @@ def merge(documents: list[dict], files: list[str] | None = None) -> Results:
 
 
 def _more_severe(status: str, than: str) -> bool:
-    order = ("known divergence", "now passing", "missed this run", "not provided", "not run")
+    order = ("known divergence", "now passing", "never seen", "missed this run", "not provided", "not run")
     rank = {s: i for i, s in enumerate(order)}
     return rank.get(status, len(order)) < rank.get(than, len(order))
 
