@@ -430,6 +430,20 @@ class EmbeddingCase:
             quantized_parts=self.quantized_parts,
         )
 
+    @functools.cached_property
+    def per_row(self) -> LinearCase:
+        """DoRA as MLX's ``DoRAEmbedding`` defines it: `head` with one magnitude per vocabulary row, (vocabulary,).
+
+        MLX normalises each token's vector (each row of the adapted table) and rescales it by that row's
+        magnitude; as a linear map, that is DoRA on the head (dims -> vocabulary), whose output rows are
+        the vocabulary's. The magnitude is drawn as a linear case's is, from the case's seed: the adapted
+        rows' norms, as if trained a little.
+        """
+        head = self.head
+        adapted = head.weight + head.scale * head.lora_B @ head.lora_A
+        trained = np.exp2(np.random.default_rng([head.seed, 2]).uniform(-1, 1, head.out_features))
+        return replace(head, use_dora=True, magnitude=round_to(np.linalg.norm(adapted, axis=1) * trained, head.dtype))
+
     def __repr__(self) -> str:
         parameters = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"EmbeddingCase({parameters})"

@@ -71,14 +71,18 @@ def measure(
     reference: Callable[[], Observed],
     run_subject: Callable[[], Observed],
     diagnose: Callable[[Measurement, Observed], list[str]] | None = None,
+    expect_subject: Callable[[], Expected] | None = None,
 ) -> Measurement:
+    """One check of one case: each side's results against the oracle's (`expect_subject`'s for the subject, where
+    its convention defines the layer otherwise than peft), and a diagnosis where it failed."""
     measurement = Measurement(subject.name, check, case.describe())
     with timer("oracle"):
         expected = expect()
+        subject_expected = expected if expect_subject is None else expect_subject()
     with timer("reference"):
         _judge(measurement, "reference", reference, expected)
     with timer("subject"):
-        observed = _judge(measurement, "subject", run_subject, expected)
+        observed = _judge(measurement, "subject", run_subject, subject_expected)
     if diagnose is not None and not measurement.passed:
         measurement.hints += diagnose(measurement, observed)
     return measurement
@@ -174,7 +178,8 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
             measurement.comparisons.append(raised(error, "requantize", "subject"))
             return measurement
     if settings != q:
-        measurement.comparisons.append(failed(f"re-quantized as {settings}, but should be {q}", "requantized weight", "subject", "settings"))
+        problem = f"re-quantized as {settings}, but should be {q}"
+        measurement.comparisons.append(failed(problem, "requantized weight", "subject", "settings"))
         return measurement
     want = Tracked.exact(bridge.to_numpy(expected), case.dtype)
     measurement.comparisons.append(compare_dtype("requantized scales", "subject", scales_dtype, want))
@@ -188,11 +193,9 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
 def _magnitude_at_creation(
     subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, with_adapter: bool
 ) -> Measurement:
-    view = case.lookup if isinstance(case, EmbeddingCase) else case
-
-    def expect() -> Expected:
-        norm = oracle.adapted_weight(view).row_norm() if with_adapter else oracle.magnitude_at_init(view)
-        return {"magnitude": norm}
+    def norms(view: LinearCase) -> Callable[[], Expected]:
+        norm = oracle.adapted_weight(view).row_norm if with_adapter else lambda: oracle.magnitude_at_init(view)
+        return lambda: {"magnitude": norm()}
 
     # Values only: MLX keeps m in float32 where peft keeps the layer's dtype; both are exact enough.
     def reference() -> Observed:
@@ -203,7 +206,12 @@ def _magnitude_at_creation(
         return from_mlx({"magnitude": magnitude}, unjudged_dtypes=("magnitude",))
 
     check = "init_with_adapter" if with_adapter else "init"
-    return measure(check, subject, case, timer, expect, reference, run_subject)
+    if not isinstance(case, EmbeddingCase):
+        return measure(check, subject, case, timer, norms(case), reference, run_subject)
+    per_row = _per_row(subject)
+    measurement = measure(check, subject, case, timer, norms(case.lookup), reference, run_subject,
+                          expect_subject=norms(case.per_row) if per_row else None)
+    return _per_row_convention(measurement, case) if per_row else measurement
 
 
 def init(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -219,18 +227,38 @@ def init_with_adapter(subject: Subject, case: LinearCase | EmbeddingCase, timer:
 # Embedding base -------------------------------------------------------------------------------
 
 
+def _per_row(subject: Subject) -> bool:
+    """Whether the subject's DoRA embedding keeps one magnitude per vocabulary row (MLX's), not per dimension
+    (peft's)."""
+    return getattr(subject.convention, "magnitude_per", "dimension") == "vocabulary row"
+
+
+def _per_row_convention(measurement: Measurement, case: EmbeddingCase) -> Measurement:
+    """The one difference of a per-row DoRA embedding from peft's, stated in each of its checks, whose values
+    are judged against its own definition (`EmbeddingCase.per_row`)."""
+    vocabulary, dims = case.lookup.in_features, case.lookup.out_features
+    problem = (f"is kept per vocabulary row ({vocabulary},), each token's vector normalised; peft keeps it per "
+               f"embedding dimension ({dims},), each dimension normalised over the vocabulary")
+    measurement.comparisons.append(failed(problem, "magnitude", "subject", "convention"))
+    return measurement
+
+
 def lookup(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """The subject's embeddings of the case's token ids, against peft's and the oracle's."""
 
     def run_subject() -> Observed:
         return from_mlx({"output": subject.run(case).layer()(mx.array(case.ids))})
 
-    return measure(
+    per_row = case.lookup.use_dora and _per_row(subject)
+    measurement = measure(
         "forward", subject, case, timer,
         expect=lambda: {"output": oracle.embedding_forward(case)},
         reference=lambda: {"output": from_torch(peft_layers.lookup(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
+        diagnose=(lambda measurement, observed: diagnosis.norm_hints(case.per_row)) if per_row else None,
+        expect_subject=(lambda: {"output": oracle.embedding_rows_forward(case)}) if per_row else None,
     )
+    return _per_row_convention(measurement, case) if per_row else measurement
 
 
 def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -244,14 +272,19 @@ def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED
     def run_subject() -> Observed:
         return from_mlx({"output": subject.run(case).layer().as_linear(bridge.mlx_array(case.hidden, case.dtype))})
 
-    return measure("as_linear", subject, case, timer, lambda: {"output": oracle.embedding_as_linear(case)}, reference, run_subject)
+    per_row = case.lookup.use_dora and _per_row(subject)
+    measurement = measure(
+        "as_linear", subject, case, timer, lambda: {"output": oracle.embedding_as_linear(case)}, reference, run_subject,
+        diagnose=(lambda measurement, observed: diagnosis.norm_hints(case.per_row)) if per_row else None,
+        expect_subject=(lambda: {"output": oracle.embedding_rows_as_linear(case)}) if per_row else None,
+    )
+    return _per_row_convention(measurement, case) if per_row else measurement
 
 
 def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """The subject's merged table and its lookups against peft's ``merge()`` and the oracle."""
 
-    def expect() -> Expected:
-        table = oracle.embedding_merged_weight(case)
+    def expect(table: Tracked) -> Expected:
         return {"merged weight": table, "merged output": table[case.ids]}
 
     def reference() -> Observed:
@@ -265,7 +298,13 @@ def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = U
         merged = subject.run(case).merged()
         return from_mlx({"merged weight": merged.weight, "merged output": merged(mx.array(case.ids))})
 
-    return measure("merge", subject, case, timer, expect, reference, run_subject)
+    per_row = case.lookup.use_dora and _per_row(subject)
+    measurement = measure(
+        "merge", subject, case, timer, lambda: expect(oracle.embedding_merged_weight(case)), reference, run_subject,
+        diagnose=(lambda measurement, observed: diagnosis.norm_hints(case.per_row)) if per_row else None,
+        expect_subject=(lambda: expect(oracle.embedding_rows_merged_weight(case))) if per_row else None,
+    )
+    return _per_row_convention(measurement, case) if per_row else measurement
 
 
 # Mixture-of-experts base ----------------------------------------------------------------------
@@ -380,8 +419,8 @@ def error_parity(
     measurement.hints.append(f"subject {said}; peft {peft_said}")
     if error is not None and not refuses(error, bad_value):
         comparison = raised(error, scenario, "subject")
-        comparison.problem = (f"{said}: not the error {scenario} deserves (a {' or '.join(e.__name__ for e in REFUSALS)} "
-                              f"naming {bad_value}); peft {peft_said}")
+        kinds = " or ".join(kind.__name__ for kind in REFUSALS)
+        comparison.problem = f"{said}: not the error {scenario} deserves (a {kinds} naming {bad_value}); peft {peft_said}"
         measurement.comparisons.append(comparison)
     elif error is not None:
         measurement.comparisons.append(Comparison(scenario, "subject", kind="raises", detail=type(error).__name__))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from hypothesis import Phase, settings
+from hypothesis import settings
 
 from conformance import divergences, profiles, quantization, recording, threads
 from conformance.dtypes import BY_NAME as DTYPES
@@ -261,8 +261,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def _not_seen(entries: list[divergences.KnownDivergence], explained: dict[int, int]) -> str:
-    lines = ["known divergence not seen in this check: remove the entry (or narrow its pattern; @sometimes if only some "
-             "cases reach it) in the known-divergences file"]
+    lines = ["known divergence not seen in this check: remove the entry (or narrow its pattern; @sometimes if only "
+             "some cases reach it) in the known-divergences file"]
     lines += [f"  line {e.line}: {e}  # {e.reason}" for e in entries if not e.sometimes and e.line not in explained]
     return "\n".join(lines)
 
@@ -359,7 +359,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if stale:
         terminalreporter.section("known divergences not seen")
         for d in stale:
-            where = "in no case of a thorough run" if d["status"] == "never seen" else "in " + ", ".join(d["now_passing"])
+            never = d["status"] == "never seen"
+            where = "in no case of a thorough run" if never else "in " + ", ".join(d["now_passing"])
             write(f"line {d['line']}: {d['check_id']} | {d['explains']}: not seen {where}; remove it (or narrow its "
                   "pattern) in the known-divergences file")
     policy = state["threads"]

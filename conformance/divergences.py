@@ -14,8 +14,9 @@ the check's or scenario's name) and the failure (`Comparison.failure`)::
     non-finite                 inf or NaN elements where the oracle's are finite
     beyond margin LO..HI       finite values beyond the bound, by a margin from LO to HI
     beyond hint ~ REGEX        the same, where the check's diagnosis has a hint REGEX finds
-    computes, shape, absent, present, settings, trainable, premise
-                               what the check reports of that name (``computes``: where peft raises)
+    computes, convention, shape, absent, present, settings, trainable, premise
+                               what the check reports of that name (``computes``: where peft raises;
+                               ``convention``: the subject defines the layer otherwise than peft)
 
 A check is a known divergence only when its entries explain every failing comparison of every case;
 anything else fails the check. A check may have several entries, one per failure. An entry that
@@ -37,8 +38,8 @@ from conformance.verdict import Comparison, Measurement
 DEFAULT_PATH = Path(__file__).with_name("known_divergences.txt")
 DEVICES = ("cpu", "gpu")
 SIDES = ("subject", "reference")
-FAILURES = ("beyond", "non-finite", "dtype", "raises", "computes", "shape", "absent", "present", "settings",
-            "trainable", "premise")
+FAILURES = ("beyond", "non-finite", "dtype", "raises", "computes", "convention", "shape", "absent", "present",
+            "settings", "trainable", "premise")
 """What an entry may say is wrong: `Comparison.failure`'s words."""
 
 
@@ -175,7 +176,8 @@ def parse_explanation(text: str) -> Explanation:
         if not re.fullmatch(r"\w+(\|\w+)*", kind.strip()):
             raise ValueError(f"{text!r}: 'raises' needs the exception's type (or types, 'TypeError|ValueError'), "
                              "e.g. 'raises ValueError ~ message'")
-        return Explanation(quantity, failure, side, argument=kind.strip(), pattern=_regex(pattern.strip()) if pattern else None)
+        message = _regex(pattern.strip()) if pattern else None
+        return Explanation(quantity, failure, side, argument=kind.strip(), pattern=message)
     if failure == "beyond":
         margins = _MARGINS.match(rest)
         bounds = None
@@ -186,9 +188,10 @@ def parse_explanation(text: str) -> Explanation:
         if rest.strip() and hint is None:
             raise ValueError(f"{text!r}: after 'beyond', 'margin LO..HI' and/or 'hint ~ REGEX'")
         if bounds is None and hint is None:
-            raise ValueError(f"{text!r}: 'beyond' needs the margin range ('margin 1..1e3') or the diagnosis ('hint ~ REGEX') "
-                             "typical for it")
-        return Explanation(quantity, failure, side, pattern=_regex(hint["pattern"].strip()) if hint else None, margins=bounds)
+            raise ValueError(f"{text!r}: 'beyond' needs the margin range ('margin 1..1e3') or the diagnosis "
+                             "('hint ~ REGEX') typical for it")
+        diagnosis = _regex(hint["pattern"].strip()) if hint else None
+        return Explanation(quantity, failure, side, pattern=diagnosis, margins=bounds)
     if rest:
         raise ValueError(f"{text!r}: '{failure}' takes nothing after it")
     return Explanation(quantity, failure, side)

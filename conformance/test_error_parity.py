@@ -85,9 +85,8 @@ def _reference_layer(case: Case):
     return peft_layers.embedding(case) if isinstance(case, EmbeddingCase) else peft_layers.linear(case)
 
 
-def _check(subject, case: Case, scenario: str, recorder, as_created: bool = False) -> None:
-    """Run one scenario on both sides. With `as_created`, both layers are as their packages create them
-    (B zero), for a subject that cannot hold peft's adapter (see `reference.bridge.NotExpressible`)."""
+def _check(subject, case: Case, scenario: str, recorder) -> None:
+    """Run one scenario on both sides."""
     view = getattr(case, "lookup", None) or getattr(case, "first", case)
     if scenario in CONFIGURATIONS:
         r, dropout = CONFIGURATIONS[scenario].get("r", view.r), CONFIGURATIONS[scenario].get("dropout", view.dropout)
@@ -96,7 +95,7 @@ def _check(subject, case: Case, scenario: str, recorder, as_created: bool = Fals
         r, dropout = view.r, view.dropout
         breaking, bad = BROKEN_INPUTS[scenario]
         broken, bad_value = breaking(case), bad(case)
-    configured = scenario in CONFIGURATIONS or as_created
+    configured = scenario in CONFIGURATIONS
 
     def subject_run():
         layer = subject.construct(case, r, dropout) if configured else subject.build(case)
@@ -137,8 +136,8 @@ def test_embedding(subject, dtype, scenario, recorder):
 @pytest.mark.family("dora_embedding")
 @pytest.mark.parametrize("scenario", EMBEDDING_SCENARIOS)
 def test_dora_embedding(subject, dtype, scenario, recorder):
-    """DoRA on an Embedding: the same scenarios, on both layers as created (MLX cannot hold peft's magnitude)."""
-    _check(subject, make_embedding_case(6, 4, dtype=dtype, use_dora=True, **PARAMETERS), scenario, recorder, as_created=True)
+    """DoRA on an Embedding: the same scenarios."""
+    _check(subject, make_embedding_case(6, 4, dtype=dtype, use_dora=True, **PARAMETERS), scenario, recorder)
 
 
 @pytest.mark.family("switch_linear")

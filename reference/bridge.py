@@ -190,27 +190,24 @@ class LoRAEmbeddingConvention:
         return layer.fuse(dequantize=dequantize)
 
 
-class NotExpressible(Exception):
-    """The case cannot be given to this subject: its convention has no equivalent of peft's."""
-
-
 class DoRAEmbeddingConvention(LoRAEmbeddingConvention):
     """MLX's ``DoRAEmbedding`` keeps one magnitude per vocabulary row and normalises each token's vector.
 
     peft keeps one per embedding dimension and normalises each dimension over the vocabulary, so a
-    peft magnitude has no MLX counterpart: building from a case says so. The magnitude MLX derives
-    itself at creation can still be compared.
+    peft magnitude has no MLX counterpart: the layer is given the case's adapter and a magnitude of its
+    own kind (`EmbeddingCase.per_row`), and its checks judge it against that definition, stating the
+    difference from peft's once. ``m`` is in the table's dtype, as ``set_embedding`` derives it.
     """
 
+    magnitude_per = "vocabulary row"
+
     def build(self, cls: type, case: EmbeddingCase) -> nn.Module:
-        raise NotExpressible(
-            f"{cls.__module__}.{cls.__qualname__} keeps m per vocabulary row ({case.lookup.in_features},) and "
-            f"normalises each token's vector; peft keeps m per embedding dimension ({case.lookup.out_features},) "
-            "and normalises each dimension over the vocabulary: a peft DoRA embedding has no equivalent here"
-        )
+        layer = super().build(cls, case)
+        layer.m = mlx_array(case.per_row.magnitude, case.dtype)
+        return layer
 
     def magnitude_at_creation(self, cls: type, case: EmbeddingCase, with_adapter: bool) -> mx.array:
-        layer = LoRAEmbeddingConvention.build(self, cls, case)
+        layer = super().build(cls, case)
         if not with_adapter:
             layer.lora_b = mx.zeros_like(layer.lora_b)
         layer.set_embedding(layer.embedding)

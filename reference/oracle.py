@@ -200,6 +200,23 @@ def embedding_as_linear(case: EmbeddingCase) -> Tracked:
     return merged if case.lookup.use_dora else Tracked.covering(merged, linear_forward(case.head))
 
 
+@once_per_case
+def embedding_rows_merged_weight(case: EmbeddingCase) -> Tracked:
+    """MLX's DoRA embedding merged (`EmbeddingCase.per_row`): each adapted row ``W[v] + s A^T[v] B^T`` times
+    ``m[v] / ||W[v] + s A^T[v] B^T||``, (vocabulary, dims)."""
+    return merged_weight(case.per_row)
+
+
+def embedding_rows_forward(case: EmbeddingCase) -> Tracked:
+    """MLX's DoRA embedding's lookups: the merged rows of the token ids."""
+    return embedding_rows_merged_weight(case)[case.ids]
+
+
+def embedding_rows_as_linear(case: EmbeddingCase) -> Tracked:
+    """MLX's DoRA embedding's ``as_linear``: ``m / ||W + s A^T B^T||_rows * hidden (W + s A^T B^T)^T``."""
+    return linear_forward(case.per_row)
+
+
 def _routed(case: SwitchCase, per_expert: list[Tracked]) -> Tracked:
     """Each token's results from its k experts, (*batch, k, out), from every expert's (*batch, out)."""
     every = Tracked.stack(per_expert, axis=-2)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from conformance.dtypes import CASE_DTYPES
 from conformance.subjects import Subject
-from reference.bridge import LoRALinearConvention
+from reference.bridge import DoRAEmbeddingConvention, LoRALinearConvention
 from tests import lora_layers
 from tests.lora_layers import (
     PeftStyleConvention,
@@ -139,6 +139,10 @@ globals().update(BEHIND_AN_ENTRY)
 # Subclasses of an upstream class, built by its conventions as the catalogue's own subjects are.
 UpstreamLoRADropsARank = Subject(f"{__name__}:UpstreamLoRADropsARank", "mlx-lm", "linear",
                                  (f"{lora_layers.__name__}:UpstreamLoRADropsARank",), LoRALinearConvention())
+UpstreamDoRAEmbeddingNormWithoutAdapter = Subject(
+    f"{__name__}:UpstreamDoRAEmbeddingNormWithoutAdapter", "mlx-lm", "dora_embedding",
+    (f"{lora_layers.__name__}:UpstreamDoRAEmbeddingNormWithoutAdapter",), DoRAEmbeddingConvention(),
+)
 FromBaseBuildsAnother = Subject(f"{__name__}:FromBaseBuildsAnother", "mlx-lm", "linear",
                                 (f"{lora_layers.__name__}:FromBaseBuildsAnother",), LoRALinearConvention())
 

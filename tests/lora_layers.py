@@ -10,6 +10,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.dora import DoRAEmbedding as UpstreamDoRAEmbedding
 from mlx_lm.tuner.lora import LoRALinear as UpstreamLoRALinear
 
 from conformance.cases import LinearCase
@@ -294,6 +295,16 @@ class FromBaseBuildsAnother(UpstreamLoRALinear):
     @staticmethod
     def from_base(linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0) -> nn.Module:
         return UpstreamLoRALinear.from_base(linear, r=r, dropout=dropout, scale=scale)
+
+
+class UpstreamDoRAEmbeddingNormWithoutAdapter(UpstreamDoRAEmbedding):
+    """mlx-lm's DoRAEmbedding with a regression: each token's norm is taken from the table alone, ``||W[ids]||``,
+    not from the adapted row ``||W[ids] + s A[ids] B||``."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.embedding(x)
+        out = y + self.dropout(self.scale * self.lora_a[x] @ self.lora_b).astype(y.dtype)
+        return (self.m[x] / mx.stop_gradient(mx.linalg.norm(y, axis=-1)))[..., None] * out
 
 
 class FuseIgnoresAdapter(CorrectLoRALinear):

@@ -28,7 +28,8 @@ def _beyond(margin: float, quantity: str = "output", non_finite: bool = False) -
     [
         ("merged weight: dtype float32", Explanation("merged weight", "dtype", argument="float32")),
         ("reference output: non-finite", Explanation("output", "non-finite", side="reference")),
-        ("forward: raises ValueError ~ would not load", Explanation("forward", "raises", argument="ValueError", pattern="would not load")),
+        ("forward: raises ValueError ~ would not load",
+         Explanation("forward", "raises", argument="ValueError", pattern="would not load")),
         ("*: raises RuntimeError", Explanation("*", "raises", argument="RuntimeError")),
         ("grad *: beyond margin 1..1e3", Explanation("grad *", "beyond", margins=(1.0, 1000.0))),
         ("output: beyond hint ~ weight norm", Explanation("output", "beyond", pattern="weight norm")),
@@ -73,7 +74,8 @@ def test_an_entry_explains_only_the_failure_it_names():
     assert not margins.explains(_beyond(5.0, non_finite=True), [])
     assert Explanation("output", "non-finite").explains(_beyond(5.0, non_finite=True), [])
     hint = Explanation("output", "beyond", pattern="weight norm")
-    assert hint.explains(_beyond(50.0), ["the weight norm overflows in float16"]) and not hint.explains(_beyond(50.0), ["other"])
+    assert hint.explains(_beyond(50.0), ["the weight norm overflows in float16"])
+    assert not hint.explains(_beyond(50.0), ["other"])
 
     raises = Explanation("*", "raises", argument="ValueError", pattern="would not load")
     assert raises.explains(raised(ValueError("lora_a would not load"), "forward", "subject"), [])
@@ -83,10 +85,12 @@ def test_an_entry_explains_only_the_failure_it_names():
 
 
 def test_a_measurement_is_judged_failure_by_failure():
-    entries = [divergences.KnownDivergence(ID, Explanation("merged weight", "dtype", argument="float32"), "promotes", 3)]
+    promotes = Explanation("merged weight", "dtype", argument="float32")
+    entries = [divergences.KnownDivergence(ID, promotes, "promotes", 3)]
     measurement = Measurement("s", "merge", {})
     expected = Tracked(np.ones(3), np.full(3, 1e-3), FLOAT16)
-    measurement.comparisons += [compare_dtype("merged weight", "subject", "float32", expected), _beyond(50.0, "merged weight")]
+    measurement.comparisons += [compare_dtype("merged weight", "subject", "float32", expected),
+                                _beyond(50.0, "merged weight")]
     judgement = divergences.judge(measurement, entries)
     assert [c.kind for c, _ in judgement.explained] == ["dtype"]
     assert [c.failure for c in judgement.unexplained] == ["beyond"] and not judgement.passed
@@ -109,13 +113,17 @@ def test_entries_need_what_they_explain_and_a_reason_and_are_listed_once(tmp_pat
 def test_patterns_match_whole_ids_and_every_entry_covering_an_id_applies(tmp_path):
     known = _load(tmp_path, "test_a.py::test_*[mlx_lm.DoRAEmbedding-*] | *: raises NotExpressible  # axis\n"
                             "test_a.py::test_forward[*] | output: non-finite  # exact\n")
-    assert [e.line for e in divergences.covering(known, "test_a.py::test_forward[mlx_lm.DoRAEmbedding-float16]")] == [1, 2]
-    assert [e.line for e in divergences.covering(known, "test_a.py::test_forward[mlx_vlm.DoRAEmbedding-float16]")] == [2]
+    def lines(check_id: str) -> list[int]:
+        return [e.line for e in divergences.covering(known, check_id)]
+
+    assert lines("test_a.py::test_forward[mlx_lm.DoRAEmbedding-float16]") == [1, 2]
+    assert lines("test_a.py::test_forward[mlx_vlm.DoRAEmbedding-float16]") == [2]
     assert not divergences.covering(known, "test_a.py::test_merge[mlx_lm.DoRAEmbedding-float16]x")
 
 
 def test_device_marks_keep_an_entry_to_its_device(tmp_path):
-    text = "test_a.py::test_b[x] @cpu | y: non-finite  # cpu kernel\ntest_a.py::test_c[x] @gpu @sometimes | y: non-finite  # metal\n"
+    text = ("test_a.py::test_b[x] @cpu | y: non-finite  # cpu kernel\n"
+            "test_a.py::test_c[x] @gpu @sometimes | y: non-finite  # metal\n")
     on_cpu, on_gpu = _load(tmp_path, text, "cpu"), _load(tmp_path, text, "gpu")
     assert [e.check_id for e in on_cpu] == ["test_a.py::test_b[x]"] and on_cpu[0].device == "cpu"
     assert [e.check_id for e in on_gpu] == ["test_a.py::test_c[x]"] and on_gpu[0].sometimes
