@@ -487,8 +487,10 @@ class CorrectLoRAEmbedding(nn.Module):
 
     def check_ids(self, ids: mx.array) -> None:
         vocabulary = self.lora_a.shape[0]
-        if mx.any((ids < 0) | (ids >= vocabulary)).item():
-            raise IndexError(f"token ids must lie in [0, {vocabulary})")
+        outside = (ids < 0) | (ids >= vocabulary)
+        if mx.any(outside).item():
+            bad = sorted({int(i) for i in ids.flatten().tolist() if not 0 <= i < vocabulary})
+            raise IndexError(f"token ids {', '.join(map(str, bad))} lie outside [0, {vocabulary})")
 
     def __call__(self, ids: mx.array) -> mx.array:
         self.check_ids(ids)
