@@ -194,8 +194,11 @@ def _magnitude_at_creation(
     subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, with_adapter: bool
 ) -> Measurement:
     def norms(view: LinearCase) -> Callable[[], Expected]:
-        norm = oracle.adapted_weight(view).row_norm if with_adapter else lambda: oracle.magnitude_at_init(view)
-        return lambda: {"magnitude": norm()}
+        def expect() -> Expected:
+            norm = oracle.adapted_weight(view).row_norm() if with_adapter else oracle.magnitude_at_init(view)
+            return {"magnitude": norm}
+
+        return expect
 
     # Values only: MLX keeps m in float32 where peft keeps the layer's dtype; both are exact enough.
     def reference() -> Observed:
@@ -208,10 +211,9 @@ def _magnitude_at_creation(
     check = "init_with_adapter" if with_adapter else "init"
     if not isinstance(case, EmbeddingCase):
         return measure(check, subject, case, timer, norms(case), reference, run_subject)
-    per_row = _per_row(subject)
-    measurement = measure(check, subject, case, timer, norms(case.lookup), reference, run_subject,
-                          expect_subject=norms(case.per_row) if per_row else None)
-    return _per_row_convention(measurement, case) if per_row else measurement
+    # No norm hint: the magnitude at creation is the table's norm, not the adapted one the hint is about.
+    return _embedding_measure(check, subject, case, timer, norms(case.lookup), reference, run_subject,
+                              norms(case.per_row), norm_hints=False)
 
 
 def init(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -233,9 +235,24 @@ def _per_row(subject: Subject) -> bool:
     return getattr(subject.convention, "magnitude_per", "dimension") == "vocabulary row"
 
 
-def _per_row_convention(measurement: Measurement, case: EmbeddingCase) -> Measurement:
-    """The one difference of a per-row DoRA embedding from peft's, stated in each of its checks, whose values
-    are judged against its own definition (`EmbeddingCase.per_row`)."""
+def _embedding_measure(
+    check: str,
+    subject: Subject,
+    case: EmbeddingCase,
+    timer: PhaseTimer,
+    expect: Callable[[], Expected],
+    reference: Callable[[], Observed],
+    run_subject: Callable[[], Observed],
+    expect_per_row: Callable[[], Expected],
+    norm_hints: bool = True,
+) -> Measurement:
+    """`measure` for an embedding check. A DoRA embedding that keeps one magnitude per vocabulary row (MLX's) is
+    judged against its own definition, `expect_per_row` (`EmbeddingCase.per_row`), with the half-precision norm's
+    diagnosis, and the one difference from peft's definition is stated as a comparison of its own."""
+    if not (case.lookup.use_dora and _per_row(subject)):
+        return measure(check, subject, case, timer, expect, reference, run_subject)
+    diagnose = (lambda measurement, observed: diagnosis.norm_hints(case.per_row)) if norm_hints else None
+    measurement = measure(check, subject, case, timer, expect, reference, run_subject, diagnose, expect_per_row)
     vocabulary, dims = case.lookup.in_features, case.lookup.out_features
     problem = (f"is kept per vocabulary row ({vocabulary},), each token's vector normalised; peft keeps it per "
                f"embedding dimension ({dims},), each dimension normalised over the vocabulary")
@@ -249,16 +266,13 @@ def lookup(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -
     def run_subject() -> Observed:
         return from_mlx({"output": subject.run(case).layer()(mx.array(case.ids))})
 
-    per_row = case.lookup.use_dora and _per_row(subject)
-    measurement = measure(
+    return _embedding_measure(
         "forward", subject, case, timer,
         expect=lambda: {"output": oracle.embedding_forward(case)},
         reference=lambda: {"output": from_torch(peft_layers.lookup(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
-        diagnose=(lambda measurement, observed: diagnosis.norm_hints(case.per_row)) if per_row else None,
-        expect_subject=(lambda: {"output": oracle.embedding_rows_forward(case)}) if per_row else None,
+        expect_per_row=lambda: {"output": oracle.embedding_rows_forward(case)},
     )
-    return _per_row_convention(measurement, case) if per_row else measurement
 
 
 def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -272,13 +286,10 @@ def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED
     def run_subject() -> Observed:
         return from_mlx({"output": subject.run(case).layer().as_linear(bridge.mlx_array(case.hidden, case.dtype))})
 
-    per_row = case.lookup.use_dora and _per_row(subject)
-    measurement = measure(
+    return _embedding_measure(
         "as_linear", subject, case, timer, lambda: {"output": oracle.embedding_as_linear(case)}, reference, run_subject,
-        diagnose=(lambda measurement, observed: diagnosis.norm_hints(case.per_row)) if per_row else None,
-        expect_subject=(lambda: {"output": oracle.embedding_rows_as_linear(case)}) if per_row else None,
+        expect_per_row=lambda: {"output": oracle.embedding_rows_as_linear(case)},
     )
-    return _per_row_convention(measurement, case) if per_row else measurement
 
 
 def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -298,13 +309,10 @@ def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = U
         merged = subject.run(case).merged()
         return from_mlx({"merged weight": merged.weight, "merged output": merged(mx.array(case.ids))})
 
-    per_row = case.lookup.use_dora and _per_row(subject)
-    measurement = measure(
+    return _embedding_measure(
         "merge", subject, case, timer, lambda: expect(oracle.embedding_merged_weight(case)), reference, run_subject,
-        diagnose=(lambda measurement, observed: diagnosis.norm_hints(case.per_row)) if per_row else None,
-        expect_subject=(lambda: expect(oracle.embedding_rows_merged_weight(case))) if per_row else None,
+        expect_per_row=lambda: expect(oracle.embedding_rows_merged_weight(case)),
     )
-    return _per_row_convention(measurement, case) if per_row else measurement
 
 
 # Mixture-of-experts base ----------------------------------------------------------------------

@@ -64,10 +64,14 @@ class Explanation:
     """A regular expression: in the message of what it raises; in the diagnosis of values beyond the bound."""
     margins: tuple[float, float] | None = None
 
+    @functools.cached_property
+    def _quantities(self) -> re.Pattern[str]:
+        return _wildcards(self.quantity)
+
     def explains(self, comparison: Comparison, hints: list[str]) -> bool:
         if comparison.failure != self.failure or comparison.side != self.side:
             return False
-        if _wildcards(self.quantity).fullmatch(comparison.quantity) is None:
+        if self._quantities.fullmatch(comparison.quantity) is None:
             return False
         if self.argument is not None and comparison.detail not in self.argument.split("|"):
             return False
