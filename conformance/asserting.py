@@ -10,7 +10,7 @@ from conformance import divergences
 from conformance.divergences import Judgement
 from conformance.recording import Recorder
 from conformance.registry import replayable
-from conformance.verdict import Measurement
+from foundation.verdict import Measurement
 
 
 def message(measurement: Measurement, check_id: str = "", judgement: Judgement | None = None) -> str:

@@ -16,11 +16,11 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from conformance.cases import LinearCase
-from conformance.subjects import Subject
 from conformance.timing import PhaseTimer
-from conformance.verdict import Tracked, allowed_error
+from foundation.cases import LinearCase
+from foundation.verdict import Tracked, allowed_error
 from reference import oracle
+from subjects.known import Subject
 
 
 def _peft(case: LinearCase) -> list[np.ndarray]:

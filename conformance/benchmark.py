@@ -26,12 +26,12 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
 from conformance import bare_loop, checks, registry, threads  # noqa: E402
 from conformance.asserting import message  # noqa: E402
-from conformance.cases import cases_for, linear_cases  # noqa: E402
-from conformance.dtypes import BY_NAME as DTYPES  # noqa: E402
 from conformance.recording import Recorder  # noqa: E402
-from conformance.subjects import CATALOGUE, BY_NAME, Subject, select, versions  # noqa: E402
 from conformance.timing import PhaseTimer  # noqa: E402
-from reference.bridge import LoRALinearConvention  # noqa: E402
+from foundation.cases import linear_cases  # noqa: E402
+from foundation.dtypes import BY_NAME as DTYPES  # noqa: E402
+from subjects.bridge import LoRALinearConvention  # noqa: E402
+from subjects.known import BY_NAME, CATALOGUE, Subject, select, versions  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - import_start
 PHASES = ("subject", "reference", "oracle", "harness")
@@ -45,7 +45,7 @@ def run(subjects: list[Subject], dtypes: list[str], cases_each: int, timer: Phas
         for dtype in dtypes:
 
             @settings(max_examples=cases_each, derandomize=True, database=None, deadline=None)
-            @given(case=cases_for(subject.family, DTYPES[dtype]))
+            @given(case=registry.cases_for(subject.family, DTYPES[dtype]))
             def check_all(case):
                 nonlocal ran
                 ran += 1

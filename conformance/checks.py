@@ -16,14 +16,16 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from conformance import diagnosis, quantization
-from conformance.cases import EmbeddingCase, LinearCase
-from conformance.quantization import Quantization
-from conformance.subjects import Subject
-from conformance.switch_cases import SwitchCase
+from conformance import diagnosis
 from conformance.timing import UNTIMED, PhaseTimer
-from conformance.verdict import Comparison, Measurement, Tracked, compare, compare_dtype, failed, raised
-from reference import bridge, oracle, peft_layers
+from foundation import quantization, weights
+from foundation.cases import EmbeddingCase, LinearCase
+from foundation.quantization import Quantization
+from foundation.switch_cases import SwitchCase
+from foundation.verdict import Comparison, Measurement, Tracked, compare, compare_dtype, failed, raised
+from reference import oracle, peft_layers
+from subjects import bridge
+from subjects.known import Subject
 
 Observed = dict[str, tuple[np.ndarray, "str | None"]]
 """quantity -> (values as float64, dtype name or None where the dtype is not judged), as one side produced them."""
@@ -195,7 +197,7 @@ def _magnitude_at_creation(
 ) -> Measurement:
     def norms(view: LinearCase) -> Callable[[], Expected]:
         def expect() -> Expected:
-            norm = oracle.adapted_weight(view).row_norm() if with_adapter else oracle.magnitude_at_init(view)
+            norm = weights.adapted_weight(view).row_norm() if with_adapter else oracle.magnitude_at_init(view)
             return {"magnitude": norm}
 
         return expect

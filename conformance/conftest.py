@@ -9,9 +9,10 @@ import mlx.core as mx
 import pytest
 from hypothesis import settings
 
-from conformance import divergences, profiles, quantization, recording, threads
-from conformance.dtypes import BY_NAME as DTYPES
-from conformance.subjects import CATALOGUE, Subject, select, versions
+from conformance import divergences, recording, threads
+from foundation import profiles, quantization
+from foundation.dtypes import BY_NAME as DTYPES
+from subjects.known import CATALOGUE, Subject, select, versions
 
 NO_SUBJECT = "no-selected-subject"
 RECORDER = pytest.StashKey[recording.Recorder]()

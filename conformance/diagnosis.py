@@ -9,9 +9,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from conformance.cases import LinearCase
-from conformance.dtypes import round_to
-from conformance.verdict import Tracked, allowed_error
+from foundation import weights
+from foundation.cases import LinearCase
+from foundation.dtypes import round_to
+from foundation.verdict import Tracked, allowed_error
 from reference import oracle
 
 
@@ -65,7 +66,7 @@ def _bias_hint(difference: np.ndarray, case: LinearCase, allowed: np.ndarray) ->
 def _half_precision_norm_failures(case: LinearCase) -> str:
     """Rows whose norm under- or overflows, or loses precision to squares below the normal range, when the
     squares are formed in the case dtype."""
-    adapted = round_to(oracle.adapted_weight(case).value, case.dtype)
+    adapted = round_to(weights.adapted_weight(case).value, case.dtype)
     exact = adapted * adapted
     squares = round_to(exact, case.dtype)
     norms = np.sqrt(round_to(np.sum(squares, axis=-1), case.dtype))  # the sum overflows where its terms do not
@@ -125,7 +126,7 @@ def merge_hints(case: LinearCase, weight: np.ndarray) -> list[str]:
         return norm_hints(case)
     expected = oracle.merged_weight(case)
     allowed = allowed_error(expected)
-    delta = oracle.lora_delta(case).value
+    delta = weights.lora_delta(case).value
     if weight.shape == expected.value.T.shape and weight.shape != expected.value.shape:
         if np.all(np.abs(weight.T - expected.value) <= allowed.T):
             return ["the merged weight is the transpose of peft's"]

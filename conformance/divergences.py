@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conformance.verdict import Comparison, Measurement
+from foundation.verdict import Comparison, Measurement
 
 DEFAULT_PATH = Path(__file__).with_name("known_divergences.txt")
 DEVICES = ("cpu", "gpu")

@@ -23,8 +23,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from conformance.cases import LinearCase
-from conformance.verdict import CALIBRATION, Comparison, Tracked
+from foundation.cases import LinearCase
+from foundation.verdict import CALIBRATION, Comparison, Tracked
 from reference import oracle
 
 SAMPLES = 1024

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from conformance.divergences import Judgement, KnownDivergence
-from conformance.verdict import Measurement
+from foundation.verdict import Measurement
 
 FORMAT = 1
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from hypothesis import strategies as st
+
 from conformance import checks, training_checks
-from conformance.cases import EmbeddingCase, LinearCase
-from conformance.subjects import Subject
 from conformance.timing import PhaseTimer
-from conformance.verdict import Measurement
+from foundation.cases import EmbeddingCase, LinearCase, embedding_cases, gradients_fit, linear_cases
+from foundation.dtypes import DType
+from foundation.switch_cases import SwitchCase, switch_cases, switch_gradients_fit
+from foundation.verdict import Measurement
+from subjects.known import Subject
 
 Check = Callable[[Subject, "LinearCase | EmbeddingCase", PhaseTimer], Measurement]
 
@@ -108,3 +112,28 @@ def find_check(family: str, name: str) -> Check | None:
 
 def replayable(name: str) -> bool:
     return any(find_check(family, name) for family in FAMILY_CHECKS)
+
+
+def quantized_cases_for(
+    family: str, dtype: DType, kind: str
+) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
+    """The cases a family is checked on with a base quantized in `kind` (a `Quantization.kind`), as its
+    ``test_quantized_<family>.py`` draws them; like `cases_for`, only cases whose gradients fit where the
+    family's quantized checks include them, and (embedding) no single 0-d token id, which
+    ``nn.QuantizedEmbedding`` cannot look up (a known divergence of the base, checked by itself)."""
+    if family == "switch_linear":
+        return switch_cases(dtype, kind)
+    if family == "embedding":
+        return embedding_cases(dtype, quantized=kind).filter(lambda case: case.ids.ndim > 0)
+    return linear_cases(dtype, use_dora=family.startswith("dora_"), quantized=kind).filter(gradients_fit)
+
+
+def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
+    """The cases a family of layers is checked on."""
+    if family == "switch_linear":
+        return switch_cases(dtype).filter(switch_gradients_fit)  # as the others: their checks include the gradients
+    use_dora = family.startswith("dora_")
+    if family.endswith("embedding"):
+        cases = embedding_cases(dtype, use_dora=use_dora)
+        return cases if use_dora else cases.filter(lambda case: gradients_fit(case.lookup))
+    return linear_cases(dtype, use_dora=use_dora).filter(gradients_fit)  # their checks include the gradients

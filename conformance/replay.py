@@ -12,9 +12,9 @@ import sys
 
 from conformance import threads
 from conformance.asserting import message
-from conformance.cases import case_from_description
 from conformance.registry import applies, find_check
-from conformance.subjects import resolve
+from foundation.rebuild import case_from_description
+from subjects.known import resolve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks
 from conformance.asserting import record_and_assert
-from conformance.cases import linear_cases
+from foundation import profiles
+from foundation.cases import linear_cases
 
 
 def _conv1d_cases(dtype, use_dora):

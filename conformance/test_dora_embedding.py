@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from conformance import checks
 from conformance.asserting import record_and_assert
-from conformance.cases import embedding_cases
+from foundation.cases import embedding_cases
 
 pytestmark = pytest.mark.family("dora_embedding")
 

@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles, training_checks
+from conformance import checks, training_checks
 from conformance.asserting import record_and_assert
-from conformance.cases import gradients_fit, linear_cases
+from foundation import profiles
+from foundation.cases import gradients_fit, linear_cases
 
 pytestmark = pytest.mark.family("dora_linear")
 

@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles, registry, training_checks
+from conformance import checks, registry, training_checks
 from conformance.asserting import record_and_assert
-from conformance.cases import embedding_cases, gradients_fit
+from foundation import profiles
+from foundation.cases import embedding_cases, gradients_fit
 
 pytestmark = pytest.mark.family("embedding")
 

@@ -14,9 +14,10 @@ import torch
 
 from conformance import checks
 from conformance.asserting import record_and_assert
-from conformance.cases import EmbeddingCase, LinearCase, make_embedding_case, make_linear_case
-from conformance.switch_cases import SwitchCase, make_switch_case
-from reference import bridge, peft_layers
+from foundation.cases import EmbeddingCase, LinearCase, make_embedding_case, make_linear_case
+from foundation.switch_cases import SwitchCase, make_switch_case
+from reference import peft_layers
+from subjects import bridge
 
 pytestmark = pytest.mark.check("error_parity")
 

@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks
 from conformance.asserting import record_and_assert
-from conformance.cases import embedding_cases, make_embedding_case
-from conformance.quantization import KINDS, first_of_kind
+from foundation import profiles
+from foundation.cases import embedding_cases, make_embedding_case
+from foundation.quantization import KINDS, first_of_kind
 
 pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("embedding")]
 SCALAR_ID = dict(r=2, alpha=4.0, use_rslora=False, dropout=0.0, batch_shape=(), magnitudes=(1.0, 1.0, 1.0, 1.0), seed=3)

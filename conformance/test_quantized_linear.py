@@ -12,13 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles, training_checks
+from conformance import checks, training_checks
 from conformance.asserting import record_and_assert
-from conformance.cases import gradients_fit, linear_cases
-from conformance.dtypes import CASE_DTYPES, round_to
-from conformance.quantization import KINDS, first_of_kind, quantize_base, to_mlx
-from conformance.verdict import Measurement, Tracked, compare
-from reference.bridge import mlx_array, to_numpy
+from foundation import profiles
+from foundation.cases import gradients_fit, linear_cases
+from foundation.dtypes import CASE_DTYPES, round_to
+from foundation.quantization import KINDS, first_of_kind, quantize_base, to_mlx
+from foundation.verdict import Measurement, Tracked, compare
+from subjects.bridge import mlx_array, to_numpy
 
 pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("linear")]
 

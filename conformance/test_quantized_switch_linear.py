@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles
+from conformance import checks
 from conformance.asserting import record_and_assert
-from conformance.quantization import KINDS
-from conformance.switch_cases import switch_cases
+from foundation import profiles
+from foundation.quantization import KINDS
+from foundation.switch_cases import switch_cases
 
 pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("switch_linear")]
 

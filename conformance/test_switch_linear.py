@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, profiles, training_checks
+from conformance import checks, training_checks
 from conformance.asserting import record_and_assert
-from conformance.switch_cases import switch_cases, switch_gradients_fit
+from foundation import profiles
+from foundation.switch_cases import switch_cases, switch_gradients_fit
 
 pytestmark = pytest.mark.family("switch_linear")
 

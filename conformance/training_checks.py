@@ -13,14 +13,16 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 
-from conformance import diagnosis, dropout_statistics, optimizers
-from conformance.cases import EmbeddingCase, LinearCase, dropout_mask, fits_dtype, gradients_fit, upstream_gradient
+from conformance import diagnosis, dropout_statistics
 from conformance.checks import Expected, Observed, from_mlx, from_torch, measure
-from conformance.subjects import Subject
-from conformance.switch_cases import SwitchCase, switch_upstream_gradient
 from conformance.timing import UNTIMED, PhaseTimer
-from conformance.verdict import Measurement, compare, failed, raised
-from reference import bridge, oracle, peft_layers, trajectory
+from foundation import optimizers
+from foundation.cases import EmbeddingCase, LinearCase, dropout_mask, fits_dtype, gradients_fit, upstream_gradient
+from foundation.switch_cases import SwitchCase, switch_upstream_gradient
+from foundation.verdict import Measurement, compare, failed, raised
+from reference import oracle, peft_layers, trajectory
+from subjects import bridge
+from subjects.known import Subject
 
 # Gradients ---------------------------------------------------------------------------------------
 

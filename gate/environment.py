@@ -25,7 +25,7 @@ TORCH = ["torch==2.13.0"] if sys.platform == "linux" else []
 STAMP = ".gate-environment.json"
 WARM_UP = """
 import conformance.conftest, conformance.checks, conformance.training_checks, reports.publish
-from conformance.subjects import CATALOGUE
+from subjects.known import CATALOGUE
 for subject in CATALOGUE:
     try:
         subject.not_provided_reason()  # imports the package's LoRA modules

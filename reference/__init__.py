@@ -1,1 +1,1 @@
-"""The reference side: peft layers, the float64 oracle and the bridge to MLX conventions."""
+"""The reference side: peft's layers built around torch bases, and the float64 oracle."""

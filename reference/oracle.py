@@ -2,48 +2,29 @@
 
 Each formula is spelled out in the evaluation order a straightforward implementation uses, on
 `Tracked` values, so evaluating it yields both the exact result and the error that rounding in the
-case dtype can explain (see `conformance.verdict`).
+case dtype can explain (see `foundation.verdict`).
 """
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 
-from conformance.cases import EmbeddingCase, LinearCase
-from conformance.dtypes import ACCUMULATION, DType
-from conformance.memo import once_per_case
-from conformance.switch_cases import SwitchCase
-from conformance.verdict import Tracked
-from reference import bridge
-
-
-def _exact(case: LinearCase, array: np.ndarray) -> Tracked:
-    return Tracked.exact(array, case.dtype)
-
-
-@once_per_case
-def _base_weight(case: LinearCase) -> Tracked:
-    """The base weight; a quantized base may dequantize it on the fly without rounding to the dtype."""
-    weight = _exact(case, case.weight)
-    if case.quantization is None:
-        return weight
-    return Tracked(weight.value, case.dtype.unit_roundoff * np.abs(weight.value) + case.dtype.underflow, case.dtype)
+from foundation.cases import EmbeddingCase, LinearCase
+from foundation.dtypes import ACCUMULATION, DType
+from foundation.memo import once_per_case
+from foundation.switch_cases import SwitchCase
+from foundation.verdict import Tracked
+from foundation.weights import adapted_weight, base_weight, exact
+from subjects import kernels
 
 
 def _affine(case: LinearCase, weight: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
     """``x W^T + b``: the product, then the bias; or, as BLAS's ``addmm`` (torch's Linear and Conv1D)
     does, one sum of n + 1 terms that starts from the bias. The bound covers both."""
-    x = _exact(case, case.x)
+    x = exact(case, case.x)
     if not case.has_bias:
         return x.matmul(weight.T, accumulation)
-    return x.affine(weight.T, _exact(case, case.bias), accumulation)
-
-
-@once_per_case
-def lora_delta(case: LinearCase) -> Tracked:
-    """``s B A``: the adapter as a weight update, (out, in)."""
-    return _exact(case, case.lora_B).scaled_matmul(_exact(case, case.lora_A), case.scale)
+    return x.affine(weight.T, exact(case, case.bias), accumulation)
 
 
 def _accumulates_in_dtype(case: LinearCase) -> bool:
@@ -63,11 +44,11 @@ def linear_base(case: LinearCase) -> Tracked:
     peft) as well. Where every row of x has at most one nonzero element (an embedding's one-hot lookup),
     each sum has one term, which no accumulation rounds: float32's bound covers it.
     """
-    weight = _base_weight(case)
+    weight = base_weight(case)
     in_float32 = _affine(case, weight)
     if not _accumulates_in_dtype(case) or np.count_nonzero(case.x, axis=-1).max(initial=0) <= 1:
         return in_float32
-    observed = bridge.to_numpy(bridge.base_linear(case)(bridge.input_of(case)))
+    observed = kernels.quantized_base_output(case)
     return _affine(case, weight, case.dtype).narrowed_to(observed, in_float32)
 
 
@@ -77,9 +58,7 @@ def _base_input_gradient(case: LinearCase, t: Tracked, weight: Tracked, upstream
     in_float32 = t.matmul(weight)
     if not _accumulates_in_dtype(case):
         return in_float32
-    base, x = bridge.base_linear(case), bridge.mlx_array(case.x, case.dtype)
-    _, (observed,) = mx.vjp(base, [x], [bridge.mlx_array(upstream, case.dtype)])
-    observed = bridge.to_numpy(observed).reshape(in_float32.value.shape)
+    observed = kernels.quantized_base_input_gradient(case, upstream).reshape(in_float32.value.shape)
     return t.matmul(weight, case.dtype).narrowed_to(observed, in_float32)
 
 
@@ -94,19 +73,13 @@ def _eval_lora_update(case: LinearCase) -> Tracked:
 
 
 def _lora_update(case: LinearCase, lora_input: Tracked | None) -> Tracked:
-    down = (_exact(case, case.x) if lora_input is None else lora_input) @ _exact(case, case.lora_A).T
-    return down.scaled_matmul(_exact(case, case.lora_B).T, case.scale)
+    down = (exact(case, case.x) if lora_input is None else lora_input) @ exact(case, case.lora_A).T
+    return down.scaled_matmul(exact(case, case.lora_B).T, case.scale)
 
 
 def dropped_input(case: LinearCase, mask: np.ndarray) -> Tracked:
     """Inverted dropout of x with a given keep-mask: ``(x * mask) * (1 / (1 - p))``."""
-    return _exact(case, case.x * mask).scaled(1 / (1 - case.dropout))
-
-
-@once_per_case
-def adapted_weight(case: LinearCase) -> Tracked:
-    """``W + s B A``, (out, in): LoRA's merged weight, and what DoRA normalises."""
-    return _base_weight(case) + lora_delta(case)
+    return exact(case, case.x * mask).scaled(1 / (1 - case.dropout))
 
 
 @once_per_case
@@ -118,7 +91,7 @@ def dora_factor(case: LinearCase) -> Tracked:
 @once_per_case
 def magnitude_at_init(case: LinearCase) -> Tracked:
     """The magnitude DoRA starts from when B is zero: the base weight's row norms."""
-    return _base_weight(case).row_norm()
+    return base_weight(case).row_norm()
 
 
 def linear_forward(case: LinearCase, dropped: Tracked | None = None) -> Tracked:
@@ -141,14 +114,14 @@ def _eval_forward(case: LinearCase) -> Tracked:
 def _forward(case: LinearCase, dropped: Tracked | None) -> Tracked:
     if not case.use_dora:
         return linear_base(case) + lora_update(case, dropped)
-    factor, unbiased = dora_factor(case), _exact(case, case.x) @ _base_weight(case).T
-    down, up = (_exact(case, case.x) if dropped is None else dropped) @ _exact(case, case.lora_A).T, _exact(case, case.lora_B).T
+    factor, unbiased = dora_factor(case), exact(case, case.x) @ base_weight(case).T
+    down, up = (exact(case, case.x) if dropped is None else dropped) @ exact(case, case.lora_A).T, exact(case, case.lora_B).T
     lora = down.scaled_matmul(up, case.scale)
     # peft scales last, (f ((x' A^T) B^T)) s: f times the unscaled term may sink into the subnormals
     # before s magnifies that underflow.
     scaled_lora = Tracked.covering(factor * lora, (factor * (down @ up)).scaled(case.scale))
     if dropped is not None:
-        correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * (dropped @ _base_weight(case).T)
+        correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * (dropped @ base_weight(case).T)
         return linear_base(case) + (correction + scaled_lora)
     # MLX scales the sum; peft adds (factor - 1) * base + factor * lora to the base layer's output.
     # When the factor is far from 1 the two round quite differently, so the bound covers both.
@@ -156,7 +129,7 @@ def _forward(case: LinearCase, dropped: Tracked | None) -> Tracked:
     less_one = factor - Tracked.exact(np.ones_like(factor.value), case.dtype)
     correction = less_one * unbiased + scaled_lora
     if case.has_bias:
-        bias = _exact(case, case.bias)
+        bias = exact(case, case.bias)
         # peft's base layer is torch's addmm, which may fold the bias into the sum (`linear_base`), and DoRA
         # takes the bias off that output again: its correction carries the rounding of x W^T + b.
         base = linear_base(case)
@@ -228,8 +201,8 @@ def adapted_expert_weight(expert: LinearCase) -> Tracked:
     """``W_e + s B_e A_e`` as peft's ``target_parameters`` forms it on every forward: one ``baddbmm``, which
     BLAS may evaluate as a single sum of r + 1 terms that starts from W_e (each term s b a, s rounded into B
     first), or as the product, scaled, then added (`adapted_weight`). The bound covers both."""
-    b, a = _exact(expert, expert.lora_B), _exact(expert, expert.lora_A)
-    folded = b.scaled(expert.scale).matmul_onto(_base_weight(expert), a)
+    b, a = exact(expert, expert.lora_B), exact(expert, expert.lora_A)
+    folded = b.scaled(expert.scale).matmul_onto(base_weight(expert), a)
     return Tracked.covering(adapted_weight(expert), folded)
 
 
@@ -273,9 +246,9 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     DoRA's factor ``f = m / ||W + s B A||`` is a constant to the gradient (the norm is detached, as the
     paper and peft say): T becomes ``T f`` in the LoRA gradients, and ``dm = sum_rows(T (x W^T + s (x A^T) B^T)) / ||W + s B A||``.
     """
-    x = _exact(case, case.x.reshape(-1, case.in_features))
-    t = _exact(case, upstream.reshape(-1, case.out_features))
-    a, b, s, weight = _exact(case, case.lora_A), _exact(case, case.lora_B), case.scale, _base_weight(case)
+    x = exact(case, case.x.reshape(-1, case.in_features))
+    t = exact(case, upstream.reshape(-1, case.out_features))
+    a, b, s, weight = exact(case, case.lora_A), exact(case, case.lora_B), case.scale, base_weight(case)
     grads: dict[str, Tracked] = {}
     if case.use_dora:
         # A quantized base's own product may accumulate in the dtype, as in `linear_base`; here its input, T f,
@@ -293,7 +266,7 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
         )
         unbiased, down = x @ weight.T, x @ a.T
         if case.has_bias:
-            bias = _exact(case, case.bias)
+            bias = exact(case, case.bias)
             unbiased = Tracked.covering(unbiased, _affine(case, weight).reshape(-1, case.out_features) - bias)
         lora, unscaled_lora = down.scaled_matmul(b.T, s), down @ b.T
         norm = adapted_weight(case).row_norm()
@@ -307,7 +280,7 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     grads["grad x"] = (base_dx + lora["x"]).reshape(*case.x.shape)
     grads["grad A"], grads["grad B"] = lora["A"], lora["B"]
     if bias_trains and case.has_bias:
-        grads["grad bias"] = _column_sums(_exact(case, upstream.reshape(-1, case.out_features)))
+        grads["grad bias"] = _column_sums(exact(case, upstream.reshape(-1, case.out_features)))
         if case.use_dora:  # peft's bias also enters (f - 1) (x W^T + b - b): its gradient is T + T (f - 1) - T (f - 1)
             grads["grad bias"] = Tracked.covering(
                 grads["grad bias"], _column_sums(unscaled_t + correction) - _column_sums(correction)
@@ -337,9 +310,9 @@ def embedding_grads(case: EmbeddingCase, upstream: np.ndarray) -> dict[str, Trac
     grads = linear_grads(lookup, upstream)
     del grads["grad x"]
     # A's rows are gathered by id: each token's row gradient is stored, then scatter-added.
-    scaled = _exact(lookup, upstream.reshape(-1, lookup.out_features)).scaled(lookup.scale)
-    one_hot = _exact(lookup, lookup.x.reshape(-1, lookup.in_features))
-    gathered = (scaled @ _exact(lookup, lookup.lora_B)).T.matmul_of_stored_terms(one_hot, lookup.dtype)
+    scaled = exact(lookup, upstream.reshape(-1, lookup.out_features)).scaled(lookup.scale)
+    one_hot = exact(lookup, lookup.x.reshape(-1, lookup.in_features))
+    gathered = (scaled @ exact(lookup, lookup.lora_B)).T.matmul_of_stored_terms(one_hot, lookup.dtype)
     grads["grad A"] = Tracked.covering(grads["grad A"], gathered)
     return grads
 
@@ -356,7 +329,7 @@ def switch_grads(case: SwitchCase, upstream: np.ndarray) -> dict[str, Tracked]:
     grads_a, grads_b, grad_x = [], [], None
     for e, expert in enumerate(case.experts):
         routed = Tracked.exact(np.sum(t * (indices == e)[..., None], axis=1), case.dtype)
-        a, b = _exact(expert, expert.lora_A), _exact(expert, expert.lora_B)
+        a, b = exact(expert, expert.lora_A), exact(expert, expert.lora_B)
         lora = lora_backward(x, routed, a, b, expert.scale)
         # A layer that gathers each token's A_e and B_e (or, as peft's target_parameters, each token's
         # merged W_e) gets each token's gradient in the dtype and scatter-adds them, in the dtype.
@@ -368,7 +341,7 @@ def switch_grads(case: SwitchCase, upstream: np.ndarray) -> dict[str, Tracked]:
         grads_a.append(Tracked.covering(lora["A"], gathered_a, merged_a))
         grads_b.append(Tracked.covering(lora["B"], gathered_b, merged_b))
         # peft's target_parameters merges first: x's gradient then goes through W_e + s B_e A_e.
-        part = Tracked.covering(routed @ _base_weight(expert) + lora["x"], routed @ adapted_expert_weight(expert))
+        part = Tracked.covering(routed @ base_weight(expert) + lora["x"], routed @ adapted_expert_weight(expert))
         grad_x = part if grad_x is None else grad_x + part
     return {
         "grad A": Tracked.stack(grads_a),

@@ -11,11 +11,11 @@ from peft.tuners.lora.layer import Embedding as LoraEmbedding
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import ParamWrapper
 
-from conformance.cases import EmbeddingCase, LinearCase
-from conformance.dtypes import DType
-from conformance.memo import LayerRun, once_per_case
-from conformance.optimizers import OptimizerSpec
-from conformance.switch_cases import SwitchCase
+from foundation.cases import EmbeddingCase, LinearCase
+from foundation.dtypes import DType
+from foundation.memo import LayerRun, once_per_case
+from foundation.optimizers import OptimizerSpec
+from foundation.switch_cases import SwitchCase
 
 ADAPTER = "default"
 
@@ -142,7 +142,7 @@ def _merged(layer: torch.nn.Module) -> torch.nn.Module:
 @once_per_case
 def run(case: LinearCase | EmbeddingCase | SwitchCase) -> LayerRun:
     """peft's layer for the case (`linear`, `embedding` or `switch`), shared by the checks that only call it
-    or merge it (`conformance.memo.LayerRun`)."""
+    or merge it (`foundation.memo.LayerRun`)."""
     return LayerRun(case, {EmbeddingCase: embedding, SwitchCase: switch}.get(type(case), linear), _merged)
 
 

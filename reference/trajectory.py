@@ -1,5 +1,5 @@
 """The oracle's optimizer steps: LoRA's A and B after each SGD or AdamW step on the regression problem of
-`conformance.optimizers`, in float64, with the error that rounding in the case dtype can accumulate.
+`foundation.optimizers`, in float64, with the error that rounding in the case dtype can accumulate.
 
 Each step is the float64 formula on `Tracked` values, so a step's bound carries the previous steps'
 errors through the forward pass, the gradient and the update. AdamW divides by ``sqrt(v) + eps``,
@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 
-from conformance.cases import LinearCase
-from conformance.optimizers import OptimizerSpec
-from conformance.verdict import Tracked, gamma
+from foundation.cases import LinearCase
+from foundation.optimizers import OptimizerSpec
+from foundation.verdict import Tracked, gamma
 from reference.oracle import linear_base, lora_backward
 
 

@@ -104,7 +104,8 @@ def _literal(array: np.ndarray) -> str:
 
 def script(row: dict, subject: dict) -> str:
     """The standalone script reproducing a row of a check it covers (see `unsupported_reason`)."""
-    from conformance.cases import case_from_description, upstream_gradient  # the suite's own case builder
+    from foundation.cases import upstream_gradient  # the suite's own case builder
+    from foundation.rebuild import case_from_description
 
     case = case_from_description(row["case"])
     judged = row["judged_at"] or {"quantity": None, "index": (), "allowed": None}  # None: no numeric comparison

@@ -1,4 +1,4 @@
-"""Catch rates: in how many seeds the suite catches each wrong variant of ``tests/lora_layers.py``.
+"""Catch rates: in how many seeds the suite catches each wrong variant of ``catalogue/layers.py``.
 
 ``python -m studies.catch_rates [--seeds 100] [--examples N] [--variant NAME ...] [--workers N] [--out FILE]``
 
@@ -33,13 +33,14 @@ class _Caught(Exception):
 
 def strategy(name: str, dtype_name: str, kind: str | None):
     """The cases the variant's check is drawn on in its test module."""
-    from conformance.cases import cases_for, embedding_cases, gradients_fit, linear_cases
-    from conformance.dtypes import BY_NAME
-    from tests.catalogue import WRONG_VARIANTS
+    from catalogue import WRONG_VARIANTS
+    from conformance import registry
+    from foundation.cases import embedding_cases, gradients_fit, linear_cases
+    from foundation.dtypes import BY_NAME
 
     variant, dtype = WRONG_VARIANTS[name], BY_NAME[dtype_name]
     if kind is None:
-        return cases_for(variant.subject.family, dtype)
+        return registry.cases_for(variant.subject.family, dtype)
     if variant.subject.family == "embedding":
         return embedding_cases(dtype, quantized=kind)
     cases = linear_cases(dtype, quantized=kind)
@@ -47,14 +48,14 @@ def strategy(name: str, dtype_name: str, kind: str | None):
 
 
 def measurable(name: str) -> bool:
-    from tests.catalogue import WRONG_VARIANTS
+    from catalogue import WRONG_VARIANTS
 
     return WRONG_VARIANTS[name].check != "error_parity"  # its cases are calls with bad ids, not drawn weights
 
 
 def ci_examples(name: str, kind: str | None) -> int:
     """How many cases the ``ci`` profile gives the variant's check in its test module, per dtype (and mode)."""
-    from tests.catalogue import WRONG_VARIANTS
+    from catalogue import WRONG_VARIANTS
 
     variant = WRONG_VARIANTS[name]
     return _ci_examples(f"conformance.test_{'quantized_' if kind else ''}{variant.subject.family}", f"test_{variant.check}")
@@ -71,7 +72,7 @@ def _ci_examples(module: str, test_name: str) -> int:
     import pytest
     from hypothesis import settings
 
-    from conformance import profiles
+    from foundation import profiles
 
     imported = sys.modules.get(module)
     with warnings.catch_warnings():
@@ -88,8 +89,8 @@ def _ci_examples(module: str, test_name: str) -> int:
 
 def configurations(name: str) -> list[tuple[str, str | None]]:
     """(dtype, quantization kind or None) in which the variant must be caught."""
-    from conformance.quantization import KINDS
-    from tests.catalogue import WRONG_VARIANTS
+    from catalogue import WRONG_VARIANTS
+    from foundation.quantization import KINDS
 
     variant = WRONG_VARIANTS[name]
     quantized = variant.base == "quantized" or variant.check == "requantize"
@@ -110,8 +111,8 @@ def run_seed(task: Task) -> dict:
     """Whether one seed catches the variant, and after how many cases (and one replay)."""
     from hypothesis.errors import FlakyFailure
 
+    from catalogue import WRONG_VARIANTS
     from conformance import registry
-    from tests.catalogue import WRONG_VARIANTS
 
     variant = WRONG_VARIANTS[task.variant]
     check = registry.find_check(variant.subject.family, variant.check)
@@ -137,7 +138,7 @@ def run_seed(task: Task) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.catalogue import WRONG_VARIANTS
+    from catalogue import WRONG_VARIANTS
 
     parser = argparse.ArgumentParser(prog="python -m studies.catch_rates", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=100, help="seeds per variant, dtype and mode (default: %(default)s)")

@@ -62,7 +62,7 @@ def smallest_caught(error: np.ndarray, allowed: np.ndarray, term: np.ndarray) ->
 
 def _without_adapter(case):
     """The case with B = 0 and no bias: what is left is the base term."""
-    from conformance.switch_cases import SwitchCase
+    from foundation.switch_cases import SwitchCase
 
     def linear(case):
         return replace(case, lora_B=np.zeros_like(case.lora_B), has_bias=False, bias=None)
@@ -78,7 +78,8 @@ def forward(family: str, subject, case) -> tuple[np.ndarray, object, object]:
     """The subject's output, the oracle's (a `Tracked`) and the oracle's for the case without adapter and bias."""
     import mlx.core as mx
 
-    from reference import bridge, oracle
+    from reference import oracle
+    from subjects import bridge
 
     if family == "switch_linear":
         output, expect = bridge.switch_call(subject.build(case), case), oracle.switch_forward
@@ -100,8 +101,8 @@ def failure_kind(known: list, task: sampling.Study, description: dict) -> str:
 
 
 def run_chunk(task: sampling.Study, chunk: int) -> dict:
-    from conformance.subjects import resolve
-    from conformance.verdict import allowed_error, scaling_roundings
+    from foundation.verdict import allowed_error, scaling_roundings
+    from subjects.known import resolve
 
     subject = resolve(task.subject)
     known = false_alarms.known_divergences()
@@ -139,7 +140,7 @@ def _parameters(case):
 
 def _bias_of(case, like: np.ndarray) -> np.ndarray:
     """The bias as it appears in the output (zero without one): ``y - y(B = 0, no bias)`` keeps it."""
-    from conformance.switch_cases import SwitchCase
+    from foundation.switch_cases import SwitchCase
 
     if isinstance(case, SwitchCase):
         if not case.first.has_bias:
@@ -182,8 +183,8 @@ def summarize(records: list[tuple[float, float, float, int]]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conformance.dtypes import BY_NAME
     from conformance.registry import FAMILY_CHECKS
+    from foundation.dtypes import BY_NAME
 
     parser = argparse.ArgumentParser(prog="python -m studies.detection", description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(FAMILY_CHECKS))

@@ -6,7 +6,7 @@
 - weights near the edges of the dtype's range: each of x, W, A and B scaled by a power of two whose
   exponent reaches half the dtype's largest exponent either way, so products approach overflow (the
   cases that would overflow are left out, as the suite leaves them out) or sink into the subnormals;
-- cancelling sums (`conformance.cases.CANCELLATIONS`): an input nearly orthogonal to W's and A's rows,
+- cancelling sums (`foundation.cases.CANCELLATIONS`): an input nearly orthogonal to W's and A's rows,
   or a W that nearly cancels the LoRA term.
 
 The cases are ordinary `LinearCase`s, `EmbeddingCase`s and `SwitchCase`s: their ``describe()``
@@ -20,7 +20,7 @@ import math
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from conformance.cases import (
+from foundation.cases import (
     BOOLEANS,
     CANCELLATIONS,
     SHARED_PARAMETERS,
@@ -31,8 +31,8 @@ from conformance.cases import (
     make_linear_case,
     multiples_of_the_rank,
 )
-from conformance.dtypes import DType
-from conformance.switch_cases import make_switch_case, switch_gradients_fit
+from foundation.dtypes import DType
+from foundation.switch_cases import make_switch_case, switch_gradients_fit
 
 LONG = st.integers(1024, 4096)
 SHORT = st.one_of(st.integers(1, 8), st.integers(1, 64))

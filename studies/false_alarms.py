@@ -6,7 +6,7 @@
 Every case goes through every check its family has on that base in that dtype (`conformance.registry`),
 on the subject and on the reference (peft), both judged against the oracle; the slowest checks
 (`EVERY`) on every n-th case only. A margin above 1 is a false alarm: it is listed with the command
-that replays it. The default subject is the family's correct layer of ``tests/lora_layers.py``.
+that replays it. The default subject is the family's correct layer of ``catalogue/layers.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def check_id(family: str, base: str, check: str, subject: str, case: dict) -> st
     """The suite's id of the test that runs `check` on this case, as ``known_divergences.txt`` names it."""
     dtype = case["dtype"]
     if base == "quantized":
-        from conformance.quantization import Quantization
+        from foundation.quantization import Quantization
 
         kind = Quantization(**case["quantization"]).kind
         return f"test_quantized_{family}.py::test_{check}[{subject}-{dtype}-{kind}]"
@@ -60,7 +60,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
     its margins there are not the verdict's to report; the reference's failures are always false alarms.
     """
     from conformance import divergences, registry
-    from conformance.subjects import resolve
+    from subjects.known import resolve
 
     subject = resolve(task.subject)
     known = known_divergences()
@@ -135,14 +135,14 @@ def largest_margin(merged: dict, statistical: bool = False) -> float:
 
 
 def default_subject(family: str) -> str:
-    from tests.catalogue import CORRECT
+    from catalogue import CORRECT
 
     return next(subject.name for subject in CORRECT if subject.family == family)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conformance.dtypes import BY_NAME
     from conformance.registry import FAMILY_CHECKS
+    from foundation.dtypes import BY_NAME
 
     parser = argparse.ArgumentParser(prog="python -m studies.false_alarms", description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(FAMILY_CHECKS))

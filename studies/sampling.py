@@ -45,11 +45,12 @@ those of `studies.extremes`, which Hypothesis would rarely reach by itself."""
 
 def strategy(family: str, dtype_name: str, kind: str, base: str = "float") -> st.SearchStrategy:
     """A study's cases: `kind` of `KINDS` on a base of `conformance.registry.BASES` (a quantized base's
-    mode is drawn, each of `conformance.quantization.KINDS` alike; extreme cases have float bases)."""
-    from conformance import profiles
-    from conformance.cases import cases_for, linear_cases, quantized_cases_for
-    from conformance.dtypes import BY_NAME
-    from conformance.quantization import KINDS as QUANTIZATIONS
+    mode is drawn, each of `foundation.quantization.KINDS` alike; extreme cases have float bases)."""
+    from conformance import registry
+    from foundation import profiles
+    from foundation.cases import linear_cases
+    from foundation.dtypes import BY_NAME
+    from foundation.quantization import KINDS as QUANTIZATIONS
     from studies import extremes
 
     dtype = BY_NAME[dtype_name]
@@ -57,10 +58,10 @@ def strategy(family: str, dtype_name: str, kind: str, base: str = "float") -> st
         return extremes.cases_for(family, dtype)
     settings.load_profile(profiles.DEFAULT)  # the dev profile's sizes, whatever profile loaded before
     if base == "quantized":
-        return st.sampled_from(QUANTIZATIONS).flatmap(lambda mode: quantized_cases_for(family, dtype, mode))
+        return st.sampled_from(QUANTIZATIONS).flatmap(lambda mode: registry.quantized_cases_for(family, dtype, mode))
     if base == "conv1d":
         return linear_cases(dtype, use_dora=family.startswith("dora_"), fan_in_fan_out=True)
-    return cases_for(family, dtype)
+    return registry.cases_for(family, dtype)
 
 
 def result_name(family: str, base: str, dtype: str, kind: str) -> str:
@@ -149,7 +150,7 @@ def environment() -> dict:
     """What a study measured with: the packages' versions, MLX's device and the machine."""
     import platform
 
-    from conformance.subjects import versions
+    from subjects.known import versions
 
     machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
     policy = threads.chosen().threads or threads.NATIVE

@@ -87,7 +87,7 @@ RECORDED_SUBJECTS = (
     "EmbeddingLookupUnscaled", "EmbeddingMergeTransposed", "GradientLeaksIntoBase", "DoRANormNotDetached",
 )
 """Correct layers and wrong variants whose failures a standalone script can reproduce (forward, merge, gradients)."""
-RECORDED_KNOWN = ("test_linear.py::test_forward[tests.catalogue:RawAlpha-bfloat16] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
+RECORDED_KNOWN = ("test_linear.py::test_forward[catalogue:RawAlpha-bfloat16] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
                   "  # a known divergence, for the report's tests\n")
 
 
@@ -99,7 +99,7 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
     folder = tmp_path_factory.mktemp("recorded")
     known = folder / "known.txt"
     known.write_text(RECORDED_KNOWN)
-    subjects = [arg for name in RECORDED_SUBJECTS for arg in ("--subject", f"tests.catalogue:{name}")]
+    subjects = [arg for name in RECORDED_SUBJECTS for arg in ("--subject", f"catalogue:{name}")]
     modules = [str(CONFORMANCE / m) for m in ("test_linear.py", "test_dora_linear.py", "test_embedding.py")]
     command = [
         sys.executable, "-m", "pytest", *modules, "-p", "no:cacheprovider", "-k", "test_forward or test_merge or test_grad",

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conformance import benchmark
-from conformance.subjects import BY_NAME
+from subjects.known import BY_NAME
 
 
 def test_the_same_cases_mode_runs_both_on_the_same_cases_and_prints_their_speed_ratio(capsys):

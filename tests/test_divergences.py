@@ -5,8 +5,8 @@ import pytest
 
 from conformance import divergences
 from conformance.divergences import DivergenceFileError, Explanation, parse_explanation
-from conformance.dtypes import FLOAT16
-from conformance.verdict import Comparison, Measurement, Tracked, compare, compare_dtype, failed, raised
+from foundation.dtypes import FLOAT16
+from foundation.verdict import Comparison, Measurement, Tracked, compare, compare_dtype, failed, raised
 
 ID = "test_a.py::test_b[x-float16]"
 

@@ -13,7 +13,7 @@ FAILED = pytest.ExitCode.TESTS_FAILED
 
 def _known(tmp_path, check: str, subjects: str, dtype: str, *explanations: str) -> str:
     path = tmp_path / "known.txt"
-    ids = f"test_linear.py::test_{check}[tests.catalogue:{subjects}-{dtype}]"
+    ids = f"test_linear.py::test_{check}[catalogue:{subjects}-{dtype}]"
     path.write_text("".join(f"{ids} | {explanation}  # the known one\n" for explanation in explanations))
     return str(path)
 
@@ -45,7 +45,7 @@ def test_a_second_bug_behind_an_entry_fails_its_check_and_is_named(run_suite, tm
     case = BEHIND[kind]
     entries = _known(tmp_path, case.check, f"{case.known}*", case.dtype, case.explains)
     selection = ("--dtype", case.dtype, "-k", f"test_{case.check} and not bias_all", "--known-divergences", entries)
-    alone = run_suite("--subject", f"tests.catalogue:{case.known}", *selection, module="test_linear.py")
+    alone = run_suite("--subject", f"catalogue:{case.known}", *selection, module="test_linear.py")
     assert alone.ret == 0, alone.output
     assert alone.status(case.check, case.dtype) == {"known divergence"}
     rows = [r for r in alone.results["rows"] if r["check"] == case.check]
@@ -54,7 +54,7 @@ def test_a_second_bug_behind_an_entry_fails_its_check_and_is_named(run_suite, tm
     assert explained == sum(len(r["failures"]) for r in rows) > 0
     assert f"1 known divergence ({explained} failing comparisons, each explained by an entry)" in alone.output
 
-    behind = run_suite("--subject", f"tests.catalogue:{case.second}", *selection, module="test_linear.py")
+    behind = run_suite("--subject", f"catalogue:{case.second}", *selection, module="test_linear.py")
     assert behind.ret == FAILED, behind.output
     assert behind.status(case.check, case.dtype) == {"fail"}
     message = behind.output.split("not explained by any known divergence:", 1)[1]
@@ -64,13 +64,13 @@ def test_a_second_bug_behind_an_entry_fails_its_check_and_is_named(run_suite, tm
 
 
 def test_an_entry_whose_check_passes_fails_the_run_unless_it_is_sometimes_seen(run_suite, tmp_path):
-    selection = ("--subject", "tests.catalogue:CorrectLoRALinear", "--dtype", "float32", "-k", "test_merge")
+    selection = ("--subject", "catalogue:CorrectLoRALinear", "--dtype", "float32", "-k", "test_merge")
     strict = _known(tmp_path, "merge", "CorrectLoRALinear", "float32", "merged weight: dtype float16")
     run = run_suite(*selection, "--known-divergences", strict, module="test_linear.py")
     assert run.ret == FAILED, run.output
     assert run.status("merge", "float32") == {"now passing"}
     assert "known divergence not seen in this check: remove the entry" in run.output
-    check = "test_linear.py::test_merge[tests.catalogue:CorrectLoRALinear-float32]"
+    check = "test_linear.py::test_merge[catalogue:CorrectLoRALinear-float32]"
     assert f"line 1: {check} | subject merged weight: dtype float16" in run.output
     assert run.results["known_divergences"][0]["status"] == "now passing"
 
@@ -90,7 +90,7 @@ def test_an_intermittent_entry_never_seen_in_a_thorough_run_fails_it():
 
 
 def test_a_subclass_subject_runs_as_itself(run_suite):
-    run = run_suite("--subject", "tests.catalogue:UpstreamLoRADropsARank", "--dtype", "float32", "-k", "test_forward",
+    run = run_suite("--subject", "catalogue:UpstreamLoRADropsARank", "--dtype", "float32", "-k", "test_forward",
                     module="test_linear.py")
     assert run.ret == FAILED, run.output
     assert run.status("forward", "float32") == {"fail"}
@@ -98,10 +98,10 @@ def test_a_subclass_subject_runs_as_itself(run_suite):
 
 
 def test_a_layer_that_is_not_of_the_subjects_class_fails_saying_so(run_suite):
-    run = run_suite("--subject", "tests.catalogue:FromBaseBuildsAnother", "--dtype", "float32", "-k", "test_forward",
+    run = run_suite("--subject", "catalogue:FromBaseBuildsAnother", "--dtype", "float32", "-k", "test_forward",
                     module="test_linear.py")
     assert run.ret == FAILED, run.output
-    built = "tests.lora_layers.FromBaseBuildsAnother.from_base built a mlx_lm.tuner.lora.LoRALinear"
+    built = "catalogue.layers.FromBaseBuildsAnother.from_base built a mlx_lm.tuner.lora.LoRALinear"
     assert f"raised NotTheSubject: {built}" in run.output
 
 
@@ -115,9 +115,9 @@ def test_mlx_dora_embedding_is_judged_against_its_own_definition_and_a_regressio
     assert all(r["judged_at"] for r in real.results["rows"]), "the subject's values were compared"
 
     known = tmp_path / "known.txt"
-    known.write_text("test_dora_embedding.py::test_*[tests.catalogue:UpstreamDoRAEmbeddingNormWithoutAdapter-*]"
+    known.write_text("test_dora_embedding.py::test_*[catalogue:UpstreamDoRAEmbeddingNormWithoutAdapter-*]"
                      " | magnitude: convention  # per vocabulary row\n")
-    regression = run_suite("--subject", "tests.catalogue:UpstreamDoRAEmbeddingNormWithoutAdapter", *selection,
+    regression = run_suite("--subject", "catalogue:UpstreamDoRAEmbeddingNormWithoutAdapter", *selection,
                            "--known-divergences", str(known), module="test_dora_embedding.py")
     assert regression.ret == FAILED, regression.output
     assert regression.status("forward", "float32") == {"fail"}

@@ -6,11 +6,12 @@ import dataclasses
 import gc
 import weakref
 
-from conformance import checks, memo
-from conformance.cases import make_linear_case
-from conformance.dtypes import FLOAT32
+from catalogue import CorrectLoRALinear
+from conformance import checks
+from foundation import memo
+from foundation.cases import make_linear_case
+from foundation.dtypes import FLOAT32
 from reference import oracle, peft_layers
-from tests.catalogue import CorrectLoRALinear
 
 
 def _case():

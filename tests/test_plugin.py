@@ -6,9 +6,9 @@ import mlx.core as mx
 import pytest
 
 from conformance import replay
-from conformance.subjects import CATALOGUE, select
+from subjects.known import CATALOGUE, select
 
-CORRECT = ("--subject", "tests.catalogue:CorrectLoRALinear")
+CORRECT = ("--subject", "catalogue:CorrectLoRALinear")
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
 
 
@@ -43,7 +43,7 @@ def test_summary_line_counts_the_cases_checked(run_suite):
     rows = run.results["rows"]
     assert len(rows) == LINEAR_ROWS_PER_DTYPE
     assert f"conformance: {len(rows)} cases checked (0 outside the allowed error)" in run.output
-    assert {r["subject"] for r in rows} == {"tests.catalogue:CorrectLoRALinear"}
+    assert {r["subject"] for r in rows} == {"catalogue:CorrectLoRALinear"}
     assert all(r["versions"]["mlx"] == mx.__version__ and r["device"] for r in rows)
 
 
@@ -87,7 +87,7 @@ def test_unwritable_results_or_report_path_is_refused_before_running(run_suite, 
 
 
 def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite):
-    run = run_suite("--subject", "tests.catalogue:AbsentClass", "--subject", "tests.catalogue:AbsentPackage", module="test_linear.py")
+    run = run_suite("--subject", "catalogue:AbsentClass", "--subject", "catalogue:AbsentPackage", module="test_linear.py")
     assert run.ret == 0, run.output
     assert {c["status"] for c in run.results["checks"]} == {"not provided"}
     assert f"mlx {mx.__version__} does not provide it (looked in mlx.nn:NoSuchLoRALayer)" in run.output
@@ -96,9 +96,9 @@ def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite)
 
 def test_a_new_failure_is_shrunk_and_a_known_divergence_judges_every_case(run_suite, tmp_path):
     known = tmp_path / "known.txt"
-    known.write_text("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
+    known.write_text("test_linear.py::test_forward[catalogue:RawAlpha-float32] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
                      "  # alpha is not divided by r\n")
-    run = run_suite("--subject", "tests.catalogue:RawAlpha", "--dtype", "float32", "-k", "test_forward or test_merge",
+    run = run_suite("--subject", "catalogue:RawAlpha", "--dtype", "float32", "-k", "test_forward or test_merge",
                     "--known-divergences", str(known), module="test_linear.py")
     assert run.ret == pytest.ExitCode.TESTS_FAILED
     assert run.status("forward", "float32") == {"known divergence"} and run.status("merge", "float32") == {"fail"}
@@ -115,8 +115,8 @@ def test_a_new_failure_is_shrunk_and_a_known_divergence_judges_every_case(run_su
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32] | output: beyond margin 1..9", "has no reason"),
-        ("test_linear.py::test_forward[tests.catalogue:RawAlpha-float32]  # why", "does not say which failure it explains"),
+        ("test_linear.py::test_forward[catalogue:RawAlpha-float32] | output: beyond margin 1..9", "has no reason"),
+        ("test_linear.py::test_forward[catalogue:RawAlpha-float32]  # why", "does not say which failure it explains"),
         ("test_linear.py::test_forward[x] | output: beyond  # why", "needs the margin range"),
     ],
 )
@@ -136,9 +136,9 @@ def test_recording_survives_xdist_workers(run_suite):
 
 
 def test_a_failure_replays_without_pytest(run_suite, capsys):
-    run = run_suite("--subject", "tests.catalogue:SwappedScalingRules", "--dtype", "float32", module="test_linear.py")
+    run = run_suite("--subject", "catalogue:SwappedScalingRules", "--dtype", "float32", module="test_linear.py")
     replay_line = next(line for line in run.output.splitlines() if "python -m conformance.replay '" in line)
     spec = replay_line.split("'", 1)[1].rsplit("'", 1)[0]
-    assert json.loads(spec)["subject"] == "tests.catalogue:SwappedScalingRules"
+    assert json.loads(spec)["subject"] == "catalogue:SwappedScalingRules"
     assert replay.main([spec]) == 1
     assert "scaling rules are swapped" in capsys.readouterr().out

@@ -6,9 +6,9 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import ParamWrapper
 
-from conformance.cases import make_linear_case
-from conformance.dtypes import FLOAT32
-from conformance.switch_cases import make_switch_case
+from foundation.cases import make_linear_case
+from foundation.dtypes import FLOAT32
+from foundation.switch_cases import make_switch_case
 from reference import peft_layers
 
 

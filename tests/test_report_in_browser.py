@@ -49,8 +49,8 @@ def test_the_report_shows_its_matrix_and_failure_cards_offline(recorded_run, pag
 
     matrix = page.locator("#matrix table.matrix").first
     assert matrix.is_visible()
-    assert page.locator("#matrix td.subject", has_text="tests.catalogue:RawAlpha").first.is_visible()
-    card = page.locator("#failures .card-fail", has_text="tests.catalogue:RawAlpha: forward (float32)")
+    assert page.locator("#matrix td.subject", has_text="catalogue:RawAlpha").first.is_visible()
+    card = page.locator("#failures .card-fail", has_text="catalogue:RawAlpha: forward (float32)")
     assert card.is_visible()
     card.screenshot(path=str(tmp_path / "failure-card.png"))
     assert "the LoRA term is 2.000× peft's" in card.inner_text()

@@ -86,7 +86,7 @@ def test_every_run_writes_the_report_and_summary_beside_its_results(recorded_run
     assert f"report: {recorded_run.report}" in recorded_run.output
     summary = recorded_run.report.with_suffix(".md").read_text()
     assert "### New failures:" in summary and "the LoRA term is 2.000× peft's" in summary
-    assert "test_linear.py::test_forward[tests.catalogue:RawAlpha-bfloat16]" in summary  # seen as a known divergence
+    assert "test_linear.py::test_forward[catalogue:RawAlpha-bfloat16]" in summary  # seen as a known divergence
     assert f"Full report: `{recorded_run.report}`" in summary
 
 
@@ -107,7 +107,7 @@ def test_worker_shards_merge_into_the_report_of_the_whole_run(recorded_run, tmp_
     whole, sharded = load([recorded_run.results]), load(halves)
     assert matrix.render(sharded) == matrix.render(whole)
     assert sorted(map(json.dumps, sharded.rows)) != [] and len(sharded.rows) == len(whole.rows)
-    assert markdown.render(sharded).count("| tests.catalogue:") == markdown.render(whole).count("| tests.catalogue:")
+    assert markdown.render(sharded).count("| catalogue:") == markdown.render(whole).count("| catalogue:")
 
 
 def test_the_html_report_holds_no_external_reference(recorded_run):
@@ -128,7 +128,7 @@ WRONG = [name for name in RECORDED_SUBJECTS if not name.startswith("Correct")]
 @pytest.mark.parametrize("variant", WRONG)
 def test_a_failure_cards_standalone_script_shows_the_disagreement(recorded_run, variant, tmp_path):
     results = load([recorded_run.results])
-    cards = [card for card in html.view(results)["cards"] if card["subject"] == f"tests.catalogue:{variant}"]
+    cards = [card for card in html.view(results)["cards"] if card["subject"] == f"catalogue:{variant}"]
     assert cards, f"{variant}: no failure card"
     scripted = [c for c in cards if c["row"] and c["row"]["dtype"] == "float32" and c["script"]]
     assert scripted, f"{variant}: no script: {[c.get('no_script') for c in cards]}"
@@ -139,14 +139,14 @@ def test_a_failure_cards_standalone_script_shows_the_disagreement(recorded_run, 
     assert run.returncode == 1, run.stdout + run.stderr
     assert "DISAGREE" in run.stdout or "Error" in run.stderr, run.stdout + run.stderr
     imported = {line.split()[1] for line in card["script"].splitlines() if line.startswith(("import ", "from "))}
-    assert imported <= {"base64", "sys", "mlx.core", "mlx.nn", "numpy", "torch", "peft", "peft.tuners.lora.layer", "mlx.utils", "tests.lora_layers"}
+    assert imported <= {"base64", "sys", "mlx.core", "mlx.nn", "numpy", "torch", "peft", "peft.tuners.lora.layer", "mlx.utils", "catalogue.layers"}
 
 
 @pytest.mark.parametrize("correct", [name for name in RECORDED_SUBJECTS if name.startswith("Correct")])
 def test_the_script_of_a_correct_layers_closest_case_agrees(recorded_run, correct, tmp_path):
     results = load([recorded_run.results])
-    subject = results.runs[0]["subjects"][f"tests.catalogue:{correct}"]
-    rows = [r for r in results.rows if r["subject"] == f"tests.catalogue:{correct}" and repro.unsupported_reason(r, subject) is None]
+    subject = results.runs[0]["subjects"][f"catalogue:{correct}"]
+    rows = [r for r in results.rows if r["subject"] == f"catalogue:{correct}" and repro.unsupported_reason(r, subject) is None]
     closest = max(rows, key=lambda r: r["margin"])
     script = tmp_path / "repro.py"
     script.write_text(repro.script(closest, subject))

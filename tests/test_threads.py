@@ -9,7 +9,7 @@ import torch
 
 from conformance import threads
 
-CORRECT = ("--subject", "tests.catalogue:CorrectLoRALinear", "--dtype", "float32", "-k", "test_forward")
+CORRECT = ("--subject", "catalogue:CorrectLoRALinear", "--dtype", "float32", "-k", "test_forward")
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.catalogue import CORRECT, WRONG_VARIANTS
+from catalogue import CORRECT, WRONG_VARIANTS
 
 
 @pytest.mark.parametrize("subject", CORRECT, ids=str)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from conformance import divergences, registry
-from conformance.cases import case_from_description, make_linear_case
-from conformance.dtypes import FLOAT16, FLOAT32
-from conformance.quantization import AVAILABLE, KINDS
-from conformance.verdict import Tracked, compare
+from foundation.cases import make_linear_case
+from foundation.dtypes import FLOAT16, FLOAT32
+from foundation.quantization import AVAILABLE, KINDS
+from foundation.rebuild import case_from_description
+from foundation.verdict import Tracked, compare
 from studies import catch_rates, detection, extremes, false_alarms, flakiness, publish, sampling
 
 SUITE = Path(__file__).resolve().parents[2] / "conformance"
@@ -112,13 +113,13 @@ def test_a_study_names_each_check_as_the_suite_does_so_that_known_divergences_ap
             module, _, test = false_alarms.check_id(family, base, check, "S", case).partition("::")
             assert f"def {test.split('[')[0]}(" in (SUITE / module).read_text(), (family, base, check)
     on_cpu = divergences.load(divergences.DEFAULT_PATH, "cpu")
-    mxfp8 = false_alarms.check_id("linear", "quantized", "forward", "tests.catalogue:CorrectLoRALinear", case)
-    assert mxfp8 == "test_quantized_linear.py::test_forward[tests.catalogue:CorrectLoRALinear-float16-mxfp8]"
+    mxfp8 = false_alarms.check_id("linear", "quantized", "forward", "catalogue:CorrectLoRALinear", case)
+    assert mxfp8 == "test_quantized_linear.py::test_forward[catalogue:CorrectLoRALinear-float16-mxfp8]"
     assert divergences.covering(on_cpu, mxfp8)
 
 
 def test_a_correct_output_failing_in_a_known_divergence_is_left_out_of_detection_as_that_and_any_other_as_failing():
-    task = sampling.Study(detection.run_chunk, "tests.catalogue:CorrectLoRALinear", "linear", "float16", "drawn", 0, 1,
+    task = sampling.Study(detection.run_chunk, "catalogue:CorrectLoRALinear", "linear", "float16", "drawn", 0, 1,
                           "quantized")
     known = false_alarms.known_divergences()
     mxfp8, affine = ({"dtype": "float16", "quantization": {"mode": mode, "bits": bits, "group_size": size}}
@@ -151,7 +152,7 @@ def test_a_seed_catches_a_wrong_variant_and_the_modes_where_a_bug_is_invisible_a
 
 
 def test_a_seed_draws_as_many_cases_as_the_ci_profile_gives_the_variants_check():
-    from conformance import profiles
+    from foundation import profiles
 
     before = profiles.active()
     assert catch_rates.ci_examples("RawAlpha", None) == 150  # test_linear.py's test_forward: the whole profile

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from catalogue import CorrectDoRALinear, CorrectLoRALinear, CorrectLoRASwitchLinear
 from conformance import registry, replay
-from conformance.cases import case_from_description, fits_dtype, gradients_fit, make_embedding_case, make_linear_case
-from conformance.dtypes import BFLOAT16
-from conformance.quantization import Quantization
-from conformance.subjects import resolve
-from conformance.verdict import compare
+from foundation.cases import fits_dtype, gradients_fit, make_embedding_case, make_linear_case
+from foundation.dtypes import BFLOAT16
+from foundation.quantization import Quantization
+from foundation.rebuild import case_from_description
+from foundation.verdict import compare
 from reference import oracle
-from tests.catalogue import CorrectDoRALinear, CorrectLoRALinear, CorrectLoRASwitchLinear
+from subjects.known import resolve
 
 
 def _case(**parameters) -> dict:
@@ -140,13 +141,13 @@ def test_a_quantized_lookup_is_judged_as_the_gather_it_is_not_as_a_sum_in_the_dt
                                dropout=0.0, batch_shape=(3,), magnitudes=(1.0, 1.0, 1.0, 1.0), seed=5, use_dora=False)
     expected = oracle.embedding_forward(case)
     assert np.all(np.isfinite(expected.bound))
-    subject = resolve("tests.catalogue:CorrectLoRAEmbedding")
+    subject = resolve("catalogue:CorrectLoRAEmbedding")
     assert registry.checks_on("embedding", "quantized")["forward"](subject, case).passed
     lora_term = oracle.lora_update(case.lookup).value
     assert not compare("output", "subject", expected.value + 0.5 * lora_term, expected).passed
 
 
-@pytest.mark.parametrize("subject", ["tests.catalogue:CorrectLoRALinear", "mlx_lm.LoRALinear"])
+@pytest.mark.parametrize("subject", ["catalogue:CorrectLoRALinear", "mlx_lm.LoRALinear"])
 def test_a_quantized_base_in_bfloat16_is_judged_by_its_kernel_s_own_error_not_by_an_infinite_worst_case(subject):
     """Detection on quantized bases, bfloat16: MLX's CPU quantized product sums in bfloat16, and the worst case of a
     sum of 256 or more terms in bfloat16 is infinite (862 of 2,473 linear cases could not fail, whatever the error).

@@ -10,13 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conformance import profiles, registry, replay
-from conformance.cases import LinearCase, case_from_description, cases_for, gradients_fit, linear_cases
-from conformance.dtypes import ACCUMULATION, BFLOAT16, CASE_DTYPES, FLOAT16, FLOAT32, round_to
-from conformance.verdict import CALIBRATION, Tracked, allowed_error, compare, compare_dtype, gamma, scaling_roundings
-from reference.bridge import mlx_array, to_numpy
+from catalogue import CORRECT
+from conformance import registry, replay
+from foundation import profiles
+from foundation.cases import LinearCase, gradients_fit, linear_cases
+from foundation.dtypes import ACCUMULATION, BFLOAT16, CASE_DTYPES, FLOAT16, FLOAT32, round_to
+from foundation.rebuild import case_from_description
+from foundation.verdict import CALIBRATION, Tracked, allowed_error, compare, compare_dtype, gamma, scaling_roundings
 from studies import sampling
-from tests.catalogue import CORRECT
+from subjects.bridge import mlx_array, to_numpy
 
 DTYPES = pytest.mark.parametrize("dtype", CASE_DTYPES, ids=str)
 
@@ -198,7 +200,7 @@ def test_correct_layer_uses_well_under_the_allowed_error(dtype, default_profile)
     for subject in CORRECT:
 
         @settings(max_examples=150, derandomize=True, database=None, deadline=None)
-        @given(case=cases_for(subject.family, dtype))
+        @given(case=registry.cases_for(subject.family, dtype))
         def run(case):
             for name, check in registry.FAMILY_CHECKS[subject.family].items():
                 if not registry.runs_in(name, dtype.name):

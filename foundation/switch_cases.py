@@ -15,7 +15,7 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from conformance.cases import (
+from foundation.cases import (
     BOOLEANS,
     LinearCase,
     draw_array,
@@ -25,8 +25,8 @@ from conformance.cases import (
     linear_cases,
     make_linear_case,
 )
-from conformance.dtypes import DType
-from conformance.quantization import Quantization
+from foundation.dtypes import DType
+from foundation.quantization import Quantization
 
 
 @dataclass(frozen=True, repr=False, eq=False)

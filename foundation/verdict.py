@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from conformance.dtypes import ACCUMULATION, DType, round_to
+from foundation.dtypes import ACCUMULATION, DType, round_to
 
 CALIBRATION = 2.0
 """The one calibrated constant: the bound of the oracle's evaluation order, times this, is allowed.

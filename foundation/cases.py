@@ -10,19 +10,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conformance import profiles
-from conformance.dtypes import ACCUMULATION, BY_NAME, DType, round_to
-from conformance.quantization import AVAILABLE, Parts, Quantization, quantize_base
-
-if TYPE_CHECKING:
-    from conformance.switch_cases import SwitchCase
+from foundation import profiles, weights
+from foundation.dtypes import ACCUMULATION, DType, round_to
+from foundation.quantization import AVAILABLE, Parts, Quantization, quantize_base
 
 
 def scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -35,7 +31,7 @@ class LinearCase:
     """One drawn configuration of a LoRA layer on an ``nn.Linear`` base, in peft's layouts.
 
     Cases compare by identity (their arrays have no one truth value of ``==``), so what is computed from
-    one can be kept with it (`conformance.memo`).
+    one can be kept with it (`foundation.memo`).
 
     The parameters determine the case completely: the arrays are made from them by `make_linear_case`,
     so `describe()` is enough to rebuild it (see ``python -m conformance.replay``).
@@ -219,41 +215,6 @@ def gradients_fit(case: LinearCase, upstream: np.ndarray | None = None) -> bool:
     return all(float(np.max(c, initial=0.0)) < case.dtype.largest / 64 for c in candidates)
 
 
-def case_from_description(description: dict) -> LinearCase | EmbeddingCase | SwitchCase:
-    """Rebuild a case from its ``describe()``."""
-    d = description
-    if d.get("kind") == "embedding":
-        shared = {k: d[k] for k in SHARED_PARAMETERS if k != "dtype"}
-        shared.update(batch_shape=tuple(d["batch_shape"]), magnitudes=tuple(d["magnitudes"]))
-        quantization = Quantization(**d["quantization"]) if d.get("quantization") else None
-        return make_embedding_case(
-            d["num_embeddings"], d["dims"], dtype=BY_NAME[d["dtype"]], quantization=quantization, **shared
-        )
-    parameters = dict(
-        dtype=BY_NAME[d["dtype"]],
-        in_features=d["in_features"],
-        out_features=d["out_features"],
-        r=d["r"],
-        alpha=d["alpha"],
-        use_rslora=d["use_rslora"],
-        dropout=d["dropout"],
-        batch_shape=tuple(d["batch_shape"]),
-        has_bias=d["bias"],
-        magnitudes=tuple(d["magnitudes"]),
-        seed=d["seed"],
-        use_dora=d.get("use_dora", False),
-        quantization=Quantization(**d["quantization"]) if d.get("quantization") else None,
-        fan_in_fan_out=d.get("fan_in_fan_out", False),
-        cancel=d.get("cancel"),
-    )
-    if d.get("kind") == "switch":
-        from conformance.switch_cases import make_switch_case  # it builds on this module
-
-        del parameters["use_dora"], parameters["fan_in_fan_out"]
-        return make_switch_case(d["num_experts"], d["top_k"], d["sorted_indices"], **parameters)
-    return make_linear_case(**parameters)
-
-
 # Strategies are built once per process: Hypothesis works out a new strategy's properties when it is
 # first drawn from, which need not happen again for every case.
 
@@ -370,15 +331,7 @@ def fits_dtype(case: LinearCase) -> bool:
         # squares beyond its range are inf in every implementation of the formula.
         if float(np.max(np.sum(merged**2, axis=1), initial=0.0)) >= ACCUMULATION.largest / 64:
             return False
-        # DoRA divides by the adapted weight's row norms. Where W + s B A cancels to within a few
-        # roundings of its terms, or its elements sink into the subnormals (the oracle's bound on the
-        # norm reaches half of it), the dtype does not determine the norm, any result is as right as
-        # any other, and the check could not fail: leave out.
-        from reference.oracle import adapted_weight  # the oracle is built on the cases
-
-        adapted = adapted_weight(case).row_norm()
-        cancels = adapted.value < 16 * case.dtype.unit_roundoff * np.linalg.norm(merged, axis=1)
-        return not bool(np.any(cancels | (2 * adapted.bound >= adapted.value)))
+        return weights.dora_norms_determined(case, merged)
     return True
 
 
@@ -491,32 +444,3 @@ def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, quant
 
 SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shape", "magnitudes", "seed", "use_dora")
 """What an embedding case shares with a linear one, but its shape (and a quantized table's mode)."""
-
-
-def quantized_cases_for(
-    family: str, dtype: DType, kind: str
-) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
-    """The cases a family is checked on with a base quantized in `kind` (a `Quantization.kind`), as its
-    ``test_quantized_<family>.py`` draws them; like `cases_for`, only cases whose gradients fit where the
-    family's quantized checks include them, and (embedding) no single 0-d token id, which
-    ``nn.QuantizedEmbedding`` cannot look up (a known divergence of the base, checked by itself)."""
-    if family == "switch_linear":
-        from conformance.switch_cases import switch_cases  # it builds on this module
-
-        return switch_cases(dtype, kind)
-    if family == "embedding":
-        return embedding_cases(dtype, quantized=kind).filter(lambda case: case.ids.ndim > 0)
-    return linear_cases(dtype, use_dora=family.startswith("dora_"), quantized=kind).filter(gradients_fit)
-
-
-def cases_for(family: str, dtype: DType) -> st.SearchStrategy[LinearCase | EmbeddingCase | SwitchCase]:
-    """The cases a family of layers is checked on."""
-    if family == "switch_linear":
-        from conformance.switch_cases import switch_cases, switch_gradients_fit  # it builds on this module
-
-        return switch_cases(dtype).filter(switch_gradients_fit)  # as the others: their checks include the gradients
-    use_dora = family.startswith("dora_")
-    if family.endswith("embedding"):
-        cases = embedding_cases(dtype, use_dora=use_dora)
-        return cases if use_dora else cases.filter(lambda case: gradients_fit(case.lookup))
-    return linear_cases(dtype, use_dora=use_dora).filter(gradients_fit)  # their checks include the gradients

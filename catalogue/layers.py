@@ -1,6 +1,6 @@
 """A correct MLX LoRA linear layer written for the tests, and realistic wrong variants of it.
 
-Each variant changes one thing, the way such bugs are written in real code; `tests.catalogue`
+Each variant changes one thing, the way such bugs are written in real code; `catalogue`
 turns them into subjects and says which check must catch each.
 """
 
@@ -13,8 +13,8 @@ import mlx.nn as nn
 from mlx_lm.tuner.dora import DoRAEmbedding as UpstreamDoRAEmbedding
 from mlx_lm.tuner.lora import LoRALinear as UpstreamLoRALinear
 
-from conformance.cases import LinearCase
-from reference.bridge import (
+from foundation.cases import LinearCase
+from subjects.bridge import (
     LoRASwitchLinearConvention,
     base_embedding,
     base_linear,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from conformance.dtypes import DType
+from foundation.dtypes import DType
 
 
 @dataclass(frozen=True)

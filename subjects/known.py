@@ -16,10 +16,10 @@ from typing import Any
 
 import mlx.nn as nn
 
-from conformance.cases import EmbeddingCase, LinearCase
-from conformance.memo import LayerRun, once_per_case
-from conformance.switch_cases import SwitchCase
-from reference.bridge import (
+from foundation.cases import EmbeddingCase, LinearCase
+from foundation.memo import LayerRun, once_per_case
+from foundation.switch_cases import SwitchCase
+from subjects.bridge import (
     Convention,
     DoRAEmbeddingConvention,
     DoRALinearConvention,

@@ -19,12 +19,12 @@ import mlx.optimizers as optimizers
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from conformance import quantization
-from conformance.cases import EmbeddingCase, LinearCase
-from conformance.dtypes import FLOAT32, DType
-from conformance.memo import once_per_case
-from conformance.optimizers import OptimizerSpec
-from conformance.switch_cases import SwitchCase
+from foundation import quantization
+from foundation.cases import EmbeddingCase, LinearCase
+from foundation.dtypes import FLOAT32, DType
+from foundation.memo import once_per_case
+from foundation.optimizers import OptimizerSpec
+from foundation.switch_cases import SwitchCase
 
 
 def mlx_array(values: np.ndarray, dtype: DType) -> mx.array:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from conformance.cases import LinearCase, draw_array
+from foundation.cases import LinearCase, draw_array
 
 STEPS = 3
 """Optimizer steps per case; the adapter is compared after each."""

@@ -1,0 +1,151 @@
+"""The catalogue of wrong variants as subjects: ``--subject catalogue:<ClassName>`` runs one.
+
+`WRONG_VARIANTS` says for each which check must catch it and in which dtypes the bug is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from catalogue import layers
+from catalogue.layers import (
+    PeftStyleConvention,
+    PeftStyleDoRAConvention,
+    PeftStyleDoRAEmbeddingConvention,
+    PeftStyleEmbeddingConvention,
+    PeftStyleSwitchConvention,
+)
+from foundation.dtypes import CASE_DTYPES
+from subjects.bridge import DoRAEmbeddingConvention, LoRALinearConvention
+from subjects.known import Subject
+
+
+def _subject(cls: type) -> Subject:
+    """A subject named by where `resolve` finds it, so failure messages replay as they are."""
+    name = f"{__name__}:{cls.__name__}"
+    location = (f"{layers.__name__}:{cls.__name__}",)
+    if issubclass(cls, layers.CorrectDoRALinear):
+        return Subject(name, "mlx", "dora_linear", location, PeftStyleDoRAConvention())
+    if issubclass(cls, layers.CorrectLoRASwitchLinear):
+        return Subject(name, "mlx", "switch_linear", location, PeftStyleSwitchConvention())
+    if issubclass(cls, layers.CorrectDoRAEmbedding):
+        return Subject(name, "mlx", "dora_embedding", location, PeftStyleDoRAEmbeddingConvention())
+    if issubclass(cls, layers.CorrectLoRAEmbedding):
+        return Subject(name, "mlx", "embedding", location, PeftStyleEmbeddingConvention())
+    return Subject(name, "mlx", "linear", location, PeftStyleConvention())
+
+
+ALL_DTYPES = tuple(d.name for d in CASE_DTYPES)
+
+
+@dataclass(frozen=True)
+class WrongVariant:
+    subject: Subject
+    check: str
+    """The check that must fail."""
+    visible_in: tuple[str, ...] = ALL_DTYPES
+    """The dtypes in which the bug changes anything at all."""
+    diagnosis: str = ""
+    """Words the failure message's diagnosis must contain, where the pattern is recognisable."""
+    base: str = ""
+    """"quantized" where the bug only shows on a quantized base."""
+    quantizations: tuple[str, ...] = ()
+    """On a quantized base, the modes (`foundation.quantization.KINDS`) in which it shows; () for all."""
+
+    @property
+    def module(self) -> str:
+        """The conformance test module whose `check` must catch it."""
+        if self.base == "quantized":
+            return f"test_quantized_{self.subject.family}.py"
+        if self.check == "requantize":
+            return "test_quantized_linear.py"
+        if self.check == "error_parity":
+            return "test_error_parity.py"
+        return f"test_{self.subject.family}.py"
+
+    @property
+    def selection(self) -> tuple[str, ...]:
+        """The pytest arguments that run `check` of `module` alone (with the checks whose names extend its own):
+        what the other checks find of a wrong variant is never asked."""
+        return () if self.check == "error_parity" else ("-k", f"test_{self.check}")
+
+
+CorrectLoRALinear = _subject(layers.CorrectLoRALinear)
+CorrectDoRALinear = _subject(layers.CorrectDoRALinear)
+CorrectLoRAEmbedding = _subject(layers.CorrectLoRAEmbedding)
+CorrectDoRAEmbedding = _subject(layers.CorrectDoRAEmbedding)
+CorrectLoRASwitchLinear = _subject(layers.CorrectLoRASwitchLinear)
+CORRECT = (CorrectLoRALinear, CorrectDoRALinear, CorrectLoRAEmbedding, CorrectDoRAEmbedding, CorrectLoRASwitchLinear)
+WRONG_VARIANTS = {
+    variant.subject.name.partition(":")[2]: variant
+    for variant in (
+        WrongVariant(_subject(layers.RawAlpha), "forward", diagnosis="(= r: the raw alpha"),
+        WrongVariant(_subject(layers.SwappedScalingRules), "forward", diagnosis="scaling rules are swapped"),
+        WrongVariant(_subject(layers.TransposedMerge), "merge"),
+        WrongVariant(_subject(layers.MergeDropsBias), "merge"),
+        WrongVariant(_subject(layers.DropoutInEval), "forward"),
+        WrongVariant(_subject(layers.DropoutOnBasePath), "dropout", diagnosis="on the base layer's input too"),
+        WrongVariant(_subject(layers.DropoutOnLoRAOutput), "dropout", diagnosis="on the LoRA term's output"),
+        WrongVariant(
+            _subject(layers.DropoutNotRescaled), "dropout_scaling", ("float32",), "without the 1 / (1 - p) rescaling"
+        ),
+        WrongVariant(_subject(layers.UpdateCastToFloat16), "forward", visible_in=("float32", "bfloat16")),
+        WrongVariant(_subject(layers.SwappedAB), "forward"),
+        WrongVariant(_subject(layers.GradientLeaksIntoBase), "grad", diagnosis="trainable only in the subject: ['linear.weight'"),
+        WrongVariant(_subject(layers.CachesLoRAProduct), "steps_sgd", ("float32",)),
+        WrongVariant(_subject(layers.BiasAddedTwice), "forward", diagnosis="the bias is added twice"),
+        WrongVariant(_subject(layers.MergeScalesTwice), "merge", diagnosis="the scale is applied twice"),
+        WrongVariant(_subject(layers.FuseIgnoresAdapter), "merge", diagnosis="the LoRA term is missing"),
+        WrongVariant(_subject(layers.DoRANormOverColumns), "forward"),
+        WrongVariant(
+            _subject(layers.DoRANormWithoutAdapter), "forward", diagnosis="taken from W alone, without the adapter"
+        ),
+        WrongVariant(_subject(layers.DoRAMergeForgetsMagnitude), "merge"),
+        WrongVariant(_subject(layers.DoRANormNotDetached), "grad"),
+        WrongVariant(_subject(layers.RequantizeIgnoresAdapter), "requantize"),
+        # mxfp4 and mxfp8 have one bit width and group size each: MLX's defaults are the base's own.
+        WrongVariant(_subject(layers.RequantizeWithDefaults), "requantize", quantizations=("affine", "affine-unaligned")),
+        WrongVariant(
+            _subject(layers.QuantizedWidthRoundedDown), "forward", base="quantized", diagnosis="packed width x (32 // bits)",
+            quantizations=("affine-unaligned",),
+        ),
+        WrongVariant(_subject(layers.EmbeddingLookupUnscaled), "forward"),
+        WrongVariant(_subject(layers.AsLinearIgnoresAdapter), "as_linear"),
+        WrongVariant(_subject(layers.LookupWithoutRangeCheck), "error_parity"),
+        WrongVariant(_subject(layers.EmbeddingMergeTransposed), "merge"),
+        WrongVariant(
+            _subject(layers.LookupInDefaultDtype), "forward", visible_in=("float32", "float16"), base="quantized",
+            quantizations=("mxfp4", "mxfp8"),  # an affine table's scales carry the dtype into the dequantized table
+        ),
+        WrongVariant(_subject(layers.DoRAEmbeddingNormPerToken), "forward"),
+        WrongVariant(_subject(layers.AdapterIgnoresRouting), "forward"),
+        WrongVariant(_subject(layers.ExpertBiasNotRouted), "forward"),
+        WrongVariant(_subject(layers.SwitchFuseIgnoresAdapter), "merge"),
+        WrongVariant(_subject(layers.ExpertIndexUnchecked), "error_parity"),
+        WrongVariant(_subject(layers.RankCheckCrashes), "error_parity"),
+    )
+}
+# `--subject catalogue:<ClassName>` finds these module attributes.
+globals().update({name: variant.subject for name, variant in WRONG_VARIANTS.items()})
+
+# Layers with one known divergence, and the same with a second bug behind it (tests/test_known_divergences.py).
+BEHIND_AN_ENTRY = {
+    cls.__name__: _subject(cls)
+    for cls in (layers.MergeUpcast, layers.MergeUpcastAndScalesTwice, layers.MergeRefusesBiasFree,
+                layers.MergeRefusesBiasFreeAndScalesTwice, layers.RawAlphaDropsBias)
+}
+globals().update(BEHIND_AN_ENTRY)
+
+# Subclasses of an upstream class, built by its conventions as the catalogue's own subjects are.
+UpstreamLoRADropsARank = Subject(f"{__name__}:UpstreamLoRADropsARank", "mlx-lm", "linear",
+                                 (f"{layers.__name__}:UpstreamLoRADropsARank",), LoRALinearConvention())
+UpstreamDoRAEmbeddingNormWithoutAdapter = Subject(
+    f"{__name__}:UpstreamDoRAEmbeddingNormWithoutAdapter", "mlx-lm", "dora_embedding",
+    (f"{layers.__name__}:UpstreamDoRAEmbeddingNormWithoutAdapter",), DoRAEmbeddingConvention(),
+)
+FromBaseBuildsAnother = Subject(f"{__name__}:FromBaseBuildsAnother", "mlx-lm", "linear",
+                                (f"{layers.__name__}:FromBaseBuildsAnother",), LoRALinearConvention())
+
+# Subjects the installed packages do not provide: their checks are skipped with the reason.
+AbsentClass = Subject(f"{__name__}:AbsentClass", "mlx", "linear", ("mlx.nn:NoSuchLoRALayer",), PeftStyleConvention())
+AbsentPackage = Subject(f"{__name__}:AbsentPackage", "no-such-distribution", "linear", ("no_such_module:X",), PeftStyleConvention())

@@ -1,0 +1,56 @@
+"""A case's weights as `Tracked` values: what the oracle's formulas start from.
+
+Each is exact in the case dtype (the case rounded it there), but a quantized base, which may be
+dequantized on the fly without rounding to the dtype. The adapted weight ``W + s B A`` lives here too,
+because whether a DoRA case can be judged at all depends on its row norms (`dora_norms_determined`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from foundation.memo import once_per_case
+from foundation.verdict import Tracked
+
+if TYPE_CHECKING:  # the cases are built on this module (their strategies keep only judgeable cases)
+    from foundation.cases import LinearCase
+
+
+def exact(case: LinearCase, array: np.ndarray) -> Tracked:
+    return Tracked.exact(array, case.dtype)
+
+
+@once_per_case
+def base_weight(case: LinearCase) -> Tracked:
+    """The base weight; a quantized base may dequantize it on the fly without rounding to the dtype."""
+    weight = exact(case, case.weight)
+    if case.quantization is None:
+        return weight
+    return Tracked(weight.value, case.dtype.unit_roundoff * np.abs(weight.value) + case.dtype.underflow, case.dtype)
+
+
+@once_per_case
+def lora_delta(case: LinearCase) -> Tracked:
+    """``s B A``: the adapter as a weight update, (out, in)."""
+    return exact(case, case.lora_B).scaled_matmul(exact(case, case.lora_A), case.scale)
+
+
+@once_per_case
+def adapted_weight(case: LinearCase) -> Tracked:
+    """``W + s B A``, (out, in): LoRA's merged weight, and what DoRA normalises."""
+    return base_weight(case) + lora_delta(case)
+
+
+def dora_norms_determined(case: LinearCase, merged_magnitudes: np.ndarray) -> bool:
+    """Whether the case dtype determines DoRA's row norms of ``W + s B A`` (`merged_magnitudes` is
+    ``|W| + s |B| |A|``).
+
+    DoRA divides by them. Where W + s B A cancels to within a few roundings of its terms, or its
+    elements sink into the subnormals (the bound on the norm reaches half of it), any result is as right
+    as any other, and a check could not fail.
+    """
+    adapted = adapted_weight(case).row_norm()
+    cancels = adapted.value < 16 * case.dtype.unit_roundoff * np.linalg.norm(merged_magnitudes, axis=1)
+    return not bool(np.any(cancels | (2 * adapted.bound >= adapted.value)))
