@@ -12,6 +12,7 @@ from hypothesis import settings
 from conformance import divergences, recording, threads
 from foundation import profiles, quantization
 from foundation.dtypes import BY_NAME as DTYPES
+from foundation.schema import CheckRecord, DivergenceRecord, Row, Status
 from subjects.known import CATALOGUE, Subject, select, versions
 
 NO_SUBJECT = "no-selected-subject"
@@ -241,23 +242,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         entries = recorder.entries  # the check's, set in pytest_runtest_setup
         explained = recorder.explained.get(check_id(item), {})
         status = _status(report, entries, explained)
-        if status == "now passing":
+        if status == Status.NOW_PASSING:
             report.outcome, report.longrepr = "failed", _not_seen(entries, explained)
-        elif status == "known divergence":
+        elif status == Status.KNOWN_DIVERGENCE:
             seen = [entry for entry in entries if entry.line in explained]
             report.outcome = "skipped"
             report.wasxfail = "known divergence: " + "; ".join(dict.fromkeys(entry.reason for entry in seen))
         params = item.callspec.params if hasattr(item, "callspec") else {}
         state["checks"].append(
-            {
-                "check_id": check_id(item),
-                "subject": str(params.get("subject")),
-                "dtype": str(params.get("dtype")),
-                "check": _check_name(item),
-                "status": status,
-                "explained": {str(line): count for line, count in explained.items()},
-                "longrepr": _longrepr(report),
-            }
+            CheckRecord(
+                check_id=check_id(item),
+                subject=str(params.get("subject")),
+                dtype=str(params.get("dtype")),
+                check=_check_name(item),
+                status=status,
+                explained={str(line): count for line, count in explained.items()},
+                longrepr=_longrepr(report),
+            )
         )
 
 
@@ -275,16 +276,16 @@ def _longrepr(report: pytest.TestReport) -> str:
     return str(report.longrepr) if report.failed or hasattr(report, "wasxfail") else ""
 
 
-def _status(report: pytest.TestReport, entries: list[divergences.KnownDivergence], explained: dict[int, int]) -> str:
+def _status(report: pytest.TestReport, entries: list[divergences.KnownDivergence], explained: dict[int, int]) -> Status:
     if report.skipped:
-        return "not provided"
+        return Status.NOT_PROVIDED
     if report.failed:
-        return "fail"
+        return Status.FAIL
     if not entries:
-        return "pass"
+        return Status.PASS
     if any(not entry.sometimes and entry.line not in explained for entry in entries):
-        return "now passing"
-    return "known divergence" if explained else "missed this run"
+        return Status.NOW_PASSING
+    return Status.KNOWN_DIVERGENCE if explained else Status.MISSED_THIS_RUN
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -292,15 +293,19 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     recorder, state = config.stash[RECORDER], config.stash[STATE]
     if hasattr(config, "workeroutput"):
         threads_now = threads.in_force()  # at the end, so a library that reset its pool mid-run would show
-        config.workeroutput["conformance"] = {"rows": recorder.rows, "checks": state["checks"], "threads": threads_now}
+        config.workeroutput["conformance"] = {  # what execnet can send: the records as JSON
+            "rows": [row.to_json() for row in recorder.rows],
+            "checks": [check.to_json() for check in state["checks"]],
+            "threads": threads_now,
+        }
         return
     recorder.meta["threads"] = _threads_meta(state)
     thorough = recorder.meta["profile"] == "thorough"
     state["divergences"] = [
-        _divergence_status(entry, [c for c in state["checks"] if entry.matches(c["check_id"])], thorough)
+        _divergence_status(entry, [c for c in state["checks"] if entry.matches(c.check_id)], thorough)
         for entry in state["known"]
     ]
-    if any(d["status"] == "never seen" for d in state["divergences"]) and session.exitstatus == pytest.ExitCode.OK:
+    if any(d.status == Status.NEVER_SEEN for d in state["divergences"]) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     recorder.meta["finished"] = recording.now()
     document = recording.write(state["results"], recorder.meta, recorder.rows, state["checks"], state["divergences"])
@@ -311,38 +316,38 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         publish.write(rendered, state["report"], state["report"].with_suffix(".md"))
 
 
-def _divergence_status(entry: divergences.KnownDivergence, checks: list[dict], thorough: bool) -> dict:
+def _divergence_status(entry: divergences.KnownDivergence, checks: list[CheckRecord], thorough: bool) -> DivergenceRecord:
     """What an entry explained in the checks it covers that ran: a known divergence where it explained a
     failure; "now passing" where it explained none (the checks failed), or "missed this run" for an
     @sometimes entry, which a thorough run that never sees it ends as "never seen", failing the run."""
-    ran = [c for c in checks if c["status"] != "not provided"]
-    explained = sum(c["explained"].get(str(entry.line), 0) for c in ran)
-    unseen = sorted(c["check_id"] for c in ran if str(entry.line) not in c["explained"])
+    ran = [c for c in checks if c.status != Status.NOT_PROVIDED]
+    explained = sum(c.explained.get(str(entry.line), 0) for c in ran)
+    unseen = sorted(c.check_id for c in ran if str(entry.line) not in c.explained)
     if not ran:
-        status = "not provided" if checks else "not run"
+        status = Status.NOT_PROVIDED if checks else Status.NOT_RUN
     elif explained:
-        status = "known divergence"
+        status = Status.KNOWN_DIVERGENCE
     elif entry.sometimes:
-        status = "never seen" if thorough else "missed this run"
+        status = Status.NEVER_SEEN if thorough else Status.MISSED_THIS_RUN
     else:
-        status = "now passing"
-    return {
-        "check_id": entry.check_id,
-        "explains": str(entry.explanation),
-        "line": entry.line,
-        "reason": entry.reason,
-        "status": status,
-        "explained": explained,
-        "now_passing": [] if entry.sometimes else unseen,
-    }
+        status = Status.NOW_PASSING
+    return DivergenceRecord(
+        check_id=entry.check_id,
+        explains=str(entry.explanation),
+        line=entry.line,
+        reason=entry.reason,
+        status=status,
+        explained=explained,
+        now_passing=[] if entry.sometimes else unseen,
+    )
 
 
 def pytest_testnodedown(node, error) -> None:
     output = getattr(node, "workeroutput", {}).get("conformance")
     if output:
         state = node.config.stash[STATE]
-        node.config.stash[RECORDER].rows.extend(output["rows"])
-        state["checks"].extend(output["checks"])
+        node.config.stash[RECORDER].rows.extend(Row.from_json(row) for row in output["rows"])
+        state["checks"].extend(CheckRecord.from_json(check) for check in output["checks"])
         state["threads_in_force"][node.workerinput["workerid"]] = output["threads"]
 
 
@@ -351,26 +356,26 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     recorder, state = config.stash[RECORDER], config.stash[STATE]
     rows = recorder.rows
-    failing = sum(1 for r in rows if r["verdict"] == "fail")
+    failing = sum(1 for r in rows if r.failed)
     counts: dict[str, int] = {}
     for check in state["checks"]:
-        counts[check["status"]] = counts.get(check["status"], 0) + 1
+        counts[check.status] = counts.get(check.status, 0) + 1
     write = terminalreporter.write_line
-    stale = [d for d in state.get("divergences", []) if d["now_passing"] or d["status"] == "never seen"]
+    stale = [d for d in state.get("divergences", []) if d.now_passing or d.status == Status.NEVER_SEEN]
     if stale:
         terminalreporter.section("known divergences not seen")
         for d in stale:
-            never = d["status"] == "never seen"
-            where = "in no case of a thorough run" if never else "in " + ", ".join(d["now_passing"])
-            write(f"line {d['line']}: {d['check_id']} | {d['explains']}: not seen {where}; remove it (or narrow its "
+            never = d.status == Status.NEVER_SEEN
+            where = "in no case of a thorough run" if never else "in " + ", ".join(d.now_passing)
+            write(f"line {d.line}: {d.check_id} | {d.explains}: not seen {where}; remove it (or narrow its "
                   "pattern) in the known-divergences file")
     policy = state["threads"]
     for process, measured in sorted(state["threads_in_force"].items()):
         off = threads.departures(policy, measured)
         if off:
             write(f"conformance: threads in {process} were not {policy.threads} as asked: {', '.join(off)}")
-    explained = sum(n for check in state["checks"] for n in check["explained"].values())
-    what = {"known divergence": f" ({explained} failing comparisons, each explained by an entry)"}
+    explained = sum(n for check in state["checks"] for n in check.explained.values())
+    what = {Status.KNOWN_DIVERGENCE: f" ({explained} failing comparisons, each explained by an entry)"}
     checks = ", ".join(f"{n} {status}{what.get(status, '')}" for status, n in sorted(counts.items()))
     write(
         f"conformance: {len(rows)} cases checked ({failing} outside the allowed error); "

@@ -1,4 +1,4 @@
-"""Recording: every check of every case becomes a JSON row; the run's results file holds them all.
+"""Recording: every check of every case becomes a row (`foundation.schema.Row`); the run's results file holds them all.
 
 Rows are kept in memory by each process. Under xdist a worker hands its rows to the controller
 through ``workeroutput`` when it finishes, and only the controller writes the file, so the file is
@@ -14,15 +14,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from conformance.divergences import Judgement, KnownDivergence
+from foundation import schema
+from foundation.schema import CheckRecord, DivergenceRecord, Row, Status
 from foundation.verdict import Measurement
-
-FORMAT = 1
 
 
 @dataclass
 class Recorder:
     meta: dict
-    rows: list[dict] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     check_id: str = ""
     """The check (test item) running now, set by the plugin before each test."""
     entries: list[KnownDivergence] = field(default_factory=list)
@@ -36,7 +36,7 @@ class Recorder:
     def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
         printer.text(repr(self))
 
-    def record(self, measurement: Measurement, final: bool, judgement: Judgement | None = None) -> dict:
+    def record(self, measurement: Measurement, final: bool, judgement: Judgement | None = None) -> Row:
         """A row for the measurement; `judgement` says which of its failures known divergences explain."""
         worst = measurement.worst if measurement.comparisons else None
         failing = [c for c in measurement.comparisons if not c.passed]
@@ -44,25 +44,25 @@ class Recorder:
         for entry in filter(None, entries):
             tally = self.explained.setdefault(self.check_id, {})
             tally[entry.line] = tally.get(entry.line, 0) + 1
-        row = {
-            "check_id": self.check_id,
-            "subject": measurement.subject,
-            "check": measurement.check,
-            "dtype": measurement.case.get("dtype"),
-            "case": measurement.case,
-            "verdict": "pass" if measurement.passed else "fail",
-            "margin": _finite_or_none(measurement.margin),
-            "max_error": _finite_or_none(worst.max_error) if worst else 0.0,
-            "allowed_error": _finite_or_none(worst.allowed_at_worst) if worst else 0.0,
-            "worst": worst.describe() if worst else "",
-            "failures": [c.describe() for c in failing],
-            "explained_by": [None if entry is None else str(entry) for entry in entries],
-            "hints": measurement.hints,
-            "judged_at": _subject_worst(measurement),
-            "final": final,
-            "versions": self.meta["versions"],
-            "device": self.meta["device"],
-        }
+        row = Row(
+            check_id=self.check_id,
+            subject=measurement.subject,
+            check=measurement.check,
+            dtype=measurement.case.get("dtype"),
+            case=measurement.case,
+            verdict=Status.PASS if measurement.passed else Status.FAIL,
+            margin=_finite_or_none(measurement.margin),
+            max_error=_finite_or_none(worst.max_error) if worst else 0.0,
+            allowed_error=_finite_or_none(worst.allowed_at_worst) if worst else 0.0,
+            worst=worst.describe() if worst else "",
+            failures=[c.describe() for c in failing],
+            explained_by=[None if entry is None else str(entry) for entry in entries],
+            hints=measurement.hints,
+            judged_at=_subject_worst(measurement),
+            final=final,
+            versions=self.meta["versions"],
+            device=self.meta["device"],
+        )
         self.rows.append(row)
         return row
 
@@ -112,8 +112,10 @@ def check_writable(path: Path) -> None:
         path.unlink()
 
 
-def write(path: Path, meta: dict, rows: list[dict], checks: list[dict], divergences: list[dict]) -> dict:
+def write(
+    path: Path, meta: dict, rows: list[Row], checks: list[CheckRecord], divergences: list[DivergenceRecord]
+) -> dict:
     """Write the results file; returns its document, for the reports."""
-    document = {"format": FORMAT, "meta": meta, "checks": checks, "known_divergences": divergences, "rows": rows}
+    document = schema.document(meta, rows, checks, divergences)
     path.write_text(json.dumps(document, indent=1, allow_nan=False))
     return document

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from foundation.schema import Status
 from gate import NEW_FAILURE, PASSED, SETUP_FAILED
 from reports import publish
 from reports.markdown import diagnosis
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as error:
         print(f"gate: set-up failed: {error}")
         return SETUP_FAILED
-    if not any(c["status"] in RAN for c in results.checks):
+    if not any(c.status in RAN for c in results.checks):
         version = results.runs[0]["versions"].get(args.package) or "(not installed)"
         print(f"gate: set-up failed: {args.package} {version} provides none of the subjects the suite knows: nothing was checked")
         return SETUP_FAILED
@@ -60,16 +61,16 @@ def console_lines(results: Results, comparison: Comparison) -> list[str]:
         if checks:
             lines.append(f"gate: {title}: {len(checks)}")
         for check in checks[:LISTED]:
-            why = diagnosis(check, failing_rows.get((check["run"], check["check_id"]))) if diagnose else subject_label(check)
-            lines.append(f"  {check['check_id']}: {why}")
+            why = diagnosis(check, failing_rows.get((check.run, check.check_id))) if diagnose else subject_label(check)
+            lines.append(f"  {check.check_id}: {why}")
         if len(checks) > LISTED:
             lines.append(f"  …and {len(checks) - LISTED} more (in the summary)")
     for entry in comparison.now_passing_divergences:
-        lines.append(f"gate: known divergence now passing, drop or narrow its entry: {entry['check_id']}")
-    known = [d for d in results.known_divergences if d["status"] == "known divergence"]
+        lines.append(f"gate: known divergence now passing, drop or narrow its entry: {entry.check_id}")
+    known = [d for d in results.known_divergences if d.status == Status.KNOWN_DIVERGENCE]
     if known:
         lines.append(f"gate: known divergences seen (not failures): {len(known)}")
-        lines += [f"  {d['check_id']}: {d['reason']}" for d in known]
+        lines += [f"  {d.check_id}: {d.reason}" for d in known]
     return lines
 
 

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from foundation.schema import Row  # noqa: E402
 from reports.results import inner_dimension, ordered_dtypes  # noqa: E402
 
 COLOURS = {"float32": "#1f77b4", "float16": "#d62728", "bfloat16": "#2ca02c"}
@@ -27,15 +28,15 @@ PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "conformance", "font.size": 9})
 
 
-def _margins_by_dtype(rows: list[dict]) -> dict[str, list[float]]:
+def _margins_by_dtype(rows: list[Row]) -> dict[str, list[float]]:
     by_dtype: dict[str, list[float]] = {}
     for row in rows:
-        if row["margin"] is not None:
-            by_dtype.setdefault(row["dtype"], []).append(max(row["margin"], SMALLEST_MARGIN))
+        if row.margin is not None:
+            by_dtype.setdefault(row.dtype, []).append(max(row.margin, SMALLEST_MARGIN))
     return by_dtype
 
 
-def check_figure(rows: list[dict], title: str) -> str:
+def check_figure(rows: list[Row], title: str) -> str:
     """Two panels as one SVG: the margins' histogram per dtype, and each case's error against its inner dimension."""
     figure, (histogram, scatter) = plt.subplots(1, 2, figsize=(9, 2.8))
     figure.subplots_adjust(left=0.07, right=0.99, bottom=0.17, top=0.88, wspace=0.22)
@@ -51,11 +52,11 @@ def check_figure(rows: list[dict], title: str) -> str:
     histogram.text(1.0, 1.0, " limit", transform=histogram.get_xaxis_transform(), va="top", fontsize=8)
     if margins:
         histogram.legend(fontsize=8, frameon=False)
-    for dtype in ordered_dtypes({r["dtype"] for r in rows}):
+    for dtype in ordered_dtypes({r.dtype for r in rows}):
         points = [
-            (inner_dimension(r["case"]), r["max_error"])
+            (inner_dimension(r.case), r.max_error)
             for r in rows
-            if r["dtype"] == dtype and r["max_error"] and inner_dimension(r["case"]) and math.isfinite(r["max_error"])
+            if r.dtype == dtype and r.max_error and inner_dimension(r.case) and math.isfinite(r.max_error)
         ]
         if points:
             x, y = zip(*points)

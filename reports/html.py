@@ -11,8 +11,17 @@ from pathlib import Path
 
 import jinja2
 
+from foundation.schema import CheckRecord, Row, Status
 from reports import figures, repro, verdict_study
-from reports.results import NO_SUBJECT, Results, dtypes_in, module_check, most_severe_first, subject_label
+from reports.results import (
+    NO_SUBJECT,
+    Results,
+    dtypes_in,
+    module_check,
+    most_severe_first,
+    short_status,
+    subject_label,
+)
 
 MODULE_ORDER = (
     "linear", "conv1d", "dora_linear", "quantized_linear", "quantized_dora_linear", "embedding", "dora_embedding",
@@ -34,14 +43,14 @@ class Detail:
     """The test items: check_id, dtype, status, cases, failing cases, largest margin, card anchor."""
 
     @cached_property
-    def statuses_by_dtype(self) -> dict[str, list[str]]:
-        by_dtype: dict[str, set[str]] = defaultdict(set)
+    def statuses_by_dtype(self) -> dict[str, list[Status]]:
+        by_dtype: dict[str, set[Status]] = defaultdict(set)
         for item in self.items:
             by_dtype[item["dtype"]].add(item["status"])
         return {dtype: most_severe_first(statuses) for dtype, statuses in by_dtype.items()}
 
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
         return most_severe_first({i["status"] for i in self.items})[0]
 
 
@@ -49,20 +58,20 @@ def anchor(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", "--".join(parts)).strip("-")
 
 
-def _card(check: dict, row: dict | None, subjects: dict) -> dict:
+def _card(check: CheckRecord, row: Row | None, subjects: dict) -> dict:
     card = {
-        "anchor": anchor("card", check["label"], check["check_id"]),
-        "check_id": check["check_id"],
+        "anchor": anchor("card", check.label, check.check_id),
+        "check_id": check.check_id,
         "subject": subject_label(check),
-        "status": check["status"],
+        "status": check.status,
         "row": row,
-        "case": json.dumps(row["case"], indent=1) if row else "",
-        "longrepr": "\n".join(check.get("longrepr", "").splitlines()[-LONGREPR_LINES:]),
+        "case": json.dumps(row.case, indent=1) if row else "",
+        "longrepr": "\n".join(check.longrepr.splitlines()[-LONGREPR_LINES:]),
     }
     if row is not None:
         card["replay"] = repro.replay_command(row)
-        reason = repro.unsupported_reason(row, subjects.get(row["subject"]))
-        card["script"] = repro.script(row, subjects[row["subject"]]) if reason is None else ""
+        reason = repro.unsupported_reason(row, subjects.get(row.subject))
+        card["script"] = repro.script(row, subjects[row.subject]) if reason is None else ""
         card["no_script"] = reason or ""
     return card
 
@@ -70,31 +79,31 @@ def _card(check: dict, row: dict | None, subjects: dict) -> dict:
 def _details(results: Results) -> tuple[dict[tuple[str, str], Detail], list[dict], list[dict]]:
     """Each subject's checks with their parametrizations; the failure cards and the known divergences' cards."""
     failing_rows = results.failing_case_by_check()
-    cases: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    cases: dict[tuple[int, str], list[Row]] = defaultdict(list)
     for row in results.rows:
-        cases[(row["run"], row["check_id"])].append(row)
+        cases[(row.run, row.check_id)].append(row)
     details: dict[tuple[str, str], Detail] = {}
     cards, divergent = [], []
     for check in results.checks:
-        if check["subject"] == NO_SUBJECT:
+        if check.subject == NO_SUBJECT:
             continue
-        subject, name = subject_label(check), module_check(check["check_id"], check["check"])
+        subject, name = subject_label(check), module_check(check.check_id, check.check)
         detail = details.setdefault((subject, name), Detail(subject, name, anchor("detail", subject, name)))
-        rows = cases[(check["run"], check["check_id"])]
-        margins = [r["margin"] for r in rows if r["margin"] is not None]
+        rows = cases[(check.run, check.check_id)]
+        margins = [r.margin for r in rows if r.margin is not None]
         item = {
-            "check_id": check["check_id"],
-            "dtype": check["dtype"],
-            "status": check["status"],
+            "check_id": check.check_id,
+            "dtype": check.dtype,
+            "status": check.status,
             "cases": len(rows),
-            "failing": sum(r["verdict"] == "fail" for r in rows),
+            "failing": sum(r.failed for r in rows),
             "largest_margin": max(margins, default=None),
             "card": "",
         }
-        if check["status"] in ("fail", "known divergence", "now passing"):
-            subjects = results.runs[check["run"]].get("subjects", {})
-            card = _card(check, failing_rows.get((check["run"], check["check_id"])), subjects)
-            (cards if check["status"] == "fail" else divergent).append(card)
+        if check.status in (Status.FAIL, Status.KNOWN_DIVERGENCE, Status.NOW_PASSING):
+            subjects = results.runs[check.run].get("subjects", {})
+            card = _card(check, failing_rows.get((check.run, check.check_id)), subjects)
+            (cards if check.status == Status.FAIL else divergent).append(card)
             item["card"] = card["anchor"]
         detail.items.append(item)
     return details, cards, divergent
@@ -116,9 +125,9 @@ def _matrix(details: dict[tuple[str, str], Detail]) -> dict[str, dict]:
 def view(results: Results) -> dict:
     """Everything the template shows, computed from the results alone."""
     details, cards, divergent = _details(results)
-    by_check: dict[str, list[dict]] = defaultdict(list)
+    by_check: dict[str, list[Row]] = defaultdict(list)
     for row in results.rows:
-        by_check[module_check(row["check_id"], row["check"])].append(row)
+        by_check[module_check(row.check_id, row.check)].append(row)
     return {
         "runs": results.runs,
         "cases": results.cases,
@@ -129,7 +138,7 @@ def view(results: Results) -> dict:
         "details": [details[key] for key in sorted(details)],
         "cards": cards,
         "divergent": divergent,
-        "known_divergences": sorted(results.known_divergences, key=lambda d: (d["status"] != "now passing", d["check_id"])),
+        "known_divergences": sorted(results.known_divergences, key=lambda d: (d.status != Status.NOW_PASSING, d.check_id)),
         "figures": {name: figures.check_figure(rows, name) for name, rows in sorted(by_check.items())},
         "figure_anchors": {name: anchor("figure", name) for name in by_check},
         "study": verdict_study.load(),
@@ -146,7 +155,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     environment.filters["margin"] = lambda m: "–" if m is None else f"{m:.3g}"
-    environment.filters["short_status"] = lambda s: {"known divergence": "known div."}.get(s, s)
+    environment.filters["short_status"] = short_status
     environment.filters["css"] = lambda s: s.replace(" ", "-")
     return environment
 

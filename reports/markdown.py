@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from foundation.schema import CheckRecord, Row, Status
 from reports import matrix
 from reports.regression import Comparison, compare
 from reports.repro import replay_command
@@ -36,24 +37,24 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
         lines += _failure_table(comparison.failing_in_base_too, failing_rows)
     if comparison.fixed:
         lines += ["", f"### Fixed since the base: {len(comparison.fixed)}", ""]
-        lines += [f"- {subject_label(c)} `{c['check_id']}`" for c in comparison.fixed]
+        lines += [f"- {subject_label(c)} `{c.check_id}`" for c in comparison.fixed]
     if comparison.no_longer_provided:
         lines += ["", f"### No longer provided: {len(comparison.no_longer_provided)} (ran in the base; did a class move or go?)", ""]
         lines += ["<details><summary>the checks</summary>", ""]
-        lines += [f"- `{c['check_id']}`: {_reason(c)}" for c in comparison.no_longer_provided]
+        lines += [f"- `{c.check_id}`: {_reason(c)}" for c in comparison.no_longer_provided]
         lines += ["", "</details>"]
     if comparison.now_passing_divergences:
         lines += ["", "### Known divergences that now pass (drop or narrow their entries)", ""]
         lines += [
-            f"- `{check}`" + (f" ({d['label']})" if d.get("label") else "")
+            f"- `{check}`" + (f" ({d.label})" if d.label else "")
             for d in comparison.now_passing_divergences
-            for check in d["now_passing"]
+            for check in d.now_passing
         ]
-    known = [d for d in results.known_divergences if d["status"] == "known divergence"]
+    known = [d for d in results.known_divergences if d.status == Status.KNOWN_DIVERGENCE]
     if known:
         lines += ["", f"<details><summary>Known divergences seen this run: {len(known)}</summary>", ""]
-        lines += [f"- `{d['check_id']}`" + (f" `{d['explains']}` ({d['explained']} explained)" if "explains" in d else "")
-                  + f": {d['reason']}" for d in known]
+        lines += [f"- `{d.check_id}` `{d.explains}` ({d.explained} explained)"
+                  + f": {d.reason}" for d in known]
         lines += ["", "</details>"]
     lines += ["", "<details><summary>Subject × check matrix</summary>", "", matrix.render(results), "</details>"]
     if report_path:
@@ -61,13 +62,13 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
     return "\n".join(lines) + "\n"
 
 
-def _failure_table(checks: list[dict], failing_rows: dict) -> list[str]:
+def _failure_table(checks: list[CheckRecord], failing_rows: dict[tuple[int, str], Row]) -> list[str]:
     """The failing checks' table (observed, allowed, diagnosis), FAILURE_LIMIT of them, and their replay commands."""
     lines = ["", "| subject | check id | observed | allowed | diagnosis |", "|---|---|---|---|---|"]
-    lines += [_failure_line(check, failing_rows.get((check["run"], check["check_id"]))) for check in checks[:FAILURE_LIMIT]]
+    lines += [_failure_line(check, failing_rows.get((check.run, check.check_id))) for check in checks[:FAILURE_LIMIT]]
     if len(checks) > FAILURE_LIMIT:
         lines.append(f"\n…and {len(checks) - FAILURE_LIMIT} more (all in the HTML report).")
-    replays = [failing_rows[(c["run"], c["check_id"])] for c in checks[:FAILURE_LIMIT] if (c["run"], c["check_id"]) in failing_rows]
+    replays = [failing_rows[(c.run, c.check_id)] for c in checks[:FAILURE_LIMIT] if (c.run, c.check_id) in failing_rows]
     if replays:
         lines += ["", "<details><summary>replay commands</summary>", "", "```sh"]
         lines += [replay_command(row) for row in replays]
@@ -75,23 +76,23 @@ def _failure_table(checks: list[dict], failing_rows: dict) -> list[str]:
     return lines
 
 
-def _reason(check: dict) -> str:
-    return _cell(((check.get("longrepr") or "").strip().splitlines() or ["not provided"])[-1])
+def _reason(check: CheckRecord) -> str:
+    return _cell((check.longrepr.strip().splitlines() or ["not provided"])[-1])
 
 
-def diagnosis(check: dict, row: dict | None) -> str:
+def diagnosis(check: CheckRecord, row: Row | None) -> str:
     """Why a check failed, in one line: its failing case's hints, else its first failure, else the error it raised."""
     if row is None:  # no recorded case: the check raised before measuring
-        return ((check.get("longrepr") or "").strip().splitlines() or [""])[-1]
-    return "; ".join(row["hints"] or row["failures"][:1])
+        return (check.longrepr.strip().splitlines() or [""])[-1]
+    return "; ".join(row.hints or row.failures[:1])
 
 
-def _failure_line(check: dict, row: dict | None) -> str:
+def _failure_line(check: CheckRecord, row: Row | None) -> str:
     """A table row: the failing check, its worst element's error and allowed error, and the diagnosis."""
     observed = allowed = "–"
     if row is not None:
-        observed, allowed = (f"{v:.3g}" if v is not None else "–" for v in (row["max_error"], row["allowed_error"]))
-    return f"| {subject_label(check)} | `{check['check_id']}` | {observed} | {allowed} | {_cell(diagnosis(check, row))} |"
+        observed, allowed = (f"{v:.3g}" if v is not None else "–" for v in (row.max_error, row.allowed_error))
+    return f"| {subject_label(check)} | `{check.check_id}` | {observed} | {allowed} | {_cell(diagnosis(check, row))} |"
 
 
 def _cell(text: str) -> str:

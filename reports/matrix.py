@@ -12,6 +12,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from foundation.schema import CheckRecord, Status
 from reports.results import (
     NO_SUBJECT,
     Results,
@@ -20,23 +21,22 @@ from reports.results import (
     load,
     module_check,
     most_severe_first,
+    short_status,
     subject_label,
 )
 
-SHORT = {"known divergence": "known div."}
 
-
-def cells(checks: list[dict]) -> dict[str, dict[str, dict[str, set[str]]]]:
+def cells(checks: list[CheckRecord]) -> dict[str, dict[str, dict[str, set[Status]]]]:
     """subject -> row (module:check) -> dtype -> the statuses of its parametrizations."""
-    table: dict[str, dict[str, dict[str, set[str]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(set)))
+    table: dict[str, dict[str, dict[str, set[Status]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(set)))
     for check in checks:
-        if check["subject"] != NO_SUBJECT:
-            table[subject_label(check)][module_check(check["check_id"], check["check"])][check["dtype"]].add(check["status"])
+        if check.subject != NO_SUBJECT:
+            table[subject_label(check)][module_check(check.check_id, check.check)][check.dtype].add(check.status)
     return table
 
 
-def _cell(statuses: set[str]) -> str:
-    return " / ".join(SHORT.get(s, s) for s in most_severe_first(statuses)) or "–"
+def _cell(statuses: set[Status]) -> str:
+    return " / ".join(short_status(s) for s in most_severe_first(statuses)) or "–"
 
 
 def render(results: Results) -> str:

@@ -15,21 +15,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from foundation.schema import CheckRecord, DivergenceRecord, Status
 from reports.results import Results, most_severe_first
 
-RAN = ("fail", "now passing", "known divergence", "missed this run", "pass")
+RAN = (Status.FAIL, Status.NOW_PASSING, Status.KNOWN_DIVERGENCE, Status.MISSED_THIS_RUN, Status.PASS)
 
 
 @dataclass
 class Comparison:
-    new_failures: list[dict]
+    new_failures: list[CheckRecord]
     """Checks of this run that fail and did not fail in the base (all failing checks without a base)."""
-    failing_in_base_too: list[dict] = field(default_factory=list)
-    fixed: list[dict] = field(default_factory=list)
+    failing_in_base_too: list[CheckRecord] = field(default_factory=list)
+    fixed: list[CheckRecord] = field(default_factory=list)
     """Checks of this run that pass and failed in the base."""
-    no_longer_provided: list[dict] = field(default_factory=list)
+    no_longer_provided: list[CheckRecord] = field(default_factory=list)
     """Checks of this run that are not provided and ran in the base."""
-    now_passing_divergences: list[dict] = field(default_factory=list)
+    now_passing_divergences: list[DivergenceRecord] = field(default_factory=list)
     """Known-divergence entries none of whose checks diverges any more: their entries should go."""
     base: Results | None = None
 
@@ -38,25 +39,25 @@ class Comparison:
         return not self.new_failures
 
 
-def base_statuses(base: Results) -> dict[str, str]:
+def base_statuses(base: Results) -> dict[str, Status]:
     """Each check id's status in the base; the most severe one where the base merges several files."""
-    statuses: dict[str, set[str]] = {}
+    statuses: dict[str, set[Status]] = {}
     for check in base.checks:
-        statuses.setdefault(check["check_id"], set()).add(check["status"])
+        statuses.setdefault(check.check_id, set()).add(check.status)
     return {check_id: most_severe_first(found)[0] for check_id, found in statuses.items()}
 
 
 def compare(results: Results, base: Results | None = None) -> Comparison:
-    now_passing = [d for d in results.known_divergences if d["status"] in ("now passing", "never seen")]
-    failing = [c for c in results.checks if c["status"] == "fail"]
+    now_passing = [d for d in results.known_divergences if d.status in (Status.NOW_PASSING, Status.NEVER_SEEN)]
+    failing = [c for c in results.checks if c.status == Status.FAIL]
     if base is None:
         return Comparison(new_failures=failing, now_passing_divergences=now_passing)
     before = base_statuses(base)
     return Comparison(
-        new_failures=[c for c in failing if before.get(c["check_id"]) != "fail"],
-        failing_in_base_too=[c for c in failing if before.get(c["check_id"]) == "fail"],
-        fixed=[c for c in results.checks if c["status"] == "pass" and before.get(c["check_id"]) == "fail"],
-        no_longer_provided=[c for c in results.checks if c["status"] == "not provided" and before.get(c["check_id"]) in RAN],
+        new_failures=[c for c in failing if before.get(c.check_id) != Status.FAIL],
+        failing_in_base_too=[c for c in failing if before.get(c.check_id) == Status.FAIL],
+        fixed=[c for c in results.checks if c.status == Status.PASS and before.get(c.check_id) == Status.FAIL],
+        no_longer_provided=[c for c in results.checks if c.status == Status.NOT_PROVIDED and before.get(c.check_id) in RAN],
         now_passing_divergences=now_passing,
         base=base,
     )

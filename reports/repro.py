@@ -19,6 +19,8 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from foundation.schema import Row
+
 CHECKS = ("forward", "merge", "grad", "grad_bias_all")
 GRADIENT_MODULES = ("test_linear.py", "test_dora_linear.py")
 MODULES = {"test_linear.py": "linear", "test_dora_linear.py": "dora_linear", "test_embedding.py": "embedding"}
@@ -55,30 +57,28 @@ def _template() -> jinja2.Template:
     return environment.get_template("repro.py.j2")
 
 
-def replay_command(row: dict) -> str:
+def replay_command(row: Row) -> str:
     """The suite's own replay of a recorded case (exact, any check; needs this repository installed)."""
-    spec = json.dumps({"subject": row["subject"], "check": row["check"], "case": row["case"]})
+    spec = json.dumps({"subject": row.subject, "check": row.check, "case": row.case})
     return f"python -m conformance.replay '{spec}'"
 
 
-def unsupported_reason(row: dict, subject: dict | None) -> str | None:
+def unsupported_reason(row: Row, subject: dict | None) -> str | None:
     """Why no standalone script is written for this row, or None if one is."""
-    module = row["check_id"].partition("::")[0]
-    case = row["case"]
+    module = row.check_id.partition("::")[0]
+    case = row.case
     if subject is None:
         return "the results do not say where the subject's class is"
-    if "judged_at" not in row:
-        return "the results come from an older version of the suite, which did not record the element it judged"
-    if row["judged_at"] and row["judged_at"]["allowed"] is None:
+    if row.judged_at and row.judged_at["allowed"] is None:
         return "the allowed error at the judged element is not finite"
-    if row["check"] not in CHECKS or module not in MODULES or (row["check"].startswith("grad") and module not in GRADIENT_MODULES):
+    if row.check not in CHECKS or module not in MODULES or (row.check.startswith("grad") and module not in GRADIENT_MODULES):
         return (f"standalone scripts cover forward and merge of {', '.join(MODULES)} and the gradients of "
-                f"{', '.join(GRADIENT_MODULES)}; this is {module} {row['check']}")
+                f"{', '.join(GRADIENT_MODULES)}; this is {module} {row.check}")
     if subject.get("convention") not in _CONSTRUCT:
         return f"no standalone construction for {subject.get('convention')}"
     if case.get("quantization") or case.get("fan_in_fan_out"):
         return "standalone scripts cover float bases only"
-    if row["check"].startswith("grad") and "roles" not in subject:
+    if row.check.startswith("grad") and "roles" not in subject:
         return "the results do not record the subject's parameter roles, which a gradient script needs"
     values = _values(case)
     if values > VALUES_LIMIT:
@@ -102,14 +102,14 @@ def _literal(array: np.ndarray) -> str:
     return f'values("{encoded}", {values.shape})'
 
 
-def script(row: dict, subject: dict) -> str:
+def script(row: Row, subject: dict) -> str:
     """The standalone script reproducing a row of a check it covers (see `unsupported_reason`)."""
     from foundation.cases import upstream_gradient  # the suite's own case builder
     from foundation.rebuild import case_from_description
 
-    case = case_from_description(row["case"])
-    judged = row["judged_at"] or {"quantity": None, "index": (), "allowed": None}  # None: no numeric comparison
-    embedding = row["case"].get("kind") == "embedding"
+    case = case_from_description(row.case)
+    judged = row.judged_at or {"quantity": None, "index": (), "allowed": None}  # None: no numeric comparison
+    embedding = row.case.get("kind") == "embedding"
     linear = case.lookup if embedding else case
     arrays = [("A", linear.lora_A), ("B", linear.lora_B)]
     if embedding:
@@ -118,19 +118,19 @@ def script(row: dict, subject: dict) -> str:
         arrays = [("W", case.weight), *([("BIAS", case.bias)] if case.has_bias else []), *arrays, ("X", case.x)]
     if linear.use_dora:
         arrays.append(("M", linear.magnitude))
-    grads = row["check"].startswith("grad")
+    grads = row.check.startswith("grad")
     if grads:
         arrays.append(("UPSTREAM", upstream_gradient(case)))
     literals = [(name, _literal(values)) for name, values in arrays]
     if embedding:
         literals.append(("IDS", f"np.array({case.ids.tolist()!r}, dtype=np.int64)"))
     convention = subject["convention"]
-    merge_function = "replace_lora_with_linear" if convention == "LoRaLayerConvention" and row["check"] == "merge" else ""
+    merge_function = "replace_lora_with_linear" if convention == "LoRaLayerConvention" and row.check == "merge" else ""
     return _template().render(
-        subject=row["subject"],
-        check=row["check"],
-        check_id=row["check_id"],
-        dtype=row["dtype"],
+        subject=row.subject,
+        check=row.check,
+        check_id=row.check_id,
+        dtype=row.dtype,
         module=subject["module"],
         cls=subject["class"],
         merge_function=merge_function,
@@ -150,7 +150,7 @@ def script(row: dict, subject: dict) -> str:
         use_dora=linear.use_dora,
         construct=_CONSTRUCT[convention].format(cls=subject["class"], dropout=repr(linear.dropout)),
         grads=grads,
-        bias_trains=row["check"] == "grad_bias_all" and linear.has_bias,
+        bias_trains=row.check == "grad_bias_all" and linear.has_bias,
         roles=repr(subject.get("roles")),
         adapter=_ADAPTER.get(convention, _DEFAULT_ADAPTER),
     )

@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMAT = 1
-STATUS_ORDER = ("fail", "now passing", "known divergence", "missed this run", "pass", "not provided")
-"""Most severe first: the order a cell lists the statuses of its parametrizations in."""
+from foundation import schema
+from foundation.schema import CHECK_SEVERITY, ENTRY_SEVERITY, FORMAT, CheckRecord, DivergenceRecord, Row, Status
+
 DTYPE_ORDER = ("float32", "float16", "bfloat16")
 NO_SUBJECT = "None"
 """A check recorded without a subject (a property of MLX itself, e.g. its quantized matmul)."""
@@ -28,32 +28,32 @@ class ResultsError(ValueError):
 class Results:
     runs: list[dict]
     """Each file's ``meta``: versions, device, profile, seed, dates; plus ``file`` and ``label``."""
-    rows: list[dict] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     """One per measured case; each carries ``run``, the index of its file in `runs`."""
-    checks: list[dict] = field(default_factory=list)
+    checks: list[CheckRecord] = field(default_factory=list)
     """One per test item (a check of a subject in a dtype), with its status; with ``run`` and ``label``."""
-    known_divergences: list[dict] = field(default_factory=list)
+    known_divergences: list[DivergenceRecord] = field(default_factory=list)
 
     @property
     def cases(self) -> int:
         return len(self.rows)
 
-    def failing_rows(self) -> list[dict]:
-        return [r for r in self.rows if r["verdict"] == "fail"]
+    def failing_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.failed]
 
-    def status_counts(self) -> dict[str, int]:
+    def status_counts(self) -> dict[Status, int]:
         """How many checks ended in each status, most severe first."""
-        counts: dict[str, int] = {}
+        counts: dict[Status, int] = {}
         for check in self.checks:
-            counts[check["status"]] = counts.get(check["status"], 0) + 1
+            counts[check.status] = counts.get(check.status, 0) + 1
         return {status: counts[status] for status in most_severe_first(set(counts))}
 
-    def failing_case_by_check(self) -> dict[tuple[int, str], dict]:
+    def failing_case_by_check(self) -> dict[tuple[int, str], Row]:
         """Per test item (run, check id), the row that shows its failure: Hypothesis' final, shrunk one, else the first."""
-        chosen: dict[tuple[int, str], dict] = {}
+        chosen: dict[tuple[int, str], Row] = {}
         for row in self.failing_rows():
-            key = (row["run"], row["check_id"])
-            if key not in chosen or (row["final"] and not chosen[key]["final"]):
+            key = (row.run, row.check_id)
+            if key not in chosen or (row.final and not chosen[key].final):
                 chosen[key] = row
         return chosen
 
@@ -87,7 +87,7 @@ def read(path: Path) -> dict:
         raise ResultsError(f"{path}: not JSON: {error}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ResultsError(f"{path}: not a results file of format {FORMAT} (written by pytest conformance)")
-    missing = [key for key in ("meta", "rows", "checks", "known_divergences") if key not in document]
+    missing = [key for key in schema.PARTS if key not in document]
     if missing:
         raise ResultsError(f"{path}: incomplete results file, missing {', '.join(missing)}")
     return document
@@ -102,33 +102,30 @@ def merge(documents: list[dict], files: list[str] | None = None) -> Results:
     for meta, label in zip(metas, _labels(metas)):
         meta["label"] = label
     results = Results(runs=metas)
-    seen_divergences: dict[tuple[str, str, str], dict] = {}
+    seen_divergences: dict[tuple[str, str, str], DivergenceRecord] = {}
     for index, document in enumerate(documents):
-        label = metas[index]["label"]
-        results.rows += [dict(row, run=index, label=label) for row in document["rows"]]
-        results.checks += [dict(check, run=index, label=label) for check in document["checks"]]
-        for entry in document["known_divergences"]:
-            key = (entry["check_id"], entry.get("explains", ""), label)
+        try:
+            _, rows, checks, entries = schema.parse(document, run=index, label=metas[index]["label"])
+        except schema.SchemaError as error:
+            raise ResultsError(f"{files[index] or 'a results document'}: not of this suite's schema: {error}") from None
+        results.rows += rows
+        results.checks += checks
+        for entry in entries:
+            key = (entry.check_id, entry.explains, entry.label)
             previous = seen_divergences.get(key)
-            if previous is None or _more_severe(entry["status"], previous["status"]):
-                seen_divergences[key] = dict(entry, label=label)
+            if previous is None or ENTRY_SEVERITY.index(entry.status) < ENTRY_SEVERITY.index(previous.status):
+                seen_divergences[key] = entry
     results.known_divergences = list(seen_divergences.values())
     return results
-
-
-def _more_severe(status: str, than: str) -> bool:
-    order = ("known divergence", "now passing", "never seen", "missed this run", "not provided", "not run")
-    rank = {s: i for i, s in enumerate(order)}
-    return rank.get(status, len(order)) < rank.get(than, len(order))
 
 
 def load(paths: list[Path]) -> Results:
     return merge([read(p) for p in paths], [str(p) for p in paths])
 
 
-def subject_label(item: dict) -> str:
+def subject_label(item: Row | CheckRecord) -> str:
     """A row's or check's subject, with its configuration's label where several configurations merged."""
-    return f"{item['subject']} ({item['label']})" if item.get("label") else item["subject"]
+    return f"{item.subject} ({item.label})" if item.label else item.subject
 
 
 def module_check(check_id: str, check: str) -> str:
@@ -137,8 +134,14 @@ def module_check(check_id: str, check: str) -> str:
     return f"{module.removeprefix('test_').removesuffix('.py')}:{check}"
 
 
-def most_severe_first(statuses: set[str]) -> list[str]:
-    return [s for s in STATUS_ORDER if s in statuses] + sorted(statuses - set(STATUS_ORDER))
+def most_severe_first(statuses: set[Status]) -> list[Status]:
+    """The order a cell lists the statuses of its parametrizations in."""
+    return [s for s in CHECK_SEVERITY if s in statuses] + sorted(statuses - set(CHECK_SEVERITY))
+
+
+def short_status(status: Status) -> str:
+    """A status as a narrow cell shows it."""
+    return "known div." if status == Status.KNOWN_DIVERGENCE else str(status)
 
 
 def ordered_dtypes(names) -> list[str]:
@@ -146,8 +149,8 @@ def ordered_dtypes(names) -> list[str]:
     return sorted(names, key=lambda d: (DTYPE_ORDER.index(d) if d in DTYPE_ORDER else len(DTYPE_ORDER), d))
 
 
-def dtypes_in(checks: list[dict]) -> list[str]:
-    return ordered_dtypes({c["dtype"] for c in checks if c["dtype"] != NO_SUBJECT})
+def dtypes_in(checks: list[CheckRecord]) -> list[str]:
+    return ordered_dtypes({c.dtype for c in checks if c.dtype != NO_SUBJECT})
 
 
 def inner_dimension(case: dict) -> int | None:

@@ -21,6 +21,7 @@ from datetime import date
 from pathlib import Path
 
 from conformance import threads
+from reports.results import Results, load
 from studies import sampling
 
 RESULTS = Path(__file__).with_name("results")
@@ -34,17 +35,17 @@ def default_subjects() -> list[str]:
     return [subject.name for subject in CORRECT]
 
 
-def fingerprint(results: dict) -> dict:
+def fingerprint(results: Results) -> dict:
     """What a run decided: each check's status, and each judged case's verdict (its margin aside)."""
     return {
-        "checks": sorted((c["check_id"], c["status"]) for c in results["checks"]),
-        "rows": sorted((r["check_id"], json.dumps(r["case"], sort_keys=True), r["verdict"]) for r in results["rows"]),
+        "checks": sorted((c.check_id, str(c.status)) for c in results.checks),
+        "rows": sorted((r.check_id, json.dumps(r.case, sort_keys=True), str(r.verdict)) for r in results.rows),
     }
 
 
-def margins(results: dict) -> dict[tuple[str, str], float]:
+def margins(results: Results) -> dict[tuple[str, str], float | None]:
     """Each judged case's margin, by check and case."""
-    return {(r["check_id"], json.dumps(r["case"], sort_keys=True)): r["margin"] for r in results["rows"]}
+    return {(r.check_id, json.dumps(r.case, sort_keys=True)): r.margin for r in results.rows}
 
 
 def differences(first: dict, other: dict) -> list[str]:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.runs):
             path = Path(folder) / f"run-{index}.json"
             code, seconds = run_once(subjects, args.workers, path)
-            results = json.loads(path.read_text())
+            results = load([path])
             print_, margins_ = fingerprint(results), margins(results)
             if index == 0:
                 first, first_margins = print_, margins_

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from foundation.schema import DivergenceRecord
 from gate import NEW_FAILURE, PASSED, SETUP_FAILED, USAGE_ERROR, SetupError, outcome, sources
 from gate import __main__ as gate_cli
 from reports import markdown
 from reports.regression import compare
 from reports.results import merge
 from tests.conftest import GATE_ENVIRONMENTS, ROOT
-from tests.documents import document, forward
+from tests.documents import divergence, document, forward
 
 PULL_REQUEST = ROOT / "tests" / "fixtures" / "mlx-vlm-pull-request"
 LINEAR_ONLY = ("--", "-k", "test_linear.py", "--dtype", "float32")
@@ -92,7 +93,7 @@ def _results(*checks: dict, divergences: list[dict] = ()):
 
 def test_without_a_base_every_failing_check_is_new():
     comparison = compare(_results(forward("s", "float32", "fail"), forward("s", "float16", "pass")))
-    assert [c["check_id"] for c in comparison.new_failures] == ["test_linear.py::test_forward[s-float32]"]
+    assert [c.check_id for c in comparison.new_failures] == ["test_linear.py::test_forward[s-float32]"]
     assert not comparison.passed
 
 
@@ -106,10 +107,10 @@ def test_with_a_base_only_checks_that_did_not_fail_there_are_new():
         forward("moved", "float32", "not provided"), forward("added", "float32", "fail"),
     )
     comparison = compare(now, base)
-    assert [c["subject"] for c in comparison.new_failures] == ["broken", "added"]
-    assert [c["subject"] for c in comparison.failing_in_base_too] == ["old"]
-    assert [c["subject"] for c in comparison.fixed] == ["fixed"]
-    assert [c["subject"] for c in comparison.no_longer_provided] == ["moved"]
+    assert [c.subject for c in comparison.new_failures] == ["broken", "added"]
+    assert [c.subject for c in comparison.failing_in_base_too] == ["old"]
+    assert [c.subject for c in comparison.fixed] == ["fixed"]
+    assert [c.subject for c in comparison.no_longer_provided] == ["moved"]
     summary = markdown.render(now, comparison=comparison)
     assert "### New failures: 2" in summary
     assert "### Failing in the base too: 1 (not counted against this change)" in summary
@@ -118,12 +119,11 @@ def test_with_a_base_only_checks_that_did_not_fail_there_are_new():
 
 
 def test_a_known_divergence_that_now_passes_is_reported_as_fixed_whatever_the_base():
-    entry = {"check_id": "test_linear.py::test_merge[s-*]", "reason": "why", "status": "now passing",
-             "now_passing": ["test_linear.py::test_merge[s-float32]"]}
+    entry = divergence("test_linear.py::test_merge[s-*]", "now passing", ["test_linear.py::test_merge[s-float32]"])
     now = _results(forward("s", "float32", "pass"), divergences=[entry])
     for base in (None, _results(forward("s", "float32", "pass"))):
         comparison = compare(now, base)
-        assert comparison.passed and comparison.now_passing_divergences == [entry | {"label": ""}]
+        assert comparison.passed and comparison.now_passing_divergences == [DivergenceRecord.from_json(entry)]
         assert "- `test_linear.py::test_merge[s-float32]`" in markdown.render(now, comparison=comparison)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from conformance import conftest as plugin
 from conformance.divergences import KnownDivergence, parse_explanation
+from foundation.schema import CheckRecord, Status
 
 FAILED = pytest.ExitCode.TESTS_FAILED
 
@@ -82,11 +83,11 @@ def test_an_entry_whose_check_passes_fails_the_run_unless_it_is_sometimes_seen(r
 
 def test_an_intermittent_entry_never_seen_in_a_thorough_run_fails_it():
     entry = KnownDivergence("test_a.py::test_b[*]", parse_explanation("output: non-finite"), "rare", 4, sometimes=True)
-    ran = [{"check_id": "test_a.py::test_b[x]", "status": "missed this run", "explained": {}}]
-    assert plugin._divergence_status(entry, ran, thorough=False)["status"] == "missed this run"
-    assert plugin._divergence_status(entry, ran, thorough=True)["status"] == "never seen"
-    seen = [{"check_id": "test_a.py::test_b[x]", "status": "known divergence", "explained": {"4": 3}}]
-    assert plugin._divergence_status(entry, seen, thorough=True)["explained"] == 3
+    ran = [CheckRecord("test_a.py::test_b[x]", "s", "float32", "b", Status.MISSED_THIS_RUN)]
+    assert plugin._divergence_status(entry, ran, thorough=False).status == Status.MISSED_THIS_RUN
+    assert plugin._divergence_status(entry, ran, thorough=True).status == Status.NEVER_SEEN
+    seen = [CheckRecord("test_a.py::test_b[x]", "s", "float32", "b", Status.KNOWN_DIVERGENCE, explained={"4": 3})]
+    assert plugin._divergence_status(entry, seen, thorough=True).explained == 3
 
 
 def test_a_subclass_subject_runs_as_itself(run_suite):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,13 +10,15 @@ import sys
 
 import pytest
 
+from foundation.schema import Status
 from reports import __main__ as reports_cli
 from reports import html, markdown, matrix, repro
 from reports.results import ResultsError, load, merge
 from tests.conftest import RECORDED_SUBJECTS, ROOT
-from tests.documents import META
+from tests.documents import META, divergence
 from tests.documents import check as _check
 from tests.documents import document as _document
+from tests.documents import row as _row
 
 pytestmark = pytest.mark.xdist_group("recorded_run")  # one worker records the run they share
 
@@ -46,10 +49,9 @@ def test_files_of_one_configuration_merge_into_one_matrix_and_releases_stay_apar
 
 
 def test_a_known_divergence_merged_from_several_files_keeps_its_most_severe_status():
-    entry = {"check_id": "test_linear.py::*", "reason": "why", "now_passing": []}
-    results = merge([_document([], divergences=[entry | {"status": "missed this run"}]),
-                     _document([], divergences=[entry | {"status": "known divergence"}])])
-    assert [d["status"] for d in results.known_divergences] == ["known divergence"]
+    results = merge([_document([], divergences=[divergence("test_linear.py::*", "missed this run")]),
+                     _document([], divergences=[divergence("test_linear.py::*", "known divergence")])])
+    assert [d.status for d in results.known_divergences] == [Status.KNOWN_DIVERGENCE]
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,11 @@ def test_a_known_divergence_merged_from_several_files_keeps_its_most_severe_stat
         ("{not json", "not JSON"),
         (json.dumps({"format": 99}), "not a results file of format 1"),
         (json.dumps({"format": 1, "meta": {}}), "incomplete results file, missing rows, checks, known_divergences"),
+        (json.dumps({"format": 1, "meta": {}, "rows": [], "known_divergences": [], "checks": [{"check_id": "t"}]}),
+         "not of this suite's schema: a CheckRecord without check, dtype, status, subject"),
+        (json.dumps({"format": 1, "meta": {}, "rows": [], "known_divergences": [],
+                     "checks": [{"check_id": "t", "subject": "s", "dtype": "d", "check": "c", "status": "great"}]}),
+         "a CheckRecord with the unknown status 'great'"),
     ],
 )
 def test_bad_results_files_are_one_line_errors(tmp_path, capsys, content, message):
@@ -106,7 +113,10 @@ def test_worker_shards_merge_into_the_report_of_the_whole_run(recorded_run, tmp_
         halves[-1].write_text(json.dumps(shard))
     whole, sharded = load([recorded_run.results]), load(halves)
     assert matrix.render(sharded) == matrix.render(whole)
-    assert sorted(map(json.dumps, sharded.rows)) != [] and len(sharded.rows) == len(whole.rows)
+    def written(rows):
+        return sorted(json.dumps(row.to_json(), sort_keys=True) for row in rows)
+
+    assert whole.rows and written(sharded.rows) == written(whole.rows)
     assert markdown.render(sharded).count("| catalogue:") == markdown.render(whole).count("| catalogue:")
 
 
@@ -118,7 +128,7 @@ def test_the_html_report_holds_no_external_reference(recorded_run):
 
 
 def _script_run(path) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}  # the wrong variants live in tests/
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}  # the wrong variants live in catalogue/
     return subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=environment, timeout=300)
 
 
@@ -130,7 +140,7 @@ def test_a_failure_cards_standalone_script_shows_the_disagreement(recorded_run, 
     results = load([recorded_run.results])
     cards = [card for card in html.view(results)["cards"] if card["subject"] == f"catalogue:{variant}"]
     assert cards, f"{variant}: no failure card"
-    scripted = [c for c in cards if c["row"] and c["row"]["dtype"] == "float32" and c["script"]]
+    scripted = [c for c in cards if c["row"] and c["row"].dtype == "float32" and c["script"]]
     assert scripted, f"{variant}: no script: {[c.get('no_script') for c in cards]}"
     card = scripted[0]
     script = tmp_path / "repro.py"
@@ -146,8 +156,8 @@ def test_a_failure_cards_standalone_script_shows_the_disagreement(recorded_run, 
 def test_the_script_of_a_correct_layers_closest_case_agrees(recorded_run, correct, tmp_path):
     results = load([recorded_run.results])
     subject = results.runs[0]["subjects"][f"catalogue:{correct}"]
-    rows = [r for r in results.rows if r["subject"] == f"catalogue:{correct}" and repro.unsupported_reason(r, subject) is None]
-    closest = max(rows, key=lambda r: r["margin"])
+    rows = [r for r in results.rows if r.subject == f"catalogue:{correct}" and repro.unsupported_reason(r, subject) is None]
+    closest = max(rows, key=lambda r: r.margin)
     script = tmp_path / "repro.py"
     script.write_text(repro.script(closest, subject))
     run = _script_run(script)
@@ -156,11 +166,11 @@ def test_the_script_of_a_correct_layers_closest_case_agrees(recorded_run, correc
 
 
 def test_a_case_too_large_for_a_script_says_so():
-    row = {"check_id": "test_linear.py::test_forward[s-float32]", "check": "forward", "verdict": "fail", "judged_at": None,
-           "case": {"in_features": 256, "out_features": 256, "r": 8, "batch_shape": [4]}}
+    row = _row("test_linear.py::test_forward[s-float32]", "forward",
+               {"in_features": 256, "out_features": 256, "r": 8, "batch_shape": [4]})
     reason = repro.unsupported_reason(row, {"convention": "LoRALinearConvention"})
     assert reason and "more than the 4096 a script embeds" in reason
-    assert "standalone scripts cover forward and merge" in repro.unsupported_reason(row | {"check": "dropout"}, {})
+    assert "standalone scripts cover forward and merge" in repro.unsupported_reason(dataclasses.replace(row, check="dropout"), {})
 
 
 def test_a_run_with_nothing_measured_still_renders(tmp_path):
@@ -171,8 +181,7 @@ def test_a_run_with_nothing_measured_still_renders(tmp_path):
 
 
 def test_a_gradient_script_needs_the_subjects_recorded_roles():
-    row = {"check_id": "test_linear.py::test_grad[s-float32]", "check": "grad", "verdict": "fail", "judged_at": None,
-           "case": {"in_features": 2, "out_features": 2, "r": 1, "batch_shape": []}}
+    row = _row("test_linear.py::test_grad[s-float32]", "grad", {"in_features": 2, "out_features": 2, "r": 1, "batch_shape": []})
     assert "parameter roles" in repro.unsupported_reason(row, {"convention": "LoRALinearConvention"})
     assert repro.unsupported_reason(row, {"convention": "LoRALinearConvention", "roles": {"lora_a": "A"}}) is None
 

@@ -1,5 +1,6 @@
 """The studies of the verdict (``studies/``): they draw what they say, reproducibly, and measure what they claim."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from foundation.cases import make_linear_case
 from foundation.dtypes import FLOAT16, FLOAT32
 from foundation.quantization import AVAILABLE, KINDS
 from foundation.rebuild import case_from_description
+from foundation.schema import CheckRecord, Row, Status
 from foundation.verdict import Tracked, compare
-from studies import catch_rates, detection, extremes, false_alarms, flakiness, publish, sampling
+from reports.results import Results
+from studies import catch_rates, detection, extremes, false_alarms, flakiness, publish, same_verdicts, sampling
 
 SUITE = Path(__file__).resolve().parents[2] / "conformance"
 LINEAR = dict(in_features=64, out_features=8, r=4, alpha=8.0, use_rslora=False, dropout=0.0, batch_shape=(3,),
@@ -162,16 +165,36 @@ def test_a_seed_draws_as_many_cases_as_the_ci_profile_gives_the_variants_check()
 
 
 def test_two_runs_differ_when_a_verdict_does_and_a_moved_margin_is_counted_apart():
-    row = {"check_id": "t::f[x]", "case": {"seed": 1}, "verdict": "pass", "margin": 0.25}
-    run = {"checks": [{"check_id": "t::f[x]", "status": "pass"}], "rows": [row]}
+    row = Row(check_id="t::f[x]", subject="s", check="f", dtype="float32", case={"seed": 1}, verdict=Status.PASS,
+              margin=0.25, max_error=0.0, allowed_error=0.0, worst="", failures=[], explained_by=[], hints=[],
+              judged_at=None, final=True, versions={}, device="cpu")
+    check = CheckRecord(check_id="t::f[x]", subject="s", dtype="float32", check="f", status=Status.PASS)
+    run = Results(runs=[{}], rows=[row], checks=[check])
     assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(run)) == []
     assert flakiness.margin_drift(flakiness.margins(run), flakiness.margins(run))["cases"] == 0
-    moved = {**run, "rows": [{**row, "margin": 0.2500001}]}
+    moved = dataclasses.replace(run, rows=[dataclasses.replace(row, margin=0.2500001)])
     assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(moved)) == []
     drift = flakiness.margin_drift(flakiness.margins(run), flakiness.margins(moved))
     assert drift["cases"] == 1 and drift["highest_margin"] == 0.2500001 and drift["largest"]["first"] == 0.25
-    failed = {**run, "rows": [{**row, "verdict": "fail", "margin": 1.5}]}
+    failed = dataclasses.replace(run, rows=[dataclasses.replace(row, verdict=Status.FAIL, margin=1.5)])
     assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(failed))
+
+
+def test_two_results_files_compare_by_each_checks_status_and_each_cases_verdict():
+    row = Row(check_id="t::f[x]", subject="s", check="f", dtype="float32", case={"seed": 1}, verdict=Status.PASS,
+              margin=0.25, max_error=0.0, allowed_error=0.0, worst="", failures=[], explained_by=[], hints=[],
+              judged_at=None, final=True, versions={}, device="cpu")
+    check = CheckRecord(check_id="t::f[x]", subject="s", dtype="float32", check="f", status=Status.PASS)
+    run = Results(runs=[{}], rows=[row], checks=[check])
+    moved = dataclasses.replace(run, rows=[dataclasses.replace(row, margin=0.5)])
+    assert same_verdicts.differences(run, moved) == [] and same_verdicts.moved_margins(run, moved) == 1
+    failed = Results(runs=[{}], rows=[dataclasses.replace(row, verdict=Status.FAIL)],
+                     checks=[dataclasses.replace(check, status=Status.FAIL)])
+    assert same_verdicts.differences(run, failed) == [
+        "check t::f[x]: pass before, fail after",
+        'case only before (1×): t::f[x] pass {"seed": 1}',
+        'case only after (1×): t::f[x] fail {"seed": 1}',
+    ]
 
 
 def test_the_published_document_is_rendered_from_the_results_in_the_repository():
