@@ -15,6 +15,7 @@ from catalogue.layers import (
     PeftStyleEmbeddingConvention,
     PeftStyleSwitchConvention,
 )
+from conformance.families import DORA_EMBEDDING, DORA_LINEAR, EMBEDDING, FAMILIES, LINEAR, SWITCH_LINEAR
 from foundation.dtypes import CASE_DTYPES
 from subjects.bridge import DoRAEmbeddingConvention, LoRALinearConvention
 from subjects.known import Subject
@@ -24,15 +25,15 @@ def _subject(cls: type) -> Subject:
     """A subject named by where `resolve` finds it, so failure messages replay as they are."""
     name = f"{__name__}:{cls.__name__}"
     location = (f"{layers.__name__}:{cls.__name__}",)
-    if issubclass(cls, layers.CorrectDoRALinear):
-        return Subject(name, "mlx", "dora_linear", location, PeftStyleDoRAConvention())
-    if issubclass(cls, layers.CorrectLoRASwitchLinear):
-        return Subject(name, "mlx", "switch_linear", location, PeftStyleSwitchConvention())
-    if issubclass(cls, layers.CorrectDoRAEmbedding):
-        return Subject(name, "mlx", "dora_embedding", location, PeftStyleDoRAEmbeddingConvention())
-    if issubclass(cls, layers.CorrectLoRAEmbedding):
-        return Subject(name, "mlx", "embedding", location, PeftStyleEmbeddingConvention())
-    return Subject(name, "mlx", "linear", location, PeftStyleConvention())
+    for correct, family, convention in (
+        (layers.CorrectDoRALinear, DORA_LINEAR, PeftStyleDoRAConvention),
+        (layers.CorrectLoRASwitchLinear, SWITCH_LINEAR, PeftStyleSwitchConvention),
+        (layers.CorrectDoRAEmbedding, DORA_EMBEDDING, PeftStyleDoRAEmbeddingConvention),
+        (layers.CorrectLoRAEmbedding, EMBEDDING, PeftStyleEmbeddingConvention),
+    ):
+        if issubclass(cls, correct):
+            return Subject(name, "mlx", family.name, location, convention())
+    return Subject(name, "mlx", LINEAR.name, location, PeftStyleConvention())
 
 
 ALL_DTYPES = tuple(d.name for d in CASE_DTYPES)
@@ -53,15 +54,21 @@ class WrongVariant:
     """On a quantized base, the modes (`foundation.quantization.KINDS`) in which it shows; () for all."""
 
     @property
+    def on_quantized_base(self) -> bool:
+        return self.base == "quantized" or self.check == "requantize"
+
+    @property
     def module(self) -> str:
         """The conformance test module whose `check` must catch it."""
-        if self.base == "quantized":
-            return f"test_quantized_{self.subject.family}.py"
-        if self.check == "requantize":
-            return "test_quantized_linear.py"
         if self.check == "error_parity":
             return "test_error_parity.py"
-        return f"test_{self.subject.family}.py"
+        return FAMILIES[self.subject.family].on("quantized" if self.on_quantized_base else "float").module
+
+    def __post_init__(self) -> None:
+        if self.check != "error_parity":
+            base = FAMILIES[self.subject.family].on("quantized" if self.on_quantized_base else "float")
+            if base is None or base.check(self.check) is None:
+                raise LookupError(f"{self.subject.name}: its family {self.subject.family} has no check {self.check}")
 
     @property
     def selection(self) -> tuple[str, ...]:

@@ -8,8 +8,8 @@ from hypothesis.control import current_build_context, currently_in_test_context
 
 from conformance import divergences
 from conformance.divergences import Judgement
+from conformance.families import replayable
 from conformance.recording import Recorder
-from conformance.registry import replayable
 from foundation.verdict import Measurement
 
 
@@ -42,6 +42,7 @@ def message(measurement: Measurement, check_id: str = "", judgement: Judgement |
 def record_and_assert(recorder: Recorder, measurement: Measurement) -> None:
     """Record the row (marking Hypothesis' final, shrunk replay; a check outside Hypothesis is final), then
     fail if the check failed in a way no known divergence covering it explains."""
+    __tracebackhide__ = True  # a failure's traceback ends in the test that asserted
     final = current_build_context().is_final if currently_in_test_context() else True
     judgement = divergences.judge(measurement, recorder.entries)
     recorder.record(measurement, final=final, judgement=judgement)

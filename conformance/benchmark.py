@@ -24,8 +24,9 @@ import_start = time.perf_counter()
 import mlx.core as mx  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
-from conformance import bare_loop, checks, registry, threads  # noqa: E402
+from conformance import bare_loop, checks, threads  # noqa: E402
 from conformance.asserting import message  # noqa: E402
+from conformance.families import FAMILIES  # noqa: E402
 from conformance.recording import Recorder  # noqa: E402
 from conformance.timing import PhaseTimer  # noqa: E402
 from foundation.cases import linear_cases  # noqa: E402
@@ -45,13 +46,13 @@ def run(subjects: list[Subject], dtypes: list[str], cases_each: int, timer: Phas
         for dtype in dtypes:
 
             @settings(max_examples=cases_each, derandomize=True, database=None, deadline=None)
-            @given(case=registry.cases_for(subject.family, DTYPES[dtype]))
+            @given(case=FAMILIES[subject.family].study_cases(DTYPES[dtype]))
             def check_all(case):
                 nonlocal ran
                 ran += 1
-                for name, check in registry.FAMILY_CHECKS[subject.family].items():
-                    if registry.runs_in(name, dtype):
-                        check(subject, case, timer)
+                for info in FAMILIES[subject.family].checks_on("float").values():
+                    if info.runs_in(dtype):
+                        info.run(subject, case, timer)
 
             check_all()
     return ran

@@ -4,7 +4,7 @@ A check never raises because of the subject or the reference: an exception, a wr
 wrong dtype becomes a failing comparison that says what happened, so one broken subject cannot stop
 the run. The caller records the `Measurement` and then asserts it. The checks of training
 (gradients, dropout, optimizer steps) are in `training_checks`; which checks each family has, in
-`registry`.
+`families`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 from hypothesis import settings
 
-from conformance import divergences, recording, threads
+from conformance import divergences, families, recording, threads
 from foundation import profiles, quantization
 from foundation.dtypes import BY_NAME as DTYPES
 from foundation.schema import CheckRecord, DivergenceRecord, Row, Status
@@ -132,6 +132,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     subjects = {s.name: _subject_meta(s) for s in config.stash[STATE]["subjects"] if s.not_provided_reason() is None}
     recorder.meta = recording.run_meta(meta["versions"], meta["device"], profiles.active(), _seed_description(config), subjects)
     recorder.meta["threads"] = _threads_meta(config.stash[STATE])
+    recorder.meta["modules"] = list(families.MODULE_ORDER)  # the order the report's tables follow
 
 
 def _process(config: pytest.Config) -> str:

@@ -12,7 +12,7 @@ import sys
 
 from conformance import threads
 from conformance.asserting import message
-from conformance.registry import applies, find_check
+from conformance.families import find_check
 from foundation.rebuild import case_from_description
 from subjects.known import resolve
 
@@ -30,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         if check is None:
             raise LookupError(f"{subject} has no check {spec['check']!r}")
         case = case_from_description(spec["case"])
-        if not applies(spec["check"], case):
-            raise ValueError(f"{spec['check']} does not judge this case (its test module leaves it out: see registry.APPLIES_TO)")
+        if not check.applies(case):
+            raise ValueError(f"{spec['check']} does not judge this case (its test module leaves it out: see "
+                             "CheckInfo.judges in conformance/families.py)")
     except (ValueError, KeyError, LookupError) as error:
         parser.error(f"cannot replay: {error}")
-    measurement = check(subject, case)
+    measurement = check.run(subject, case)
     if measurement.passed:
         print(f"{subject} {spec['check']}: passes (margin {measurement.margin:.3g})")
         return 0

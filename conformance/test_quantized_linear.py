@@ -9,54 +9,19 @@ sizes are drawn).
 import mlx.nn as nn
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from conformance import checks, training_checks
+from conformance import family_tests
 from conformance.asserting import record_and_assert
-from foundation import profiles
-from foundation.cases import gradients_fit, linear_cases
 from foundation.dtypes import CASE_DTYPES, round_to
 from foundation.quantization import KINDS, first_of_kind, quantize_base, to_mlx
 from foundation.verdict import Measurement, Tracked, compare
 from subjects.bridge import mlx_array, to_numpy
 
-pytestmark = [pytest.mark.parametrize("kind", KINDS), pytest.mark.family("linear")]
+globals().update(family_tests.module_tests("test_quantized_linear.py"))
 
 
-def _quantized_cases(dtype, kind):
-    return linear_cases(dtype, quantized=kind)
-
-
-@profiles.fewer_examples(5)
-@given(data=st.data())
-def test_forward(subject, dtype, kind, data, recorder):
-    """On a ``QuantizedLinear`` the output is LoRA's on the dequantized weight."""
-    record_and_assert(recorder, checks.forward(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
-
-
-@profiles.fewer_examples(5)
-@given(data=st.data())
-def test_merge(subject, dtype, kind, data, recorder):
-    """``fuse(dequantize=True)`` gives ``W_dequantized + s B A`` in the base dtype, as peft's merge does."""
-    record_and_assert(recorder, checks.merge(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
-
-
-@profiles.fewer_examples(5)
-@given(data=st.data())
-def test_requantize(subject, dtype, kind, data, recorder):
-    """``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size."""
-    record_and_assert(recorder, checks.requantize(subject, data.draw(_quantized_cases(dtype, kind), label="case")))
-
-
-@profiles.fewer_examples(5)
-@given(data=st.data())
-def test_grad(subject, dtype, kind, data, recorder):
-    """QLoRA: A, B and x get LoRA's gradients on the dequantized weight; the quantized base does not train."""
-    case = data.draw(_quantized_cases(dtype, kind).filter(gradients_fit), label="case")
-    record_and_assert(recorder, training_checks.grad(subject, case))
-
-
+@pytest.mark.family("linear")
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", CASE_DTYPES, ids=str)
 def test_quantized_matmul_accumulation(dtype, kind, recorder):
     """The base itself: MLX's quantized matrix product sums in float32, as a dense one does.

@@ -61,9 +61,18 @@ def sizes() -> Sizes:
     return SIZES.get(active(), SIZES[DEFAULT])
 
 
+def examples(profile: str, fraction: int = 1) -> int:
+    """What a check given 1/`fraction` of the profile's examples draws."""
+    return _fraction_of(settings.get_profile(profile).max_examples, fraction)
+
+
+def _fraction_of(max_examples: int, fraction: int) -> int:
+    return max(10, max_examples // fraction)
+
+
 def fewer_examples(fraction: int) -> settings:
     """The active profile with 1/`fraction` of its examples, for the many parametrizations of one family.
 
     Applied as a decorator at import, after Hypothesis has loaded the chosen profile.
     """
-    return settings(max_examples=max(10, settings.default.max_examples // fraction))
+    return settings(max_examples=_fraction_of(settings.default.max_examples, fraction))

@@ -23,11 +23,6 @@ from reports.results import (
     subject_label,
 )
 
-MODULE_ORDER = (
-    "linear", "conv1d", "dora_linear", "quantized_linear", "quantized_dora_linear", "embedding", "dora_embedding",
-    "quantized_embedding", "switch_linear", "quantized_switch_linear", "error_parity",
-)
-"""The matrix's tables: the plain layer first, then its variants; modules not listed follow in name order."""
 LONGREPR_LINES = 12
 """The tail of a failure's pytest report shown where no recorded case explains it (an exception, say)."""
 
@@ -109,8 +104,9 @@ def _details(results: Results) -> tuple[dict[tuple[str, str], Detail], list[dict
     return details, cards, divergent
 
 
-def _matrix(details: dict[tuple[str, str], Detail]) -> dict[str, dict]:
-    """Per test module: its checks (the columns) and, per subject (the rows), the detail of each check."""
+def _matrix(details: dict[tuple[str, str], Detail], order: list[str]) -> dict[str, dict]:
+    """Per test module: its checks (the columns) and, per subject (the rows), the detail of each check; the
+    modules in `order` (the families' order, which the run recorded), any other after them by name."""
     modules: dict[str, dict] = {}
     for (subject, name), detail in sorted(details.items()):
         module, _, check = name.partition(":")
@@ -118,7 +114,7 @@ def _matrix(details: dict[tuple[str, str], Detail]) -> dict[str, dict]:
         if check not in table["checks"]:
             table["checks"].append(check)
         table["subjects"].setdefault(subject, {})[check] = detail
-    rank = {module: i for i, module in enumerate(MODULE_ORDER)}
+    rank = {module: i for i, module in enumerate(order)}
     return dict(sorted(modules.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
@@ -134,7 +130,7 @@ def view(results: Results) -> dict:
         "failing_cases": len(results.failing_rows()),
         "counts": results.status_counts(),
         "dtypes": dtypes_in(results.checks),
-        "modules": _matrix(details),
+        "modules": _matrix(details, next((run["modules"] for run in results.runs if "modules" in run), [])),
         "details": [details[key] for key in sorted(details)],
         "cards": cards,
         "divergent": divergent,

@@ -12,7 +12,6 @@ fails. Every dtype in which the bug is visible counts separately, and on a quant
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -31,20 +30,25 @@ class _Caught(Exception):
     pass
 
 
-def strategy(name: str, dtype_name: str, kind: str | None):
-    """The cases the variant's check is drawn on in its test module."""
+def _check_of(name: str, kind: str | None):
+    """The variant's family's description of its base, and of its check there."""
     from catalogue import WRONG_VARIANTS
-    from conformance import registry
-    from foundation.cases import embedding_cases, gradients_fit, linear_cases
+    from conformance.families import FAMILIES
+
+    variant = WRONG_VARIANTS[name]
+    base = FAMILIES[variant.subject.family].on("quantized" if kind else "float")
+    return base, base.check(variant.check)
+
+
+def strategy(name: str, dtype_name: str, kind: str | None):
+    """The cases the variant's check draws in its test module (`conformance.families`)."""
     from foundation.dtypes import BY_NAME
 
-    variant, dtype = WRONG_VARIANTS[name], BY_NAME[dtype_name]
-    if kind is None:
-        return registry.cases_for(variant.subject.family, dtype)
-    if variant.subject.family == "embedding":
-        return embedding_cases(dtype, quantized=kind)
-    cases = linear_cases(dtype, quantized=kind)
-    return cases.filter(gradients_fit) if variant.check.startswith("grad") else cases
+    base, info = _check_of(name, kind)
+    cases = base.cases(BY_NAME[dtype_name], kind) if kind else base.cases(BY_NAME[dtype_name])
+    for keep in info.keep:
+        cases = cases.filter(keep)
+    return cases
 
 
 def measurable(name: str) -> bool:
@@ -55,36 +59,9 @@ def measurable(name: str) -> bool:
 
 def ci_examples(name: str, kind: str | None) -> int:
     """How many cases the ``ci`` profile gives the variant's check in its test module, per dtype (and mode)."""
-    from catalogue import WRONG_VARIANTS
-
-    variant = WRONG_VARIANTS[name]
-    return _ci_examples(f"conformance.test_{'quantized_' if kind else ''}{variant.subject.family}", f"test_{variant.check}")
-
-
-@functools.cache
-def _ci_examples(module: str, test_name: str) -> int:
-    """`test_name`'s examples under the ``ci`` profile, read from its settings, which its module's
-    decorators (``profiles.fewer_examples``) fix at import: so the module is imported under that
-    profile, and left as it was found."""
-    import importlib
-    import warnings
-
-    import pytest
-    from hypothesis import settings
-
     from foundation import profiles
 
-    imported = sys.modules.get(module)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)  # the suite's plugin registers its marks
-        with profiles.loaded("ci"):
-            test = getattr(importlib.reload(imported) if imported else importlib.import_module(module), test_name)
-            examples = (getattr(test, "_hypothesis_internal_use_settings", None) or settings.default).max_examples
-        if imported:
-            importlib.reload(imported)
-        else:
-            del sys.modules[module]
-    return examples
+    return profiles.examples("ci", _check_of(name, kind)[1].examples)
 
 
 def configurations(name: str) -> list[tuple[str, str | None]]:
@@ -93,8 +70,7 @@ def configurations(name: str) -> list[tuple[str, str | None]]:
     from foundation.quantization import KINDS
 
     variant = WRONG_VARIANTS[name]
-    quantized = variant.base == "quantized" or variant.check == "requantize"
-    kinds = (variant.quantizations or KINDS) if quantized else (None,)
+    kinds = (variant.quantizations or KINDS) if variant.on_quantized_base else (None,)
     return [(dtype, kind) for dtype in variant.visible_in for kind in kinds]
 
 
@@ -112,10 +88,10 @@ def run_seed(task: Task) -> dict:
     from hypothesis.errors import FlakyFailure
 
     from catalogue import WRONG_VARIANTS
-    from conformance import registry
+    from conformance.families import find_check
 
     variant = WRONG_VARIANTS[task.variant]
-    check = registry.find_check(variant.subject.family, variant.check)
+    check = find_check(variant.subject.family, variant.check).run
     tried: list[dict] = []
     caught_after: list[int] = []
 

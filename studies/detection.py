@@ -183,11 +183,11 @@ def summarize(records: list[tuple[float, float, float, int]]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conformance.registry import FAMILY_CHECKS
+    from conformance.families import FAMILIES
     from foundation.dtypes import BY_NAME
 
     parser = argparse.ArgumentParser(prog="python -m studies.detection", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=sorted(FAMILY_CHECKS))
+    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
     sampling.add_case_options(parser, default_cases=2000)
     parser.add_argument("--out", type=Path,

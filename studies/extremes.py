@@ -20,6 +20,7 @@ import math
 from hypothesis import assume
 from hypothesis import strategies as st
 
+from conformance.families import FAMILIES
 from foundation.cases import (
     BOOLEANS,
     CANCELLATIONS,
@@ -103,9 +104,10 @@ def switch_cases(draw: st.DrawFn, dtype: DType):
 
 
 def cases_for(family: str, dtype: DType) -> st.SearchStrategy:
-    """The extreme cases of a family (the families of `conformance.registry.FAMILY_CHECKS`)."""
-    if family == "switch_linear":
+    """The extreme cases of a family of `conformance.families.FAMILIES`, by its layout."""
+    described = FAMILIES[family]
+    if described.layout == "switch":
         return switch_cases(dtype)
-    if family.endswith("embedding"):
-        return embedding_cases(dtype, use_dora=family.startswith("dora_"))
-    return linear_cases(dtype, use_dora=family.startswith("dora_"))
+    if described.layout == "embedding":
+        return embedding_cases(dtype, use_dora=described.use_dora)
+    return linear_cases(dtype, use_dora=described.use_dora)

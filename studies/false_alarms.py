@@ -3,7 +3,7 @@
 ``python -m studies.false_alarms --family linear --dtype float32 --cases 100000 [--kind drawn|extreme]
 [--base float|conv1d|quantized] [--subject NAME] [--seed S] [--workers N] [--out FILE]``
 
-Every case goes through every check its family has on that base in that dtype (`conformance.registry`),
+Every case goes through every check its family has on that base in that dtype (`conformance.families`),
 on the subject and on the reference (peft), both judged against the oracle; the slowest checks
 (`EVERY`) on every n-th case only. A margin above 1 is a false alarm: it is listed with the command
 that replays it. The default subject is the family's correct layer of ``catalogue/layers.py``.
@@ -34,15 +34,11 @@ def replay_command(subject: str, check: str, case: dict) -> str:
 
 def check_id(family: str, base: str, check: str, subject: str, case: dict) -> str:
     """The suite's id of the test that runs `check` on this case, as ``known_divergences.txt`` names it."""
-    dtype = case["dtype"]
-    if base == "quantized":
-        from foundation.quantization import Quantization
+    from conformance.families import FAMILIES
+    from foundation.quantization import Quantization
 
-        kind = Quantization(**case["quantization"]).kind
-        return f"test_quantized_{family}.py::test_{check}[{subject}-{dtype}-{kind}]"
-    if base == "conv1d":
-        return f"test_conv1d.py::test_{'dora' if family.startswith('dora_') else 'lora'}_{check}[{subject}-{dtype}]"
-    return f"test_{family}.py::test_{check}[{subject}-{dtype}]"
+    kind = Quantization(**case["quantization"]).kind if base == "quantized" else None
+    return FAMILIES[family].on(base).check_id(check, subject, case["dtype"], kind)
 
 
 def known_divergences() -> list:
@@ -59,27 +55,28 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
     quantized product on the CPU), the subject's failures are counted as that, not as false alarms, and
     its margins there are not the verdict's to report; the reference's failures are always false alarms.
     """
-    from conformance import divergences, registry
+    from conformance import divergences
+    from conformance.families import FAMILIES
     from subjects.known import resolve
 
     subject = resolve(task.subject)
     known = known_divergences()
-    checks = {name: check for name, check in registry.checks_on(task.family, task.base).items()
-              if registry.runs_in(name, task.dtype)}
+    checks = {name: info for name, info in FAMILIES[task.family].checks_on(task.base).items()
+              if info.runs_in(task.dtype)}
     found: dict = {"checks": {}, "false_alarms": [], "known_divergences": [], "quantizations": {}}
 
     def visit(case, index: int) -> None:
         description = case.describe()
         if case.quantization is not None:
             found["quantizations"][case.quantization.kind] = found["quantizations"].get(case.quantization.kind, 0) + 1
-        for name, check in checks.items():
+        for name, info in checks.items():
             if index % EVERY.get(name, 1):
                 continue
             tally = found["checks"].setdefault(name, {"runs": 0, "not_judgeable": 0, "largest": {}})
-            if not registry.applies(name, case):  # as the check's test module leaves the case out
+            if not info.applies(case):  # as the check's test module leaves the case out
                 tally["not_judgeable"] += 1
                 continue
-            measurement = check(subject, case)
+            measurement = info.run(subject, case)
             tally["runs"] += 1
             replay = replay_command(task.subject, name, description)
             entries = divergences.covering(known, check_id(task.family, task.base, name, task.subject, description))
@@ -141,11 +138,11 @@ def default_subject(family: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conformance.registry import FAMILY_CHECKS
+    from conformance.families import FAMILIES
     from foundation.dtypes import BY_NAME
 
     parser = argparse.ArgumentParser(prog="python -m studies.false_alarms", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=sorted(FAMILY_CHECKS))
+    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
     parser.add_argument("--subject", help="a subject of the family (default: its correct layer in tests/)")
     sampling.add_case_options(parser, default_cases=1000)

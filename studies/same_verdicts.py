@@ -4,6 +4,12 @@ For a change that must change no verdict (a refactoring, a speed-up): every chec
 in both results files, and every case (a row, by its check id and its parameters) the same verdict. Prints
 what differs and exits 1 if anything does, 0 if nothing does; margins that moved are counted apart (some of
 torch's CPU gradients are not bit-reproducible, see the flakiness study).
+
+A change can move which cases a derandomized run draws without changing any judgement: Hypothesis seeds a
+test from its source, and now and then draws a constant it found in the project's own modules. With
+``--rejudge`` only BEFORE is read: each of its cases is judged again by this checkout's check, and the verdicts
+and margins compared (the checks replay cannot rebuild, error parity and the base's own kernel, are counted
+apart).
 """
 
 from __future__ import annotations
@@ -48,15 +54,54 @@ def differences(before: Results, after: Results) -> list[str]:
     return found
 
 
+def rejudged(before: Results) -> tuple[list[str], int, int]:
+    """Each case of `before` judged again by this checkout's checks: the differing verdicts, how many cases were
+    judged again and how many margins moved."""
+    from conformance import threads
+    from conformance.families import find_check
+    from foundation.rebuild import case_from_description
+    from subjects.known import resolve
+
+    threads.apply(threads.chosen(None))
+    found, judged, moved = [], 0, 0
+    subjects = {}
+    for row in before.rows:
+        subject = subjects.get(row.subject) or subjects.setdefault(row.subject, resolve(row.subject))
+        check = find_check(subject.family, row.check)
+        if check is None:
+            continue
+        measurement = check.run(subject, case_from_description(row.case))
+        judged += 1
+        verdict = "pass" if measurement.passed else "fail"
+        margin = measurement.margin if measurement.margin == measurement.margin else None
+        if verdict != str(row.verdict):
+            found.append(f"case {row.check_id}: {row.verdict} before, {verdict} now {json.dumps(row.case, sort_keys=True)}")
+        elif row.margin is not None and margin != row.margin:
+            moved += 1
+    return found, judged, moved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.same_verdicts", description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path)
-    parser.add_argument("after", type=Path)
+    parser.add_argument("after", type=Path, nargs="?", help="the results of the change (not with --rejudge)")
+    parser.add_argument("--rejudge", action="store_true", help="judge BEFORE's cases again with this checkout")
     args = parser.parse_args(argv)
+    if args.rejudge == (args.after is not None):
+        parser.error("give AFTER, or --rejudge, not both")
     try:
-        before, after = load([args.before]), load([args.after])
+        before = load([args.before])
+        after = None if args.rejudge else load([args.after])
     except ResultsError as error:
         parser.error(str(error))
+    if after is None:
+        found, judged, moved = rejudged(before)
+        for line in found:
+            print(line)
+        print(f"{len(before.rows)} cases, {judged} judged again: "
+              + (f"{len(found)} verdicts differ" if found else "the same verdict for every one")
+              + f"; {moved} margins moved; {len(before.rows) - judged} not replayable (error parity, the base's kernel)")
+        return 1 if found else 0
     found = differences(before, after)
     for line in found:
         print(line)

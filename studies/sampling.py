@@ -39,16 +39,15 @@ def chunk_size(cases: int) -> int:
 
 
 KINDS = ("drawn", "extreme")
-"""``drawn``: the cases the suite itself draws (`cases_for`, the dev profile's sizes); ``extreme``:
+"""``drawn``: the cases the suite itself draws (`Family.study_cases`, the dev profile's sizes); ``extreme``:
 those of `studies.extremes`, which Hypothesis would rarely reach by itself."""
 
 
 def strategy(family: str, dtype_name: str, kind: str, base: str = "float") -> st.SearchStrategy:
-    """A study's cases: `kind` of `KINDS` on a base of `conformance.registry.BASES` (a quantized base's
+    """A study's cases: `kind` of `KINDS` on a base of `conformance.families.BASES` (a quantized base's
     mode is drawn, each of `foundation.quantization.KINDS` alike; extreme cases have float bases)."""
-    from conformance import registry
+    from conformance.families import FAMILIES
     from foundation import profiles
-    from foundation.cases import linear_cases
     from foundation.dtypes import BY_NAME
     from foundation.quantization import KINDS as QUANTIZATIONS
     from studies import extremes
@@ -57,11 +56,12 @@ def strategy(family: str, dtype_name: str, kind: str, base: str = "float") -> st
     if kind == "extreme":
         return extremes.cases_for(family, dtype)
     settings.load_profile(profiles.DEFAULT)  # the dev profile's sizes, whatever profile loaded before
+    described = FAMILIES[family]
     if base == "quantized":
-        return st.sampled_from(QUANTIZATIONS).flatmap(lambda mode: registry.quantized_cases_for(family, dtype, mode))
+        return st.sampled_from(QUANTIZATIONS).flatmap(lambda mode: described.quantized_study_cases(dtype, mode))
     if base == "conv1d":
-        return linear_cases(dtype, use_dora=family.startswith("dora_"), fan_in_fan_out=True)
-    return registry.cases_for(family, dtype)
+        return described.on("conv1d").cases(dtype)
+    return described.study_cases(dtype)
 
 
 def result_name(family: str, base: str, dtype: str, kind: str) -> str:
@@ -76,10 +76,10 @@ def base_option(base: str) -> list[str]:
 
 def check_usage(parser: argparse.ArgumentParser, family: str, kind: str, base: str) -> None:
     """A one-line usage error for a study the suite has no cases of."""
-    from conformance.registry import checks_on
+    from conformance.families import FAMILIES
 
-    if not checks_on(family, base):
-        parser.error(f"the suite has no {family} layer on a {base} base (see conformance.registry.checks_on)")
+    if not FAMILIES[family].checks_on(base):
+        parser.error(f"the suite has no {family} layer on a {base} base (see conformance.families)")
     if kind == "extreme" and base != "float":
         parser.error(f"extreme cases have float bases only, not {base}")
 
@@ -164,7 +164,7 @@ def distinct(results: list[dict]) -> int:
 
 def add_case_options(parser: argparse.ArgumentParser, default_cases: int) -> None:
     """The options every study of drawn cases takes."""
-    from conformance.registry import BASES
+    from conformance.families import BASES
 
     parser.add_argument("--cases", type=int, default=default_cases, help="at least this many distinct cases (default: %(default)s)")
     parser.add_argument("--kind", choices=KINDS, default="drawn", help="which cases (default: %(default)s)")

@@ -15,7 +15,7 @@ from hypothesis import settings
 import conformance.conftest  # noqa: F401
 
 # Imported before any in-process run, so pytester's module snapshot keeps them (and MLX) loaded.
-import conformance.registry  # noqa: F401
+import conformance.families  # noqa: F401
 from conformance import threads
 
 pytest_plugins = ["pytester"]

@@ -13,9 +13,9 @@ LAYERS = (
     ("foundation",),  # the case model and the error model
     ("subjects",),  # the subject side: MLX's layers, their conventions, MLX's kernels
     ("reference",),  # the reference side: peft and the float64 oracle
-    ("catalogue",),  # the correct and wrong layers tests and studies run as subjects
     ("reports",),  # the report and the regression table: they read results and run nothing (the plugin writes them)
     ("conformance",),  # the checks, the families, the plugin and the test modules
+    ("catalogue",),  # the correct and wrong layers tests and studies run as subjects
     ("gate", "studies"),
     ("tests",),
 )

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import divergences, registry
+from conformance import divergences, family_tests
+from conformance.families import BASES, FAMILIES
 from foundation.cases import make_linear_case
 from foundation.dtypes import FLOAT16, FLOAT32
 from foundation.quantization import AVAILABLE, KINDS
@@ -107,14 +108,14 @@ def test_studies_on_other_bases_draw_those_bases():
     assert all(case.fan_in_fan_out and case.use_dora for case in conv1d)
 
 
-@pytest.mark.parametrize("base", registry.BASES)
+@pytest.mark.parametrize("base", BASES)
 def test_a_study_names_each_check_as_the_suite_does_so_that_known_divergences_apply(base):
     """The study counts a subject's failure in a known divergence of the suite as that: the ids must be the suite's."""
     case = {"dtype": "float16", "quantization": {"mode": "mxfp8", "bits": 8, "group_size": 32}}
-    for family in registry.FAMILY_CHECKS:
-        for check in registry.checks_on(family, base):
-            module, _, test = false_alarms.check_id(family, base, check, "S", case).partition("::")
-            assert f"def {test.split('[')[0]}(" in (SUITE / module).read_text(), (family, base, check)
+    for family in FAMILIES.values():
+        for check in family.checks_on(base):
+            module, _, test = false_alarms.check_id(family.name, base, check, "S", case).partition("::")
+            assert test.split("[")[0] in family_tests.module_tests(module), (family.name, base, check)
     on_cpu = divergences.load(divergences.DEFAULT_PATH, "cpu")
     mxfp8 = false_alarms.check_id("linear", "quantized", "forward", "catalogue:CorrectLoRALinear", case)
     assert mxfp8 == "test_quantized_linear.py::test_forward[catalogue:CorrectLoRALinear-float16-mxfp8]"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from catalogue import CorrectDoRALinear, CorrectLoRALinear, CorrectLoRASwitchLinear
-from conformance import registry, replay
+from conformance import replay
+from conformance.families import DORA_LINEAR, EMBEDDING, LINEAR
 from foundation.cases import fits_dtype, gradients_fit, make_embedding_case, make_linear_case
 from foundation.dtypes import BFLOAT16
 from foundation.quantization import Quantization
@@ -112,14 +113,14 @@ def test_dora_cases_whose_norm_the_dtype_does_not_determine_are_not_drawn():
 def test_peft_dora_bias_gradient_is_covered_however_far_the_magnitude_is_from_the_norm():
     case = case_from_description(PEFT_DORA_BIAS)
     trained_far = dataclasses.replace(case, magnitude=8 * case.magnitude)  # the suite draws m within 2x of the norm
-    measurement = registry.FAMILY_CHECKS["dora_linear"]["grad_bias_all"](CorrectDoRALinear, trained_far)
+    measurement = DORA_LINEAR.checks_on()["grad_bias_all"].run(CorrectDoRALinear, trained_far)
     assert measurement.passed, measurement.worst.describe()
 
 
 def test_steps_checks_leave_out_trajectories_whose_later_passes_overflow():
     case = case_from_description(STEPS_OVERFLOW_IN_A_LATER_STEP)
     assert fits_dtype(case) and gradients_fit(case)
-    assert not registry.applies("steps_sgd", case)
+    assert not LINEAR.checks_on()["steps_sgd"].applies(case)
 
 
 def test_dora_cases_whose_row_norms_square_beyond_the_accumulation_are_not_drawn():
@@ -142,7 +143,7 @@ def test_a_quantized_lookup_is_judged_as_the_gather_it_is_not_as_a_sum_in_the_dt
     expected = oracle.embedding_forward(case)
     assert np.all(np.isfinite(expected.bound))
     subject = resolve("catalogue:CorrectLoRAEmbedding")
-    assert registry.checks_on("embedding", "quantized")["forward"](subject, case).passed
+    assert EMBEDDING.checks_on("quantized")["forward"].run(subject, case).passed
     lora_term = oracle.lora_update(case.lookup).value
     assert not compare("output", "subject", expected.value + 0.5 * lora_term, expected).passed
 
@@ -159,9 +160,9 @@ def test_a_quantized_base_in_bfloat16_is_judged_by_its_kernel_s_own_error_not_by
     upstream = np.ones((3, 8))
     grad_x = oracle.linear_grads(case, upstream)["grad x"]
     assert np.all(np.isfinite(expected.bound)) and np.all(np.isfinite(grad_x.bound))
-    checks = registry.checks_on("linear", "quantized")
-    assert checks["forward"](resolve(subject), case).passed
-    assert checks["grad"](resolve(subject), case).passed
+    checks = LINEAR.checks_on("quantized")
+    assert checks["forward"].run(resolve(subject), case).passed
+    assert checks["grad"].run(resolve(subject), case).passed
     lora_term = oracle.lora_update(case).value
     assert not compare("output", "subject", expected.value + 0.1 * lora_term, expected).passed
     assert not compare("grad x", "subject", 1.1 * grad_x.value, grad_x).passed

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from catalogue import CORRECT
-from conformance import registry, replay
+from conformance import replay
+from conformance.families import FAMILIES, LINEAR
 from foundation import profiles
 from foundation.cases import LinearCase, gradients_fit, linear_cases
 from foundation.dtypes import ACCUMULATION, BFLOAT16, CASE_DTYPES, FLOAT16, FLOAT32, round_to
@@ -115,20 +116,21 @@ def test_a_scaled_lora_term_of_mlx_and_torch_stays_within_its_bound_in_either_or
 
 def test_steps_checks_judge_every_drawn_case_and_leave_out_trajectories_that_overflow():
     """The optimizer-step checks judge a case only if its float64 trajectory stays far inside the dtype's range
-    (`registry.APPLIES_TO`); the suite's own cases all do; x and W of 2**20 (AdamW squares the gradients) or
+    (`CheckInfo.judges`); the suite's own cases all do; x and W of 2**20 (AdamW squares the gradients) or
     2**40 do not, and replaying such a case is refused."""
     drawn: list[LinearCase] = []
     sampling.draw_chunk(linear_cases(FLOAT32).filter(gradients_fit), 0, 0, 100, drawn.append)
-    for check in ("steps_sgd", "steps_adamw"):
-        assert all(registry.applies(check, case) for case in drawn)
+    steps = {name: LINEAR.checks_on()[name] for name in ("steps_sgd", "steps_adamw")}
+    for check in steps.values():
+        assert all(check.applies(case) for case in drawn)
     sizes = {"in_features": 8, "out_features": 16, "r": 4, "batch_shape": [3]}
 
     def weighing(scale: float) -> dict:
         return {**drawn[0].describe(), **sizes, "magnitudes": [scale, scale, 1.0, 1.0]}
 
-    assert registry.applies("steps_sgd", case_from_description(weighing(2.0**20)))
-    assert not registry.applies("steps_adamw", case_from_description(weighing(2.0**20)))
-    assert not registry.applies("steps_sgd", case_from_description(weighing(2.0**40)))
+    assert steps["steps_sgd"].applies(case_from_description(weighing(2.0**20)))
+    assert not steps["steps_adamw"].applies(case_from_description(weighing(2.0**20)))
+    assert not steps["steps_sgd"].applies(case_from_description(weighing(2.0**40)))
     spec = {"subject": CORRECT[0].name, "check": "steps_adamw", "case": weighing(2.0**20)}
     with pytest.raises(SystemExit) as refused:
         replay.main([json.dumps(spec)])
@@ -200,12 +202,12 @@ def test_correct_layer_uses_well_under_the_allowed_error(dtype, default_profile)
     for subject in CORRECT:
 
         @settings(max_examples=150, derandomize=True, database=None, deadline=None)
-        @given(case=registry.cases_for(subject.family, dtype))
+        @given(case=FAMILIES[subject.family].study_cases(dtype))
         def run(case):
-            for name, check in registry.FAMILY_CHECKS[subject.family].items():
-                if not registry.runs_in(name, dtype.name):
+            for name, check in FAMILIES[subject.family].checks_on().items():
+                if not check.runs_in(dtype.name):
                     continue
-                measurement = check(subject, case)
+                measurement = check.run(subject, case)
                 assert measurement.passed, measurement.worst.describe()
                 if name not in STATISTICAL:
                     margins.append((measurement.margin, f"{subject.name} {name}: {measurement.worst.describe()}"))

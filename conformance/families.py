@@ -1,0 +1,380 @@
+"""Each family of LoRA layers, described once: its cases on each kind of base, its checks with the cases they
+draw, their dtypes and example counts, and what the studies draw.
+
+A `Family` is to this suite what an OpInfo is to PyTorch's tests: the test modules (``test_<family>.py``,
+``test_quantized_<family>.py``, ``test_conv1d.py``) are generated from it (`conformance.family_tests`), and
+the plugin, replay, the benchmark, the studies and the catalogue of wrong variants read it. The README's
+"Adding a family" lists what else a new family needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import strategies as st
+
+from conformance import checks, training_checks
+from conformance.timing import PhaseTimer
+from foundation.cases import EmbeddingCase, LinearCase, embedding_cases, gradients_fit, linear_cases
+from foundation.dtypes import DType
+from foundation.switch_cases import SwitchCase, switch_cases, switch_gradients_fit
+from foundation.verdict import Measurement
+from subjects.known import Subject
+
+Case = LinearCase | EmbeddingCase | SwitchCase
+Check = Callable[[Subject, Any, PhaseTimer], Measurement]
+Keep = Callable[[Any], bool]
+
+BASES = ("float", "conv1d", "quantized")
+"""What a family's layer may wrap: an ``nn.Linear`` (``nn.Embedding``, ``SwitchLinear``), one that peft sees as
+a transformers Conv1D, or a quantized one."""
+
+
+@dataclass(frozen=True)
+class CheckInfo:
+    """One check of a family on one base: what it runs, on which of the base's cases, how often and in which dtypes."""
+
+    name: str
+    """The name it is recorded under (``forward``, ``merge``, ...)."""
+    run: Check
+    doc: str
+    """What a correct layer does: the generated test's docstring."""
+    keep: tuple[Keep, ...] = ()
+    """Filters on the base's cases, applied in order, that choose the cases this check draws."""
+    examples: int = 1
+    """The check draws 1/`examples` of the profile's examples (`profiles.fewer_examples`)."""
+    dtypes: tuple[str, ...] | None = None
+    """The only case dtypes it runs in, where not all."""
+    judges: Keep | None = None
+    """Whether it can judge a case at all, where it cannot judge every case (replay and the studies ask)."""
+
+    def runs_in(self, dtype: str) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
+
+    def applies(self, case: Case) -> bool:
+        return self.judges is None or self.judges(case)
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """A family on one kind of base: its test module, its cases and its checks."""
+
+    base: str
+    """One of `BASES`."""
+    module: str
+    """The test module its checks are generated into."""
+    cases: Callable[..., st.SearchStrategy]
+    """``cases(dtype)``, or on a quantized base ``cases(dtype, kind)``: what every check of the base starts from."""
+    checks: tuple[CheckInfo, ...]
+    test_prefix: str = ""
+    """Where one module holds several families (``test_conv1d.py``): the family's part of its tests' names."""
+
+    def check(self, name: str) -> CheckInfo | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+    def test_name(self, check: str) -> str:
+        return f"test_{self.test_prefix}{check}"
+
+    def check_id(self, check: str, subject: str, dtype: str, kind: str | None = None) -> str:
+        """The pytest id of `check` for `subject` in `dtype` (and, on a quantized base, the quantization `kind`),
+        as results and ``known_divergences.txt`` name it."""
+        parameters = "-".join([subject, dtype, *([kind] if self.base == "quantized" else [])])
+        return f"{self.module}::{self.test_name(check)}[{parameters}]"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of layers: the subjects of one kind (`Subject.family` names it) and how each base of theirs is checked."""
+
+    name: str
+    layout: str
+    """``linear``, ``embedding`` or ``switch``: which case model its cases are (the studies' extreme cases follow it)."""
+    use_dora: bool
+    bases: tuple[BaseInfo, ...]
+    study_cases: Callable[[DType], st.SearchStrategy]
+    """What the studies draw on a float base: cases every check of the family can take."""
+    quantized_study_cases: Callable[[DType, str], st.SearchStrategy] | None = None
+    """What the studies draw on a base quantized in a `Quantization.kind`, where the family has one."""
+    modules: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", tuple(b.module for b in self.bases))
+
+    def on(self, base: str) -> BaseInfo | None:
+        return next((b for b in self.bases if b.base == base), None)
+
+    def checks_on(self, base: str = "float") -> dict[str, CheckInfo]:
+        """The family's checks on a base of `BASES`; empty where the suite has no such layer."""
+        found = self.on(base)
+        return {c.name: c for c in found.checks} if found else {}
+
+    def find_check(self, name: str) -> CheckInfo | None:
+        """The check `name` on a float base, else on a quantized one: what replay re-runs."""
+        return self.checks_on("float").get(name) or self.checks_on("quantized").get(name)
+
+
+# --- the cases' filters -------------------------------------------------------------------------
+
+
+def _with_bias(case: LinearCase) -> bool:
+    return case.has_bias
+
+
+def _with_dropout(case: LinearCase) -> bool:
+    return case.dropout > 0
+
+
+def _steps_fit(optimizer: str) -> Keep:
+    return lambda case: training_checks.steps_fit(case, optimizer)
+
+
+def _lookup_gradients_fit(case: EmbeddingCase) -> bool:
+    return gradients_fit(case.lookup)
+
+
+def _lookup_with_dropout(case: EmbeddingCase) -> bool:
+    return case.lookup.dropout > 0
+
+
+def _batched_ids(case: EmbeddingCase) -> bool:
+    """Not a single 0-d token id, which ``nn.QuantizedEmbedding`` cannot look up (a known divergence of the base,
+    checked by itself in `test_quantized_embedding.py`)."""
+    return case.ids.ndim > 0
+
+
+# --- the checks each family shares ---------------------------------------------------------------
+
+_STEPS_DTYPES = ("float32",)
+"""Training in half precision keeps float32 adapters (mlx-lm creates them so), and AdamW's v = g^2 underflows in
+float16."""
+
+
+def _linear_training(gradients: Keep, names: tuple[str, ...], docs: dict[str, str]) -> tuple[CheckInfo, ...]:
+    """The gradient, dropout and optimizer-step checks of a layer judged as a linear map (`gradients`: whether
+    a case's backward pass fits its dtype)."""
+    steps = {name: _steps_fit(name.removeprefix("steps_")) for name in ("steps_sgd", "steps_adamw")}
+    known = {
+        "grad": CheckInfo("grad", training_checks.grad, docs["grad"], (gradients,)),
+        "grad_bias_all": CheckInfo("grad_bias_all", training_checks.grad_bias_all, docs.get("grad_bias_all", ""),
+                                   (gradients, _with_bias), examples=3),
+        "dropout": CheckInfo("dropout", training_checks.dropout, docs["dropout"], (_with_dropout,), examples=3),
+        # Dropout's rescaling does not depend on the dtype, and in half precision the rounding of the outputs
+        # would outweigh what the statistic can see: the check could not fail there.
+        "dropout_scaling": CheckInfo("dropout_scaling", training_checks.dropout_scaling, docs.get("dropout_scaling", ""),
+                                     (_with_dropout,), examples=5, dtypes=("float32",)),
+        **{
+            name: CheckInfo(name, getattr(training_checks, name), docs.get(name, ""),
+                            (lambda case, fits=fits: gradients(case) and fits(case),), examples=3,
+                            dtypes=_STEPS_DTYPES, judges=fits)
+            for name, fits in steps.items()
+        },
+    }
+    return tuple(known[name] for name in names)
+
+
+# --- the families ----------------------------------------------------------------------------------
+
+LINEAR = Family(
+    name="linear",
+    layout="linear",
+    use_dora=False,
+    bases=(
+        BaseInfo("float", "test_linear.py", lambda dtype: linear_cases(dtype), (
+            CheckInfo("forward", checks.forward,
+                      "In eval mode the output is ``x W^T + b + s (x A^T) B^T``, as peft computes it."),
+            CheckInfo("merge", checks.merge,
+                      "The merged layer has weight ``W + s B A``, the same bias, dtype and output as peft's merge."),
+            *_linear_training(gradients_fit, ("grad", "grad_bias_all", "dropout", "dropout_scaling", "steps_sgd",
+                                              "steps_adamw"), {
+                "grad": "Gradients for A, B and x are peft's and the formulas'; A and B train, the base does not.",
+                "grad_bias_all": "With peft's ``bias=\"all\"`` (MLX: the base's bias unfrozen) the bias trains too, "
+                                 "``db = sum_rows(T)``.",
+                "dropout": "In training mode, with one keep-mask given to both sides, dropout acts on the adapter's "
+                           "input only: ``x W^T + b + s (x' A^T) B^T`` with ``x' = x * mask / (1 - p)``.",
+                "dropout_scaling": "The subject's own dropout is inverted: its training-mode outputs average to the "
+                                   "eval output.",
+                "steps_sgd": "A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's.",
+                "steps_adamw": "A few AdamW steps (bias-corrected, decoupled weight decay) move A and B as torch's "
+                               "AdamW moves peft's.",
+            }),
+        )),
+        BaseInfo("quantized", "test_quantized_linear.py", lambda dtype, kind: linear_cases(dtype, quantized=kind), (
+            CheckInfo("forward", checks.forward,
+                      "On a ``QuantizedLinear`` the output is LoRA's on the dequantized weight.", examples=5),
+            CheckInfo("merge", checks.merge, "``fuse(dequantize=True)`` gives ``W_dequantized + s B A`` in the base "
+                      "dtype, as peft's merge does.", examples=5),
+            CheckInfo("requantize", checks.requantize, "``fuse()`` re-quantizes exactly that merge, in the base's "
+                      "mode, bit width and group size.", examples=5),
+            CheckInfo("grad", training_checks.grad, "QLoRA: A, B and x get LoRA's gradients on the dequantized "
+                      "weight; the quantized base does not train.", (gradients_fit,), examples=5),
+        )),
+        BaseInfo("conv1d", "test_conv1d.py", lambda dtype: linear_cases(dtype, fan_in_fan_out=True), (
+            CheckInfo("forward", checks.forward, "LoRA's output, against peft's LoRA on a Conv1D base.", examples=3),
+            CheckInfo("merge", checks.merge, "The merged weight (transposed back from peft's (in, out)), bias, dtype "
+                      "and output.", examples=3),
+        ), test_prefix="lora_"),
+    ),
+    study_cases=lambda dtype: linear_cases(dtype).filter(gradients_fit),  # their checks include the gradients
+    quantized_study_cases=lambda dtype, kind: linear_cases(dtype, quantized=kind).filter(gradients_fit),
+)
+
+DORA_LINEAR = Family(
+    name="dora_linear",
+    layout="linear",
+    use_dora=True,
+    bases=(
+        BaseInfo("float", "test_dora_linear.py", lambda dtype: linear_cases(dtype, use_dora=True), (
+            CheckInfo("forward", checks.forward, "In eval mode the output is ``m / ||W + s B A|| * (x W^T + s (x A^T) "
+                      "B^T) + b``, as peft computes it."),
+            CheckInfo("merge", checks.merge, "The merged weight is ``m / ||W + s B A|| * (W + s B A)``; bias, dtype "
+                      "and output as peft's merge."),
+            CheckInfo("init", checks.init,
+                      "Created on a base, with B zero, the magnitude is the base weight's row norms ``||W||``."),
+            CheckInfo("init_with_adapter", checks.init_with_adapter, "Derived with a non-zero B in place, the "
+                      "magnitude is ``||W + s B A||``, as peft derives it."),
+            *_linear_training(gradients_fit, ("grad", "grad_bias_all", "dropout"), {
+                "grad": "Gradients for A, B, m and x treat ``||W + s B A||`` as a constant, as peft (and the DoRA "
+                        "paper) do; A, B and m train, the base does not.",
+                "grad_bias_all": "With peft's ``bias=\"all\"`` the base's bias trains too.",
+                "dropout": "In training mode, with one keep-mask given to both sides: peft's ``x W^T + b + (f - 1) "
+                           "x' W^T + f s (x' A^T) B^T`` with ``f = m / ||W + s B A||`` and ``x' = x * mask / (1 - p)``.",
+            }),
+        )),
+        BaseInfo("quantized", "test_quantized_dora_linear.py",
+                 lambda dtype, kind: linear_cases(dtype, use_dora=True, quantized=kind), (
+            CheckInfo("forward", checks.forward,
+                      "On a ``QuantizedLinear`` the output is DoRA's on the dequantized weight.", examples=10),
+            CheckInfo("merge", checks.merge, "``fuse(dequantize=True)`` gives DoRA's merge of the dequantized weight "
+                      "in the base dtype, as peft's merge does.", examples=10),
+            CheckInfo("requantize", checks.requantize, "``fuse()`` re-quantizes exactly that merge, in the base's "
+                      "mode, bit width and group size.", examples=10),
+            CheckInfo("init", checks.init,
+                      "Created on a quantized base, the magnitude is the dequantized weight's row norms.", examples=10),
+            CheckInfo("grad", training_checks.grad, "QDoRA: A, B, m and x get DoRA's gradients on the dequantized "
+                      "weight (norm detached).", (gradients_fit,), examples=10),
+        )),
+        BaseInfo("conv1d", "test_conv1d.py", lambda dtype: linear_cases(dtype, use_dora=True, fan_in_fan_out=True), (
+            CheckInfo("forward", checks.forward, "DoRA's output, against peft's DoRA on a Conv1D base.", examples=3),
+            CheckInfo("merge", checks.merge, "DoRA's merged weight, bias, dtype and output, against peft's merge on "
+                      "a Conv1D base.", examples=3),
+        ), test_prefix="dora_"),
+    ),
+    study_cases=lambda dtype: linear_cases(dtype, use_dora=True).filter(gradients_fit),
+    quantized_study_cases=lambda dtype, kind: linear_cases(dtype, use_dora=True, quantized=kind).filter(gradients_fit),
+)
+
+_EMBEDDING_STEPS = {
+    "steps_sgd": "A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's (the rows of A a "
+                 "batch does not look up stay where they are).",
+    "steps_adamw": "A few AdamW steps move A and B as torch's AdamW moves peft's; rows not looked up still decay.",
+}
+
+EMBEDDING = Family(
+    name="embedding",
+    layout="embedding",
+    use_dora=False,
+    bases=(
+        BaseInfo("float", "test_embedding.py", lambda dtype: embedding_cases(dtype), (
+            CheckInfo("forward", checks.lookup,
+                      "In eval mode a lookup is ``W[ids] + s A^T[ids] B^T``, as peft's LoRA Embedding computes it."),
+            CheckInfo("as_linear", checks.as_linear, "``as_linear`` (a tied output head) is ``hidden @ (W + s A^T "
+                      "B^T)^T``: hidden against peft's merged table."),
+            CheckInfo("merge", checks.embedding_merge, "The merged table is ``W + s A^T B^T`` in the base dtype, and "
+                      "looks up what peft's merge does."),
+            CheckInfo("grad", training_checks.grad, "Gradients for A and B of ``sum(y * T)`` are peft's and the "
+                      "formulas'; A and B train, the table does not.", (_lookup_gradients_fit,), examples=2),
+            CheckInfo("dropout", training_checks.dropout, "In training mode, with one keep-mask given to every "
+                      "dropout module: peft's LoRA Embedding applies no dropout (ids cannot be dropped), so the "
+                      "lookup is the eval one.", (_lookup_with_dropout,), examples=3),
+            *(CheckInfo(name, getattr(training_checks, name), doc,
+                        (lambda case, fits=_steps_fit(name.removeprefix("steps_")): gradients_fit(case.lookup)
+                         and fits(case),),
+                        examples=3, dtypes=_STEPS_DTYPES, judges=_steps_fit(name.removeprefix("steps_")))
+              for name, doc in _EMBEDDING_STEPS.items()),
+        )),
+        BaseInfo("quantized", "test_quantized_embedding.py",
+                 lambda dtype, kind: embedding_cases(dtype, quantized=kind), (
+            CheckInfo("forward", checks.lookup, "Lookups of batches of ids are ``W[ids] + s A^T[ids] B^T`` on the "
+                      "dequantized table, in the model's dtype.", (_batched_ids,), examples=10),
+            CheckInfo("as_linear", checks.as_linear, "The tied output head multiplies by the adapted dequantized "
+                      "table.", examples=10),
+            CheckInfo("merge", checks.embedding_merge, "``fuse(dequantize=True)`` gives the table ``W + s A^T B^T`` "
+                      "in the base dtype, as peft's merge does.", examples=10),
+            CheckInfo("requantize", checks.requantize, "``fuse()`` re-quantizes exactly that merge, in the base's "
+                      "mode, bit width and group size.", examples=10),
+        )),
+    ),
+    study_cases=lambda dtype: embedding_cases(dtype).filter(_lookup_gradients_fit),
+    quantized_study_cases=lambda dtype, kind: embedding_cases(dtype, quantized=kind).filter(_batched_ids),
+)
+
+DORA_EMBEDDING = Family(
+    name="dora_embedding",
+    layout="embedding",
+    use_dora=True,
+    bases=(
+        BaseInfo("float", "test_dora_embedding.py", lambda dtype: embedding_cases(dtype, use_dora=True), (
+            CheckInfo("forward", checks.lookup, "A lookup is ``m / ||W + s A^T B^T||_columns * (W + s A^T B^T)[ids]``, "
+                      "as peft computes it."),
+            CheckInfo("as_linear", checks.as_linear, "``as_linear`` is ``hidden @ merged table^T``."),
+            CheckInfo("merge", checks.embedding_merge, "The merged table is ``m / ||W + s A^T B^T||_columns * (W + s "
+                      "A^T B^T)`` in the base dtype."),
+            CheckInfo("init", checks.init, "Created on a base, the magnitude is the table's norm per embedding "
+                      "dimension."),
+            CheckInfo("init_with_adapter", checks.init_with_adapter, "Derived with a non-zero B in place, the "
+                      "magnitude is the adapted table's norm per dimension."),
+        )),
+    ),
+    study_cases=lambda dtype: embedding_cases(dtype, use_dora=True),
+)
+
+SWITCH_LINEAR = Family(
+    name="switch_linear",
+    layout="switch",
+    use_dora=False,
+    bases=(
+        BaseInfo("float", "test_switch_linear.py", lambda dtype: switch_cases(dtype), (
+            CheckInfo("forward", checks.switch_forward, "Each routed output is ``x W_e^T + b_e + s (x A_e^T) B_e^T`` "
+                      "for the token's expert e.", examples=2),
+            CheckInfo("merge", checks.switch_merge, "``fuse()`` gives every expert ``W_e + s B_e A_e`` and its bias, "
+                      "in the base dtype, as peft's merge.", examples=2),
+            CheckInfo("merged_forward", checks.switch_merged_forward,
+                      "The fused layer routes tokens to their experts' merged weights.", examples=2),
+            CheckInfo("grad", training_checks.switch_grad, "Expert e's A and B get the gradients of the tokens routed "
+                      "to it, x the sum over its experts; the adapters train, the experts' weights do not.",
+                      (switch_gradients_fit,), examples=2),
+        )),
+        BaseInfo("quantized", "test_quantized_switch_linear.py", lambda dtype, kind: switch_cases(dtype, kind), (
+            CheckInfo("forward", checks.switch_forward,
+                      "Each routed output is LoRA's on the token's expert's dequantized weight.", examples=10),
+            CheckInfo("merge", checks.switch_merge, "``fuse(dequantize=True)`` gives every expert ``W_e + s B_e A_e`` "
+                      "in the base dtype, as peft's merge.", examples=10),
+            CheckInfo("merged_forward", checks.switch_merged_forward,
+                      "The dequantized fused layer routes tokens to their experts' merged weights.", examples=10),
+            CheckInfo("requantize", checks.requantize, "``fuse()`` re-quantizes exactly that merge, in the base's "
+                      "mode, bit width and group size.", examples=10),
+        )),
+    ),
+    study_cases=lambda dtype: switch_cases(dtype).filter(switch_gradients_fit),
+    quantized_study_cases=lambda dtype, kind: switch_cases(dtype, kind),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LINEAR, DORA_LINEAR, EMBEDDING, DORA_EMBEDDING, SWITCH_LINEAR)}
+"""Every family, by the name its subjects give (`Subject.family`)."""
+
+MODULE_ORDER = tuple(dict.fromkeys(
+    base.module.removeprefix("test_").removesuffix(".py") for family in FAMILIES.values() for base in family.bases
+)) + ("error_parity",)
+"""The report's tables, by test module: each family's, the float base first, then its variants."""
+
+
+def find_check(family: str, name: str) -> CheckInfo | None:
+    """The check `name` of a family, on a float or a quantized base: what replay can re-run."""
+    found = FAMILIES.get(family)
+    return found.find_check(name) if found else None
+
+
+def replayable(name: str) -> bool:
+    return any(family.find_check(name) for family in FAMILIES.values())
