@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import settings
 
 from conformance import families, family_tests
 from tests.example_family import CORRECT, LINEAR_WITHOUT_BIAS, MODULE, TEST_MODULE, WRONG
@@ -13,7 +14,9 @@ from tests.example_family import CORRECT, LINEAR_WITHOUT_BIAS, MODULE, TEST_MODU
 
 @pytest.fixture
 def run_family(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """Run the family's module in-process; the Hypothesis profile the run loads is undone after it."""
     monkeypatch.setitem(families.FAMILIES, LINEAR_WITHOUT_BIAS.name, LINEAR_WITHOUT_BIAS)
+    profile = settings.get_current_profile_name()
     pytester.makepyfile(**{MODULE.removesuffix(".py"): TEST_MODULE})
 
     def run(subject: str) -> tuple[int, dict]:
@@ -24,7 +27,8 @@ def run_family(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_p
         )
         return outcome.ret, json.loads(results.read_text())
 
-    return run
+    yield run
+    settings.load_profile(profile)
 
 
 def test_a_family_described_once_runs_its_checks_on_its_subjects(run_family):

@@ -70,6 +70,6 @@ import sys
 from pathlib import Path
 from reports import repro, results
 run = results.load([Path(sys.argv[1])])
-row = next(r for r in run.failing_case_by_check().values() if r["check"] == "forward")
-Path(sys.argv[2]).write_text(repro.script(row, run.runs[0]["subjects"][row["subject"]]))
+row = next(r for r in run.failing_case_by_check().values() if r.check == "forward")
+Path(sys.argv[2]).write_text(repro.script(row, run.runs[0]["subjects"][row.subject]))
 """
