@@ -7,9 +7,10 @@ same numbers. B is never zero: a zero B hides every scaling bug.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 import numpy as np
 from hypothesis import assume
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from foundation import profiles, weights
-from foundation.dtypes import ACCUMULATION, DType, round_to
+from foundation.dtypes import ACCUMULATION, BY_NAME, DType, round_to
 from foundation.quantization import AVAILABLE, Parts, Quantization, quantize_base
 
 
@@ -26,16 +27,10 @@ def scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
-class LinearCase:
-    """One drawn configuration of a LoRA layer on an ``nn.Linear`` base, in peft's layouts.
-
-    Cases compare by identity (their arrays have no one truth value of ``==``), so what is computed from
-    one can be kept with it (`foundation.memo`).
-
-    The parameters determine the case completely: the arrays are made from them by `make_linear_case`,
-    so `describe()` is enough to rebuild it (see ``python -m conformance.replay``).
-    """
+@dataclass(frozen=True)
+class LinearParameters:
+    """What determines a LoRA (or DoRA) layer on an ``nn.Linear`` base completely: `make_linear_case` makes
+    its arrays from these, so its `describe()` is enough to rebuild it (see ``python -m conformance.replay``)."""
 
     dtype: DType
     in_features: int
@@ -49,13 +44,67 @@ class LinearCase:
     magnitudes: tuple[float, float, float, float]
     """Powers of two that scale x, W (and b), A and B."""
     seed: int
-    use_dora: bool
-    quantization: Quantization | None
+    use_dora: bool = False
+    quantization: Quantization | None = None
     """The base is quantized in this mode: `weight` holds what it dequantizes to."""
-    fan_in_fan_out: bool
+    fan_in_fan_out: bool = False
     """peft's base is a transformers ``Conv1D``, which stores the weight as (in, out)."""
-    cancel: str | None
+    cancel: str | None = None
     """Made to cancel (see `CANCELLATIONS`), or None: drawn independently."""
+
+    @property
+    def scale(self) -> float:
+        return scaling(self.alpha, self.r, self.use_rslora)
+
+    def describe(self) -> dict:
+        """The parameters as results record them (``bias`` for `has_bias`, with the `scale` they give)."""
+        described = {_DESCRIBED.get(f.name, f.name): getattr(self, f.name) for f in dataclasses.fields(LinearParameters)}
+        described.update(
+            dtype=self.dtype.name,
+            batch_shape=list(self.batch_shape),
+            magnitudes=list(self.magnitudes),
+            quantization=self.quantization.describe() if self.quantization else None,
+        )
+        return {name: described[name] if name != "scale" else self.scale for name in DESCRIPTION_ORDER}
+
+    @classmethod
+    def from_description(cls, description: dict) -> LinearParameters:
+        """The parameters a ``describe()`` gives (older descriptions lack the later parameters: their defaults)."""
+        named = {f.name: description[_DESCRIBED.get(f.name, f.name)] for f in dataclasses.fields(LinearParameters)
+                 if _DESCRIBED.get(f.name, f.name) in description}
+        named.update(
+            dtype=BY_NAME[description["dtype"]],
+            batch_shape=tuple(description["batch_shape"]),
+            magnitudes=tuple(description["magnitudes"]),
+            quantization=Quantization(**description["quantization"]) if description.get("quantization") else None,
+        )
+        return cls(**named)
+
+    def parameters(self) -> dict:
+        """The parameters alone, by name, as `LinearParameters` takes them (a case's, without its arrays)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LinearParameters)}
+
+
+_DESCRIBED = {"has_bias": "bias"}
+"""Parameters whose recorded name is another."""
+DESCRIPTION_ORDER = ("dtype", "in_features", "out_features", "r", "alpha", "use_rslora", "scale", "bias", "dropout",
+                     "batch_shape", "magnitudes", "seed", "use_dora", "quantization", "fan_in_fan_out", "cancel")
+"""The order of a described linear case's keys (the results' rows keep it)."""
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class LinearCase(LinearParameters):
+    """One drawn configuration of a LoRA layer on an ``nn.Linear`` base, in peft's layouts: its parameters and
+    the arrays `make_linear_case` made from them.
+
+    Cases compare by identity (their arrays have no one truth value of ``==``), so what is computed from
+    one can be kept with it (`foundation.memo`).
+    """
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    _: KW_ONLY
     weight: np.ndarray = field(repr=False)
     """(out, in), like ``torch.nn.Linear.weight``."""
     bias: np.ndarray | None = field(repr=False)
@@ -69,10 +118,6 @@ class LinearCase:
     """DoRA's learned magnitude m, (out,): the adapted weight's row norms, as if trained a little."""
     quantized_parts: Parts | None = field(repr=False, default=None)
 
-    @property
-    def scale(self) -> float:
-        return scaling(self.alpha, self.r, self.use_rslora)
-
     def __repr__(self) -> str:
         parameters = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"LinearCase({parameters})"
@@ -80,92 +125,37 @@ class LinearCase:
     def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
         printer.text(repr(self))
 
-    def describe(self) -> dict:
-        """The case's parameters (not its arrays), for messages, result rows and replay."""
-        return {
-            "dtype": self.dtype.name,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "r": self.r,
-            "alpha": self.alpha,
-            "use_rslora": self.use_rslora,
-            "scale": self.scale,
-            "bias": self.has_bias,
-            "dropout": self.dropout,
-            "batch_shape": list(self.batch_shape),
-            "magnitudes": list(self.magnitudes),
-            "seed": self.seed,
-            "use_dora": self.use_dora,
-            "quantization": self.quantization.describe() if self.quantization else None,
-            "fan_in_fan_out": self.fan_in_fan_out,
-            "cancel": self.cancel,
-        }
 
-
-def make_linear_case(
-    dtype: DType,
-    in_features: int,
-    out_features: int,
-    r: int,
-    alpha: float,
-    use_rslora: bool,
-    dropout: float,
-    batch_shape: tuple[int, ...],
-    has_bias: bool,
-    magnitudes: tuple[float, float, float, float],
-    seed: int,
-    use_dora: bool = False,
-    quantization: Quantization | None = None,
-    fan_in_fan_out: bool = False,
-    cancel: str | None = None,
-) -> LinearCase:
-    """The case with these parameters; its weights come from `seed` and are rounded to `dtype`."""
+def make_linear_case(*args, **parameters) -> LinearCase:
+    """The case with these parameters (those of `LinearParameters`, or one `LinearParameters`); its weights
+    come from `seed` and are rounded to `dtype`."""
+    p = args[0] if len(args) == 1 and isinstance(args[0], LinearParameters) else LinearParameters(*args, **parameters)
+    dtype, quantization, cancel = p.dtype, p.quantization, p.cancel
     if cancel not in (None, *CANCELLATIONS) or (cancel == "terms" and quantization is not None):
         raise ValueError(f"cancel={cancel!r} (quantization {quantization}): should be None or one of {CANCELLATIONS}, "
                          "and 'terms' needs a float base")
-    rng = np.random.default_rng(seed)
-    x_scale, w_scale, a_scale, b_scale = magnitudes
-    weight = draw_array(rng, (out_features, in_features), w_scale / math.sqrt(in_features), dtype)
+    rng = np.random.default_rng(p.seed)
+    x_scale, w_scale, a_scale, b_scale = p.magnitudes
+    weight = draw_array(rng, (p.out_features, p.in_features), w_scale / math.sqrt(p.in_features), dtype)
     parts = None
     if quantization is not None:
         parts, weight = quantize_base(weight, dtype, quantization)
-    bias = draw_array(rng, (out_features,), w_scale, dtype) if has_bias else None
-    lora_A = draw_array(rng, (r, in_features), a_scale / math.sqrt(in_features), dtype)
-    lora_B = draw_array(rng, (out_features, r), b_scale / math.sqrt(r), dtype)
-    x = draw_array(rng, (*batch_shape, in_features), x_scale, dtype)
+    bias = draw_array(rng, (p.out_features,), w_scale, dtype) if p.has_bias else None
+    lora_A = draw_array(rng, (p.r, p.in_features), a_scale / math.sqrt(p.in_features), dtype)
+    lora_B = draw_array(rng, (p.out_features, p.r), b_scale / math.sqrt(p.r), dtype)
+    x = draw_array(rng, (*p.batch_shape, p.in_features), x_scale, dtype)
     if cancel == "terms":
-        weight = round_to(weight / 1024 - scaling(alpha, r, use_rslora) * lora_B @ lora_A, dtype)
+        weight = round_to(weight / 1024 - p.scale * lora_B @ lora_A, dtype)
     if cancel == "input":
         x = _cancelling_input(x, np.concatenate([weight, lora_A]), dtype)
     magnitude = None
-    if use_dora:
-        adapted = weight + scaling(alpha, r, use_rslora) * lora_B @ lora_A
-        trained = np.exp2(rng.uniform(-1, 1, out_features))
+    if p.use_dora:
+        adapted = weight + p.scale * lora_B @ lora_A
+        trained = np.exp2(rng.uniform(-1, 1, p.out_features))
         magnitude = round_to(np.linalg.norm(adapted, axis=1) * trained, dtype)
-    return LinearCase(
-        dtype=dtype,
-        in_features=in_features,
-        out_features=out_features,
-        r=r,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        dropout=dropout,
-        batch_shape=tuple(batch_shape),
-        has_bias=has_bias,
-        magnitudes=tuple(magnitudes),
-        seed=seed,
-        use_dora=use_dora,
-        quantization=quantization,
-        fan_in_fan_out=fan_in_fan_out,
-        cancel=cancel,
-        quantized_parts=parts,
-        weight=weight,
-        bias=bias,
-        lora_A=lora_A,
-        lora_B=lora_B,
-        x=x,
-        magnitude=magnitude,
-    )
+    fields = {**p.parameters(), "batch_shape": tuple(p.batch_shape), "magnitudes": tuple(p.magnitudes)}
+    return LinearCase(**fields, quantized_parts=parts, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, x=x,
+                      magnitude=magnitude)
 
 
 CANCELLATIONS = ("input", "terms")

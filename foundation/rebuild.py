@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from foundation.cases import SHARED_PARAMETERS, EmbeddingCase, LinearCase, make_embedding_case, make_linear_case
+from foundation.cases import (
+    SHARED_PARAMETERS,
+    EmbeddingCase,
+    LinearCase,
+    LinearParameters,
+    make_embedding_case,
+    make_linear_case,
+)
 from foundation.dtypes import BY_NAME
 from foundation.quantization import Quantization
 from foundation.switch_cases import SwitchCase, make_switch_case
@@ -18,23 +25,7 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase | Swi
         return make_embedding_case(
             d["num_embeddings"], d["dims"], dtype=BY_NAME[d["dtype"]], quantization=quantization, **shared
         )
-    parameters = dict(
-        dtype=BY_NAME[d["dtype"]],
-        in_features=d["in_features"],
-        out_features=d["out_features"],
-        r=d["r"],
-        alpha=d["alpha"],
-        use_rslora=d["use_rslora"],
-        dropout=d["dropout"],
-        batch_shape=tuple(d["batch_shape"]),
-        has_bias=d["bias"],
-        magnitudes=tuple(d["magnitudes"]),
-        seed=d["seed"],
-        use_dora=d.get("use_dora", False),
-        quantization=Quantization(**d["quantization"]) if d.get("quantization") else None,
-        fan_in_fan_out=d.get("fan_in_fan_out", False),
-        cancel=d.get("cancel"),
-    )
+    parameters = LinearParameters.from_description(d).parameters()
     if d.get("kind") == "switch":
         del parameters["use_dora"], parameters["fan_in_fan_out"]
         return make_switch_case(d["num_experts"], d["top_k"], d["sorted_indices"], **parameters)
