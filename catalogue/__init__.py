@@ -98,7 +98,9 @@ WRONG_VARIANTS = {
         ),
         WrongVariant(_subject(layers.UpdateCastToFloat16), "forward", visible_in=("float32", "bfloat16")),
         WrongVariant(_subject(layers.SwappedAB), "forward"),
-        WrongVariant(_subject(layers.GradientLeaksIntoBase), "grad", diagnosis="trainable only in the subject: ['linear.weight'"),
+        WrongVariant(
+            _subject(layers.GradientLeaksIntoBase), "grad", diagnosis="trainable only in the subject: ['linear.weight'"
+        ),
         WrongVariant(_subject(layers.CachesLoRAProduct), "steps_sgd", ("float32",)),
         WrongVariant(_subject(layers.BiasAddedTwice), "forward", diagnosis="the bias is added twice"),
         WrongVariant(_subject(layers.MergeScalesTwice), "merge", diagnosis="the scale is applied twice"),
@@ -111,9 +113,14 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(layers.DoRANormNotDetached), "grad"),
         WrongVariant(_subject(layers.RequantizeIgnoresAdapter), "requantize"),
         # mxfp4 and mxfp8 have one bit width and group size each: MLX's defaults are the base's own.
-        WrongVariant(_subject(layers.RequantizeWithDefaults), "requantize", quantizations=("affine", "affine-unaligned")),
         WrongVariant(
-            _subject(layers.QuantizedWidthRoundedDown), "forward", base="quantized", diagnosis="packed width x (32 // bits)",
+            _subject(layers.RequantizeWithDefaults), "requantize", quantizations=("affine", "affine-unaligned")
+        ),
+        WrongVariant(
+            _subject(layers.QuantizedWidthRoundedDown),
+            "forward",
+            base="quantized",
+            diagnosis="packed width x (32 // bits)",
             quantizations=("affine-unaligned",),
         ),
         WrongVariant(_subject(layers.EmbeddingLookupUnscaled), "forward"),
@@ -121,7 +128,10 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(layers.LookupWithoutRangeCheck), "error_parity"),
         WrongVariant(_subject(layers.EmbeddingMergeTransposed), "merge"),
         WrongVariant(
-            _subject(layers.LookupInDefaultDtype), "forward", visible_in=("float32", "float16"), base="quantized",
+            _subject(layers.LookupInDefaultDtype),
+            "forward",
+            visible_in=("float32", "float16"),
+            base="quantized",
             quantizations=("mxfp4", "mxfp8"),  # an affine table's scales carry the dtype into the dequantized table
         ),
         WrongVariant(_subject(layers.DoRAEmbeddingNormPerToken), "forward"),
@@ -138,21 +148,41 @@ globals().update({name: variant.subject for name, variant in WRONG_VARIANTS.item
 # Layers with one known divergence, and the same with a second bug behind it (tests/test_known_divergences.py).
 BEHIND_AN_ENTRY = {
     cls.__name__: _subject(cls)
-    for cls in (layers.MergeUpcast, layers.MergeUpcastAndScalesTwice, layers.MergeRefusesBiasFree,
-                layers.MergeRefusesBiasFreeAndScalesTwice, layers.RawAlphaDropsBias)
+    for cls in (
+        layers.MergeUpcast,
+        layers.MergeUpcastAndScalesTwice,
+        layers.MergeRefusesBiasFree,
+        layers.MergeRefusesBiasFreeAndScalesTwice,
+        layers.RawAlphaDropsBias,
+    )
 }
 globals().update(BEHIND_AN_ENTRY)
 
 # Subclasses of an upstream class, built by its conventions as the catalogue's own subjects are.
-UpstreamLoRADropsARank = Subject(f"{__name__}:UpstreamLoRADropsARank", "mlx-lm", "linear",
-                                 (f"{layers.__name__}:UpstreamLoRADropsARank",), LoRALinearConvention())
-UpstreamDoRAEmbeddingNormWithoutAdapter = Subject(
-    f"{__name__}:UpstreamDoRAEmbeddingNormWithoutAdapter", "mlx-lm", "dora_embedding",
-    (f"{layers.__name__}:UpstreamDoRAEmbeddingNormWithoutAdapter",), DoRAEmbeddingConvention(),
+UpstreamLoRADropsARank = Subject(
+    f"{__name__}:UpstreamLoRADropsARank",
+    "mlx-lm",
+    "linear",
+    (f"{layers.__name__}:UpstreamLoRADropsARank",),
+    LoRALinearConvention(),
 )
-FromBaseBuildsAnother = Subject(f"{__name__}:FromBaseBuildsAnother", "mlx-lm", "linear",
-                                (f"{layers.__name__}:FromBaseBuildsAnother",), LoRALinearConvention())
+UpstreamDoRAEmbeddingNormWithoutAdapter = Subject(
+    f"{__name__}:UpstreamDoRAEmbeddingNormWithoutAdapter",
+    "mlx-lm",
+    "dora_embedding",
+    (f"{layers.__name__}:UpstreamDoRAEmbeddingNormWithoutAdapter",),
+    DoRAEmbeddingConvention(),
+)
+FromBaseBuildsAnother = Subject(
+    f"{__name__}:FromBaseBuildsAnother",
+    "mlx-lm",
+    "linear",
+    (f"{layers.__name__}:FromBaseBuildsAnother",),
+    LoRALinearConvention(),
+)
 
 # Subjects the installed packages do not provide: their checks are skipped with the reason.
 AbsentClass = Subject(f"{__name__}:AbsentClass", "mlx", "linear", ("mlx.nn:NoSuchLoRALayer",), PeftStyleConvention())
-AbsentPackage = Subject(f"{__name__}:AbsentPackage", "no-such-distribution", "linear", ("no_such_module:X",), PeftStyleConvention())
+AbsentPackage = Subject(
+    f"{__name__}:AbsentPackage", "no-such-distribution", "linear", ("no_such_module:X",), PeftStyleConvention()
+)

@@ -63,7 +63,12 @@ class CorrectLoRALinear(nn.Module):
         if not isinstance(linear, nn.QuantizedLinear):
             return linear.weight
         return mx.dequantize(
-            linear.weight, linear.scales, linear.get("biases"), linear.group_size, linear.bits, linear.mode,
+            linear.weight,
+            linear.scales,
+            linear.get("biases"),
+            linear.group_size,
+            linear.bits,
+            linear.mode,
             dtype=self.weight_dtype,
         )
 
@@ -610,7 +615,9 @@ class PeftStyleEmbeddingConvention:
     def build(self, cls: type, case) -> nn.Module:
         lookup = case.lookup
         layer = self.construct(cls, case, lookup.r, lookup.dropout)
-        load_adapter(layer, lora_a=mlx_array(lookup.lora_A.T, case.dtype), lora_b=mlx_array(lookup.lora_B.T, case.dtype))
+        load_adapter(
+            layer, lora_a=mlx_array(lookup.lora_A.T, case.dtype), lora_b=mlx_array(lookup.lora_B.T, case.dtype)
+        )
         layer.eval()
         return layer
 
@@ -674,7 +681,9 @@ class CorrectLoRASwitchLinear(nn.Module):
     """LoRA on every expert, as peft's ``target_parameters`` defines it: a token routed to expert e gets
     ``x W_e^T + b_e + s (x A_e^T) B_e^T``; ``lora_a`` (E, r, in), ``lora_b`` (E, out, r)."""
 
-    def __init__(self, switch: GatheredSwitchLinear, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
+    def __init__(
+        self, switch: GatheredSwitchLinear, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0
+    ):
         super().__init__()
         num_experts, output_dims, _ = switch.weight.shape
         input_dims = switch.scales.shape[-1] * switch.group_size if "scales" in switch else switch.weight.shape[-1]
@@ -715,7 +724,9 @@ class CorrectLoRASwitchLinear(nn.Module):
         requantized = GatheredQuantizedSwitchLinear(
             input_dims, output_dims, num_experts, "bias" in base, base.group_size, base.bits, base.mode
         )
-        requantized.weight, requantized.scales, *biases = mx.quantize(weight, base.group_size, base.bits, mode=base.mode)
+        requantized.weight, requantized.scales, *biases = mx.quantize(
+            weight, base.group_size, base.bits, mode=base.mode
+        )
         requantized.biases = biases[0] if biases else None
         if "bias" in base:
             requantized.bias = base.bias

@@ -25,8 +25,11 @@ def message(measurement: Measurement, check_id: str = "", judgement: Judgement |
     if judgement is not None:
         lines.append("  not explained by any known divergence:")
     lines += [f"  {c.describe()}" for c in failing if id(c) not in explained]
-    lines += [f"  {c.describe()}  [known divergence, line {explained[id(c)].line}: {explained[id(c)].reason}]"
-              for c in failing if id(c) in explained]
+    lines += [
+        f"  {c.describe()}  [known divergence, line {explained[id(c)].line}: {explained[id(c)].reason}]"
+        for c in failing
+        if id(c) in explained
+    ]
     agreeing = sorted({c.what for c in measurement.comparisons if c.passed})
     if agreeing:
         lines.append(f"  within the allowed error: {', '.join(agreeing)}")

@@ -62,8 +62,14 @@ def drawn(dtype: str, count: int) -> list:
     """The forward check's first `count` cases, drawn as the ci profile draws them (derandomized)."""
     found: list = []
 
-    @settings(max_examples=count, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=count,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=linear_cases(DTYPES[dtype]))
     def collect(case):
         found.append(case)
@@ -92,6 +98,7 @@ def same_cases(subject: Subject, dtype: str, count: int, block: int) -> dict:
     timers = {"suite": PhaseTimer(), "bare": PhaseTimer()}
     blocks: dict[str, list[float]] = {"suite": [], "bare": []}
     agreed = {"suite": 0, "bare": 0}
+
     def done_with(kept: list, index: int):  # as a test lets its case go once its checks are done
         case, kept[index] = kept[index], None
         return case
@@ -128,14 +135,26 @@ def _phases(timer: PhaseTimer, total: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, help="cases per subject and dtype (default: 100; with --same-cases 150)")
-    parser.add_argument("--subject", action="append", default=[], help="subject or pattern such as mlx_vlm.* "
-                        f"(repeatable; default: all; with --same-cases one LoRALinear, default {SAME_CASES_SUBJECT})")
-    parser.add_argument("--dtype", action="append", default=[], choices=list(DTYPES),
-                        help="dtype (repeatable; default: all; with --same-cases one, default float32)")
-    parser.add_argument("--same-cases", action="store_true",
-                        help="the suite's forward and merge checks against a bare loop")
-    parser.add_argument("--block", type=int, default=10,
-                        help="with --same-cases: cases per interleaved block (default: %(default)s)")
+    parser.add_argument(
+        "--subject",
+        action="append",
+        default=[],
+        help="subject or pattern such as mlx_vlm.* "
+        f"(repeatable; default: all; with --same-cases one LoRALinear, default {SAME_CASES_SUBJECT})",
+    )
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        default=[],
+        choices=list(DTYPES),
+        help="dtype (repeatable; default: all; with --same-cases one, default float32)",
+    )
+    parser.add_argument(
+        "--same-cases", action="store_true", help="the suite's forward and merge checks against a bare loop"
+    )
+    parser.add_argument(
+        "--block", type=int, default=10, help="with --same-cases: cases per interleaved block (default: %(default)s)"
+    )
     threads.add_option(parser)
     args = parser.parse_args(argv)
     policy = threads.apply_option(parser, args)
@@ -185,11 +204,15 @@ def _same_cases_main(
     print(f"{found['cases']} {dtype} cases of {subject}, forward and merge, in blocks of {args.block}, interleaved:")
     for name, label in (("suite", "the suite's checks"), ("bare", "the bare loop     ")):
         total = sum(found["blocks"][name])
-        print(f"  {label} {total:6.2f} s ({_phases(found['timers'][name], total)}); "
-              f"{found['agreed'][name]} of {found['cases']} cases within the allowed error")
+        print(
+            f"  {label} {total:6.2f} s ({_phases(found['timers'][name], total)}); "
+            f"{found['agreed'][name]} of {found['cases']} cases within the allowed error"
+        )
     overall, median = speed_ratio(found["blocks"])
-    print(f"ratio: the suite runs at {overall:.2f}x the bare loop's speed (median of the blocks {median:.2f}x; "
-          f"its cost is {1 / overall:.2f}x the bare work)")
+    print(
+        f"ratio: the suite runs at {overall:.2f}x the bare loop's speed (median of the blocks {median:.2f}x; "
+        f"its cost is {1 / overall:.2f}x the bare work)"
+    )
     return 0
 
 

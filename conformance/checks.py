@@ -36,8 +36,10 @@ Expected = dict[str, "Tracked | None"]
 def from_mlx(arrays: dict[str, mx.array], unjudged_dtypes: tuple[str, ...] = ()) -> Observed:
     """What the subject produced, evaluated at once: each quantity's values and (but in `unjudged_dtypes`) dtype."""
     values = bridge.all_to_numpy(arrays)
-    return {name: (values[name], None if name in unjudged_dtypes else bridge.dtype_name(array))
-            for name, array in arrays.items()}
+    return {
+        name: (values[name], None if name in unjudged_dtypes else bridge.dtype_name(array))
+        for name, array in arrays.items()
+    }
 
 
 def from_torch(values: torch.Tensor, judge_dtype: bool = True) -> tuple[np.ndarray, str | None]:
@@ -105,7 +107,10 @@ def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> 
         return diagnosis.adapter_width_hints(case, [c.problem for c in measurement.comparisons if c.problem])
 
     return measure(
-        "forward", subject, case, timer,
+        "forward",
+        subject,
+        case,
+        timer,
         expect=lambda: {"output": oracle.linear_forward(case)},
         reference=lambda: {"output": from_torch(peft_layers.forward(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
@@ -151,7 +156,9 @@ def _failed(measurement: Measurement, quantity: str) -> bool:
     return any(c.side == "subject" and c.quantity == quantity and not c.passed for c in measurement.comparisons)
 
 
-def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+def requantize(
+    subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, timer: PhaseTimer = UNTIMED
+) -> Measurement:
     """``fuse(dequantize=False)`` on a quantized base is exactly ``quantize(fuse(dequantize=True))``.
 
     The merge check holds the dequantized merge to peft and the oracle; re-quantizing it then loses
@@ -167,7 +174,9 @@ def requantize(subject: Subject, case: LinearCase | EmbeddingCase | SwitchCase, 
             dequantized = subject.merge(layer, dequantize=True).weight
             requantized = subject.merge(layer, dequantize=False)
             if "scales" not in requantized:
-                raise TypeError(f"fuse(dequantize=False) returned a {type(requantized).__name__}, not a quantized layer")
+                raise TypeError(
+                    f"fuse(dequantize=False) returned a {type(requantized).__name__}, not a quantized layer"
+                )
             settings = Quantization(requantized.mode, requantized.bits, requantized.group_size)
             biases = () if requantized.get("biases") is None else (requantized.biases,)
             dtype = getattr(mx, case.dtype.name)
@@ -214,8 +223,9 @@ def _magnitude_at_creation(
     if not isinstance(case, EmbeddingCase):
         return measure(check, subject, case, timer, norms(case), reference, run_subject)
     # No norm hint: the magnitude at creation is the table's norm, not the adapted one the hint is about.
-    return _embedding_measure(check, subject, case, timer, norms(case.lookup), reference, run_subject,
-                              norms(case.per_row), norm_hints=False)
+    return _embedding_measure(
+        check, subject, case, timer, norms(case.lookup), reference, run_subject, norms(case.per_row), norm_hints=False
+    )
 
 
 def init(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -256,8 +266,10 @@ def _embedding_measure(
     diagnose = (lambda measurement, observed: diagnosis.norm_hints(case.per_row)) if norm_hints else None
     measurement = measure(check, subject, case, timer, expect, reference, run_subject, diagnose, expect_per_row)
     vocabulary, dims = case.lookup.in_features, case.lookup.out_features
-    problem = (f"is kept per vocabulary row ({vocabulary},), each token's vector normalised; peft keeps it per "
-               f"embedding dimension ({dims},), each dimension normalised over the vocabulary")
+    problem = (
+        f"is kept per vocabulary row ({vocabulary},), each token's vector normalised; peft keeps it per "
+        f"embedding dimension ({dims},), each dimension normalised over the vocabulary"
+    )
     measurement.comparisons.append(failed(problem, "magnitude", "subject", "convention"))
     return measurement
 
@@ -269,7 +281,10 @@ def lookup(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -
         return from_mlx({"output": subject.run(case).layer()(mx.array(case.ids))})
 
     return _embedding_measure(
-        "forward", subject, case, timer,
+        "forward",
+        subject,
+        case,
+        timer,
         expect=lambda: {"output": oracle.embedding_forward(case)},
         reference=lambda: {"output": from_torch(peft_layers.lookup(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
@@ -289,7 +304,13 @@ def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED
         return from_mlx({"output": subject.run(case).layer().as_linear(bridge.mlx_array(case.hidden, case.dtype))})
 
     return _embedding_measure(
-        "as_linear", subject, case, timer, lambda: {"output": oracle.embedding_as_linear(case)}, reference, run_subject,
+        "as_linear",
+        subject,
+        case,
+        timer,
+        lambda: {"output": oracle.embedding_as_linear(case)},
+        reference,
+        run_subject,
         expect_per_row=lambda: {"output": oracle.embedding_rows_as_linear(case)},
     )
 
@@ -312,7 +333,13 @@ def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = U
         return from_mlx({"merged weight": merged.weight, "merged output": merged(mx.array(case.ids))})
 
     return _embedding_measure(
-        "merge", subject, case, timer, lambda: expect(oracle.embedding_merged_weight(case)), reference, run_subject,
+        "merge",
+        subject,
+        case,
+        timer,
+        lambda: expect(oracle.embedding_merged_weight(case)),
+        reference,
+        run_subject,
         expect_per_row=lambda: expect(oracle.embedding_rows_merged_weight(case)),
     )
 
@@ -331,7 +358,10 @@ def switch_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIM
         return from_mlx({"output": bridge.switch_call(subject.run(case).layer(), case)})
 
     return measure(
-        "forward", subject, case, timer,
+        "forward",
+        subject,
+        case,
+        timer,
         expect=lambda: {"output": oracle.switch_forward(case)},
         reference=lambda: {"output": from_torch(peft_layers.switch_forward(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
@@ -376,7 +406,10 @@ def switch_merged_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer 
         return from_mlx({"merged output": bridge.switch_call(subject.run(case).merged(), case)})
 
     return measure(
-        "merged_forward", subject, case, timer,
+        "merged_forward",
+        subject,
+        case,
+        timer,
         expect=lambda: {"merged output": oracle.switch_merged_forward(case)},
         reference=reference,
         run_subject=run_subject,
@@ -430,7 +463,9 @@ def error_parity(
     if error is not None and not refuses(error, bad_value):
         comparison = raised(error, scenario, "subject")
         kinds = " or ".join(kind.__name__ for kind in REFUSALS)
-        comparison.problem = f"{said}: not the error {scenario} deserves (a {kinds} naming {bad_value}); peft {peft_said}"
+        comparison.problem = (
+            f"{said}: not the error {scenario} deserves (a {kinds} naming {bad_value}); peft {peft_said}"
+        )
         measurement.comparisons.append(comparison)
     elif error is not None:
         measurement.comparisons.append(Comparison(scenario, "subject", kind="raises", detail=type(error).__name__))

@@ -27,13 +27,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="a subject to check (repeatable): " + ", ".join(s.name for s in CATALOGUE)
+        help="a subject to check (repeatable): "
+        + ", ".join(s.name for s in CATALOGUE)
         + "; a pattern such as 'mlx_vlm.*'; or module:attribute of a Subject; default: all",
     )
     group.addoption(
-        "--dtype", action="append", default=[], choices=list(DTYPES), help="a case dtype to check (repeatable); default: all"
+        "--dtype",
+        action="append",
+        default=[],
+        choices=list(DTYPES),
+        help="a case dtype to check (repeatable); default: all",
     )
-    group.addoption("--mlx-device", choices=["cpu", "gpu"], default=None, help="MLX device; default: gpu where Metal is available, else cpu")
+    group.addoption(
+        "--mlx-device",
+        choices=["cpu", "gpu"],
+        default=None,
+        help="MLX device; default: gpu where Metal is available, else cpu",
+    )
     group.addoption(
         "--threads",
         default=None,
@@ -41,7 +51,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"threads per process for torch, BLAS and OpenMP, or '{threads.NATIVE}' (the libraries' own defaults); "
         f"default: ${threads.ENVIRONMENT}, else {threads.DEFAULT}",
     )
-    group.addoption("--results", default="results/conformance.json", metavar="PATH", help="JSON results file (default: %(default)s)")
+    group.addoption(
+        "--results", default="results/conformance.json", metavar="PATH", help="JSON results file (default: %(default)s)"
+    )
     group.addoption(
         "--report",
         default="results/report.html",
@@ -105,7 +117,9 @@ def pytest_configure(config: pytest.Config) -> None:
     results = Path(config.getoption("results"))
     report = None if config.getoption("report") == "none" else Path(config.getoption("report"))
     if not hasattr(config, "workerinput"):
-        outputs = [("--results", results)] + ([("--report", report), ("--report", report.with_suffix(".md"))] if report else [])
+        outputs = [("--results", results)] + (
+            [("--report", report), ("--report", report.with_suffix(".md"))] if report else []
+        )
         for option, path in outputs:
             try:
                 recording.check_writable(path)
@@ -130,7 +144,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     recorder = config.stash[RECORDER]
     meta = recorder.meta
     subjects = {s.name: _subject_meta(s) for s in config.stash[STATE]["subjects"] if s.not_provided_reason() is None}
-    recorder.meta = recording.run_meta(meta["versions"], meta["device"], profiles.active(), _seed_description(config), subjects)
+    recorder.meta = recording.run_meta(
+        meta["versions"], meta["device"], profiles.active(), _seed_description(config), subjects
+    )
     recorder.meta["threads"] = _threads_meta(config.stash[STATE])
     recorder.meta["modules"] = list(families.MODULE_ORDER)  # the order the report's tables follow
 
@@ -164,7 +180,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     versions = ", ".join(f"{name} {version or 'not installed'}" for name, version in meta["versions"].items())
     lines = [
         f"conformance: {versions}",
-        f"conformance: MLX device {meta['device']} ({mx.default_device()}); Hypothesis profile {meta['profile']}, seed {meta['seed']}",
+        f"conformance: MLX device {meta['device']} ({mx.default_device()}); "
+        f"Hypothesis profile {meta['profile']}, seed {meta['seed']}",
         f"conformance: {threads.describe(state['threads'], state['threads_in_force'][_process(config)])}",
     ]
     available = ", ".join(map(str, quantization.AVAILABLE))
@@ -264,8 +281,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def _not_seen(entries: list[divergences.KnownDivergence], explained: dict[int, int]) -> str:
-    lines = ["known divergence not seen in this check: remove the entry (or narrow its pattern; @sometimes if only "
-             "some cases reach it) in the known-divergences file"]
+    lines = [
+        "known divergence not seen in this check: remove the entry (or narrow its pattern; @sometimes if only "
+        "some cases reach it) in the known-divergences file"
+    ]
     lines += [f"  line {e.line}: {e}  # {e.reason}" for e in entries if not e.sometimes and e.line not in explained]
     return "\n".join(lines)
 
@@ -317,7 +336,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         publish.write(rendered, state["report"], state["report"].with_suffix(".md"))
 
 
-def _divergence_status(entry: divergences.KnownDivergence, checks: list[CheckRecord], thorough: bool) -> DivergenceRecord:
+def _divergence_status(
+    entry: divergences.KnownDivergence, checks: list[CheckRecord], thorough: bool
+) -> DivergenceRecord:
     """What an entry explained in the checks it covers that ran: a known divergence where it explained a
     failure; "now passing" where it explained none (the checks failed), or "missed this run" for an
     @sometimes entry, which a thorough run that never sees it ends as "never seen", failing the run."""
@@ -368,8 +389,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         for d in stale:
             never = d.status == Status.NEVER_SEEN
             where = "in no case of a thorough run" if never else "in " + ", ".join(d.now_passing)
-            write(f"line {d.line}: {d.check_id} | {d.explains}: not seen {where}; remove it (or narrow its "
-                  "pattern) in the known-divergences file")
+            write(
+                f"line {d.line}: {d.check_id} | {d.explains}: not seen {where}; remove it (or narrow its "
+                "pattern) in the known-divergences file"
+            )
     policy = state["threads"]
     for process, measured in sorted(state["threads_in_force"].items()):
         off = threads.departures(policy, measured)

@@ -97,10 +97,13 @@ def _dora_hints(case: LinearCase, output: np.ndarray, allowed: np.ndarray) -> li
     unbiased = case.x @ case.weight.T + oracle.lora_update(case).value
     bias = case.bias if case.has_bias else 0.0
     alternatives = {
-        "the weight norm is taken from W alone, without the adapter": case.magnitude / np.linalg.norm(case.weight, axis=1),
+        "the weight norm is taken from W alone, without the adapter": case.magnitude
+        / np.linalg.norm(case.weight, axis=1),
         "the magnitude m is not applied (no m / ||W + s B A|| factor)": np.ones_like(case.magnitude),
     }
-    hints = [text for text, factor in alternatives.items() if np.all(np.abs(factor * unbiased + bias - output) <= allowed)]
+    hints = [
+        text for text, factor in alternatives.items() if np.all(np.abs(factor * unbiased + bias - output) <= allowed)
+    ]
     return hints + norm_hints(case)
 
 
@@ -172,9 +175,8 @@ def dropout_hints(case: LinearCase, output: np.ndarray, mask: Callable[[tuple[in
     output_mask = Tracked.exact(mask(base.value.shape), case.dtype)
     placements = {
         "the output is the eval one: the subject applies no dropout in training mode": oracle.linear_forward(case),
-        "dropout acts on the LoRA term's output, not on its input": base + (oracle.lora_update(case) * output_mask).scaled(
-            1 / (1 - case.dropout)
-        ),
+        "dropout acts on the LoRA term's output, not on its input": base
+        + (oracle.lora_update(case) * output_mask).scaled(1 / (1 - case.dropout)),
     }
     if case.use_dora:
         factor = oracle.dora_factor(case)
@@ -187,7 +189,7 @@ def dropout_hints(case: LinearCase, output: np.ndarray, mask: Callable[[tuple[in
         dropped_case = replace(case, x=round_to(case.x * mask(case.x.shape) / (1 - case.dropout), case.dtype))
         placements["dropout acts on the base layer's input too"] = oracle.linear_forward(dropped_case)
     return [
-        text for text, expected in placements.items()
+        text
+        for text, expected in placements.items()
         if expected.value.shape == output.shape and np.all(np.abs(output - expected.value) <= allowed_error(expected))
     ]
-

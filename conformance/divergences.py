@@ -38,8 +38,20 @@ from foundation.verdict import Comparison, Measurement
 DEFAULT_PATH = Path(__file__).with_name("known_divergences.txt")
 DEVICES = ("cpu", "gpu")
 SIDES = ("subject", "reference")
-FAILURES = ("beyond", "non-finite", "dtype", "raises", "computes", "convention", "shape", "absent", "present",
-            "settings", "trainable", "premise")
+FAILURES = (
+    "beyond",
+    "non-finite",
+    "dtype",
+    "raises",
+    "computes",
+    "convention",
+    "shape",
+    "absent",
+    "present",
+    "settings",
+    "trainable",
+    "premise",
+)
 """What an entry may say is wrong: `Comparison.failure`'s words."""
 
 
@@ -178,8 +190,10 @@ def parse_explanation(text: str) -> Explanation:
     if failure == "raises":
         kind, _, pattern = rest.partition("~")
         if not re.fullmatch(r"\w+(\|\w+)*", kind.strip()):
-            raise ValueError(f"{text!r}: 'raises' needs the exception's type (or types, 'TypeError|ValueError'), "
-                             "e.g. 'raises ValueError ~ message'")
+            raise ValueError(
+                f"{text!r}: 'raises' needs the exception's type (or types, 'TypeError|ValueError'), "
+                "e.g. 'raises ValueError ~ message'"
+            )
         message = _regex(pattern.strip()) if pattern else None
         return Explanation(quantity, failure, side, argument=kind.strip(), pattern=message)
     if failure == "beyond":
@@ -187,13 +201,15 @@ def parse_explanation(text: str) -> Explanation:
         bounds = None
         if margins:
             bounds = (_number(margins["low"]), _number(margins["high"]))
-            rest = rest[margins.end():]
+            rest = rest[margins.end() :]
         hint = _HINT.fullmatch(rest.strip()) if rest.strip() else None
         if rest.strip() and hint is None:
             raise ValueError(f"{text!r}: after 'beyond', 'margin LO..HI' and/or 'hint ~ REGEX'")
         if bounds is None and hint is None:
-            raise ValueError(f"{text!r}: 'beyond' needs the margin range ('margin 1..1e3') or the diagnosis "
-                             "('hint ~ REGEX') typical for it")
+            raise ValueError(
+                f"{text!r}: 'beyond' needs the margin range ('margin 1..1e3') or the diagnosis "
+                "('hint ~ REGEX') typical for it"
+            )
         diagnosis = _regex(hint["pattern"].strip()) if hint else None
         return Explanation(quantity, failure, side, pattern=diagnosis, margins=bounds)
     if rest:
@@ -235,8 +251,10 @@ def load(path: Path, device: str) -> list[KnownDivergence]:
         if not reason:
             raise DivergenceFileError(f"{where} has no reason (write it after a #)")
         if not bar:
-            raise DivergenceFileError(f"{where} does not say which failure it explains (after a |: "
-                                      "'[side] quantity: failure', e.g. '| merged weight: dtype float32')")
+            raise DivergenceFileError(
+                f"{where} does not say which failure it explains (after a |: "
+                "'[side] quantity: failure', e.g. '| merged weight: dtype float32')"
+            )
         try:
             explains = parse_explanation(explanation)
         except ValueError as error:

@@ -54,7 +54,11 @@ def rounding_limit(case: LinearCase, samples: int = SAMPLES) -> float:
     """What rounding can add to ``|S|``: each training output's bound is at most that of the same formula on
     the magnitudes of every input, with the whole input kept and rescaled (dropping only lowers it)."""
     magnitudes = replace(
-        case, x=np.abs(case.x), weight=np.abs(case.weight), lora_A=np.abs(case.lora_A), lora_B=np.abs(case.lora_B),
+        case,
+        x=np.abs(case.x),
+        weight=np.abs(case.weight),
+        lora_A=np.abs(case.lora_A),
+        lora_B=np.abs(case.lora_B),
         bias=None if case.bias is None else np.abs(case.bias),
     )
     kept = Tracked.exact(np.abs(case.x), case.dtype).scaled(1 / (1 - case.dropout))
@@ -71,8 +75,13 @@ def judge(case: LinearCase, training: np.ndarray, evaluation: np.ndarray) -> tup
     statistic = float(np.sum(lora * (training - evaluation)))
     limit = statistical_limit(case, len(training)) + rounding_limit(case, len(training))
     comparison = Comparison(
-        "mean training output, weighted by the LoRA term", "subject", margin=abs(statistic) / limit if limit else (math.inf if statistic else 0.0),
-        max_error=abs(statistic), allowed_at_worst=limit, observed_at_worst=statistic, expected_at_worst=0.0,
+        "mean training output, weighted by the LoRA term",
+        "subject",
+        margin=abs(statistic) / limit if limit else (math.inf if statistic else 0.0),
+        max_error=abs(statistic),
+        allowed_at_worst=limit,
+        observed_at_worst=statistic,
+        expected_at_worst=0.0,
     )
     energy = float(np.sum(lora**2)) * len(training)
     return comparison, 1 + statistic / energy if energy else math.nan

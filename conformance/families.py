@@ -86,11 +86,13 @@ class BaseInfo:
 
 @dataclass(frozen=True)
 class Family:
-    """A family of layers: the subjects of one kind (`Subject.family` names it) and how each base of theirs is checked."""
+    """A family of layers: the subjects of one kind (`Subject.family` names it) and how each of its bases is
+    checked."""
 
     name: str
     layout: str
-    """``linear``, ``embedding`` or ``switch``: which case model its cases are (the studies' extreme cases follow it)."""
+    """``linear``, ``embedding`` or ``switch``: which case model its cases are (the studies' extreme cases
+    follow it)."""
     use_dora: bool
     bases: tuple[BaseInfo, ...]
     study_cases: Callable[[DType], st.SearchStrategy]
@@ -157,17 +159,34 @@ def _linear_training(gradients: Keep, names: tuple[str, ...], docs: dict[str, st
     steps = {name: _steps_fit(name.removeprefix("steps_")) for name in ("steps_sgd", "steps_adamw")}
     known = {
         "grad": CheckInfo("grad", training_checks.grad, docs["grad"], (gradients,)),
-        "grad_bias_all": CheckInfo("grad_bias_all", training_checks.grad_bias_all, docs.get("grad_bias_all", ""),
-                                   (gradients, _with_bias), examples=3),
+        "grad_bias_all": CheckInfo(
+            "grad_bias_all",
+            training_checks.grad_bias_all,
+            docs.get("grad_bias_all", ""),
+            (gradients, _with_bias),
+            examples=3,
+        ),
         "dropout": CheckInfo("dropout", training_checks.dropout, docs["dropout"], (_with_dropout,), examples=3),
         # Dropout's rescaling does not depend on the dtype, and in half precision the rounding of the outputs
         # would outweigh what the statistic can see: the check could not fail there.
-        "dropout_scaling": CheckInfo("dropout_scaling", training_checks.dropout_scaling, docs.get("dropout_scaling", ""),
-                                     (_with_dropout,), examples=5, dtypes=("float32",)),
+        "dropout_scaling": CheckInfo(
+            "dropout_scaling",
+            training_checks.dropout_scaling,
+            docs.get("dropout_scaling", ""),
+            (_with_dropout,),
+            examples=5,
+            dtypes=("float32",),
+        ),
         **{
-            name: CheckInfo(name, getattr(training_checks, name), docs.get(name, ""),
-                            (lambda case, fits=fits: gradients(case) and fits(case),), examples=3,
-                            dtypes=_STEPS_DTYPES, judges=fits)
+            name: CheckInfo(
+                name,
+                getattr(training_checks, name),
+                docs.get(name, ""),
+                (lambda case, fits=fits: gradients(case) and fits(case),),
+                examples=3,
+                dtypes=_STEPS_DTYPES,
+                judges=fits,
+            )
             for name, fits in steps.items()
         },
     }
@@ -176,45 +195,104 @@ def _linear_training(gradients: Keep, names: tuple[str, ...], docs: dict[str, st
 
 # --- the families ----------------------------------------------------------------------------------
 
+_LINEAR_TRAINING_DOCS = {
+    "grad": "Gradients for A, B and x are peft's and the formulas'; A and B train, the base does not.",
+    "grad_bias_all": "With peft's ``bias=\"all\"`` (MLX: the base's bias unfrozen) the bias trains too, "
+    "``db = sum_rows(T)``.",
+    "dropout": "In training mode, with one keep-mask given to both sides, dropout acts on the adapter's input only: "
+    "``x W^T + b + s (x' A^T) B^T`` with ``x' = x * mask / (1 - p)``.",
+    "dropout_scaling": "The subject's own dropout is inverted: its training-mode outputs average to the eval output.",
+    "steps_sgd": "A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's.",
+    "steps_adamw": "A few AdamW steps (bias-corrected, decoupled weight decay) move A and B as torch's AdamW moves "
+    "peft's.",
+}
+_DORA_TRAINING_DOCS = {
+    "grad": "Gradients for A, B, m and x treat ``||W + s B A||`` as a constant, as peft (and the DoRA paper) do; A, B "
+    "and m train, the base does not.",
+    "grad_bias_all": "With peft's ``bias=\"all\"`` the base's bias trains too.",
+    "dropout": "In training mode, with one keep-mask given to both sides: peft's ``x W^T + b + (f - 1) x' W^T + f s "
+    "(x' A^T) B^T`` with ``f = m / ||W + s B A||`` and ``x' = x * mask / (1 - p)``.",
+}
+
+
 LINEAR = Family(
     name="linear",
     layout="linear",
     use_dora=False,
     bases=(
-        BaseInfo("float", "test_linear.py", lambda dtype: linear_cases(dtype), (
-            CheckInfo("forward", checks.forward,
-                      "In eval mode the output is ``x W^T + b + s (x A^T) B^T``, as peft computes it."),
-            CheckInfo("merge", checks.merge,
-                      "The merged layer has weight ``W + s B A``, the same bias, dtype and output as peft's merge."),
-            *_linear_training(gradients_fit, ("grad", "grad_bias_all", "dropout", "dropout_scaling", "steps_sgd",
-                                              "steps_adamw"), {
-                "grad": "Gradients for A, B and x are peft's and the formulas'; A and B train, the base does not.",
-                "grad_bias_all": "With peft's ``bias=\"all\"`` (MLX: the base's bias unfrozen) the bias trains too, "
-                                 "``db = sum_rows(T)``.",
-                "dropout": "In training mode, with one keep-mask given to both sides, dropout acts on the adapter's "
-                           "input only: ``x W^T + b + s (x' A^T) B^T`` with ``x' = x * mask / (1 - p)``.",
-                "dropout_scaling": "The subject's own dropout is inverted: its training-mode outputs average to the "
-                                   "eval output.",
-                "steps_sgd": "A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's.",
-                "steps_adamw": "A few AdamW steps (bias-corrected, decoupled weight decay) move A and B as torch's "
-                               "AdamW moves peft's.",
-            }),
-        )),
-        BaseInfo("quantized", "test_quantized_linear.py", lambda dtype, kind: linear_cases(dtype, quantized=kind), (
-            CheckInfo("forward", checks.forward,
-                      "On a ``QuantizedLinear`` the output is LoRA's on the dequantized weight.", examples=5),
-            CheckInfo("merge", checks.merge, "``fuse(dequantize=True)`` gives ``W_dequantized + s B A`` in the base "
-                      "dtype, as peft's merge does.", examples=5),
-            CheckInfo("requantize", checks.requantize, "``fuse()`` re-quantizes exactly that merge, in the base's "
-                      "mode, bit width and group size.", examples=5),
-            CheckInfo("grad", training_checks.grad, "QLoRA: A, B and x get LoRA's gradients on the dequantized "
-                      "weight; the quantized base does not train.", (gradients_fit,), examples=5),
-        )),
-        BaseInfo("conv1d", "test_conv1d.py", lambda dtype: linear_cases(dtype, fan_in_fan_out=True), (
-            CheckInfo("forward", checks.forward, "LoRA's output, against peft's LoRA on a Conv1D base.", examples=3),
-            CheckInfo("merge", checks.merge, "The merged weight (transposed back from peft's (in, out)), bias, dtype "
-                      "and output.", examples=3),
-        ), test_prefix="lora_"),
+        BaseInfo(
+            "float",
+            "test_linear.py",
+            lambda dtype: linear_cases(dtype),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.forward,
+                    "In eval mode the output is ``x W^T + b + s (x A^T) B^T``, as peft computes it.",
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.merge,
+                    "The merged layer has weight ``W + s B A``, the same bias, dtype and output as peft's merge.",
+                ),
+                *_linear_training(
+                    gradients_fit,
+                    ("grad", "grad_bias_all", "dropout", "dropout_scaling", "steps_sgd", "steps_adamw"),
+                    _LINEAR_TRAINING_DOCS,
+                ),
+            ),
+        ),
+        BaseInfo(
+            "quantized",
+            "test_quantized_linear.py",
+            lambda dtype, kind: linear_cases(dtype, quantized=kind),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.forward,
+                    "On a ``QuantizedLinear`` the output is LoRA's on the dequantized weight.",
+                    examples=5,
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.merge,
+                    "``fuse(dequantize=True)`` gives ``W_dequantized + s B A`` in the base "
+                    "dtype, as peft's merge does.",
+                    examples=5,
+                ),
+                CheckInfo(
+                    "requantize",
+                    checks.requantize,
+                    "``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size.",
+                    examples=5,
+                ),
+                CheckInfo(
+                    "grad",
+                    training_checks.grad,
+                    "QLoRA: A, B and x get LoRA's gradients on the dequantized "
+                    "weight; the quantized base does not train.",
+                    (gradients_fit,),
+                    examples=5,
+                ),
+            ),
+        ),
+        BaseInfo(
+            "conv1d",
+            "test_conv1d.py",
+            lambda dtype: linear_cases(dtype, fan_in_fan_out=True),
+            (
+                CheckInfo(
+                    "forward", checks.forward, "LoRA's output, against peft's LoRA on a Conv1D base.", examples=3
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.merge,
+                    "The merged weight (transposed back from peft's (in, out)), bias, dtype and output.",
+                    examples=3,
+                ),
+            ),
+            test_prefix="lora_",
+        ),
     ),
     study_cases=lambda dtype: linear_cases(dtype).filter(gradients_fit),  # their checks include the gradients
     quantized_study_cases=lambda dtype, kind: linear_cases(dtype, quantized=kind).filter(gradients_fit),
@@ -225,41 +303,95 @@ DORA_LINEAR = Family(
     layout="linear",
     use_dora=True,
     bases=(
-        BaseInfo("float", "test_dora_linear.py", lambda dtype: linear_cases(dtype, use_dora=True), (
-            CheckInfo("forward", checks.forward, "In eval mode the output is ``m / ||W + s B A|| * (x W^T + s (x A^T) "
-                      "B^T) + b``, as peft computes it."),
-            CheckInfo("merge", checks.merge, "The merged weight is ``m / ||W + s B A|| * (W + s B A)``; bias, dtype "
-                      "and output as peft's merge."),
-            CheckInfo("init", checks.init,
-                      "Created on a base, with B zero, the magnitude is the base weight's row norms ``||W||``."),
-            CheckInfo("init_with_adapter", checks.init_with_adapter, "Derived with a non-zero B in place, the "
-                      "magnitude is ``||W + s B A||``, as peft derives it."),
-            *_linear_training(gradients_fit, ("grad", "grad_bias_all", "dropout"), {
-                "grad": "Gradients for A, B, m and x treat ``||W + s B A||`` as a constant, as peft (and the DoRA "
-                        "paper) do; A, B and m train, the base does not.",
-                "grad_bias_all": "With peft's ``bias=\"all\"`` the base's bias trains too.",
-                "dropout": "In training mode, with one keep-mask given to both sides: peft's ``x W^T + b + (f - 1) "
-                           "x' W^T + f s (x' A^T) B^T`` with ``f = m / ||W + s B A||`` and ``x' = x * mask / (1 - p)``.",
-            }),
-        )),
-        BaseInfo("quantized", "test_quantized_dora_linear.py",
-                 lambda dtype, kind: linear_cases(dtype, use_dora=True, quantized=kind), (
-            CheckInfo("forward", checks.forward,
-                      "On a ``QuantizedLinear`` the output is DoRA's on the dequantized weight.", examples=10),
-            CheckInfo("merge", checks.merge, "``fuse(dequantize=True)`` gives DoRA's merge of the dequantized weight "
-                      "in the base dtype, as peft's merge does.", examples=10),
-            CheckInfo("requantize", checks.requantize, "``fuse()`` re-quantizes exactly that merge, in the base's "
-                      "mode, bit width and group size.", examples=10),
-            CheckInfo("init", checks.init,
-                      "Created on a quantized base, the magnitude is the dequantized weight's row norms.", examples=10),
-            CheckInfo("grad", training_checks.grad, "QDoRA: A, B, m and x get DoRA's gradients on the dequantized "
-                      "weight (norm detached).", (gradients_fit,), examples=10),
-        )),
-        BaseInfo("conv1d", "test_conv1d.py", lambda dtype: linear_cases(dtype, use_dora=True, fan_in_fan_out=True), (
-            CheckInfo("forward", checks.forward, "DoRA's output, against peft's DoRA on a Conv1D base.", examples=3),
-            CheckInfo("merge", checks.merge, "DoRA's merged weight, bias, dtype and output, against peft's merge on "
-                      "a Conv1D base.", examples=3),
-        ), test_prefix="dora_"),
+        BaseInfo(
+            "float",
+            "test_dora_linear.py",
+            lambda dtype: linear_cases(dtype, use_dora=True),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.forward,
+                    "In eval mode the output is ``m / ||W + s B A|| * (x W^T + s (x A^T) "
+                    "B^T) + b``, as peft computes it.",
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.merge,
+                    "The merged weight is ``m / ||W + s B A|| * (W + s B A)``; bias, dtype and output as peft's merge.",
+                ),
+                CheckInfo(
+                    "init",
+                    checks.init,
+                    "Created on a base, with B zero, the magnitude is the base weight's row norms ``||W||``.",
+                ),
+                CheckInfo(
+                    "init_with_adapter",
+                    checks.init_with_adapter,
+                    "Derived with a non-zero B in place, the magnitude is ``||W + s B A||``, as peft derives it.",
+                ),
+                *_linear_training(
+                    gradients_fit,
+                    ("grad", "grad_bias_all", "dropout"),
+                    _DORA_TRAINING_DOCS,
+                ),
+            ),
+        ),
+        BaseInfo(
+            "quantized",
+            "test_quantized_dora_linear.py",
+            lambda dtype, kind: linear_cases(dtype, use_dora=True, quantized=kind),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.forward,
+                    "On a ``QuantizedLinear`` the output is DoRA's on the dequantized weight.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.merge,
+                    "``fuse(dequantize=True)`` gives DoRA's merge of the dequantized weight "
+                    "in the base dtype, as peft's merge does.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "requantize",
+                    checks.requantize,
+                    "``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "init",
+                    checks.init,
+                    "Created on a quantized base, the magnitude is the dequantized weight's row norms.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "grad",
+                    training_checks.grad,
+                    "QDoRA: A, B, m and x get DoRA's gradients on the dequantized weight (norm detached).",
+                    (gradients_fit,),
+                    examples=10,
+                ),
+            ),
+        ),
+        BaseInfo(
+            "conv1d",
+            "test_conv1d.py",
+            lambda dtype: linear_cases(dtype, use_dora=True, fan_in_fan_out=True),
+            (
+                CheckInfo(
+                    "forward", checks.forward, "DoRA's output, against peft's DoRA on a Conv1D base.", examples=3
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.merge,
+                    "DoRA's merged weight, bias, dtype and output, against peft's merge on a Conv1D base.",
+                    examples=3,
+                ),
+            ),
+            test_prefix="dora_",
+        ),
     ),
     study_cases=lambda dtype: linear_cases(dtype, use_dora=True).filter(gradients_fit),
     quantized_study_cases=lambda dtype, kind: linear_cases(dtype, use_dora=True, quantized=kind).filter(gradients_fit),
@@ -267,7 +399,7 @@ DORA_LINEAR = Family(
 
 _EMBEDDING_STEPS = {
     "steps_sgd": "A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's (the rows of A a "
-                 "batch does not look up stay where they are).",
+    "batch does not look up stay where they are).",
     "steps_adamw": "A few AdamW steps move A and B as torch's AdamW moves peft's; rows not looked up still decay.",
 }
 
@@ -276,35 +408,96 @@ EMBEDDING = Family(
     layout="embedding",
     use_dora=False,
     bases=(
-        BaseInfo("float", "test_embedding.py", lambda dtype: embedding_cases(dtype), (
-            CheckInfo("forward", checks.lookup,
-                      "In eval mode a lookup is ``W[ids] + s A^T[ids] B^T``, as peft's LoRA Embedding computes it."),
-            CheckInfo("as_linear", checks.as_linear, "``as_linear`` (a tied output head) is ``hidden @ (W + s A^T "
-                      "B^T)^T``: hidden against peft's merged table."),
-            CheckInfo("merge", checks.embedding_merge, "The merged table is ``W + s A^T B^T`` in the base dtype, and "
-                      "looks up what peft's merge does."),
-            CheckInfo("grad", training_checks.grad, "Gradients for A and B of ``sum(y * T)`` are peft's and the "
-                      "formulas'; A and B train, the table does not.", (_lookup_gradients_fit,), examples=2),
-            CheckInfo("dropout", training_checks.dropout, "In training mode, with one keep-mask given to every "
-                      "dropout module: peft's LoRA Embedding applies no dropout (ids cannot be dropped), so the "
-                      "lookup is the eval one.", (_lookup_with_dropout,), examples=3),
-            *(CheckInfo(name, getattr(training_checks, name), doc,
-                        (lambda case, fits=_steps_fit(name.removeprefix("steps_")): gradients_fit(case.lookup)
-                         and fits(case),),
-                        examples=3, dtypes=_STEPS_DTYPES, judges=_steps_fit(name.removeprefix("steps_")))
-              for name, doc in _EMBEDDING_STEPS.items()),
-        )),
-        BaseInfo("quantized", "test_quantized_embedding.py",
-                 lambda dtype, kind: embedding_cases(dtype, quantized=kind), (
-            CheckInfo("forward", checks.lookup, "Lookups of batches of ids are ``W[ids] + s A^T[ids] B^T`` on the "
-                      "dequantized table, in the model's dtype.", (_batched_ids,), examples=10),
-            CheckInfo("as_linear", checks.as_linear, "The tied output head multiplies by the adapted dequantized "
-                      "table.", examples=10),
-            CheckInfo("merge", checks.embedding_merge, "``fuse(dequantize=True)`` gives the table ``W + s A^T B^T`` "
-                      "in the base dtype, as peft's merge does.", examples=10),
-            CheckInfo("requantize", checks.requantize, "``fuse()`` re-quantizes exactly that merge, in the base's "
-                      "mode, bit width and group size.", examples=10),
-        )),
+        BaseInfo(
+            "float",
+            "test_embedding.py",
+            lambda dtype: embedding_cases(dtype),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.lookup,
+                    "In eval mode a lookup is ``W[ids] + s A^T[ids] B^T``, as peft's LoRA Embedding computes it.",
+                ),
+                CheckInfo(
+                    "as_linear",
+                    checks.as_linear,
+                    "``as_linear`` (a tied output head) is ``hidden @ (W + s A^T "
+                    "B^T)^T``: hidden against peft's merged table.",
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.embedding_merge,
+                    "The merged table is ``W + s A^T B^T`` in the base dtype, and looks up what peft's merge does.",
+                ),
+                CheckInfo(
+                    "grad",
+                    training_checks.grad,
+                    "Gradients for A and B of ``sum(y * T)`` are peft's and the "
+                    "formulas'; A and B train, the table does not.",
+                    (_lookup_gradients_fit,),
+                    examples=2,
+                ),
+                CheckInfo(
+                    "dropout",
+                    training_checks.dropout,
+                    "In training mode, with one keep-mask given to every "
+                    "dropout module: peft's LoRA Embedding applies no dropout (ids cannot be dropped), so the "
+                    "lookup is the eval one.",
+                    (_lookup_with_dropout,),
+                    examples=3,
+                ),
+                *(
+                    CheckInfo(
+                        name,
+                        getattr(training_checks, name),
+                        doc,
+                        (
+                            lambda case, fits=_steps_fit(name.removeprefix("steps_")): (
+                                gradients_fit(case.lookup) and fits(case)
+                            ),
+                        ),
+                        examples=3,
+                        dtypes=_STEPS_DTYPES,
+                        judges=_steps_fit(name.removeprefix("steps_")),
+                    )
+                    for name, doc in _EMBEDDING_STEPS.items()
+                ),
+            ),
+        ),
+        BaseInfo(
+            "quantized",
+            "test_quantized_embedding.py",
+            lambda dtype, kind: embedding_cases(dtype, quantized=kind),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.lookup,
+                    "Lookups of batches of ids are ``W[ids] + s A^T[ids] B^T`` on the "
+                    "dequantized table, in the model's dtype.",
+                    (_batched_ids,),
+                    examples=10,
+                ),
+                CheckInfo(
+                    "as_linear",
+                    checks.as_linear,
+                    "The tied output head multiplies by the adapted dequantized table.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.embedding_merge,
+                    "``fuse(dequantize=True)`` gives the table ``W + s A^T B^T`` "
+                    "in the base dtype, as peft's merge does.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "requantize",
+                    checks.requantize,
+                    "``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size.",
+                    examples=10,
+                ),
+            ),
+        ),
     ),
     study_cases=lambda dtype: embedding_cases(dtype).filter(_lookup_gradients_fit),
     quantized_study_cases=lambda dtype, kind: embedding_cases(dtype, quantized=kind).filter(_batched_ids),
@@ -315,17 +508,32 @@ DORA_EMBEDDING = Family(
     layout="embedding",
     use_dora=True,
     bases=(
-        BaseInfo("float", "test_dora_embedding.py", lambda dtype: embedding_cases(dtype, use_dora=True), (
-            CheckInfo("forward", checks.lookup, "A lookup is ``m / ||W + s A^T B^T||_columns * (W + s A^T B^T)[ids]``, "
-                      "as peft computes it."),
-            CheckInfo("as_linear", checks.as_linear, "``as_linear`` is ``hidden @ merged table^T``."),
-            CheckInfo("merge", checks.embedding_merge, "The merged table is ``m / ||W + s A^T B^T||_columns * (W + s "
-                      "A^T B^T)`` in the base dtype."),
-            CheckInfo("init", checks.init, "Created on a base, the magnitude is the table's norm per embedding "
-                      "dimension."),
-            CheckInfo("init_with_adapter", checks.init_with_adapter, "Derived with a non-zero B in place, the "
-                      "magnitude is the adapted table's norm per dimension."),
-        )),
+        BaseInfo(
+            "float",
+            "test_dora_embedding.py",
+            lambda dtype: embedding_cases(dtype, use_dora=True),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.lookup,
+                    "A lookup is ``m / ||W + s A^T B^T||_columns * (W + s A^T B^T)[ids]``, as peft computes it.",
+                ),
+                CheckInfo("as_linear", checks.as_linear, "``as_linear`` is ``hidden @ merged table^T``."),
+                CheckInfo(
+                    "merge",
+                    checks.embedding_merge,
+                    "The merged table is ``m / ||W + s A^T B^T||_columns * (W + s A^T B^T)`` in the base dtype.",
+                ),
+                CheckInfo(
+                    "init", checks.init, "Created on a base, the magnitude is the table's norm per embedding dimension."
+                ),
+                CheckInfo(
+                    "init_with_adapter",
+                    checks.init_with_adapter,
+                    "Derived with a non-zero B in place, the magnitude is the adapted table's norm per dimension.",
+                ),
+            ),
+        ),
     ),
     study_cases=lambda dtype: embedding_cases(dtype, use_dora=True),
 )
@@ -335,27 +543,72 @@ SWITCH_LINEAR = Family(
     layout="switch",
     use_dora=False,
     bases=(
-        BaseInfo("float", "test_switch_linear.py", lambda dtype: switch_cases(dtype), (
-            CheckInfo("forward", checks.switch_forward, "Each routed output is ``x W_e^T + b_e + s (x A_e^T) B_e^T`` "
-                      "for the token's expert e.", examples=2),
-            CheckInfo("merge", checks.switch_merge, "``fuse()`` gives every expert ``W_e + s B_e A_e`` and its bias, "
-                      "in the base dtype, as peft's merge.", examples=2),
-            CheckInfo("merged_forward", checks.switch_merged_forward,
-                      "The fused layer routes tokens to their experts' merged weights.", examples=2),
-            CheckInfo("grad", training_checks.switch_grad, "Expert e's A and B get the gradients of the tokens routed "
-                      "to it, x the sum over its experts; the adapters train, the experts' weights do not.",
-                      (switch_gradients_fit,), examples=2),
-        )),
-        BaseInfo("quantized", "test_quantized_switch_linear.py", lambda dtype, kind: switch_cases(dtype, kind), (
-            CheckInfo("forward", checks.switch_forward,
-                      "Each routed output is LoRA's on the token's expert's dequantized weight.", examples=10),
-            CheckInfo("merge", checks.switch_merge, "``fuse(dequantize=True)`` gives every expert ``W_e + s B_e A_e`` "
-                      "in the base dtype, as peft's merge.", examples=10),
-            CheckInfo("merged_forward", checks.switch_merged_forward,
-                      "The dequantized fused layer routes tokens to their experts' merged weights.", examples=10),
-            CheckInfo("requantize", checks.requantize, "``fuse()`` re-quantizes exactly that merge, in the base's "
-                      "mode, bit width and group size.", examples=10),
-        )),
+        BaseInfo(
+            "float",
+            "test_switch_linear.py",
+            lambda dtype: switch_cases(dtype),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.switch_forward,
+                    "Each routed output is ``x W_e^T + b_e + s (x A_e^T) B_e^T`` for the token's expert e.",
+                    examples=2,
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.switch_merge,
+                    "``fuse()`` gives every expert ``W_e + s B_e A_e`` and its bias, "
+                    "in the base dtype, as peft's merge.",
+                    examples=2,
+                ),
+                CheckInfo(
+                    "merged_forward",
+                    checks.switch_merged_forward,
+                    "The fused layer routes tokens to their experts' merged weights.",
+                    examples=2,
+                ),
+                CheckInfo(
+                    "grad",
+                    training_checks.switch_grad,
+                    "Expert e's A and B get the gradients of the tokens routed "
+                    "to it, x the sum over its experts; the adapters train, the experts' weights do not.",
+                    (switch_gradients_fit,),
+                    examples=2,
+                ),
+            ),
+        ),
+        BaseInfo(
+            "quantized",
+            "test_quantized_switch_linear.py",
+            lambda dtype, kind: switch_cases(dtype, kind),
+            (
+                CheckInfo(
+                    "forward",
+                    checks.switch_forward,
+                    "Each routed output is LoRA's on the token's expert's dequantized weight.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "merge",
+                    checks.switch_merge,
+                    "``fuse(dequantize=True)`` gives every expert ``W_e + s B_e A_e`` "
+                    "in the base dtype, as peft's merge.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "merged_forward",
+                    checks.switch_merged_forward,
+                    "The dequantized fused layer routes tokens to their experts' merged weights.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "requantize",
+                    checks.requantize,
+                    "``fuse()`` re-quantizes exactly that merge, in the base's mode, bit width and group size.",
+                    examples=10,
+                ),
+            ),
+        ),
     ),
     study_cases=lambda dtype: switch_cases(dtype).filter(switch_gradients_fit),
     quantized_study_cases=lambda dtype, kind: switch_cases(dtype, kind),
@@ -364,9 +617,11 @@ SWITCH_LINEAR = Family(
 FAMILIES: dict[str, Family] = {f.name: f for f in (LINEAR, DORA_LINEAR, EMBEDDING, DORA_EMBEDDING, SWITCH_LINEAR)}
 """Every family, by the name its subjects give (`Subject.family`)."""
 
-MODULE_ORDER = tuple(dict.fromkeys(
-    base.module.removeprefix("test_").removesuffix(".py") for family in FAMILIES.values() for base in family.bases
-)) + ("error_parity",)
+MODULE_ORDER = tuple(
+    dict.fromkeys(
+        base.module.removeprefix("test_").removesuffix(".py") for family in FAMILIES.values() for base in family.bases
+    )
+) + ("error_parity",)
 """The report's tables, by test module: each family's, the float base first, then its variants."""
 
 

@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
             raise LookupError(f"{subject} has no check {spec['check']!r}")
         case = case_from_description(spec["case"])
         if not check.applies(case):
-            raise ValueError(f"{spec['check']} does not judge this case (its test module leaves it out: see "
-                             "CheckInfo.judges in conformance/families.py)")
+            raise ValueError(
+                f"{spec['check']} does not judge this case (its test module leaves it out: see "
+                "CheckInfo.judges in conformance/families.py)"
+            )
     except (ValueError, KeyError, LookupError) as error:
         parser.error(f"cannot replay: {error}")
     measurement = check.run(subject, case)

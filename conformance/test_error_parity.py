@@ -21,8 +21,15 @@ from subjects import bridge
 
 pytestmark = pytest.mark.check("error_parity")
 
-PARAMETERS = dict(r=2, alpha=4.0, use_rslora=False, dropout=0.0, batch_shape=(3,), magnitudes=(1.0, 1.0, 1.0, 1.0), seed=7)
-CONFIGURATIONS = {"r=0": dict(r=0), "r=-1": dict(r=-1), "dropout=-0.1": dict(dropout=-0.1), "dropout=1.5": dict(dropout=1.5)}
+PARAMETERS = dict(
+    r=2, alpha=4.0, use_rslora=False, dropout=0.0, batch_shape=(3,), magnitudes=(1.0, 1.0, 1.0, 1.0), seed=7
+)
+CONFIGURATIONS = {
+    "r=0": dict(r=0),
+    "r=-1": dict(r=-1),
+    "dropout=-0.1": dict(dropout=-0.1),
+    "dropout=1.5": dict(dropout=1.5),
+}
 Case = LinearCase | EmbeddingCase | SwitchCase
 
 
@@ -43,16 +50,24 @@ def _with_value(case: Case, value: float) -> Case:
 
 
 BROKEN_INPUTS = {
-    "input one wider": (lambda case: _with_input(case, np.ones((3, case.x.shape[-1] + 1))), lambda case: case.x.shape[-1] + 1),
+    "input one wider": (
+        lambda case: _with_input(case, np.ones((3, case.x.shape[-1] + 1))),
+        lambda case: case.x.shape[-1] + 1,
+    ),
     "NaN input": (lambda case: _with_value(case, np.nan), lambda case: "nan"),
     "inf input": (lambda case: _with_value(case, np.inf), lambda case: "inf"),
-    "token id -1": (lambda case: replace(case, ids=np.where(np.arange(case.ids.size) == 0, -1, case.ids)), lambda case: -1),
+    "token id -1": (
+        lambda case: replace(case, ids=np.where(np.arange(case.ids.size) == 0, -1, case.ids)),
+        lambda case: -1,
+    ),
     "token id = vocabulary": (
         lambda case: replace(case, ids=np.where(np.arange(case.ids.size) == 0, case.lookup.in_features, case.ids)),
         lambda case: case.lookup.in_features,
     ),
     "expert index = experts": (
-        lambda case: replace(case, indices=np.where(case.indices == 0, case.num_experts, case.indices).astype(np.uint32)),
+        lambda case: replace(
+            case, indices=np.where(case.indices == 0, case.num_experts, case.indices).astype(np.uint32)
+        ),
         lambda case: case.num_experts,
     ),
 }
@@ -106,7 +121,9 @@ def _check(subject, case: Case, scenario: str, recorder) -> None:
         layer = peft_layers.construct(case, r, dropout) if configured else _reference_layer(case)
         return _reference_output(layer, broken)
 
-    record_and_assert(recorder, checks.error_parity(subject, case, scenario, str(bad_value), subject_run, reference_run))
+    record_and_assert(
+        recorder, checks.error_parity(subject, case, scenario, str(bad_value), subject_run, reference_run)
+    )
 
 
 LINEAR_SCENARIOS = [*CONFIGURATIONS, "input one wider", "NaN input", "inf input"]

@@ -38,6 +38,8 @@ def test_quantized_matmul_accumulation(dtype, kind, recorder):
     base.biases = biases[0] if biases else None
     observed = to_numpy(base(mlx_array(x, dtype)))
     expected = Tracked.exact(x, dtype) @ Tracked.exact(weight, dtype).T
-    measurement = Measurement("None", "quantized_matmul_accumulation", {"dtype": dtype.name, "quantization": q.describe()})
+    measurement = Measurement(
+        "None", "quantized_matmul_accumulation", {"dtype": dtype.name, "quantization": q.describe()}
+    )
     measurement.comparisons.append(compare("quantized matmul output", "subject", observed, expected))
     record_and_assert(recorder, measurement)

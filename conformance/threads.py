@@ -116,7 +116,9 @@ def departures(policy: Policy, measured: dict) -> list[str]:
 def add_option(parser: argparse.ArgumentParser) -> None:
     """``--threads N|native`` for a command-line entry point (the plugin has its own pytest option)."""
     parser.add_argument(
-        "--threads", metavar="N", help=f"threads per process for torch, BLAS and OpenMP, or {NATIVE!r} (the libraries' "
+        "--threads",
+        metavar="N",
+        help=f"threads per process for torch, BLAS and OpenMP, or {NATIVE!r} (the libraries' "
         f"own defaults; default: ${ENVIRONMENT}, else {DEFAULT})",
     )
 

@@ -27,9 +27,7 @@ from subjects.known import Subject
 # Gradients ---------------------------------------------------------------------------------------
 
 
-def _gradients(
-    subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, bias_trains: bool
-) -> Measurement:
+def _gradients(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, bias_trains: bool) -> Measurement:
     embedding = isinstance(case, EmbeddingCase)
     upstream = upstream_gradient(case.lookup if embedding else case)
     trained: dict[str, set[str]] = {}
@@ -43,7 +41,9 @@ def _gradients(
         return {name: from_torch(values, judge_dtype=name != "grad m") for name, values in found.items()}
 
     def run_subject() -> Observed:
-        found, trained["subject"] = bridge.grads(subject.build(case), subject.convention.roles, case, upstream, bias_trains)
+        found, trained["subject"] = bridge.grads(
+            subject.build(case), subject.convention.roles, case, upstream, bias_trains
+        )
         return from_mlx(found, unjudged_dtypes=("grad m",))
 
     check = "grad_bias_all" if bias_trains else "grad"
@@ -61,7 +61,8 @@ def _compare_trainable(measurement: Measurement, trained: dict[str, set[str]]) -
     problem = f"trains {sorted(trained['subject'])}, but should train {sorted(reference)} as peft does"
     measurement.comparisons.append(failed(problem, "trainable parameters", "subject", "trainable parameters"))
     measurement.hints.append(
-        f"trainable only in the subject: {sorted(trained['subject'] - reference)}; only in peft: {sorted(reference - trained['subject'])}"
+        f"trainable only in the subject: {sorted(trained['subject'] - reference)}; "
+        f"only in peft: {sorted(reference - trained['subject'])}"
     )
 
 
@@ -91,7 +92,9 @@ def switch_grad(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED)
         found, trained["subject"] = bridge.switch_grads(subject.build(case), subject.convention.roles, case, upstream)
         return from_mlx(found)
 
-    measurement = measure("grad", subject, case, timer, lambda: oracle.switch_grads(case, upstream), reference, run_subject)
+    measurement = measure(
+        "grad", subject, case, timer, lambda: oracle.switch_grads(case, upstream), reference, run_subject
+    )
     _compare_trainable(measurement, trained)
     return measurement
 
@@ -158,7 +161,10 @@ def dropout_scaling(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTI
     with timer("oracle"):
         premise = compare("eval output", "subject", bridge.to_numpy(evaluation), oracle.linear_forward(case))
         if not premise.passed:  # the statistic's variance is the formula's; a wrong LoRA term breaks it
-            problem = f"cannot be judged: the eval output disagrees with the formula (the forward check says how): {premise.describe()}"
+            problem = (
+                "cannot be judged: the eval output disagrees with the formula (the forward check says how): "
+                + premise.describe()
+            )
             measurement.comparisons.append(failed(problem, "dropout_scaling", "subject", "premise"))
             return measurement
         comparison, ratio = dropout_statistics.judge(case, bridge.to_numpy(training), bridge.to_numpy(evaluation))
@@ -180,7 +186,11 @@ def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer
     spec = optimizers.optimizer_for(view, kind, trajectory.first_gradients(view, target))
 
     def by_step(adapters: list[dict], convert: Callable) -> Observed:
-        return {f"{role} after step {k}": convert(values) for k, adapter in enumerate(adapters, 1) for role, values in adapter.items()}
+        return {
+            f"{role} after step {k}": convert(values)
+            for k, adapter in enumerate(adapters, 1)
+            for role, values in adapter.items()
+        }
 
     def expect() -> Expected:
         return by_step(trajectory.steps(view, spec, target, optimizers.STEPS), lambda tracked: tracked)
@@ -189,7 +199,9 @@ def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer
         return by_step(peft_layers.training_steps(case, spec, target, optimizers.STEPS), from_torch)
 
     def run_subject() -> Observed:
-        adapters = bridge.training_steps(subject.build(case), subject.convention.roles, case, spec, target, optimizers.STEPS)
+        adapters = bridge.training_steps(
+            subject.build(case), subject.convention.roles, case, spec, target, optimizers.STEPS
+        )
         return from_mlx(by_step(adapters, lambda values: values))
 
     measurement = measure(f"steps_{kind}", subject, case, timer, expect, reference, run_subject)

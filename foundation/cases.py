@@ -58,7 +58,9 @@ class LinearParameters:
 
     def describe(self) -> dict:
         """The parameters as results record them (``bias`` for `has_bias`, with the `scale` they give)."""
-        described = {_DESCRIBED.get(f.name, f.name): getattr(self, f.name) for f in dataclasses.fields(LinearParameters)}
+        described = {
+            _DESCRIBED.get(f.name, f.name): getattr(self, f.name) for f in dataclasses.fields(LinearParameters)
+        }
         described.update(
             dtype=self.dtype.name,
             batch_shape=list(self.batch_shape),
@@ -70,8 +72,11 @@ class LinearParameters:
     @classmethod
     def from_description(cls, description: dict) -> LinearParameters:
         """The parameters a ``describe()`` gives (older descriptions lack the later parameters: their defaults)."""
-        named = {f.name: description[_DESCRIBED.get(f.name, f.name)] for f in dataclasses.fields(LinearParameters)
-                 if _DESCRIBED.get(f.name, f.name) in description}
+        named = {
+            f.name: description[_DESCRIBED.get(f.name, f.name)]
+            for f in dataclasses.fields(LinearParameters)
+            if _DESCRIBED.get(f.name, f.name) in description
+        }
         named.update(
             dtype=BY_NAME[description["dtype"]],
             batch_shape=tuple(description["batch_shape"]),
@@ -87,8 +92,24 @@ class LinearParameters:
 
 _DESCRIBED = {"has_bias": "bias"}
 """Parameters whose recorded name is another."""
-DESCRIPTION_ORDER = ("dtype", "in_features", "out_features", "r", "alpha", "use_rslora", "scale", "bias", "dropout",
-                     "batch_shape", "magnitudes", "seed", "use_dora", "quantization", "fan_in_fan_out", "cancel")
+DESCRIPTION_ORDER = (
+    "dtype",
+    "in_features",
+    "out_features",
+    "r",
+    "alpha",
+    "use_rslora",
+    "scale",
+    "bias",
+    "dropout",
+    "batch_shape",
+    "magnitudes",
+    "seed",
+    "use_dora",
+    "quantization",
+    "fan_in_fan_out",
+    "cancel",
+)
 """The order of a described linear case's keys (the results' rows keep it)."""
 
 
@@ -132,8 +153,10 @@ def make_linear_case(*args, **parameters) -> LinearCase:
     p = args[0] if len(args) == 1 and isinstance(args[0], LinearParameters) else LinearParameters(*args, **parameters)
     dtype, quantization, cancel = p.dtype, p.quantization, p.cancel
     if cancel not in (None, *CANCELLATIONS) or (cancel == "terms" and quantization is not None):
-        raise ValueError(f"cancel={cancel!r} (quantization {quantization}): should be None or one of {CANCELLATIONS}, "
-                         "and 'terms' needs a float base")
+        raise ValueError(
+            f"cancel={cancel!r} (quantization {quantization}): should be None or one of {CANCELLATIONS}, "
+            "and 'terms' needs a float base"
+        )
     rng = np.random.default_rng(p.seed)
     x_scale, w_scale, a_scale, b_scale = p.magnitudes
     weight = draw_array(rng, (p.out_features, p.in_features), w_scale / math.sqrt(p.in_features), dtype)
@@ -154,8 +177,16 @@ def make_linear_case(*args, **parameters) -> LinearCase:
         trained = np.exp2(rng.uniform(-1, 1, p.out_features))
         magnitude = round_to(np.linalg.norm(adapted, axis=1) * trained, dtype)
     fields = {**p.parameters(), "batch_shape": tuple(p.batch_shape), "magnitudes": tuple(p.magnitudes)}
-    return LinearCase(**fields, quantized_parts=parts, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, x=x,
-                      magnitude=magnitude)
+    return LinearCase(
+        **fields,
+        quantized_parts=parts,
+        weight=weight,
+        bias=bias,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        x=x,
+        magnitude=magnitude,
+    )
 
 
 CANCELLATIONS = ("input", "terms")
@@ -200,8 +231,14 @@ def gradients_fit(case: LinearCase, upstream: np.ndarray | None = None) -> bool:
         candidates = (t * unbiased, (t * unbiased).sum(axis=0) / norm)
         t = t * np.abs(case.magnitude) / norm
     back = t @ np.abs(case.lora_B)
-    candidates += (t, t @ np.abs(case.weight), back, case.scale * back @ np.abs(case.lora_A), case.scale * back.T @ x,
-                   case.scale * t.T @ (x @ np.abs(case.lora_A).T))
+    candidates += (
+        t,
+        t @ np.abs(case.weight),
+        back,
+        case.scale * back @ np.abs(case.lora_A),
+        case.scale * back.T @ x,
+        case.scale * t.T @ (x @ np.abs(case.lora_A).T),
+    )
     return all(float(np.max(c, initial=0.0)) < case.dtype.largest / 64 for c in candidates)
 
 
@@ -420,7 +457,9 @@ def make_embedding_case(
 
 
 @st.composite
-def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, quantized: str | None = None) -> EmbeddingCase:
+def embedding_cases(
+    draw: st.DrawFn, dtype: DType, use_dora: bool = False, quantized: str | None = None
+) -> EmbeddingCase:
     """LoRA (or DoRA) cases on an Embedding base in `dtype`, or with `quantized` (a `Quantization.kind`) on a
     QuantizedEmbedding."""
     shape = draw(linear_cases(dtype, use_dora=use_dora, with_bias=False, quantized=quantized))

@@ -33,7 +33,13 @@ class OptimizerSpec:
     def describe(self) -> dict:
         if self.kind == "sgd":
             return {"optimizer": "sgd", "lr": self.lr}
-        return {"optimizer": "adamw", "lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
+        return {
+            "optimizer": "adamw",
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
 
 
 def regression_target(case: LinearCase) -> np.ndarray:

@@ -30,7 +30,9 @@ class Quantization:
         return "affine" if 32 % self.bits == 0 else "affine-unaligned"
 
     def __str__(self) -> str:
-        return f"{self.mode}{self.bits}g{self.group_size}" if self.mode == "affine" else f"{self.mode}g{self.group_size}"
+        return (
+            f"{self.mode}{self.bits}g{self.group_size}" if self.mode == "affine" else f"{self.mode}g{self.group_size}"
+        )
 
     def describe(self) -> dict:
         return {"mode": self.mode, "bits": self.bits, "group_size": self.group_size}

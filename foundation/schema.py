@@ -43,11 +43,20 @@ class Status(str, enum.Enum):
 
 
 CHECK_SEVERITY = (
-    Status.FAIL, Status.NOW_PASSING, Status.KNOWN_DIVERGENCE, Status.MISSED_THIS_RUN, Status.PASS, Status.NOT_PROVIDED
+    Status.FAIL,
+    Status.NOW_PASSING,
+    Status.KNOWN_DIVERGENCE,
+    Status.MISSED_THIS_RUN,
+    Status.PASS,
+    Status.NOT_PROVIDED,
 )
 """A check's statuses, most severe first."""
 ENTRY_SEVERITY = (
-    Status.KNOWN_DIVERGENCE, Status.NOW_PASSING, Status.NEVER_SEEN, Status.MISSED_THIS_RUN, Status.NOT_PROVIDED,
+    Status.KNOWN_DIVERGENCE,
+    Status.NOW_PASSING,
+    Status.NEVER_SEEN,
+    Status.MISSED_THIS_RUN,
+    Status.NOT_PROVIDED,
     Status.NOT_RUN,
 )
 """An entry's statuses, the one that says most first (where several runs merge)."""
@@ -73,8 +82,9 @@ class _Record:
         """The record written as `written`; a `SchemaError` naming what is missing or unknown."""
         fields = dataclasses.fields(cls)
         names = {f.name for f in fields}
-        required = {f.name for f in fields if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}  # type: ignore[misc]
+        required = {
+            f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }  # type: ignore[misc]
         if not isinstance(written, dict) or required - set(written) - set(extra):
             missing = sorted(required - set(written) - set(extra)) if isinstance(written, dict) else ["everything"]
             raise SchemaError(f"a {cls.__name__} without {', '.join(missing)}")

@@ -25,20 +25,41 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gate",
         allow_abbrev=False,
-        description="The conformance gate for one mlx-vlm or mlx-lm source: an isolated environment, the suite, a decision.",
-        epilog="Exit codes: 0 no new failure, 1 a new failure, 2 a usage error, 3 the set-up is broken (one line says why). "
-        "Options after -- go to pytest, e.g. -- -k test_forward.",
+        description="The conformance gate for one mlx-vlm or mlx-lm source: an isolated environment, the suite, "
+        "a decision.",
+        epilog="Exit codes: 0 no new failure, 1 a new failure, 2 a usage error, 3 the set-up is broken (one line says "
+        "why). Options after -- go to pytest, e.g. -- -k test_forward.",
     )
-    parser.add_argument("source", help="a source tree (path), a git URL (git+https://host/repo.git@ref) or a requirement (mlx-vlm==0.4.4)")
-    parser.add_argument("--package", choices=sources.PACKAGES, default="mlx-vlm", help="the package SOURCE provides (default: %(default)s)")
+    parser.add_argument(
+        "source",
+        help="a source tree (path), a git URL (git+https://host/repo.git@ref) or a requirement (mlx-vlm==0.4.4)",
+    )
+    parser.add_argument(
+        "--package",
+        choices=sources.PACKAGES,
+        default="mlx-vlm",
+        help="the package SOURCE provides (default: %(default)s)",
+    )
     base = parser.add_mutually_exclusive_group()
-    base.add_argument("--baseline", type=Path, metavar="RESULTS", help="the base branch's results file: fail only on new failures")
+    base.add_argument(
+        "--baseline", type=Path, metavar="RESULTS", help="the base branch's results file: fail only on new failures"
+    )
     base.add_argument("--base", metavar="SOURCE", help="a source for the base branch, run first to make the baseline")
-    parser.add_argument("--profile", default="ci", help="Hypothesis profile: ci (derandomized), dev or thorough (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("gate-results"), help="where the outputs go (default: %(default)s)")
-    parser.add_argument("--env-dir", type=Path, default=Path(".gate"), help="where environments are built (default: %(default)s)")
-    parser.add_argument("--python", default=sys.executable, help="the Python to build environments with (default: this one)")
-    parser.add_argument("--fresh", action="store_true", help="rebuild an environment even where a pinned source's could be reused")
+    parser.add_argument(
+        "--profile", default="ci", help="Hypothesis profile: ci (derandomized), dev or thorough (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("gate-results"), help="where the outputs go (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--env-dir", type=Path, default=Path(".gate"), help="where environments are built (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--python", default=sys.executable, help="the Python to build environments with (default: this one)"
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="rebuild an environment even where a pinned source's could be reused"
+    )
     return parser
 
 
@@ -109,9 +130,12 @@ def run_suite(python: Path, args: argparse.Namespace, out: Path, pytest_args: li
     command += ["--hypothesis-profile", args.profile, "--subject", args.package.replace("-", "_") + ".*"]
     command += ["--results", str(out / "conformance.json"), "--report", "none", "--junitxml", str(out / "junit.xml")]
     tail: deque[str] = deque(maxlen=5)
-    with open(out / "pytest.log", "w") as log, subprocess.Popen(
-        [*command, *pytest_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as process:
+    with (
+        open(out / "pytest.log", "w") as log,
+        subprocess.Popen(
+            [*command, *pytest_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as process,
+    ):
         for line in process.stdout:
             print(line, end="", flush=True)
             log.write(line)
@@ -120,7 +144,8 @@ def run_suite(python: Path, args: argparse.Namespace, out: Path, pytest_args: li
         status = process.wait()
     if status in (0, 1):
         return status
-    reason = f"{what} did not finish: pytest exited {status} ({PYTEST_EXITS.get(status, 'unknown')}): {tail[-1] if tail else 'no output'}"
+    last = tail[-1] if tail else "no output"
+    reason = f"{what} did not finish: pytest exited {status} ({PYTEST_EXITS.get(status, 'unknown')}): {last}"
     if status == 4:
         print(f"gate: {reason}", flush=True)
         return USAGE_ERROR

@@ -71,7 +71,9 @@ def _prepare(source: Source, directory: Path, python: str, fresh: bool) -> Path:
 
 
 def installed_version(python: Path, distribution: str) -> str | None:
-    probe = f"import importlib.metadata as m\ntry: print(m.version({distribution!r}))\nexcept m.PackageNotFoundError: pass"
+    probe = (
+        f"import importlib.metadata as m\ntry: print(m.version({distribution!r}))\nexcept m.PackageNotFoundError: pass"
+    )
     found = subprocess.run([str(python), "-c", probe], capture_output=True, text=True).stdout.strip()
     return found or None
 

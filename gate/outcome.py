@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return SETUP_FAILED
     if not any(c.status in RAN for c in results.checks):
         version = results.runs[0]["versions"].get(args.package) or "(not installed)"
-        print(f"gate: set-up failed: {args.package} {version} provides none of the subjects the suite knows: nothing was checked")
+        print(
+            f"gate: set-up failed: {args.package} {version} provides none of the subjects the suite knows: "
+            "nothing was checked"
+        )
         return SETUP_FAILED
     comparison = compare(results, base)
     publish.write(results, args.html, args.markdown, comparison)
@@ -49,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 def console_lines(results: Results, comparison: Comparison) -> list[str]:
     failing_rows = results.failing_case_by_check()
     against = " against the base" if comparison.base is not None else ""
-    verdict = f"{len(comparison.new_failures)} new failure(s){against}" if comparison.new_failures else f"no new failure{against}"
+    verdict = (
+        f"{len(comparison.new_failures)} new failure(s){against}"
+        if comparison.new_failures
+        else f"no new failure{against}"
+    )
     lines = [f"gate: {verdict}"]
     sections = [
         ("new failure", comparison.new_failures, True),

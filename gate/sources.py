@@ -38,7 +38,7 @@ class Source:
     def pinned(self) -> bool:
         """Always installs the same code: an exact version, or a git URL at a full commit id."""
         if self.kind == "requirement":
-            return PINNED_VERSION.fullmatch(self.text[len(_name(self.text)):]) is not None
+            return PINNED_VERSION.fullmatch(self.text[len(_name(self.text)) :]) is not None
         return self.kind == "git" and COMMIT.search(self.text) is not None
 
     def slug(self) -> str:

@@ -115,7 +115,10 @@ def _forward(case: LinearCase, dropped: Tracked | None) -> Tracked:
     if not case.use_dora:
         return linear_base(case) + lora_update(case, dropped)
     factor, unbiased = dora_factor(case), exact(case, case.x) @ base_weight(case).T
-    down, up = (exact(case, case.x) if dropped is None else dropped) @ exact(case, case.lora_A).T, exact(case, case.lora_B).T
+    down, up = (
+        (exact(case, case.x) if dropped is None else dropped) @ exact(case, case.lora_A).T,
+        exact(case, case.lora_B).T,
+    )
     lora = down.scaled_matmul(up, case.scale)
     # peft scales last, (f ((x' A^T) B^T)) s: f times the unscaled term may sink into the subnormals
     # before s magnifies that underflow.
@@ -213,7 +216,9 @@ def switch_forward(case: SwitchCase) -> Tracked:
     MLX evaluates the LoRA term on the input side; peft's ``target_parameters`` adapts the expert
     weight itself, ``x (W_e + s B_e A_e)^T + b_e``. The bound covers both orders.
     """
-    return _routed(case, [Tracked.covering(linear_forward(e), _affine(e, adapted_expert_weight(e))) for e in case.experts])
+    return _routed(
+        case, [Tracked.covering(linear_forward(e), _affine(e, adapted_expert_weight(e))) for e in case.experts]
+    )
 
 
 @once_per_case
@@ -244,7 +249,8 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     covers both.
 
     DoRA's factor ``f = m / ||W + s B A||`` is a constant to the gradient (the norm is detached, as the
-    paper and peft say): T becomes ``T f`` in the LoRA gradients, and ``dm = sum_rows(T (x W^T + s (x A^T) B^T)) / ||W + s B A||``.
+    paper and peft say): T becomes ``T f`` in the LoRA gradients, and
+    ``dm = sum_rows(T (x W^T + s (x A^T) B^T)) / ||W + s B A||``.
     """
     x = exact(case, case.x.reshape(-1, case.in_features))
     t = exact(case, upstream.reshape(-1, case.out_features))

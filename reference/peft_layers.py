@@ -163,7 +163,9 @@ def dora_magnitude_at_creation(case: LinearCase | EmbeddingCase, with_adapter: b
     with torch.no_grad():
         if not with_adapter:
             lora_B.zero_()
-        dora.update_layer(base_layer=layer.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=layer.scaling[ADAPTER])
+        dora.update_layer(
+            base_layer=layer.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=layer.scaling[ADAPTER]
+        )
     return dora.weight
 
 
@@ -181,7 +183,8 @@ def forward(layer: torch.nn.Module, case: LinearCase) -> torch.Tensor:
 
 
 class InjectedDropout(torch.nn.Module):
-    """torch's dropout arithmetic with a given keep-mask (a function of the input's shape): `bridge.InjectedDropout`'s twin."""
+    """torch's dropout arithmetic with a given keep-mask (a function of the input's shape):
+    `bridge.InjectedDropout`'s twin."""
 
     def __init__(self, p: float, mask: Callable[[tuple[int, ...]], np.ndarray]):
         super().__init__()
@@ -328,7 +331,9 @@ def training_steps(
     if spec.kind == "sgd":
         optimizer = torch.optim.SGD(parameters, lr=spec.lr)
     else:
-        optimizer = torch.optim.AdamW(parameters, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        optimizer = torch.optim.AdamW(
+            parameters, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
+        )
     y_target = tensor(target, case.dtype)
     ids, x = (torch.from_numpy(case.ids), None) if looks_up else (None, tensor(case.x, case.dtype))
     trajectory = []

@@ -17,8 +17,12 @@ from reports.results import ResultsError, load
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reports", description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+", help="results files written by pytest conformance")
-    parser.add_argument("--html", type=Path, default=None, help="the HTML report (default: report.html beside the first results file)")
-    parser.add_argument("--markdown", type=Path, default=None, help="the Markdown summary (default: the HTML's path with .md)")
+    parser.add_argument(
+        "--html", type=Path, default=None, help="the HTML report (default: report.html beside the first results file)"
+    )
+    parser.add_argument(
+        "--markdown", type=Path, default=None, help="the Markdown summary (default: the HTML's path with .md)"
+    )
     args = parser.parse_args(argv)
     html = args.html or args.results[0].with_name("report.html")
     markdown = args.markdown or html.with_suffix(".md")
@@ -29,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     except OSError as error:
         parser.error(f"cannot write {error.filename}: {error.strerror}")
-    print(f"{html} ({html.stat().st_size / 1e6:.2f} MB), {markdown}: {results.cases} cases from {len(args.results)} file(s)")
+    print(
+        f"{html} ({html.stat().st_size / 1e6:.2f} MB), {markdown}: "
+        f"{results.cases} cases from {len(args.results)} file(s)"
+    )
     return 0
 
 

@@ -61,8 +61,12 @@ def check_figure(rows: list[Row], title: str) -> str:
         if points:
             x, y = zip(*points)
             scatter.scatter(x, y, s=5, color=COLOURS.get(dtype), label=dtype, rasterized=True, linewidths=0)
-    scatter.set(xscale="log", yscale="log", xlabel="inner dimension (in_features; embedding: dims)",
-                ylabel="largest error of the case")
+    scatter.set(
+        xscale="log",
+        yscale="log",
+        xlabel="inner dimension (in_features; embedding: dims)",
+        ylabel="largest error of the case",
+    )
     for axes in (histogram, scatter):
         axes.minorticks_off()
         for axis in (axes.xaxis, axes.yaxis):
@@ -76,5 +80,5 @@ def check_figure(rows: list[Row], title: str) -> str:
 
 def _compact(svg: str) -> str:
     """The SVG element alone, without matplotlib's comments and indentation."""
-    svg = re.sub(r"<!--.*?-->", "", svg[svg.index("<svg"):], flags=re.DOTALL)
+    svg = re.sub(r"<!--.*?-->", "", svg[svg.index("<svg") :], flags=re.DOTALL)
     return "\n".join(line.strip() for line in svg.splitlines() if line.strip())

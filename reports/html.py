@@ -134,7 +134,9 @@ def view(results: Results) -> dict:
         "details": [details[key] for key in sorted(details)],
         "cards": cards,
         "divergent": divergent,
-        "known_divergences": sorted(results.known_divergences, key=lambda d: (d.status != Status.NOW_PASSING, d.check_id)),
+        "known_divergences": sorted(
+            results.known_divergences, key=lambda d: (d.status != Status.NOW_PASSING, d.check_id)
+        ),
         "figures": {name: figures.check_figure(rows, name) for name, rows in sorted(by_check.items())},
         "figure_anchors": {name: anchor("figure", name) for name in by_check},
         "study": verdict_study.load(),

@@ -13,9 +13,13 @@ FAILURE_LIMIT = 30
 
 
 def _versions(run: dict) -> str:
-    versions = " · ".join(f"{name} {run['versions'].get(name) or 'not installed'}" for name in ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch"))
+    versions = " · ".join(
+        f"{name} {run['versions'].get(name) or 'not installed'}"
+        for name in ("mlx", "mlx-vlm", "mlx-lm", "peft", "torch")
+    )
     label = f"**{run['label']}**: " if run.get("label") else ""
-    return f"{label}{versions} · MLX device {run['device']} · profile {run.get('profile', '–')} · seed {run.get('seed', '–')}"
+    profile, seed = run.get("profile", "–"), run.get("seed", "–")
+    return f"{label}{versions} · MLX device {run['device']} · profile {profile} · seed {seed}"
 
 
 def render(results: Results, report_path: str = "", comparison: Comparison | None = None) -> str:
@@ -27,19 +31,31 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
     lines += [f"- {_versions(run)}" for run in results.runs]
     if comparison.base is not None:
         lines += [f"- base: {_versions(run)}" for run in comparison.base.runs]
-    lines += ["", f"**{results.cases} cases** checked, {len(results.failing_rows())} outside the allowed error. Checks: {statuses or 'none'}.", ""]
+    lines += [
+        "",
+        f"**{results.cases} cases** checked, {len(results.failing_rows())} outside the allowed error. "
+        f"Checks: {statuses or 'none'}.",
+        "",
+    ]
     failed = comparison.new_failures
     lines.append(f"### New failures: {len(failed)}" if failed else "### No new failure")
     if failed:
         lines += _failure_table(failed, failing_rows)
     if comparison.failing_in_base_too:
-        lines += ["", f"### Failing in the base too: {len(comparison.failing_in_base_too)} (not counted against this change)"]
+        lines += [
+            "",
+            f"### Failing in the base too: {len(comparison.failing_in_base_too)} (not counted against this change)",
+        ]
         lines += _failure_table(comparison.failing_in_base_too, failing_rows)
     if comparison.fixed:
         lines += ["", f"### Fixed since the base: {len(comparison.fixed)}", ""]
         lines += [f"- {subject_label(c)} `{c.check_id}`" for c in comparison.fixed]
     if comparison.no_longer_provided:
-        lines += ["", f"### No longer provided: {len(comparison.no_longer_provided)} (ran in the base; did a class move or go?)", ""]
+        lines += [
+            "",
+            f"### No longer provided: {len(comparison.no_longer_provided)} (ran in the base; did a class move or go?)",
+            "",
+        ]
         lines += ["<details><summary>the checks</summary>", ""]
         lines += [f"- `{c.check_id}`: {_reason(c)}" for c in comparison.no_longer_provided]
         lines += ["", "</details>"]
@@ -53,8 +69,7 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
     known = [d for d in results.known_divergences if d.status == Status.KNOWN_DIVERGENCE]
     if known:
         lines += ["", f"<details><summary>Known divergences seen this run: {len(known)}</summary>", ""]
-        lines += [f"- `{d.check_id}` `{d.explains}` ({d.explained} explained)"
-                  + f": {d.reason}" for d in known]
+        lines += [f"- `{d.check_id}` `{d.explains}` ({d.explained} explained)" + f": {d.reason}" for d in known]
         lines += ["", "</details>"]
     lines += ["", "<details><summary>Subject × check matrix</summary>", "", matrix.render(results), "</details>"]
     if report_path:

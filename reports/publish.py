@@ -13,4 +13,6 @@ def write(results: Results, html_path: Path, markdown_path: Path, comparison: Co
     html_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(html.render(results), encoding="utf-8")
-    markdown_path.write_text(markdown.render(results, report_path=str(html_path), comparison=comparison), encoding="utf-8")
+    markdown_path.write_text(
+        markdown.render(results, report_path=str(html_path), comparison=comparison), encoding="utf-8"
+    )

@@ -57,7 +57,9 @@ def compare(results: Results, base: Results | None = None) -> Comparison:
         new_failures=[c for c in failing if before.get(c.check_id) != Status.FAIL],
         failing_in_base_too=[c for c in failing if before.get(c.check_id) == Status.FAIL],
         fixed=[c for c in results.checks if c.status == Status.PASS and before.get(c.check_id) == Status.FAIL],
-        no_longer_provided=[c for c in results.checks if c.status == Status.NOT_PROVIDED and before.get(c.check_id) in RAN],
+        no_longer_provided=[
+            c for c in results.checks if c.status == Status.NOT_PROVIDED and before.get(c.check_id) in RAN
+        ],
         now_passing_divergences=now_passing,
         base=base,
     )

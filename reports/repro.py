@@ -40,11 +40,12 @@ _CONSTRUCT = {
 }
 _ADAPTER = {
     "LoRaLayerConvention": "layer.A = mlx_array(A.T)\nlayer.B = mlx_array(B.T)",
-    "DoRALinearConvention": "layer.lora_a = mlx_array(A.T)\nlayer.lora_b = mlx_array(B.T)\nlayer.m = mlx_array(M, mx.float32)",
+    "DoRALinearConvention": (
+        "layer.lora_a = mlx_array(A.T)\nlayer.lora_b = mlx_array(B.T)\nlayer.m = mlx_array(M, mx.float32)"
+    ),
     "PeftStyleDoRAConvention": "layer.lora_a = mlx_array(A.T)\nlayer.lora_b = mlx_array(B.T)\nlayer.m = mlx_array(M)",
 }
 _DEFAULT_ADAPTER = "layer.lora_a = mlx_array(A.T)\nlayer.lora_b = mlx_array(B.T)"
-
 
 
 @cache
@@ -71,9 +72,15 @@ def unsupported_reason(row: Row, subject: dict | None) -> str | None:
         return "the results do not say where the subject's class is"
     if row.judged_at and row.judged_at["allowed"] is None:
         return "the allowed error at the judged element is not finite"
-    if row.check not in CHECKS or module not in MODULES or (row.check.startswith("grad") and module not in GRADIENT_MODULES):
-        return (f"standalone scripts cover forward and merge of {', '.join(MODULES)} and the gradients of "
-                f"{', '.join(GRADIENT_MODULES)}; this is {module} {row.check}")
+    if (
+        row.check not in CHECKS
+        or module not in MODULES
+        or (row.check.startswith("grad") and module not in GRADIENT_MODULES)
+    ):
+        return (
+            f"standalone scripts cover forward and merge of {', '.join(MODULES)} and the gradients of "
+            f"{', '.join(GRADIENT_MODULES)}; this is {module} {row.check}"
+        )
     if subject.get("convention") not in _CONSTRUCT:
         return f"no standalone construction for {subject.get('convention')}"
     if case.get("quantization") or case.get("fan_in_fan_out"):

@@ -49,7 +49,8 @@ class Results:
         return {status: counts[status] for status in most_severe_first(set(counts))}
 
     def failing_case_by_check(self) -> dict[tuple[int, str], Row]:
-        """Per test item (run, check id), the row that shows its failure: Hypothesis' final, shrunk one, else the first."""
+        """Per test item (run, check id), the row that shows its failure: Hypothesis' final, shrunk one, else the
+        first."""
         chosen: dict[tuple[int, str], Row] = {}
         for row in self.failing_rows():
             key = (row.run, row.check_id)

@@ -117,9 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     from catalogue import WRONG_VARIANTS
 
     parser = argparse.ArgumentParser(prog="python -m studies.catch_rates", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=100, help="seeds per variant, dtype and mode (default: %(default)s)")
-    parser.add_argument("--examples", type=int, help="cases a seed draws at most (default: as many as the ci profile gives the check)")
-    parser.add_argument("--variant", action="append", default=[], choices=sorted(WRONG_VARIANTS), help="(repeatable; default: all)")
+    parser.add_argument(
+        "--seeds", type=int, default=100, help="seeds per variant, dtype and mode (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--examples", type=int, help="cases a seed draws at most (default: as many as the ci profile gives the check)"
+    )
+    parser.add_argument(
+        "--variant", action="append", default=[], choices=sorted(WRONG_VARIANTS), help="(repeatable; default: all)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "catch_rates.json", help="(default: %(default)s)")
     threads.add_option(parser)
@@ -131,9 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     rows, tasks, examples = [], [], {}
     for name in names:
         if not measurable(name):
-            rows.append({"variant": name, "check": WRONG_VARIANTS[name].check, "measured": False,
-                         "why": "its check (error_parity) runs fixed cases, not drawn ones: no seed changes what it sees, "
-                                "and tests/test_wrong_variants.py requires it to be caught"})
+            rows.append(
+                {
+                    "variant": name,
+                    "check": WRONG_VARIANTS[name].check,
+                    "measured": False,
+                    "why": "its check (error_parity) runs fixed cases, not drawn ones: no seed changes what it sees, "
+                    "and tests/test_wrong_variants.py requires it to be caught",
+                }
+            )
             continue
         for dtype, kind in configurations(name):
             examples[name, dtype, kind] = args.examples or ci_examples(name, kind)
@@ -145,25 +157,47 @@ def main(argv: list[str] | None = None) -> int:
     print(file=sys.stderr)
     for (name, dtype, kind), seeds in outcomes.items():
         caught = [s for s in seeds if s["caught"]]
-        rows.append({
-            "variant": name, "check": WRONG_VARIANTS[name].check, "dtype": dtype, "quantization": kind, "measured": True,
-            "examples": examples[name, dtype, kind], "seeds": len(seeds), "caught": len(caught), "rate": len(caught) / len(seeds),
-            "most_cases_to_catch": max((s["cases"] for s in caught), default=None),
-            "missed": [s["last_case"] for s in seeds if not s["caught"]][:3],
-        })
-    command = f"python -m studies.catch_rates --seeds {args.seeds}" + (f" --examples {args.examples}" if args.examples else "") + "".join(
-        f" --variant {name}" for name in args.variant)
-    document = {"study": "catch_rates", "measured": date.today().isoformat(), "environment": sampling.environment(),
-                "command": command, "seconds": round(time.perf_counter() - start, 1),
-                "required_rate": REQUIRED, "rows": rows}
+        rows.append(
+            {
+                "variant": name,
+                "check": WRONG_VARIANTS[name].check,
+                "dtype": dtype,
+                "quantization": kind,
+                "measured": True,
+                "examples": examples[name, dtype, kind],
+                "seeds": len(seeds),
+                "caught": len(caught),
+                "rate": len(caught) / len(seeds),
+                "most_cases_to_catch": max((s["cases"] for s in caught), default=None),
+                "missed": [s["last_case"] for s in seeds if not s["caught"]][:3],
+            }
+        )
+    command = (
+        f"python -m studies.catch_rates --seeds {args.seeds}"
+        + (f" --examples {args.examples}" if args.examples else "")
+        + "".join(f" --variant {name}" for name in args.variant)
+    )
+    document = {
+        "study": "catch_rates",
+        "measured": date.today().isoformat(),
+        "environment": sampling.environment(),
+        "command": command,
+        "seconds": round(time.perf_counter() - start, 1),
+        "required_rate": REQUIRED,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(document, indent=1) + "\n")
     measured = [row for row in rows if row["measured"]]
     below = [row for row in measured if row["rate"] < REQUIRED]
-    print(f"{len({r['variant'] for r in measured})} variants measured in {len(measured)} dtype/mode configurations; "
-          f"lowest rate {min((r['rate'] for r in measured), default=float('nan')):.2%}; wrote {args.out}")
+    print(
+        f"{len({r['variant'] for r in measured})} variants measured in {len(measured)} dtype/mode configurations; "
+        f"lowest rate {min((r['rate'] for r in measured), default=float('nan')):.2%}; wrote {args.out}"
+    )
     for row in below:
-        print(f"  below {REQUIRED:.0%}: {row['variant']} {row['check']} {row['dtype']} {row['quantization'] or ''}: "
-              f"{row['caught']}/{row['seeds']}")
+        print(
+            f"  below {REQUIRED:.0%}: {row['variant']} {row['check']} {row['dtype']} {row['quantization'] or ''}: "
+            f"{row['caught']}/{row['seeds']}"
+        )
     return 1 if below else 0
 
 

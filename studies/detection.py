@@ -120,7 +120,11 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
         if largest.size:
             at = np.unravel_index(np.argmax(np.abs(expected.value)), largest.shape)
             largest[at] = expected.value[at]
-        terms = {"lora": expected.value - base.value - _bias_of(case, expected.value), "base": base.value, "element": largest}
+        terms = {
+            "lora": expected.value - base.value - _bias_of(case, expected.value),
+            "base": base.value,
+            "element": largest,
+        }
         ideal = case.dtype.unit_roundoff * np.abs(expected.value) + case.dtype.underflow
         roundings = scaling_roundings(_parameters(case).scale, case.dtype)
         scale = float(np.max(np.abs(expected.value), initial=0.0))
@@ -177,7 +181,8 @@ def summarize(records: list[tuple[float, float, float, int]]) -> dict:
         "looseness_q99": quantile(looseness[finite], 0.99),
         "looseness_median_by_scale_roundings": {
             str(k): {"cases": int(np.sum(chosen)), "median": quantile(looseness[chosen], 0.5)}
-            for k in (0, 1, 2) for chosen in [finite & (roundings == k)]
+            for k in (0, 1, 2)
+            for chosen in [finite & (roundings == k)]
         },
     }
 
@@ -190,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
     sampling.add_case_options(parser, default_cases=2000)
-    parser.add_argument("--out", type=Path,
-                        help="the JSON to write (default: studies/results/detection/<family>[-<base>]-<dtype>-<kind>.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the JSON to write (default: studies/results/detection/<family>[-<base>]-<dtype>-<kind>.json)",
+    )
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)
     sampling.check_usage(parser, args.family, args.kind, args.base)
@@ -200,15 +208,33 @@ def main(argv: list[str] | None = None) -> int:
     sampling.writable(parser, out)
 
     start = time.perf_counter()
-    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases),
-                           args.base)
+    study = sampling.Study(
+        run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases), args.base
+    )
     results = sampling.run(study, args.cases, args.workers, lambda results: "")
-    command = " ".join(["python -m studies.detection", f"--family {args.family}", f"--dtype {args.dtype}",
-                        f"--cases {args.cases}", f"--kind {args.kind}", *sampling.base_option(args.base), f"--seed {args.seed}"])
+    command = " ".join(
+        [
+            "python -m studies.detection",
+            f"--family {args.family}",
+            f"--dtype {args.dtype}",
+            f"--cases {args.cases}",
+            f"--kind {args.kind}",
+            *sampling.base_option(args.base),
+            f"--seed {args.seed}",
+        ]
+    )
     document = {
-        "study": "detection", "subject": subject, "family": args.family, "base": args.base, "dtype": args.dtype,
-        "kind": args.kind, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
-        "measured": date.today().isoformat(), "environment": sampling.environment(), "command": command,
+        "study": "detection",
+        "subject": subject,
+        "family": args.family,
+        "base": args.base,
+        "dtype": args.dtype,
+        "kind": args.kind,
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - start, 1),
+        "measured": date.today().isoformat(),
+        "environment": sampling.environment(),
+        "command": command,
         "cases": sampling.distinct(results),
         "failing": [case for result in results for case in result["failing"]],
         "known_divergences": [case for result in results for case in result["known_divergences"]],
@@ -217,10 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(document, indent=1) + "\n")
     thresholds = ", ".join(f"{name} {document['perturbations'][name]['threshold']:.2g}" for name in PERTURBATIONS)
     loose = ", ".join(f"{name} {document['perturbations'][name]['looseness_median']:.2g}" for name in PERTURBATIONS)
-    print(f"{args.family} on a {args.base} base, {args.dtype} {args.kind}: {document['cases']} cases; "
-          "caught in 99% of those where the term is "
-          f"at least {VISIBLE_SHARE:.0%} of the output: {thresholds}; median looseness over one rounding: {loose}; "
-          f"{len(document['failing'])} failing, {len(document['known_divergences'])} known divergences left out; wrote {out}")
+    print(
+        f"{args.family} on a {args.base} base, {args.dtype} {args.kind}: {document['cases']} cases; "
+        "caught in 99% of those where the term is "
+        f"at least {VISIBLE_SHARE:.0%} of the output: {thresholds}; median looseness over one rounding: {loose}; "
+        f"{len(document['failing'])} failing, {len(document['known_divergences'])} known divergences left out; "
+        f"wrote {out}"
+    )
     return 1 if document["failing"] else 0
 
 

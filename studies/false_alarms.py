@@ -61,8 +61,9 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
 
     subject = resolve(task.subject)
     known = known_divergences()
-    checks = {name: info for name, info in FAMILIES[task.family].checks_on(task.base).items()
-              if info.runs_in(task.dtype)}
+    checks = {
+        name: info for name, info in FAMILIES[task.family].checks_on(task.base).items() if info.runs_in(task.dtype)
+    }
     found: dict = {"checks": {}, "false_alarms": [], "known_divergences": [], "quantizations": {}}
 
     def visit(case, index: int) -> None:
@@ -86,7 +87,9 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
                 best = tally["largest"].get(comparison.side)
                 if best is None or comparison.margin > best["margin"]:
                     tally["largest"][comparison.side] = {
-                        "margin": comparison.margin, "quantity": comparison.quantity, "replay": replay
+                        "margin": comparison.margin,
+                        "quantity": comparison.quantity,
+                        "replay": replay,
                     }
             if measurement.passed:
                 continue
@@ -118,15 +121,21 @@ def merge(results: list[dict]) -> dict:
         "checks": checks,
         "false_alarms": [alarm for result in results for alarm in result["false_alarms"]],
         "known_divergences": [found for result in results for found in result["known_divergences"]],
-        "quantizations": {kind: sum(result["quantizations"].get(kind, 0) for result in results)
-                          for kind in sorted({kind for result in results for kind in result["quantizations"]})},
+        "quantizations": {
+            kind: sum(result["quantizations"].get(kind, 0) for result in results)
+            for kind in sorted({kind for result in results for kind in result["quantizations"]})
+        },
     }
 
 
 def largest_margin(merged: dict, statistical: bool = False) -> float:
     return max(
-        (side["margin"] for name, tally in merged["checks"].items() if (name in STATISTICAL) == statistical
-         for side in tally["largest"].values()),
+        (
+            side["margin"]
+            for name, tally in merged["checks"].items()
+            if (name in STATISTICAL) == statistical
+            for side in tally["largest"].values()
+        ),
         default=0.0,
     )
 
@@ -146,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
     parser.add_argument("--subject", help="a subject of the family (default: its correct layer in tests/)")
     sampling.add_case_options(parser, default_cases=1000)
-    parser.add_argument("--out", type=Path,
-                        help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>.json)",
+    )
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)
     sampling.check_usage(parser, args.family, args.kind, args.base)
@@ -156,25 +168,51 @@ def main(argv: list[str] | None = None) -> int:
     sampling.writable(parser, out)
 
     start = time.perf_counter()
-    study = sampling.Study(run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases),
-                           args.base)
-    results = sampling.run(study, args.cases, args.workers,
-                           lambda results: f", {sum(len(r['false_alarms']) for r in results)} false alarms")
+    study = sampling.Study(
+        run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases), args.base
+    )
+    results = sampling.run(
+        study,
+        args.cases,
+        args.workers,
+        lambda results: f", {sum(len(r['false_alarms']) for r in results)} false alarms",
+    )
     merged = merge(results)
-    command = " ".join(["python -m studies.false_alarms", f"--family {args.family}", f"--dtype {args.dtype}",
-                        f"--cases {args.cases}", f"--kind {args.kind}", *sampling.base_option(args.base),
-                        f"--subject {subject}", f"--seed {args.seed}"])
+    command = " ".join(
+        [
+            "python -m studies.false_alarms",
+            f"--family {args.family}",
+            f"--dtype {args.dtype}",
+            f"--cases {args.cases}",
+            f"--kind {args.kind}",
+            *sampling.base_option(args.base),
+            f"--subject {subject}",
+            f"--seed {args.seed}",
+        ]
+    )
     document = {
-        "study": "false_alarms", "subject": subject, "family": args.family, "base": args.base, "dtype": args.dtype,
-        "kind": args.kind, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
-        "measured": date.today().isoformat(), "environment": sampling.environment(), "command": command,
-        "largest_margin": largest_margin(merged), "largest_statistical_margin": largest_margin(merged, statistical=True),
+        "study": "false_alarms",
+        "subject": subject,
+        "family": args.family,
+        "base": args.base,
+        "dtype": args.dtype,
+        "kind": args.kind,
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - start, 1),
+        "measured": date.today().isoformat(),
+        "environment": sampling.environment(),
+        "command": command,
+        "largest_margin": largest_margin(merged),
+        "largest_statistical_margin": largest_margin(merged, statistical=True),
         **merged,
     }
     out.write_text(json.dumps(document, indent=1) + "\n")
     known = f", {len(merged['known_divergences'])} known divergences" if merged["known_divergences"] else ""
-    print(f"{subject} {args.family} on a {args.base} base, {args.dtype} {args.kind}: {merged['cases']} distinct cases, "
-          f"{len(merged['false_alarms'])} false alarms{known}, largest margin {document['largest_margin']:.3f}; wrote {out}")
+    print(
+        f"{subject} {args.family} on a {args.base} base, {args.dtype} {args.kind}: {merged['cases']} distinct cases, "
+        f"{len(merged['false_alarms'])} false alarms{known}, largest margin {document['largest_margin']:.3f}; "
+        f"wrote {out}"
+    )
     for alarm in merged["false_alarms"][:5]:
         print(f"  {alarm['check']}: {alarm['what']}\n  replay: {alarm['replay']}")
     return 1 if merged["false_alarms"] else 0

@@ -76,29 +76,60 @@ def margin_drift(first: dict[tuple[str, str], float], other: dict[tuple[str, str
     if not moved:
         return {"cases": 0, "largest": None, "highest_margin": None}
     change, (check_id, case) = max(moved)
-    highest = max((m for _, key in moved for m in (first[key], other[key]) if isinstance(m, float) and m == m), default=None)
-    return {"cases": len(moved), "highest_margin": highest,
-            "largest": {"check_id": check_id, "case": json.loads(case), "first": first[(check_id, case)],
-                        "this": other[(check_id, case)], "change": change}}
+    highest = max(
+        (m for _, key in moved for m in (first[key], other[key]) if isinstance(m, float) and m == m), default=None
+    )
+    return {
+        "cases": len(moved),
+        "highest_margin": highest,
+        "largest": {
+            "check_id": check_id,
+            "case": json.loads(case),
+            "first": first[(check_id, case)],
+            "this": other[(check_id, case)],
+            "change": change,
+        },
+    }
 
 
 def run_once(subjects: list[str], workers: int, results: Path) -> tuple[int, float]:
-    command = [sys.executable, "-m", "pytest", "conformance", "--hypothesis-profile", "ci", "-p", "no:cacheprovider",
-               "-q", "--results", str(results), "--report", "none", *(f"--subject={s}" for s in subjects)]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "conformance",
+        "--hypothesis-profile",
+        "ci",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--results",
+        str(results),
+        "--report",
+        "none",
+        *(f"--subject={s}" for s in subjects),
+    ]
     if workers > 1:
         command += ["-n", str(workers)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
     completed = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     if completed.returncode not in (0, 1):
-        raise SystemExit(f"pytest ended with {completed.returncode}:\n{completed.stdout[-2000:]}{completed.stderr[-2000:]}")
+        raise SystemExit(
+            f"pytest ended with {completed.returncode}:\n{completed.stdout[-2000:]}{completed.stderr[-2000:]}"
+        )
     return completed.returncode, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.flakiness", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="(default: %(default)s)")
-    parser.add_argument("--subject", action="append", default=[], help="subject or pattern (repeatable; default: the correct layers of tests/)")
+    parser.add_argument(
+        "--subject",
+        action="append",
+        default=[],
+        help="subject or pattern (repeatable; default: the correct layers of tests/)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="xdist workers per run (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "flakiness.json", help="(default: %(default)s)")
     threads.add_option(parser)
@@ -121,15 +152,35 @@ def main(argv: list[str] | None = None) -> int:
             statuses: dict[str, int] = {}
             for _, status in print_["checks"]:
                 statuses[status] = statuses.get(status, 0) + 1
-            runs.append({"exit": code, "seconds": round(seconds, 1), "cases_judged": len(print_["rows"]),
-                         "statuses": statuses, "differences": found, "margin_drift": drift})
+            runs.append(
+                {
+                    "exit": code,
+                    "seconds": round(seconds, 1),
+                    "cases_judged": len(print_["rows"]),
+                    "statuses": statuses,
+                    "differences": found,
+                    "margin_drift": drift,
+                }
+            )
             moved = f"; {drift['cases']} margins moved" if drift["cases"] else ""
-            print(f"run {index + 1}/{args.runs}: exit {code}, {len(print_['rows'])} judged cases, {statuses}, "
-                  f"{'same verdicts as run 1' if not found else 'DIFFERS: ' + found[0]}{moved} ({seconds:.0f} s)", flush=True)
+            print(
+                f"run {index + 1}/{args.runs}: exit {code}, {len(print_['rows'])} judged cases, {statuses}, "
+                f"{'same verdicts as run 1' if not found else 'DIFFERS: ' + found[0]}{moved} ({seconds:.0f} s)",
+                flush=True,
+            )
     identical = all(not run["differences"] for run in runs) and len({run["exit"] for run in runs}) == 1
-    command = f"python -m studies.flakiness --runs {args.runs} --workers {args.workers}" + "".join(f" --subject '{s}'" for s in subjects)
-    document = {"study": "flakiness", "measured": date.today().isoformat(), "environment": sampling.environment(),
-                "command": command, "subjects": subjects, "identical": identical, "runs": runs}
+    command = f"python -m studies.flakiness --runs {args.runs} --workers {args.workers}" + "".join(
+        f" --subject '{s}'" for s in subjects
+    )
+    document = {
+        "study": "flakiness",
+        "measured": date.today().isoformat(),
+        "environment": sampling.environment(),
+        "command": command,
+        "subjects": subjects,
+        "identical": identical,
+        "runs": runs,
+    }
     args.out.write_text(json.dumps(document, indent=1) + "\n")
     print(f"{args.runs} runs: {'identical verdicts' if identical else 'VERDICTS DIFFER'}; wrote {args.out}")
     return 0 if identical else 1

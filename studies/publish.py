@@ -18,7 +18,10 @@ RESULTS = ROOT / "studies" / "results"
 DOCUMENT = ROOT / "docs" / "verdict-study.md"
 FIGURES = ROOT / "reports" / "verdict_study.json"
 README = ROOT / "README.md"
-MARKERS = ("<!-- verdict-study summary: written by python -m studies.publish -->", "<!-- end of the verdict-study summary -->")
+MARKERS = (
+    "<!-- verdict-study summary: written by python -m studies.publish -->",
+    "<!-- end of the verdict-study summary -->",
+)
 FAMILIES = ("linear", "dora_linear", "embedding", "dora_embedding", "switch_linear")
 BASES = ("float", "conv1d", "quantized")
 KINDS = ("drawn", "extreme")
@@ -45,8 +48,11 @@ def _load(path: Path) -> dict:
 
 def _ordered(documents: list[dict]) -> list[dict]:
     def rank(d: dict) -> tuple:
-        return tuple(order.index(d[key]) if d[key] in order else 99
-                     for key, order in (("family", FAMILIES), ("base", BASES), ("kind", KINDS), ("dtype", DTYPES)))
+        return tuple(
+            order.index(d[key]) if d[key] in order else 99
+            for key, order in (("family", FAMILIES), ("base", BASES), ("kind", KINDS), ("dtype", DTYPES))
+        )
+
     return sorted(documents, key=rank)
 
 
@@ -69,27 +75,44 @@ def studies(results: Path = RESULTS) -> dict:
 def figures(found: dict) -> dict:
     """The figures every report shows (``reports/verdict_study.json``)."""
     false_alarms = [
-        {"what": f"{d['subject']}, every check of the {d['family']} family on a {d['base']} base ({d['kind']} cases)",
-         "family": d["family"],
-         "dtype": d["dtype"], "cases": f"{d['cases']:,}", "false_alarms": len(d["false_alarms"]),
-         "known_divergences": len(d["known_divergences"]),
-         "largest_margin": f"{d['largest_margin']:.3f}", "measured": d["measured"], "command": d["command"]}
+        {
+            "what": f"{d['subject']}, every check of the {d['family']} family on a {d['base']} base "
+            f"({d['kind']} cases)",
+            "family": d["family"],
+            "dtype": d["dtype"],
+            "cases": f"{d['cases']:,}",
+            "false_alarms": len(d["false_alarms"]),
+            "known_divergences": len(d["known_divergences"]),
+            "largest_margin": f"{d['largest_margin']:.3f}",
+            "measured": d["measured"],
+            "command": d["command"],
+        }
         for d in found["false_alarms"]
     ] + found["earlier"]
     detection = [
-        {"family": d["family"], "base": d["base"], "dtype": d["dtype"], "perturbation": name,
-         "cases": d["perturbations"][name]["visible_cases"],
-         "threshold": f"{d['perturbations'][name]['threshold']:.2g}",
-         "looseness": f"{d['perturbations'][name]['looseness_median']:.3g}", "measured": d["measured"], "command": d["command"]}
-        for d in found["detection"] for name in PERTURBATIONS
+        {
+            "family": d["family"],
+            "base": d["base"],
+            "dtype": d["dtype"],
+            "perturbation": name,
+            "cases": d["perturbations"][name]["visible_cases"],
+            "threshold": f"{d['perturbations'][name]['threshold']:.2g}",
+            "looseness": f"{d['perturbations'][name]['looseness_median']:.3g}",
+            "measured": d["measured"],
+            "command": d["command"],
+        }
+        for d in found["detection"]
+        for name in PERTURBATIONS
     ]
     study = {
-        "about": ("What the verdict has been measured to do: correct implementations' cases and their largest margin "
-                  "(false alarms), the smallest relative errors it catches in 99% of cases (detection; `lora`: the LoRA "
-                  f"term scaled, `base`: the base term scaled, `element`: the output's largest element; over cases whose "
-                  f"term is at least {VISIBLE_SHARE:.0%} of the output; looseness: that error over the one that moves an "
-                  "element by one rounding, the median over cases), the catalogue's catch rates and repeated runs. "
-                  "Each figure names the command that produced it; docs/verdict-study.md explains them."),
+        "about": (
+            "What the verdict has been measured to do: correct implementations' cases and their largest margin "
+            "(false alarms), the smallest relative errors it catches in 99% of cases (detection; `lora`: the LoRA "
+            f"term scaled, `base`: the base term scaled, `element`: the output's largest element; over cases whose "
+            f"term is at least {VISIBLE_SHARE:.0%} of the output; looseness: that error over the one that moves an "
+            "element by one rounding, the median over cases), the catalogue's catch rates and repeated runs. "
+            "Each figure names the command that produced it; docs/verdict-study.md explains them."
+        ),
         "false_alarms": false_alarms,
         "detection": detection,
     }
@@ -97,20 +120,30 @@ def figures(found: dict) -> dict:
     if found["catch_rates"]:
         rows = [r for r in found["catch_rates"]["rows"] if r["measured"]]
         study["catch_rates"] = {
-            "variants": len({r["variant"] for r in rows}), "configurations": len(rows),
-            "lowest_rate": min(r["rate"] for r in rows), "seeds": rows[0]["seeds"] if rows else 0,
-            "measured": found["catch_rates"]["measured"], "command": found["catch_rates"]["command"],
+            "variants": len({r["variant"] for r in rows}),
+            "configurations": len(rows),
+            "lowest_rate": min(r["rate"] for r in rows),
+            "seeds": rows[0]["seeds"] if rows else 0,
+            "measured": found["catch_rates"]["measured"],
+            "command": found["catch_rates"]["command"],
         }
     if found["flakiness"]:
         flaky = found["flakiness"]
-        study["flakiness"] = {"runs": len(flaky["runs"]), "identical": flaky["identical"], "measured": flaky["measured"],
-                              "command": flaky["command"]}
+        study["flakiness"] = {
+            "runs": len(flaky["runs"]),
+            "identical": flaky["identical"],
+            "measured": flaky["measured"],
+            "command": flaky["command"],
+        }
     return study
 
 
 def _template(name: str) -> jinja2.Template:
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
+        loader=jinja2.FileSystemLoader(Path(__file__).parent),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
     return environment.get_template(name)
 
@@ -127,27 +160,46 @@ def environment(found: dict) -> dict | None:
 
 def totals(found: dict) -> dict:
     documents = found["false_alarms"]
-    return {"cases": sum(d["cases"] for d in documents), "false_alarms": sum(len(d["false_alarms"]) for d in documents),
-            "known": sum(len(d["known_divergences"]) for d in documents)}
+    return {
+        "cases": sum(d["cases"] for d in documents),
+        "false_alarms": sum(len(d["false_alarms"]) for d in documents),
+        "known": sum(len(d["known_divergences"]) for d in documents),
+    }
 
 
 def render(found: dict) -> str:
     """docs/verdict-study.md."""
     quantizations = sorted({kind for d in found["false_alarms"] for kind in d["quantizations"]})
     return _template("verdict-study.md.j2").render(
-        found=found, perturbations=PERTURBATIONS, visible_share=VISIBLE_SHARE, environment=environment(found),
+        found=found,
+        perturbations=PERTURBATIONS,
+        visible_share=VISIBLE_SHARE,
+        environment=environment(found),
         tightened=VERDICT_TIGHTENED,
-        totals=totals(found), quantizations=", ".join(quantizations) or "none measured yet",
-        dora_largest=max((d["largest_margin"] for d in found["false_alarms"] if d["family"].startswith("dora_")), default=0.0),
+        totals=totals(found),
+        quantizations=", ".join(quantizations) or "none measured yet",
+        dora_largest=max(
+            (d["largest_margin"] for d in found["false_alarms"] if d["family"].startswith("dora_")), default=0.0
+        ),
     )
 
 
 def readme_summary(found: dict) -> str:
     """The summary the README shows between its `MARKERS`."""
-    return _template("readme-summary.md.j2").render(
-        found=found, families=FAMILIES, bases=BASES, dtypes=DTYPES, visible_share=VISIBLE_SHARE, tightened=VERDICT_TIGHTENED,
-        environment=environment(found), measured=max((d["measured"] for d in _documents(found)), default="never"),
-    ).strip()
+    return (
+        _template("readme-summary.md.j2")
+        .render(
+            found=found,
+            families=FAMILIES,
+            bases=BASES,
+            dtypes=DTYPES,
+            visible_share=VISIBLE_SHARE,
+            tightened=VERDICT_TIGHTENED,
+            environment=environment(found),
+            measured=max((d["measured"] for d in _documents(found)), default="never"),
+        )
+        .strip()
+    )
 
 
 def with_summary(readme: str, summary: str) -> str:
@@ -165,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     DOCUMENT.write_text(render(found))
     FIGURES.write_text(json.dumps(figures(found), indent=1) + "\n")
     README.write_text(with_summary(README.read_text(), readme_summary(found)))
-    print(f"wrote {DOCUMENT.relative_to(ROOT)}, {FIGURES.relative_to(ROOT)} and the README's summary from {len(found['false_alarms'])} "
-          f"false-alarm and {len(found['detection'])} detection results")
+    print(
+        f"wrote {DOCUMENT.relative_to(ROOT)}, {FIGURES.relative_to(ROOT)} and the README's summary from "
+        f"{len(found['false_alarms'])} "
+        f"false-alarm and {len(found['detection'])} detection results"
+    )
     return 0
 
 

@@ -77,7 +77,9 @@ def rejudged(before: Results) -> tuple[list[str], int, int]:
         verdict = "pass" if measurement.passed else "fail"
         margin = measurement.margin if measurement.margin == measurement.margin else None
         if verdict != str(row.verdict):
-            found.append(f"case {row.check_id}: {row.verdict} before, {verdict} now {json.dumps(row.case, sort_keys=True)}")
+            found.append(
+                f"case {row.check_id}: {row.verdict} before, {verdict} now {json.dumps(row.case, sort_keys=True)}"
+            )
         elif row.margin is not None and margin != row.margin:
             moved += 1
     return found, judged, moved
@@ -100,16 +102,24 @@ def main(argv: list[str] | None = None) -> int:
         found, judged, moved = rejudged(before)
         for line in found:
             print(line)
-        print(f"{len(before.rows)} cases, {judged} judged again: "
-              + (f"{len(found)} verdicts differ" if found else "the same verdict for every one")
-              + f"; {moved} margins moved; {len(before.rows) - judged} not replayable (error parity, the base's kernel)")
+        print(
+            f"{len(before.rows)} cases, {judged} judged again: "
+            + (f"{len(found)} verdicts differ" if found else "the same verdict for every one")
+            + f"; {moved} margins moved; {len(before.rows) - judged} not replayable (error parity, the base's kernel)"
+        )
         return 1 if found else 0
     found = differences(before, after)
     for line in found:
         print(line)
-    print(f"{len(before.checks)} and {len(after.checks)} checks, {len(before.rows)} and {len(after.rows)} cases: "
-          + (f"{len(found)} differences" if found else "the same status for every check and the same verdict for "
-             "every case") + f"; {moved_margins(before, after)} cases' margins moved")
+    print(
+        f"{len(before.checks)} and {len(after.checks)} checks, {len(before.rows)} and {len(after.rows)} cases: "
+        + (
+            f"{len(found)} differences"
+            if found
+            else "the same status for every check and the same verdict for every case"
+        )
+        + f"; {moved_margins(before, after)} cases' margins moved"
+    )
     return 1 if found else 0
 
 

@@ -2,10 +2,11 @@
 
 A study asks for N distinct cases of a family in a dtype. They are drawn by Hypothesis in chunks
 of `CHUNK` draws (N if fewer); chunk k of a study with seed s is Hypothesis run under
-``@seed(s * 1_000_003 + k)`` with the generate phase only, so the same seed and N (and the same
-Hypothesis version) give the same cases, and chunks can run in any order on any number of processes. Hypothesis repeats some draws
-(its generation starts from simple ones and mutates them): a case is counted, and checked, once per
-chunk, and the study takes chunks 0, 1, ... until it has N distinct cases.
+``@seed(s * 1_000_003 + k)`` with the generate phase only, so the same seed and N (with the same
+Hypothesis version and the same code: Hypothesis now and then draws a constant it found in the project's
+own modules) give the same cases, and chunks can run in any order on any number of processes.
+Hypothesis repeats some draws (its generation starts from simple ones and mutates them): a case is
+counted, and checked, once per chunk, and the study takes chunks 0, 1, ... until it has N distinct cases.
 """
 
 from __future__ import annotations
@@ -166,10 +167,14 @@ def add_case_options(parser: argparse.ArgumentParser, default_cases: int) -> Non
     """The options every study of drawn cases takes."""
     from conformance.families import BASES
 
-    parser.add_argument("--cases", type=int, default=default_cases, help="at least this many distinct cases (default: %(default)s)")
+    parser.add_argument(
+        "--cases", type=int, default=default_cases, help="at least this many distinct cases (default: %(default)s)"
+    )
     parser.add_argument("--kind", choices=KINDS, default="drawn", help="which cases (default: %(default)s)")
     parser.add_argument("--base", choices=BASES, default="float", help="what the layer wraps (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the study's seed: same seed, same cases (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the study's seed: same seed, same cases (default: %(default)s)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
     threads.add_option(parser)
 
@@ -179,8 +184,12 @@ def run(study: Study, cases: int, workers: int, progress: Callable[[list[dict]],
     start = time.perf_counter()
 
     def show(results: list[dict]) -> None:
-        print(f"\r{distinct(results)} cases{progress(results)}, {time.perf_counter() - start:.0f} s",
-              end="", file=sys.stderr, flush=True)
+        print(
+            f"\r{distinct(results)} cases{progress(results)}, {time.perf_counter() - start:.0f} s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     results = until_enough(study, lambda results: distinct(results) >= cases, workers, show)
     print(file=sys.stderr)

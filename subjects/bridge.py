@@ -226,7 +226,13 @@ def base_switch(case: SwitchCase, switch_linear: type, quantized_switch_linear: 
         switch.weight = mlx_array(case.stacked("weight"), case.dtype)
     else:
         switch = quantized_switch_linear(
-            first.in_features, first.out_features, E, bias=first.has_bias, group_size=q.group_size, bits=q.bits, mode=q.mode
+            first.in_features,
+            first.out_features,
+            E,
+            bias=first.has_bias,
+            group_size=q.group_size,
+            bits=q.bits,
+            mode=q.mode,
         )
         # Each expert's rows were quantized by themselves, as a stacked (E, out, in) weight is.
         parts = [np.stack(part) for part in zip(*(expert.quantized_parts for expert in case.experts))]
@@ -252,7 +258,9 @@ class LoRASwitchLinearConvention:
     def build(self, cls: type, case: SwitchCase) -> nn.Module:
         layer = self.construct(cls, case, case.first.r, case.first.dropout)
         load_adapter(
-            layer, lora_a=mlx_array(case.stacked("lora_A"), case.dtype), lora_b=mlx_array(case.stacked("lora_B"), case.dtype)
+            layer,
+            lora_a=mlx_array(case.stacked("lora_A"), case.dtype),
+            lora_b=mlx_array(case.stacked("lora_B"), case.dtype),
         )
         return layer
 
@@ -358,7 +366,11 @@ def role(roles: dict[str, str], name: str) -> str:
 
 
 def grads(
-    layer: nn.Module, roles: dict[str, str], case: LinearCase | EmbeddingCase, upstream: np.ndarray, bias_trains: bool = False
+    layer: nn.Module,
+    roles: dict[str, str],
+    case: LinearCase | EmbeddingCase,
+    upstream: np.ndarray,
+    bias_trains: bool = False,
 ) -> tuple[dict[str, mx.array], set[str]]:
     """MLX's gradients of ``sum(y * T)``: by role (in peft's layouts, MLX's are transposed) and "x" for a
     linear layer, and the roles of the trainable parameters. With `bias_trains` (peft's ``bias="all"``)
@@ -383,7 +395,12 @@ def grads(
 
 
 def training_steps(
-    layer: nn.Module, roles: dict[str, str], case: LinearCase | EmbeddingCase, spec: OptimizerSpec, target: np.ndarray, count: int
+    layer: nn.Module,
+    roles: dict[str, str],
+    case: LinearCase | EmbeddingCase,
+    spec: OptimizerSpec,
+    target: np.ndarray,
+    count: int,
 ) -> list[dict[str, mx.array]]:
     """The layer's A and B (by role, in peft's layouts) after each of `count` ``mlx.optimizers`` SGD / AdamW
     steps on ``1/2 sum((y - Y)^2)``, in eval mode (no dropout), as a training loop takes them."""
@@ -391,7 +408,11 @@ def training_steps(
         optimizer = optimizers.SGD(learning_rate=spec.lr)
     else:
         optimizer = optimizers.AdamW(
-            learning_rate=spec.lr, betas=list(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay, bias_correction=True
+            learning_rate=spec.lr,
+            betas=list(spec.betas),
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+            bias_correction=True,
         )
     x = mx.array(case.ids) if isinstance(case, EmbeddingCase) else mlx_array(case.x, case.dtype)
     y_target = mlx_array(target, case.dtype)
@@ -410,7 +431,9 @@ def training_steps(
     return trajectory
 
 
-def switch_grads(layer: nn.Module, roles: dict[str, str], case: SwitchCase, upstream: np.ndarray) -> tuple[dict[str, mx.array], set[str]]:
+def switch_grads(
+    layer: nn.Module, roles: dict[str, str], case: SwitchCase, upstream: np.ndarray
+) -> tuple[dict[str, mx.array], set[str]]:
     """MLX's gradients of ``sum(y * T)`` through a switch layer called as `switch_call` calls it: A and B by
     role (``lora_a`` (E, r, in) and ``lora_b`` (E, out, r) are peft's per-expert layouts stacked), and x's;
     and the roles of the trainable parameters."""

@@ -82,18 +82,30 @@ class RecordedRun:
 
 
 RECORDED_SUBJECTS = (
-    "CorrectLoRALinear", "CorrectDoRALinear", "CorrectLoRAEmbedding",
-    "RawAlpha", "TransposedMerge", "MergeDropsBias", "DoRANormOverColumns", "DoRAMergeForgetsMagnitude",
-    "EmbeddingLookupUnscaled", "EmbeddingMergeTransposed", "GradientLeaksIntoBase", "DoRANormNotDetached",
+    "CorrectLoRALinear",
+    "CorrectDoRALinear",
+    "CorrectLoRAEmbedding",
+    "RawAlpha",
+    "TransposedMerge",
+    "MergeDropsBias",
+    "DoRANormOverColumns",
+    "DoRAMergeForgetsMagnitude",
+    "EmbeddingLookupUnscaled",
+    "EmbeddingMergeTransposed",
+    "GradientLeaksIntoBase",
+    "DoRANormNotDetached",
 )
 """Correct layers and wrong variants whose failures a standalone script can reproduce (forward, merge, gradients)."""
-RECORDED_KNOWN = ("test_linear.py::test_forward[catalogue:RawAlpha-bfloat16] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
-                  "  # a known divergence, for the report's tests\n")
+RECORDED_KNOWN = (
+    "test_linear.py::test_forward[catalogue:RawAlpha-bfloat16] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
+    "  # a known divergence, for the report's tests\n"
+)
 
 
 @pytest.fixture(scope="session")
 def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
-    """forward, merge and gradients of Linear, DoRA and Embedding on `RECORDED_SUBJECTS`, float32 and bfloat16, dev profile.
+    """forward, merge and gradients of Linear, DoRA and Embedding on `RECORDED_SUBJECTS`, float32 and bfloat16,
+    dev profile.
 
     Its tests share one xdist group (``--dist loadgroup``), so one worker records it, once."""
     folder = tmp_path_factory.mktemp("recorded")
@@ -102,10 +114,29 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
     subjects = [arg for name in RECORDED_SUBJECTS for arg in ("--subject", f"catalogue:{name}")]
     modules = [str(CONFORMANCE / m) for m in ("test_linear.py", "test_dora_linear.py", "test_embedding.py")]
     command = [
-        sys.executable, "-m", "pytest", *modules, "-p", "no:cacheprovider", "-k", "test_forward or test_merge or test_grad",
-        "--hypothesis-profile", "dev", "--hypothesis-seed", "3", "--dtype", "float32", "--dtype", "bfloat16",
-        "--known-divergences", str(known), "--results", str(folder / "conformance.json"),
-        "--report", str(folder / "report.html"), *subjects,
+        sys.executable,
+        "-m",
+        "pytest",
+        *modules,
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "test_forward or test_merge or test_grad",
+        "--hypothesis-profile",
+        "dev",
+        "--hypothesis-seed",
+        "3",
+        "--dtype",
+        "float32",
+        "--dtype",
+        "bfloat16",
+        "--known-divergences",
+        str(known),
+        "--results",
+        str(folder / "conformance.json"),
+        "--report",
+        str(folder / "report.html"),
+        *subjects,
     ]
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=environment)

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from foundation.schema import FORMAT, Row
 
-META = {"versions": {"mlx": "1", "mlx-vlm": "0.7.10"}, "device": "cpu", "profile": "ci", "seed": "derandomized", "subjects": {}}
+META = {
+    "versions": {"mlx": "1", "mlx-vlm": "0.7.10"},
+    "device": "cpu",
+    "profile": "ci",
+    "seed": "derandomized",
+    "subjects": {},
+}
 
 
 def check(check_id: str, subject: str, dtype: str, name: str, status: str, longrepr: str = "") -> dict:
     """A results file's entry for one test item."""
-    return {"check_id": check_id, "subject": subject, "dtype": dtype, "check": name, "status": status, "explained": {},
-            "longrepr": longrepr}
+    return {
+        "check_id": check_id,
+        "subject": subject,
+        "dtype": dtype,
+        "check": name,
+        "status": status,
+        "explained": {},
+        "longrepr": longrepr,
+    }
 
 
 def forward(subject: str, dtype: str, status: str) -> dict:
@@ -20,17 +33,40 @@ def forward(subject: str, dtype: str, status: str) -> dict:
 
 def divergence(check_id: str, status: str, now_passing: list[str] = (), explained: int = 0) -> dict:
     """A results file's entry for one line of the known-divergences file."""
-    return {"check_id": check_id, "explains": "output: beyond margin 1..2", "line": 1, "reason": "why",
-            "status": status, "explained": explained, "now_passing": list(now_passing)}
+    return {
+        "check_id": check_id,
+        "explains": "output: beyond margin 1..2",
+        "line": 1,
+        "reason": "why",
+        "status": status,
+        "explained": explained,
+        "now_passing": list(now_passing),
+    }
 
 
 def row(check_id: str, check: str, case: dict, verdict: str = "fail") -> Row:
     """A row of a case of `check`, its numbers left out."""
-    return Row.from_json({
-        "check_id": check_id, "subject": "s", "check": check, "dtype": "float32", "case": case, "verdict": verdict,
-        "margin": None, "max_error": None, "allowed_error": None, "worst": "", "failures": [], "explained_by": [],
-        "hints": [], "judged_at": None, "final": True, "versions": {}, "device": "cpu",
-    })
+    return Row.from_json(
+        {
+            "check_id": check_id,
+            "subject": "s",
+            "check": check,
+            "dtype": "float32",
+            "case": case,
+            "verdict": verdict,
+            "margin": None,
+            "max_error": None,
+            "allowed_error": None,
+            "worst": "",
+            "failures": [],
+            "explained_by": [],
+            "hints": [],
+            "judged_at": None,
+            "final": True,
+            "versions": {},
+            "device": "cpu",
+        }
+    )
 
 
 def document(checks: list[dict], meta: dict = META, divergences: list[dict] = ()) -> dict:

@@ -16,10 +16,15 @@ LINEAR_WITHOUT_BIAS = Family(
     layout="linear",
     use_dora=False,
     bases=(
-        BaseInfo("float", MODULE, lambda dtype: linear_cases(dtype, with_bias=False), (
-            CheckInfo("forward", checks.forward, "In eval mode the output is ``x W^T + s (x A^T) B^T``."),
-            CheckInfo("merge", checks.merge, "The merged weight is ``W + s B A``.", examples=3),
-        )),
+        BaseInfo(
+            "float",
+            MODULE,
+            lambda dtype: linear_cases(dtype, with_bias=False),
+            (
+                CheckInfo("forward", checks.forward, "In eval mode the output is ``x W^T + s (x A^T) B^T``."),
+                CheckInfo("merge", checks.merge, "The merged weight is ``W + s B A``.", examples=3),
+            ),
+        ),
     ),
     study_cases=lambda dtype: linear_cases(dtype, with_bias=False).filter(gradients_fit),
 )
@@ -32,7 +37,17 @@ globals().update(family_tests.module_tests("{MODULE}"))
 '''
 """The whole test module of the family."""
 
-CORRECT = Subject(f"{__name__}:CORRECT", "mlx", LINEAR_WITHOUT_BIAS.name,
-                  (f"{CorrectLoRALinear.__module__}:{CorrectLoRALinear.__name__}",), PeftStyleConvention())
-WRONG = Subject(f"{__name__}:WRONG", "mlx", LINEAR_WITHOUT_BIAS.name,
-                (f"{RawAlpha.__module__}:{RawAlpha.__name__}",), PeftStyleConvention())
+CORRECT = Subject(
+    f"{__name__}:CORRECT",
+    "mlx",
+    LINEAR_WITHOUT_BIAS.name,
+    (f"{CorrectLoRALinear.__module__}:{CorrectLoRALinear.__name__}",),
+    PeftStyleConvention(),
+)
+WRONG = Subject(
+    f"{__name__}:WRONG",
+    "mlx",
+    LINEAR_WITHOUT_BIAS.name,
+    (f"{RawAlpha.__module__}:{RawAlpha.__name__}",),
+    PeftStyleConvention(),
+)

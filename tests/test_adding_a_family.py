@@ -22,8 +22,20 @@ def run_family(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_p
     def run(subject: str) -> tuple[int, dict]:
         results = tmp_path / f"{subject.rpartition(':')[2]}.json"
         outcome = pytester.runpytest_inprocess(
-            "-p", "conformance.conftest", "-p", "no:cacheprovider", "--hypothesis-profile", "ci", "--dtype", "float32",
-            "--subject", subject, "--results", str(results), "--report", "none",
+            "-p",
+            "conformance.conftest",
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-profile",
+            "ci",
+            "--dtype",
+            "float32",
+            "--subject",
+            subject,
+            "--results",
+            str(results),
+            "--report",
+            "none",
         )
         return outcome.ret, json.loads(results.read_text())
 
@@ -35,8 +47,10 @@ def test_a_family_described_once_runs_its_checks_on_its_subjects(run_family):
     ret, results = run_family(CORRECT.name)
     assert ret == 0
     statuses = {c["check_id"]: c["status"] for c in results["checks"]}
-    assert statuses == {f"{MODULE}::test_forward[{CORRECT.name}-float32]": "pass",
-                        f"{MODULE}::test_merge[{CORRECT.name}-float32]": "pass"}
+    assert statuses == {
+        f"{MODULE}::test_forward[{CORRECT.name}-float32]": "pass",
+        f"{MODULE}::test_merge[{CORRECT.name}-float32]": "pass",
+    }
     counts = {check: sum(r["check"] == check for r in results["rows"]) for check in ("forward", "merge")}
     assert counts == {"forward": 150, "merge": 50}  # the profile's examples, and a third for merge
     assert not any(r["case"]["bias"] for r in results["rows"])  # the family's own cases

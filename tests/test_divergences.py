@@ -28,8 +28,10 @@ def _beyond(margin: float, quantity: str = "output", non_finite: bool = False) -
     [
         ("merged weight: dtype float32", Explanation("merged weight", "dtype", argument="float32")),
         ("reference output: non-finite", Explanation("output", "non-finite", side="reference")),
-        ("forward: raises ValueError ~ would not load",
-         Explanation("forward", "raises", argument="ValueError", pattern="would not load")),
+        (
+            "forward: raises ValueError ~ would not load",
+            Explanation("forward", "raises", argument="ValueError", pattern="would not load"),
+        ),
         ("*: raises RuntimeError", Explanation("*", "raises", argument="RuntimeError")),
         ("grad *: beyond margin 1..1e3", Explanation("grad *", "beyond", margins=(1.0, 1000.0))),
         ("output: beyond hint ~ weight norm", Explanation("output", "beyond", pattern="weight norm")),
@@ -89,8 +91,10 @@ def test_a_measurement_is_judged_failure_by_failure():
     entries = [divergences.KnownDivergence(ID, promotes, "promotes", 3)]
     measurement = Measurement("s", "merge", {})
     expected = Tracked(np.ones(3), np.full(3, 1e-3), FLOAT16)
-    measurement.comparisons += [compare_dtype("merged weight", "subject", "float32", expected),
-                                _beyond(50.0, "merged weight")]
+    measurement.comparisons += [
+        compare_dtype("merged weight", "subject", "float32", expected),
+        _beyond(50.0, "merged weight"),
+    ]
     judgement = divergences.judge(measurement, entries)
     assert [c.kind for c, _ in judgement.explained] == ["dtype"]
     assert [c.failure for c in judgement.unexplained] == ["beyond"] and not judgement.passed
@@ -111,8 +115,12 @@ def test_entries_need_what_they_explain_and_a_reason_and_are_listed_once(tmp_pat
 
 
 def test_patterns_match_whole_ids_and_every_entry_covering_an_id_applies(tmp_path):
-    known = _load(tmp_path, "test_a.py::test_*[mlx_lm.DoRAEmbedding-*] | *: raises NotExpressible  # axis\n"
-                            "test_a.py::test_forward[*] | output: non-finite  # exact\n")
+    known = _load(
+        tmp_path,
+        "test_a.py::test_*[mlx_lm.DoRAEmbedding-*] | *: raises NotExpressible  # axis\n"
+        "test_a.py::test_forward[*] | output: non-finite  # exact\n",
+    )
+
     def lines(check_id: str) -> list[int]:
         return [e.line for e in divergences.covering(known, check_id)]
 
@@ -122,8 +130,10 @@ def test_patterns_match_whole_ids_and_every_entry_covering_an_id_applies(tmp_pat
 
 
 def test_device_marks_keep_an_entry_to_its_device(tmp_path):
-    text = ("test_a.py::test_b[x] @cpu | y: non-finite  # cpu kernel\n"
-            "test_a.py::test_c[x] @gpu @sometimes | y: non-finite  # metal\n")
+    text = (
+        "test_a.py::test_b[x] @cpu | y: non-finite  # cpu kernel\n"
+        "test_a.py::test_c[x] @gpu @sometimes | y: non-finite  # metal\n"
+    )
     on_cpu, on_gpu = _load(tmp_path, text, "cpu"), _load(tmp_path, text, "gpu")
     assert [e.check_id for e in on_cpu] == ["test_a.py::test_b[x]"] and on_cpu[0].device == "cpu"
     assert [e.check_id for e in on_gpu] == ["test_a.py::test_c[x]"] and on_gpu[0].sometimes

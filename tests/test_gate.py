@@ -42,8 +42,18 @@ RAW_ALPHA = "the LoRA term is 2.000× peft's (= r: the raw alpha is used where a
         ("mlx_vlm == 0.4.4", "requirement", "mlx_vlm == 0.4.4", True),
         ("mlx-vlm", "requirement", "mlx-vlm", False),
         ("mlx-vlm>=0.5", "requirement", "mlx-vlm>=0.5", False),
-        ("git+https://github.com/Blaizzy/mlx-vlm.git@main", "git", "git+https://github.com/Blaizzy/mlx-vlm.git@main", False),
-        ("https://github.com/Blaizzy/mlx-vlm.git@" + "a" * 40, "git", "git+https://github.com/Blaizzy/mlx-vlm.git@" + "a" * 40, True),
+        (
+            "git+https://github.com/Blaizzy/mlx-vlm.git@main",
+            "git",
+            "git+https://github.com/Blaizzy/mlx-vlm.git@main",
+            False,
+        ),
+        (
+            "https://github.com/Blaizzy/mlx-vlm.git@" + "a" * 40,
+            "git",
+            "git+https://github.com/Blaizzy/mlx-vlm.git@" + "a" * 40,
+            True,
+        ),
     ],
 )
 def test_a_source_is_a_requirement_or_a_git_url_and_only_exact_ones_are_pinned(text, kind, pip_argument, pinned):
@@ -99,12 +109,17 @@ def test_without_a_base_every_failing_check_is_new():
 
 def test_with_a_base_only_checks_that_did_not_fail_there_are_new():
     base = _results(
-        forward("old", "float32", "fail"), forward("fixed", "float32", "fail"), forward("broken", "float32", "pass"),
+        forward("old", "float32", "fail"),
+        forward("fixed", "float32", "fail"),
+        forward("broken", "float32", "pass"),
         forward("moved", "float32", "pass"),
     )
     now = _results(
-        forward("old", "float32", "fail"), forward("fixed", "float32", "pass"), forward("broken", "float32", "fail"),
-        forward("moved", "float32", "not provided"), forward("added", "float32", "fail"),
+        forward("old", "float32", "fail"),
+        forward("fixed", "float32", "pass"),
+        forward("broken", "float32", "fail"),
+        forward("moved", "float32", "not provided"),
+        forward("added", "float32", "fail"),
     )
     comparison = compare(now, base)
     assert [c.subject for c in comparison.new_failures] == ["broken", "added"]
@@ -154,7 +169,9 @@ def test_the_outcome_is_1_on_a_new_failure_and_0_when_the_base_failed_too(tmp_pa
 def test_a_run_where_nothing_was_provided_is_a_setup_failure_not_a_pass(tmp_path, capsys):
     nothing = _write(tmp_path / "now.json", forward("mlx_vlm.LoRaLayer", "float32", "not provided"))
     assert _decide(tmp_path, nothing) == SETUP_FAILED
-    assert "gate: set-up failed: mlx-vlm 0.7.10 provides none of the subjects the suite knows" in capsys.readouterr().out
+    assert (
+        "gate: set-up failed: mlx-vlm 0.7.10 provides none of the subjects the suite knows" in capsys.readouterr().out
+    )
 
 
 def test_an_unreadable_baseline_is_a_setup_failure(tmp_path, capsys):
@@ -168,11 +185,17 @@ def test_an_unreadable_baseline_is_a_setup_failure(tmp_path, capsys):
     ("args", "code", "message"),
     [
         (["/no/such/tree"], SETUP_FAILED, "gate: set-up failed: source /no/such/tree: no such directory"),
-        (["mlx-vlm", "--baseline", "/no/such.json"], SETUP_FAILED, "gate: set-up failed: --baseline /no/such.json: no such file"),
+        (
+            ["mlx-vlm", "--baseline", "/no/such.json"],
+            SETUP_FAILED,
+            "gate: set-up failed: --baseline /no/such.json: no such file",
+        ),
         (["mlx-vlm", "--package", "mlx-lm"], SETUP_FAILED, "names mlx-vlm, but the gate tests mlx-lm"),
     ],
 )
-def test_bad_inputs_exit_with_the_setup_code_and_one_line_before_building_anything(tmp_path, capsys, args, code, message):
+def test_bad_inputs_exit_with_the_setup_code_and_one_line_before_building_anything(
+    tmp_path, capsys, args, code, message
+):
     assert gate_cli.main([*args, "--out", str(tmp_path / "out"), "--env-dir", str(tmp_path / "envs")]) == code
     assert message in capsys.readouterr().out
     assert not (tmp_path / "envs").exists()
@@ -230,7 +253,13 @@ def test_the_latest_release_passes_the_gate_and_lists_its_known_divergences(late
     assert "gate: known divergences seen (not failures):" in run.stdout
     assert "test_linear.py::test_merge[mlx_vlm.LoRaLayer-float32]: replace_lora_with_linear raises" in run.stdout
     out = results.parent
-    assert {p.name for p in out.iterdir()} >= {"conformance.json", "junit.xml", "report.html", "summary.md", "pytest.log"}
+    assert {p.name for p in out.iterdir()} >= {
+        "conformance.json",
+        "junit.xml",
+        "report.html",
+        "summary.md",
+        "pytest.log",
+    }
     assert "<testsuite" in (out / "junit.xml").read_text()
 
 
@@ -241,7 +270,10 @@ def test_mlx_vlm_0_4_4_fails_the_gate_naming_loralayers_scaling(tmp_path):
     assert run.returncode == NEW_FAILURE, run.stdout[-3000:] + run.stderr
     assert f"test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]: {RAW_ALPHA}" in run.stdout
     summary = _summary(tmp_path)
-    assert "mlx-vlm 0.4.4" in summary and "| mlx_vlm.LoRaLayer | `test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]` |" in summary
+    assert (
+        "mlx-vlm 0.4.4" in summary
+        and "| mlx_vlm.LoRaLayer | `test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]` |" in summary
+    )
     assert RAW_ALPHA in summary
 
 
@@ -283,7 +315,10 @@ def test_a_pull_requests_source_tree_that_drops_the_bias_fails_naming_the_bug(tm
     dropped = "the output is off by exactly minus the bias: the bias is dropped"
     assert f"test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]: {dropped}" in run.stdout
     assert dropped in _summary(tmp_path)
-    assert "gate: known divergence now passing, drop or narrow its entry: test_linear.py::test_merge[mlx_vlm.LoRaLayer" in run.stdout
+    assert (
+        "gate: known divergence now passing, drop or narrow its entry: test_linear.py::test_merge[mlx_vlm.LoRaLayer"
+        in run.stdout
+    )
 
 
 @pytest.mark.release
@@ -308,5 +343,6 @@ def test_a_release_that_does_not_exist_exits_with_the_setup_code_and_pips_reason
     run = _gate(tmp_path, "mlx-vlm==0.0.0", env_dir=tmp_path / "envs")
     assert run.returncode == SETUP_FAILED, run.stdout + run.stderr
     assert run.stdout.strip().splitlines()[-1] == (
-        "gate: set-up failed: cannot install the source mlx-vlm==0.0.0: ERROR: No matching distribution found for mlx-vlm==0.0.0"
+        "gate: set-up failed: cannot install the source mlx-vlm==0.0.0: "
+        "ERROR: No matching distribution found for mlx-vlm==0.0.0"
     )

@@ -32,12 +32,25 @@ class Behind:
 
 
 BEHIND = {
-    "dtype": Behind("MergeUpcast", "MergeUpcastAndScalesTwice", "merge", "float16", "merged *: dtype float32",
-                    "subject merged "),
-    "raise": Behind("MergeRefusesBiasFree", "MergeRefusesBiasFreeAndScalesTwice", "merge", "float32",
-                    "merge: raises NotImplementedError ~ bias-free", "subject merged "),
-    "numerical": Behind("RawAlpha", "RawAlphaDropsBias", "forward", "float32",
-                        "output: beyond hint ~ the LoRA term is [0-9.]+× peft's", "subject output["),
+    "dtype": Behind(
+        "MergeUpcast", "MergeUpcastAndScalesTwice", "merge", "float16", "merged *: dtype float32", "subject merged "
+    ),
+    "raise": Behind(
+        "MergeRefusesBiasFree",
+        "MergeRefusesBiasFreeAndScalesTwice",
+        "merge",
+        "float32",
+        "merge: raises NotImplementedError ~ bias-free",
+        "subject merged ",
+    ),
+    "numerical": Behind(
+        "RawAlpha",
+        "RawAlphaDropsBias",
+        "forward",
+        "float32",
+        "output: beyond hint ~ the LoRA term is [0-9.]+× peft's",
+        "subject output[",
+    ),
 }
 
 
@@ -91,16 +104,30 @@ def test_an_intermittent_entry_never_seen_in_a_thorough_run_fails_it():
 
 
 def test_a_subclass_subject_runs_as_itself(run_suite):
-    run = run_suite("--subject", "catalogue:UpstreamLoRADropsARank", "--dtype", "float32", "-k", "test_forward",
-                    module="test_linear.py")
+    run = run_suite(
+        "--subject",
+        "catalogue:UpstreamLoRADropsARank",
+        "--dtype",
+        "float32",
+        "-k",
+        "test_forward",
+        module="test_linear.py",
+    )
     assert run.ret == FAILED, run.output
     assert run.status("forward", "float32") == {"fail"}
     assert "subject output[" in run.output
 
 
 def test_a_layer_that_is_not_of_the_subjects_class_fails_saying_so(run_suite):
-    run = run_suite("--subject", "catalogue:FromBaseBuildsAnother", "--dtype", "float32", "-k", "test_forward",
-                    module="test_linear.py")
+    run = run_suite(
+        "--subject",
+        "catalogue:FromBaseBuildsAnother",
+        "--dtype",
+        "float32",
+        "-k",
+        "test_forward",
+        module="test_linear.py",
+    )
     assert run.ret == FAILED, run.output
     built = "catalogue.layers.FromBaseBuildsAnother.from_base built a mlx_lm.tuner.lora.LoRALinear"
     assert f"raised NotTheSubject: {built}" in run.output
@@ -116,10 +143,18 @@ def test_mlx_dora_embedding_is_judged_against_its_own_definition_and_a_regressio
     assert all(r["judged_at"] for r in real.results["rows"]), "the subject's values were compared"
 
     known = tmp_path / "known.txt"
-    known.write_text("test_dora_embedding.py::test_*[catalogue:UpstreamDoRAEmbeddingNormWithoutAdapter-*]"
-                     " | magnitude: convention  # per vocabulary row\n")
-    regression = run_suite("--subject", "catalogue:UpstreamDoRAEmbeddingNormWithoutAdapter", *selection,
-                           "--known-divergences", str(known), module="test_dora_embedding.py")
+    known.write_text(
+        "test_dora_embedding.py::test_*[catalogue:UpstreamDoRAEmbeddingNormWithoutAdapter-*]"
+        " | magnitude: convention  # per vocabulary row\n"
+    )
+    regression = run_suite(
+        "--subject",
+        "catalogue:UpstreamDoRAEmbeddingNormWithoutAdapter",
+        *selection,
+        "--known-divergences",
+        str(known),
+        module="test_dora_embedding.py",
+    )
     assert regression.ret == FAILED, regression.output
     assert regression.status("forward", "float32") == {"fail"}
     assert regression.status("merge", "float32") == {"known divergence"}  # it changed the lookup only

@@ -34,6 +34,7 @@ def test_checks_of_one_case_share_each_sides_layer_and_a_merge_leaves_the_next_c
         def count(*arguments):
             built[side] += 1
             return build(*arguments)
+
         return count
 
     monkeypatch.setattr(peft_layers, "linear", counting("peft", build_peft))

@@ -23,10 +23,20 @@ def test_header_names_versions_device_profile_and_seed(run_suite):
 
 def test_the_same_seed_draws_the_same_cases_and_gives_the_same_verdicts(run_suite):
     def judged(seed: str) -> list:
-        run = run_suite(*CORRECT, "--dtype", "float16", "-k", "test_forward",
-                        profile_args=("--hypothesis-seed", seed), module="test_linear.py")
+        run = run_suite(
+            *CORRECT,
+            "--dtype",
+            "float16",
+            "-k",
+            "test_forward",
+            profile_args=("--hypothesis-seed", seed),
+            module="test_linear.py",
+        )
         assert run.ret == 0, run.output
-        return sorted((r["check_id"], json.dumps(r["case"], sort_keys=True), r["verdict"], r["margin"]) for r in run.results["rows"])
+        return sorted(
+            (r["check_id"], json.dumps(r["case"], sort_keys=True), r["verdict"], r["margin"])
+            for r in run.results["rows"]
+        )
 
     first = judged("12")
     assert first == judged("12")
@@ -50,12 +60,21 @@ def test_summary_line_counts_the_cases_checked(run_suite):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--subject", "mlx_lm.NoSuchLayer"), "unknown subject 'mlx_lm.NoSuchLayer'; valid subjects: mlx_vlm.LoRaLayer,"),
+        (
+            ("--subject", "mlx_lm.NoSuchLayer"),
+            "unknown subject 'mlx_lm.NoSuchLayer'; valid subjects: mlx_vlm.LoRaLayer,",
+        ),
         (("--subject", "no.such.module:X"), "cannot import no.such.module"),
-        (("--subject", "mlx_vln.*"), "subject pattern 'mlx_vln.*' matches no subject; valid subjects: mlx_vlm.LoRaLayer,"),
+        (
+            ("--subject", "mlx_vln.*"),
+            "subject pattern 'mlx_vln.*' matches no subject; valid subjects: mlx_vlm.LoRaLayer,",
+        ),
         (("--mlx-device", "tpu"), "invalid choice: 'tpu' (choose from cpu, gpu)"),
         (("--dtype", "float8"), "invalid choice: 'float8'"),
-        (("--hypothesis-profile", "nightly"), "unknown Hypothesis profile 'nightly'; valid profiles: ci, dev, thorough"),
+        (
+            ("--hypothesis-profile", "nightly"),
+            "unknown Hypothesis profile 'nightly'; valid profiles: ci, dev, thorough",
+        ),
     ],
 )
 def test_bad_options_are_one_line_errors(run_suite, args, message):
@@ -87,7 +106,9 @@ def test_unwritable_results_or_report_path_is_refused_before_running(run_suite, 
 
 
 def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite):
-    run = run_suite("--subject", "catalogue:AbsentClass", "--subject", "catalogue:AbsentPackage", module="test_linear.py")
+    run = run_suite(
+        "--subject", "catalogue:AbsentClass", "--subject", "catalogue:AbsentPackage", module="test_linear.py"
+    )
     assert run.ret == 0, run.output
     assert {c["status"] for c in run.results["checks"]} == {"not provided"}
     assert f"mlx {mx.__version__} does not provide it (looked in mlx.nn:NoSuchLoRALayer)" in run.output
@@ -96,16 +117,33 @@ def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite)
 
 def test_a_new_failure_is_shrunk_and_a_known_divergence_judges_every_case(run_suite, tmp_path):
     known = tmp_path / "known.txt"
-    known.write_text("test_linear.py::test_forward[catalogue:RawAlpha-float32] | output: beyond hint ~ the LoRA term is [0-9.]+× peft's"
-                     "  # alpha is not divided by r\n")
-    run = run_suite("--subject", "catalogue:RawAlpha", "--dtype", "float32", "-k", "test_forward or test_merge",
-                    "--known-divergences", str(known), module="test_linear.py")
+    known.write_text(
+        "test_linear.py::test_forward[catalogue:RawAlpha-float32] | output: "
+        "beyond hint ~ the LoRA term is [0-9.]+× peft's"
+        "  # alpha is not divided by r\n"
+    )
+    run = run_suite(
+        "--subject",
+        "catalogue:RawAlpha",
+        "--dtype",
+        "float32",
+        "-k",
+        "test_forward or test_merge",
+        "--known-divergences",
+        str(known),
+        module="test_linear.py",
+    )
     assert run.ret == pytest.ExitCode.TESTS_FAILED
     assert run.status("forward", "float32") == {"known divergence"} and run.status("merge", "float32") == {"fail"}
-    failing = {check: [r for r in run.results["rows"] if r["check"] == check and r["verdict"] == "fail"] for check in ("forward", "merge")}
+    failing = {
+        check: [r for r in run.results["rows"] if r["check"] == check and r["verdict"] == "fail"]
+        for check in ("forward", "merge")
+    }
     # The known divergence: every drawn case judged, each failure explained by the entry, nothing shrunk.
     assert len([r for r in run.results["rows"] if r["check"] == "forward"]) == 150
-    assert failing["forward"] and all(r["explained_by"] == [r["explained_by"][0]] and r["explained_by"][0] for r in failing["forward"])
+    assert failing["forward"] and all(
+        r["explained_by"] == [r["explained_by"][0]] and r["explained_by"][0] for r in failing["forward"]
+    )
     # The new failure: the shrinker tried many smaller failing cases and reports the smallest.
     assert len(failing["merge"]) > 2
     final = next(r for r in failing["merge"] if r["final"])
@@ -132,7 +170,9 @@ def test_recording_survives_xdist_workers(run_suite):
     parallel = run_suite(*CORRECT, "--dtype", "bfloat16", "-n", "2", module="test_linear.py")
     assert parallel.ret == 0, parallel.output
     assert len(parallel.results["rows"]) == len(serial.results["rows"]) == LINEAR_ROWS_PER_DTYPE
-    assert sorted(c["check_id"] for c in parallel.results["checks"]) == sorted(c["check_id"] for c in serial.results["checks"])
+    assert sorted(c["check_id"] for c in parallel.results["checks"]) == sorted(
+        c["check_id"] for c in serial.results["checks"]
+    )
 
 
 def test_a_failure_replays_without_pytest(run_suite, capsys):

