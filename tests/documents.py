@@ -44,7 +44,7 @@ def divergence(check_id: str, status: str, now_passing: list[str] = (), explaine
     }
 
 
-def row(check_id: str, check: str, case: dict, verdict: str = "fail") -> Row:
+def row(check_id: str, check: str, case: dict, verdict: str = "fail", margin: float | None = None) -> Row:
     """A row of a case of `check`, its numbers left out."""
     return Row.from_json(
         {
@@ -54,7 +54,7 @@ def row(check_id: str, check: str, case: dict, verdict: str = "fail") -> Row:
             "dtype": "float32",
             "case": case,
             "verdict": verdict,
-            "margin": None,
+            "margin": margin,
             "max_error": None,
             "allowed_error": None,
             "worst": "",

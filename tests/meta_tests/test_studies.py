@@ -17,6 +17,7 @@ from foundation.schema import CheckRecord, Row, Status
 from foundation.verdict import Tracked, compare
 from reports.results import Results
 from studies import catch_rates, detection, extremes, false_alarms, flakiness, publish, same_verdicts, sampling
+from tests import documents
 
 SUITE = Path(__file__).resolve().parents[2] / "conformance"
 LINEAR = dict(
@@ -189,28 +190,15 @@ def test_a_seed_draws_as_many_cases_as_the_ci_profile_gives_the_variants_check()
     assert profiles.active() == before
 
 
-def test_two_runs_differ_when_a_verdict_does_and_a_moved_margin_is_counted_apart():
-    row = Row(
-        check_id="t::f[x]",
-        subject="s",
-        check="f",
-        dtype="float32",
-        case={"seed": 1},
-        verdict=Status.PASS,
-        margin=0.25,
-        max_error=0.0,
-        allowed_error=0.0,
-        worst="",
-        failures=[],
-        explained_by=[],
-        hints=[],
-        judged_at=None,
-        final=True,
-        versions={},
-        device="cpu",
-    )
+def _one_case_run() -> tuple[Row, CheckRecord, Results]:
+    """A run of one passing check of one case (margin 0.25)."""
+    row = documents.row("t::f[x]", "f", {"seed": 1}, verdict="pass", margin=0.25)
     check = CheckRecord(check_id="t::f[x]", subject="s", dtype="float32", check="f", status=Status.PASS)
-    run = Results(runs=[{}], rows=[row], checks=[check])
+    return row, check, Results(runs=[{}], rows=[row], checks=[check])
+
+
+def test_two_runs_differ_when_a_verdict_does_and_a_moved_margin_is_counted_apart():
+    row, check, run = _one_case_run()
     assert flakiness.differences(flakiness.fingerprint(run), flakiness.fingerprint(run)) == []
     assert flakiness.margin_drift(flakiness.margins(run), flakiness.margins(run))["cases"] == 0
     moved = dataclasses.replace(run, rows=[dataclasses.replace(row, margin=0.2500001)])
@@ -222,27 +210,7 @@ def test_two_runs_differ_when_a_verdict_does_and_a_moved_margin_is_counted_apart
 
 
 def test_two_results_files_compare_by_each_checks_status_and_each_cases_verdict():
-    row = Row(
-        check_id="t::f[x]",
-        subject="s",
-        check="f",
-        dtype="float32",
-        case={"seed": 1},
-        verdict=Status.PASS,
-        margin=0.25,
-        max_error=0.0,
-        allowed_error=0.0,
-        worst="",
-        failures=[],
-        explained_by=[],
-        hints=[],
-        judged_at=None,
-        final=True,
-        versions={},
-        device="cpu",
-    )
-    check = CheckRecord(check_id="t::f[x]", subject="s", dtype="float32", check="f", status=Status.PASS)
-    run = Results(runs=[{}], rows=[row], checks=[check])
+    row, check, run = _one_case_run()
     moved = dataclasses.replace(run, rows=[dataclasses.replace(row, margin=0.5)])
     assert same_verdicts.differences(run, moved) == [] and same_verdicts.moved_margins(run, moved) == 1
     failed = Results(
