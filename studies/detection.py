@@ -32,7 +32,6 @@ import json
 import sys
 import time
 from dataclasses import replace
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -224,17 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     document = {
-        "study": "detection",
-        "subject": subject,
-        "family": args.family,
-        "base": args.base,
-        "dtype": args.dtype,
-        "kind": args.kind,
-        "seed": args.seed,
-        "seconds": round(time.perf_counter() - start, 1),
-        "measured": date.today().isoformat(),
-        "environment": sampling.environment(),
-        "command": command,
+        **sampling.study_document("detection", subject, args, time.perf_counter() - start, command),
         "cases": sampling.distinct(results),
         "failing": [case for result in results for case in result["failing"]],
         "known_divergences": [case for result in results for case in result["known_divergences"]],

@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 from conformance import threads
@@ -191,17 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     document = {
-        "study": "false_alarms",
-        "subject": subject,
-        "family": args.family,
-        "base": args.base,
-        "dtype": args.dtype,
-        "kind": args.kind,
-        "seed": args.seed,
-        "seconds": round(time.perf_counter() - start, 1),
-        "measured": date.today().isoformat(),
-        "environment": sampling.environment(),
-        "command": command,
+        **sampling.study_document("false_alarms", subject, args, time.perf_counter() - start, command),
         "largest_margin": largest_margin(merged),
         "largest_statistical_margin": largest_margin(merged, statistical=True),
         **merged,

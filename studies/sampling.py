@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from datetime import date
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TypeVar
@@ -145,6 +146,24 @@ def mlx_device() -> str:
     import mlx.core as mx
 
     return "gpu" if mx.default_device() == mx.Device(mx.gpu) else "cpu"
+
+
+def study_document(study: str, subject: str, args: argparse.Namespace, seconds: float, command: str) -> dict:
+    """What every study of drawn cases records first: which study of which subject, family, base, dtype, kind
+    and seed, how long it took, when, in what environment and by which command."""
+    return {
+        "study": study,
+        "subject": subject,
+        "family": args.family,
+        "base": args.base,
+        "dtype": args.dtype,
+        "kind": args.kind,
+        "seed": args.seed,
+        "seconds": round(seconds, 1),
+        "measured": date.today().isoformat(),
+        "environment": environment(),
+        "command": command,
+    }
 
 
 def environment() -> dict:
