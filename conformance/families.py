@@ -10,7 +10,7 @@ the plugin, replay, the benchmark, the studies and the catalogue of wrong varian
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import strategies as st
@@ -99,10 +99,6 @@ class Family:
     """What the studies draw on a float base: cases every check of the family can take."""
     quantized_study_cases: Callable[[DType, str], st.SearchStrategy] | None = None
     """What the studies draw on a base quantized in a `Quantization.kind`, where the family has one."""
-    modules: tuple[str, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "modules", tuple(b.module for b in self.bases))
 
     def on(self, base: str) -> BaseInfo | None:
         return next((b for b in self.bases if b.base == base), None)

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import jinja2
 
+from conformance import families
+from conformance.families import BASES
+from foundation.dtypes import CASE_DTYPES
 from studies.detection import PERTURBATIONS, VISIBLE_SHARE
+from studies.sampling import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "studies" / "results"
@@ -22,10 +26,8 @@ MARKERS = (
     "<!-- verdict-study summary: written by python -m studies.publish -->",
     "<!-- end of the verdict-study summary -->",
 )
-FAMILIES = ("linear", "dora_linear", "embedding", "dora_embedding", "switch_linear")
-BASES = ("float", "conv1d", "quantized")
-KINDS = ("drawn", "extreme")
-DTYPES = ("float32", "float16", "bfloat16")
+FAMILIES = tuple(families.FAMILIES)
+DTYPES = tuple(dtype.name for dtype in CASE_DTYPES)
 VERDICT_TIGHTENED = "2026-12-01"
 """The day of the last change to the verdict that could raise a correct layer's margin (the scale's
 charge, ``verdict.scaling_roundings``): results measured before it are marked as the earlier verdict's."""
