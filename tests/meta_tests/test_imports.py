@@ -54,9 +54,10 @@ def import_graph() -> dict[str, set[str]]:
     modules = {_module_name(path): path for path in paths}
 
     def resolve(name: str) -> str:  # `from package import name` names a module or something in the package
-        while name not in modules:
-            name = name.rpartition(".")[0]
-        return name
+        found = name
+        while found and found not in modules:
+            found = found.rpartition(".")[0]
+        return found or name.split(".")[0]
 
     return {
         module: {resolve(name) for name in _imported(ast.parse(path.read_text()))} - {module}
@@ -72,7 +73,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     def visit(module: str) -> list[str] | None:
         state[module] = "open"
         path.append(module)
-        for imported in sorted(graph[module]):
+        for imported in sorted(graph.get(module, ())):
             if state.get(imported) == "open":
                 return path[path.index(imported) :] + [imported]
             if imported not in state and (found := visit(imported)):
