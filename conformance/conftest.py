@@ -78,6 +78,19 @@ def _select_device(choice: str | None) -> str:
     return choice
 
 
+MARKERS = (
+    "family(name): the layer family a test module checks",
+    "check(name): the check a test runs, where its name does not say",
+    "dtypes(*names): the only case dtypes a check runs in, where not all",
+)
+
+
+def register_markers(config: pytest.Config) -> None:
+    """The suite's marks (`conformance.family_tests` puts them on every generated test)."""
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+
+
 def _seed_description(config: pytest.Config) -> str:
     seed = config.getoption("hypothesis_seed", None)
     if seed is not None:
@@ -105,9 +118,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as error:
         raise pytest.UsageError(f"--threads / ${threads.ENVIRONMENT}: {error}") from None
     in_force = threads.apply(policy)  # before any check runs, in the controller and in every xdist worker
-    config.addinivalue_line("markers", "family(name): the layer family a test module checks")
-    config.addinivalue_line("markers", "check(name): the check a test runs, where its name does not say")
-    config.addinivalue_line("markers", "dtypes(*names): the only case dtypes a check runs in, where not all")
+    register_markers(config)
     device = _select_device(config.getoption("mlx_device"))
     try:
         subjects = select(config.getoption("subject")) or list(CATALOGUE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,14 @@ ENTRY_SEVERITY = (
 """An entry's statuses, the one that says most first (where several runs merge)."""
 
 
+@functools.cache
+def _field_names(record: type) -> tuple[frozenset[str], frozenset[str]]:
+    """A record type's fields, and those without a default (read once per type: a results file has many rows)."""
+    fields = dataclasses.fields(record)
+    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return frozenset(f.name for f in fields), frozenset(required)
+
+
 def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Status) else value
 
@@ -80,11 +89,7 @@ class _Record:
     @classmethod
     def from_json(cls, written: dict[str, Any], **extra: Any):
         """The record written as `written`; a `SchemaError` naming what is missing or unknown."""
-        fields = dataclasses.fields(cls)
-        names = {f.name for f in fields}
-        required = {
-            f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        }  # type: ignore[misc]
+        names, required = _field_names(cls)
         if not isinstance(written, dict) or required - set(written) - set(extra):
             missing = sorted(required - set(written) - set(extra)) if isinstance(written, dict) else ["everything"]
             raise SchemaError(f"a {cls.__name__} without {', '.join(missing)}")

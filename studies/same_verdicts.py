@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from conformance import threads
 from reports.results import NO_SUBJECT, Results, ResultsError, load
 
 
@@ -57,18 +58,18 @@ def differences(before: Results, after: Results) -> list[str]:
 def rejudged(before: Results) -> tuple[list[str], int, int]:
     """Each case of `before` judged again by this checkout's checks: the differing verdicts, how many cases were
     judged again and how many margins moved."""
-    from conformance import threads
     from conformance.families import find_check
     from foundation.rebuild import case_from_description
     from subjects.known import resolve
 
-    threads.apply(threads.chosen(None))
     found, judged, moved = [], 0, 0
     subjects = {}
     for row in before.rows:
         if row.subject == NO_SUBJECT:  # a property of MLX itself (its quantized product), judged on fixed inputs
             continue
-        subject = subjects.get(row.subject) or subjects.setdefault(row.subject, resolve(row.subject))
+        if row.subject not in subjects:
+            subjects[row.subject] = resolve(row.subject)
+        subject = subjects[row.subject]
         check = find_check(subject.family, row.check)
         if check is None:
             continue
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path, nargs="?", help="the results of the change (not with --rejudge)")
     parser.add_argument("--rejudge", action="store_true", help="judge BEFORE's cases again with this checkout")
+    threads.add_option(parser)
     args = parser.parse_args(argv)
+    threads.apply_option(parser, args)
     if args.rejudge == (args.after is not None):
         parser.error("give AFTER, or --rejudge, not both")
     try:

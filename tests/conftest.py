@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import conformance.conftest  # noqa: F401
+import conformance.conftest
 
 # Imported before any in-process run, so pytester's module snapshot keeps them (and MLX) loaded.
 import conformance.families  # noqa: F401
@@ -27,8 +27,10 @@ GATE_ENVIRONMENTS = ROOT / ".tox" / "gate"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The project's own tests hold the suite's thread policy too, in each of their xdist workers."""
+    """The project's own tests hold the suite's thread policy too, in each of their xdist workers, and know its
+    marks (some build the generated test modules' functions outside a conformance run)."""
     threads.apply(threads.chosen())
+    conformance.conftest.register_markers(config)
 
 
 @dataclass
