@@ -237,6 +237,8 @@ class Tracked:
         value, propagated = factor * self.value, abs(factor) * self.bound
         if roundings == 0:
             return Tracked(value, propagated + self.dtype.underflow, self.dtype)
+        if roundings == 1:  # the result's own rounding only (not 0 * the magnitude: where that is inf, 0 * inf is NaN)
+            return self._stored(value, propagated)
         scalar = (roundings - 1) * self.dtype.unit_roundoff * abs(factor) * self.magnitude
         return self._stored(value, propagated + scalar)
 

@@ -234,7 +234,7 @@ def test_dora_cases_whose_row_norms_square_beyond_the_accumulation_are_not_drawn
         use_dora=True,
     )
     case = case_from_description(huge)
-    assert not torch.isfinite(torch.linalg.norm(torch.from_numpy(case.weight).float(), dim=1)).all()
+    assert not torch.isfinite(torch.linalg.norm(torch.tensor(case.weight, dtype=torch.float32), dim=1)).all()
     assert not fits_dtype(case)
     assert fits_dtype(case_from_description({**huge, "magnitudes": [1.0, 2.0**40, 1.0, 1.0]}))
 
@@ -295,3 +295,26 @@ def test_a_quantized_base_in_bfloat16_is_judged_by_its_kernel_s_own_error_not_by
     lora_term = oracle.lora_update(case).value
     assert not compare("output", "subject", expected.value + 0.1 * lora_term, expected).passed
     assert not compare("grad x", "subject", 1.1 * grad_x.value, grad_x).passed
+
+
+def test_dora_embeddings_whose_row_norms_the_dtype_does_not_determine_are_not_drawn_and_bounds_are_never_nan():
+    """Found by the ci profile's draws: MLX's DoRA embedding (DoRA on the tied head, one norm per vocabulary row,
+    `EmbeddingCase.per_row`) divides by norms of rows of one element here, which cancel in bfloat16. The peft
+    layout's norms were checked when drawing, these were not; and the bound of ``as_linear`` was NaN (0 * inf in
+    a scale's rounding), which failed the correct layer where the allowed error is unbounded."""
+    case = make_embedding_case(
+        26,
+        1,
+        dtype=BFLOAT16,
+        r=3,
+        alpha=15.0,
+        use_rslora=False,
+        dropout=0.0,
+        batch_shape=(),
+        seed=0,
+        magnitudes=(1.0, 1.0, 1.0, 1.0),
+        use_dora=True,
+    )
+    assert fits_dtype(case.lookup) and fits_dtype(case.head) and not fits_dtype(case.per_row)
+    allowed = oracle.embedding_rows_as_linear(case).allowed
+    assert not np.isnan(allowed).any() and np.isinf(allowed).any()
