@@ -90,7 +90,7 @@ def _reference_output(layer, case: Case) -> torch.Tensor:
         return peft_layers.switch_forward(layer, case)
     with torch.no_grad():
         if isinstance(case, EmbeddingCase):
-            return layer(torch.from_numpy(case.ids))
+            return layer(torch.tensor(case.ids))
         return layer(peft_layers.tensor(case.x, case.dtype))
 
 

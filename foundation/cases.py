@@ -13,12 +13,12 @@ import math
 from dataclasses import KW_ONLY, dataclass, field, replace
 
 import numpy as np
-from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from foundation import profiles, weights
 from foundation.dtypes import ACCUMULATION, BY_NAME, DType, round_to
+from foundation.memo import built_once
 from foundation.quantization import AVAILABLE, Parts, Quantization, quantize_base
 
 
@@ -139,12 +139,24 @@ class LinearCase(LinearParameters):
     """DoRA's learned magnitude m, (out,): the adapted weight's row norms, as if trained a little."""
     quantized_parts: Parts | None = field(repr=False, default=None)
 
+    def __post_init__(self) -> None:
+        read_only(self)
+
     def __repr__(self) -> str:
         parameters = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"LinearCase({parameters})"
 
     def _repr_pretty_(self, printer, cycle) -> None:  # how Hypothesis and IPython print it
         printer.text(repr(self))
+
+
+def read_only(case: object) -> None:
+    """Make a case's arrays (its fields', a quantized base's parts) read-only: the checks of every subject may meet
+    one case (`foundation.memo.share_cases`), so none may change it for the next."""
+    for value in vars(case).values():
+        for array in value if isinstance(value, tuple) else (value,):
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False
 
 
 def make_linear_case(*args, **parameters) -> LinearCase:
@@ -275,14 +287,12 @@ def multiples_of_the_rank(r: int) -> st.SearchStrategy[float]:
     return st.sampled_from((0.5, 1.0, 2.0, 4.0)).map(lambda multiple: multiple * r)
 
 
-@functools.cache
-def _magnitude() -> st.SearchStrategy[float]:
-    """A power of two to scale a tensor by, so weights of very different sizes meet.
-
-    Now and then an extreme one, where half-precision intermediates (a square, a norm) under- or
-    overflow; whatever still fits the dtype is a case a correct implementation must get right.
-    """
-    return st.one_of(st.integers(-4, 3), st.sampled_from([-10, -8, 5, 6])).map(lambda e: 2.0**e)
+_EXPONENTS = (0, 0, 0, 0, 1, 1, -1, 2, -2, 3, -3, -4) + (-10, -8, 5, 6) * 2
+_MAGNITUDES = st.sampled_from(tuple(2.0**e for e in _EXPONENTS))
+"""A power of two to scale a tensor by, so weights of very different sizes meet: an ordinary one (2^-4 to 2^3, most
+often 1) three times in five, else an extreme one, where half-precision intermediates (a square, a norm) under- or
+overflow; whatever still fits the dtype is a case a correct implementation must get right. One choice a draw,
+weighted by repeating values, shrinking towards 1."""
 
 
 BOOLEANS = st.booleans()
@@ -293,17 +303,18 @@ def draw_array(rng: np.random.Generator, shape: tuple[int, ...], scale: float, d
     return round_to(rng.standard_normal(shape) * scale, dtype)
 
 
+@functools.cache  # one strategy per set of arguments (see `integers_between`)
 @st.composite
-def linear_cases(
+def linear_parameters(
     draw: st.DrawFn,
     dtype: DType,
     use_dora: bool = False,
     with_bias: bool = True,
     quantized: str | None = None,
     fan_in_fan_out: bool = False,
-) -> LinearCase:
-    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base; with `quantized` (a `Quantization.kind`)
-    on a QuantizedLinear, with `fan_in_fan_out` on peft's side a transformers Conv1D."""
+) -> LinearParameters:
+    """The parameters of `linear_cases`' cases, without their arrays (an embedding's or a switch layer's shape
+    is drawn with them)."""
     sizes = profiles.sizes()
     kinds = tuple(q for q in AVAILABLE if q.kind == quantized)
     quantization = draw(_sampled_from(kinds), label="quantization") if quantized else None
@@ -320,9 +331,8 @@ def linear_cases(
     dropout = draw(_sampled_from((0.0, 0.1, 0.5)), label="dropout")
     batch_shape = draw(_BATCH_SHAPES, label="batch_shape")
     seed = draw(integers_between(0, 2**32 - 1), label="seed")
-    magnitudes = tuple(draw(_magnitude(), label=f"magnitude of {name}") for name in ("x", "W", "A", "B"))
-
-    case = make_linear_case(
+    magnitudes = tuple(draw(_MAGNITUDES, label=f"magnitude of {name}") for name in ("x", "W", "A", "B"))
+    return LinearParameters(
         dtype=dtype,
         in_features=in_features,
         out_features=out_features,
@@ -338,9 +348,32 @@ def linear_cases(
         quantization=quantization,
         fan_in_fan_out=fan_in_fan_out,
     )
-    assume(case.lora_B.any())
-    assume(fits_dtype(case))
-    return case
+
+
+@functools.cache
+def linear_cases(
+    dtype: DType,
+    use_dora: bool = False,
+    with_bias: bool = True,
+    quantized: str | None = None,
+    fan_in_fan_out: bool = False,
+) -> st.SearchStrategy[LinearCase]:
+    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base; with `quantized` (a `Quantization.kind`)
+    on a QuantizedLinear, with `fan_in_fan_out` on peft's side a transformers Conv1D."""
+    parameters = linear_parameters(dtype, use_dora, with_bias, quantized, fan_in_fan_out)
+    return only_drawable(parameters.map(lambda p: built_once(p, lambda: drawable(make_linear_case(p)))))
+
+
+def only_drawable(strategy: st.SearchStrategy) -> st.SearchStrategy:
+    """The cases `strategy` builds, but those it could not (None): Hypothesis draws another in their place (up to
+    three times within one example), which costs less than an example given up."""
+    return strategy.filter(lambda case: case is not None)
+
+
+def drawable(case: LinearCase) -> LinearCase | None:
+    """The case, or None where it cannot be drawn: B is zero (which hides every scaling bug) or an intermediate
+    comes near overflow (`fits_dtype`)."""
+    return case if case.lora_B.any() and fits_dtype(case) else None
 
 
 def fits_dtype(case: LinearCase) -> bool:
@@ -379,6 +412,9 @@ class EmbeddingCase:
     quantized_parts: Parts | None = field(repr=False, default=None)
     """A quantized table's parts: the (vocabulary, dims) table quantized along dims, as
     ``nn.QuantizedEmbedding`` holds it (`lookup.quantization` names the mode)."""
+
+    def __post_init__(self) -> None:
+        read_only(self)
 
     @property
     def dtype(self) -> DType:
@@ -456,19 +492,24 @@ def make_embedding_case(
     return EmbeddingCase(lookup=replace(lookup, x=one_hot), ids=ids, hidden=hidden, quantized_parts=parts)
 
 
-@st.composite
-def embedding_cases(
-    draw: st.DrawFn, dtype: DType, use_dora: bool = False, quantized: str | None = None
-) -> EmbeddingCase:
+@functools.cache
+def embedding_cases(dtype: DType, use_dora: bool = False, quantized: str | None = None) -> st.SearchStrategy:
     """LoRA (or DoRA) cases on an Embedding base in `dtype`, or with `quantized` (a `Quantization.kind`) on a
     QuantizedEmbedding."""
-    shape = draw(linear_cases(dtype, use_dora=use_dora, with_bias=False, quantized=quantized))
+    shapes = linear_parameters(dtype, use_dora=use_dora, with_bias=False, quantized=quantized)
+    return only_drawable(shapes.map(lambda shape: built_once(("embedding", shape), lambda: _embedding_case(shape))))
+
+
+def _embedding_case(shape: LinearParameters) -> EmbeddingCase | None:
+    """The embedding case of a drawn shape, or None where it cannot be drawn."""
     parameters = {k: getattr(shape, k) for k in SHARED_PARAMETERS}
     # A quantized table is quantized along dims: the shape drawn for a quantized linear's input is dims.
+    quantized = shape.quantization is not None
     vocabulary, dims = (shape.out_features, shape.in_features) if quantized else (shape.in_features, shape.out_features)
     case = make_embedding_case(vocabulary, dims, quantization=shape.quantization, **parameters)
-    assume(fits_dtype(case.lookup) and fits_dtype(case.head))
-    return case
+    # DoRA on the tied head (MLX's DoRAEmbedding, `EmbeddingCase.per_row`) divides by its rows' norms too.
+    head_fits = fits_dtype(case.per_row) if shape.use_dora else fits_dtype(case.head)
+    return case if drawable(case.lookup) and head_fits else None
 
 
 SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shape", "magnitudes", "seed", "use_dora")

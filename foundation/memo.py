@@ -1,19 +1,20 @@
 """Work done once per case: what is computed from a case is kept with it, and goes when it goes.
 
 Several checks may meet the same case object (the same-case benchmark; the studies, which run every
-check of a family on each case; a failure's diagnosis after its check): the oracle's formulas, and
-each side's layer run in eval mode, are then computed once. Cases compare by identity, so a case
-drawn again is a new case. What is kept lives in the case's own ``__dict__`` (as `functools.cached_property`
-keeps its values, which a frozen dataclass allows), so it is freed with the case even where it refers back
-to it; `dataclasses.replace` makes a case that keeps nothing. What is kept is shared: memoize only what
-its callers never modify (the oracle's `Tracked` values are never changed in place).
-"""
+check of a family on each case; a failure's diagnosis after its check; the subjects of one check, whose
+tests draw the same cases, while the plugin keeps them in one scope, `share_cases`): the oracle's
+formulas, the reference's judgment and each side's layer run in eval mode are then computed once. Cases
+compare by identity, so a case drawn again outside a scope is a new case. What is kept lives in the
+case's own ``__dict__`` (as `functools.cached_property` keeps its values, which a frozen dataclass
+allows), so it is freed with the case even where it refers back to it; `dataclasses.replace` makes a
+case that keeps nothing. What is kept is shared: memoize only what its callers never modify (the
+oracle's `Tracked` values are never changed in place; a case's arrays are read-only)."""
 
 from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
@@ -25,18 +26,51 @@ def kept(case: object) -> dict:
     return vars(case).setdefault(KEPT, {})
 
 
+def once(case: object, key: Hashable, compute: Callable[[], R]) -> R:
+    """``compute()``, computed once per case and `key`."""
+    table = kept(case)
+    if key not in table:
+        table[key] = compute()
+    return table[key]
+
+
 def once_per_case(function: Callable[..., R]) -> Callable[..., R]:
     """``function(case, *arguments)`` computed once per case and (hashable) arguments."""
 
     @functools.wraps(function)
-    def once(case: object, *arguments: Any) -> R:
-        table = kept(case)
-        key = (function, arguments)
-        if key not in table:
-            table[key] = function(case, *arguments)
-        return table[key]
+    def computed_once(case: object, *arguments: Any) -> R:
+        return once(case, (function, arguments), lambda: function(case, *arguments))
 
-    return once
+    return computed_once
+
+
+# Cases built once while a scope lasts -----------------------------------------------------------
+
+_scope: Hashable | None = None
+_built: dict[Hashable, Any] = {}
+
+
+def share_cases(scope: Hashable | None) -> None:
+    """From now on, a case drawn with the parameters of one drawn earlier in `scope` is that same case object,
+    with what was computed from it (`built_once`); a new scope drops what the last one kept; None shares nothing.
+
+    The tests of one check and dtype draw the same cases for every subject (Hypothesis derives a derandomized
+    test's draws from its source, which the subjects share), so the plugin gives each such group a scope:
+    a case is built, and its oracle and reference computed, once for all the subjects.
+    """
+    global _scope, _built
+    if scope != _scope or scope is None:
+        _scope, _built = scope, {}
+
+
+def built_once(parameters: Hashable, build: Callable[[], R]) -> R:
+    """The case (or whatever `build` makes of them) for `parameters`: built once in the current scope, and every
+    time where none is open (`share_cases`)."""
+    if _scope is None:
+        return build()
+    if parameters not in _built:
+        _built[parameters] = build()
+    return _built[parameters]
 
 
 C = TypeVar("C")

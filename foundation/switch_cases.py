@@ -9,23 +9,26 @@ per token, as a top-k router picks them. Whether the subject is called with the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
-from hypothesis import assume
 from hypothesis import strategies as st
 
 from foundation.cases import (
     BOOLEANS,
     LinearCase,
     draw_array,
-    fits_dtype,
+    drawable,
     gradients_fit,
     integers_between,
-    linear_cases,
+    linear_parameters,
     make_linear_case,
+    only_drawable,
+    read_only,
 )
 from foundation.dtypes import DType
+from foundation.memo import built_once
 from foundation.quantization import Quantization
 
 
@@ -37,6 +40,9 @@ class SwitchCase:
     indices: np.ndarray
     """(*batch_shape, top_k): the experts each token is routed to."""
     sorted_indices: bool
+
+    def __post_init__(self) -> None:
+        read_only(self)
 
     @property
     def first(self) -> LinearCase:
@@ -114,11 +120,16 @@ def switch_gradients_fit(case: SwitchCase) -> bool:
     return all(gradients_fit(expert) for expert in case.experts)
 
 
-@st.composite
-def switch_cases(draw: st.DrawFn, dtype: DType, quantized: str | None = None) -> SwitchCase:
+@functools.cache
+def switch_cases(dtype: DType, quantized: str | None = None) -> st.SearchStrategy[SwitchCase]:
     """LoRA cases on a SwitchLinear base, 1 to 8 experts; with `quantized` (a `Quantization.kind`), on a
     QuantizedSwitchLinear."""
-    shape = draw(linear_cases(dtype, quantized=quantized), label="expert shape")
+    return only_drawable(_switch_cases_or_none(dtype, quantized))
+
+
+@st.composite
+def _switch_cases_or_none(draw: st.DrawFn, dtype: DType, quantized: str | None) -> SwitchCase | None:
+    shape = draw(linear_parameters(dtype, quantized=quantized), label="expert shape")
     num_experts = draw(integers_between(1, 8), label="num_experts")
     top_k = draw(integers_between(1, min(4, num_experts)), label="top_k")
     sorted_indices = draw(BOOLEANS, label="sorted_indices")
@@ -135,6 +146,9 @@ def switch_cases(draw: st.DrawFn, dtype: DType, quantized: str | None = None) ->
         magnitudes=shape.magnitudes,
         quantization=shape.quantization,
     )
-    case = make_switch_case(num_experts, top_k, sorted_indices, shape.seed, **parameters)
-    assume(all(expert.lora_B.any() and fits_dtype(expert) for expert in case.experts))
-    return case
+
+    def build() -> SwitchCase | None:
+        case = make_switch_case(num_experts, top_k, sorted_indices, shape.seed, **parameters)
+        return case if all(drawable(expert) for expert in case.experts) else None
+
+    return built_once(("switch", shape, num_experts, top_k, sorted_indices), build)

@@ -148,7 +148,7 @@ def run(case: LinearCase | EmbeddingCase | SwitchCase) -> LayerRun:
 
 def lookup(layer: LoraEmbedding, case: EmbeddingCase) -> torch.Tensor:
     with torch.no_grad():
-        return layer(torch.from_numpy(case.ids))
+        return layer(torch.tensor(case.ids))
 
 
 def dora_magnitude_at_creation(case: LinearCase | EmbeddingCase, with_adapter: bool) -> torch.Tensor:
@@ -304,7 +304,7 @@ def grads(
         base.bias.requires_grad_(True)
     if isinstance(case, EmbeddingCase):
         x = None
-        output = layer(torch.from_numpy(case.ids))
+        output = layer(torch.tensor(case.ids))
     else:
         x = tensor(case.x, case.dtype).requires_grad_(True)
         output = _call(layer, case, x)
@@ -335,7 +335,7 @@ def training_steps(
             parameters, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
         )
     y_target = tensor(target, case.dtype)
-    ids, x = (torch.from_numpy(case.ids), None) if looks_up else (None, tensor(case.x, case.dtype))
+    ids, x = (torch.tensor(case.ids), None) if looks_up else (None, tensor(case.x, case.dtype))
     trajectory = []
     for _ in range(count):
         optimizer.zero_grad()

@@ -6,7 +6,10 @@ import dataclasses
 import gc
 import weakref
 
-from catalogue import CorrectLoRALinear
+import numpy as np
+import pytest
+
+from catalogue import CorrectLoRALinear, RawAlpha
 from conformance import checks
 from foundation import memo
 from foundation.cases import make_linear_case
@@ -42,8 +45,21 @@ def test_checks_of_one_case_share_each_sides_layer_and_a_merge_leaves_the_next_c
     case = _case()
     assert checks.forward(CorrectLoRALinear, case).passed and checks.merge(CorrectLoRALinear, case).passed
     assert built == {"peft": 1, "mlx": 1}
-    assert checks.forward(CorrectLoRALinear, case).passed  # after the merge: both layers built again
-    assert built == {"peft": 2, "mlx": 2}
+    # After the merge the subject's layer is built again; peft's forward was judged once for this case already.
+    assert checks.forward(CorrectLoRALinear, case).passed
+    assert built == {"peft": 1, "mlx": 2}
+
+
+def test_the_reference_side_of_a_check_is_judged_once_per_case_whatever_the_subject(monkeypatch):
+    calls = []
+    forward = peft_layers.forward
+    monkeypatch.setattr(peft_layers, "forward", lambda *arguments: calls.append(1) or forward(*arguments))
+    case = _case()
+    first, second = checks.forward(CorrectLoRALinear, case), checks.forward(RawAlpha, case)
+    assert len(calls) == 1
+    reference = [c for c in first.comparisons if c.side == "reference"]
+    assert reference and reference == [c for c in second.comparisons if c.side == "reference"]
+    assert first.passed and not second.passed
 
 
 def test_a_layer_run_merges_once_and_builds_again_after_a_merge():
@@ -82,3 +98,30 @@ def test_a_case_made_again_with_replace_keeps_nothing():
     case = _case()
     oracle.linear_forward(case)
     assert memo.kept(case) and not memo.kept(dataclasses.replace(case))
+
+
+def test_within_a_scope_a_case_is_built_once_per_parameters_and_a_new_scope_builds_it_again():
+    builds = []
+
+    def build():
+        builds.append(1)
+        return object()
+
+    try:
+        memo.share_cases("test_forward[float32]")
+        first = memo.built_once(("linear", 1), build)
+        assert memo.built_once(("linear", 1), build) is first and memo.built_once(("linear", 2), build) is not first
+        memo.share_cases("test_forward[float16]")
+        assert memo.built_once(("linear", 1), build) is not first
+        assert len(builds) == 3
+    finally:
+        memo.share_cases(None)
+    assert memo.built_once(("linear", 1), build) is not memo.built_once(("linear", 1), build)  # no scope: every time
+
+
+def test_a_shared_case_cannot_be_changed_by_a_check():
+    case = _case()
+    with pytest.raises(ValueError, match="read-only"):
+        case.x[0] = 1.0
+    with pytest.raises(ValueError, match="read-only"):
+        dataclasses.replace(case, weight=np.ones((6, 8))).weight[0, 0] = 2.0
