@@ -18,7 +18,7 @@ import torch
 
 from conformance import diagnosis
 from conformance.timing import UNTIMED, PhaseTimer
-from foundation import quantization, weights
+from foundation import memo, quantization, weights
 from foundation.cases import EmbeddingCase, LinearCase
 from foundation.quantization import Quantization
 from foundation.switch_cases import SwitchCase
@@ -31,6 +31,8 @@ Observed = dict[str, tuple[np.ndarray, "str | None"]]
 """quantity -> (values as float64, dtype name or None where the dtype is not judged), as one side produced them."""
 Expected = dict[str, "Tracked | None"]
 """quantity -> the oracle's value and bound, or None where the quantity must be absent."""
+Judged = tuple[list[Comparison], Observed]
+"""One side's comparisons with the oracle, and what it produced."""
 
 
 def from_mlx(arrays: dict[str, mx.array], unjudged_dtypes: tuple[str, ...] = ()) -> Observed:
@@ -46,24 +48,24 @@ def from_torch(values: torch.Tensor, judge_dtype: bool = True) -> tuple[np.ndarr
     return peft_layers.to_numpy(values), peft_layers.dtype_name(values) if judge_dtype else None
 
 
-def _judge(measurement: Measurement, side: str, produce: Callable[[], Observed], expected: Expected) -> Observed:
+def _judge(check: str, side: str, produce: Callable[[], Observed], expected: Expected) -> Judged:
     """Run one side, then compare each quantity it should produce with the oracle."""
+    comparisons: list[Comparison] = []
     try:
         observed = produce()
     except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
-        measurement.comparisons.append(raised(error, measurement.check, side))
-        return {}
+        return [raised(error, check, side)], {}
     for quantity, want in expected.items():
         got = observed.get(quantity)
         if want is None and got is not None:
-            measurement.comparisons.append(failed("is present, but should be absent", quantity, side, "present"))
+            comparisons.append(failed("is present, but should be absent", quantity, side, "present"))
         elif want is not None and got is None:
-            measurement.comparisons.append(failed("is absent, but should be present", quantity, side, "absent"))
+            comparisons.append(failed("is absent, but should be present", quantity, side, "absent"))
         elif want is not None:
             if got[1] is not None:
-                measurement.comparisons.append(compare_dtype(quantity, side, got[1], want))
-            measurement.comparisons.append(compare(quantity, side, got[0], want))
-    return observed
+                comparisons.append(compare_dtype(quantity, side, got[1], want))
+            comparisons.append(compare(quantity, side, got[0], want))
+    return comparisons, observed
 
 
 def measure(
@@ -78,15 +80,20 @@ def measure(
     expect_subject: Callable[[], Expected] | None = None,
 ) -> Measurement:
     """One check of one case: each side's results against the oracle's (`expect_subject`'s for the subject, where
-    its convention defines the layer otherwise than peft), and a diagnosis where it failed."""
+    its convention defines the layer otherwise than peft), and a diagnosis where it failed.
+
+    `expect` and `reference` depend on the case alone: the oracle's expectation and the reference's judgment are
+    made once per case and check, and every subject checked on that case shares them (`foundation.memo`)."""
     measurement = Measurement(subject.name, check, case.describe())
     with timer("oracle"):
-        expected = expect()
+        expected = memo.once(case, ("expected", check), expect)
         subject_expected = expected if expect_subject is None else expect_subject()
     with timer("reference"):
-        _judge(measurement, "reference", reference, expected)
+        judged = memo.once(case, ("reference", check), lambda: _judge(check, "reference", reference, expected))
+        measurement.comparisons += judged[0]
     with timer("subject"):
-        observed = _judge(measurement, "subject", run_subject, subject_expected)
+        comparisons, observed = _judge(check, "subject", run_subject, subject_expected)
+        measurement.comparisons += comparisons
     if diagnose is not None and not measurement.passed:
         measurement.hints += diagnose(measurement, observed)
     return measurement

@@ -16,7 +16,7 @@ import numpy as np
 from conformance import diagnosis, dropout_statistics
 from conformance.checks import Expected, Observed, from_mlx, from_torch, measure
 from conformance.timing import UNTIMED, PhaseTimer
-from foundation import optimizers
+from foundation import memo, optimizers
 from foundation.cases import EmbeddingCase, LinearCase, dropout_mask, fits_dtype, gradients_fit, upstream_gradient
 from foundation.switch_cases import SwitchCase, switch_upstream_gradient
 from foundation.verdict import Measurement, compare, failed, raised
@@ -35,9 +35,12 @@ def _gradients(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseT
     def expect() -> Expected:
         return oracle.embedding_grads(case, upstream) if embedding else oracle.linear_grads(case, upstream, bias_trains)
 
+    def peft_grads() -> tuple[dict, set[str]]:  # the reference's judgment and its trainable roles read it
+        return memo.once(case, ("peft grads", bias_trains), lambda: peft_layers.grads(case, upstream, bias_trains))
+
     # DoRA's magnitude gradient has the magnitude's dtype: float32 in MLX, the layer's in peft.
     def reference() -> Observed:
-        found, trained["reference"] = peft_layers.grads(case, upstream, bias_trains)
+        found, _ = peft_grads()
         return {name: from_torch(values, judge_dtype=name != "grad m") for name, values in found.items()}
 
     def run_subject() -> Observed:
@@ -49,15 +52,23 @@ def _gradients(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseT
     check = "grad_bias_all" if bias_trains else "grad"
     diagnose = None if embedding else lambda measurement, observed: diagnosis.norm_hints(case)
     measurement = measure(check, subject, case, timer, expect, reference, run_subject, diagnose)
-    _compare_trainable(measurement, trained)
+    _compare_trainable(measurement, trained, peft_grads)
     return measurement
 
 
-def _compare_trainable(measurement: Measurement, trained: dict[str, set[str]]) -> None:
-    """A failing comparison where the subject trains other parameters (by role) than peft."""
-    if "subject" not in trained or trained["subject"] == trained.get("reference"):
+def _compare_trainable(
+    measurement: Measurement, trained: dict[str, set[str]], peft_grads: Callable[[], tuple[dict, set[str]]]
+) -> None:
+    """A failing comparison where the subject trains other parameters (by role) than peft (where peft's layer
+    trained at all: if it raised, its judgment says so)."""
+    if "subject" not in trained:
         return
-    reference = trained.get("reference", set())
+    try:
+        reference = peft_grads()[1]
+    except Exception:  # noqa: BLE001 - the reference's judgment has recorded it
+        reference = set()
+    if trained["subject"] == reference:
+        return
     problem = f"trains {sorted(trained['subject'])}, but should train {sorted(reference)} as peft does"
     measurement.comparisons.append(failed(problem, "trainable parameters", "subject", "trainable parameters"))
     measurement.hints.append(
@@ -84,9 +95,11 @@ def switch_grad(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED)
     upstream = switch_upstream_gradient(case)
     trained: dict[str, set[str]] = {}
 
+    def peft_grads() -> tuple[dict, set[str]]:
+        return memo.once(case, "peft grads", lambda: peft_layers.switch_grads(case, upstream))
+
     def reference() -> Observed:
-        found, trained["reference"] = peft_layers.switch_grads(case, upstream)
-        return {name: from_torch(values) for name, values in found.items()}
+        return {name: from_torch(values) for name, values in peft_grads()[0].items()}
 
     def run_subject() -> Observed:
         found, trained["subject"] = bridge.switch_grads(subject.build(case), subject.convention.roles, case, upstream)
@@ -95,7 +108,7 @@ def switch_grad(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED)
     measurement = measure(
         "grad", subject, case, timer, lambda: oracle.switch_grads(case, upstream), reference, run_subject
     )
-    _compare_trainable(measurement, trained)
+    _compare_trainable(measurement, trained, peft_grads)
     return measurement
 
 
