@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import mlx.core as mx
 import pytest
 from hypothesis import settings
 
-from conformance import divergences, families, recording, threads
-from foundation import profiles, quantization
+from conformance import divergences, families, recording, scheduling, threads
+from foundation import memo, profiles, quantization
 from foundation.dtypes import BY_NAME as DTYPES
 from foundation.schema import CheckRecord, DivergenceRecord, Row, Status
 from subjects.known import CATALOGUE, Subject, select, versions
@@ -241,12 +242,23 @@ def check_id(item: pytest.Item) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the checks of families no selected subject belongs to."""
+    """Drop the checks of families no selected subject belongs to; put the subjects of a check and dtype next to
+    each other (`scheduling.check_group`), in the order of their parameters."""
     families = {subject.family for subject in config.stash[STATE]["subjects"]}
     unused = [item for item in items if _family(item) not in families]
     if unused:
         config.hook.pytest_deselected(items=unused)
         items[:] = [item for item in items if _family(item) in families]
+    order = scheduling.group_order([item.nodeid for item in items])
+    items.sort(key=lambda item: order[scheduling.check_group(item.nodeid)])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> scheduling.CheckGroupScheduling | None:
+    """Under xdist's ``load`` distribution (``-n`` alone), a check's subjects go to one worker together."""
+    if config.getvalue("dist") == "load":
+        return scheduling.CheckGroupScheduling(config, log)
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -255,9 +267,23 @@ def recorder(pytestconfig: pytest.Config) -> recording.Recorder:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    memo.share_cases(scheduling.check_group(item.nodeid))
     recorder = item.config.stash[RECORDER]
     recorder.check_id = check_id(item)
     recorder.entries = divergences.covering(item.config.stash[STATE]["known"], recorder.check_id)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """A generated test draws what the other subjects of its group draw (`scheduling.check_group`).
+
+    Hypothesis seeds a derandomized test from its digest, to which its pytest plugin adds the item's id where a
+    ``parametrize`` mark is present (the quantization kind's): each subject would draw cases of its own. Here,
+    after that plugin and before the test runs, the digest becomes the group's: subjects share their draws,
+    dtypes and quantization kinds do not."""
+    inner = getattr(getattr(item.obj, "hypothesis", None), "inner_test", None)
+    if inner is not None and _family(item) is not None:
+        inner._hypothesis_internal_add_digest = scheduling.check_group(check_id(item)).encode()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -320,15 +346,19 @@ def _status(report: pytest.TestReport, entries: list[divergences.KnownDivergence
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    memo.share_cases(None)
     config = session.config
     recorder, state = config.stash[RECORDER], config.stash[STATE]
     if hasattr(config, "workeroutput"):
         threads_now = threads.in_force()  # at the end, so a library that reset its pool mid-run would show
-        config.workeroutput["conformance"] = {  # what execnet can send: the records as JSON
-            "rows": [row.to_json() for row in recorder.rows],
-            "checks": [check.to_json() for check in state["checks"]],
-            "threads": threads_now,
-        }
+        # The records as one JSON text: execnet sends a string many times faster than the same nested dicts.
+        config.workeroutput["conformance"] = json.dumps(
+            {
+                "rows": [row.to_json() for row in recorder.rows],
+                "checks": [check.to_json() for check in state["checks"]],
+                "threads": threads_now,
+            }
+        )
         return
     recorder.meta["threads"] = _threads_meta(state)
     thorough = recorder.meta["profile"] == "thorough"
@@ -376,8 +406,9 @@ def _divergence_status(
 
 
 def pytest_testnodedown(node, error) -> None:
-    output = getattr(node, "workeroutput", {}).get("conformance")
-    if output:
+    sent = getattr(node, "workeroutput", {}).get("conformance")
+    if sent:
+        output = json.loads(sent)
         state = node.config.stash[STATE]
         node.config.stash[RECORDER].rows.extend(Row.from_json(row) for row in output["rows"])
         state["checks"].extend(CheckRecord.from_json(check) for check in output["checks"])

@@ -7,6 +7,7 @@ plugin reads (family, check, dtypes) and, on a quantized base, one parametrizati
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -15,26 +16,28 @@ from hypothesis import strategies as st
 
 from conformance.asserting import record_and_assert
 from conformance.families import FAMILIES, BaseInfo, CheckInfo, Family
-from foundation import profiles
+from foundation import memo, profiles
 from foundation.quantization import KINDS
 
 
 def _test(family: Family, base: BaseInfo, info: CheckInfo) -> Callable:
     """The test function of one check: draw a case as the check draws them, run the check, record and assert."""
+
+    @functools.cache  # built once: Hypothesis works out a new strategy's properties at its first draw
+    def drawn(*arguments: object) -> st.SearchStrategy:
+        cases = base.cases(*arguments)
+        for keep in info.keep:  # a case met again (`memo.share_cases`) is not judged again
+            cases = cases.filter(lambda case, keep=keep: memo.once(case, keep, lambda: keep(case)))
+        return cases
+
     if base.base == "quantized":
 
         def test(subject, dtype, kind, data, recorder):
-            cases = base.cases(dtype, kind)
-            for keep in info.keep:
-                cases = cases.filter(keep)
-            record_and_assert(recorder, info.run(subject, data.draw(cases, label="case")))
+            record_and_assert(recorder, info.run(subject, data.draw(drawn(dtype, kind), label="case")))
     else:
 
         def test(subject, dtype, data, recorder):
-            cases = base.cases(dtype)
-            for keep in info.keep:
-                cases = cases.filter(keep)
-            record_and_assert(recorder, info.run(subject, data.draw(cases, label="case")))
+            record_and_assert(recorder, info.run(subject, data.draw(drawn(dtype), label="case")))
 
     name = base.test_name(info.name)
     test.__name__ = test.__qualname__ = name

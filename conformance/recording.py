@@ -117,5 +117,5 @@ def write(
 ) -> dict:
     """Write the results file; returns its document, for the reports."""
     document = schema.document(meta, rows, checks, divergences)
-    path.write_text(json.dumps(document, indent=1, allow_nan=False))
+    path.write_text(json.dumps(document, allow_nan=False))  # unindented: tens of megabytes, a third as fast indented
     return document
