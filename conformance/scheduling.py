@@ -1,11 +1,12 @@
 """Which tests run together: the subjects of one check and dtype draw the same cases, so they share them.
 
-A derandomized Hypothesis test draws its cases from its source, which the parametrizations of one generated
-test share: ``test_forward[mlx_vlm.LoRALinear-float32]`` and ``test_forward[mlx_lm.LoRALinear-float32]`` draw
-the same cases. The plugin runs such a *group* one after another in one process and keeps its cases for the
-group's time (`foundation.memo.share_cases`), so that a case is built, and its oracle and reference computed,
-once for every subject. Under xdist's ``load`` distribution (``-n``), `CheckGroupScheduling` sends each group
-to one worker whole.
+The parametrizations of a generated test that differ only in their subject, such as
+``test_forward[mlx_vlm.LoRALinear-float32]`` and ``test_forward[mlx_lm.LoRALinear-float32]``, are a *group*:
+the plugin seeds them alike (a derandomized test from the group's name, a randomized one from the run's seed),
+so they draw the same cases. It runs a group one test after another in one process and keeps its cases for
+the group's time (`foundation.memo.share_cases`): a case is built, and its oracle and reference computed, once
+for every subject. Under xdist's ``load`` distribution (``-n``), `CheckGroupScheduling` sends each group to
+one worker whole.
 """
 
 from __future__ import annotations

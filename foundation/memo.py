@@ -54,9 +54,9 @@ def share_cases(scope: Hashable | None) -> None:
     """From now on, a case drawn with the parameters of one drawn earlier in `scope` is that same case object,
     with what was computed from it (`built_once`); a new scope drops what the last one kept; None shares nothing.
 
-    The tests of one check and dtype draw the same cases for every subject (Hypothesis derives a derandomized
-    test's draws from its source, which the subjects share), so the plugin gives each such group a scope:
-    a case is built, and its oracle and reference computed, once for all the subjects.
+    The tests of one check and dtype draw the same cases for every subject (the plugin seeds them alike), so the
+    plugin gives each such group a scope: a case is built, and its oracle and reference computed, once for all
+    the subjects.
     """
     global _scope, _built
     if scope != _scope or scope is None:

@@ -6,10 +6,10 @@ what differs and exits 1 if anything does, 0 if nothing does; margins that moved
 torch's CPU gradients are not bit-reproducible, see the flakiness study).
 
 A change can move which cases a derandomized run draws without changing any judgement: Hypothesis seeds a
-test from its source, and now and then draws a constant it found in the project's own modules. With
-``--rejudge`` only BEFORE is read: each of its cases is judged again by this checkout's check, and the verdicts
-and margins compared (the checks replay cannot rebuild, error parity and the base's own kernel, are counted
-apart).
+test from its source and group (`conformance.scheduling`), and now and then draws a constant it found in the
+project's own modules. With ``--rejudge`` only BEFORE is read: each of its cases is judged again by this
+checkout's check, and the verdicts and margins compared (the checks replay cannot rebuild, error parity and the
+base's own kernel, are counted apart).
 """
 
 from __future__ import annotations
