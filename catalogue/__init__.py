@@ -37,6 +37,7 @@ def _subject(cls: type) -> Subject:
 
 
 ALL_DTYPES = tuple(d.name for d in CASE_DTYPES)
+HALF_DTYPES = tuple(d.name for d in CASE_DTYPES if d.name != "float32")
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,27 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(layers.SwitchFuseIgnoresAdapter), "merge"),
         WrongVariant(_subject(layers.ExpertIndexUnchecked), "error_parity"),
         WrongVariant(_subject(layers.RankCheckCrashes), "error_parity"),
+        # Wrong only with a float32 adapter on a half-precision base (`LinearParameters.adapter_dtype`).
+        WrongVariant(_subject(layers.OutputInAdapterDtype), "forward", visible_in=HALF_DTYPES),
+        WrongVariant(
+            _subject(layers.AdapterCastToBaseDtype),
+            "grad",
+            visible_in=HALF_DTYPES,
+            diagnosis="the update is computed in",
+        ),
+        WrongVariant(
+            _subject(layers.UpdateInHalfPrecision),
+            "grad",
+            visible_in=HALF_DTYPES,
+            diagnosis="the update is computed in",
+        ),
+        WrongVariant(_subject(layers.MergeInAdapterDtype), "merge", visible_in=HALF_DTYPES),
+        WrongVariant(
+            _subject(layers.RequantizeInAdapterDtype),
+            "requantize",
+            visible_in=HALF_DTYPES,
+            quantizations=("affine", "affine-unaligned"),  # microscaling scales are not floats of the model's dtype
+        ),
     )
 }
 # `--subject catalogue:<ClassName>` finds these module attributes.

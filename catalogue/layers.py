@@ -327,6 +327,52 @@ class RequantizeIgnoresAdapter(CorrectLoRALinear):
         return super().requantized(fused)
 
 
+# Wrong only with a float32 adapter on a half-precision base ----------------------------------------
+
+
+class OutputInAdapterDtype(CorrectLoRALinear):
+    """The LoRA term is added without casting it to the input's dtype: a float32 adapter makes the output float32."""
+
+    def lora_update(self, x: mx.array) -> mx.array:
+        return self.scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)
+
+
+class AdapterCastToBaseDtype(CorrectLoRALinear):
+    """The adapter is cast to the base's dtype when it is loaded (as ``model.set_dtype`` after loading would):
+    a float32 adapter trains in half precision."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("lora_a", "lora_b") and isinstance(value, mx.array) and "linear" in self:
+            value = value.astype(self.base_weight().dtype)
+        super().__setattr__(name, value)
+
+
+class UpdateInHalfPrecision(CorrectLoRALinear):
+    """The update is computed in the input's dtype: a float32 adapter is cast down for the products, so its
+    gradients carry half-precision rounding."""
+
+    def lora_update(self, x: mx.array) -> mx.array:
+        a, b = self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype)
+        return (self.scale * ((self.dropout(x) @ a) @ b)).astype(x.dtype)
+
+
+class MergeInAdapterDtype(CorrectLoRALinear):
+    """The merged weight is ``W + s B A`` without casting the update to the base's dtype: float32 with a float32
+    adapter (as mlx-lm's DoRALinear does for its magnitude's factor)."""
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        weight = self.base_weight()
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in self.linear)
+        fused.weight = weight + self.delta()
+        if "bias" in self.linear:
+            fused.bias = self.linear.bias
+        return self.requantized(fused) if self.quantized and not dequantize else fused
+
+
+class RequantizeInAdapterDtype(MergeInAdapterDtype):
+    """Re-quantizes that float32 merge: an affine quantization's scales come out float32, not the base's dtype."""
+
+
 class RequantizeWithDefaults(CorrectLoRALinear):
     """On a quantized base, ``fuse()`` re-quantizes with MLX's default bits and group size."""
 
@@ -350,7 +396,8 @@ class PeftStyleConvention:
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         layer = self.construct(cls, case, case.r, case.dropout)
-        load_adapter(layer, lora_a=mlx_array(case.lora_A.T, case.dtype), lora_b=mlx_array(case.lora_B.T, case.dtype))
+        adapter = case.adapter_dtype
+        load_adapter(layer, lora_a=mlx_array(case.lora_A.T, adapter), lora_b=mlx_array(case.lora_B.T, adapter))
         layer.eval()
         return layer
 
@@ -362,8 +409,8 @@ class DoRAMagnitude:
     """DoRA's magnitude, mixed into a LoRA layer: m = ||W + delta|| along `norm_axis` of the frozen weight W,
     derived at construction, and the factor m / ||W + delta|| by which the layer scales its output.
 
-    The norm is taken in float32 (no half-precision under- or overflow) and detached from the gradient, as in
-    the DoRA paper and peft; m is stored in W's dtype, so the merge keeps it.
+    The norm is taken in float32 (no half-precision under- or overflow) of W plus the update in the adapter's
+    dtype, and detached from the gradient, as in the DoRA paper and peft; m is stored in the adapter's dtype.
     """
 
     norm_axis: int
@@ -377,14 +424,14 @@ class DoRAMagnitude:
         raise NotImplementedError
 
     def adapted(self) -> mx.array:
-        weight = self.frozen()
-        return weight + self.delta().astype(weight.dtype)
+        """W + delta, in the finer of their dtypes (a float32 adapter's update is not cast down first)."""
+        return self.frozen() + self.delta()
 
     def weight_norm(self) -> mx.array:
         return mx.linalg.norm(self.adapted().astype(mx.float32), axis=self.norm_axis)
 
     def derive_magnitude(self) -> None:
-        self.m = self.weight_norm().astype(self.frozen().dtype)
+        self.m = self.weight_norm().astype(self.lora_a.dtype)
 
     def factor(self) -> mx.array:
         return self.m.astype(mx.float32) / mx.stop_gradient(self.weight_norm())
@@ -400,11 +447,17 @@ class CorrectDoRALinear(DoRAMagnitude, CorrectLoRALinear):
         return self.base_weight()
 
     def __call__(self, x: mx.array) -> mx.array:
-        # peft's form: the base output of x, and a correction from the dropped input x' (x in eval mode).
-        dropped, weight, factor = self.dropout(x), self.base_weight().astype(x.dtype).T, self.factor().astype(x.dtype)
-        lora = (self.scale * ((dropped @ self.lora_a) @ self.lora_b)).astype(x.dtype)
-        out = x @ weight + ((factor - 1) * (dropped @ weight) + factor * lora)
-        return out + self.linear.bias if "bias" in self.linear else out
+        # peft's form: the base output of x, and a correction from the dropped input x' (x in eval mode), in the
+        # adapter's dtype (peft casts x to it before its dropout), added to the base's output and the sum cast to
+        # x's dtype once.
+        adapter_dtype, weight = self.lora_a.dtype, self.base_weight().astype(x.dtype).T
+        dropped, factor = self.dropout(x.astype(adapter_dtype)), self.factor().astype(adapter_dtype)
+        lora = self.scale * ((dropped @ self.lora_a) @ self.lora_b)
+        out = x @ weight
+        if "bias" in self.linear:
+            out = out + self.linear.bias
+        correction = (factor - 1) * (dropped @ weight.astype(adapter_dtype)) + factor * lora
+        return (out + correction).astype(x.dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         fused = super().fuse(dequantize=True)
@@ -441,13 +494,13 @@ class DoRAMergeForgetsMagnitude(CorrectDoRALinear):
 
 
 class PeftStyleDoRAConvention(PeftStyleConvention):
-    """As `PeftStyleConvention`, with the case's magnitude, in the layer's dtype."""
+    """As `PeftStyleConvention`, with the case's magnitude, in the adapter's dtype."""
 
     roles = {**PeftStyleConvention.roles, "m": "m"}
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         layer = super().build(cls, case)
-        layer.m = mlx_array(case.magnitude, case.dtype)
+        layer.m = mlx_array(case.magnitude, case.adapter_dtype)
         return layer
 
     def magnitude_at_creation(self, cls: type, case: LinearCase, with_adapter: bool) -> mx.array:

@@ -27,6 +27,7 @@ from reference import oracle, peft_layers
 from subjects import bridge
 from subjects.known import Subject
 
+Case = LinearCase | EmbeddingCase | SwitchCase
 Observed = dict[str, tuple[np.ndarray, "str | None"]]
 """quantity -> (values as float64, dtype name or None where the dtype is not judged), as one side produced them."""
 Expected = dict[str, "Tracked | None"]
@@ -71,31 +72,35 @@ def _judge(check: str, side: str, produce: Callable[[], Observed], expected: Exp
 def measure(
     check: str,
     subject: Subject,
-    case: LinearCase | EmbeddingCase,
+    case: Case,
     timer: PhaseTimer,
-    expect: Callable[[], Expected],
+    expect: Callable[[Case], Expected],
     reference: Callable[[], Observed],
     run_subject: Callable[[], Observed],
     diagnose: Callable[[Measurement, Observed], list[str]] | None = None,
-    expect_subject: Callable[[], Expected] | None = None,
+    expect_subject: Callable[[Case], Expected] | None = None,
 ) -> Measurement:
-    """One check of one case: each side's results against the oracle's (`expect_subject`'s for the subject, where
-    its convention defines the layer otherwise than peft), and a diagnosis where it failed.
+    """One check of one case: each side's results against the oracle's for the case (`expect_subject`'s for the
+    subject, where its convention defines the layer otherwise than peft), and a diagnosis where it failed.
 
     `expect` and `reference` depend on the case alone: the oracle's expectation and the reference's judgment are
-    made once per case and check, and every subject checked on that case shares them (`foundation.memo`)."""
+    made once per case and check, and every subject checked on that case shares them (`foundation.memo`). The
+    diagnosis may ask `expect` of a case close to this one (`diagnosis.precision_hints`)."""
     measurement = Measurement(subject.name, check, case.describe())
     with timer("oracle"):
-        expected = memo.once(case, ("expected", check), expect)
-        subject_expected = expected if expect_subject is None else expect_subject()
+        expected = memo.once(case, ("expected", check), lambda: expect(case))
+        subject_expect = expect if expect_subject is None else expect_subject
+        subject_expected = expected if expect_subject is None else expect_subject(case)
     with timer("reference"):
         judged = memo.once(case, ("reference", check), lambda: _judge(check, "reference", reference, expected))
         measurement.comparisons += judged[0]
     with timer("subject"):
         comparisons, observed = _judge(check, "subject", run_subject, subject_expected)
         measurement.comparisons += comparisons
-    if diagnose is not None and not measurement.passed:
-        measurement.hints += diagnose(measurement, observed)
+    if not measurement.passed:
+        if diagnose is not None:
+            measurement.hints += diagnose(measurement, observed)
+        measurement.hints += diagnosis.precision_hints(case, measurement, observed, subject_expect)
     return measurement
 
 
@@ -118,7 +123,7 @@ def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> 
         subject,
         case,
         timer,
-        expect=lambda: {"output": oracle.linear_forward(case)},
+        expect=lambda case: {"output": oracle.linear_forward(case)},
         reference=lambda: {"output": from_torch(peft_layers.forward(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
         diagnose=diagnose,
@@ -128,7 +133,7 @@ def forward(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> 
 def merge(subject: Subject, case: LinearCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """The subject's merged layer (weight, bias, output) against peft's ``merge()`` and the oracle."""
 
-    def expect() -> Expected:
+    def expect(case: LinearCase) -> Expected:
         return {
             "merged weight": oracle.merged_weight(case),
             "merged bias": Tracked.exact(case.bias, case.dtype) if case.has_bias else None,
@@ -211,9 +216,10 @@ def requantize(
 def _magnitude_at_creation(
     subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer, with_adapter: bool
 ) -> Measurement:
-    def norms(view: LinearCase) -> Callable[[], Expected]:
-        def expect() -> Expected:
-            norm = weights.adapted_weight(view).row_norm() if with_adapter else oracle.magnitude_at_init(view)
+    def norms(view_of: Callable[[Case], LinearCase]) -> Callable[[Case], Expected]:
+        def expect(case: Case) -> Expected:
+            view = view_of(case)
+            norm = weights.adapted_sum(view).row_norm() if with_adapter else oracle.magnitude_at_init(view)
             return {"magnitude": norm}
 
         return expect
@@ -228,11 +234,10 @@ def _magnitude_at_creation(
 
     check = "init_with_adapter" if with_adapter else "init"
     if not isinstance(case, EmbeddingCase):
-        return measure(check, subject, case, timer, norms(case), reference, run_subject)
+        return measure(check, subject, case, timer, norms(lambda case: case), reference, run_subject)
     # No norm hint: the magnitude at creation is the table's norm, not the adapted one the hint is about.
-    return _embedding_measure(
-        check, subject, case, timer, norms(case.lookup), reference, run_subject, norms(case.per_row), norm_hints=False
-    )
+    lookup, per_row = norms(lambda case: case.lookup), norms(lambda case: case.per_row)
+    return _embedding_measure(check, subject, case, timer, lookup, reference, run_subject, per_row, norm_hints=False)
 
 
 def init(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -259,10 +264,10 @@ def _embedding_measure(
     subject: Subject,
     case: EmbeddingCase,
     timer: PhaseTimer,
-    expect: Callable[[], Expected],
+    expect: Callable[[EmbeddingCase], Expected],
     reference: Callable[[], Observed],
     run_subject: Callable[[], Observed],
-    expect_per_row: Callable[[], Expected],
+    expect_per_row: Callable[[EmbeddingCase], Expected],
     norm_hints: bool = True,
 ) -> Measurement:
     """`measure` for an embedding check. A DoRA embedding that keeps one magnitude per vocabulary row (MLX's) is
@@ -292,10 +297,10 @@ def lookup(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED) -
         subject,
         case,
         timer,
-        expect=lambda: {"output": oracle.embedding_forward(case)},
+        expect=lambda case: {"output": oracle.embedding_forward(case)},
         reference=lambda: {"output": from_torch(peft_layers.lookup(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
-        expect_per_row=lambda: {"output": oracle.embedding_rows_forward(case)},
+        expect_per_row=lambda case: {"output": oracle.embedding_rows_forward(case)},
     )
 
 
@@ -315,10 +320,10 @@ def as_linear(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = UNTIMED
         subject,
         case,
         timer,
-        lambda: {"output": oracle.embedding_as_linear(case)},
+        lambda case: {"output": oracle.embedding_as_linear(case)},
         reference,
         run_subject,
-        expect_per_row=lambda: {"output": oracle.embedding_rows_as_linear(case)},
+        expect_per_row=lambda case: {"output": oracle.embedding_rows_as_linear(case)},
     )
 
 
@@ -344,10 +349,10 @@ def embedding_merge(subject: Subject, case: EmbeddingCase, timer: PhaseTimer = U
         subject,
         case,
         timer,
-        lambda: expect(oracle.embedding_merged_weight(case)),
+        lambda case: expect(oracle.embedding_merged_weight(case)),
         reference,
         run_subject,
-        expect_per_row=lambda: expect(oracle.embedding_rows_merged_weight(case)),
+        expect_per_row=lambda case: expect(oracle.embedding_rows_merged_weight(case)),
     )
 
 
@@ -369,7 +374,7 @@ def switch_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIM
         subject,
         case,
         timer,
-        expect=lambda: {"output": oracle.switch_forward(case)},
+        expect=lambda case: {"output": oracle.switch_forward(case)},
         reference=lambda: {"output": from_torch(peft_layers.switch_forward(peft_layers.run(case).layer(), case))},
         run_subject=run_subject,
     )
@@ -382,7 +387,7 @@ def switch_merge(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED
     layer can fail where merging one does not (MLX's CPU ``gather_mm`` takes float32 only).
     """
 
-    def expect() -> Expected:
+    def expect(case: SwitchCase) -> Expected:
         bias = Tracked.exact(case.stacked("bias"), case.dtype) if case.first.has_bias else None
         return {"merged weight": oracle.switch_merged_weight(case), "merged bias": bias}
 
@@ -417,7 +422,7 @@ def switch_merged_forward(subject: Subject, case: SwitchCase, timer: PhaseTimer 
         subject,
         case,
         timer,
-        expect=lambda: {"merged output": oracle.switch_merged_forward(case)},
+        expect=lambda case: {"merged output": oracle.switch_merged_forward(case)},
         reference=reference,
         run_subject=run_subject,
     )

@@ -12,7 +12,7 @@ import numpy as np
 from foundation import weights
 from foundation.cases import LinearCase
 from foundation.dtypes import round_to
-from foundation.verdict import Tracked, allowed_error
+from foundation.verdict import VALUES, Measurement, Tracked, allowed_error, compare
 from reference import oracle
 
 
@@ -192,4 +192,38 @@ def dropout_hints(case: LinearCase, output: np.ndarray, mask: Callable[[tuple[in
         text
         for text, expected in placements.items()
         if expected.value.shape == output.shape and np.all(np.abs(output - expected.value) <= allowed_error(expected))
+    ]
+
+
+def adapter_in_base_dtype(case: LinearCase) -> LinearCase:
+    """The case with its adapter (A, B, DoRA's m) rounded to the base's dtype: what a layer is right for that
+    casts a float32 adapter down, or computes its update in the base's dtype."""
+    dtype = case.dtype
+    magnitude = None if case.magnitude is None else round_to(case.magnitude, dtype)
+    rounded = {"lora_A": round_to(case.lora_A, dtype), "lora_B": round_to(case.lora_B, dtype), "magnitude": magnitude}
+    return replace(case, adapter_dtype=dtype, **rounded)
+
+
+def precision_hints(
+    case: object, measurement: Measurement, observed: dict, expect: Callable[[LinearCase], dict]
+) -> list[str]:
+    """Where the subject fails with a float32 adapter on a half-precision base: whether every value it got wrong
+    agrees with the formulas for the adapter rounded to the base's dtype (`adapter_in_base_dtype`), in which
+    case the precision is lost there. `expect` is the check's expectation of a case."""
+    if not isinstance(case, LinearCase) or not case.mixed:
+        return []
+    wrong = {c.quantity for c in measurement.comparisons if c.side == "subject" and c.kind == VALUES and not c.passed}
+    if not wrong or not wrong <= observed.keys():
+        return []
+    try:
+        expected = expect(adapter_in_base_dtype(case))
+    except Exception:  # noqa: BLE001 - a diagnosis that cannot be made is no finding
+        return []
+    for quantity in wrong:
+        want = expected.get(quantity)
+        if want is None or not compare(quantity, "subject", observed[quantity][0], want).passed:
+            return []
+    return [
+        f"the subject's {', '.join(sorted(wrong))} agree with the float32 adapter rounded to {case.dtype}: the "
+        f"update is computed in {case.dtype} (or the adapter was cast down to it)"
     ]

@@ -16,14 +16,14 @@ from typing import Any
 from hypothesis import strategies as st
 
 from conformance import checks, training_checks
+from conformance.checks import Case
 from conformance.timing import PhaseTimer
 from foundation.cases import EmbeddingCase, LinearCase, embedding_cases, gradients_fit, linear_cases
 from foundation.dtypes import DType
-from foundation.switch_cases import SwitchCase, switch_cases, switch_gradients_fit
+from foundation.switch_cases import switch_cases, switch_gradients_fit
 from foundation.verdict import Measurement
 from subjects.known import Subject
 
-Case = LinearCase | EmbeddingCase | SwitchCase
 Check = Callable[[Subject, Any, PhaseTimer], Measurement]
 Keep = Callable[[Any], bool]
 
@@ -99,6 +99,9 @@ class Family:
     """What the studies draw on a float base: cases every check of the family can take."""
     quantized_study_cases: Callable[[DType, str], st.SearchStrategy] | None = None
     """What the studies draw on a base quantized in a `Quantization.kind`, where the family has one."""
+    float32_adapters: bool = False
+    """Whether its cases on a half-precision base may hold a float32 adapter (`LinearParameters.adapter_dtype`), as
+    its bases' cases draw them: the studies' extreme cases follow it."""
 
     def on(self, base: str) -> BaseInfo | None:
         return next((b for b in self.bases if b.base == base), None)
@@ -219,7 +222,7 @@ LINEAR = Family(
         BaseInfo(
             "float",
             "test_linear.py",
-            lambda dtype: linear_cases(dtype),
+            lambda dtype: linear_cases(dtype, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -241,7 +244,7 @@ LINEAR = Family(
         BaseInfo(
             "quantized",
             "test_quantized_linear.py",
-            lambda dtype, kind: linear_cases(dtype, quantized=kind),
+            lambda dtype, kind: linear_cases(dtype, quantized=kind, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -275,7 +278,7 @@ LINEAR = Family(
         BaseInfo(
             "conv1d",
             "test_conv1d.py",
-            lambda dtype: linear_cases(dtype, fan_in_fan_out=True),
+            lambda dtype: linear_cases(dtype, fan_in_fan_out=True, float32_adapters=True),
             (
                 CheckInfo(
                     "forward", checks.forward, "LoRA's output, against peft's LoRA on a Conv1D base.", examples=3
@@ -290,8 +293,12 @@ LINEAR = Family(
             test_prefix="lora_",
         ),
     ),
-    study_cases=lambda dtype: linear_cases(dtype).filter(gradients_fit),  # their checks include the gradients
-    quantized_study_cases=lambda dtype, kind: linear_cases(dtype, quantized=kind).filter(gradients_fit),
+    # their checks include the gradients
+    study_cases=lambda dtype: linear_cases(dtype, float32_adapters=True).filter(gradients_fit),
+    quantized_study_cases=lambda dtype, kind: linear_cases(dtype, quantized=kind, float32_adapters=True).filter(
+        gradients_fit
+    ),
+    float32_adapters=True,
 )
 
 DORA_LINEAR = Family(
@@ -302,7 +309,7 @@ DORA_LINEAR = Family(
         BaseInfo(
             "float",
             "test_dora_linear.py",
-            lambda dtype: linear_cases(dtype, use_dora=True),
+            lambda dtype: linear_cases(dtype, use_dora=True, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -335,7 +342,7 @@ DORA_LINEAR = Family(
         BaseInfo(
             "quantized",
             "test_quantized_dora_linear.py",
-            lambda dtype, kind: linear_cases(dtype, use_dora=True, quantized=kind),
+            lambda dtype, kind: linear_cases(dtype, use_dora=True, quantized=kind, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -374,7 +381,7 @@ DORA_LINEAR = Family(
         BaseInfo(
             "conv1d",
             "test_conv1d.py",
-            lambda dtype: linear_cases(dtype, use_dora=True, fan_in_fan_out=True),
+            lambda dtype: linear_cases(dtype, use_dora=True, fan_in_fan_out=True, float32_adapters=True),
             (
                 CheckInfo(
                     "forward", checks.forward, "DoRA's output, against peft's DoRA on a Conv1D base.", examples=3
@@ -389,8 +396,11 @@ DORA_LINEAR = Family(
             test_prefix="dora_",
         ),
     ),
-    study_cases=lambda dtype: linear_cases(dtype, use_dora=True).filter(gradients_fit),
-    quantized_study_cases=lambda dtype, kind: linear_cases(dtype, use_dora=True, quantized=kind).filter(gradients_fit),
+    study_cases=lambda dtype: linear_cases(dtype, use_dora=True, float32_adapters=True).filter(gradients_fit),
+    quantized_study_cases=lambda dtype, kind: linear_cases(
+        dtype, use_dora=True, quantized=kind, float32_adapters=True
+    ).filter(gradients_fit),
+    float32_adapters=True,
 )
 
 _EMBEDDING_STEPS = {

@@ -32,7 +32,7 @@ def _gradients(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseT
     upstream = upstream_gradient(case.lookup if embedding else case)
     trained: dict[str, set[str]] = {}
 
-    def expect() -> Expected:
+    def expect(case: LinearCase | EmbeddingCase) -> Expected:
         return oracle.embedding_grads(case, upstream) if embedding else oracle.linear_grads(case, upstream, bias_trains)
 
     def peft_grads() -> tuple[dict, set[str]]:  # the reference's judgment and its trainable roles read it
@@ -106,7 +106,7 @@ def switch_grad(subject: Subject, case: SwitchCase, timer: PhaseTimer = UNTIMED)
         return from_mlx(found)
 
     measurement = measure(
-        "grad", subject, case, timer, lambda: oracle.switch_grads(case, upstream), reference, run_subject
+        "grad", subject, case, timer, lambda case: oracle.switch_grads(case, upstream), reference, run_subject
     )
     _compare_trainable(measurement, trained, peft_grads)
     return measurement
@@ -126,7 +126,7 @@ def dropout(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTime
     def mask(shape: tuple[int, ...]) -> np.ndarray:
         return dropout_mask(view, shape)
 
-    def expect() -> Expected:
+    def expect(case: LinearCase | EmbeddingCase) -> Expected:
         if embedding:
             return {"output": oracle.embedding_forward(case)}
         return {"output": oracle.linear_forward(case, oracle.dropped_input(case, mask(case.x.shape)))}
@@ -205,7 +205,8 @@ def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer
             for role, values in adapter.items()
         }
 
-    def expect() -> Expected:
+    def expect(case: LinearCase | EmbeddingCase) -> Expected:
+        view = case.lookup if isinstance(case, EmbeddingCase) else case
         return by_step(trajectory.steps(view, spec, target, optimizers.STEPS), lambda tracked: tracked)
 
     def reference() -> Observed:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from foundation import profiles, weights
-from foundation.dtypes import ACCUMULATION, BY_NAME, DType, round_to
+from foundation.dtypes import ACCUMULATION, BY_NAME, FLOAT32, DType, round_to
 from foundation.memo import built_once
 from foundation.quantization import AVAILABLE, Parts, Quantization, quantize_base
 
@@ -51,10 +51,22 @@ class LinearParameters:
     """peft's base is a transformers ``Conv1D``, which stores the weight as (in, out)."""
     cancel: str | None = None
     """Made to cancel (see `CANCELLATIONS`), or None: drawn independently."""
+    adapter_dtype: DType | None = None
+    """The dtype of A, B (and DoRA's m): float32 on a half-precision base, as mlx-lm creates adapters and peft
+    upcasts them (``autocast_adapter_dtype``), or the base's `dtype` (None gives that)."""
+
+    def __post_init__(self) -> None:
+        if self.adapter_dtype is None:
+            object.__setattr__(self, "adapter_dtype", self.dtype)
 
     @property
     def scale(self) -> float:
         return scaling(self.alpha, self.r, self.use_rslora)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the adapter is held in another dtype than the base (float32 on a half-precision base)."""
+        return self.adapter_dtype != self.dtype
 
     def describe(self) -> dict:
         """The parameters as results record them (``bias`` for `has_bias`, with the `scale` they give)."""
@@ -63,6 +75,7 @@ class LinearParameters:
         }
         described.update(
             dtype=self.dtype.name,
+            adapter_dtype=self.adapter_dtype.name,
             batch_shape=list(self.batch_shape),
             magnitudes=list(self.magnitudes),
             quantization=self.quantization.describe() if self.quantization else None,
@@ -79,6 +92,7 @@ class LinearParameters:
         }
         named.update(
             dtype=BY_NAME[description["dtype"]],
+            adapter_dtype=BY_NAME[description.get("adapter_dtype") or description["dtype"]],
             batch_shape=tuple(description["batch_shape"]),
             magnitudes=tuple(description["magnitudes"]),
             quantization=Quantization(**description["quantization"]) if description.get("quantization") else None,
@@ -109,6 +123,7 @@ DESCRIPTION_ORDER = (
     "quantization",
     "fan_in_fan_out",
     "cancel",
+    "adapter_dtype",
 )
 """The order of a described linear case's keys (the results' rows keep it)."""
 
@@ -140,6 +155,7 @@ class LinearCase(LinearParameters):
     quantized_parts: Parts | None = field(repr=False, default=None)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         read_only(self)
 
     def __repr__(self) -> str:
@@ -176,8 +192,8 @@ def make_linear_case(*args, **parameters) -> LinearCase:
     if quantization is not None:
         parts, weight = quantize_base(weight, dtype, quantization)
     bias = draw_array(rng, (p.out_features,), w_scale, dtype) if p.has_bias else None
-    lora_A = draw_array(rng, (p.r, p.in_features), a_scale / math.sqrt(p.in_features), dtype)
-    lora_B = draw_array(rng, (p.out_features, p.r), b_scale / math.sqrt(p.r), dtype)
+    lora_A = draw_array(rng, (p.r, p.in_features), a_scale / math.sqrt(p.in_features), p.adapter_dtype)
+    lora_B = draw_array(rng, (p.out_features, p.r), b_scale / math.sqrt(p.r), p.adapter_dtype)
     x = draw_array(rng, (*p.batch_shape, p.in_features), x_scale, dtype)
     if cancel == "terms":
         weight = round_to(weight / 1024 - p.scale * lora_B @ lora_A, dtype)
@@ -187,7 +203,7 @@ def make_linear_case(*args, **parameters) -> LinearCase:
     if p.use_dora:
         adapted = weight + p.scale * lora_B @ lora_A
         trained = np.exp2(rng.uniform(-1, 1, p.out_features))
-        magnitude = round_to(np.linalg.norm(adapted, axis=1) * trained, dtype)
+        magnitude = round_to(np.linalg.norm(adapted, axis=1) * trained, p.adapter_dtype)
     fields = {**p.parameters(), "batch_shape": tuple(p.batch_shape), "magnitudes": tuple(p.magnitudes)}
     return LinearCase(
         **fields,
@@ -312,9 +328,11 @@ def linear_parameters(
     with_bias: bool = True,
     quantized: str | None = None,
     fan_in_fan_out: bool = False,
+    float32_adapters: bool = False,
 ) -> LinearParameters:
     """The parameters of `linear_cases`' cases, without their arrays (an embedding's or a switch layer's shape
-    is drawn with them)."""
+    is drawn with them); with `float32_adapters`, a half-precision base's adapter is float32 in about half the
+    cases."""
     sizes = profiles.sizes()
     kinds = tuple(q for q in AVAILABLE if q.kind == quantized)
     quantization = draw(_sampled_from(kinds), label="quantization") if quantized else None
@@ -332,6 +350,9 @@ def linear_parameters(
     batch_shape = draw(_BATCH_SHAPES, label="batch_shape")
     seed = draw(integers_between(0, 2**32 - 1), label="seed")
     magnitudes = tuple(draw(_MAGNITUDES, label=f"magnitude of {name}") for name in ("x", "W", "A", "B"))
+    adapter_dtype = dtype
+    if float32_adapters and dtype != FLOAT32:
+        adapter_dtype = draw(_sampled_from((dtype, FLOAT32)), label="adapter_dtype")
     return LinearParameters(
         dtype=dtype,
         in_features=in_features,
@@ -347,6 +368,7 @@ def linear_parameters(
         use_dora=use_dora,
         quantization=quantization,
         fan_in_fan_out=fan_in_fan_out,
+        adapter_dtype=adapter_dtype,
     )
 
 
@@ -357,10 +379,12 @@ def linear_cases(
     with_bias: bool = True,
     quantized: str | None = None,
     fan_in_fan_out: bool = False,
+    float32_adapters: bool = False,
 ) -> st.SearchStrategy[LinearCase]:
     """LoRA (or, with `use_dora`, DoRA) cases on a Linear base; with `quantized` (a `Quantization.kind`)
-    on a QuantizedLinear, with `fan_in_fan_out` on peft's side a transformers Conv1D."""
-    parameters = linear_parameters(dtype, use_dora, with_bias, quantized, fan_in_fan_out)
+    on a QuantizedLinear, with `fan_in_fan_out` on peft's side a transformers Conv1D; with `float32_adapters`,
+    float32 adapters on a half-precision base too (`LinearParameters.adapter_dtype`)."""
+    parameters = linear_parameters(dtype, use_dora, with_bias, quantized, fan_in_fan_out, float32_adapters)
     return only_drawable(parameters.map(lambda p: built_once(p, lambda: drawable(make_linear_case(p)))))
 
 

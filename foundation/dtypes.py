@@ -69,6 +69,12 @@ the machine that runs the suite, because the whole error model rests on it.
 """
 
 
+def promoted(*dtypes: DType) -> DType:
+    """The dtype an operation on operands of these dtypes computes in, as torch and MLX promote them: the one
+    dtype they share, else float32 (float16 with bfloat16, or either with float32)."""
+    return dtypes[0] if all(d == dtypes[0] for d in dtypes) else FLOAT32
+
+
 def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
     """Round float64 values to the nearest `dtype` numbers and return them as float64 (exact there)."""
     rounded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(dtype.torch)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from foundation.dtypes import ACCUMULATION, DType, round_to
+from foundation.dtypes import ACCUMULATION, DType, promoted, round_to
 
 CALIBRATION = 2.0
 """The one calibrated constant: the bound of the oracle's evaluation order, times this, is allowed.
@@ -74,7 +74,10 @@ class Tracked:
 
     @staticmethod
     def covering(*orders: Tracked) -> Tracked:
-        """One formula evaluated in several orders: the value, and a bound that covers each order."""
+        """One formula evaluated in several orders: the value, and a bound that covers each order (all of
+        whose results are stored in one dtype)."""
+        if any(order.dtype != orders[0].dtype for order in orders):
+            raise ValueError(f"orders stored in different dtypes: {[order.dtype.name for order in orders]}")
         bound = np.maximum.reduce([order.bound for order in orders])
         return Tracked(orders[0].value, bound, orders[0].dtype)
 
@@ -117,23 +120,35 @@ class Tracked:
     def magnitude(self) -> np.ndarray:
         return np.abs(self.value) + self.bound
 
-    def _stored(self, value: np.ndarray, bound: np.ndarray, underflow: float | None = None) -> Tracked:
-        """The result of one operation, rounded once to the dtype (which may underflow, by `underflow`)."""
-        underflow = self.dtype.underflow if underflow is None else underflow
-        rounding = self.dtype.unit_roundoff * (np.abs(value) + bound) + underflow
-        return Tracked(value, bound + rounding, self.dtype)
+    def _stored(
+        self, value: np.ndarray, bound: np.ndarray, underflow: float | None = None, dtype: DType | None = None
+    ) -> Tracked:
+        """The result of one operation, rounded once to `dtype` (this value's, unless said otherwise), which may
+        underflow, by `underflow`."""
+        dtype = self.dtype if dtype is None else dtype
+        underflow = dtype.underflow if underflow is None else underflow
+        rounding = dtype.unit_roundoff * (np.abs(value) + bound) + underflow
+        return Tracked(value, bound + rounding, dtype)
 
-    def _as_dot_product_reads_it(self) -> Tracked:
-        """This operand as a dot product of its dtype reads it: where those treat subnormals as zero, an element
-        below the smallest normal number may be read as 0, an error of up to its own magnitude."""
-        if not self.dtype.flushes_in_dot_products:
+    def cast(self, dtype: DType) -> Tracked:
+        """The value converted to `dtype`: one rounding where that dtype is coarser, else exact."""
+        if dtype.unit_roundoff <= self.dtype.unit_roundoff:
+            return Tracked(self.value, self.bound, dtype)
+        return self._stored(self.value, self.bound, dtype=dtype)
+
+    def _as_dot_product_reads_it(self, dtype: DType) -> Tracked:
+        """This operand as a dot product computing in `dtype` reads it: where those treat subnormals as zero, an
+        element below the smallest normal number may be read as 0, an error of up to its own magnitude."""
+        if not dtype.flushes_in_dot_products:
             return self
         subnormal = self.magnitude < self.dtype.smallest_normal
         return Tracked(self.value, np.where(subnormal, self.magnitude, self.bound), self.dtype)
 
-    def _product_underflow(self, accumulation: DType) -> float:
-        """What one product, or partial sum, of a dot product may lose to underflow in `accumulation`."""
-        return accumulation.smallest_normal if self.dtype.flushes_in_dot_products else accumulation.underflow
+    @staticmethod
+    def _product_underflow(dtype: DType, accumulation: DType) -> float:
+        """What one product, or partial sum, of a dot product computing in `dtype` may lose to underflow in
+        `accumulation`."""
+        return accumulation.smallest_normal if dtype.flushes_in_dot_products else accumulation.underflow
 
     def __matmul__(self, other: Tracked) -> Tracked:
         return self.matmul(other)
@@ -141,9 +156,11 @@ class Tracked:
     def _products(self, other: Tracked) -> tuple[np.ndarray, np.ndarray | float, np.ndarray, np.ndarray | None]:
         """What every product bound needs: the value, the operands' errors carried through
         (``|a| @ e_b + e_a @ |b|``), ``|a| @ |b|`` as a dot product reads the operands, and ``|a| @ |b|`` of the
-        operands as they are where that is the same product (None where subnormals read as zero change it)."""
+        operands as they are where that is the same product (None where subnormals read as zero change it).
+        Operands of two dtypes are promoted (`dtypes.promoted`) before the product, which computes in that dtype."""
         value = self.value @ other.value
-        left, right = self._as_dot_product_reads_it(), other._as_dot_product_reads_it()
+        dtype = promoted(self.dtype, other.dtype)
+        left, right = self._as_dot_product_reads_it(dtype), other._as_dot_product_reads_it(dtype)
         propagated: np.ndarray | float = 0.0
         if left.bound.any():
             propagated = propagated + left.bound @ np.abs(right.value)
@@ -153,52 +170,65 @@ class Tracked:
         as_they_are = magnitudes if left is self and right is other else None
         return value, propagated, magnitudes, as_they_are
 
-    def _summed(self, parts: tuple, accumulation: DType, initial: Tracked | None = None) -> Tracked:
-        """The product of `_products`' `parts` (with `initial` accumulated as one more term), stored."""
+    def _summed(self, other: Tracked, parts: tuple, accumulation: DType, initial: Tracked | None = None) -> Tracked:
+        """The product with `other` of `_products`' `parts` (with `initial` accumulated as one more term), stored
+        in the operands' promoted dtype."""
         value, propagated, magnitudes, _ = parts
+        dtype = promoted(self.dtype, other.dtype, *([] if initial is None else [initial.dtype]))
         inner = self.value.shape[-1]
         if initial is not None:
-            start = initial._as_dot_product_reads_it()
+            start = initial._as_dot_product_reads_it(dtype)
             inner, value = inner + 1, initial.value + value
             propagated, magnitudes = start.bound + propagated, start.magnitude + magnitudes
         # Each of the `inner` products may also underflow in the accumulation dtype (absolute error).
         accumulated = gamma(inner, accumulation) * magnitudes
-        underflow = inner * self._product_underflow(accumulation)
-        return self._stored(value, propagated + accumulated + underflow, self.dtype.dot_product_underflow)
+        underflow = inner * self._product_underflow(dtype, accumulation)
+        return self._stored(value, propagated + accumulated + underflow, dtype.dot_product_underflow, dtype)
 
     def matmul(self, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """The matrix product, its sums accumulated in `accumulation` (float32 unless said otherwise)."""
-        return self._summed(self._products(other), accumulation)
+        return self._summed(other, self._products(other), accumulation)
 
     def matmul_onto(self, initial: Tracked, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """``initial + self @ other`` as one sum of n + 1 terms that starts from `initial`, as BLAS's gemm
         with beta = 1 (torch's ``baddbmm``) may evaluate it: `initial` is accumulated with the products."""
-        return self._summed(self._products(other), accumulation, initial)
+        return self._summed(other, self._products(other), accumulation, initial)
 
     def affine(self, other: Tracked, bias: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """``self @ other + bias``: the product, then the bias; or, as BLAS's ``addmm`` (torch's Linear and
         Conv1D) does, one sum of n + 1 terms that starts from the bias (`matmul_onto`). The bound covers both."""
         parts = self._products(other)
-        return Tracked.covering(self._summed(parts, accumulation) + bias, self._summed(parts, accumulation, bias))
+        return Tracked.covering(
+            self._summed(other, parts, accumulation) + bias, self._summed(other, parts, accumulation, bias)
+        )
 
     def matmul_of_stored_terms(self, other: Tracked, accumulation: DType) -> Tracked:
         """The product where each of the n terms is stored in the dtype before the sum, as a gather's
         gradient is (each row's product, then a scatter-add): one more rounding, and underflow, per term."""
         product = self.matmul(other, accumulation)
-        underflow = self.value.shape[-1] * self.dtype.dot_product_underflow
-        stored = self.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + underflow
-        return Tracked(product.value, product.bound + stored, self.dtype)
+        underflow = self.value.shape[-1] * product.dtype.dot_product_underflow
+        stored = product.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + underflow
+        return Tracked(product.value, product.bound + stored, product.dtype)
 
     def __add__(self, other: Tracked) -> Tracked:
-        return self._stored(self.value + other.value, self.bound + other.bound)
+        """The sum, in the promoted dtype (`cast` the result where it is stored more coarsely)."""
+        return self._stored(self.value + other.value, self.bound + other.bound, dtype=promoted(self.dtype, other.dtype))
+
+    def plus(self, other: Tracked) -> Tracked:
+        """``self + other`` stored in this value's dtype, where `other` may be finer (a float32 adapter's term on a
+        half-precision base): added in the finer dtype and the sum cast once, as peft does, or `other` cast first
+        and added in this dtype, as MLX does. The bound covers both."""
+        if other.dtype == self.dtype:
+            return self + other
+        return Tracked.covering((self + other).cast(self.dtype), self + other.cast(self.dtype))
 
     def __sub__(self, other: Tracked) -> Tracked:
-        return self._stored(self.value - other.value, self.bound + other.bound)
+        return self._stored(self.value - other.value, self.bound + other.bound, dtype=promoted(self.dtype, other.dtype))
 
     def __mul__(self, other: Tracked) -> Tracked:
         """Elementwise (broadcasting) product."""
         propagated = np.abs(self.value) * other.bound + self.bound * other.magnitude
-        return self._stored(self.value * other.value, propagated)
+        return self._stored(self.value * other.value, propagated, dtype=promoted(self.dtype, other.dtype))
 
     def __truediv__(self, other: Tracked) -> Tracked:
         """Elementwise (broadcasting) quotient; unbounded where the divisor's error reaches its size."""
@@ -206,7 +236,7 @@ class Tracked:
         with np.errstate(divide="ignore", invalid="ignore"):
             slack = np.abs(other.value) - other.bound
             propagated = np.where(slack > 0, (self.bound + np.abs(value) * other.bound) / slack, np.inf)
-        return self._stored(value, propagated)
+        return self._stored(value, propagated, dtype=promoted(self.dtype, other.dtype))
 
     def row_norm(self, accumulation: DType = ACCUMULATION) -> Tracked:
         """The Euclidean norm over the last axis, its squares formed and summed in `accumulation`."""
@@ -251,16 +281,18 @@ class Tracked:
         underflow of each scaled element carried through the other operand.
         """
         parts = self._products(other)
-        product = self._summed(parts, ACCUMULATION).scaled(factor)
-        roundings = scaling_roundings(factor, self.dtype)
+        product = self._summed(other, parts, ACCUMULATION).scaled(factor)
+        # The operand scaled first rounds in its own dtype: the coarser one's bound covers either.
+        coarser = max(self.dtype, other.dtype, key=lambda dtype: dtype.unit_roundoff)
+        roundings = scaling_roundings(factor, coarser)
         as_they_are = parts[3] if parts[3] is not None else self.magnitude @ other.magnitude
-        prescaled = roundings * self.dtype.unit_roundoff * abs(factor) * as_they_are
+        prescaled = roundings * coarser.unit_roundoff * abs(factor) * as_they_are
         # ``1 @ |other| + |self| @ 1``: the column sums of |other| and the row sums of |self|, without the products.
         rows = self.magnitude.sum(axis=-1)
         rows = rows[..., None] if self.value.ndim > 1 else rows
         ones_products = np.broadcast_to(rows + other.magnitude.sum(axis=-2), product.value.shape)
-        underflow = self.dtype.dot_product_underflow * ones_products
-        return Tracked(product.value, product.bound + prescaled + underflow, self.dtype)
+        underflow = coarser.dot_product_underflow * ones_products
+        return Tracked(product.value, product.bound + prescaled + underflow, product.dtype)
 
 
 VALUES = "values"

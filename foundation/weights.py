@@ -19,7 +19,13 @@ if TYPE_CHECKING:  # the cases are built on this module (their strategies keep o
 
 
 def exact(case: LinearCase, array: np.ndarray) -> Tracked:
+    """One of the case's base arrays (x, W, b, T): exact in the case dtype."""
     return Tracked.exact(array, case.dtype)
+
+
+def adapter(case: LinearCase, array: np.ndarray) -> Tracked:
+    """One of the case's adapter arrays (A, B, DoRA's m): exact in the adapter's dtype."""
+    return Tracked.exact(array, case.adapter_dtype)
 
 
 @once_per_case
@@ -33,14 +39,21 @@ def base_weight(case: LinearCase) -> Tracked:
 
 @once_per_case
 def lora_delta(case: LinearCase) -> Tracked:
-    """``s B A``: the adapter as a weight update, (out, in)."""
-    return exact(case, case.lora_B).scaled_matmul(exact(case, case.lora_A), case.scale)
+    """``s B A``: the adapter as a weight update, (out, in), in the adapter's dtype."""
+    return adapter(case, case.lora_B).scaled_matmul(adapter(case, case.lora_A), case.scale)
+
+
+@once_per_case
+def adapted_sum(case: LinearCase) -> Tracked:
+    """``W + s B A``, (out, in), in the finer of the base's and the adapter's dtypes: what DoRA normalises (MLX adds
+    a float32 update to the weight without a cast, peft casts the weight to float32 first)."""
+    return base_weight(case) + lora_delta(case)
 
 
 @once_per_case
 def adapted_weight(case: LinearCase) -> Tracked:
-    """``W + s B A``, (out, in): LoRA's merged weight, and what DoRA normalises."""
-    return base_weight(case) + lora_delta(case)
+    """``W + s B A``, (out, in), in the base's dtype: LoRA's merged weight."""
+    return base_weight(case).plus(lora_delta(case)) if case.mixed else adapted_sum(case)
 
 
 def dora_norms_determined(case: LinearCase, merged_magnitudes: np.ndarray) -> bool:
@@ -51,6 +64,6 @@ def dora_norms_determined(case: LinearCase, merged_magnitudes: np.ndarray) -> bo
     elements sink into the subnormals (the bound on the norm reaches half of it), any result is as right
     as any other, and a check could not fail.
     """
-    adapted = adapted_weight(case).row_norm()
+    adapted = adapted_sum(case).row_norm()
     cancels = adapted.value < 16 * case.dtype.unit_roundoff * np.linalg.norm(merged_magnitudes, axis=1)
     return not bool(np.any(cancels | (2 * adapted.bound >= adapted.value)))

@@ -14,7 +14,7 @@ from foundation.dtypes import ACCUMULATION, DType
 from foundation.memo import once_per_case
 from foundation.switch_cases import SwitchCase
 from foundation.verdict import Tracked
-from foundation.weights import adapted_weight, base_weight, exact
+from foundation.weights import adapted_sum, adapted_weight, adapter, base_weight, exact
 from subjects import kernels
 
 
@@ -73,19 +73,26 @@ def _eval_lora_update(case: LinearCase) -> Tracked:
 
 
 def _lora_update(case: LinearCase, lora_input: Tracked | None) -> Tracked:
-    down = (exact(case, case.x) if lora_input is None else lora_input) @ exact(case, case.lora_A).T
-    return down.scaled_matmul(exact(case, case.lora_B).T, case.scale)
+    down = (exact(case, case.x) if lora_input is None else lora_input) @ adapter(case, case.lora_A).T
+    return down.scaled_matmul(adapter(case, case.lora_B).T, case.scale)
 
 
 def dropped_input(case: LinearCase, mask: np.ndarray) -> Tracked:
-    """Inverted dropout of x with a given keep-mask: ``(x * mask) * (1 / (1 - p))``."""
-    return exact(case, case.x * mask).scaled(1 / (1 - case.dropout))
+    """Inverted dropout of x with a given keep-mask: ``(x * mask) * (1 / (1 - p))``; before a float32 adapter,
+    in x's dtype (MLX drops x, then promotes it) or in float32 (peft casts x to the adapter's dtype first)."""
+    kept = exact(case, case.x * mask)
+    dropped = kept.scaled(1 / (1 - case.dropout))
+    if not case.mixed:
+        return dropped
+    return Tracked.covering(
+        dropped.cast(case.adapter_dtype), kept.cast(case.adapter_dtype).scaled(1 / (1 - case.dropout))
+    )
 
 
 @once_per_case
 def dora_factor(case: LinearCase) -> Tracked:
     """DoRA's per-output factor ``m / ||W + s B A||`` (row norms over the input dimension), (out,)."""
-    return Tracked.exact(case.magnitude, case.dtype) / adapted_weight(case).row_norm()
+    return adapter(case, case.magnitude) / adapted_sum(case).row_norm()
 
 
 @once_per_case
@@ -113,39 +120,51 @@ def _eval_forward(case: LinearCase) -> Tracked:
 
 def _forward(case: LinearCase, dropped: Tracked | None) -> Tracked:
     if not case.use_dora:
-        return linear_base(case) + lora_update(case, dropped)
+        return linear_base(case).plus(lora_update(case, dropped))
     factor, unbiased = dora_factor(case), exact(case, case.x) @ base_weight(case).T
     down, up = (
-        (exact(case, case.x) if dropped is None else dropped) @ exact(case, case.lora_A).T,
-        exact(case, case.lora_B).T,
+        (exact(case, case.x) if dropped is None else dropped) @ adapter(case, case.lora_A).T,
+        adapter(case, case.lora_B).T,
     )
     lora = down.scaled_matmul(up, case.scale)
     # peft scales last, (f ((x' A^T) B^T)) s: f times the unscaled term may sink into the subnormals
     # before s magnifies that underflow.
     scaled_lora = Tracked.covering(factor * lora, (factor * (down @ up)).scaled(case.scale))
+    one = Tracked.exact(np.ones_like(factor.value), case.dtype)
     if dropped is not None:
-        correction = (factor - Tracked.exact(np.ones_like(factor.value), case.dtype)) * (dropped @ base_weight(case).T)
-        return linear_base(case) + (correction + scaled_lora)
+        correction = (factor - one) * (dropped @ base_weight(case).T)
+        return linear_base(case).plus(correction + scaled_lora)
     # MLX scales the sum; peft adds (factor - 1) * base + factor * lora to the base layer's output.
-    # When the factor is far from 1 the two round quite differently, so the bound covers both.
-    scaled_sum = factor * (unbiased + lora)
-    less_one = factor - Tracked.exact(np.ones_like(factor.value), case.dtype)
+    # When the factor is far from 1 the two round quite differently, so the bound covers both. With a
+    # float32 adapter, MLX casts the factor and the LoRA term to the output's dtype; peft's correction is
+    # float32, added to the base's output and the sum cast (`Tracked.plus`).
+    scaled_sum = factor.cast(case.dtype) * unbiased.plus(lora)
+    less_one = factor - one
     correction = less_one * unbiased + scaled_lora
     if case.has_bias:
         bias = exact(case, case.bias)
         # peft's base layer is torch's addmm, which may fold the bias into the sum (`linear_base`), and DoRA
         # takes the bias off that output again: its correction carries the rounding of x W^T + b.
         base = linear_base(case)
-        peft = base + (less_one * (base - bias) + scaled_lora)
-        return Tracked.covering(scaled_sum + bias, (unbiased + bias) + correction, peft)
-    return Tracked.covering(scaled_sum, unbiased + correction)
+        peft = base.plus(less_one * (base - bias) + scaled_lora)
+        return Tracked.covering(scaled_sum + bias, (unbiased + bias).plus(correction), peft)
+    return Tracked.covering(scaled_sum, unbiased.plus(correction))
 
 
 @once_per_case
 def merged_weight(case: LinearCase) -> Tracked:
-    """LoRA: ``W + s B A``; DoRA: ``m / ||W + s B A|| * (W + s B A)``; (out, in)."""
+    """LoRA: ``W + s B A``; DoRA: ``m / ||W + s B A|| * (W + s B A)``; (out, in), in the base's dtype.
+
+    With a float32 adapter, peft scales the float32 sum and casts the product once; MLX adds the update cast to
+    the base's dtype, and normalises that. The bound covers both."""
+    if not case.use_dora:
+        return adapted_weight(case)
+    merged = dora_factor(case)[:, None] * adapted_sum(case)
+    if not case.mixed:
+        return merged
     adapted = adapted_weight(case)
-    return dora_factor(case)[:, None] * adapted if case.use_dora else adapted
+    in_base_dtype = (adapter(case, case.magnitude) / adapted.row_norm())[:, None] * adapted
+    return Tracked.covering(merged.cast(case.dtype), in_base_dtype.cast(case.dtype))
 
 
 @once_per_case
@@ -204,7 +223,7 @@ def adapted_expert_weight(expert: LinearCase) -> Tracked:
     """``W_e + s B_e A_e`` as peft's ``target_parameters`` forms it on every forward: one ``baddbmm``, which
     BLAS may evaluate as a single sum of r + 1 terms that starts from W_e (each term s b a, s rounded into B
     first), or as the product, scaled, then added (`adapted_weight`). The bound covers both."""
-    b, a = exact(expert, expert.lora_B), exact(expert, expert.lora_A)
+    b, a = adapter(expert, expert.lora_B), adapter(expert, expert.lora_A)
     folded = b.scaled(expert.scale).matmul_onto(base_weight(expert), a)
     return Tracked.covering(adapted_weight(expert), folded)
 
@@ -254,42 +273,55 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     """
     x = exact(case, case.x.reshape(-1, case.in_features))
     t = exact(case, upstream.reshape(-1, case.out_features))
-    a, b, s, weight = exact(case, case.lora_A), exact(case, case.lora_B), case.scale, base_weight(case)
+    a, b, s, weight = adapter(case, case.lora_A), adapter(case, case.lora_B), case.scale, base_weight(case)
     grads: dict[str, Tracked] = {}
     if case.use_dora:
         # A quantized base's own product may accumulate in the dtype, as in `linear_base`; here its input, T f,
         # is the layer's own rounded result, so no kernel can be run on it: the worst case stays.
         accumulation = case.dtype if _accumulates_in_dtype(case) else ACCUMULATION
         factor = dora_factor(case)
-        t, unscaled_t = t * factor, t
-        # MLX scales the sum: T f goes through W. peft adds (f - 1) times the base layer's own output
-        # (less its bias) to that output, so T + T (f - 1) goes through W, or each part on its own.
-        correction = unscaled_t * (factor - Tracked.exact(np.ones_like(factor.value), case.dtype))
+        # MLX scales the sum by the factor cast to the output's dtype: T f in that dtype goes through W and the
+        # adapter. peft adds (f - 1) times the base layer's own output (less its bias) to that output, so
+        # T + T (f - 1) goes through W, or each part on its own; its adapter's share is T f in the adapter's
+        # dtype. (With a float32 adapter, T reaches peft's float32 correction in float32, exactly.)
+        unscaled_t = t
+        t = unscaled_t * factor.cast(case.dtype)
+        t_in_adapter_dtype = unscaled_t.cast(case.adapter_dtype)
+        correction = t_in_adapter_dtype * (factor - Tracked.exact(np.ones_like(factor.value), case.dtype))
         base_dx = Tracked.covering(
             t.matmul(weight, accumulation),
-            (unscaled_t + correction).matmul(weight, accumulation),
-            unscaled_t.matmul(weight, accumulation) + correction.matmul(weight, accumulation),
+            unscaled_t.plus(correction).matmul(weight, accumulation),
+            unscaled_t.matmul(weight, accumulation).plus(correction.matmul(weight, accumulation)),
         )
         unbiased, down = x @ weight.T, x @ a.T
         if case.has_bias:
             bias = exact(case, case.bias)
             unbiased = Tracked.covering(unbiased, _affine(case, weight).reshape(-1, case.out_features) - bias)
         lora, unscaled_lora = down.scaled_matmul(b.T, s), down @ b.T
-        norm = adapted_weight(case).row_norm()
+        norm = adapted_sum(case).row_norm()
+        in_adapter_dtype = _column_sums(t_in_adapter_dtype * unbiased) + _column_sums(
+            t_in_adapter_dtype.scaled(s) * unscaled_lora
+        )
         grads["grad m"] = Tracked.covering(
-            _column_sums(unscaled_t * (unbiased + lora)) / norm,
-            (_column_sums(unscaled_t * unbiased) + _column_sums(unscaled_t.scaled(s) * unscaled_lora)) / norm,
+            _column_sums(unscaled_t * unbiased.plus(lora)).cast(norm.dtype) / norm, in_adapter_dtype / norm
         )
     else:
         base_dx = _base_input_gradient(case, t, weight, upstream)
-    lora = lora_backward(x, t, a, b, s)
-    grads["grad x"] = (base_dx + lora["x"]).reshape(*case.x.shape)
+    if case.use_dora and case.mixed:  # peft's adapter sees T f in float32
+        t_peft = t_in_adapter_dtype * factor
+        lora_mlx, lora_peft = lora_backward(x, t, a, b, s), lora_backward(x, t_peft, a, b, s)
+        lora = {name: Tracked.covering(lora_mlx[name], lora_peft[name]) for name in lora_mlx}
+    else:
+        lora = lora_backward(x, t, a, b, s)
+    # x's gradient through a float32 adapter comes back in x's dtype and adds to the base's share there.
+    grads["grad x"] = base_dx.plus(lora["x"]).reshape(*case.x.shape)
     grads["grad A"], grads["grad B"] = lora["A"], lora["B"]
     if bias_trains and case.has_bias:
         grads["grad bias"] = _column_sums(exact(case, upstream.reshape(-1, case.out_features)))
         if case.use_dora:  # peft's bias also enters (f - 1) (x W^T + b - b): its gradient is T + T (f - 1) - T (f - 1)
+            in_dtype = correction.cast(case.dtype)
             grads["grad bias"] = Tracked.covering(
-                grads["grad bias"], _column_sums(unscaled_t + correction) - _column_sums(correction)
+                grads["grad bias"], _column_sums(unscaled_t.plus(correction)) - _column_sums(in_dtype)
             )
     return grads
 
@@ -297,7 +329,9 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
 def lora_backward(x: Tracked, t: Tracked, a: Tracked, b: Tracked, s: float) -> dict[str, Tracked]:
     """The LoRA term's gradients of ``sum(y * T)`` for x (N, in), T (N, out), A (r, in), B (out, r):
     ``dx = s (T B) A``, ``dA = s (T B)^T x``, ``dB = s T^T (x A^T)``, T scaled first or last; or, for a layer
-    that forms the update ``s B A`` as a weight first, through the weight's gradient ``T^T x`` (out, in)."""
+    that forms the update ``s B A`` as a weight first, through the weight's gradient ``T^T x`` (out, in). T reaches
+    a float32 adapter through the cast of its term to the output's dtype: in float32, exactly."""
+    t = t.cast(b.dtype)
     scaled_t = t.scaled(s)
     back, scaled_back = t @ b, scaled_t @ b  # (N, r)
     down = x @ a.T
@@ -318,7 +352,7 @@ def embedding_grads(case: EmbeddingCase, upstream: np.ndarray) -> dict[str, Trac
     # A's rows are gathered by id: each token's row gradient is stored, then scatter-added.
     scaled = exact(lookup, upstream.reshape(-1, lookup.out_features)).scaled(lookup.scale)
     one_hot = exact(lookup, lookup.x.reshape(-1, lookup.in_features))
-    gathered = (scaled @ exact(lookup, lookup.lora_B)).T.matmul_of_stored_terms(one_hot, lookup.dtype)
+    gathered = (scaled @ adapter(lookup, lookup.lora_B)).T.matmul_of_stored_terms(one_hot, lookup.dtype)
     grads["grad A"] = Tracked.covering(grads["grad A"], gathered)
     return grads
 
@@ -335,7 +369,7 @@ def switch_grads(case: SwitchCase, upstream: np.ndarray) -> dict[str, Tracked]:
     grads_a, grads_b, grad_x = [], [], None
     for e, expert in enumerate(case.experts):
         routed = Tracked.exact(np.sum(t * (indices == e)[..., None], axis=1), case.dtype)
-        a, b = exact(expert, expert.lora_A), exact(expert, expert.lora_B)
+        a, b = adapter(expert, expert.lora_A), adapter(expert, expert.lora_B)
         lora = lora_backward(x, routed, a, b, expert.scale)
         # A layer that gathers each token's A_e and B_e (or, as peft's target_parameters, each token's
         # merged W_e) gets each token's gradient in the dtype and scatter-adds them, in the dtype.

@@ -10,6 +10,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Embedding as LoraEmbedding
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import ParamWrapper
+from peft.tuners.tuners_utils import cast_adapter_dtype
 
 from foundation.cases import EmbeddingCase, LinearCase
 from foundation.dtypes import DType
@@ -82,12 +83,17 @@ def lora_pair(layer: LoraLinear | LoraEmbedding) -> tuple[torch.Tensor, torch.Te
 
 
 def _load(layer: LoraLinear | LoraEmbedding, case: LinearCase) -> None:
+    """Give the layer the case's adapter. A float32 adapter on a half-precision base is upcast first, as
+    ``get_peft_model`` and ``PeftModel`` do by default (``autocast_adapter_dtype=True``); peft creates its
+    layers' adapters in the base's dtype, which is the configuration without it."""
+    if case.mixed:
+        cast_adapter_dtype(layer, ADAPTER, autocast_adapter_dtype=True)
     lora_A, lora_B = lora_pair(layer)
     with torch.no_grad():
-        lora_A.copy_(tensor(case.lora_A, case.dtype))
-        lora_B.copy_(tensor(case.lora_B, case.dtype))
+        lora_A.copy_(tensor(case.lora_A, case.adapter_dtype))
+        lora_B.copy_(tensor(case.lora_B, case.adapter_dtype))
         if case.use_dora:
-            layer.lora_magnitude_vector[ADAPTER].weight.copy_(tensor(case.magnitude, case.dtype))
+            layer.lora_magnitude_vector[ADAPTER].weight.copy_(tensor(case.magnitude, case.adapter_dtype))
     layer.eval()
 
 

@@ -7,7 +7,8 @@
   exponent reaches half the dtype's largest exponent either way, so products approach overflow (the
   cases that would overflow are left out, as the suite leaves them out) or sink into the subnormals;
 - cancelling sums (`foundation.cases.CANCELLATIONS`): an input nearly orthogonal to W's and A's rows,
-  or a W that nearly cancels the LoRA term.
+  or a W that nearly cancels the LoRA term;
+- a float32 adapter on a half-precision base, for the families that draw one (`Family.float32_adapters`).
 
 The cases are ordinary `LinearCase`s, `EmbeddingCase`s and `SwitchCase`s: their ``describe()``
 replays them with ``python -m conformance.replay``.
@@ -32,7 +33,7 @@ from foundation.cases import (
     make_linear_case,
     multiples_of_the_rank,
 )
-from foundation.dtypes import DType
+from foundation.dtypes import FLOAT32, DType
 from foundation.switch_cases import make_switch_case, switch_gradients_fit
 
 LONG = st.integers(1024, 4096)
@@ -50,7 +51,10 @@ def magnitudes(dtype: DType) -> st.SearchStrategy[float]:
 
 
 @st.composite
-def _linear_parameters(draw: st.DrawFn, dtype: DType, cancel: bool = True) -> dict:
+def _linear_parameters(draw: st.DrawFn, dtype: DType, cancel: bool = True, float32_adapters: bool = False) -> dict:
+    adapter_dtype = dtype
+    if float32_adapters and dtype != FLOAT32:
+        adapter_dtype = draw(st.sampled_from((dtype, FLOAT32)), label="adapter_dtype")
     long_input = draw(BOOLEANS, label="inner dimension is the input")
     in_features, out_features = (draw(LONG), draw(SHORT)) if long_input else (draw(SHORT), draw(LONG))
     return dict(
@@ -66,6 +70,7 @@ def _linear_parameters(draw: st.DrawFn, dtype: DType, cancel: bool = True) -> di
         magnitudes=tuple(draw(magnitudes(dtype), label=f"magnitude of {name}") for name in ("x", "W", "A", "B")),
         seed=draw(SEEDS, label="seed"),
         cancel=draw(st.sampled_from((None, *CANCELLATIONS)), label="cancel") if cancel else None,
+        adapter_dtype=adapter_dtype,
     )
 
 
@@ -74,8 +79,8 @@ def _usable(case: LinearCase) -> bool:
 
 
 @st.composite
-def linear_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False) -> LinearCase:
-    case = make_linear_case(use_dora=use_dora, **draw(_linear_parameters(dtype)))
+def linear_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, float32_adapters: bool = False) -> LinearCase:
+    case = make_linear_case(use_dora=use_dora, **draw(_linear_parameters(dtype, float32_adapters=float32_adapters)))
     assume(_usable(case))
     return case
 
@@ -110,4 +115,4 @@ def cases_for(family: str, dtype: DType) -> st.SearchStrategy:
         return switch_cases(dtype)
     if described.layout == "embedding":
         return embedding_cases(dtype, use_dora=described.use_dora)
-    return linear_cases(dtype, use_dora=described.use_dora)
+    return linear_cases(dtype, use_dora=described.use_dora, float32_adapters=described.float32_adapters)

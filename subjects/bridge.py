@@ -107,7 +107,9 @@ class LoRaLayerConvention:
 
     def build(self, cls: type, case: LinearCase) -> nn.Module:
         layer = self.construct(cls, case, case.r, case.dropout)
-        load_adapter(layer, A=mlx_array(case.lora_A.T, case.dtype), B=mlx_array(case.lora_B.T, case.dtype))
+        load_adapter(
+            layer, A=mlx_array(case.lora_A.T, case.adapter_dtype), B=mlx_array(case.lora_B.T, case.adapter_dtype)
+        )
         return layer
 
     def merge(self, cls: type, layer: nn.Module, dequantize: bool = True) -> nn.Module:
@@ -301,9 +303,10 @@ def load_adapter(layer: nn.Module, **arrays: mx.array) -> None:
 
 
 def _with_adapter(layer: nn.Module, case: LinearCase) -> nn.Module:
-    """Give an MLX layer (as `construct` made it, in eval mode) the case's A and B in MLX's layout: ``lora_a``
-    (in, r), ``lora_b`` (r, out)."""
-    load_adapter(layer, lora_a=mlx_array(case.lora_A.T, case.dtype), lora_b=mlx_array(case.lora_B.T, case.dtype))
+    """Give an MLX layer (as `construct` made it, in eval mode) the case's A and B in MLX's layout, ``lora_a``
+    (in, r) and ``lora_b`` (r, out), in the adapter's dtype, as loading an adapter file does."""
+    adapter = case.adapter_dtype
+    load_adapter(layer, lora_a=mlx_array(case.lora_A.T, adapter), lora_b=mlx_array(case.lora_B.T, adapter))
     return layer
 
 

@@ -119,6 +119,49 @@ def test_a_scaled_lora_term_of_mlx_and_torch_stays_within_its_bound_in_either_or
         assert compare("lora term", name, values, expected).passed, name
 
 
+HALF_DTYPES = pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=str)
+
+
+def test_a_cast_rounds_once_to_a_coarser_dtype_and_keeps_the_value_in_a_finer_one():
+    value = Tracked.exact(np.array([1.0 + 2.0**-20]), FLOAT32)
+    assert value.cast(FLOAT16).dtype is FLOAT16 and value.cast(FLOAT16).bound[0] > 0
+    assert compare("y", "subject", round_to(value.value, FLOAT16), value.cast(FLOAT16)).passed
+    widened = Tracked.exact(np.array([1.5]), BFLOAT16).cast(FLOAT32)
+    assert widened.dtype is FLOAT32 and widened.bound[0] == 0
+
+
+def test_orders_stored_in_different_dtypes_are_not_one_formula():
+    with pytest.raises(ValueError, match="different dtypes"):
+        Tracked.covering(Tracked.exact(np.ones(2), FLOAT32), Tracked.exact(np.ones(2), BFLOAT16))
+
+
+@HALF_DTYPES
+def test_a_float32_adapter_s_term_on_a_half_precision_output_stays_within_its_bound_in_mlx_s_and_peft_s_order(dtype):
+    """MLX casts ``s (x A^T) B^T`` to the output's dtype before the addition; peft adds in float32 and casts the
+    sum once. Both are the formula's `Tracked.plus` in the base's dtype; x's product with a float32 A computes in
+    float32 (`dtypes.promoted`)."""
+    rng = np.random.default_rng(3)
+    x, w = round_to(rng.standard_normal((6, 96)), dtype), round_to(rng.standard_normal((40, 96)) / 10, dtype)
+    a, b = round_to(rng.standard_normal((96, 16)) / 10, FLOAT32), round_to(rng.standard_normal((16, 40)), FLOAT32)
+    base = Tracked.exact(x, dtype) @ Tracked.exact(w, dtype).T
+    update = (Tracked.exact(x, dtype) @ Tracked.exact(a, FLOAT32)).scaled_matmul(Tracked.exact(b, FLOAT32), 7 / 3)
+    assert update.dtype is FLOAT32
+    expected = base.plus(update)
+    assert expected.dtype is dtype
+    mx_x = mlx_array(x, dtype)
+    mx_update = (7 / 3) * ((mx_x @ mlx_array(a, FLOAT32)) @ mlx_array(b, FLOAT32))
+    by_mlx = mx_x @ mlx_array(w, dtype).T + mx_update.astype(mx_x.dtype)
+    t_x = torch.from_numpy(x).to(dtype.torch)
+    t_update = ((t_x.float() @ torch.from_numpy(a).float()) @ torch.from_numpy(b).float()) * (7 / 3)
+    by_peft = (t_x @ torch.from_numpy(w).to(dtype.torch).T + t_update).to(dtype.torch)
+    assert str(by_mlx.dtype).endswith(dtype.name) and by_peft.dtype == dtype.torch
+    for name, values in {"mlx": to_numpy(by_mlx), "peft": by_peft.double().numpy()}.items():
+        assert compare("output", name, values, expected).passed, name
+    # The same term computed in the half dtype (A and B cast down) is off by more than the float32 term may be.
+    cast_down = (mx_x @ mlx_array(a, FLOAT32).astype(mx_x.dtype)) @ mlx_array(b, FLOAT32).astype(mx_x.dtype)
+    assert not compare("update", "mlx", to_numpy((7 / 3) * cast_down), update).passed
+
+
 def test_steps_checks_judge_every_drawn_case_and_leave_out_trajectories_that_overflow():
     """The optimizer-step checks judge a case only if its float64 trajectory stays far inside the dtype's range
     (`CheckInfo.judges`); the suite's own cases all do; x and W of 2**20 (AdamW squares the gradients) or
