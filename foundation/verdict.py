@@ -376,10 +376,10 @@ def compare(quantity: str, side: str, observed: np.ndarray, expected: Tracked) -
         np.divide(ratio, allowed, out=ratio)  # an error where none is allowed is infinitely beyond it
     worst = int(ratio.argmax())
     if ratio.flat[worst] != ratio.flat[worst]:  # argmax found a NaN first: a NaN result, 0 / 0 or inf / inf
-        with np.errstate(invalid="ignore"):
-            error = np.abs(observed - expected.value)
         ratio[np.isnan(ratio)] = np.inf  # a non-finite result where any would do still fails
-        ratio[error == 0] = 0.0
+        # The very value expected (an infinity, or NaN where the expectation is itself NaN, as a re-quantization
+        # of the subject's own merge may be) is no error.
+        ratio[(observed == expected.value) | (np.isnan(observed) & np.isnan(expected.value))] = 0.0
         worst = int(ratio.argmax())
     got, want = float(observed.flat[worst]), float(expected.value.flat[worst])
     comparison.margin = float(ratio.flat[worst])

@@ -214,6 +214,15 @@ def test_comparison_reports_shape_dtype_and_nan_as_failures():
     assert not result.passed and result.worst_index == (1, 2)
 
 
+def test_the_very_non_finite_value_expected_is_no_error_and_any_other_is():
+    """A re-quantization is held to the quantization of the subject's own merge, which may hold NaN or inf (a DoRA
+    norm that underflowed in float16 was found so): the same value there agrees, another fails."""
+    expected = Tracked.exact(np.array([np.nan, np.inf, 1.0]), FLOAT16)
+    assert compare("w", "subject", np.array([np.nan, np.inf, 1.0]), expected).passed
+    assert not compare("w", "subject", np.array([1.0, np.inf, 1.0]), expected).passed
+    assert not compare("w", "subject", np.array([np.nan, -np.inf, 1.0]), expected).passed
+
+
 @given(shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=5), data=st.data())
 def test_the_worst_element_is_reported_at_its_index_in_every_shape(shape, data):
     flat = data.draw(st.integers(0, int(np.prod(shape)) - 1))
