@@ -203,15 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)
-    sampling.check_usage(parser, args.family, args.kind, args.base)
+    sampling.check_usage(parser, args.family, args.kind, args.base, args.dtype, args.adapter_dtype)
     subject = false_alarms.default_subject(args.family)
-    out = args.out or RESULTS / "detection" / sampling.result_name(args.family, args.base, args.dtype, args.kind)
+    name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype)
+    out = args.out or RESULTS / "detection" / name
     sampling.writable(parser, out)
 
     start = time.perf_counter()
-    study = sampling.Study(
-        run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases), args.base
-    )
+    study = sampling.study_of(args, run_chunk, subject)
     results = sampling.run(study, args.cases, args.workers, lambda results: "")
     command = " ".join(
         [
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--dtype {args.dtype}",
             f"--cases {args.cases}",
             f"--kind {args.kind}",
-            *sampling.base_option(args.base),
+            *sampling.base_option(args.base, args.adapter_dtype),
             f"--seed {args.seed}",
         ]
     )

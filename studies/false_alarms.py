@@ -1,7 +1,7 @@
 """False alarms: run correct implementations over many cases and record every check's largest margin.
 
 ``python -m studies.false_alarms --family linear --dtype float32 --cases 100000 [--kind drawn|extreme]
-[--base float|conv1d|quantized] [--subject NAME] [--seed S] [--workers N] [--out FILE]``
+[--base float|conv1d|quantized] [--adapter-dtype float32] [--subject NAME] [--seed S] [--workers N] [--out FILE]``
 
 Every case goes through every check its family has on that base in that dtype (`conformance.families`),
 on the subject and on the reference (peft), both judged against the oracle; the slowest checks
@@ -161,15 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)
-    sampling.check_usage(parser, args.family, args.kind, args.base)
+    sampling.check_usage(parser, args.family, args.kind, args.base, args.dtype, args.adapter_dtype)
     subject = args.subject or default_subject(args.family)
-    out = args.out or RESULTS / "false_alarms" / sampling.result_name(args.family, args.base, args.dtype, args.kind)
+    name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype)
+    out = args.out or RESULTS / "false_alarms" / name
     sampling.writable(parser, out)
 
     start = time.perf_counter()
-    study = sampling.Study(
-        run_chunk, subject, args.family, args.dtype, args.kind, args.seed, sampling.chunk_size(args.cases), args.base
-    )
+    study = sampling.study_of(args, run_chunk, subject)
     results = sampling.run(
         study,
         args.cases,
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--dtype {args.dtype}",
             f"--cases {args.cases}",
             f"--kind {args.kind}",
-            *sampling.base_option(args.base),
+            *sampling.base_option(args.base, args.adapter_dtype),
             f"--subject {subject}",
             f"--seed {args.seed}",
         ]

@@ -43,6 +43,8 @@ def _load(path: Path) -> dict:
         raise ResultError(f"{path} does not say when it was measured ('measured': 'YYYY-MM-DD')")
     document["earlier_verdict"] = document["measured"] < VERDICT_TIGHTENED
     document.setdefault("base", "float")  # measured before studies took other bases
+    document.setdefault("adapter_dtype", document.get("dtype"))  # measured before adapters were drawn in float32
+    document["adapters"] = "" if document["adapter_dtype"] == document.get("dtype") else document["adapter_dtype"]
     document.setdefault("known_divergences", [])
     document.setdefault("quantizations", {})
     return document
@@ -79,7 +81,7 @@ def figures(found: dict) -> dict:
     false_alarms = [
         {
             "what": f"{d['subject']}, every check of the {d['family']} family on a {d['base']} base "
-            f"({d['kind']} cases)",
+            f"({d['kind']} cases{', ' + d['adapters'] + ' adapters' if d['adapters'] else ''})",
             "family": d["family"],
             "dtype": d["dtype"],
             "cases": f"{d['cases']:,}",

@@ -45,9 +45,24 @@ KINDS = ("drawn", "extreme")
 those of `studies.extremes`, which Hypothesis would rarely reach by itself."""
 
 
-def strategy(family: str, dtype_name: str, kind: str, base: str = "float") -> st.SearchStrategy:
+def strategy(
+    family: str, dtype_name: str, kind: str, base: str = "float", adapter_dtype: str | None = None
+) -> st.SearchStrategy:
     """A study's cases: `kind` of `KINDS` on a base of `conformance.families.BASES` (a quantized base's
-    mode is drawn, each of `foundation.quantization.KINDS` alike; extreme cases have float bases)."""
+    mode is drawn, each of `foundation.quantization.KINDS` alike; extreme cases have float bases); with
+    `adapter_dtype`, only those whose adapter has that dtype."""
+    cases = _strategy(family, dtype_name, kind, base)
+    if adapter_dtype is None:
+        return cases
+    return cases.filter(lambda case: _adapter_dtype(case) == adapter_dtype)
+
+
+def _adapter_dtype(case) -> str:
+    linear = getattr(case, "lookup", None) or getattr(case, "first", None) or case
+    return linear.adapter_dtype.name
+
+
+def _strategy(family: str, dtype_name: str, kind: str, base: str) -> st.SearchStrategy:
     from conformance.families import FAMILIES
     from foundation import profiles
     from foundation.dtypes import BY_NAME
@@ -66,17 +81,28 @@ def strategy(family: str, dtype_name: str, kind: str, base: str = "float") -> st
     return described.study_cases(dtype)
 
 
-def result_name(family: str, base: str, dtype: str, kind: str) -> str:
-    """A study's result file: ``linear-float32-drawn.json``, ``linear-quantized-float32-drawn.json``."""
-    return "-".join([family, *([] if base == "float" else [base]), dtype, kind]) + ".json"
+def result_name(family: str, base: str, dtype: str, kind: str, adapter_dtype: str | None = None) -> str:
+    """A study's result file: ``linear-float32-drawn.json``, ``linear-quantized-float32-drawn.json``,
+    ``linear-bfloat16-float32-adapters-drawn.json``."""
+    adapters = [] if adapter_dtype is None else [f"{adapter_dtype}-adapters"]
+    return "-".join([family, *([] if base == "float" else [base]), dtype, *adapters, kind]) + ".json"
 
 
-def base_option(base: str) -> list[str]:
-    """The ``--base`` a study's command line needs (none for the default, so older commands read as they did)."""
-    return [] if base == "float" else [f"--base {base}"]
+def base_option(base: str, adapter_dtype: str | None = None) -> list[str]:
+    """The ``--base`` (and ``--adapter-dtype``) a study's command line needs (none for the defaults, so older
+    commands read as they did)."""
+    adapters = [] if adapter_dtype is None else [f"--adapter-dtype {adapter_dtype}"]
+    return ([] if base == "float" else [f"--base {base}"]) + adapters
 
 
-def check_usage(parser: argparse.ArgumentParser, family: str, kind: str, base: str) -> None:
+def check_usage(
+    parser: argparse.ArgumentParser,
+    family: str,
+    kind: str,
+    base: str,
+    dtype: str = "",
+    adapter_dtype: str | None = None,
+) -> None:
     """A one-line usage error for a study the suite has no cases of."""
     from conformance.families import FAMILIES
 
@@ -84,6 +110,11 @@ def check_usage(parser: argparse.ArgumentParser, family: str, kind: str, base: s
         parser.error(f"the suite has no {family} layer on a {base} base (see conformance.families)")
     if kind == "extreme" and base != "float":
         parser.error(f"extreme cases have float bases only, not {base}")
+    if adapter_dtype is not None and (not FAMILIES[family].float32_adapters or dtype == adapter_dtype):
+        parser.error(
+            f"the suite draws no {adapter_dtype} adapters on a {dtype} base of {family} "
+            "(only on a half-precision base, for the families with float32_adapters)"
+        )
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -123,6 +154,8 @@ class Study:
     size: int
     """Draws per chunk."""
     base: str = "float"
+    adapter_dtype: str | None = None
+    """Only cases whose adapter has this dtype, where given."""
 
     def __call__(self, chunk: int) -> dict:
         return self.measure(self, chunk)
@@ -137,8 +170,24 @@ class Study:
                 seen[identity] = None
                 visit(case, len(seen) - 1)
 
-        draw_chunk(strategy(self.family, self.dtype, self.kind, self.base), self.seed, chunk, self.size, once)
+        cases = strategy(self.family, self.dtype, self.kind, self.base, self.adapter_dtype)
+        draw_chunk(cases, self.seed, chunk, self.size, once)
         return sorted(seen)
+
+
+def study_of(args: argparse.Namespace, measure: Callable[[Study, int], dict], subject: str) -> Study:
+    """The study a command line of `add_case_options` asks for, measured by `measure`."""
+    return Study(
+        measure,
+        subject,
+        args.family,
+        args.dtype,
+        args.kind,
+        args.seed,
+        chunk_size(args.cases),
+        args.base,
+        args.adapter_dtype,
+    )
 
 
 def mlx_device() -> str:
@@ -157,6 +206,7 @@ def study_document(study: str, subject: str, args: argparse.Namespace, seconds: 
         "family": args.family,
         "base": args.base,
         "dtype": args.dtype,
+        "adapter_dtype": getattr(args, "adapter_dtype", None) or args.dtype,
         "kind": args.kind,
         "seed": args.seed,
         "seconds": round(seconds, 1),
@@ -191,6 +241,11 @@ def add_case_options(parser: argparse.ArgumentParser, default_cases: int) -> Non
     )
     parser.add_argument("--kind", choices=KINDS, default="drawn", help="which cases (default: %(default)s)")
     parser.add_argument("--base", choices=BASES, default="float", help="what the layer wraps (default: %(default)s)")
+    parser.add_argument(
+        "--adapter-dtype",
+        choices=("float32",),
+        help="only cases whose adapter has this dtype: float32 adapters on a half-precision base (default: as drawn)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="the study's seed: same seed, same cases (default: %(default)s)"
     )

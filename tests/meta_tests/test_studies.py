@@ -127,6 +127,22 @@ def test_studies_on_other_bases_draw_those_bases():
     assert all(case.fan_in_fan_out and case.use_dora for case in conv1d)
 
 
+def test_a_study_of_float32_adapters_draws_only_those_and_says_so_in_its_file_name(tmp_path):
+    drawn, extreme = [], []
+    sampling.draw_chunk(sampling.strategy("linear", "bfloat16", "drawn", "float", "float32"), 0, 0, 20, drawn.append)
+    sampling.draw_chunk(
+        sampling.strategy("dora_linear", "float16", "extreme", "float", "float32"), 0, 0, 3, extreme.append
+    )
+    assert drawn and extreme and all(case.mixed and case.adapter_dtype.name == "float32" for case in drawn + extreme)
+    name = sampling.result_name("linear", "float", "bfloat16", "drawn", "float32")
+    assert name == "linear-bfloat16-float32-adapters-drawn.json"
+    out = tmp_path / name
+    options = ["--family", "linear", "--dtype", "bfloat16", "--cases", "6", "--adapter-dtype", "float32"]
+    assert false_alarms.main([*options, "--out", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["adapter_dtype"] == "float32" and "--adapter-dtype float32" in document["command"]
+
+
 @pytest.mark.parametrize("base", BASES)
 def test_a_study_names_each_check_as_the_suite_does_so_that_known_divergences_apply(base):
     """The study counts a subject's failure in a known divergence of the suite as that: the ids must be the suite's."""
@@ -159,6 +175,8 @@ def test_a_correct_output_failing_in_a_known_divergence_is_left_out_of_detection
     [
         ("embedding", ["--base", "conv1d"], "no embedding layer on a conv1d base"),
         ("linear", ["--base", "quantized", "--kind", "extreme"], "extreme cases have float bases only"),
+        ("linear", ["--adapter-dtype", "float32"], "no float32 adapters on a float32 base of linear"),
+        ("switch_linear", ["--adapter-dtype", "float32"], "no float32 adapters on a float32 base of switch_linear"),
     ],
 )
 def test_a_study_the_suite_has_no_cases_of_is_refused(family, options, refusal, capsys):
