@@ -77,5 +77,8 @@ def promoted(*dtypes: DType) -> DType:
 
 def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
     """Round float64 values to the nearest `dtype` numbers and return them as float64 (exact there)."""
-    rounded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(dtype.torch)
+    array = np.ascontiguousarray(values, dtype=np.float64)
+    if not array.flags.writeable:  # a case's own arrays are read-only (`cases.read_only`), which torch warns of
+        array = array.copy()
+    rounded = torch.from_numpy(array).to(dtype.torch)
     return rounded.to(torch.float64).numpy()
