@@ -373,18 +373,11 @@ def linear_parameters(
 
 
 @functools.cache
-def linear_cases(
-    dtype: DType,
-    use_dora: bool = False,
-    with_bias: bool = True,
-    quantized: str | None = None,
-    fan_in_fan_out: bool = False,
-    float32_adapters: bool = False,
-) -> st.SearchStrategy[LinearCase]:
-    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base; with `quantized` (a `Quantization.kind`)
-    on a QuantizedLinear, with `fan_in_fan_out` on peft's side a transformers Conv1D; with `float32_adapters`,
-    float32 adapters on a half-precision base too (`LinearParameters.adapter_dtype`)."""
-    parameters = linear_parameters(dtype, use_dora, with_bias, quantized, fan_in_fan_out, float32_adapters)
+def linear_cases(dtype: DType, **options: bool | str | None) -> st.SearchStrategy[LinearCase]:
+    """LoRA (or, with `use_dora`, DoRA) cases on a Linear base; the `options` are `linear_parameters`': with
+    `quantized` (a `Quantization.kind`) on a QuantizedLinear, with `fan_in_fan_out` on peft's side a transformers
+    Conv1D, with `float32_adapters` float32 adapters on a half-precision base too (`LinearParameters.adapter_dtype`)."""
+    parameters = linear_parameters(dtype, **options)
     return only_drawable(parameters.map(lambda p: built_once(p, lambda: drawable(make_linear_case(p)))))
 
 
