@@ -157,6 +157,12 @@ WRONG_VARIANTS = {
         ),
         WrongVariant(_subject(layers.MergeInAdapterDtype), "merge", visible_in=HALF_DTYPES),
         WrongVariant(
+            _subject(layers.EmbeddingUpdateInTableDtype),
+            "grad",
+            visible_in=HALF_DTYPES,
+            diagnosis="the update is computed in",
+        ),
+        WrongVariant(
             _subject(layers.RequantizeInAdapterDtype),
             "requantize",
             visible_in=HALF_DTYPES,

@@ -514,8 +514,11 @@ class PeftStyleDoRAConvention(PeftStyleConvention):
 class CorrectLoRAEmbedding(nn.Module):
     """LoRA on an embedding as peft defines it: ``W[ids] + s A^T[ids] B^T``; lora_a (V, r), lora_b (r, D).
 
-    A quantized table is dequantized into the adapter's dtype (the model's), one id or many.
+    A quantized table is dequantized into the model's dtype, one id or many.
     """
+
+    weight_dtype: mx.Dtype | None = None
+    """The model's dtype, to dequantize a quantized table into."""
 
     def __init__(self, embedding: nn.Module, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0):
         super().__init__()
@@ -537,7 +540,7 @@ class CorrectLoRAEmbedding(nn.Module):
         e = self.embedding
         if not self.quantized:
             return e.weight
-        return mx.dequantize(e.weight, e.scales, e.get("biases"), e.group_size, e.bits, e.mode, dtype=self.lora_a.dtype)
+        return mx.dequantize(e.weight, e.scales, e.get("biases"), e.group_size, e.bits, e.mode, dtype=self.weight_dtype)
 
     def delta(self) -> mx.array:
         """The update as a table, (V, D)."""
@@ -610,6 +613,17 @@ class EmbeddingMergeTransposed(CorrectLoRAEmbedding):
         return super().delta().T
 
 
+class EmbeddingUpdateInTableDtype(CorrectLoRAEmbedding):
+    """A float32 adapter is cast to the table's dtype before the lookup forms its update: the update, and A's and
+    B's gradients, are computed in half precision."""
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        self.check_ids(ids)
+        y = self.table()[ids]
+        lora_a, lora_b = self.lora_a.astype(y.dtype), self.lora_b.astype(y.dtype)
+        return y + self.scale * (lora_a[ids] @ lora_b)
+
+
 class CorrectDoRAEmbedding(DoRAMagnitude, CorrectLoRAEmbedding):
     """DoRA on an embedding as peft defines it: the table seen as the linear map from one-hot ids, so one
     magnitude per embedding dimension, m (D,), and each dimension of W + s A B normalised over the
@@ -661,6 +675,7 @@ class PeftStyleEmbeddingConvention:
 
     def construct(self, cls: type, case, r: int, dropout: float) -> nn.Module:
         lookup = case.lookup
+        CorrectLoRAEmbedding.weight_dtype = getattr(mx, case.dtype.name)
         layer = cls(base_embedding(case), r=r, alpha=lookup.alpha, use_rslora=lookup.use_rslora, dropout=dropout)
         layer.eval()
         return layer
@@ -668,9 +683,8 @@ class PeftStyleEmbeddingConvention:
     def build(self, cls: type, case) -> nn.Module:
         lookup = case.lookup
         layer = self.construct(cls, case, lookup.r, lookup.dropout)
-        load_adapter(
-            layer, lora_a=mlx_array(lookup.lora_A.T, case.dtype), lora_b=mlx_array(lookup.lora_B.T, case.dtype)
-        )
+        adapter = lookup.adapter_dtype
+        load_adapter(layer, lora_a=mlx_array(lookup.lora_A.T, adapter), lora_b=mlx_array(lookup.lora_B.T, adapter))
         layer.eval()
         return layer
 
@@ -679,13 +693,14 @@ class PeftStyleEmbeddingConvention:
 
 
 class PeftStyleDoRAEmbeddingConvention(PeftStyleEmbeddingConvention):
-    """As `PeftStyleEmbeddingConvention`, with the case's magnitude (per embedding dimension), in the layer's dtype."""
+    """As `PeftStyleEmbeddingConvention`, with the case's magnitude (per embedding dimension), in the adapter's
+    dtype."""
 
     roles = {**PeftStyleEmbeddingConvention.roles, "m": "m"}
 
     def build(self, cls: type, case) -> nn.Module:
         layer = super().build(cls, case)
-        layer.m = mlx_array(case.lookup.magnitude, case.dtype)
+        layer.m = mlx_array(case.lookup.magnitude, case.lookup.adapter_dtype)
         return layer
 
     def magnitude_at_creation(self, cls: type, case, with_adapter: bool) -> mx.array:
@@ -734,6 +749,9 @@ class CorrectLoRASwitchLinear(nn.Module):
     """LoRA on every expert, as peft's ``target_parameters`` defines it: a token routed to expert e gets
     ``x W_e^T + b_e + s (x A_e^T) B_e^T``; ``lora_a`` (E, r, in), ``lora_b`` (E, out, r)."""
 
+    weight_dtype: mx.Dtype | None = None
+    """The model's dtype, to dequantize a quantized base into."""
+
     def __init__(
         self, switch: GatheredSwitchLinear, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0
     ):
@@ -761,7 +779,7 @@ class CorrectLoRASwitchLinear(nn.Module):
         return self.linear(x, indices) + (self.scale * update).astype(x.dtype)
 
     def merged_weights(self) -> mx.array:
-        weight = self.linear.expert_weights(self.lora_a.dtype)
+        weight = self.linear.expert_weights(self.weight_dtype)
         return weight + (self.scale * (self.lora_b @ self.lora_a)).astype(weight.dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
@@ -814,7 +832,7 @@ class SwitchFuseIgnoresAdapter(CorrectLoRASwitchLinear):
     """``fuse()`` returns the experts' base weights: the adapter is lost."""
 
     def merged_weights(self) -> mx.array:
-        return self.linear.expert_weights(self.lora_a.dtype)
+        return self.linear.expert_weights(self.weight_dtype)
 
 
 class PeftStyleSwitchConvention(LoRASwitchLinearConvention):
@@ -823,6 +841,7 @@ class PeftStyleSwitchConvention(LoRASwitchLinearConvention):
     def construct(self, cls: type, case, r: int, dropout: float) -> nn.Module:
         base = base_switch(case, GatheredSwitchLinear, GatheredQuantizedSwitchLinear)
         first = case.first
+        CorrectLoRASwitchLinear.weight_dtype = getattr(mx, case.dtype.name)
         layer = cls(base, r=r, alpha=first.alpha, use_rslora=first.use_rslora, dropout=dropout)
         layer.eval()
         return layer

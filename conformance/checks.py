@@ -101,6 +101,7 @@ def measure(
         if diagnose is not None:
             measurement.hints += diagnose(measurement, observed)
         measurement.hints += diagnosis.precision_hints(case, measurement, observed, subject_expect)
+        measurement.hints += diagnosis.precision_hints(case, measurement, judged[1], expect, side="reference")
     return measurement
 
 

@@ -10,10 +10,13 @@ from dataclasses import replace
 import numpy as np
 
 from foundation import weights
-from foundation.cases import LinearCase
+from foundation.cases import EmbeddingCase, LinearCase
 from foundation.dtypes import round_to
+from foundation.switch_cases import SwitchCase
 from foundation.verdict import VALUES, Measurement, Tracked, allowed_error, compare
 from reference import oracle
+
+Case = LinearCase | EmbeddingCase | SwitchCase
 
 
 def scalar_multiple(observed: np.ndarray, expected: np.ndarray, allowed: np.ndarray) -> float | None:
@@ -195,24 +198,38 @@ def dropout_hints(case: LinearCase, output: np.ndarray, mask: Callable[[tuple[in
     ]
 
 
-def adapter_in_base_dtype(case: LinearCase) -> LinearCase:
+def adapter_in_base_dtype(case: Case) -> Case:
     """The case with its adapter (A, B, DoRA's m) rounded to the base's dtype: what a layer is right for that
-    casts a float32 adapter down, or computes its update in the base's dtype."""
+    casts a float32 adapter down, or computes its update in the base's dtype (an embedding's lookup, each of a
+    switch layer's experts)."""
+    if isinstance(case, EmbeddingCase):
+        return replace(case, lookup=adapter_in_base_dtype(case.lookup))
+    if isinstance(case, SwitchCase):
+        return replace(case, experts=tuple(adapter_in_base_dtype(expert) for expert in case.experts))
     dtype = case.dtype
     magnitude = None if case.magnitude is None else round_to(case.magnitude, dtype)
     rounded = {"lora_A": round_to(case.lora_A, dtype), "lora_B": round_to(case.lora_B, dtype), "magnitude": magnitude}
     return replace(case, adapter_dtype=dtype, **rounded)
 
 
+def _mixed(case: Case) -> bool:
+    """Whether the case holds a float32 adapter on a half-precision base."""
+    linear = case.lookup if isinstance(case, EmbeddingCase) else case.first if isinstance(case, SwitchCase) else case
+    return linear.mixed
+
+
+_SIDES = {"subject": "the subject's", "reference": "peft's"}
+
+
 def precision_hints(
-    case: object, measurement: Measurement, observed: dict, expect: Callable[[LinearCase], dict]
+    case: Case, measurement: Measurement, observed: dict, expect: Callable[[Case], dict], side: str = "subject"
 ) -> list[str]:
-    """Where the subject fails with a float32 adapter on a half-precision base: whether every value it got wrong
-    agrees with the formulas for the adapter rounded to the base's dtype (`adapter_in_base_dtype`), in which
+    """Where one side (`side`) fails with a float32 adapter on a half-precision base: whether every value it got
+    wrong agrees with the formulas for the adapter rounded to the base's dtype (`adapter_in_base_dtype`), in which
     case the precision is lost there. `expect` is the check's expectation of a case."""
-    if not isinstance(case, LinearCase) or not case.mixed:
+    if not _mixed(case):
         return []
-    wrong = {c.quantity for c in measurement.comparisons if c.side == "subject" and c.kind == VALUES and not c.passed}
+    wrong = {c.quantity for c in measurement.comparisons if c.side == side and c.kind == VALUES and not c.passed}
     if not wrong or not wrong <= observed.keys():
         return []
     try:
@@ -221,9 +238,9 @@ def precision_hints(
         return []
     for quantity in wrong:
         want = expected.get(quantity)
-        if want is None or not compare(quantity, "subject", observed[quantity][0], want).passed:
+        if want is None or not compare(quantity, side, observed[quantity][0], want).passed:
             return []
     return [
-        f"the subject's {', '.join(sorted(wrong))} agree with the float32 adapter rounded to {case.dtype}: the "
+        f"{_SIDES[side]} {', '.join(sorted(wrong))} agree with the float32 adapter rounded to {case.dtype}: the "
         f"update is computed in {case.dtype} (or the adapter was cast down to it)"
     ]

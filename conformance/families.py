@@ -10,7 +10,7 @@ the plugin, replay, the benchmark, the studies and the catalogue of wrong varian
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hypothesis import strategies as st
@@ -19,7 +19,7 @@ from conformance import checks, training_checks
 from conformance.checks import Case
 from conformance.timing import PhaseTimer
 from foundation.cases import EmbeddingCase, LinearCase, embedding_cases, gradients_fit, linear_cases
-from foundation.dtypes import DType
+from foundation.dtypes import FLOAT32, DType
 from foundation.switch_cases import switch_cases, switch_gradients_fit
 from foundation.verdict import Measurement
 from subjects.known import Subject
@@ -128,7 +128,15 @@ def _with_dropout(case: LinearCase) -> bool:
 
 
 def _steps_fit(optimizer: str) -> Keep:
-    return lambda case: training_checks.steps_fit(case, optimizer)
+    """Whether the steps can be judged: the adapter trains in float32, as both packages train one on any base
+    (mlx-lm creates float32 adapters, peft upcasts them; in float16, AdamW's v = g^2 underflows), and the steps
+    fit the dtype."""
+    return lambda case: _float32_adapter(case) and training_checks.steps_fit(case, optimizer)
+
+
+def _float32_adapter(case: LinearCase | EmbeddingCase) -> bool:
+    view = case.lookup if isinstance(case, EmbeddingCase) else case
+    return view.adapter_dtype == FLOAT32
 
 
 def _lookup_gradients_fit(case: EmbeddingCase) -> bool:
@@ -147,17 +155,13 @@ def _batched_ids(case: EmbeddingCase) -> bool:
 
 # --- the checks each family shares ---------------------------------------------------------------
 
-_STEPS_DTYPES = ("float32",)
-"""Training in half precision keeps float32 adapters (mlx-lm creates them so), and AdamW's v = g^2 underflows in
-float16."""
-
 
 def _linear_training(gradients: Keep, names: tuple[str, ...], docs: dict[str, str]) -> tuple[CheckInfo, ...]:
     """The gradient, dropout and optimizer-step checks of a layer judged as a linear map (`gradients`: whether
     a case's backward pass fits its dtype)."""
     steps = {name: _steps_fit(name.removeprefix("steps_")) for name in ("steps_sgd", "steps_adamw")}
     known = {
-        "grad": CheckInfo("grad", training_checks.grad, docs["grad"], (gradients,)),
+        "grad": CheckInfo("grad", training_checks.grad, docs.get("grad", ""), (gradients,)),
         "grad_bias_all": CheckInfo(
             "grad_bias_all",
             training_checks.grad_bias_all,
@@ -165,7 +169,7 @@ def _linear_training(gradients: Keep, names: tuple[str, ...], docs: dict[str, st
             (gradients, _with_bias),
             examples=3,
         ),
-        "dropout": CheckInfo("dropout", training_checks.dropout, docs["dropout"], (_with_dropout,), examples=3),
+        "dropout": CheckInfo("dropout", training_checks.dropout, docs.get("dropout", ""), (_with_dropout,), examples=3),
         # Dropout's rescaling does not depend on the dtype, and in half precision the rounding of the outputs
         # would outweigh what the statistic can see: the check could not fail there.
         "dropout_scaling": CheckInfo(
@@ -183,7 +187,6 @@ def _linear_training(gradients: Keep, names: tuple[str, ...], docs: dict[str, st
                 docs.get(name, ""),
                 (lambda case, fits=fits: gradients(case) and fits(case),),
                 examples=3,
-                dtypes=_STEPS_DTYPES,
                 judges=fits,
             )
             for name, fits in steps.items()
@@ -204,6 +207,12 @@ _LINEAR_TRAINING_DOCS = {
     "steps_sgd": "A few SGD steps on ``1/2 sum((y - Y)^2)`` move A and B as torch's SGD moves peft's.",
     "steps_adamw": "A few AdamW steps (bias-corrected, decoupled weight decay) move A and B as torch's AdamW moves "
     "peft's.",
+}
+_QLORA_STEPS_DOCS = {
+    "steps_sgd": "QLoRA: a few SGD steps of float32 adapters on the quantized base move A and B as torch's SGD moves "
+    "peft's on the dequantized weight.",
+    "steps_adamw": "QLoRA: a few AdamW steps of float32 adapters on the quantized base move A and B as torch's AdamW "
+    "moves peft's on the dequantized weight.",
 }
 _DORA_TRAINING_DOCS = {
     "grad": "Gradients for A, B, m and x treat ``||W + s B A||`` as a constant, as peft (and the DoRA paper) do; A, B "
@@ -272,6 +281,10 @@ LINEAR = Family(
                     "weight; the quantized base does not train.",
                     (gradients_fit,),
                     examples=5,
+                ),
+                *(
+                    replace(check, examples=10)
+                    for check in _linear_training(gradients_fit, ("steps_sgd", "steps_adamw"), _QLORA_STEPS_DOCS)
                 ),
             ),
         ),
@@ -417,7 +430,7 @@ EMBEDDING = Family(
         BaseInfo(
             "float",
             "test_embedding.py",
-            lambda dtype: embedding_cases(dtype),
+            lambda dtype: embedding_cases(dtype, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -463,7 +476,6 @@ EMBEDDING = Family(
                             ),
                         ),
                         examples=3,
-                        dtypes=_STEPS_DTYPES,
                         judges=_steps_fit(name.removeprefix("steps_")),
                     )
                     for name, doc in _EMBEDDING_STEPS.items()
@@ -473,7 +485,7 @@ EMBEDDING = Family(
         BaseInfo(
             "quantized",
             "test_quantized_embedding.py",
-            lambda dtype, kind: embedding_cases(dtype, quantized=kind),
+            lambda dtype, kind: embedding_cases(dtype, quantized=kind, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -505,8 +517,11 @@ EMBEDDING = Family(
             ),
         ),
     ),
-    study_cases=lambda dtype: embedding_cases(dtype).filter(_lookup_gradients_fit),
-    quantized_study_cases=lambda dtype, kind: embedding_cases(dtype, quantized=kind).filter(_batched_ids),
+    study_cases=lambda dtype: embedding_cases(dtype, float32_adapters=True).filter(_lookup_gradients_fit),
+    quantized_study_cases=lambda dtype, kind: embedding_cases(dtype, quantized=kind, float32_adapters=True).filter(
+        _batched_ids
+    ),
+    float32_adapters=True,
 )
 
 DORA_EMBEDDING = Family(
@@ -517,7 +532,7 @@ DORA_EMBEDDING = Family(
         BaseInfo(
             "float",
             "test_dora_embedding.py",
-            lambda dtype: embedding_cases(dtype, use_dora=True),
+            lambda dtype: embedding_cases(dtype, use_dora=True, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -541,7 +556,8 @@ DORA_EMBEDDING = Family(
             ),
         ),
     ),
-    study_cases=lambda dtype: embedding_cases(dtype, use_dora=True),
+    study_cases=lambda dtype: embedding_cases(dtype, use_dora=True, float32_adapters=True),
+    float32_adapters=True,
 )
 
 SWITCH_LINEAR = Family(
@@ -552,7 +568,7 @@ SWITCH_LINEAR = Family(
         BaseInfo(
             "float",
             "test_switch_linear.py",
-            lambda dtype: switch_cases(dtype),
+            lambda dtype: switch_cases(dtype, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -586,7 +602,7 @@ SWITCH_LINEAR = Family(
         BaseInfo(
             "quantized",
             "test_quantized_switch_linear.py",
-            lambda dtype, kind: switch_cases(dtype, kind),
+            lambda dtype, kind: switch_cases(dtype, kind, float32_adapters=True),
             (
                 CheckInfo(
                     "forward",
@@ -616,8 +632,9 @@ SWITCH_LINEAR = Family(
             ),
         ),
     ),
-    study_cases=lambda dtype: switch_cases(dtype).filter(switch_gradients_fit),
-    quantized_study_cases=lambda dtype, kind: switch_cases(dtype, kind),
+    study_cases=lambda dtype: switch_cases(dtype, float32_adapters=True).filter(switch_gradients_fit),
+    quantized_study_cases=lambda dtype, kind: switch_cases(dtype, kind, float32_adapters=True),
+    float32_adapters=True,
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (LINEAR, DORA_LINEAR, EMBEDDING, DORA_EMBEDDING, SWITCH_LINEAR)}

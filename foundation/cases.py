@@ -510,10 +510,14 @@ def make_embedding_case(
 
 
 @functools.cache
-def embedding_cases(dtype: DType, use_dora: bool = False, quantized: str | None = None) -> st.SearchStrategy:
+def embedding_cases(
+    dtype: DType, use_dora: bool = False, quantized: str | None = None, float32_adapters: bool = False
+) -> st.SearchStrategy:
     """LoRA (or DoRA) cases on an Embedding base in `dtype`, or with `quantized` (a `Quantization.kind`) on a
-    QuantizedEmbedding."""
-    shapes = linear_parameters(dtype, use_dora=use_dora, with_bias=False, quantized=quantized)
+    QuantizedEmbedding; with `float32_adapters`, float32 adapters on a half-precision table too."""
+    shapes = linear_parameters(
+        dtype, use_dora=use_dora, with_bias=False, quantized=quantized, float32_adapters=float32_adapters
+    )
     return only_drawable(shapes.map(lambda shape: built_once(("embedding", shape), lambda: _embedding_case(shape))))
 
 
@@ -529,5 +533,16 @@ def _embedding_case(shape: LinearParameters) -> EmbeddingCase | None:
     return case if drawable(case.lookup) and head_fits else None
 
 
-SHARED_PARAMETERS = ("dtype", "r", "alpha", "use_rslora", "dropout", "batch_shape", "magnitudes", "seed", "use_dora")
+SHARED_PARAMETERS = (
+    "dtype",
+    "r",
+    "alpha",
+    "use_rslora",
+    "dropout",
+    "batch_shape",
+    "magnitudes",
+    "seed",
+    "use_dora",
+    "adapter_dtype",
+)
 """What an embedding case shares with a linear one, but its shape (and a quantized table's mode)."""

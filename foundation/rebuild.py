@@ -10,8 +10,6 @@ from foundation.cases import (
     make_embedding_case,
     make_linear_case,
 )
-from foundation.dtypes import BY_NAME
-from foundation.quantization import Quantization
 from foundation.switch_cases import SwitchCase, make_switch_case
 
 
@@ -19,12 +17,10 @@ def case_from_description(description: dict) -> LinearCase | EmbeddingCase | Swi
     """Rebuild a case from its ``describe()``."""
     d = description
     if d.get("kind") == "embedding":
-        shared = {k: d[k] for k in SHARED_PARAMETERS if k != "dtype"}
-        shared.update(batch_shape=tuple(d["batch_shape"]), magnitudes=tuple(d["magnitudes"]))
-        quantization = Quantization(**d["quantization"]) if d.get("quantization") else None
-        return make_embedding_case(
-            d["num_embeddings"], d["dims"], dtype=BY_NAME[d["dtype"]], quantization=quantization, **shared
-        )
+        as_linear = {**d, "in_features": d["num_embeddings"], "out_features": d["dims"], "bias": False}
+        lookup = LinearParameters.from_description(as_linear)
+        shared = {k: getattr(lookup, k) for k in SHARED_PARAMETERS}
+        return make_embedding_case(d["num_embeddings"], d["dims"], quantization=lookup.quantization, **shared)
     parameters = LinearParameters.from_description(d).parameters()
     if d.get("kind") == "switch":
         del parameters["use_dora"], parameters["fan_in_fan_out"]

@@ -121,15 +121,19 @@ def switch_gradients_fit(case: SwitchCase) -> bool:
 
 
 @functools.cache
-def switch_cases(dtype: DType, quantized: str | None = None) -> st.SearchStrategy[SwitchCase]:
+def switch_cases(
+    dtype: DType, quantized: str | None = None, float32_adapters: bool = False
+) -> st.SearchStrategy[SwitchCase]:
     """LoRA cases on a SwitchLinear base, 1 to 8 experts; with `quantized` (a `Quantization.kind`), on a
-    QuantizedSwitchLinear."""
-    return only_drawable(_switch_cases_or_none(dtype, quantized))
+    QuantizedSwitchLinear; with `float32_adapters`, float32 adapters on half-precision experts too."""
+    return only_drawable(_switch_cases_or_none(dtype, quantized, float32_adapters))
 
 
 @st.composite
-def _switch_cases_or_none(draw: st.DrawFn, dtype: DType, quantized: str | None) -> SwitchCase | None:
-    shape = draw(linear_parameters(dtype, quantized=quantized), label="expert shape")
+def _switch_cases_or_none(
+    draw: st.DrawFn, dtype: DType, quantized: str | None, float32_adapters: bool
+) -> SwitchCase | None:
+    shape = draw(linear_parameters(dtype, quantized=quantized, float32_adapters=float32_adapters), label="expert shape")
     num_experts = draw(integers_between(1, 8), label="num_experts")
     top_k = draw(integers_between(1, min(4, num_experts)), label="top_k")
     sorted_indices = draw(BOOLEANS, label="sorted_indices")
@@ -145,6 +149,7 @@ def _switch_cases_or_none(draw: st.DrawFn, dtype: DType, quantized: str | None) 
         has_bias=shape.has_bias,
         magnitudes=shape.magnitudes,
         quantization=shape.quantization,
+        adapter_dtype=shape.adapter_dtype,
     )
 
     def build() -> SwitchCase | None:

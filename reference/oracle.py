@@ -222,7 +222,10 @@ def _routed(case: SwitchCase, per_expert: list[Tracked]) -> Tracked:
 def adapted_expert_weight(expert: LinearCase) -> Tracked:
     """``W_e + s B_e A_e`` as peft's ``target_parameters`` forms it on every forward: one ``baddbmm``, which
     BLAS may evaluate as a single sum of r + 1 terms that starts from W_e (each term s b a, s rounded into B
-    first), or as the product, scaled, then added (`adapted_weight`). The bound covers both."""
+    first), or as the product, scaled, then added (`adapted_weight`). The bound covers both. A float32 adapter's
+    update is formed in float32 and cast to the weight's dtype before it is added: no one sum."""
+    if expert.mixed:
+        return adapted_weight(expert)
     b, a = adapter(expert, expert.lora_B), adapter(expert, expert.lora_A)
     folded = b.scaled(expert.scale).matmul_onto(base_weight(expert), a)
     return Tracked.covering(adapted_weight(expert), folded)
@@ -345,14 +348,16 @@ def lora_backward(x: Tracked, t: Tracked, a: Tracked, b: Tracked, s: float) -> d
 
 def embedding_grads(case: EmbeddingCase, upstream: np.ndarray) -> dict[str, Tracked]:
     """The gradients of a lookup's A and B: the linear map's, whose input (one-hot ids) has no gradient;
-    A's may also be the scatter-add of each token's row gradient, in the dtype."""
+    A's may also be the scatter-add of each token's row gradient, in the adapter's dtype (T reaches a float32
+    adapter in float32, exactly, as in `lora_backward`)."""
     lookup = case.lookup
     grads = linear_grads(lookup, upstream)
     del grads["grad x"]
     # A's rows are gathered by id: each token's row gradient is stored, then scatter-added.
-    scaled = exact(lookup, upstream.reshape(-1, lookup.out_features)).scaled(lookup.scale)
+    t = exact(lookup, upstream.reshape(-1, lookup.out_features)).cast(lookup.adapter_dtype)
     one_hot = exact(lookup, lookup.x.reshape(-1, lookup.in_features))
-    gathered = (scaled @ adapter(lookup, lookup.lora_B)).T.matmul_of_stored_terms(one_hot, lookup.dtype)
+    row_grads = t.scaled(lookup.scale) @ adapter(lookup, lookup.lora_B)
+    gathered = row_grads.T.matmul_of_stored_terms(one_hot, lookup.adapter_dtype)
     grads["grad A"] = Tracked.covering(grads["grad A"], gathered)
     return grads
 
@@ -372,16 +377,17 @@ def switch_grads(case: SwitchCase, upstream: np.ndarray) -> dict[str, Tracked]:
         a, b = adapter(expert, expert.lora_A), adapter(expert, expert.lora_B)
         lora = lora_backward(x, routed, a, b, expert.scale)
         # A layer that gathers each token's A_e and B_e (or, as peft's target_parameters, each token's
-        # merged W_e) gets each token's gradient in the dtype and scatter-adds them, in the dtype.
-        scaled = routed.scaled(expert.scale)
+        # merged W_e) gets each token's gradient in the dtype (the adapter's) and scatter-adds them there.
+        adapter_dtype = expert.adapter_dtype
+        scaled = routed.cast(adapter_dtype).scaled(expert.scale)
         weight_grad = routed.T.matmul_of_stored_terms(x, case.dtype)
-        gathered_a = (scaled @ b).T.matmul_of_stored_terms(x, case.dtype)
-        gathered_b = scaled.T.matmul_of_stored_terms(x @ a.T, case.dtype)
+        gathered_a = (scaled @ b).T.matmul_of_stored_terms(x, adapter_dtype)
+        gathered_b = scaled.T.matmul_of_stored_terms(x @ a.T, adapter_dtype)
         merged_a, merged_b = b.T.scaled_matmul(weight_grad, expert.scale), weight_grad.scaled_matmul(a.T, expert.scale)
         grads_a.append(Tracked.covering(lora["A"], gathered_a, merged_a))
         grads_b.append(Tracked.covering(lora["B"], gathered_b, merged_b))
         # peft's target_parameters merges first: x's gradient then goes through W_e + s B_e A_e.
-        part = Tracked.covering(routed @ base_weight(expert) + lora["x"], routed @ adapted_expert_weight(expert))
+        part = Tracked.covering((routed @ base_weight(expert)).plus(lora["x"]), routed @ adapted_expert_weight(expert))
         grad_x = part if grad_x is None else grad_x + part
     return {
         "grad A": Tracked.stack(grads_a),

@@ -262,12 +262,14 @@ def switch(case: SwitchCase) -> torch.nn.Module:
     base = Experts(tensor(case.stacked("weight"), dtype), bias)
     config = _config(first, loaded=True)
     layer = ParamWrapper(base, ADAPTER, parameter_name="weight", config=config, r=first.r, lora_alpha=first.alpha)
-    E, r = case.num_experts, first.r
+    E, r, adapter_dtype = case.num_experts, first.r, first.adapter_dtype
+    if first.mixed:
+        cast_adapter_dtype(layer, ADAPTER, autocast_adapter_dtype=True)
     with torch.no_grad():
         # peft's layouts: A (E r, in), expert-major; B (out, r E), expert-minor (see get_delta_weight).
-        layer.lora_A[ADAPTER].weight.copy_(tensor(case.stacked("lora_A").reshape(E * r, -1), dtype))
-        b = case.stacked("lora_B")  # (E, out, r)
-        layer.lora_B[ADAPTER].weight.copy_(tensor(b.transpose(1, 2, 0).reshape(first.out_features, r * E), dtype))
+        layer.lora_A[ADAPTER].weight.copy_(tensor(case.stacked("lora_A").reshape(E * r, -1), adapter_dtype))
+        b = case.stacked("lora_B").transpose(1, 2, 0).reshape(first.out_features, r * E)  # from (E, out, r)
+        layer.lora_B[ADAPTER].weight.copy_(tensor(b, adapter_dtype))
     return layer.eval()
 
 

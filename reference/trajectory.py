@@ -16,15 +16,17 @@ import numpy as np
 from foundation.cases import LinearCase
 from foundation.optimizers import OptimizerSpec
 from foundation.verdict import Tracked, gamma
+from foundation.weights import adapter
 from reference.oracle import linear_base, lora_backward
 
 
-def _gradients(case: LinearCase, adapter: dict[str, Tracked], target: np.ndarray) -> dict[str, Tracked]:
-    """dA and dB of ``1/2 sum((y - Y)^2)``, whose output gradient is ``y - Y``."""
+def _gradients(case: LinearCase, held: dict[str, Tracked], target: np.ndarray) -> dict[str, Tracked]:
+    """dA and dB of ``1/2 sum((y - Y)^2)``, whose output gradient is ``y - Y``; a float32 adapter's term is added
+    to the base's output in its dtype (`Tracked.plus`)."""
     x = Tracked.exact(case.x.reshape(-1, case.in_features), case.dtype)
-    a, b = adapter["A"], adapter["B"]
+    a, b = held["A"], held["B"]
     base = linear_base(case)
-    y = base.reshape(-1, case.out_features) + (x @ a.T).scaled_matmul(b.T, case.scale)
+    y = base.reshape(-1, case.out_features).plus((x @ a.T).scaled_matmul(b.T, case.scale))
     residual = y - Tracked.exact(target.reshape(-1, case.out_features), case.dtype)
     grads = lora_backward(x, residual, a, b, case.scale)
     return {"A": grads["A"], "B": grads["B"]}
@@ -32,7 +34,7 @@ def _gradients(case: LinearCase, adapter: dict[str, Tracked], target: np.ndarray
 
 def first_gradients(case: LinearCase, target: np.ndarray) -> dict[str, np.ndarray]:
     """The gradients at the case's own adapter, as values (to choose a learning rate from)."""
-    start = {"A": Tracked.exact(case.lora_A, case.dtype), "B": Tracked.exact(case.lora_B, case.dtype)}
+    start = {"A": adapter(case, case.lora_A), "B": adapter(case, case.lora_B)}
     return {name: g.value for name, g in _gradients(case, start, target).items()}
 
 
@@ -45,15 +47,16 @@ def _adam_step_limit(spec: OptimizerSpec, step: int) -> float:
 
 
 def _rounded(value: float, case: LinearCase) -> Tracked:
-    """A Python float as an implementation may hold it: rounded to the dtype."""
-    return Tracked(np.asarray(value), np.asarray(case.dtype.unit_roundoff * abs(value)), case.dtype)
+    """A Python float as an optimizer may hold it: rounded to the adapter's dtype."""
+    dtype = case.adapter_dtype
+    return Tracked(np.asarray(value), np.asarray(dtype.unit_roundoff * abs(value)), dtype)
 
 
 def _bias_corrections(spec: OptimizerSpec, step: int, case: LinearCase) -> tuple[Tracked, Tracked]:
-    """``lr / (1 - b1^t)`` and ``1 / sqrt(1 - b2^t)``. MLX evaluates them in the dtype from b1 and b2
+    """``lr / (1 - b1^t)`` and ``1 / sqrt(1 - b2^t)``. MLX evaluates them in the adapter's dtype from b1 and b2
     rounded to it; ``1 - b^t`` then cancels (b2 = 0.999 in float32 is off by 1.3e-8, 1 - b2 by 1.3e-5
     relatively), which the bound carries. torch evaluates them in float64: within the bound."""
-    one = Tracked.exact(np.asarray(1.0), case.dtype)
+    one = Tracked.exact(np.asarray(1.0), case.adapter_dtype)
     powers = []
     for beta in spec.betas:
         power = _rounded(beta, case)
@@ -67,18 +70,20 @@ def steps(
     case: LinearCase, spec: OptimizerSpec, target: np.ndarray, count: int, largest: list[float] | None = None
 ) -> list[dict[str, Tracked]]:
     """A and B (peft's layouts) after each of `count` steps; `largest`, if given, gets the largest
-    magnitude of what an implementation holds in the dtype: gradients (AdamW: their squares) and the adapter."""
-    adapter = {"A": Tracked.exact(case.lora_A, case.dtype), "B": Tracked.exact(case.lora_B, case.dtype)}
-    zeros = {name: Tracked.exact(np.zeros_like(p.value), case.dtype) for name, p in adapter.items()}
+    magnitude of what an implementation holds in the dtype: gradients (AdamW: their squares) and the adapter.
+    The adapter, its gradients and the optimizer's state are held in the adapter's dtype (float32 adapters on a
+    half-precision base, as both packages train them)."""
+    held = {"A": adapter(case, case.lora_A), "B": adapter(case, case.lora_B)}
+    zeros = {name: Tracked.exact(np.zeros_like(p.value), case.adapter_dtype) for name, p in held.items()}
     moments, squares = dict(zeros), dict(zeros)
     trajectory = []
     for step in range(1, count + 1):
-        grads = _gradients(case, adapter, target)
+        grads = _gradients(case, held, target)
         for name, g in grads.items():
             if largest is not None:
                 largest.append(float(np.max(g.magnitude, initial=0.0)) ** (2 if spec.kind == "adamw" else 1))
             if spec.kind == "sgd":
-                adapter[name] = adapter[name] - g.scaled(spec.lr)
+                held[name] = held[name] - g.scaled(spec.lr)
                 continue
             b1, b2 = spec.betas
             # MLX: b m + (1 - b) g; torch: m.lerp_(g, 1 - b) = m + (1 - b)(g - m), and v b + (1 - b) g g.
@@ -89,10 +94,10 @@ def steps(
             numerator = moments[name] * first
             denominator = (squares[name].sqrt() * second).shifted(spec.eps)
             update = numerator / denominator
-            limit = _adam_step_limit(spec, step) * (2 + gamma(8, case.dtype))
-            update = Tracked(update.value, np.minimum(update.bound, limit), case.dtype)
-            adapter[name] = adapter[name].scaled(1 - spec.lr * spec.weight_decay) - update
+            limit = _adam_step_limit(spec, step) * (2 + gamma(8, case.adapter_dtype))
+            update = Tracked(update.value, np.minimum(update.bound, limit), case.adapter_dtype)
+            held[name] = held[name].scaled(1 - spec.lr * spec.weight_decay) - update
         if largest is not None:
-            largest += [float(np.max(p.magnitude, initial=0.0)) for p in adapter.values()]
-        trajectory.append(dict(adapter))
+            largest += [float(np.max(p.magnitude, initial=0.0)) for p in held.values()]
+        trajectory.append(dict(held))
     return trajectory

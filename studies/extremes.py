@@ -86,8 +86,8 @@ def linear_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, float32_
 
 
 @st.composite
-def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False):
-    parameters = draw(_linear_parameters(dtype, cancel=False))
+def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False, float32_adapters: bool = False):
+    parameters = draw(_linear_parameters(dtype, cancel=False, float32_adapters=float32_adapters))
     shared = {k: parameters[k] for k in SHARED_PARAMETERS if k in parameters}
     case = make_embedding_case(parameters["in_features"], parameters["out_features"], use_dora=use_dora, **shared)
     assume(case.lookup.lora_B.any() and fits_dtype(case.lookup) and fits_dtype(case.head))
@@ -96,8 +96,8 @@ def embedding_cases(draw: st.DrawFn, dtype: DType, use_dora: bool = False):
 
 
 @st.composite
-def switch_cases(draw: st.DrawFn, dtype: DType):
-    parameters = draw(_linear_parameters(dtype))
+def switch_cases(draw: st.DrawFn, dtype: DType, float32_adapters: bool = False):
+    parameters = draw(_linear_parameters(dtype, float32_adapters=float32_adapters))
     num_experts = draw(st.integers(1, 8), label="num_experts")
     top_k = draw(st.integers(1, min(4, num_experts)), label="top_k")
     seed = parameters.pop("seed")
@@ -111,8 +111,9 @@ def switch_cases(draw: st.DrawFn, dtype: DType):
 def cases_for(family: str, dtype: DType) -> st.SearchStrategy:
     """The extreme cases of a family of `conformance.families.FAMILIES`, by its layout."""
     described = FAMILIES[family]
+    float32_adapters = described.float32_adapters
     if described.layout == "switch":
-        return switch_cases(dtype)
+        return switch_cases(dtype, float32_adapters=float32_adapters)
     if described.layout == "embedding":
-        return embedding_cases(dtype, use_dora=described.use_dora)
-    return linear_cases(dtype, use_dora=described.use_dora, float32_adapters=described.float32_adapters)
+        return embedding_cases(dtype, use_dora=described.use_dora, float32_adapters=float32_adapters)
+    return linear_cases(dtype, use_dora=described.use_dora, float32_adapters=float32_adapters)

@@ -43,9 +43,9 @@ def test_the_same_seed_draws_the_same_cases_and_gives_the_same_verdicts(run_suit
     assert first != judged("13")
 
 
-LINEAR_ROWS_PER_DTYPE = 3 * 150 + 2 * (150 // 3)
-"""test_linear.py in float16 or bfloat16: forward, merge and grad with the ci profile's 150 examples, grad_bias_all
-and dropout a third each (dropout_scaling runs in float32 only)."""
+LINEAR_ROWS_PER_DTYPE = 3 * 150 + 4 * (150 // 3)
+"""test_linear.py in float16 or bfloat16: forward, merge and grad with the ci profile's 150 examples, grad_bias_all,
+dropout and the two optimizer steps (of float32 adapters) a third each (dropout_scaling runs in float32 only)."""
 
 
 def test_summary_line_counts_the_cases_checked(run_suite):

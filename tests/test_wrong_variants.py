@@ -13,7 +13,14 @@ def test_correct_layer_passes_every_check_in_every_dtype(subject, run_suite):
     # Known divergences of the base op itself (the CPU's mxfp8 float16 quantized_matmul) hold for any layer on it.
     assert statuses <= {"pass", "known divergence", "missed this run"} and "pass" in statuses
     own = [c for c in run.results["checks"] if c["subject"] == subject.name and c["status"] == "known divergence"]
-    assert all(c["check_id"].endswith("-float16-mxfp8]") for c in own), own
+    # and peft's own divergences (its side of a check), which are no fault of the layer's
+    of_peft = {row["check_id"] for row in run.results["rows"] if _only_the_references(row)}
+    assert all(c["check_id"].endswith("-float16-mxfp8]") or c["check_id"] in of_peft for c in own), own
+
+
+def _only_the_references(row: dict) -> bool:
+    """Whether every known divergence that explains the row is on the reference's side."""
+    return bool(row["explained_by"]) and all(" | reference " in entry for entry in row["explained_by"])
 
 
 @pytest.mark.parametrize("name", sorted(WRONG_VARIANTS))

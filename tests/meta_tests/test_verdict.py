@@ -11,13 +11,21 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from catalogue import CORRECT
-from conformance import replay
+from conformance import divergences, replay
 from conformance.families import FAMILIES, LINEAR
 from foundation import profiles
 from foundation.cases import LinearCase, gradients_fit, linear_cases
-from foundation.dtypes import ACCUMULATION, BFLOAT16, CASE_DTYPES, FLOAT16, FLOAT32, round_to
+from foundation.dtypes import ACCUMULATION, BFLOAT16, CASE_DTYPES, FLOAT16, FLOAT32, DType, round_to
 from foundation.rebuild import case_from_description
-from foundation.verdict import CALIBRATION, Tracked, allowed_error, compare, compare_dtype, gamma, scaling_roundings
+from foundation.verdict import (
+    CALIBRATION,
+    Tracked,
+    allowed_error,
+    compare,
+    compare_dtype,
+    gamma,
+    scaling_roundings,
+)
 from studies import sampling
 from subjects.bridge import mlx_array, to_numpy
 
@@ -262,16 +270,26 @@ def test_correct_layer_uses_well_under_the_allowed_error(dtype, default_profile)
         @given(case=FAMILIES[subject.family].study_cases(dtype))
         def run(case):
             for name, check in FAMILIES[subject.family].checks_on().items():
-                if not check.runs_in(dtype.name):
+                if not check.runs_in(dtype.name) or not check.applies(case):
                     continue
-                measurement = check.run(subject, case)
-                assert measurement.passed, measurement.worst.describe()
+                sides = _judged_sides(subject, name, dtype)
+                judged = [c for c in check.run(subject, case).comparisons if c.side in sides]
+                worst = max(judged, key=lambda c: (not c.passed, c.margin))
+                assert worst.passed, worst.describe()
                 if name not in STATISTICAL:
-                    margins.append((measurement.margin, f"{subject.name} {name}: {measurement.worst.describe()}"))
+                    margins.append((worst.margin, f"{subject.name} {name}: {worst.describe()}"))
 
         run()
     largest, where = max(margins)
     assert 0 < largest <= 0.75, f"largest margin {largest:.3f} ({where}); CALIBRATION={CALIBRATION}"
+
+
+def _judged_sides(subject, check: str, dtype: DType) -> set[str]:
+    """The sides whose margins measure the verdict: both, but not peft's where a known divergence says peft loses
+    precision in this check (its margins there are peft's, not rounding's)."""
+    check_id = FAMILIES[subject.family].on("float").check_id(check, subject.name, dtype.name)
+    entries = divergences.covering(divergences.load(divergences.DEFAULT_PATH, sampling.mlx_device()), check_id)
+    return {"subject"} if any(entry.explanation.side == "reference" for entry in entries) else {"subject", "reference"}
 
 
 @DTYPES
