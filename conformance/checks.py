@@ -79,13 +79,15 @@ def measure(
     run_subject: Callable[[], Observed],
     diagnose: Callable[[Measurement, Observed], list[str]] | None = None,
     expect_subject: Callable[[Case], Expected] | None = None,
+    precision_hints: bool = True,
 ) -> Measurement:
     """One check of one case: each side's results against the oracle's for the case (`expect_subject`'s for the
     subject, where its convention defines the layer otherwise than peft), and a diagnosis where it failed.
 
     `expect` and `reference` depend on the case alone: the oracle's expectation and the reference's judgment are
     made once per case and check, and every subject checked on that case shares them (`foundation.memo`). The
-    diagnosis may ask `expect` of a case close to this one (`diagnosis.precision_hints`)."""
+    diagnosis may ask `expect` of a case close to this one (`diagnosis.precision_hints`, unless `precision_hints` is
+    False: where the half-precision expectation's bound is too wide to tell a precision loss from another error)."""
     measurement = Measurement(subject.name, check, case.describe())
     with timer("oracle"):
         expected = memo.once(case, ("expected", check), lambda: expect(case))
@@ -100,8 +102,9 @@ def measure(
     if not measurement.passed:
         if diagnose is not None:
             measurement.hints += diagnose(measurement, observed)
-        measurement.hints += diagnosis.precision_hints(case, measurement, observed, subject_expect)
-        measurement.hints += diagnosis.precision_hints(case, measurement, judged[1], expect, side="reference")
+        if precision_hints:
+            measurement.hints += diagnosis.precision_hints(case, measurement, observed, subject_expect)
+            measurement.hints += diagnosis.precision_hints(case, measurement, judged[1], expect, side="reference")
     return measurement
 
 

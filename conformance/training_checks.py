@@ -218,7 +218,9 @@ def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer
         )
         return from_mlx(by_step(adapters, lambda values: values))
 
-    measurement = measure(f"steps_{kind}", subject, case, timer, expect, reference, run_subject)
+    # Three steps in half precision allow so much that a scale error under AdamW (which normalises the gradient)
+    # fits in them as well as a precision loss does (mlx-vlm 0.4.4's raw alpha did): no precision hint.
+    measurement = measure(f"steps_{kind}", subject, case, timer, expect, reference, run_subject, precision_hints=False)
     measurement.case.update(spec.describe())
     return measurement
 
