@@ -227,15 +227,15 @@ def _steps(subject: Subject, case: LinearCase | EmbeddingCase, timer: PhaseTimer
 
 def steps_fit(case: LinearCase | EmbeddingCase, kind: str) -> bool:
     """Whether the steps' float64 trajectory keeps gradients (AdamW: their squares) and the adapter far from
-    overflow in the case dtype, and every step's forward and backward pass fits as `fits_dtype` and
-    `gradients_fit` ask of one pass: huge weights make the regression residual, and so every later step,
-    overflow where no implementation could follow."""
+    overflow in the adapter's dtype (which holds them and the optimizer's state), and every step's forward and
+    backward pass fits the case dtype as `fits_dtype` and `gradients_fit` ask of one pass: huge weights make the
+    regression residual, and so every later step, overflow where no implementation could follow."""
     view = case.lookup if isinstance(case, EmbeddingCase) else case
     target = optimizers.regression_target(view)
     spec = optimizers.optimizer_for(view, kind, trajectory.first_gradients(view, target))
     largest: list[float] = []
     after = trajectory.steps(view, spec, target, optimizers.STEPS, largest)
-    if not all(math.isfinite(value) and value < view.dtype.largest / 64 for value in largest):
+    if not all(math.isfinite(value) and value < view.adapter_dtype.largest / 64 for value in largest):
         return False
     starts = [view, *(replace(view, lora_A=adapter["A"].value, lora_B=adapter["B"].value) for adapter in after[:-1])]
     return all(
