@@ -320,3 +320,17 @@ def test_the_flakiness_study_refuses_fewer_than_two_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         flakiness.main(["--runs", "1", "--out", str(tmp_path / "f.json")])
     assert "at least 2" in capsys.readouterr().err and not (tmp_path / "f.json").exists()
+
+
+def test_a_known_divergence_of_peft_leaves_out_peft_s_margins_and_keeps_the_subject_s():
+    """The switch layers' reference (peft's target_parameters) has entries of its own in half precision: the study
+    reports the correct layer's largest margins there, and not peft's."""
+    task = sampling.Study(
+        false_alarms.run_chunk, "catalogue:CorrectLoRASwitchLinear", "switch_linear", "bfloat16", "drawn", 0, 2
+    )
+    found = task(0)
+    assert found["keys"] and not found["false_alarms"]
+    for check in ("forward", "grad"):
+        sides = found["checks"][check]["largest"]
+        assert "subject" in sides and "reference" not in sides, (check, sides)
+    assert set(found["checks"]["merge"]["largest"]) == {"subject", "reference"}
