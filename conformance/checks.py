@@ -21,13 +21,12 @@ from conformance.timing import UNTIMED, PhaseTimer
 from foundation import memo, quantization, weights
 from foundation.cases import EmbeddingCase, LinearCase
 from foundation.quantization import Quantization
-from foundation.switch_cases import SwitchCase
+from foundation.switch_cases import Case, SwitchCase
 from foundation.verdict import Comparison, Measurement, Tracked, compare, compare_dtype, failed, raised
 from reference import oracle, peft_layers
 from subjects import bridge
 from subjects.known import Subject
 
-Case = LinearCase | EmbeddingCase | SwitchCase
 Observed = dict[str, tuple[np.ndarray, "str | None"]]
 """quantity -> (values as float64, dtype name or None where the dtype is not judged), as one side produced them."""
 Expected = dict[str, "Tracked | None"]

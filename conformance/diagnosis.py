@@ -12,11 +12,9 @@ import numpy as np
 from foundation import weights
 from foundation.cases import EmbeddingCase, LinearCase
 from foundation.dtypes import round_to
-from foundation.switch_cases import SwitchCase
+from foundation.switch_cases import Case, SwitchCase
 from foundation.verdict import VALUES, Measurement, Tracked, allowed_error, compare
 from reference import oracle
-
-Case = LinearCase | EmbeddingCase | SwitchCase
 
 
 def scalar_multiple(observed: np.ndarray, expected: np.ndarray, allowed: np.ndarray) -> float | None:
@@ -212,12 +210,6 @@ def adapter_in_base_dtype(case: Case) -> Case:
     return replace(case, adapter_dtype=dtype, **rounded)
 
 
-def _mixed(case: Case) -> bool:
-    """Whether the case holds a float32 adapter on a half-precision base."""
-    linear = case.lookup if isinstance(case, EmbeddingCase) else case.first if isinstance(case, SwitchCase) else case
-    return linear.mixed
-
-
 _SIDES = {"subject": "the subject's", "reference": "peft's"}
 
 
@@ -227,7 +219,7 @@ def precision_hints(
     """Where one side (`side`) fails with a float32 adapter on a half-precision base: whether every value it got
     wrong agrees with the formulas for the adapter rounded to the base's dtype (`adapter_in_base_dtype`), in which
     case the precision is lost there. `expect` is the check's expectation of a case."""
-    if not _mixed(case):
+    if not case.mixed:
         return []
     wrong = {c.quantity for c in measurement.comparisons if c.side == side and c.kind == VALUES and not c.passed}
     if not wrong or not wrong <= observed.keys():

@@ -131,12 +131,7 @@ def _steps_fit(optimizer: str) -> Keep:
     """Whether the steps can be judged: the adapter trains in float32, as both packages train one on any base
     (mlx-lm creates float32 adapters, peft upcasts them; in float16, AdamW's v = g^2 underflows), and the steps
     fit the dtype."""
-    return lambda case: _float32_adapter(case) and training_checks.steps_fit(case, optimizer)
-
-
-def _float32_adapter(case: LinearCase | EmbeddingCase) -> bool:
-    view = case.lookup if isinstance(case, EmbeddingCase) else case
-    return view.adapter_dtype == FLOAT32
+    return lambda case: case.adapter_dtype == FLOAT32 and training_checks.steps_fit(case, optimizer)
 
 
 def _lookup_gradients_fit(case: EmbeddingCase) -> bool:

@@ -15,7 +15,7 @@ import torch
 from conformance import checks
 from conformance.asserting import record_and_assert
 from foundation.cases import EmbeddingCase, LinearCase, make_embedding_case, make_linear_case
-from foundation.switch_cases import SwitchCase, make_switch_case
+from foundation.switch_cases import Case, SwitchCase, make_switch_case
 from reference import peft_layers
 from subjects import bridge
 
@@ -30,7 +30,6 @@ CONFIGURATIONS = {
     "dropout=-0.1": dict(dropout=-0.1),
     "dropout=1.5": dict(dropout=1.5),
 }
-Case = LinearCase | EmbeddingCase | SwitchCase
 
 
 def _linear_case(dtype, use_dora: bool) -> LinearCase:

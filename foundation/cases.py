@@ -442,6 +442,14 @@ class EmbeddingCase:
         return self.lookup.quantization
 
     @property
+    def adapter_dtype(self) -> DType:
+        return self.lookup.adapter_dtype
+
+    @property
+    def mixed(self) -> bool:
+        return self.lookup.mixed
+
+    @property
     def weight(self) -> np.ndarray:
         """The embedding table, (vocabulary, dims)."""
         return self.lookup.weight.T

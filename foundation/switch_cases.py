@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from foundation.cases import (
     BOOLEANS,
+    EmbeddingCase,
     LinearCase,
     draw_array,
     drawable,
@@ -58,6 +59,14 @@ class SwitchCase:
         return self.first.quantization
 
     @property
+    def adapter_dtype(self) -> DType:
+        return self.first.adapter_dtype
+
+    @property
+    def mixed(self) -> bool:
+        return self.first.mixed
+
+    @property
     def num_experts(self) -> int:
         return len(self.experts)
 
@@ -88,6 +97,10 @@ class SwitchCase:
             "top_k": self.top_k,
             "sorted_indices": self.sorted_indices,
         }
+
+
+Case = LinearCase | EmbeddingCase | SwitchCase
+"""Any case the suite draws: a layer on a Linear, an Embedding or a mixture-of-experts base."""
 
 
 def make_switch_case(num_experts: int, top_k: int, sorted_indices: bool, seed: int, **parameters) -> SwitchCase:

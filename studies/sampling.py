@@ -54,12 +54,7 @@ def strategy(
     cases = _strategy(family, dtype_name, kind, base)
     if adapter_dtype is None:
         return cases
-    return cases.filter(lambda case: _adapter_dtype(case) == adapter_dtype)
-
-
-def _adapter_dtype(case) -> str:
-    linear = getattr(case, "lookup", None) or getattr(case, "first", None) or case
-    return linear.adapter_dtype.name
+    return cases.filter(lambda case: case.adapter_dtype.name == adapter_dtype)
 
 
 def _strategy(family: str, dtype_name: str, kind: str, base: str) -> st.SearchStrategy:

@@ -261,8 +261,8 @@ class LoRASwitchLinearConvention:
         layer = self.construct(cls, case, case.first.r, case.first.dropout)
         load_adapter(
             layer,
-            lora_a=mlx_array(case.stacked("lora_A"), case.first.adapter_dtype),
-            lora_b=mlx_array(case.stacked("lora_B"), case.first.adapter_dtype),
+            lora_a=mlx_array(case.stacked("lora_A"), case.adapter_dtype),
+            lora_b=mlx_array(case.stacked("lora_B"), case.adapter_dtype),
         )
         return layer
 
