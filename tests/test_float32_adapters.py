@@ -134,3 +134,13 @@ def test_no_precision_hint_without_a_float32_adapter():
     measurement = Measurement("s", "forward", case.describe())
     measurement.comparisons.append(compare("output", "subject", np.zeros((2, 3)), oracle.linear_forward(case)))
     assert diagnosis.precision_hints(case, measurement, {"output": (np.zeros((2, 3)), None)}, lambda c: {}) == []
+
+
+def test_half_precision_steps_fail_an_update_computed_in_half_precision(run_suite):
+    """The steps of float32 adapters on a float16 base see an update computed in float16 (SGD follows the gradient's
+    size; the grad check, which `catalogue.WRONG_VARIANTS` holds to 99% of seeds, catches it more reliably still)."""
+    run = run_suite(
+        "--subject", "catalogue:UpdateInHalfPrecision", "--dtype", "float16", "-k", "steps_sgd", module="test_linear.py"
+    )
+    assert run.ret == 1, run.output
+    assert run.status("steps_sgd", "float16") == {"fail"}
