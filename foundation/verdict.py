@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -58,19 +59,105 @@ def scaling_roundings(factor: float, dtype: DType) -> int:
     return 1 if float(round_to(np.array([factor]), dtype)[0]) == factor else 2
 
 
+Pullback = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+@dataclass(frozen=True, eq=False)
+class Origin:
+    """How a `Tracked` value was computed, for the first-order rounding model of `foundation.systematic`: the
+    operands, how a change of the result moves back onto them (`pullback`, the adjoint of the exact map), and what
+    this one step may add to each element of the result. Where the bound adds the worst case of every rounding,
+    the model takes each rounding as an independent error of mean zero within it (Higham and Mary, "A new approach
+    to probabilistic rounding error analysis", SIAM J. Sci. Comput. 41, 2019), but for the errors that need not
+    average out: underflow, a subnormal read as zero, and a Python constant rounded to the dtype."""
+
+    parents: tuple[Tracked, ...] = ()
+    pullback: Pullback | None = None
+    noise: np.ndarray | float = 0.0
+    """The scale of this step's independent roundings: the root of the sum of their bounds' squares."""
+    bias: np.ndarray | float = 0.0
+    """A bound on this step's errors that may not average out (underflow, subnormals read as zero)."""
+    constant: np.ndarray | None = None
+    """How the result moves where an implementation rounds a Python constant (the scale) to the dtype first: one
+    rounding shared by every element, which an implementation makes or does not."""
+    orders: tuple[Tracked, ...] = ()
+    """One formula evaluated in several orders (`Tracked.covering`): an implementation takes one of them."""
+
+
+def _unbroadcast(change: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A change of a broadcast result moved back onto an operand of `shape`: summed over what was broadcast."""
+    while change.ndim > len(shape):
+        change = change.sum(axis=0)
+    axes = tuple(axis for axis, size in enumerate(shape) if size == 1 and change.shape[axis] != 1)
+    return change.sum(axis=axes, keepdims=True) if axes else change
+
+
+def _is_basic(index) -> bool:
+    """Whether an index takes a view (slices, integers, None, Ellipsis) rather than a gather."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(part is None or part is Ellipsis or isinstance(part, (slice, int, np.integer)) for part in parts)
+
+
+def _scattered(shape: tuple[int, ...], index, change: np.ndarray) -> np.ndarray:
+    """The adjoint of ``array[index]``: `change` added back where each element was taken from."""
+    whole = np.zeros(shape)
+    if _is_basic(index):
+        whole[index] += change
+    else:
+        np.add.at(whole, index, change)
+    return whole
+
+
+def _underflowing(value: np.ndarray, bound: np.ndarray, dtype: DType, underflow: float) -> np.ndarray:
+    """`underflow` where a result stored in `dtype` may lie below its smallest normal number, else 0: above it, a
+    rounding is relative, and no absolute error is left over."""
+    return np.where(np.abs(value) + bound < dtype.smallest_normal, underflow, 0.0)
+
+
+def _matmul_pullback(a: np.ndarray, b: np.ndarray, change: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The adjoint of ``a @ b`` (numpy's rules: a vector operand is a row of `a`, a column of `b`)."""
+    rows, columns = a[None, :] if a.ndim == 1 else a, b[:, None] if b.ndim == 1 else b
+    change = change[..., None] if b.ndim == 1 else change
+    change = change[..., None, :] if a.ndim == 1 else change
+    onto_a = _unbroadcast(change @ np.swapaxes(columns, -1, -2), rows.shape)
+    onto_b = _unbroadcast(np.swapaxes(rows, -1, -2) @ change, columns.shape)
+    return onto_a.reshape(a.shape), onto_b.reshape(b.shape)
+
+
 @dataclass(frozen=True)
 class Tracked:
-    """An exact float64 value and a bound on the error of computing it in `dtype`."""
+    """An exact float64 value and a bound on the error of computing it in `dtype`; how it was computed (`origin`),
+    and, where the oracle names them, the terms of its formula (`terms`: ``"LoRA term"`` -> its exact values)."""
 
     value: np.ndarray
     bound: np.ndarray
     dtype: DType
+    origin: Origin | None = field(default=None, compare=False, repr=False)
+    terms: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def exact(cls, value: np.ndarray, dtype: DType) -> Tracked:
         """An input: exactly representable in `dtype`, so it carries no error."""
         value = np.asarray(value, dtype=np.float64)
         return cls(value, np.zeros_like(value), dtype)
+
+    @classmethod
+    def rounded(cls, value: np.ndarray, dtype: DType) -> Tracked:
+        """An input that may or may not be rounded to `dtype` first, element by element (a quantized weight that
+        may be dequantized on the fly)."""
+        value = np.asarray(value, dtype=np.float64)
+        rounding = dtype.unit_roundoff * np.abs(value)
+        origin = Origin(noise=rounding + _underflowing(value, rounding, dtype, dtype.underflow))
+        return cls(value, rounding + dtype.underflow, dtype, origin)
+
+    def with_terms(self, terms: Mapping[str, np.ndarray]) -> Tracked:
+        """This value, with the terms of its formula named: ``{"LoRA term": s (x A^T) B^T, ...}``."""
+        return replace(self, terms={name: np.broadcast_to(term, self.value.shape) for name, term in terms.items()})
+
+    def _carried(self, value: np.ndarray, bound: np.ndarray, dtype: DType, pullback: Pullback, move) -> Tracked:
+        """A rearrangement of this value (no arithmetic): its terms rearranged alike by `move`."""
+        terms = None if self.terms is None else {name: move(term) for name, term in self.terms.items()}
+        return Tracked(value, bound, dtype, Origin((self,), pullback), terms)
 
     @staticmethod
     def covering(*orders: Tracked) -> Tracked:
@@ -79,7 +166,8 @@ class Tracked:
         if any(order.dtype != orders[0].dtype for order in orders):
             raise ValueError(f"orders stored in different dtypes: {[order.dtype.name for order in orders]}")
         bound = np.maximum.reduce([order.bound for order in orders])
-        return Tracked(orders[0].value, bound, orders[0].dtype)
+        terms = next((order.terms for order in orders if order.terms is not None), None)
+        return Tracked(orders[0].value, bound, orders[0].dtype, Origin(orders=orders), terms)
 
     def narrowed_to(self, observed: np.ndarray, floor: Tracked) -> Tracked:
         """This bound, narrowed to how far `observed` (what a known kernel computed for this very formula and
@@ -88,28 +176,68 @@ class Tracked:
         with np.errstate(invalid="ignore"):  # inf - inf: a kernel off by everything, which keeps the worst case
             off = np.abs(observed - self.value)
         within = np.isfinite(off) & (off <= self.bound)
-        return Tracked(self.value, np.maximum(np.where(within, off, self.bound), floor.bound), self.dtype)
+        bound = np.maximum(np.where(within, off, self.bound), floor.bound)
+        return Tracked(self.value, bound, self.dtype, Origin(orders=(self, floor)), self.terms)
 
     @staticmethod
     def stack(parts: list[Tracked], axis: int = 0) -> Tracked:
         """Several results side by side (no arithmetic, so no error of its own)."""
         value = np.stack([part.value for part in parts], axis=axis)
-        return Tracked(value, np.stack([part.bound for part in parts], axis=axis), parts[0].dtype)
+        names = [set(part.terms or ()) for part in parts]
+        terms = None
+        if parts[0].terms is not None and all(n == names[0] for n in names):
+            terms = {name: np.stack([part.terms[name] for part in parts], axis=axis) for name in names[0]}
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray, ...]:
+            return tuple(np.take(change, i, axis=axis) for i in range(len(parts)))
+
+        bound = np.stack([part.bound for part in parts], axis=axis)
+        return Tracked(value, bound, parts[0].dtype, Origin(tuple(parts), pullback), terms)
 
     def take_along_axis(self, indices: np.ndarray, axis: int) -> Tracked:
         """``np.take_along_axis`` of value and bound: a gather, exact."""
         take = np.take_along_axis
-        return Tracked(take(self.value, indices, axis), take(self.bound, indices, axis), self.dtype)
+        shape = self.value.shape
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray]:
+            where = list(np.indices(change.shape, sparse=True))
+            where[axis] = np.broadcast_to(indices, change.shape)
+            return (_scattered(shape, tuple(where), change),)
+
+        return self._carried(
+            take(self.value, indices, axis),
+            take(self.bound, indices, axis),
+            self.dtype,
+            pullback,
+            lambda term: take(term, indices, axis),
+        )
 
     def reshape(self, *shape: int) -> Tracked:
-        return Tracked(self.value.reshape(*shape), self.bound.reshape(*shape), self.dtype)
+        before = self.value.shape
+        return self._carried(
+            self.value.reshape(*shape),
+            self.bound.reshape(*shape),
+            self.dtype,
+            lambda change: (change.reshape(before),),
+            lambda term: term.reshape(*shape),
+        )
 
     def __getitem__(self, index) -> Tracked:
-        return Tracked(self.value[index], self.bound[index], self.dtype)
+        shape = self.value.shape
+        return self._carried(
+            self.value[index],
+            self.bound[index],
+            self.dtype,
+            lambda change: (_scattered(shape, index, change),),
+            lambda term: term[index],
+        )
 
     @property
     def T(self) -> Tracked:  # noqa: N802 - mirrors numpy
-        return Tracked(np.swapaxes(self.value, -1, -2), np.swapaxes(self.bound, -1, -2), self.dtype)
+        def swap(array: np.ndarray) -> np.ndarray:
+            return np.swapaxes(array, -1, -2)
+
+        return self._carried(swap(self.value), swap(self.bound), self.dtype, lambda change: (swap(change),), swap)
 
     @functools.cached_property
     def allowed(self) -> np.ndarray:
@@ -121,20 +249,39 @@ class Tracked:
         return np.abs(self.value) + self.bound
 
     def _stored(
-        self, value: np.ndarray, bound: np.ndarray, underflow: float | None = None, dtype: DType | None = None
+        self,
+        value: np.ndarray,
+        bound: np.ndarray,
+        origin: Origin,
+        underflow: float | None = None,
+        dtype: DType | None = None,
     ) -> Tracked:
-        """The result of one operation, rounded once to `dtype` (this value's, unless said otherwise), which may
-        underflow, by `underflow`."""
+        """The result of one operation (whose own errors before the result's rounding `origin` holds), rounded once
+        to `dtype` (this value's, unless said otherwise), which may underflow, by `underflow`."""
         dtype = self.dtype if dtype is None else dtype
         underflow = dtype.underflow if underflow is None else underflow
-        rounding = dtype.unit_roundoff * (np.abs(value) + bound) + underflow
-        return Tracked(value, bound + rounding, dtype)
+        rounding = dtype.unit_roundoff * (np.abs(value) + bound)
+        lost = _underflowing(value, bound, dtype, underflow)
+        if underflow > dtype.underflow:  # flushed to zero: not a rounding to the nearest, so it need not average out
+            origin = replace(origin, bias=origin.bias + lost)
+        else:
+            rounding = np.sqrt(np.square(rounding) + np.square(lost))
+        noise = np.sqrt(np.square(origin.noise) + np.square(rounding))
+        return Tracked(
+            value,
+            bound + dtype.unit_roundoff * (np.abs(value) + bound) + underflow,
+            dtype,
+            replace(origin, noise=noise),
+        )
 
     def cast(self, dtype: DType) -> Tracked:
         """The value converted to `dtype`: one rounding where that dtype is coarser, else exact."""
         if dtype.unit_roundoff <= self.dtype.unit_roundoff:
-            return Tracked(self.value, self.bound, dtype)
-        return self._stored(self.value, self.bound, dtype=dtype)
+            return Tracked(self.value, self.bound, dtype, Origin((self,), lambda change: (change,)), self.terms)
+        return replace(
+            self._stored(self.value, self.bound, Origin((self,), lambda change: (change,)), dtype=dtype),
+            terms=self.terms,
+        )
 
     def _as_dot_product_reads_it(self, dtype: DType) -> Tracked:
         """This operand as a dot product computing in `dtype` reads it: where those treat subnormals as zero, an
@@ -142,7 +289,9 @@ class Tracked:
         if not dtype.flushes_in_dot_products:
             return self
         subnormal = self.magnitude < self.dtype.smallest_normal
-        return Tracked(self.value, np.where(subnormal, self.magnitude, self.bound), self.dtype)
+        flushed = np.where(subnormal, self.magnitude, 0.0)
+        origin = Origin((self,), lambda change: (change,), bias=flushed)
+        return Tracked(self.value, np.where(subnormal, self.magnitude, self.bound), self.dtype, origin)
 
     @staticmethod
     def _product_underflow(dtype: DType, accumulation: DType) -> float:
@@ -153,11 +302,12 @@ class Tracked:
     def __matmul__(self, other: Tracked) -> Tracked:
         return self.matmul(other)
 
-    def _products(self, other: Tracked) -> tuple[np.ndarray, np.ndarray | float, np.ndarray, np.ndarray | None]:
+    def _products(self, other: Tracked) -> tuple:
         """What every product bound needs: the value, the operands' errors carried through
-        (``|a| @ e_b + e_a @ |b|``), ``|a| @ |b|`` as a dot product reads the operands, and ``|a| @ |b|`` of the
-        operands as they are where that is the same product (None where subnormals read as zero change it).
-        Operands of two dtypes are promoted (`dtypes.promoted`) before the product, which computes in that dtype."""
+        (``|a| @ e_b + e_a @ |b|``), ``|a| @ |b|`` as a dot product reads the operands, ``|a| @ |b|`` of the
+        operands as they are where that is the same product (None where subnormals read as zero change it), and
+        the operands as read. Operands of two dtypes are promoted (`dtypes.promoted`) before the product, which
+        computes in that dtype."""
         value = self.value @ other.value
         dtype = promoted(self.dtype, other.dtype)
         left, right = self._as_dot_product_reads_it(dtype), other._as_dot_product_reads_it(dtype)
@@ -168,22 +318,36 @@ class Tracked:
             propagated = propagated + left.magnitude @ right.bound
         magnitudes = left.magnitude @ right.magnitude
         as_they_are = magnitudes if left is self and right is other else None
-        return value, propagated, magnitudes, as_they_are
+        return value, propagated, magnitudes, as_they_are, (left, right)
 
     def _summed(self, other: Tracked, parts: tuple, accumulation: DType, initial: Tracked | None = None) -> Tracked:
         """The product with `other` of `_products`' `parts` (with `initial` accumulated as one more term), stored
         in the operands' promoted dtype."""
-        value, propagated, magnitudes, _ = parts
+        value, propagated, magnitudes, _, (left, right) = parts
         dtype = promoted(self.dtype, other.dtype, *([] if initial is None else [initial.dtype]))
         inner = self.value.shape[-1]
+        operands: tuple[Tracked, ...] = (left, right)
         if initial is not None:
             start = initial._as_dot_product_reads_it(dtype)
             inner, value = inner + 1, initial.value + value
             propagated, magnitudes = start.bound + propagated, start.magnitude + magnitudes
+            operands += (start,)
         # Each of the `inner` products may also underflow in the accumulation dtype (absolute error).
         accumulated = gamma(inner, accumulation) * magnitudes
         underflow = inner * self._product_underflow(dtype, accumulation)
-        return self._stored(value, propagated + accumulated + underflow, dtype.dot_product_underflow, dtype)
+        a, b = left.value, right.value
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray, ...]:
+            moved = _matmul_pullback(a, b, change)
+            return moved if initial is None else (*moved, _unbroadcast(change, initial.value.shape))
+
+        # The model's sum: each of the inner partial sums, and each product, rounded independently.
+        noise = math.sqrt(inner + 1) * accumulation.unit_roundoff * magnitudes
+        if dtype.flushes_in_dot_products:  # products flushed to zero, which need not average out
+            origin = Origin(operands, pullback, noise=noise, bias=underflow)
+        else:
+            origin = Origin(operands, pullback, noise=noise + math.sqrt(inner) * accumulation.underflow)
+        return self._stored(value, propagated + accumulated + underflow, origin, dtype.dot_product_underflow, dtype)
 
     def matmul(self, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """The matrix product, its sums accumulated in `accumulation` (float32 unless said otherwise)."""
@@ -208,11 +372,30 @@ class Tracked:
         product = self.matmul(other, accumulation)
         underflow = self.value.shape[-1] * product.dtype.dot_product_underflow
         stored = product.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + underflow
-        return Tracked(product.value, product.bound + stored, product.dtype)
+        noise = product.dtype.unit_roundoff * np.sqrt(np.square(self.magnitude) @ np.square(other.magnitude))
+        if product.dtype.flushes_in_dot_products:
+            origin = Origin((product,), lambda change: (change,), noise=noise, bias=underflow)
+        else:
+            terms = math.sqrt(self.value.shape[-1]) * product.dtype.underflow
+            origin = Origin((product,), lambda change: (change,), noise=noise + terms)
+        return Tracked(product.value, product.bound + stored, product.dtype, origin)
 
     def __add__(self, other: Tracked) -> Tracked:
         """The sum, in the promoted dtype (`cast` the result where it is stored more coarsely)."""
-        return self._stored(self.value + other.value, self.bound + other.bound, dtype=promoted(self.dtype, other.dtype))
+        return self._sum(other, 1.0)
+
+    def __sub__(self, other: Tracked) -> Tracked:
+        return self._sum(other, -1.0)
+
+    def _sum(self, other: Tracked, sign: float) -> Tracked:
+        left, right = self.value.shape, other.value.shape
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _unbroadcast(change, left), sign * _unbroadcast(change, right)
+
+        value = self.value + sign * other.value
+        origin = Origin((self, other), pullback)
+        return self._stored(value, self.bound + other.bound, origin, dtype=promoted(self.dtype, other.dtype))
 
     def plus(self, other: Tracked) -> Tracked:
         """``self + other`` stored in this value's dtype, where `other` may be finer (a float32 adapter's term on a
@@ -222,21 +405,30 @@ class Tracked:
             return self + other
         return Tracked.covering((self + other).cast(self.dtype), self + other.cast(self.dtype))
 
-    def __sub__(self, other: Tracked) -> Tracked:
-        return self._stored(self.value - other.value, self.bound + other.bound, dtype=promoted(self.dtype, other.dtype))
-
     def __mul__(self, other: Tracked) -> Tracked:
         """Elementwise (broadcasting) product."""
-        propagated = np.abs(self.value) * other.bound + self.bound * other.magnitude
-        return self._stored(self.value * other.value, propagated, dtype=promoted(self.dtype, other.dtype))
+        a, b = self.value, other.value
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _unbroadcast(change * b, a.shape), _unbroadcast(change * a, b.shape)
+
+        propagated = np.abs(a) * other.bound + self.bound * other.magnitude
+        origin = Origin((self, other), pullback)
+        return self._stored(a * b, propagated, origin, dtype=promoted(self.dtype, other.dtype))
 
     def __truediv__(self, other: Tracked) -> Tracked:
         """Elementwise (broadcasting) quotient; unbounded where the divisor's error reaches its size."""
         value = self.value / other.value
+        a, b = self.value, other.value
         with np.errstate(divide="ignore", invalid="ignore"):
             slack = np.abs(other.value) - other.bound
             propagated = np.where(slack > 0, (self.bound + np.abs(value) * other.bound) / slack, np.inf)
-        return self._stored(value, propagated, dtype=promoted(self.dtype, other.dtype))
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _unbroadcast(change / b, a.shape), _unbroadcast(-change * value / b, b.shape)
+
+        origin = Origin((self, other), pullback)
+        return self._stored(value, propagated, origin, dtype=promoted(self.dtype, other.dtype))
 
     def row_norm(self, accumulation: DType = ACCUMULATION) -> Tracked:
         """The Euclidean norm over the last axis, its squares formed and summed in `accumulation`."""
@@ -246,31 +438,57 @@ class Tracked:
         # The sum of squares is off by gamma(n + 1) relatively, and a square root halves that; each of the n
         # squares may also underflow, which moves the sum by n half-subnormals and the root by at most the
         # root of that (|sqrt(a) - sqrt(b)| <= sqrt(|a - b|)).
-        accumulated = (gamma(inner + 1, accumulation) / 2) * np.linalg.norm(self.magnitude, axis=-1)
+        magnitude = np.linalg.norm(self.magnitude, axis=-1)
+        accumulated = (gamma(inner + 1, accumulation) / 2) * magnitude
         underflow = np.sqrt(inner * accumulation.underflow)
-        return self._stored(value, propagated + accumulated + underflow)
+        a = self.value
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return (np.where(value[..., None] > 0, change[..., None] * a / value[..., None], 0.0),)
+
+        noise = (math.sqrt(inner + 1) * accumulation.unit_roundoff / 2) * magnitude + underflow
+        origin = Origin((self,), pullback, noise=noise)
+        return self._stored(value, propagated + accumulated + underflow, origin)
 
     def sqrt(self) -> Tracked:
         """Elementwise square root of a non-negative quantity: the exact interval (sqrt is monotone)."""
         value = np.sqrt(self.value)
         low, high = np.sqrt(np.maximum(self.value - self.bound, 0.0)), np.sqrt(self.value + self.bound)
-        return self._stored(value, np.maximum(high - value, value - low))
+        spread = np.maximum(high - value, value - low)
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return (np.where(value > 0, change / (2 * value), 0.0),)
+
+        # Where the value is 0 its root's error is not linear in the operand's: the whole interval may be one-sided.
+        origin = Origin((self,), pullback, bias=np.where(value > 0, 0.0, spread))
+        return self._stored(value, spread, origin)
 
     def shifted(self, constant: float) -> Tracked:
         """Add a Python float, which an implementation may first round to the dtype."""
-        return self._stored(self.value + constant, self.bound + self.dtype.unit_roundoff * abs(constant))
+        rounded = float(round_to(np.array([constant]), self.dtype)[0])
+        origin = Origin((self,), lambda change: (change,), constant=np.full(self.value.shape, rounded - constant))
+        return self._stored(self.value + constant, self.bound + self.dtype.unit_roundoff * abs(constant), origin)
 
     def scaled(self, factor: float) -> Tracked:
         """Multiply by a Python float, which an implementation may first round to the dtype (see
         `scaling_roundings`: a power of two scales exactly, but for underflow)."""
         roundings = scaling_roundings(factor, self.dtype)
         value, propagated = factor * self.value, abs(factor) * self.bound
+
+        def pullback(change: np.ndarray) -> tuple[np.ndarray]:
+            return (factor * change,)
+
         if roundings == 0:
-            return Tracked(value, propagated + self.dtype.underflow, self.dtype)
+            origin = Origin((self,), pullback, noise=_underflowing(value, propagated, self.dtype, self.dtype.underflow))
+            return Tracked(value, propagated + self.dtype.underflow, self.dtype, origin)
         if roundings == 1:  # the result's own rounding only (not 0 * the magnitude: where that is inf, 0 * inf is NaN)
-            return self._stored(value, propagated)
+            return self._stored(value, propagated, Origin((self,), pullback))
         scalar = (roundings - 1) * self.dtype.unit_roundoff * abs(factor) * self.magnitude
-        return self._stored(value, propagated + scalar)
+        rounded = float(round_to(np.array([factor]), self.dtype)[0])
+        origin = Origin((self,), pullback, constant=(rounded - factor) * self.value)
+        return self._stored(value, propagated + scalar, origin)
 
     def scaled_matmul(self, other: Tracked, factor: float) -> Tracked:
         """``factor * (self @ other)``, where an implementation may instead scale either operand first.
@@ -292,7 +510,8 @@ class Tracked:
         rows = rows[..., None] if self.value.ndim > 1 else rows
         ones_products = np.broadcast_to(rows + other.magnitude.sum(axis=-2), product.value.shape)
         underflow = coarser.dot_product_underflow * ones_products
-        return Tracked(product.value, product.bound + prescaled + underflow, product.dtype)
+        orders = (product, self.scaled(factor).matmul(other), self.matmul(other.scaled(factor)))
+        return Tracked(product.value, product.bound + prescaled + underflow, product.dtype, Origin(orders=orders))
 
 
 VALUES = "values"
@@ -423,6 +642,8 @@ class Measurement:
     case: dict
     comparisons: list[Comparison] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)
+    components: list = field(default_factory=list)
+    """Where it passed: the subject's error along each term of each quantity (`foundation.systematic.Component`)."""
 
     @property
     def passed(self) -> bool:

@@ -31,10 +31,9 @@ def adapter(case: LinearCase, array: np.ndarray) -> Tracked:
 @once_per_case
 def base_weight(case: LinearCase) -> Tracked:
     """The base weight; a quantized base may dequantize it on the fly without rounding to the dtype."""
-    weight = exact(case, case.weight)
     if case.quantization is None:
-        return weight
-    return Tracked(weight.value, case.dtype.unit_roundoff * np.abs(weight.value) + case.dtype.underflow, case.dtype)
+        return exact(case, case.weight)
+    return Tracked.rounded(case.weight, case.dtype)
 
 
 @once_per_case

@@ -14,7 +14,7 @@ from foundation.dtypes import ACCUMULATION, DType
 from foundation.memo import once_per_case
 from foundation.switch_cases import SwitchCase
 from foundation.verdict import Tracked
-from foundation.weights import adapted_sum, adapted_weight, adapter, base_weight, exact
+from foundation.weights import adapted_sum, adapted_weight, adapter, base_weight, exact, lora_delta
 from subjects import kernels
 
 
@@ -118,9 +118,33 @@ def _eval_forward(case: LinearCase) -> Tracked:
     return _forward(case, None)
 
 
+def _bias_term(case: LinearCase) -> dict[str, np.ndarray]:
+    return {"bias": case.bias} if case.has_bias else {}
+
+
 def _forward(case: LinearCase, dropped: Tracked | None) -> Tracked:
     if not case.use_dora:
-        return linear_base(case).plus(lora_update(case, dropped))
+        lora = lora_update(case, dropped)
+        base = linear_base(case)
+        terms = {"LoRA term": lora.value, "base term": base.value - (case.bias if case.has_bias else 0)}
+        return base.plus(lora).with_terms({**terms, **_bias_term(case)})
+    return _dora_forward(case, dropped)
+
+
+def _dora_forward(case: LinearCase, dropped: Tracked | None) -> Tracked:
+    """DoRA's `_forward`, with its terms: the LoRA term ``f s (x' A^T) B^T``, the rest of the base's, the bias and
+    (in eval mode) the magnitude's ``f (x W^T + s (x A^T) B^T)``."""
+    result = _dora_output(case, dropped)
+    factor, x = dora_factor(case).value, exact(case, case.x) if dropped is None else dropped
+    lora = factor * (x.value @ case.lora_A.T @ case.lora_B.T) * case.scale
+    bias = case.bias if case.has_bias else 0
+    terms = {"LoRA term": lora, "base term": result.value - bias - lora, **_bias_term(case)}
+    if dropped is None:
+        terms["magnitude"] = result.value - bias
+    return result.with_terms(terms)
+
+
+def _dora_output(case: LinearCase, dropped: Tracked | None) -> Tracked:
     factor, unbiased = dora_factor(case), exact(case, case.x) @ base_weight(case).T
     down, up = (
         (exact(case, case.x) if dropped is None else dropped) @ adapter(case, case.lora_A).T,
@@ -157,20 +181,26 @@ def merged_weight(case: LinearCase) -> Tracked:
 
     With a float32 adapter, peft scales the float32 sum and casts the product once; MLX adds the update cast to
     the base's dtype, and normalises that. The bound covers both."""
+    update, weight = lora_delta(case).value, base_weight(case).value
     if not case.use_dora:
-        return adapted_weight(case)
+        return adapted_weight(case).with_terms({"LoRA term": update, "base term": weight})
     merged = dora_factor(case)[:, None] * adapted_sum(case)
-    if not case.mixed:
-        return merged
-    adapted = adapted_weight(case)
-    in_base_dtype = (adapter(case, case.magnitude) / adapted.row_norm())[:, None] * adapted
-    return Tracked.covering(merged.cast(case.dtype), in_base_dtype.cast(case.dtype))
+    if case.mixed:
+        adapted = adapted_weight(case)
+        in_base_dtype = (adapter(case, case.magnitude) / adapted.row_norm())[:, None] * adapted
+        merged = Tracked.covering(merged.cast(case.dtype), in_base_dtype.cast(case.dtype))
+    factor = dora_factor(case).value[:, None]
+    return merged.with_terms({"LoRA term": factor * update, "base term": factor * weight, "magnitude": merged.value})
 
 
 @once_per_case
 def merged_forward(case: LinearCase) -> Tracked:
     """The merged layer's output ``x (W + s B A)^T + b``."""
-    return _affine(case, merged_weight(case))
+    weight = merged_weight(case)
+    terms = {name: case.x @ term.T for name, term in weight.terms.items() if name != "magnitude"}
+    if case.use_dora:
+        terms["magnitude"] = case.x @ weight.value.T
+    return _affine(case, weight).with_terms({**terms, **_bias_term(case)})
 
 
 @once_per_case
@@ -317,8 +347,11 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
     else:
         lora = lora_backward(x, t, a, b, s)
     # x's gradient through a float32 adapter comes back in x's dtype and adds to the base's share there.
-    grads["grad x"] = base_dx.plus(lora["x"]).reshape(*case.x.shape)
+    grad_x = base_dx.plus(lora["x"]).with_terms({"LoRA term": lora["x"].value, "base term": base_dx.value})
+    grads["grad x"] = grad_x.reshape(*case.x.shape)
     grads["grad A"], grads["grad B"] = lora["A"], lora["B"]
+    if case.use_dora:
+        grads["grad m"] = grads["grad m"].with_terms({"magnitude": grads["grad m"].value})
     if bias_trains and case.has_bias:
         grads["grad bias"] = _column_sums(exact(case, upstream.reshape(-1, case.out_features)))
         if case.use_dora:  # peft's bias also enters (f - 1) (x W^T + b - b): its gradient is T + T (f - 1) - T (f - 1)
@@ -326,6 +359,7 @@ def linear_grads(case: LinearCase, upstream: np.ndarray, bias_trains: bool = Fal
             grads["grad bias"] = Tracked.covering(
                 grads["grad bias"], _column_sums(unscaled_t.plus(correction)) - _column_sums(in_dtype)
             )
+        grads["grad bias"] = grads["grad bias"].with_terms({"bias": grads["grad bias"].value})
     return grads
 
 
@@ -339,11 +373,12 @@ def lora_backward(x: Tracked, t: Tracked, a: Tracked, b: Tracked, s: float) -> d
     back, scaled_back = t @ b, scaled_t @ b  # (N, r)
     down = x @ a.T
     delta, weight_grad = b.scaled_matmul(a, s), t.T @ x
-    return {
+    grads = {
         "x": Tracked.covering(scaled_back @ a, back.scaled_matmul(a, s), t @ delta),
         "A": Tracked.covering(scaled_back.T @ x, back.T.scaled_matmul(x, s), b.T.scaled_matmul(weight_grad, s)),
         "B": Tracked.covering(scaled_t.T @ down, t.T.scaled_matmul(down, s), weight_grad.scaled_matmul(a.T, s)),
     }
+    return {name: grad.with_terms({"LoRA term": grad.value}) for name, grad in grads.items()}
 
 
 def embedding_grads(case: EmbeddingCase, upstream: np.ndarray) -> dict[str, Tracked]:
@@ -387,8 +422,13 @@ def switch_grads(case: SwitchCase, upstream: np.ndarray) -> dict[str, Tracked]:
         grads_a.append(Tracked.covering(lora["A"], gathered_a, merged_a))
         grads_b.append(Tracked.covering(lora["B"], gathered_b, merged_b))
         # peft's target_parameters merges first: x's gradient then goes through W_e + s B_e A_e.
-        part = Tracked.covering((routed @ base_weight(expert)).plus(lora["x"]), routed @ adapted_expert_weight(expert))
-        grad_x = part if grad_x is None else grad_x + part
+        base = routed @ base_weight(expert)
+        part = Tracked.covering(base.plus(lora["x"]), routed @ adapted_expert_weight(expert))
+        part = part.with_terms({"LoRA term": lora["x"].value, "base term": base.value})
+        if grad_x is not None:
+            terms = {name: grad_x.terms[name] + part.terms[name] for name in part.terms}
+            part = (grad_x + part).with_terms(terms)
+        grad_x = part
     return {
         "grad A": Tracked.stack(grads_a),
         "grad B": Tracked.stack(grads_b),

@@ -1,0 +1,268 @@
+"""Systematic error: a verdict beside the bound, for errors too small for any one element to show.
+
+The bound (`foundation.verdict`) holds every element to the worst case of rounding, so an error below that worst
+case passes however consistently it is made. A wrong scale, a small term dropped, a precision lost on the way are
+systematic: the error follows one term of the formula in every element of every case. Rounding, in the model of
+Higham and Mary (SIAM J. Sci. Comput. 41, 2019), is not: each rounding is an independent error of mean zero within
+its bound.
+
+For one quantity of one case and one term t of its formula (the oracle names them: `Tracked.terms`), the error's
+component along t is the weighted least-squares coefficient of e = observed - exact on t,
+
+    c = sum(w t e) / sum(w t^2),   w = 1 / allowed^2,
+
+which is 0.01 where the term is 1% too large. Under the model, c is a sum of independent bounded errors of mean
+zero; one backward pass through the formula (each step's `Origin`: its adjoint and its own roundings) gives c's
+sub-Gaussian scale sigma, so that P(|c| >= k sigma) <= 2 exp(-k^2 / 2) (Hoeffding's lemma and inequality), to first
+order in the unit roundoff. The scale is multiplied by `CALIBRATION`, as the bound is, for orders the oracle does
+not spell out. What need not average out is an interval [low, high] instead: underflow and subnormals read as zero
+(their bounds, either way), and a Python constant an implementation may round to the dtype first (the scale: that
+rounding or none, so one-sided).
+
+A check run's cases are independent draws: their coefficients pool, each weighted by 1 / sigma^2, to a coefficient
+of scale 1 / sqrt(sum 1 / sigma^2), with the intervals pooled alike. The run fails where the pooled coefficient lies
+more than `THRESHOLD` scales outside the pooled interval, which, where the model holds, a correct implementation does
+with probability at most `LEVEL` per quantity and term.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from foundation.verdict import CALIBRATION, Tracked
+
+LEVEL = 1e-7
+"""The false-alarm probability of one pooled statistic (one check run, quantity and term) where the model holds."""
+THRESHOLD = math.sqrt(2 * math.log(2 / LEVEL))
+"""How many scales outside the interval a pooled coefficient may lie: 2 exp(-THRESHOLD^2 / 2) = LEVEL."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """The error's component along one term of one quantity, in one case."""
+
+    quantity: str
+    term: str
+    coefficient: float
+    """The least-squares coefficient of (observed - exact) on the term: 0.01 for a term 1% too large."""
+    scale: float
+    """The sub-Gaussian scale of the coefficient under the rounding model."""
+    low: float
+    high: float
+    """What rounding may add to the coefficient without averaging out: underflow, a rounded constant."""
+
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in ("quantity", "term", "coefficient", "scale", "low", "high")}
+
+
+def _upstream_first(root: Tracked) -> list[Tracked]:
+    """Every value `root` was computed from, each before those it was computed from."""
+    finished: list[Tracked] = []
+    seen: set[int] = set()
+    stack: list[tuple[Tracked, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            finished.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        if node.origin is not None:
+            stack += [(source, False) for source in (*node.origin.parents, *node.origin.orders)]
+    return finished[::-1]
+
+
+def rounding_model(root: Tracked, seed: np.ndarray) -> tuple[float, float, float] | None:
+    """For the linear functional ``sum(seed * error of root)``: its variance proxy under the model, and the interval
+    [low, high] of what may not average out; None where the first-order model does not hold (a non-finite adjoint).
+
+    Where `root` is one formula in several orders, each order is charged with the whole adjoint: the proxy then
+    covers whichever order an implementation took (a rounding the orders share is charged once per order, which
+    overstates it, never understates it)."""
+    changes: dict[int, np.ndarray] = {id(root): np.asarray(seed, dtype=np.float64)}
+    variance = bias = low = high = 0.0
+    for node in _upstream_first(root):
+        change = changes.pop(id(node), None)
+        if change is None:
+            continue
+        if not np.all(np.isfinite(change)):
+            return None
+        origin = node.origin
+        if origin is None:  # an input: exact, or (made without an origin) off by its bound either way
+            with np.errstate(invalid="ignore"):
+                bias += float(np.sum(np.where(change != 0, np.abs(change) * node.bound, 0.0)))
+            continue
+        with np.errstate(invalid="ignore"):  # 0 * inf: no change where the bound is infinite
+            variance += float(np.sum(np.square(np.where(change != 0, change * origin.noise, 0.0))))
+            bias += float(np.sum(np.where(change != 0, np.abs(change) * origin.bias, 0.0)))
+        if origin.constant is not None:
+            moved = float(np.sum(change * origin.constant))
+            low, high = low + min(moved, 0.0), high + max(moved, 0.0)
+        sources = origin.parents
+        moved_back = origin.pullback(change) if origin.pullback is not None else ()
+        for source, part in zip((*sources, *origin.orders), (*moved_back, *[change] * len(origin.orders))):
+            key = id(source)
+            changes[key] = part if key not in changes else changes[key] + part
+    if not all(math.isfinite(x) for x in (variance, bias, low, high)):
+        return None
+    return variance, low - bias, high + bias
+
+
+def component(
+    quantity: str, term: str, direction: np.ndarray, observed: np.ndarray, expected: Tracked
+) -> Component | None:
+    """The component of `observed`'s error along `direction` (one term of `expected`'s formula); None where no
+    element both carries the term and allows an error, or the model does not hold."""
+    allowed = expected.allowed
+    judged = (allowed > 0) & np.isfinite(allowed) & (direction != 0) & np.isfinite(observed)
+    if not judged.any():
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weights = np.where(judged, direction / np.square(allowed), 0.0)
+    norm = float(np.sum(weights * direction))
+    if not math.isfinite(norm) or norm <= 0:
+        return None
+    seed = weights / norm
+    error = np.where(judged, observed - expected.value, 0.0)
+    model = rounding_model(expected, seed)
+    if model is None:
+        return None
+    variance, low, high = model
+    coefficient = float(np.sum(seed * error))
+    scale = CALIBRATION * math.sqrt(variance)
+    return Component(quantity, term, coefficient, scale, CALIBRATION * low, CALIBRATION * high)
+
+
+def components(quantity: str, observed: np.ndarray, expected: Tracked) -> list[Component]:
+    """The error's component along each term the oracle names for `expected` (none where it names none)."""
+    found = (
+        component(quantity, term, direction, observed, expected) for term, direction in (expected.terms or {}).items()
+    )
+    return [c for c in found if c is not None]
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """One quantity's component along one term over the cases of a check run."""
+
+    quantity: str
+    term: str
+    adapter_dtype: str
+    """The cases' adapters' dtype: each is pooled apart (a float32 adapter's coefficients are far more precise, and
+    would outweigh a half-precision adapter's error)."""
+    cases: int
+    coefficient: float
+    scale: float
+    low: float
+    high: float
+
+    @property
+    def statistic(self) -> float:
+        """How many scales the pooled coefficient lies outside [low, high] (0 inside)."""
+        outside = max(self.coefficient - self.high, self.low - self.coefficient, 0.0)
+        return outside / self.scale if self.scale > 0 else (math.inf if outside else 0.0)
+
+    @property
+    def passed(self) -> bool:
+        return self.statistic <= THRESHOLD
+
+    @property
+    def detectable(self) -> float:
+        """The smallest relative error of the term that this run would have caught, either way: scaling the term by
+        1 + e moves every case's coefficient, and so the pooled one, by e (a bound that a case fails first only
+        catches it sooner)."""
+        return THRESHOLD * self.scale + max(self.high - self.coefficient, self.coefficient - self.low)
+
+    def to_json(self) -> dict:
+        fields = ("quantity", "term", "adapter_dtype", "cases", "coefficient", "scale", "low", "high")
+        statistic = self.statistic
+        return {
+            **{name: getattr(self, name) for name in fields},
+            "statistic": statistic if statistic < math.inf else None,
+        }
+
+    def describe(self) -> str:
+        """``the LoRA term is 1.0102x the oracle's +- 0.0007 across 150 cases``."""
+        return (
+            f"{self.term} of {self.quantity} is {1 + self.coefficient:.5g}x the oracle's ± {self.scale:.2g} across "
+            f"{self.cases} cases with {self.adapter_dtype} adapters (rounding explains {1 + self.low:.5g}x to "
+            f"{1 + self.high:.5g}x; {self.statistic:.3g} scales beyond, allowed {THRESHOLD:.3g})"
+        )
+
+
+@dataclass
+class Sums:
+    """What pooling needs of the cases of one quantity, term and adapter dtype: sums that add up across processes."""
+
+    cases: int = 0
+    weight: float = 0.0
+    coefficient: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+
+    def add(self, component: Component) -> None:
+        """One case's component, weighted by the inverse of its variance; a case without rounding noise along the
+        term (an exact term) adds nothing: the bound alone judges it."""
+        if not (component.scale > 0 and math.isfinite(component.scale)):
+            return
+        weight = 1 / component.scale**2
+        self.cases += 1
+        self.weight += weight
+        self.coefficient += weight * component.coefficient
+        self.low += weight * component.low
+        self.high += weight * component.high
+
+    def merged(self, other: Sums) -> Sums:
+        return Sums(*(getattr(self, f) + getattr(other, f) for f in ("cases", "weight", "coefficient", "low", "high")))
+
+    def pooled(self, quantity: str, term: str, adapter_dtype: str) -> Pooled | None:
+        if not self.cases:
+            return None
+        total = self.weight
+        return Pooled(
+            quantity,
+            term,
+            adapter_dtype,
+            self.cases,
+            self.coefficient / total,
+            1 / math.sqrt(total),
+            self.low / total,
+            self.high / total,
+        )
+
+
+def pool(quantity: str, term: str, adapter_dtype: str, found: Iterable[Component]) -> Pooled | None:
+    """The cases' components pooled, each weighted by the inverse of its variance; None where no case carries
+    rounding noise along the term."""
+    sums = Sums()
+    for component in found:
+        sums.add(component)
+    return sums.pooled(quantity, term, adapter_dtype)
+
+
+def pool_rows(rows: Iterable) -> list[Pooled]:
+    """A check run's pooled components from its rows (`schema.Row`): those of the rows that passed."""
+    return pool_cases((row.case, row.components) for row in rows if not row.failed)
+
+
+def pool_cases(cases: Iterable[tuple[dict, list[dict]]]) -> list[Pooled]:
+    """Each case's components (its description, and `Component.to_json` of each) pooled per quantity, term and
+    adapter dtype, each distinct case counted once (a case drawn twice is not an independent draw)."""
+    seen: set[str] = set()
+    by_term: dict[tuple[str, str, str], list[Component]] = {}
+    for case, written in cases:
+        key = json.dumps(case, sort_keys=True)
+        if not written or key in seen:
+            continue
+        seen.add(key)
+        for found in (Component(**component) for component in written):
+            by_term.setdefault((found.quantity, found.term, case.get("adapter_dtype", "")), []).append(found)
+    pooled = (pool(*stratum, found) for stratum, found in by_term.items())
+    return [p for p in pooled if p is not None]
