@@ -35,7 +35,7 @@ from subjects.bridge import LoRALinearConvention  # noqa: E402
 from subjects.known import BY_NAME, CATALOGUE, Subject, select, versions  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - import_start
-PHASES = ("subject", "reference", "oracle", "harness")
+PHASES = ("subject", "reference", "oracle", "systematic", "harness")
 SAME_CASES_SUBJECT = "mlx_lm.LoRALinear"
 
 

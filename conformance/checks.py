@@ -18,7 +18,7 @@ import torch
 
 from conformance import diagnosis
 from conformance.timing import UNTIMED, PhaseTimer
-from foundation import memo, quantization, weights
+from foundation import memo, quantization, systematic, weights
 from foundation.cases import EmbeddingCase, LinearCase
 from foundation.quantization import Quantization
 from foundation.switch_cases import Case, SwitchCase
@@ -98,7 +98,12 @@ def measure(
     with timer("subject"):
         comparisons, observed = _judge(check, "subject", run_subject, subject_expected)
         measurement.comparisons += comparisons
-    if not measurement.passed:
+    if measurement.passed:
+        with timer("systematic"):
+            for quantity, want in subject_expected.items():
+                if want is not None and want.terms and quantity in observed:
+                    measurement.components += systematic.components(quantity, observed[quantity][0], want)
+    else:
         if diagnose is not None:
             measurement.hints += diagnose(measurement, observed)
         if precision_hints:

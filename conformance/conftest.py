@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from hypothesis import settings
 
-from conformance import divergences, families, recording, scheduling, threads
+from conformance import check_run, divergences, families, recording, scheduling, threads
 from foundation import memo, profiles, quantization
 from foundation.dtypes import BY_NAME as DTYPES
 from foundation.schema import CheckRecord, DivergenceRecord, Row, Status
@@ -19,6 +19,7 @@ from subjects.known import CATALOGUE, Subject, select, versions
 NO_SUBJECT = "no-selected-subject"
 RECORDER = pytest.StashKey[recording.Recorder]()
 STATE = pytest.StashKey[dict]()
+CHECK_RUN = pytest.StashKey[check_run.CheckRun]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -120,6 +121,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--threads / ${threads.ENVIRONMENT}: {error}") from None
     in_force = threads.apply(policy)  # before any check runs, in the controller and in every xdist worker
     register_markers(config)
+    config.pluginmanager.register(CheckRunVerdict(), "conformance-check-run")
     device = _select_device(config.getoption("mlx_device"))
     try:
         subjects = select(config.getoption("subject")) or list(CATALOGUE)
@@ -271,6 +273,28 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     recorder = item.config.stash[RECORDER]
     recorder.check_id = check_id(item)
     recorder.entries = divergences.covering(item.config.stash[STATE]["known"], recorder.check_id)
+    recorder.first_row = len(recorder.rows)
+
+
+class CheckRunVerdict:
+    """The plugin's part that judges a check run as a whole (`conformance.check_run`), once its test has drawn every
+    case: a wrapper around the test's call, so that its failure is the test's."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        result = yield  # a test that failed raised here already
+        recorder = item.config.stash[RECORDER]
+        rows = recorder.rows[recorder.first_row :]
+        if _family(item) is None or not rows:
+            return result
+        run = check_run.judge(rows, recorder.entries)
+        item.stash[CHECK_RUN] = run
+        tally = recorder.explained.setdefault(recorder.check_id, {})
+        for _, entry in run.explained:
+            tally[entry.line] = tally.get(entry.line, 0) + 1
+        if not run.passed:
+            raise AssertionError(check_run.message(run, rows, recorder.check_id))
+        return result
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -313,6 +337,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 status=status,
                 explained={str(line): count for line, count in explained.items()},
                 longrepr=_longrepr(report),
+                systematic=item.stash[CHECK_RUN].records() if CHECK_RUN in item.stash else [],
             )
         )
 

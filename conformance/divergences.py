@@ -14,6 +14,8 @@ the check's or scenario's name) and the failure (`Comparison.failure`)::
     non-finite                 inf or NaN elements where the oracle's are finite
     beyond margin LO..HI       finite values beyond the bound, by a margin from LO to HI
     beyond hint ~ REGEX        the same, where the check's diagnosis has a hint REGEX finds
+    systematic [~ REGEX]       the check run's pooled error along a term of the formula is beyond what rounding
+                               explains (`foundation.systematic`), where REGEX finds its description
     computes, convention, shape, absent, present, settings, trainable, premise
                                what the check reports of that name (``computes``: where peft raises;
                                ``convention``: the subject defines the layer otherwise than peft)
@@ -51,6 +53,7 @@ FAILURES = (
     "settings",
     "trainable",
     "premise",
+    "systematic",
 )
 """What an entry may say is wrong: `Comparison.failure`'s words."""
 
@@ -80,17 +83,21 @@ class Explanation:
     def _quantities(self) -> re.Pattern[str]:
         return _wildcards(self.quantity)
 
+    def covers(self, quantity: str) -> bool:
+        """Whether its quantity pattern names `quantity`."""
+        return self._quantities.fullmatch(quantity) is not None
+
     def explains(self, comparison: Comparison, hints: list[str]) -> bool:
         if comparison.failure != self.failure or comparison.side != self.side:
             return False
-        if self._quantities.fullmatch(comparison.quantity) is None:
+        if not self.covers(comparison.quantity):
             return False
         if self.argument is not None and comparison.detail not in self.argument.split("|"):
             return False
         if self.margins is not None and not self.margins[0] <= comparison.margin <= self.margins[1]:
             return False
         if self.pattern is not None:
-            texts = [comparison.problem or ""] if self.failure == "raises" else hints
+            texts = [comparison.problem or ""] if self.failure in ("raises", "systematic") else hints
             return any(re.search(self.pattern, text) for text in texts)
         return True
 
@@ -212,6 +219,10 @@ def parse_explanation(text: str) -> Explanation:
             )
         diagnosis = _regex(hint["pattern"].strip()) if hint else None
         return Explanation(quantity, failure, side, pattern=diagnosis, margins=bounds)
+    if failure == "systematic":
+        if rest and not rest.startswith("~"):
+            raise ValueError(f"{text!r}: after 'systematic', only '~ REGEX' (e.g. 'systematic ~ LoRA term')")
+        return Explanation(quantity, failure, side, pattern=_regex(rest[1:].strip()) if rest else None)
     if rest:
         raise ValueError(f"{text!r}: '{failure}' takes nothing after it")
     return Explanation(quantity, failure, side)

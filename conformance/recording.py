@@ -29,6 +29,8 @@ class Recorder:
     """The known divergences covering the check running now, set with `check_id`."""
     explained: dict[str, dict[int, int]] = field(default_factory=dict)
     """Per check id, how many failing comparisons each entry (by its line) explained."""
+    first_row: int = 0
+    """Where the rows of the check running now begin."""
 
     def __repr__(self) -> str:
         return f"Recorder({len(self.rows)} rows)"
@@ -62,6 +64,7 @@ class Recorder:
             final=final,
             versions=self.meta["versions"],
             device=self.meta["device"],
+            components=[component.to_json() for component in measurement.components],
         )
         self.rows.append(row)
         return row

@@ -1,4 +1,4 @@
-"""Where the time of a check goes: subject, reference, oracle (the rest is harness)."""
+"""Where the time of a check goes: subject, reference, oracle, the check run's components (the rest is harness)."""
 
 from __future__ import annotations
 

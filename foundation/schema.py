@@ -132,6 +132,8 @@ class Row(_Record):
     """Hypothesis' final (shrunk) example of a failing check."""
     versions: dict[str, str | None]
     device: str
+    components: list[dict[str, Any]] = field(default_factory=list)
+    """Where it passed: the subject's error along each term of each quantity (`foundation.systematic.Component`)."""
     run: int = 0
     """Where results merged: the index of the file the row came from."""
     label: str = ""
@@ -155,6 +157,9 @@ class CheckRecord(_Record):
     """Per known-divergences entry (its line, as text), how many failing comparisons it explained."""
     longrepr: str = ""
     """What a failure printed, or why the check was skipped."""
+    systematic: list[dict[str, Any]] = field(default_factory=list)
+    """Each quantity's error along each term of its formula, pooled over the check's passing cases
+    (`foundation.systematic.Pooled`)."""
     run: int = 0
     label: str = ""
 

@@ -1,0 +1,141 @@
+"""The check run's verdict (`foundation.systematic`): it passes correct rounding, sees a 1% term in bfloat16 that no
+single element shows, and counts each case once."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, seed, settings
+
+from catalogue import CorrectLoRALinear
+from conformance import check_run
+from conformance.divergences import KnownDivergence, parse_explanation
+from foundation import systematic
+from foundation.dtypes import BFLOAT16, FLOAT16, FLOAT32, round_to
+from foundation.verdict import Tracked, _matmul_pullback
+from studies import detection, sampling
+
+
+def _run_of(dtype: str, cases: int, relative_error: float = 0.0) -> tuple[list[systematic.Pooled], int]:
+    """A check run of the correct layer's forward (the LoRA term scaled by 1 + `relative_error`): its pooled
+    components, and how many of its cases failed their bound."""
+    found: list[tuple[dict, list[dict]]] = []
+    beyond = [0]
+
+    @seed(7)
+    @settings(
+        max_examples=cases,
+        phases=[Phase.generate],
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(sampling.strategy("linear", dtype, "drawn"))
+    def run(case):
+        observed, expected, _ = detection.forward("linear", CorrectLoRALinear, case)
+        observed = observed + relative_error * expected.terms["LoRA term"]
+        if np.any(np.abs(observed - expected.value) > expected.allowed):
+            beyond[0] += 1
+            return
+        components = systematic.components("output", observed, expected)
+        found.append((case.describe(), [c.to_json() for c in components]))
+
+    run()
+    return systematic.pool_cases(found), beyond[0]
+
+
+def _lora_term(pooled: list[systematic.Pooled], adapter_dtype: str) -> systematic.Pooled:
+    return next(p for p in pooled if p.term == "LoRA term" and p.adapter_dtype == adapter_dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_correct_layer_s_run_stays_far_inside_the_threshold(dtype):
+    pooled, beyond = _run_of(dtype, 150)
+    assert beyond == 0 and pooled
+    assert all(p.statistic < systematic.THRESHOLD / 4 for p in pooled), [p.describe() for p in pooled]
+
+
+def test_a_lora_term_one_percent_off_in_bfloat16_fails_the_run_though_its_cases_pass_their_bounds():
+    pooled, beyond = _run_of("bfloat16", 150, relative_error=0.01)
+    lora = _lora_term(pooled, "bfloat16")
+    assert beyond < 10  # the bound alone sees (almost) nothing of it
+    assert not lora.passed and 0.005 < lora.coefficient < 0.015, lora.describe()
+    assert "LoRA term of output is 1.0" in lora.describe()
+
+
+def test_the_model_covers_real_bfloat16_rounding_of_a_product_and_a_sum():
+    """x W^T + s (x A^T) B^T rounded by torch in bfloat16, case after case: the component along the LoRA term stays
+    within one scale of the model (whose scale bounds the worst case of each rounding, not its typical size)."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n, inner, out, r = (int(v) for v in rng.integers(1, 24, size=4))
+        x, w, a, b = (
+            round_to(rng.standard_normal(shape), BFLOAT16) for shape in ((n, inner), (out, inner), (r, inner), (out, r))
+        )
+        scale = float(rng.choice([0.5, 1.0, 2.0, 0.3]))
+        exact = [Tracked.exact(v, BFLOAT16) for v in (x, w, a, b)]
+        lora = (exact[0] @ exact[2].T).scaled_matmul(exact[3].T, scale)
+        expected = (exact[0] @ exact[1].T + lora).with_terms({"LoRA term": lora.value})
+        t = [torch.from_numpy(v).to(torch.bfloat16) for v in (x, w, a, b)]
+        observed = (t[0] @ t[1].T + scale * ((t[0] @ t[2].T) @ t[3].T)).double().numpy()
+        (found,) = systematic.components("output", observed, expected)
+        outside = max(found.coefficient - found.high, found.low - found.coefficient, 0.0)
+        assert outside <= found.scale, found
+
+
+def test_a_constant_rounded_to_the_dtype_is_explained_on_its_side_only():
+    x = Tracked.exact(np.linspace(-1, 1, 64).reshape(8, 8), FLOAT16)
+    scaled = x.scaled(0.3).with_terms({"term": 0.3 * x.value})
+    rounded = float(round_to(np.array([0.3]), FLOAT16)[0])
+    (found,) = systematic.components("y", round_to(rounded * x.value, FLOAT16), scaled)
+    delta = rounded / 0.3 - 1
+    assert found.low <= min(delta, 0) and max(delta, 0) <= found.high
+    assert (found.low == 0.0) != (found.high == 0.0)  # one-sided: that rounding, or none
+
+
+@pytest.mark.parametrize(
+    "left,right", [((3, 4), (4, 5)), ((4,), (4, 5)), ((3, 4), (4,)), ((2, 3, 4), (4, 5)), ((4,), (4,))]
+)
+def test_the_adjoint_of_a_product_is_its_transpose(left, right):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(left), rng.standard_normal(right)
+    change = rng.standard_normal(np.shape(a @ b))
+    onto_a, onto_b = _matmul_pullback(a, b, change)
+    da, db = rng.standard_normal(left), rng.standard_normal(right)
+    # <change, d(a @ b)> = <onto_a, da> + <onto_b, db>
+    assert np.isclose(np.sum(change * (da @ b + a @ db)), np.sum(onto_a * da) + np.sum(onto_b * db))
+
+
+def test_a_case_drawn_twice_counts_once_and_adapter_dtypes_pool_apart():
+    def case(adapter_dtype: str, seed_: int) -> dict:
+        return {"seed": seed_, "adapter_dtype": adapter_dtype}
+
+    component = systematic.Component("output", "LoRA term", 0.01, 0.001, 0.0, 0.0).to_json()
+    cases = [(case("bfloat16", 1), [component])] * 5 + [(case("float32", 2), [component])]
+    pooled = systematic.pool_cases(cases)
+    assert sorted((p.adapter_dtype, p.cases) for p in pooled) == [("bfloat16", 1), ("float32", 1)]
+
+
+def test_a_known_divergence_explains_a_systematic_failure_and_a_formula_of_its_own_is_not_judged():
+    explanation = parse_explanation("output: systematic ~ LoRA term")
+    assert explanation.failure == "systematic" and str(explanation) == "subject output: systematic ~ LoRA term"
+    pooled = systematic.Pooled("output", "LoRA term", "bfloat16", 100, 0.01, 0.001, 0.0, 0.0)
+    assert explanation.explains(check_run.failing(pooled), [])
+    assert not parse_explanation("output: systematic ~ base term").explains(check_run.failing(pooled), [])
+    with pytest.raises(ValueError, match="only '~ REGEX'"):
+        parse_explanation("output: systematic margin 1..2")
+    other_formula = KnownDivergence(
+        "test_x.py::test_dropout[*]", parse_explanation("output: beyond margin 1..inf"), "another formula", 1
+    )
+    assert check_run.by_design("output", [other_formula]) is other_formula
+    sometimes = KnownDivergence(
+        "test_x.py::test_dropout[*]", parse_explanation("output: beyond margin 1..inf"), "some cases", 2, sometimes=True
+    )
+    assert check_run.by_design("output", [sometimes]) is None
+
+
+@pytest.mark.parametrize("dtype", [FLOAT32, FLOAT16])
+def test_underflow_that_rounds_to_the_nearest_averages_out_and_a_flush_does_not(dtype):
+    tiny = Tracked.exact(np.full((4, 4), dtype.smallest_subnormal * 3), dtype)
+    halved = tiny.scaled(0.5).with_terms({"term": 0.5 * tiny.value})
+    (found,) = systematic.components("y", round_to(halved.value, dtype), halved)
+    assert found.low == found.high == 0.0 and found.scale > 0
