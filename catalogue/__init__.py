@@ -53,6 +53,8 @@ class WrongVariant:
     """"quantized" where the bug only shows on a quantized base."""
     quantizations: tuple[str, ...] = ()
     """On a quantized base, the modes (`foundation.quantization.KINDS`) in which it shows; () for all."""
+    by_check_run: bool = False
+    """Caught by the check run's pooled verdict (`foundation.systematic`): each case stays within its bound."""
 
     @property
     def on_quantized_base(self) -> bool:
@@ -141,6 +143,11 @@ WRONG_VARIANTS = {
         WrongVariant(_subject(layers.SwitchFuseIgnoresAdapter), "merge"),
         WrongVariant(_subject(layers.ExpertIndexUnchecked), "error_parity"),
         WrongVariant(_subject(layers.RankCheckCrashes), "error_parity"),
+        # Subtle: within the bound element by element, systematic over a check run (`foundation.systematic`).
+        WrongVariant(_subject(layers.ScaleOffInBfloat16), "forward", visible_in=("bfloat16",), by_check_run=True),
+        WrongVariant(_subject(layers.ScaleRoundedToBfloat16), "forward", visible_in=("float32", "float16")),
+        WrongVariant(_subject(layers.UpdateAccumulatedInHalfPrecision), "merge", visible_in=HALF_DTYPES),
+        WrongVariant(_subject(layers.BiasScaledSlightly), "forward"),
         # Wrong only with a float32 adapter on a half-precision base (`LinearParameters.adapter_dtype`).
         WrongVariant(_subject(layers.OutputInAdapterDtype), "forward", visible_in=HALF_DTYPES),
         WrongVariant(

@@ -380,6 +380,50 @@ class RequantizeWithDefaults(CorrectLoRALinear):
         return nn.QuantizedLinear.from_linear(fused, mode=self.linear.mode)
 
 
+# Subtle: each element within its bound, the error systematic (`foundation.systematic` catches them) ---------------
+
+
+class ScaleOffInBfloat16(CorrectLoRALinear):
+    """A bfloat16-only code path whose scale is 1% off (as ``alpha / r`` taken from a rank rounded the wrong way)."""
+
+    def lora_update(self, x: mx.array) -> mx.array:
+        update = super().lora_update(x)
+        return (update * 1.01).astype(x.dtype) if x.dtype == mx.bfloat16 else update
+
+
+class ScaleRoundedToBfloat16(CorrectLoRALinear):
+    """The scale is kept as a bfloat16 array, so every dtype uses alpha / r rounded to 8 bits (off by up to 0.4%)."""
+
+    def lora_update(self, x: mx.array) -> mx.array:
+        scale = mx.array(self.scale, dtype=mx.bfloat16)
+        return (scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)).astype(x.dtype)
+
+    def delta(self) -> mx.array:
+        return (mx.array(self.scale, dtype=mx.bfloat16) * self.lora_b.T) @ self.lora_a.T
+
+
+class UpdateAccumulatedInHalfPrecision(CorrectLoRALinear):
+    """The update ``s B A`` is summed rank by rank in the weight's dtype (a loop over the rank, as code that adds
+    one rank-1 update at a time does): the merged weight carries one half-precision rounding per rank."""
+
+    def delta(self) -> mx.array:
+        dtype = self.base_weight().dtype
+        total = mx.zeros((self.lora_b.shape[1], self.lora_a.shape[0]), dtype=dtype)
+        for k in range(self.lora_a.shape[1]):
+            total = total + (self.scale * mx.outer(self.lora_b[k], self.lora_a[:, k])).astype(dtype)
+        return total
+
+
+class BiasScaledSlightly(CorrectLoRALinear):
+    """The bias is multiplied by 1 + 2^-7 on its way in (as a bias folded through a rounded constant would be)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = super().__call__(x)
+        if "bias" in self.linear:
+            y = y + (self.linear.bias * 2.0**-7).astype(y.dtype)
+        return y
+
+
 class PeftStyleConvention:
     """How the layers above are built from a case: they take peft's own (r, alpha, use_rslora).
 

@@ -30,6 +30,11 @@ def test_wrong_variant_fails_in_every_dtype_where_visible(name, run_suite):
     assert run.ret == 1, run.output
     for dtype in variant.visible_in:
         assert "fail" in run.status(variant.check, dtype), f"{name} {variant.check} passed in {dtype}"
+    if variant.by_check_run:
+        pooled = [p for c in run.results["checks"] if c["status"] == "fail" for p in c["systematic"]]
+        assert any(p["verdict"] == "fail" for p in pooled), run.output
+        assert "a systematic error beyond what rounding explains" in run.output
+        return
     failing = [row for row in run.results["rows"] if row["verdict"] == "fail" and row["final"]]
     assert failing and all(row["failures"] for row in failing)
     if variant.diagnosis:
