@@ -55,9 +55,11 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
     explained by it are counted as that, not as false alarms, and that side's margins there are not the
     verdict's to report; the other side's are.
     """
-    from conformance import divergences
+    from conformance import check_run, divergences
     from conformance.families import FAMILIES
+    from foundation import profiles
     from subjects.known import resolve
+    from studies.check_runs import CheckRuns
 
     subject = resolve(task.subject)
     known = known_divergences()
@@ -65,6 +67,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
         name: info for name, info in FAMILIES[task.family].checks_on(task.base).items() if info.runs_in(task.dtype)
     }
     found: dict = {"checks": {}, "false_alarms": [], "known_divergences": [], "quantizations": {}}
+    runs = {name: CheckRuns(profiles.examples("ci", info.examples)) for name, info in checks.items()}
 
     def visit(case, index: int) -> None:
         description = case.describe()
@@ -93,6 +96,8 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
                         "replay": replay,
                     }
             if measurement.passed:
+                by_design = {c.quantity for c in measurement.components if check_run.by_design(c.quantity, entries)}
+                runs[name].add(description, measurement.components, by_design)
                 continue
             finding = {"check": name, "what": measurement.worst.describe(), "replay": replay}
             judgement = divergences.judge(measurement, entries)
@@ -103,6 +108,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
                 found["false_alarms"].append(finding)
 
     found["keys"] = task.each_distinct(chunk, visit)
+    found["check_runs"] = {name: found_runs.finished() for name, found_runs in runs.items()}
     return found
 
 
@@ -117,9 +123,16 @@ def merge(results: list[dict]) -> dict:
             for side, largest in tally["largest"].items():
                 if side not in total["largest"] or largest["margin"] > total["largest"][side]["margin"]:
                     total["largest"][side] = largest
+    from studies import check_runs
+
+    names = sorted({name for result in results for name in result.get("check_runs", {})})
+    runs = {
+        name: check_runs.merge([r["check_runs"][name] for r in results if name in r["check_runs"]]) for name in names
+    }
     return {
         "cases": sampling.distinct(results),
         "checks": checks,
+        "check_runs": {name: merged for name, merged in runs.items() if merged["terms"]},
         "false_alarms": [alarm for result in results for alarm in result["false_alarms"]],
         "known_divergences": [found for result in results for found in result["known_divergences"]],
         "quantizations": {
@@ -205,7 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     for alarm in merged["false_alarms"][:5]:
         print(f"  {alarm['check']}: {alarm['what']}\n  replay: {alarm['replay']}")
-    return 1 if merged["false_alarms"] else 0
+    run_alarms = print_check_runs(merged["check_runs"])
+    return 1 if merged["false_alarms"] or run_alarms else 0
+
+
+def print_check_runs(runs: dict) -> int:
+    """One line per check on its runs' verdict (`studies.check_runs`); the number of runs beyond the threshold."""
+    alarms = 0
+    for name, merged in runs.items():
+        terms = merged["terms"].values()
+        counted = sum(t["false_alarms"] for t in terms)
+        largest = max((t["largest_statistic"] for t in terms if t["largest_statistic"] is not None), default=0.0)
+        alarms += counted
+        print(
+            f"  check runs of {name} ({merged['size']} cases each, {max((t['runs'] for t in terms), default=0)} runs): "
+            f"{counted} false alarms, largest statistic {largest:.3g} of {merged['threshold']:.3g}"
+        )
+    return alarms
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""A study's cases seen as check runs: the check run's verdict (`foundation.systematic`) over runs of the ci
+profile's size, and over all of a study's cases at once.
+
+For each check, a study's consecutive passing cases are cut into runs of as many cases as the ``ci`` profile draws
+for that check's test (a chunk's last, shorter run is left out). For each quantity, term and adapter dtype, every run
+gives its pooled statistic (a false alarm above `systematic.THRESHOLD`) and the smallest relative error of the term it
+would have caught (`Pooled.detectable`); the study publishes the largest statistic, the false alarms and the 99th
+percentile of the detectable error (an error of that size is caught in 99% of ci runs). All of the study's cases
+pooled at once (`whole`) hold the model to a far finer scale than any run does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from foundation import systematic
+
+Key = tuple[str, str, str]
+"""(quantity, term, adapter dtype)."""
+
+
+@dataclass
+class CheckRuns:
+    """One check's runs within one chunk, and its whole-study sums."""
+
+    size: int
+    """Cases per run: the ci profile's examples of the check's test."""
+    current: dict[Key, systematic.Sums] = field(default_factory=lambda: defaultdict(systematic.Sums))
+    in_current: int = 0
+    runs: dict[Key, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
+    """Per key, each finished run's (statistic, detectable relative error)."""
+    whole: dict[Key, systematic.Sums] = field(default_factory=lambda: defaultdict(systematic.Sums))
+
+    def add(self, case: dict, components: list[systematic.Component], skipped: set[str]) -> None:
+        """One passing case's components (but for quantities in `skipped`: a formula the layer differs in)."""
+        for component in components:
+            if component.quantity in skipped:
+                continue
+            key = (component.quantity, component.term, case.get("adapter_dtype", ""))
+            self.current[key].add(component)
+            self.whole[key].add(component)
+        self.in_current += 1
+        if self.in_current == self.size:
+            for key, sums in self.current.items():
+                pooled = sums.pooled(*key)
+                if pooled is not None:
+                    self.runs[key].append((pooled.statistic, pooled.detectable))
+            self.current, self.in_current = defaultdict(systematic.Sums), 0
+
+    def finished(self) -> dict:
+        """What a chunk hands back: the finished runs and the whole sums (plain values, to cross processes)."""
+        return {
+            "size": self.size,
+            "runs": {"|".join(key): runs for key, runs in self.runs.items()},
+            "whole": {"|".join(key): vars(sums) for key, sums in self.whole.items()},
+        }
+
+
+def merge(chunks: list[dict]) -> dict:
+    """The chunks' runs of one check as one summary per quantity, term and adapter dtype."""
+    runs: dict[str, list] = defaultdict(list)
+    whole: dict[str, systematic.Sums] = defaultdict(systematic.Sums)
+    for chunk in chunks:
+        for key, found in chunk["runs"].items():
+            runs[key] += found
+        for key, sums in chunk["whole"].items():
+            whole[key] = whole[key].merged(systematic.Sums(**sums))
+    summary = {}
+    for key in sorted(set(runs) | set(whole)):
+        statistics = np.array([r[0] for r in runs[key]])
+        detectable = np.array([r[1] for r in runs[key]])
+        pooled = whole[key].pooled(*key.split("|"))
+        summary[key] = {
+            "runs": len(statistics),
+            "largest_statistic": float(statistics.max()) if len(statistics) else None,
+            "false_alarms": int(np.sum(statistics > systematic.THRESHOLD)),
+            "detectable_q99": float(np.quantile(detectable, 0.99, method="higher")) if len(detectable) else None,
+            "detectable_median": float(np.quantile(detectable, 0.5, method="higher")) if len(detectable) else None,
+            "whole": None if pooled is None else pooled.to_json() | {"detectable": pooled.detectable},
+        }
+    return {"size": chunks[0]["size"] if chunks else 0, "threshold": systematic.THRESHOLD, "terms": summary}
