@@ -6,6 +6,8 @@ known divergence (``| QUANTITY: systematic ~ REGEX``) explains it, as it would a
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 
 from conformance.divergences import KnownDivergence, judge as judge_comparisons
@@ -39,7 +41,8 @@ class CheckRun:
                 verdict = "not judged"
             elif entry is not None:
                 verdict = "known divergence"
-            written.append({**pooled.to_json(), "verdict": verdict, "entry": None if entry is None else entry.line})
+            line = None if entry is None else entry.line
+            written.append({**pooled.to_json(), "verdict": verdict, "entry": line, "description": pooled.describe()})
         return written
 
 
@@ -86,7 +89,8 @@ def message(run: CheckRun, rows: list[Row], check_id: str) -> str:
         for comparison, entry in run.explained
     ]
     lines.append(
-        f"  each of its {len(rows)} cases passed its bound; the pooled error of a correct layer exceeds "
+        f"  pooled over the {len({json.dumps(r.case, sort_keys=True) for r in rows if not r.failed})} distinct cases "
+        "that passed their bound; the pooled error of a correct layer exceeds "
         f"{systematic.THRESHOLD:.3g} scales with probability below {systematic.LEVEL:g} (docs/systematic-error.md)"
     )
     lines.append(f"  replay: pytest 'conformance/{check_id}' with the same --hypothesis-profile and seed")

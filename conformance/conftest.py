@@ -282,6 +282,7 @@ class CheckRunVerdict:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item):
+        __tracebackhide__ = True  # the failure is the message, not this hook's code
         result = yield  # a test that failed raised here already
         recorder = item.config.stash[RECORDER]
         rows = recorder.rows[recorder.first_row :]

@@ -62,6 +62,7 @@ def _card(check: CheckRecord, row: Row | None, subjects: dict) -> dict:
         "row": row,
         "case": json.dumps(row.case, indent=1) if row else "",
         "longrepr": "\n".join(check.longrepr.splitlines()[-LONGREPR_LINES:]),
+        "systematic": [p["description"] for p in check.systematic if p.get("verdict") in ("fail", "known divergence")],
     }
     if row is not None:
         card["replay"] = repro.replay_command(row)
