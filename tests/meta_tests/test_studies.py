@@ -14,9 +14,20 @@ from foundation.dtypes import FLOAT16, FLOAT32
 from foundation.quantization import AVAILABLE, KINDS
 from foundation.rebuild import case_from_description
 from foundation.schema import CheckRecord, Row, Status
+from foundation import systematic
 from foundation.verdict import Tracked, compare
 from reports.results import Results
-from studies import catch_rates, detection, extremes, false_alarms, flakiness, publish, same_verdicts, sampling
+from studies import (
+    catch_rates,
+    check_runs,
+    detection,
+    extremes,
+    false_alarms,
+    flakiness,
+    publish,
+    same_verdicts,
+    sampling,
+)
 from tests import documents
 
 SUITE = Path(__file__).resolve().parents[2] / "conformance"
@@ -117,6 +128,26 @@ def test_the_false_alarm_study_runs_every_check_and_writes_its_figures(tmp_path)
     assert {"forward", "merge", "grad", "dropout_scaling", "steps_sgd"} <= set(document["checks"])
     assert 0 < document["largest_margin"] <= 1
     assert "python -m conformance.replay" in document["checks"]["forward"]["largest"]["subject"]["replay"]
+    assert "forward" in document["check_runs"] and "merge" in document["check_runs"]
+
+
+def test_a_study_s_cases_make_check_runs_of_the_ci_size_and_a_run_beyond_the_threshold_is_a_false_alarm():
+    runs = check_runs.CheckRuns(size=3)
+    quiet = systematic.Component("output", "LoRA term", 0.0, 0.01, 0.0, 0.0)
+    loud = systematic.Component("output", "LoRA term", 1.0, 0.01, 0.0, 0.0)
+    for index, component in enumerate([quiet] * 3 + [loud] * 3 + [quiet] * 2):  # the last two make no run
+        runs.add({"seed": index, "adapter_dtype": "bfloat16"}, [component], skipped=set())
+    summary = check_runs.merge([runs.finished()])["terms"]["output|LoRA term|bfloat16"]
+    assert summary["runs"] == 2 and summary["false_alarms"] == 1
+    assert summary["whole"]["cases"] == 8 and summary["detectable_median"] > 0
+    skipped = check_runs.CheckRuns(size=1)
+    skipped.add({"seed": 0}, [loud], skipped={"output"})  # a formula the layer differs in by design
+    assert not check_runs.merge([skipped.finished()])["terms"]
+
+
+def test_a_seed_whose_cases_all_pass_is_caught_by_its_check_run():
+    found = catch_rates.run_seed(catch_rates.Task("ScaleOffInBfloat16", "bfloat16", None, examples=150, seed=1))
+    assert found == {"caught": True, "by": "the check run", "cases": found["cases"]}
 
 
 def test_studies_on_other_bases_draw_those_bases():
