@@ -59,6 +59,22 @@ class Component:
     def to_json(self) -> dict:
         return {name: getattr(self, name) for name in ("quantity", "term", "coefficient", "scale", "low", "high")}
 
+    @property
+    def statistic(self) -> float:
+        """How many scales the coefficient lies outside [low, high] (0 inside)."""
+        return _beyond(self.coefficient, self.scale, self.low, self.high)
+
+
+def _beyond(coefficient: float, scale: float, low: float, high: float) -> float:
+    outside = max(coefficient - high, low - coefficient, 0.0)
+    return outside / scale if scale > 0 else (math.inf if outside else 0.0)
+
+
+def case_threshold(cases: int) -> float:
+    """How many scales outside its interval the worst of `cases` cases may lie: each case is a test of its own, at
+    `LEVEL` / `cases` (Bonferroni), so that a run's worst case is a false alarm with probability at most `LEVEL`."""
+    return math.sqrt(2 * math.log(2 * max(cases, 1) / LEVEL))
+
 
 def _upstream_first(root: Tracked) -> list[Tracked]:
     """Every value `root` was computed from, each before those it was computed from."""
@@ -162,16 +178,20 @@ class Pooled:
     scale: float
     low: float
     high: float
+    worst_case: float = 0.0
+    """The largest case's own statistic: where the error's size or sign changes from case to case (a scale rounded
+    differently for each alpha / r), the pooled coefficient may average it away, and one case may still show it."""
+    worst_coefficient: float = 0.0
+    worst_scale: float = 0.0
 
     @property
     def statistic(self) -> float:
         """How many scales the pooled coefficient lies outside [low, high] (0 inside)."""
-        outside = max(self.coefficient - self.high, self.low - self.coefficient, 0.0)
-        return outside / self.scale if self.scale > 0 else (math.inf if outside else 0.0)
+        return _beyond(self.coefficient, self.scale, self.low, self.high)
 
     @property
     def passed(self) -> bool:
-        return self.statistic <= THRESHOLD
+        return self.statistic <= THRESHOLD and self.worst_case <= case_threshold(self.cases)
 
     @property
     def detectable(self) -> float:
@@ -181,7 +201,7 @@ class Pooled:
         return THRESHOLD * self.scale + max(self.high - self.coefficient, self.coefficient - self.low)
 
     def to_json(self) -> dict:
-        fields = ("quantity", "term", "adapter_dtype", "cases", "coefficient", "scale", "low", "high")
+        fields = ("quantity", "term", "adapter_dtype", "cases", "coefficient", "scale", "low", "high", "worst_case")
         statistic = self.statistic
         return {
             **{name: getattr(self, name) for name in fields},
@@ -194,6 +214,13 @@ class Pooled:
             f"{self.term} of {self.quantity} is {1 + self.coefficient:.5g}x the oracle's ± {self.scale:.2g} across "
             f"{self.cases} cases with {self.adapter_dtype} adapters (rounding explains {1 + self.low:.5g}x to "
             f"{1 + self.high:.5g}x; {self.statistic:.3g} scales beyond, allowed {THRESHOLD:.3g})"
+            + (
+                ""
+                if self.worst_case <= case_threshold(self.cases)
+                else f"; in one case it is {1 + self.worst_coefficient:.5g}x ± {self.worst_scale:.2g} "
+                f"({self.worst_case:.3g} scales beyond, allowed {case_threshold(self.cases):.3g} for the worst of "
+                f"{self.cases} cases)"
+            )
         )
 
 
@@ -206,6 +233,8 @@ class Sums:
     coefficient: float = 0.0
     low: float = 0.0
     high: float = 0.0
+    worst: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """The case with the largest statistic: (statistic, coefficient, scale)."""
 
     def add(self, component: Component) -> None:
         """One case's component, weighted by the inverse of its variance; a case without rounding noise along the
@@ -218,9 +247,12 @@ class Sums:
         self.coefficient += weight * component.coefficient
         self.low += weight * component.low
         self.high += weight * component.high
+        if component.statistic > self.worst[0]:
+            self.worst = (component.statistic, component.coefficient, component.scale)
 
     def merged(self, other: Sums) -> Sums:
-        return Sums(*(getattr(self, f) + getattr(other, f) for f in ("cases", "weight", "coefficient", "low", "high")))
+        sums = (getattr(self, f) + getattr(other, f) for f in ("cases", "weight", "coefficient", "low", "high"))
+        return Sums(*sums, worst=max(tuple(self.worst), tuple(other.worst)))
 
     def pooled(self, quantity: str, term: str, adapter_dtype: str) -> Pooled | None:
         if not self.cases:
@@ -235,6 +267,7 @@ class Sums:
             1 / math.sqrt(total),
             self.low / total,
             self.high / total,
+            *self.worst,
         )
 
 

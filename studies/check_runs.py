@@ -3,7 +3,8 @@ profile's size, and over all of a study's cases at once.
 
 For each check, a study's consecutive passing cases are cut into runs of as many cases as the ``ci`` profile draws
 for that check's test (a chunk's last, shorter run is left out). For each quantity, term and adapter dtype, every run
-gives its pooled statistic (a false alarm above `systematic.THRESHOLD`) and the smallest relative error of the term it
+gives its pooled statistic (a false alarm above `systematic.THRESHOLD`, or where its worst case lies beyond
+`systematic.case_threshold`: `largest_case_ratio` is the largest of those over its threshold) and the smallest relative error of the term it
 would have caught (`Pooled.detectable`); the study publishes the largest statistic, the false alarms and the 99th
 percentile of the detectable error (an error of that size is caught in 99% of ci runs). All of the study's cases
 pooled at once (`whole`) hold the model to a far finer scale than any run does.
@@ -31,7 +32,8 @@ class CheckRuns:
     current: dict[Key, systematic.Sums] = field(default_factory=lambda: defaultdict(systematic.Sums))
     in_current: int = 0
     runs: dict[Key, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
-    """Per key, each finished run's (statistic, detectable relative error)."""
+    """Per key, each finished run's (statistic, detectable relative error, its worst case's statistic over that
+    case's threshold)."""
     whole: dict[Key, systematic.Sums] = field(default_factory=lambda: defaultdict(systematic.Sums))
 
     def add(self, case: dict, components: list[systematic.Component], skipped: set[str]) -> None:
@@ -47,7 +49,12 @@ class CheckRuns:
             for key, sums in self.current.items():
                 pooled = sums.pooled(*key)
                 if pooled is not None:
-                    self.runs[key].append((pooled.statistic, pooled.detectable))
+                    run = (
+                        pooled.statistic,
+                        pooled.detectable,
+                        pooled.worst_case / systematic.case_threshold(self.size),
+                    )
+                    self.runs[key].append(run)
             self.current, self.in_current = defaultdict(systematic.Sums), 0
 
     def finished(self) -> dict:
@@ -72,11 +79,13 @@ def merge(chunks: list[dict]) -> dict:
     for key in sorted(set(runs) | set(whole)):
         statistics = np.array([r[0] for r in runs[key]])
         detectable = np.array([r[1] for r in runs[key]])
+        worst_cases = np.array([r[2] for r in runs[key]])
         pooled = whole[key].pooled(*key.split("|"))
         summary[key] = {
             "runs": len(statistics),
             "largest_statistic": float(statistics.max()) if len(statistics) else None,
-            "false_alarms": int(np.sum(statistics > systematic.THRESHOLD)),
+            "largest_case_ratio": float(worst_cases.max()) if len(worst_cases) else None,
+            "false_alarms": int(np.sum((statistics > systematic.THRESHOLD) | (worst_cases > 1))),
             "detectable_q99": float(np.quantile(detectable, 0.99, method="higher")) if len(detectable) else None,
             "detectable_median": float(np.quantile(detectable, 0.5, method="higher")) if len(detectable) else None,
             "whole": None if pooled is None else pooled.to_json() | {"detectable": pooled.detectable},
