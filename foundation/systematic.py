@@ -15,12 +15,13 @@ which is 0.01 where the term is 1% too large. Under the model, c is a sum of ind
 zero; one backward pass through the formula (each step's `Origin`: its adjoint and its own roundings) gives c's
 sub-Gaussian scale sigma, so that P(|c| >= k sigma) <= 2 exp(-k^2 / 2) (Hoeffding's lemma and inequality), to first
 order in the unit roundoff. The scale is multiplied by `CALIBRATION`, as the bound is, for orders the oracle does
-not spell out. What need not average out is an interval [low, high] instead: underflow and subnormals read as zero
-(their bounds, either way), and a Python constant an implementation may round to the dtype first (the scale: that
-rounding or none, so one-sided).
+not spell out. What need not average out is an interval [low, high] instead: subnormals flushed to zero (their
+bounds, either way), a Python constant an implementation may round to the dtype first (the scale: that rounding or
+none, so one-sided), and a small addend rounded away where it is added to a value on the dtype's grid (it may
+shrink, never grow: `Origin.addend`).
 
-A check run's cases are independent draws: their coefficients pool, each weighted by 1 / sigma^2, to a coefficient
-of scale 1 / sqrt(sum 1 / sigma^2), with the intervals pooled alike. The run fails where the pooled coefficient lies
+A check run's cases are independent draws: their coefficients pool, each case weighted by 1 / (THRESHOLD sigma + h)^2
+(h: its interval's half width), to a coefficient of scale sqrt(sum w^2 sigma^2) / sum w, the intervals pooled alike. The run fails where the pooled coefficient lies
 more than `THRESHOLD` scales outside the pooled interval, which, where the model holds, a correct implementation does
 with probability at most `LEVEL` per quantity and term.
 """
@@ -121,6 +122,11 @@ def rounding_model(root: Tracked, seed: np.ndarray) -> tuple[float, float, float
         if origin.constant is not None:
             moved = float(np.sum(change * origin.constant))
             low, high = low + min(moved, 0.0), high + max(moved, 0.0)
+        if origin.swamped is not None:  # a small addend rounded away: it shrinks, never grows (`Origin.addend`)
+            shrinking = np.abs(change) * origin.swamped
+            along = change * origin.addend > 0
+            low -= float(np.sum(np.where(along, shrinking, 0.0)))
+            high += float(np.sum(np.where(along, 0.0, shrinking)))
         sources = origin.parents
         moved_back = origin.pullback(change) if origin.pullback is not None else ()
         for source, part in zip((*sources, *origin.orders), (*moved_back, *[change] * len(origin.orders))):
@@ -226,10 +232,17 @@ class Pooled:
 
 @dataclass
 class Sums:
-    """What pooling needs of the cases of one quantity, term and adapter dtype: sums that add up across processes."""
+    """What pooling needs of the cases of one quantity, term and adapter dtype: sums that add up across processes.
+
+    Each case weighs ``1 / (THRESHOLD scale + half_width)^2`` (its interval's half width): the inverse square of what
+    it alone could tell apart from rounding, so that a case whose rounding may be systematic (a term that vanishes
+    below half an ulp) counts for less. The weights do not depend on the errors, so
+    the pooled coefficient's scale is ``sqrt(sum w^2 scale^2) / sum w`` and the pooled interval the weighted one."""
 
     cases: int = 0
     weight: float = 0.0
+    variance: float = 0.0
+    """The sum of weight^2 scale^2."""
     coefficient: float = 0.0
     low: float = 0.0
     high: float = 0.0
@@ -237,13 +250,15 @@ class Sums:
     """The case with the largest statistic: (statistic, coefficient, scale)."""
 
     def add(self, component: Component) -> None:
-        """One case's component, weighted by the inverse of its variance; a case without rounding noise along the
-        term (an exact term) adds nothing: the bound alone judges it."""
+        """One case's component; a case without rounding noise along the term (an exact term) adds nothing: the
+        bound alone judges it."""
         if not (component.scale > 0 and math.isfinite(component.scale)):
             return
-        weight = 1 / component.scale**2
+        half_width = (component.high - component.low) / 2
+        weight = 1 / (THRESHOLD * component.scale + half_width) ** 2
         self.cases += 1
         self.weight += weight
+        self.variance += (weight * component.scale) ** 2
         self.coefficient += weight * component.coefficient
         self.low += weight * component.low
         self.high += weight * component.high
@@ -251,7 +266,8 @@ class Sums:
             self.worst = (component.statistic, component.coefficient, component.scale)
 
     def merged(self, other: Sums) -> Sums:
-        sums = (getattr(self, f) + getattr(other, f) for f in ("cases", "weight", "coefficient", "low", "high"))
+        fields = ("cases", "weight", "variance", "coefficient", "low", "high")
+        sums = (getattr(self, f) + getattr(other, f) for f in fields)
         return Sums(*sums, worst=max(tuple(self.worst), tuple(other.worst)))
 
     def pooled(self, quantity: str, term: str, adapter_dtype: str) -> Pooled | None:
@@ -264,7 +280,7 @@ class Sums:
             adapter_dtype,
             self.cases,
             self.coefficient / total,
-            1 / math.sqrt(total),
+            math.sqrt(self.variance) / total,
             self.low / total,
             self.high / total,
             *self.worst,

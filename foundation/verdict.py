@@ -82,6 +82,13 @@ class Origin:
     rounding shared by every element, which an implementation makes or does not."""
     orders: tuple[Tracked, ...] = ()
     """One formula evaluated in several orders (`Tracked.covering`): an implementation takes one of them."""
+    addend: np.ndarray | None = None
+    """Where the result is a sum: its smaller addend t (signed). Rounding ``g + t`` where g lies on the dtype's grid
+    (an input, or a result already stored) is rounding t alone, to t - r with |r| <= rounding, and the error's part
+    along t does not average out: -r t = -(m ulp + r) r, whose -r^2 never has t's sign (all of t vanishes where
+    |t| < ulp / 2). `swamped` bounds that part, ``r^2 / |t| <= min(|t|, rounding^2 / |t|)`` per element: the error of
+    the sum (or of its cast, where it is first rounded there) may shrink t by that much, never grow it."""
+    swamped: np.ndarray | None = None
 
 
 def _unbroadcast(change: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -106,6 +113,12 @@ def _scattered(shape: tuple[int, ...], index, change: np.ndarray) -> np.ndarray:
     else:
         np.add.at(whole, index, change)
     return whole
+
+
+def _smaller(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Per element, whichever of two addends is smaller in magnitude (with its sign)."""
+    a, b = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
+    return np.where(np.abs(a) <= np.abs(b), a, b)
 
 
 def _underflowing(value: np.ndarray, bound: np.ndarray, dtype: DType, underflow: float) -> np.ndarray:
@@ -255,12 +268,19 @@ class Tracked:
         origin: Origin,
         underflow: float | None = None,
         dtype: DType | None = None,
+        addend: np.ndarray | None = None,
     ) -> Tracked:
         """The result of one operation (whose own errors before the result's rounding `origin` holds), rounded once
-        to `dtype` (this value's, unless said otherwise), which may underflow, by `underflow`."""
+        to `dtype` (this value's, unless said otherwise), which may underflow, by `underflow`; where it is a sum, its
+        smaller `addend` (see `Origin.addend`)."""
         dtype = self.dtype if dtype is None else dtype
         underflow = dtype.underflow if underflow is None else underflow
         rounding = dtype.unit_roundoff * (np.abs(value) + bound)
+        if addend is not None:
+            size = np.abs(addend)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                swamped = np.where(size > 0, np.minimum(size, np.square(rounding) / size), 0.0)
+            origin = replace(origin, addend=addend, swamped=swamped)
         lost = _underflowing(value, bound, dtype, underflow)
         if underflow > dtype.underflow:  # flushed to zero: not a rounding to the nearest, so it need not average out
             origin = replace(origin, bias=origin.bias + lost)
@@ -278,10 +298,11 @@ class Tracked:
         """The value converted to `dtype`: one rounding where that dtype is coarser, else exact."""
         if dtype.unit_roundoff <= self.dtype.unit_roundoff:
             return Tracked(self.value, self.bound, dtype, Origin((self,), lambda change: (change,)), self.terms)
-        return replace(
-            self._stored(self.value, self.bound, Origin((self,), lambda change: (change,)), dtype=dtype),
-            terms=self.terms,
+        addend = None if self.origin is None else self.origin.addend  # a sum rounded here for the first time
+        stored = self._stored(
+            self.value, self.bound, Origin((self,), lambda change: (change,)), dtype=dtype, addend=addend
         )
+        return replace(stored, terms=self.terms)
 
     def _as_dot_product_reads_it(self, dtype: DType) -> Tracked:
         """This operand as a dot product computing in `dtype` reads it: where those treat subnormals as zero, an
@@ -327,8 +348,10 @@ class Tracked:
         dtype = promoted(self.dtype, other.dtype, *([] if initial is None else [initial.dtype]))
         inner = self.value.shape[-1]
         operands: tuple[Tracked, ...] = (left, right)
+        addend = None
         if initial is not None:
             start = initial._as_dot_product_reads_it(dtype)
+            addend = _smaller(initial.value, value, value.shape)
             inner, value = inner + 1, initial.value + value
             propagated, magnitudes = start.bound + propagated, start.magnitude + magnitudes
             operands += (start,)
@@ -347,7 +370,8 @@ class Tracked:
             origin = Origin(operands, pullback, noise=noise, bias=underflow)
         else:
             origin = Origin(operands, pullback, noise=noise + math.sqrt(inner) * accumulation.underflow)
-        return self._stored(value, propagated + accumulated + underflow, origin, dtype.dot_product_underflow, dtype)
+        bound = propagated + accumulated + underflow
+        return self._stored(value, bound, origin, dtype.dot_product_underflow, dtype, addend)
 
     def matmul(self, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """The matrix product, its sums accumulated in `accumulation` (float32 unless said otherwise)."""
@@ -395,7 +419,9 @@ class Tracked:
 
         value = self.value + sign * other.value
         origin = Origin((self, other), pullback)
-        return self._stored(value, self.bound + other.bound, origin, dtype=promoted(self.dtype, other.dtype))
+        addend = _smaller(self.value, sign * other.value, value.shape)
+        dtype = promoted(self.dtype, other.dtype)
+        return self._stored(value, self.bound + other.bound, origin, dtype=dtype, addend=addend)
 
     def plus(self, other: Tracked) -> Tracked:
         """``self + other`` stored in this value's dtype, where `other` may be finer (a float32 adapter's term on a

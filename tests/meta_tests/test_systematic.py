@@ -139,3 +139,16 @@ def test_underflow_that_rounds_to_the_nearest_averages_out_and_a_flush_does_not(
     halved = tiny.scaled(0.5).with_terms({"term": 0.5 * tiny.value})
     (found,) = systematic.components("y", round_to(halved.value, dtype), halved)
     assert found.low == found.high == 0.0 and found.scale > 0
+
+
+def test_a_small_term_added_to_a_value_on_the_grid_may_vanish_and_that_is_explained():
+    """Found by the ci run (a quantized switch layer's merge in float16): W + s B A with s B A below half an ulp of W
+    rounds back to W in every element, an error of exactly -1 along the LoRA term, which no noise averages out."""
+    rng = np.random.default_rng(0)
+    weight = Tracked.exact(round_to(rng.choice([-16.0, 16.0], size=(64, 64)), FLOAT16), FLOAT16)
+    update = Tracked.exact(round_to(rng.uniform(-1, 1, size=(64, 64)) * 2.0**-8, FLOAT16), FLOAT16)
+    merged = (weight + update).with_terms({"LoRA term": update.value})
+    observed = round_to(merged.value, FLOAT16)
+    assert np.array_equal(observed, weight.value)  # the update vanished
+    (found,) = systematic.components("merged weight", observed, merged)
+    assert found.coefficient == pytest.approx(-1) and found.low <= -1 <= found.high
