@@ -21,9 +21,10 @@ none, so one-sided), and a small addend rounded away where it is added to a valu
 shrink, never grow: `Origin.addend`).
 
 A check run's cases are independent draws: their coefficients pool, each case weighted by 1 / (THRESHOLD sigma + h)^2
-(h: its interval's half width), to a coefficient of scale sqrt(sum w^2 sigma^2) / sum w, the intervals pooled alike. The run fails where the pooled coefficient lies
-more than `THRESHOLD` scales outside the pooled interval, which, where the model holds, a correct implementation does
-with probability at most `LEVEL` per quantity and term.
+(h: its interval's half width), to a coefficient of scale sqrt(sum w^2 sigma^2) / sum w, the intervals pooled alike.
+The run fails where the pooled coefficient lies more than `THRESHOLD` scales outside the pooled interval, which, where
+the model holds, a correct implementation does with probability at most `LEVEL` per quantity and term; or where its
+worst case alone lies beyond `case_threshold` (each case a test at `LEVEL` / cases).
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ profile's size, and over all of a study's cases at once.
 For each check, a study's consecutive passing cases are cut into runs of as many cases as the ``ci`` profile draws
 for that check's test (a chunk's last, shorter run is left out). For each quantity, term and adapter dtype, every run
 gives its pooled statistic (a false alarm above `systematic.THRESHOLD`, or where its worst case lies beyond
-`systematic.case_threshold`: `largest_case_ratio` is the largest of those over its threshold) and the smallest relative error of the term it
-would have caught (`Pooled.detectable`); the study publishes the largest statistic, the false alarms and the 99th
-percentile of the detectable error (an error of that size is caught in 99% of ci runs). All of the study's cases
-pooled at once (`whole`) hold the model to a far finer scale than any run does.
+`systematic.case_threshold`: `largest_case_ratio` is the largest of those over its threshold) and the smallest
+relative error of the term it would have caught (`Pooled.detectable`); the study publishes the largest statistic, the
+false alarms and the 99th percentile of the detectable error (an error of that size is caught in 99% of ci runs).
+All of the study's cases pooled at once (`whole`) hold the model to a far finer scale than any run does.
 """
 
 from __future__ import annotations
