@@ -7,7 +7,6 @@ known divergence (``| QUANTITY: systematic ~ REGEX``) explains it, as it would a
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass, field
 
 from conformance.divergences import KnownDivergence, judge as judge_comparisons
