@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -288,13 +289,9 @@ class Sums:
         )
 
 
-def pool(quantity: str, term: str, adapter_dtype: str, found: Iterable[Component]) -> Pooled | None:
-    """The cases' components pooled, each weighted by the inverse of its variance; None where no case carries
-    rounding noise along the term."""
-    sums = Sums()
-    for component in found:
-        sums.add(component)
-    return sums.pooled(quantity, term, adapter_dtype)
+def stratum(case: dict, component: Component) -> tuple[str, str, str]:
+    """What a case's component pools with: the same quantity and term, of cases whose adapters have its dtype."""
+    return component.quantity, component.term, case.get("adapter_dtype", "")
 
 
 def pool_rows(rows: Iterable) -> list[Pooled]:
@@ -306,13 +303,13 @@ def pool_cases(cases: Iterable[tuple[dict, list[dict]]]) -> list[Pooled]:
     """Each case's components (its description, and `Component.to_json` of each) pooled per quantity, term and
     adapter dtype, each distinct case counted once (a case drawn twice is not an independent draw)."""
     seen: set[str] = set()
-    by_term: dict[tuple[str, str, str], list[Component]] = {}
+    sums: dict[tuple[str, str, str], Sums] = defaultdict(Sums)
     for case, written in cases:
         key = json.dumps(case, sort_keys=True)
         if not written or key in seen:
             continue
         seen.add(key)
         for found in (Component(**component) for component in written):
-            by_term.setdefault((found.quantity, found.term, case.get("adapter_dtype", "")), []).append(found)
-    pooled = (pool(*stratum, found) for stratum, found in by_term.items())
+            sums[stratum(case, found)].add(found)
+    pooled = (found.pooled(*key) for key, found in sums.items())
     return [p for p in pooled if p is not None]

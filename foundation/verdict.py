@@ -121,6 +121,18 @@ def _smaller(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> np.ndarray
     return np.where(np.abs(a) <= np.abs(b), a, b)
 
 
+@dataclass(frozen=True)
+class _Lost:
+    noise: float
+    bias: float
+
+
+def _underflows(count: int, each: float, flushed: bool) -> _Lost:
+    """`count` roundings that may each lose up to `each` to underflow: flushed to zero, they need not average out
+    (a bias of count * each); rounded to the nearest, they are independent (noise of scale sqrt(count) * each)."""
+    return _Lost(0.0, count * each) if flushed else _Lost(math.sqrt(count) * each, 0.0)
+
+
 def _underflowing(value: np.ndarray, bound: np.ndarray, dtype: DType, underflow: float) -> np.ndarray:
     """`underflow` where a result stored in `dtype` may lie below its smallest normal number, else 0: above it, a
     rounding is relative, and no absolute error is left over."""
@@ -275,7 +287,7 @@ class Tracked:
         smaller `addend` (see `Origin.addend`)."""
         dtype = self.dtype if dtype is None else dtype
         underflow = dtype.underflow if underflow is None else underflow
-        rounding = dtype.unit_roundoff * (np.abs(value) + bound)
+        relative = rounding = dtype.unit_roundoff * (np.abs(value) + bound)
         if addend is not None:
             size = np.abs(addend)
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -287,12 +299,7 @@ class Tracked:
         else:
             rounding = np.sqrt(np.square(rounding) + np.square(lost))
         noise = np.sqrt(np.square(origin.noise) + np.square(rounding))
-        return Tracked(
-            value,
-            bound + dtype.unit_roundoff * (np.abs(value) + bound) + underflow,
-            dtype,
-            replace(origin, noise=noise),
-        )
+        return Tracked(value, bound + relative + underflow, dtype, replace(origin, noise=noise))
 
     def cast(self, dtype: DType) -> Tracked:
         """The value converted to `dtype`: one rounding where that dtype is coarser, else exact."""
@@ -366,10 +373,8 @@ class Tracked:
 
         # The model's sum: each of the inner partial sums, and each product, rounded independently.
         noise = math.sqrt(inner + 1) * accumulation.unit_roundoff * magnitudes
-        if dtype.flushes_in_dot_products:  # products flushed to zero, which need not average out
-            origin = Origin(operands, pullback, noise=noise, bias=underflow)
-        else:
-            origin = Origin(operands, pullback, noise=noise + math.sqrt(inner) * accumulation.underflow)
+        lost = _underflows(inner, self._product_underflow(dtype, accumulation), dtype.flushes_in_dot_products)
+        origin = Origin(operands, pullback, noise=noise + lost.noise, bias=lost.bias)
         bound = propagated + accumulated + underflow
         return self._stored(value, bound, origin, dtype.dot_product_underflow, dtype, addend)
 
@@ -397,11 +402,9 @@ class Tracked:
         underflow = self.value.shape[-1] * product.dtype.dot_product_underflow
         stored = product.dtype.unit_roundoff * (self.magnitude @ other.magnitude) + underflow
         noise = product.dtype.unit_roundoff * np.sqrt(np.square(self.magnitude) @ np.square(other.magnitude))
-        if product.dtype.flushes_in_dot_products:
-            origin = Origin((product,), lambda change: (change,), noise=noise, bias=underflow)
-        else:
-            terms = math.sqrt(self.value.shape[-1]) * product.dtype.underflow
-            origin = Origin((product,), lambda change: (change,), noise=noise + terms)
+        dtype = product.dtype
+        lost = _underflows(self.value.shape[-1], dtype.dot_product_underflow, dtype.flushes_in_dot_products)
+        origin = Origin((product,), lambda change: (change,), noise=noise + lost.noise, bias=lost.bias)
         return Tracked(product.value, product.bound + stored, product.dtype, origin)
 
     def __add__(self, other: Tracked) -> Tracked:

@@ -41,7 +41,7 @@ class CheckRuns:
         for component in components:
             if component.quantity in skipped:
                 continue
-            key = (component.quantity, component.term, case.get("adapter_dtype", ""))
+            key = systematic.stratum(case, component)
             self.current[key].add(component)
             self.whole[key].add(component)
         self.in_current += 1
