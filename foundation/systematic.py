@@ -12,13 +12,13 @@ component along t is the weighted least-squares coefficient of e = observed - ex
     c = sum(w t e) / sum(w t^2),   w = 1 / allowed^2,
 
 which is 0.01 where the term is 1% too large. Under the model, c is a sum of independent bounded errors of mean
-zero; one backward pass through the formula (each step's `Origin`: its adjoint and its own roundings) gives c's
-sub-Gaussian scale sigma, so that P(|c| >= k sigma) <= 2 exp(-k^2 / 2) (Hoeffding's lemma and inequality), to first
-order in the unit roundoff. The scale is multiplied by `CALIBRATION`, as the bound is, for orders the oracle does
-not spell out. What need not average out is an interval [low, high] instead: subnormals flushed to zero (their
-bounds, either way), a Python constant an implementation may round to the dtype first (the scale: that rounding or
-none, so one-sided), and a small addend rounded away where it is added to a value on the dtype's grid (it may
-shrink, never grow: `Origin.addend`).
+zero; one backward pass through the formula (`foundation.rounding_model`: each step's `Origin`, its adjoint and its
+own roundings; of a formula in several orders, the costliest order's own) gives c's sub-Gaussian scale sigma, so
+that P(|c| >= k sigma) <= 2 exp(-k^2 / 2) (Hoeffding's lemma and inequality), to first order in the unit roundoff.
+The scale is multiplied by `CALIBRATION`, as the bound is, for orders the oracle does not spell out. What need not
+average out is an interval [low, high] instead: subnormals flushed to zero (their bounds, either way), a Python
+constant an implementation may round to the dtype first (the scale: that rounding or none, so one-sided), and a small
+addend rounded away where it is added to a value on the dtype's grid (it may shrink, never grow: `Origin.addend`).
 
 A check run's cases are independent draws: their coefficients pool, each case weighted by 1 / (THRESHOLD sigma + h)^2
 (h: its interval's half width), to a coefficient of scale sqrt(sum w^2 sigma^2) / sum w, the intervals pooled alike.
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from foundation.rounding_model import rounding_model
 from foundation.verdict import CALIBRATION, Tracked
 
 LEVEL = 1e-7
@@ -79,97 +80,34 @@ def case_threshold(cases: int) -> float:
     return math.sqrt(2 * math.log(2 * max(cases, 1) / LEVEL))
 
 
-def _upstream_first(root: Tracked) -> list[Tracked]:
-    """Every value `root` was computed from, each before those it was computed from."""
-    finished: list[Tracked] = []
-    seen: set[int] = set()
-    stack: list[tuple[Tracked, bool]] = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            finished.append(node)
-            continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.append((node, True))
-        if node.origin is not None:
-            stack += [(source, False) for source in (*node.origin.parents, *node.origin.orders)]
-    return finished[::-1]
-
-
-def rounding_model(root: Tracked, seed: np.ndarray) -> tuple[float, float, float] | None:
-    """For the linear functional ``sum(seed * error of root)``: its variance proxy under the model, and the interval
-    [low, high] of what may not average out; None where the first-order model does not hold (a non-finite adjoint).
-
-    Where `root` is one formula in several orders, each order is charged with the whole adjoint: the proxy then
-    covers whichever order an implementation took (a rounding the orders share is charged once per order, which
-    overstates it, never understates it)."""
-    changes: dict[int, np.ndarray] = {id(root): np.asarray(seed, dtype=np.float64)}
-    variance = bias = low = high = 0.0
-    for node in _upstream_first(root):
-        change = changes.pop(id(node), None)
-        if change is None:
-            continue
-        if not np.all(np.isfinite(change)):
-            return None
-        origin = node.origin
-        if origin is None:  # an input: exact, or (made without an origin) off by its bound either way
-            with np.errstate(invalid="ignore"):
-                bias += float(np.sum(np.where(change != 0, np.abs(change) * node.bound, 0.0)))
-            continue
-        with np.errstate(invalid="ignore"):  # 0 * inf: no change where the bound is infinite
-            variance += float(np.sum(np.square(np.where(change != 0, change * origin.noise, 0.0))))
-            bias += float(np.sum(np.where(change != 0, np.abs(change) * origin.bias, 0.0)))
-        if origin.constant is not None:
-            moved = float(np.sum(change * origin.constant))
-            low, high = low + min(moved, 0.0), high + max(moved, 0.0)
-        if origin.swamped is not None:  # a small addend rounded away: it shrinks, never grows (`Origin.addend`)
-            shrinking = np.abs(change) * origin.swamped
-            along = change * origin.addend > 0
-            low -= float(np.sum(np.where(along, shrinking, 0.0)))
-            high += float(np.sum(np.where(along, 0.0, shrinking)))
-        sources = origin.parents
-        moved_back = origin.pullback(change) if origin.pullback is not None else ()
-        for source, part in zip((*sources, *origin.orders), (*moved_back, *[change] * len(origin.orders))):
-            key = id(source)
-            changes[key] = part if key not in changes else changes[key] + part
-    if not all(math.isfinite(x) for x in (variance, bias, low, high)):
-        return None
-    return variance, low - bias, high + bias
-
-
-def component(
-    quantity: str, term: str, direction: np.ndarray, observed: np.ndarray, expected: Tracked
-) -> Component | None:
-    """The component of `observed`'s error along `direction` (one term of `expected`'s formula); None where no
-    element both carries the term and allows an error, or the model does not hold."""
-    allowed = expected.allowed
-    judged = (allowed > 0) & np.isfinite(allowed) & (direction != 0) & np.isfinite(observed)
-    if not judged.any():
-        return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weights = np.where(judged, direction / np.square(allowed), 0.0)
-    norm = float(np.sum(weights * direction))
-    if not math.isfinite(norm) or norm <= 0:
-        return None
-    seed = weights / norm
-    error = np.where(judged, observed - expected.value, 0.0)
-    model = rounding_model(expected, seed)
-    if model is None:
-        return None
-    variance, low, high = model
-    coefficient = float(np.sum(seed * error))
-    scale = CALIBRATION * math.sqrt(variance)
-    return Component(quantity, term, coefficient, scale, CALIBRATION * low, CALIBRATION * high)
-
-
 def components(quantity: str, observed: np.ndarray, expected: Tracked) -> list[Component]:
-    """The error's component along each term the oracle names for `expected` (none where it names none)."""
-    found = (
-        component(quantity, term, direction, observed, expected) for term, direction in (expected.terms or {}).items()
-    )
-    return [c for c in found if c is not None]
+    """The error's component along each term the oracle names for `expected` (none where it names none, or where no
+    element both carries the term and allows an error, or the model does not hold)."""
+    allowed = expected.allowed
+    judgeable = (allowed > 0) & np.isfinite(allowed) & np.isfinite(observed)
+    terms, seeds = [], []
+    for term, direction in (expected.terms or {}).items():
+        judged = judgeable & (direction != 0)
+        if not judged.any():
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            weights = np.where(judged, direction / np.square(allowed), 0.0)
+        norm = float(np.sum(weights * direction))
+        if math.isfinite(norm) and norm > 0:
+            terms.append(term)
+            seeds.append(weights / norm)
+    if not seeds:
+        return []
+    with np.errstate(invalid="ignore"):
+        error = np.where(judgeable, observed - expected.value, 0.0)
+    coefficients = np.stack(seeds).reshape(len(seeds), -1) @ error.reshape(-1)
+    found = []
+    for term, coefficient, model in zip(terms, coefficients, rounding_model(expected, np.stack(seeds))):
+        if model is not None:
+            variance, low, high = model
+            scale = CALIBRATION * math.sqrt(variance)
+            found.append(Component(quantity, term, float(coefficient), scale, CALIBRATION * low, CALIBRATION * high))
+    return found
 
 
 @dataclass(frozen=True)

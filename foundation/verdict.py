@@ -60,6 +60,7 @@ def scaling_roundings(factor: float, dtype: DType) -> int:
 
 
 Pullback = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+"""The adjoint of an exact map: changes of its result (one per row of a leading axis) moved onto its operands."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,8 +74,8 @@ class Origin:
 
     parents: tuple[Tracked, ...] = ()
     pullback: Pullback | None = None
-    noise: np.ndarray | float = 0.0
-    """The scale of this step's independent roundings: the root of the sum of their bounds' squares."""
+    variance: np.ndarray | float = 0.0
+    """The variance proxy of this step's independent roundings: the sum of their bounds' squares."""
     bias: np.ndarray | float = 0.0
     """A bound on this step's errors that may not average out (underflow, subnormals read as zero)."""
     constant: np.ndarray | None = None
@@ -92,10 +93,12 @@ class Origin:
 
 
 def _unbroadcast(change: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A change of a broadcast result moved back onto an operand of `shape`: summed over what was broadcast."""
-    while change.ndim > len(shape):
-        change = change.sum(axis=0)
-    axes = tuple(axis for axis, size in enumerate(shape) if size == 1 and change.shape[axis] != 1)
+    """A change of a broadcast result moved back onto an operand of `shape`: summed over what was broadcast. Every
+    change has one leading axis more than its value, one row per functional (`foundation.systematic`), kept."""
+    extra = change.ndim - 1 - len(shape)
+    if extra > 0:
+        change = change.sum(axis=tuple(range(1, 1 + extra)))
+    axes = tuple(1 + axis for axis, size in enumerate(shape) if size == 1 and change.shape[1 + axis] != 1)
     return change.sum(axis=axes, keepdims=True) if axes else change
 
 
@@ -106,12 +109,14 @@ def _is_basic(index) -> bool:
 
 
 def _scattered(shape: tuple[int, ...], index, change: np.ndarray) -> np.ndarray:
-    """The adjoint of ``array[index]``: `change` added back where each element was taken from."""
-    whole = np.zeros(shape)
+    """The adjoint of ``array[index]``: `change` (with its leading axis of functionals) added back where each element
+    was taken from."""
+    whole = np.zeros((len(change), *shape))
+    every = (slice(None), *(index if isinstance(index, tuple) else (index,)))
     if _is_basic(index):
-        whole[index] += change
+        whole[every] += change
     else:
-        np.add.at(whole, index, change)
+        np.add.at(whole, every, change)
     return whole
 
 
@@ -133,20 +138,23 @@ def _underflows(count: int, each: float, flushed: bool) -> _Lost:
     return _Lost(0.0, count * each) if flushed else _Lost(math.sqrt(count) * each, 0.0)
 
 
-def _underflowing(value: np.ndarray, bound: np.ndarray, dtype: DType, underflow: float) -> np.ndarray:
-    """`underflow` where a result stored in `dtype` may lie below its smallest normal number, else 0: above it, a
-    rounding is relative, and no absolute error is left over."""
-    return np.where(np.abs(value) + bound < dtype.smallest_normal, underflow, 0.0)
+def _underflowing(magnitude: np.ndarray, dtype: DType, underflow: float) -> np.ndarray | float:
+    """`underflow` where a result stored in `dtype`, of at most `magnitude` (its value's plus its bound), may lie
+    below its smallest normal number, else 0: above it, a rounding is relative, and no absolute error is left over."""
+    if not (magnitude.size and magnitude.min() < dtype.smallest_normal):
+        return 0.0
+    return np.where(magnitude < dtype.smallest_normal, underflow, 0.0)
 
 
 def _matmul_pullback(a: np.ndarray, b: np.ndarray, change: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The adjoint of ``a @ b`` (numpy's rules: a vector operand is a row of `a`, a column of `b`)."""
+    """The adjoint of ``a @ b`` (numpy's rules: a vector operand is a row of `a`, a column of `b`), for a `change`
+    with a leading axis of functionals."""
     rows, columns = a[None, :] if a.ndim == 1 else a, b[:, None] if b.ndim == 1 else b
     change = change[..., None] if b.ndim == 1 else change
     change = change[..., None, :] if a.ndim == 1 else change
     onto_a = _unbroadcast(change @ np.swapaxes(columns, -1, -2), rows.shape)
     onto_b = _unbroadcast(np.swapaxes(rows, -1, -2) @ change, columns.shape)
-    return onto_a.reshape(a.shape), onto_b.reshape(b.shape)
+    return onto_a.reshape(len(change), *a.shape), onto_b.reshape(len(change), *b.shape)
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,7 @@ class Tracked:
         may be dequantized on the fly)."""
         value = np.asarray(value, dtype=np.float64)
         rounding = dtype.unit_roundoff * np.abs(value)
-        origin = Origin(noise=rounding + _underflowing(value, rounding, dtype, dtype.underflow))
+        origin = Origin(variance=np.square(rounding + _underflowing(np.abs(value) + rounding, dtype, dtype.underflow)))
         return cls(value, rounding + dtype.underflow, dtype, origin)
 
     def with_terms(self, terms: Mapping[str, np.ndarray]) -> Tracked:
@@ -208,13 +216,14 @@ class Tracked:
     def stack(parts: list[Tracked], axis: int = 0) -> Tracked:
         """Several results side by side (no arithmetic, so no error of its own)."""
         value = np.stack([part.value for part in parts], axis=axis)
-        names = [set(part.terms or ()) for part in parts]
+        names = [list(part.terms or ()) for part in parts]
         terms = None
-        if parts[0].terms is not None and all(n == names[0] for n in names):
+        if parts[0].terms is not None and all(set(n) == set(names[0]) for n in names):
             terms = {name: np.stack([part.terms[name] for part in parts], axis=axis) for name in names[0]}
 
         def pullback(change: np.ndarray) -> tuple[np.ndarray, ...]:
-            return tuple(np.take(change, i, axis=axis) for i in range(len(parts)))
+            along = axis + 1 if axis >= 0 else axis  # past the leading axis of functionals
+            return tuple(np.take(change, i, axis=along) for i in range(len(parts)))
 
         bound = np.stack([part.bound for part in parts], axis=axis)
         return Tracked(value, bound, parts[0].dtype, Origin(tuple(parts), pullback), terms)
@@ -225,8 +234,9 @@ class Tracked:
         shape = self.value.shape
 
         def pullback(change: np.ndarray) -> tuple[np.ndarray]:
-            where = list(np.indices(change.shape, sparse=True))
-            where[axis] = np.broadcast_to(indices, change.shape)
+            taken = change.shape[1:]
+            where = list(np.indices(taken, sparse=True))
+            where[axis] = np.broadcast_to(indices, taken)
             return (_scattered(shape, tuple(where), change),)
 
         return self._carried(
@@ -243,7 +253,7 @@ class Tracked:
             self.value.reshape(*shape),
             self.bound.reshape(*shape),
             self.dtype,
-            lambda change: (change.reshape(before),),
+            lambda change: (change.reshape(len(change), *before),),
             lambda term: term.reshape(*shape),
         )
 
@@ -287,19 +297,23 @@ class Tracked:
         smaller `addend` (see `Origin.addend`)."""
         dtype = self.dtype if dtype is None else dtype
         underflow = dtype.underflow if underflow is None else underflow
-        relative = rounding = dtype.unit_roundoff * (np.abs(value) + bound)
+        magnitude = np.abs(value) + bound
+        rounding = dtype.unit_roundoff * magnitude
+        swamped = None
         if addend is not None:
             size = np.abs(addend)
             with np.errstate(divide="ignore", invalid="ignore"):
                 swamped = np.where(size > 0, np.minimum(size, np.square(rounding) / size), 0.0)
-            origin = replace(origin, addend=addend, swamped=swamped)
-        lost = _underflowing(value, bound, dtype, underflow)
+        lost = _underflowing(magnitude, dtype, underflow)
+        bias, variance = origin.bias, origin.variance + np.square(rounding)
         if underflow > dtype.underflow:  # flushed to zero: not a rounding to the nearest, so it need not average out
-            origin = replace(origin, bias=origin.bias + lost)
-        else:
-            rounding = np.sqrt(np.square(rounding) + np.square(lost))
-        noise = np.sqrt(np.square(origin.noise) + np.square(rounding))
-        return Tracked(value, bound + relative + underflow, dtype, replace(origin, noise=noise))
+            bias = bias + lost
+        elif np.any(lost):
+            variance = variance + np.square(lost)
+        origin = Origin(
+            origin.parents, origin.pullback, variance, bias, origin.constant, origin.orders, addend, swamped
+        )
+        return Tracked(value, bound + rounding + underflow, dtype, origin)
 
     def cast(self, dtype: DType) -> Tracked:
         """The value converted to `dtype`: one rounding where that dtype is coarser, else exact."""
@@ -365,18 +379,35 @@ class Tracked:
         # Each of the `inner` products may also underflow in the accumulation dtype (absolute error).
         accumulated = gamma(inner, accumulation) * magnitudes
         underflow = inner * self._product_underflow(dtype, accumulation)
-        a, b = left.value, right.value
+        bound = propagated + accumulated + underflow
+        return Tracked._product(operands, value, bound, magnitudes, accumulation, dtype, addend)
+
+    @staticmethod
+    def _product(
+        operands: tuple[Tracked, ...],
+        value: np.ndarray,
+        bound: np.ndarray,
+        magnitudes: np.ndarray,
+        accumulation: DType,
+        dtype: DType,
+        addend: np.ndarray | None = None,
+    ) -> Tracked:
+        """``a @ b`` (``+ c``, where a third operand starts the sum), the operands as a dot product computing in
+        `dtype` reads them: its exact `value`, off by at most `bound` before it is stored in `dtype`; in the model, each
+        of its products and partial sums (of `magnitudes`: ``|a| @ |b| (+ |c|)``) rounded in `accumulation`."""
+        a, b = operands[0].value, operands[1].value
+        start = operands[2].value.shape if len(operands) > 2 else None
+        inner = a.shape[-1] + (start is not None)
 
         def pullback(change: np.ndarray) -> tuple[np.ndarray, ...]:
-            moved = _matmul_pullback(a, b, change)
-            return moved if initial is None else (*moved, _unbroadcast(change, initial.value.shape))
+            return (*_matmul_pullback(a, b, change), _unbroadcast(change, start))
 
         # The model's sum: each of the inner partial sums, and each product, rounded independently.
         noise = math.sqrt(inner + 1) * accumulation.unit_roundoff * magnitudes
-        lost = _underflows(inner, self._product_underflow(dtype, accumulation), dtype.flushes_in_dot_products)
-        origin = Origin(operands, pullback, noise=noise + lost.noise, bias=lost.bias)
-        bound = propagated + accumulated + underflow
-        return self._stored(value, bound, origin, dtype.dot_product_underflow, dtype, addend)
+        lost = _underflows(inner, Tracked._product_underflow(dtype, accumulation), dtype.flushes_in_dot_products)
+        moved = functools.partial(_matmul_pullback, a, b) if start is None else pullback
+        origin = Origin(operands, moved, variance=np.square(noise + lost.noise), bias=lost.bias)
+        return operands[0]._stored(value, bound, origin, dtype.dot_product_underflow, dtype, addend)
 
     def matmul(self, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
         """The matrix product, its sums accumulated in `accumulation` (float32 unless said otherwise)."""
@@ -404,7 +435,7 @@ class Tracked:
         noise = product.dtype.unit_roundoff * np.sqrt(np.square(self.magnitude) @ np.square(other.magnitude))
         dtype = product.dtype
         lost = _underflows(self.value.shape[-1], dtype.dot_product_underflow, dtype.flushes_in_dot_products)
-        origin = Origin((product,), lambda change: (change,), noise=noise + lost.noise, bias=lost.bias)
+        origin = Origin((product,), lambda change: (change,), variance=np.square(noise + lost.noise), bias=lost.bias)
         return Tracked(product.value, product.bound + stored, product.dtype, origin)
 
     def __add__(self, other: Tracked) -> Tracked:
@@ -477,7 +508,7 @@ class Tracked:
                 return (np.where(value[..., None] > 0, change[..., None] * a / value[..., None], 0.0),)
 
         noise = (math.sqrt(inner + 1) * accumulation.unit_roundoff / 2) * magnitude + underflow
-        origin = Origin((self,), pullback, noise=noise)
+        origin = Origin((self,), pullback, variance=np.square(noise))
         return self._stored(value, propagated + accumulated + underflow, origin)
 
     def sqrt(self) -> Tracked:
@@ -510,7 +541,8 @@ class Tracked:
             return (factor * change,)
 
         if roundings == 0:
-            origin = Origin((self,), pullback, noise=_underflowing(value, propagated, self.dtype, self.dtype.underflow))
+            underflowing = _underflowing(np.abs(value) + propagated, self.dtype, self.dtype.underflow)
+            origin = Origin((self,), pullback, variance=np.square(underflowing))
             return Tracked(value, propagated + self.dtype.underflow, self.dtype, origin)
         if roundings == 1:  # the result's own rounding only (not 0 * the magnitude: where that is inf, 0 * inf is NaN)
             return self._stored(value, propagated, Origin((self,), pullback))
@@ -539,8 +571,19 @@ class Tracked:
         rows = rows[..., None] if self.value.ndim > 1 else rows
         ones_products = np.broadcast_to(rows + other.magnitude.sum(axis=-2), product.value.shape)
         underflow = coarser.dot_product_underflow * ones_products
-        orders = (product, self.scaled(factor).matmul(other), self.matmul(other.scaled(factor)))
-        return Tracked(product.value, product.bound + prescaled + underflow, product.dtype, Origin(orders=orders))
+        bound = product.bound + prescaled + underflow
+        # The model's other orders, built from this product's parts (no more products): each scales an operand first.
+        value, _, magnitudes, _, (left, right) = parts
+        dtype = product.dtype
+        scaled_value, scaled_magnitudes = factor * value, abs(factor) * magnitudes
+        first = self.scaled(factor)._as_dot_product_reads_it(dtype)
+        second = other.scaled(factor)._as_dot_product_reads_it(dtype)
+        second_first = Tracked._product((first, right), scaled_value, bound, scaled_magnitudes, ACCUMULATION, dtype)
+        # The other operand scaled first: the same sums of the same magnitudes, so the same roundings.
+        pullback = functools.partial(_matmul_pullback, left.value, second.value)
+        origin = replace(second_first.origin, parents=(left, second), pullback=pullback)
+        orders = (product, second_first, Tracked(second_first.value, second_first.bound, dtype, origin))
+        return Tracked(product.value, bound, dtype, Origin(orders=orders))
 
 
 VALUES = "values"

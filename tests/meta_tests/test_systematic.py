@@ -10,6 +10,7 @@ from catalogue import CorrectLoRALinear
 from conformance import check_run
 from conformance.divergences import KnownDivergence, parse_explanation
 from foundation import systematic
+from foundation.rounding_model import rounding_model
 from foundation.dtypes import BFLOAT16, FLOAT16, FLOAT32, round_to
 from foundation.verdict import Tracked, _matmul_pullback
 from studies import detection, sampling
@@ -99,7 +100,7 @@ def test_the_adjoint_of_a_product_is_its_transpose(left, right):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal(left), rng.standard_normal(right)
     change = rng.standard_normal(np.shape(a @ b))
-    onto_a, onto_b = _matmul_pullback(a, b, change)
+    (onto_a,), (onto_b,) = _matmul_pullback(a, b, change[None])  # one functional
     da, db = rng.standard_normal(left), rng.standard_normal(right)
     # <change, d(a @ b)> = <onto_a, da> + <onto_b, db>
     assert np.isclose(np.sum(change * (da @ b + a @ db)), np.sum(onto_a * da) + np.sum(onto_b * db))
@@ -152,3 +153,36 @@ def test_a_small_term_added_to_a_value_on_the_grid_may_vanish_and_that_is_explai
     assert np.array_equal(observed, weight.value)  # the update vanished
     (found,) = systematic.components("merged weight", observed, merged)
     assert found.coefficient == pytest.approx(-1) and found.low <= -1 <= found.high
+
+
+def test_functionals_carried_together_are_carried_apart():
+    """One backward pass carries every term's functional: each row comes out as it would alone (no operation may
+    sum over the rows, as a broadcast's adjoint sums over what was broadcast)."""
+    rng = np.random.default_rng(3)
+
+    def exact(*shape: int) -> Tracked:
+        return Tracked.exact(round_to(rng.standard_normal(shape), FLOAT16), FLOAT16)
+
+    x, weight, bias, a, b = exact(6, 4), exact(5, 4), exact(5), exact(2, 4), exact(5, 2)
+    y = x.affine(weight.T, bias).plus((x @ a.T).scaled_matmul(b.T, 0.3))
+    stacked = Tracked.stack([y, y.scaled(2.0)], axis=-2)  # (6, 2, 5)
+    picked = stacked.take_along_axis(np.array([0, 1, 1, 0, 1, 0])[:, None, None], axis=-2).reshape(6, 5)
+    norm = (picked * picked).row_norm()[:, None]
+    root = (picked / norm)[np.array([0, 2, 2, 5])] + (x @ weight.T)[1:5]
+    seeds = rng.standard_normal((3, *root.value.shape))
+    together = rounding_model(root, seeds)
+    apart = [rounding_model(root, seed_[None])[0] for seed_ in seeds]
+    assert all(t is not None for t in together)
+    np.testing.assert_allclose(np.array(together), np.array(apart), rtol=1e-12)
+
+
+def test_orders_are_charged_as_the_costliest_one_and_what_they_share_once():
+    """An implementation takes one order of a formula: a value the orders share carries its rounding into the
+    result once, whichever order is taken."""
+    rng = np.random.default_rng(5)
+    x, w = (Tracked.exact(round_to(rng.standard_normal(shape), FLOAT16), FLOAT16) for shape in ((6, 8), (8, 5)))
+    shared = x @ w
+    one, other = shared.scaled(0.3), shared.scaled(0.3)
+    seeds = rng.standard_normal((2, 6, 5))
+    either = rounding_model(Tracked.covering(one, other), seeds)
+    np.testing.assert_allclose(np.array(either), np.array(rounding_model(one, seeds)), rtol=1e-12)
