@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seeds": len(seeds),
                 "caught": len(caught),
                 "rate": len(caught) / len(seeds),
+                "by_the_check_run": sum(s["by"] == "the check run" for s in caught),
                 "most_cases_to_catch": max((s["cases"] for s in caught), default=None),
                 "missed": [s["last_case"] for s in seeds if not s["caught"]][:3],
             }

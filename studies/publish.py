@@ -142,6 +142,68 @@ def figures(found: dict) -> dict:
     return study
 
 
+def check_run_alarms(found: dict) -> list[dict]:
+    """Per false-alarm result that cut its cases into ci-sized check runs: how many runs, the false alarms among
+    them and the largest statistic against its threshold (`studies.check_runs`)."""
+    rows = []
+    for d in found["false_alarms"]:
+        terms = [
+            (check, key, term) for check, runs in d.get("check_runs", {}).items() for key, term in runs["terms"].items()
+        ]
+        if not terms:
+            continue
+        check, key, largest = max(terms, key=lambda t: t[2]["largest_statistic"] or 0.0)
+        threshold = next(iter(d["check_runs"].values()))["threshold"]
+        rows.append(
+            {
+                "document": d,
+                "runs": sum(t["runs"] for _, _, t in terms),
+                "false_alarms": sum(t["false_alarms"] for _, _, t in terms),
+                "largest": largest["largest_statistic"] or 0.0,
+                "threshold": threshold,
+                "where": f"{check}: {' / '.join(key.split('|')[:2])}",
+                "largest_case_ratio": max(t["largest_case_ratio"] or 0.0 for _, _, t in terms),
+            }
+        )
+    return rows
+
+
+def check_run_detection(found: dict) -> list[dict]:
+    """The relative error of each term of forward's output, the merged weight and the gradients that a ci run
+    catches in 99% of runs, per result and adapter dtype, beside the per-case threshold of the LoRA term where the
+    detection study measured it."""
+    per_case = {
+        (d["family"], d["base"], d["dtype"], d["adapter_dtype"]): d["perturbations"]["lora"]["threshold"]
+        for d in found["detection"]
+    }
+    rows = []
+    for d in found["false_alarms"]:
+        if d["kind"] != "drawn":
+            continue
+        for check, runs in d.get("check_runs", {}).items():
+            for key, term in sorted(runs["terms"].items()):
+                quantity, name, adapter_dtype = key.split("|")
+                if not term["runs"]:
+                    continue
+                rows.append(
+                    {
+                        "document": d,
+                        "check": check,
+                        "quantity": quantity,
+                        "term": name,
+                        "adapters": adapter_dtype,
+                        "size": runs["size"],
+                        "runs": term["runs"],
+                        "q99": term["detectable_q99"],
+                        "median": term["detectable_median"],
+                        "per_case": per_case.get((d["family"], d["base"], d["dtype"], adapter_dtype))
+                        if check == "forward" and name == "LoRA term"
+                        else None,
+                    }
+                )
+    return rows
+
+
 def _template(name: str) -> jinja2.Template:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent),
@@ -181,6 +243,8 @@ def render(found: dict) -> str:
         environment=environment(found),
         tightened=VERDICT_TIGHTENED,
         totals=totals(found),
+        check_run_alarms=check_run_alarms(found),
+        check_run_detection=check_run_detection(found),
         quantizations=", ".join(quantizations) or "none measured yet",
         dora_largest=max(
             (d["largest_margin"] for d in found["false_alarms"] if d["family"].startswith("dora_")), default=0.0
