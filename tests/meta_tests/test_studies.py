@@ -365,3 +365,31 @@ def test_a_known_divergence_of_peft_leaves_out_peft_s_margins_and_keeps_the_subj
         sides = found["checks"][check]["largest"]
         assert "subject" in sides and "reference" not in sides, (check, sides)
     assert set(found["checks"]["merge"]["largest"]) == {"subject", "reference"}
+
+
+def test_a_study_s_check_runs_are_published_with_their_largest_statistic_and_what_a_run_catches(tmp_path):
+    path = _result(tmp_path, publish.VERDICT_TIGHTENED)
+    runs = check_runs.CheckRuns(size=2)
+    for index, coefficient in enumerate([0.0, 0.02, 0.0, 0.0]):
+        runs.add(
+            {"seed": index, "adapter_dtype": "float32"},
+            [systematic.Component("output", "LoRA term", coefficient, 0.01, 0.0, 0.0)],
+            set(),
+        )
+    document = {
+        **json.loads(path.read_text()),
+        "kind": "drawn",
+        "check_runs": {"forward": check_runs.merge([runs.finished()])},
+    }
+    path.write_text(json.dumps(document))
+    page = publish.render(publish.studies(tmp_path))
+    alarms = next(
+        line
+        for line in page.splitlines()
+        if line.startswith(f"| `{document['subject']}` | linear |") and "forward: output / LoRA term" in line
+    )
+    assert "| 2 | 0 | 1.41 (5.8) |" in alarms  # two runs, none beyond; the first pools to 0.01 +- 0.01 / sqrt(2)
+    caught = next(
+        line for line in page.splitlines() if line.startswith("| linear | float | float32 | float32 | forward |")
+    )
+    assert "| LoRA term | 2 | 2 |" in caught
