@@ -1,0 +1,199 @@
+"""Whole tiny models: a decoder-only architecture's configuration, a LoRA configuration as an mlx-lm user writes it,
+and the tokens, drawn by Hypothesis and built in code (nothing is downloaded).
+
+A case holds no weights: the reference side makes them (transformers initialises the model from `seed` and saves it
+to a directory, which both sides load through their own loading paths), and the adapters are drawn here from `seed`,
+in float32 (as mlx-lm creates them, and as peft keeps them on a half-precision model), once for both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+
+from foundation.dtypes import BY_NAME, FLOAT32, DType
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+"""Decoder-only architectures that mlx-lm and transformers both implement, by their ``model_type``."""
+
+LINEAR_KEYS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+"""The linear layers of a block, by their path in it: mlx-lm's ``keys``, what its default adapts."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """A LoRA configuration as an mlx-lm user writes it (``adapter_config.json``, ``mlx_lm.lora``'s config)."""
+
+    fine_tune_type: str
+    """``lora`` or ``dora``."""
+    num_layers: int
+    """Adapt the last `num_layers` blocks."""
+    rank: int
+    scale: float
+    """mlx-lm's scale: the LoRA term is ``scale * (x A^T) B^T``, peft's ``lora_alpha / r``."""
+    keys: tuple[str, ...] | None
+    """The block's layers to adapt, by path (`LINEAR_KEYS`); None: mlx-lm's default, every linear layer."""
+    dropout: float = 0.0
+
+    def adapter_config(self) -> dict:
+        """What mlx-lm writes to (and `load_adapters` reads from) ``adapter_config.json``."""
+        parameters = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}
+        if self.keys is not None:
+            parameters["keys"] = list(self.keys)
+        return {"fine_tune_type": self.fine_tune_type, "num_layers": self.num_layers, "lora_parameters": parameters}
+
+    @property
+    def adapted_keys(self) -> tuple[str, ...]:
+        return LINEAR_KEYS if self.keys is None else self.keys
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One tiny model, its adapters and its input. Cases compare by identity (`foundation.memo` keeps what is
+    built from one with it)."""
+
+    architecture: str
+    dtype: DType
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    lora: LoraSettings
+    batch: int
+    length: int
+    seed: int
+    adapter_scale: float
+    """The adapters' entries are drawn uniformly within ±`adapter_scale`."""
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+    """The standard deviation transformers draws the weights with: its default, or larger for attention that is
+    far from uniform."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    def hf_config(self) -> dict:
+        """The model's ``config.json`` as transformers writes it for this architecture."""
+        config = {
+            "model_type": self.architecture,
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tied,
+            "initializer_range": self.initializer_range,
+        }
+        return config
+
+    @property
+    def adapted_layers(self) -> range:
+        """The blocks mlx-lm adapts: the last `num_layers`."""
+        return range(max(self.layers - self.lora.num_layers, 0), self.layers)
+
+    def dims(self, key: str) -> tuple[int, int]:
+        """(in, out) of a block's linear layer."""
+        kv = self.kv_heads * self.head_dim
+        return {
+            "self_attn.q_proj": (self.hidden, self.hidden),
+            "self_attn.k_proj": (self.hidden, kv),
+            "self_attn.v_proj": (self.hidden, kv),
+            "self_attn.o_proj": (self.hidden, self.hidden),
+            "mlp.gate_proj": (self.hidden, self.intermediate),
+            "mlp.up_proj": (self.hidden, self.intermediate),
+            "mlp.down_proj": (self.intermediate, self.hidden),
+        }[key]
+
+    @functools.cached_property
+    def adapters(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per adapted layer (``model.layers.3.self_attn.q_proj``), A (r, in) and B (out, r), in peft's layouts,
+        float32."""
+        rng = np.random.default_rng(self.seed)
+        found = {}
+        for layer in self.adapted_layers:
+            for key in self.lora.adapted_keys:
+                inputs, outputs = self.dims(key)
+                a = rng.uniform(-self.adapter_scale, self.adapter_scale, (self.lora.rank, inputs))
+                b = rng.uniform(-self.adapter_scale, self.adapter_scale, (outputs, self.lora.rank))
+                found[f"model.layers.{layer}.{key}"] = (a.astype(np.float32), b.astype(np.float32))
+        return found
+
+    @functools.cached_property
+    def tokens(self) -> np.ndarray:
+        return np.random.default_rng(self.seed + 1).integers(0, self.vocab, (self.batch, self.length))
+
+    def describe(self) -> dict:
+        described = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        described["dtype"] = self.dtype.name
+        described["lora"] = dataclasses.asdict(self.lora)
+        described["kind"] = "model"
+        return described
+
+    @classmethod
+    def from_description(cls, description: dict) -> ModelCase:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        named = {name: value for name, value in description.items() if name in fields}
+        lora = dict(description["lora"])
+        lora["keys"] = None if lora["keys"] is None else tuple(lora["keys"])
+        return cls(**{**named, "dtype": BY_NAME[description["dtype"]], "lora": LoraSettings(**lora)})
+
+
+def lora_settings(layers: int) -> st.SearchStrategy[LoraSettings]:
+    keys = st.none() | st.lists(st.sampled_from(LINEAR_KEYS), min_size=1, unique=True).map(tuple)
+    return st.builds(
+        LoraSettings,
+        fine_tune_type=st.just("lora"),
+        num_layers=st.integers(1, layers),
+        rank=st.integers(1, 8),
+        scale=st.sampled_from([20.0, 2.0, 1.0, 0.5, 10.0, 0.3]),
+        keys=keys,
+    )
+
+
+@st.composite
+def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32) -> ModelCase:
+    """A tiny model of one of `ARCHITECTURES` in `dtype`, with LoRA on some of its last blocks."""
+    layers = draw(st.integers(1, 3))
+    heads = draw(st.sampled_from([1, 2, 4]))
+    return ModelCase(
+        architecture=draw(st.sampled_from(ARCHITECTURES)),
+        dtype=dtype,
+        layers=layers,
+        heads=heads,
+        kv_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
+        head_dim=draw(st.sampled_from([4, 8, 16])),
+        intermediate=draw(st.integers(4, 48)),
+        vocab=draw(st.integers(8, 64)),
+        tied=draw(st.booleans()),
+        lora=draw(lora_settings(layers)),
+        batch=draw(st.integers(1, 2)),
+        length=draw(st.integers(1, 8)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        adapter_scale=draw(st.sampled_from([0.02, 0.1, 0.5])),
+        rope_theta=draw(st.sampled_from([10000.0, 500000.0, 1000000.0])),
+        initializer_range=draw(st.sampled_from([0.02, 0.2])),
+    )
