@@ -101,10 +101,16 @@ class _Charges:
             self.low += np.minimum(moved, 0.0)
             self.high += np.maximum(moved, 0.0)
         if origin.swamped is not None:  # a small addend rounded away: it shrinks, never grows (`Origin.addend`)
-            shrinking = np.abs(change) * origin.swamped
-            along = change * origin.addend > 0
-            self.low -= _totals(np.where(along, shrinking, 0.0))
-            self.high += _totals(np.where(along, 0.0, shrinking))
+            self._shrinks(change, origin.addend, origin.swamped)
+        if origin.underflowed is not None:  # a value rounded on the subnormal grid: it too may only shrink
+            self._shrinks(change, node.value, origin.underflowed)
+
+    def _shrinks(self, change: np.ndarray, direction: np.ndarray, by: np.ndarray) -> None:
+        """What a value that may shrink toward 0 (never grow) along `direction`, by up to `by`, moves."""
+        shrinking = np.abs(change) * by
+        along = change * direction > 0
+        self.low -= _totals(np.where(along, shrinking, 0.0))
+        self.high += _totals(np.where(along, 0.0, shrinking))
 
 
 @dataclass

@@ -90,6 +90,11 @@ class Origin:
     |t| < ulp / 2). `swamped` bounds that part, ``r^2 / |t| <= min(|t|, rounding^2 / |t|)`` per element: the error of
     the sum (or of its cast, where it is first rounded there) may shrink t by that much, never grow it."""
     swamped: np.ndarray | None = None
+    underflowed: np.ndarray | None = None
+    """Where the result may be rounded on the subnormal grid (spacing twice the dtype's `underflow`): that rounding is
+    a swamping too, of the whole value v on the grid of 0, so it may shrink v, never grow it, by up to
+    ``min(|v|, underflow^2 / |v|)`` per element (all of v where ``|v|`` is below half the smallest subnormal, which
+    rounds to 0)."""
 
 
 def _unbroadcast(change: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -118,6 +123,13 @@ def _scattered(shape: tuple[int, ...], index, change: np.ndarray) -> np.ndarray:
     else:
         np.add.at(whole, every, change)
     return whole
+
+
+def _swamped(size: np.ndarray, rounding: np.ndarray | float) -> np.ndarray:
+    """How much rounding a value of magnitude `size` onto a grid of half-spacing `rounding` (where a point of the grid
+    lies within `size` of it) may shrink it: ``min(size, rounding^2 / size)`` (see `Origin.addend`)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(size > 0, np.minimum(size, np.square(rounding) / size), 0.0)
 
 
 def _smaller(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -180,7 +192,9 @@ class Tracked:
         may be dequantized on the fly)."""
         value = np.asarray(value, dtype=np.float64)
         rounding = dtype.unit_roundoff * np.abs(value)
-        origin = Origin(variance=np.square(rounding + _underflowing(np.abs(value) + rounding, dtype, dtype.underflow)))
+        underflowing = _underflowing(np.abs(value) + rounding, dtype, dtype.underflow)
+        underflowed = _swamped(np.abs(value), underflowing) if np.any(underflowing) else None
+        origin = Origin(variance=np.square(rounding + underflowing), underflowed=underflowed)
         return cls(value, rounding + dtype.underflow, dtype, origin)
 
     def with_terms(self, terms: Mapping[str, np.ndarray]) -> Tracked:
@@ -299,19 +313,24 @@ class Tracked:
         underflow = dtype.underflow if underflow is None else underflow
         magnitude = np.abs(value) + bound
         rounding = dtype.unit_roundoff * magnitude
-        swamped = None
-        if addend is not None:
-            size = np.abs(addend)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                swamped = np.where(size > 0, np.minimum(size, np.square(rounding) / size), 0.0)
+        swamped = None if addend is None else _swamped(np.abs(addend), rounding)
         lost = _underflowing(magnitude, dtype, underflow)
-        bias, variance = origin.bias, origin.variance + np.square(rounding)
+        bias, variance, underflowed = origin.bias, origin.variance + np.square(rounding), None
         if underflow > dtype.underflow:  # flushed to zero: not a rounding to the nearest, so it need not average out
             bias = bias + lost
         elif np.any(lost):
             variance = variance + np.square(lost)
+            underflowed = _swamped(np.abs(value), lost)
         origin = Origin(
-            origin.parents, origin.pullback, variance, bias, origin.constant, origin.orders, addend, swamped
+            origin.parents,
+            origin.pullback,
+            variance,
+            bias,
+            origin.constant,
+            origin.orders,
+            addend,
+            swamped,
+            underflowed,
         )
         return Tracked(value, bound + rounding + underflow, dtype, origin)
 
@@ -542,7 +561,8 @@ class Tracked:
 
         if roundings == 0:
             underflowing = _underflowing(np.abs(value) + propagated, self.dtype, self.dtype.underflow)
-            origin = Origin((self,), pullback, variance=np.square(underflowing))
+            underflowed = _swamped(np.abs(value), underflowing) if np.any(underflowing) else None
+            origin = Origin((self,), pullback, variance=np.square(underflowing), underflowed=underflowed)
             return Tracked(value, propagated + self.dtype.underflow, self.dtype, origin)
         if roundings == 1:  # the result's own rounding only (not 0 * the magnitude: where that is inf, 0 * inf is NaN)
             return self._stored(value, propagated, Origin((self,), pullback))

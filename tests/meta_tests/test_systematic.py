@@ -135,11 +135,14 @@ def test_a_known_divergence_explains_a_systematic_failure_and_a_formula_of_its_o
 
 
 @pytest.mark.parametrize("dtype", [FLOAT32, FLOAT16])
-def test_underflow_that_rounds_to_the_nearest_averages_out_and_a_flush_does_not(dtype):
+def test_underflow_that_rounds_to_the_nearest_is_noise_but_for_a_shrink(dtype):
+    """1.5 subnormals round to 2 (to even): an error the noise explains; what need not average out (the square of
+    each rounding, never along the value) may only shrink it."""
     tiny = Tracked.exact(np.full((4, 4), dtype.smallest_subnormal * 3), dtype)
     halved = tiny.scaled(0.5).with_terms({"term": 0.5 * tiny.value})
     (found,) = systematic.components("y", round_to(halved.value, dtype), halved)
-    assert found.low == found.high == 0.0 and found.scale > 0
+    assert found.low < 0.0 == found.high and found.scale > 0
+    assert found.statistic < systematic.THRESHOLD / 2
 
 
 def test_a_small_term_added_to_a_value_on_the_grid_may_vanish_and_that_is_explained():
@@ -186,3 +189,18 @@ def test_orders_are_charged_as_the_costliest_one_and_what_they_share_once():
     seeds = rng.standard_normal((2, 6, 5))
     either = rounding_model(Tracked.covering(one, other), seeds)
     np.testing.assert_allclose(np.array(either), np.array(rounding_model(one, seeds)), rtol=1e-12)
+
+
+def test_a_result_below_half_the_smallest_subnormal_may_round_to_zero_and_that_is_explained():
+    """Found by the false-alarm study: a float16 gradient of ~2^-26 everywhere, which a correct layer stores as 0: an
+    error of exactly -1 along the term, within every element's bound, that no noise averages out."""
+    rng = np.random.default_rng(11)
+    x, w = (
+        Tracked.exact(round_to(rng.uniform(1, 2, shape) * 2.0**-14, FLOAT16), FLOAT16) for shape in ((1, 8), (8, 3))
+    )
+    product = (x @ w).scaled(0.48)
+    expected = product.with_terms({"LoRA term": product.value})
+    observed = round_to(round_to(x.value @ w.value, FLOAT16) * 0.48, FLOAT16)
+    assert not observed.any()  # all of it rounded away
+    (found,) = systematic.components("grad A", observed, expected)
+    assert found.coefficient == pytest.approx(-1) and found.statistic == 0.0, found
