@@ -322,15 +322,15 @@ class Tracked:
             variance = variance + np.square(lost)
             underflowed = _swamped(np.abs(value), lost)
         origin = Origin(
-            origin.parents,
-            origin.pullback,
-            variance,
-            bias,
-            origin.constant,
-            origin.orders,
-            addend,
-            swamped,
-            underflowed,
+            parents=origin.parents,
+            pullback=origin.pullback,
+            variance=variance,
+            bias=bias,
+            constant=origin.constant,
+            orders=origin.orders,
+            addend=addend,
+            swamped=swamped,
+            underflowed=underflowed,
         )
         return Tracked(value, bound + rounding + underflow, dtype, origin)
 
@@ -596,14 +596,14 @@ class Tracked:
         value, _, magnitudes, _, (left, right) = parts
         dtype = product.dtype
         scaled_value, scaled_magnitudes = factor * value, abs(factor) * magnitudes
-        first = self.scaled(factor)._as_dot_product_reads_it(dtype)
-        second = other.scaled(factor)._as_dot_product_reads_it(dtype)
-        second_first = Tracked._product((first, right), scaled_value, bound, scaled_magnitudes, ACCUMULATION, dtype)
-        # The other operand scaled first: the same sums of the same magnitudes, so the same roundings.
-        pullback = functools.partial(_matmul_pullback, left.value, second.value)
-        origin = replace(second_first.origin, parents=(left, second), pullback=pullback)
-        orders = (product, second_first, Tracked(second_first.value, second_first.bound, dtype, origin))
-        return Tracked(product.value, bound, dtype, Origin(orders=orders))
+        scaled_self = self.scaled(factor)._as_dot_product_reads_it(dtype)
+        scaled_other = other.scaled(factor)._as_dot_product_reads_it(dtype)
+        self_first = Tracked._product((scaled_self, right), scaled_value, bound, scaled_magnitudes, ACCUMULATION, dtype)
+        # `other` scaled first: the same sums of the same magnitudes, so the same roundings.
+        pullback = functools.partial(_matmul_pullback, left.value, scaled_other.value)
+        origin = replace(self_first.origin, parents=(left, scaled_other), pullback=pullback)
+        other_first = Tracked(self_first.value, self_first.bound, dtype, origin)
+        return Tracked(product.value, bound, dtype, Origin(orders=(product, self_first, other_first)))
 
 
 VALUES = "values"
