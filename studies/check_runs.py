@@ -35,6 +35,8 @@ class CheckRuns:
     """Per key, each finished run's (statistic, detectable relative error, its worst case's statistic over that
     case's threshold)."""
     whole: dict[Key, systematic.Sums] = field(default_factory=lambda: defaultdict(systematic.Sums))
+    worst: dict[Key, tuple[float, dict]] = field(default_factory=dict)
+    """Per key, the case whose own statistic is the largest, with it: what a false alarm's replay runs."""
 
     def add(self, case: dict, components: list[systematic.Component], skipped: set[str]) -> None:
         """One passing case's components (but for quantities in `skipped`: a formula the layer differs in)."""
@@ -44,6 +46,8 @@ class CheckRuns:
             key = systematic.stratum(case, component)
             self.current[key].add(component)
             self.whole[key].add(component)
+            if component.statistic > self.worst.get(key, (0.0, None))[0]:
+                self.worst[key] = (component.statistic, case)
         self.in_current += 1
         if self.in_current == self.size:
             for key, sums in self.current.items():
@@ -63,6 +67,7 @@ class CheckRuns:
             "size": self.size,
             "runs": {"|".join(key): runs for key, runs in self.runs.items()},
             "whole": {"|".join(key): vars(sums) for key, sums in self.whole.items()},
+            "worst": {"|".join(key): worst for key, worst in self.worst.items()},
         }
 
 
@@ -70,9 +75,13 @@ def merge(chunks: list[dict]) -> dict:
     """The chunks' runs of one check as one summary per quantity, term and adapter dtype."""
     runs: dict[str, list] = defaultdict(list)
     whole: dict[str, systematic.Sums] = defaultdict(systematic.Sums)
+    worst: dict[str, tuple[float, dict]] = {}
     for chunk in chunks:
         for key, found in chunk["runs"].items():
             runs[key] += found
+        for key, (statistic, case) in chunk.get("worst", {}).items():
+            if statistic > worst.get(key, (0.0, None))[0]:
+                worst[key] = (statistic, case)
         for key, sums in chunk["whole"].items():
             whole[key] = whole[key].merged(systematic.Sums(**sums))
     summary = {}
@@ -89,5 +98,6 @@ def merge(chunks: list[dict]) -> dict:
             "detectable_q99": float(np.quantile(detectable, 0.99, method="higher")) if len(detectable) else None,
             "detectable_median": float(np.quantile(detectable, 0.5, method="higher")) if len(detectable) else None,
             "whole": None if pooled is None else pooled.to_json() | {"detectable": pooled.detectable},
+            "worst_case": None if key not in worst else {"statistic": worst[key][0], "case": worst[key][1]},
         }
     return {"size": chunks[0]["size"] if chunks else 0, "threshold": systematic.THRESHOLD, "terms": summary}

@@ -218,22 +218,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     for alarm in merged["false_alarms"][:5]:
         print(f"  {alarm['check']}: {alarm['what']}\n  replay: {alarm['replay']}")
-    run_alarms = print_check_runs(merged["check_runs"])
+    run_alarms = print_check_runs(merged["check_runs"], subject)
     return 1 if merged["false_alarms"] or run_alarms else 0
 
 
-def print_check_runs(runs: dict) -> int:
-    """One line per check on its runs' verdict (`studies.check_runs`); the number of runs beyond the threshold."""
+def print_check_runs(runs: dict, subject: str) -> int:
+    """One line per check on its runs' verdict (`studies.check_runs`), and, where runs were false alarms, the
+    replay of the case that lies farthest beyond its own scale; the number of runs beyond the threshold."""
     alarms = 0
     for name, merged in runs.items():
-        terms = merged["terms"].values()
-        counted = sum(t["false_alarms"] for t in terms)
-        largest = max((t["largest_statistic"] for t in terms if t["largest_statistic"] is not None), default=0.0)
+        terms = merged["terms"]
+        counted = sum(t["false_alarms"] for t in terms.values())
+        largest = max((t["largest_statistic"] for t in terms.values() if t["largest_statistic"] is not None), default=0)
         alarms += counted
+        runs_of = max((t["runs"] for t in terms.values()), default=0)
         print(
-            f"  check runs of {name} ({merged['size']} cases each, {max((t['runs'] for t in terms), default=0)} runs): "
+            f"  check runs of {name} ({merged['size']} cases each, {runs_of} runs): "
             f"{counted} false alarms, largest statistic {largest:.3g} of {merged['threshold']:.3g}"
         )
+        for key, term in terms.items():
+            if term["false_alarms"] and term.get("worst_case"):
+                worst = term["worst_case"]
+                print(
+                    f"    {key}: its farthest case, {worst['statistic']:.3g} scales: "
+                    f"{replay_command(subject, name, worst['case'])}"
+                )
     return alarms
 
 

@@ -140,6 +140,7 @@ def test_a_study_s_cases_make_check_runs_of_the_ci_size_and_a_run_beyond_the_thr
     summary = check_runs.merge([runs.finished()])["terms"]["output|LoRA term|bfloat16"]
     assert summary["runs"] == 2 and summary["false_alarms"] == 1
     assert summary["whole"]["cases"] == 8 and summary["detectable_median"] > 0
+    assert summary["worst_case"] == {"statistic": 100.0, "case": {"seed": 3, "adapter_dtype": "bfloat16"}}  # to replay
     skipped = check_runs.CheckRuns(size=1)
     skipped.add({"seed": 0}, [loud], skipped={"output"})  # a formula the layer differs in by design
     assert not check_runs.merge([skipped.finished()])["terms"]
