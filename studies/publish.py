@@ -265,6 +265,7 @@ def readme_summary(found: dict) -> str:
             tightened=VERDICT_TIGHTENED,
             environment=environment(found),
             measured=max((d["measured"] for d in _documents(found)), default="never"),
+            check_runs=check_run_alarms(found),
         )
         .strip()
     )
