@@ -186,6 +186,8 @@ class _Graph:
             yield from self._orders(node, change, charges)
 
     def _orders(self, node: Tracked, change: np.ndarray, charges: _Charges):
+        """A formula in several orders (see the module's docstring): each order's own steps apart, the costliest
+        charged, and what they share moved on once; else every order with the whole change."""
         orders = node.origin.orders
         if all(self.uses[id(order)] == sum(o is order for o in orders) for order in orders):
             alternatives = [_Charges.none(self.rows) for _ in orders]
