@@ -59,7 +59,7 @@ class LoraSettings:
         return LINEAR_KEYS if self.keys is None else self.keys
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelCase:
     """One tiny model, its adapters and its input. Cases compare by identity (`foundation.memo` keeps what is
     built from one with it)."""
@@ -84,16 +84,13 @@ class ModelCase:
     """The standard deviation transformers draws the weights with: its default, or larger for attention that is
     far from uniform."""
 
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
-
     @property
     def hidden(self) -> int:
         return self.heads * self.head_dim
 
     def hf_config(self) -> dict:
         """The model's ``config.json`` as transformers writes it for this architecture."""
-        config = {
+        return {
             "model_type": self.architecture,
             "vocab_size": self.vocab,
             "hidden_size": self.hidden,
@@ -108,7 +105,6 @@ class ModelCase:
             "tie_word_embeddings": self.tied,
             "initializer_range": self.initializer_range,
         }
-        return config
 
     @property
     def adapted_layers(self) -> range:

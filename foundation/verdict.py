@@ -132,6 +132,11 @@ def _swamped(size: np.ndarray, rounding: np.ndarray | float) -> np.ndarray:
         return np.where(size > 0, np.minimum(size, np.square(rounding) / size), 0.0)
 
 
+def _underflowed(value: np.ndarray, lost: np.ndarray | float) -> np.ndarray | None:
+    """`Origin.underflowed` of a value stored on the subnormal grid where it may lose up to `lost` (None nowhere)."""
+    return _swamped(np.abs(value), lost) if np.any(lost) else None
+
+
 def _smaller(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Per element, whichever of two addends is smaller in magnitude (with its sign)."""
     a, b = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
@@ -193,8 +198,7 @@ class Tracked:
         value = np.asarray(value, dtype=np.float64)
         rounding = dtype.unit_roundoff * np.abs(value)
         underflowing = _underflowing(np.abs(value) + rounding, dtype, dtype.underflow)
-        underflowed = _swamped(np.abs(value), underflowing) if np.any(underflowing) else None
-        origin = Origin(variance=np.square(rounding + underflowing), underflowed=underflowed)
+        origin = Origin(variance=np.square(rounding + underflowing), underflowed=_underflowed(value, underflowing))
         return cls(value, rounding + dtype.underflow, dtype, origin)
 
     def with_terms(self, terms: Mapping[str, np.ndarray]) -> Tracked:
@@ -320,7 +324,7 @@ class Tracked:
             bias = bias + lost
         elif np.any(lost):
             variance = variance + np.square(lost)
-            underflowed = _swamped(np.abs(value), lost)
+            underflowed = _underflowed(value, lost)
         origin = Origin(
             parents=origin.parents,
             pullback=origin.pullback,
@@ -561,7 +565,7 @@ class Tracked:
 
         if roundings == 0:
             underflowing = _underflowing(np.abs(value) + propagated, self.dtype, self.dtype.underflow)
-            underflowed = _swamped(np.abs(value), underflowing) if np.any(underflowing) else None
+            underflowed = _underflowed(value, underflowing)
             origin = Origin((self,), pullback, variance=np.square(underflowing), underflowed=underflowed)
             return Tracked(value, propagated + self.dtype.underflow, self.dtype, origin)
         if roundings == 1:  # the result's own rounding only (not 0 * the magnitude: where that is inf, 0 * inf is NaN)

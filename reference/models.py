@@ -14,7 +14,7 @@ from peft import get_peft_model
 
 from foundation.model_cases import ModelCase
 from foundation.model_files import model_directory
-from subjects.config_bridge import peft_config, peft_module
+from subjects.config_bridge import mlx_module, peft_config, peft_module
 
 
 def adapted(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
@@ -33,8 +33,7 @@ def adapted(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
 
 def adapted_modules(model: torch.nn.Module) -> set[str]:
     """The modules peft adapted, by mlx-lm's names."""
-    prefix = "base_model.model."
-    return {name.removeprefix(prefix) for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    return {mlx_module(name) for name, module in model.named_modules() if hasattr(module, "lora_A")}
 
 
 def logits(model: torch.nn.Module, case: ModelCase) -> np.ndarray:

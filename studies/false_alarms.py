@@ -229,7 +229,9 @@ def print_check_runs(runs: dict, subject: str) -> int:
     for name, merged in runs.items():
         terms = merged["terms"]
         counted = sum(t["false_alarms"] for t in terms.values())
-        largest = max((t["largest_statistic"] for t in terms.values() if t["largest_statistic"] is not None), default=0)
+        largest = max(
+            (t["largest_statistic"] for t in terms.values() if t["largest_statistic"] is not None), default=0.0
+        )
         alarms += counted
         runs_of = max((t["runs"] for t in terms.values()), default=0)
         print(

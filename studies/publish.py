@@ -169,9 +169,9 @@ def check_run_alarms(found: dict) -> list[dict]:
 
 
 def check_run_detection(found: dict) -> list[dict]:
-    """The relative error of each term of forward's output, the merged weight and the gradients that a ci run
-    catches in 99% of runs, per result and adapter dtype, beside the per-case threshold of the LoRA term where the
-    detection study measured it."""
+    """The relative error of each term of each check's quantities that a ci run catches in 99% of runs, per drawn
+    result and adapter dtype, beside the per-case threshold of forward's LoRA term where the detection study
+    measured it."""
     per_case = {
         (d["family"], d["base"], d["dtype"], d["adapter_dtype"]): d["perturbations"]["lora"]["threshold"]
         for d in found["detection"]
