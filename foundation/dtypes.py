@@ -77,6 +77,9 @@ def promoted(*dtypes: DType) -> DType:
 
 def round_to(values: np.ndarray, dtype: DType) -> np.ndarray:
     """Round float64 values to the nearest `dtype` numbers and return them as float64 (exact there)."""
+    if dtype.torch == torch.float32:  # numpy's conversion is torch's, without its overhead
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, as torch gives
+            return np.asarray(values, dtype=np.float64).astype(np.float32).astype(np.float64)
     array = np.ascontiguousarray(values, dtype=np.float64)
     if not array.flags.writeable:  # a case's own arrays are read-only (`cases.read_only`), which torch warns of
         array = array.copy()
