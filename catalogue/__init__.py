@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from catalogue import layers
+from catalogue import layers, models
 from catalogue.layers import (
     PeftStyleConvention,
     PeftStyleDoRAConvention,
@@ -15,7 +15,7 @@ from catalogue.layers import (
     PeftStyleEmbeddingConvention,
     PeftStyleSwitchConvention,
 )
-from conformance.families import DORA_EMBEDDING, DORA_LINEAR, EMBEDDING, FAMILIES, LINEAR, SWITCH_LINEAR
+from conformance.families import DORA_EMBEDDING, DORA_LINEAR, EMBEDDING, FAMILIES, LINEAR, MODEL, SWITCH_LINEAR
 from foundation.dtypes import CASE_DTYPES
 from subjects.bridge import DoRAEmbeddingConvention, LoRALinearConvention
 from subjects.known import Subject
@@ -177,6 +177,25 @@ WRONG_VARIANTS = {
         ),
     )
 }
+
+
+def _model_subject(convention: type) -> Subject:
+    """A wrong way through mlx-lm's whole-model entry points (`catalogue.models`)."""
+    name = f"{__name__}:{convention.__name__}"
+    return Subject(name, "mlx-lm", MODEL.name, ("mlx_lm.tuner.utils:load_adapters",), convention())
+
+
+WRONG_VARIANTS.update(
+    {
+        variant.subject.name.partition(":")[2]: variant
+        for variant in (
+            WrongVariant(_model_subject(models.ScaleTimesRank), "logits", diagnosis="the adapters' contribution"),
+            WrongVariant(_model_subject(models.OneLayerWithoutAdapter), "logits"),
+            WrongVariant(_model_subject(models.TransposedOnSquareLayers), "logits"),
+            WrongVariant(_model_subject(models.NumLayersOffByOne), "adapted_modules", diagnosis=""),
+        )
+    }
+)
 # `--subject catalogue:<ClassName>` finds these module attributes.
 globals().update({name: variant.subject for name, variant in WRONG_VARIANTS.items()})
 

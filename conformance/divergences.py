@@ -16,9 +16,10 @@ the check's or scenario's name) and the failure (`Comparison.failure`)::
     beyond hint ~ REGEX        the same, where the check's diagnosis has a hint REGEX finds
     systematic [~ REGEX]       the check run's pooled error along a term of the formula is beyond what rounding
                                explains (`foundation.systematic`), where REGEX finds its description
-    computes, convention, shape, absent, present, settings, trainable, premise
+    computes, convention, shape, absent, present, settings, trainable, premise, modules
                                what the check reports of that name (``computes``: where peft raises;
-                               ``convention``: the subject defines the layer otherwise than peft)
+                               ``convention``: the subject defines the layer otherwise than peft;
+                               ``modules``: a whole model's adapted modules are not peft's)
 
 A check is a known divergence only when its entries explain every failing comparison of every case;
 anything else fails the check. A check may have several entries, one per failure. An entry that
@@ -54,6 +55,7 @@ FAILURES = (
     "trainable",
     "premise",
     "systematic",
+    "modules",
 )
 """What an entry may say is wrong: `Comparison.failure`'s words."""
 

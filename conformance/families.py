@@ -15,11 +15,12 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from conformance import checks, training_checks
+from conformance import checks, model_checks, training_checks
 from conformance.checks import Case
 from conformance.timing import PhaseTimer
 from foundation.cases import EmbeddingCase, LinearCase, embedding_cases, gradients_fit, linear_cases
 from foundation.dtypes import FLOAT32, DType
+from foundation.model_cases import model_cases
 from foundation.switch_cases import switch_cases, switch_gradients_fit
 from foundation.verdict import Measurement
 from subjects.known import Subject
@@ -91,8 +92,8 @@ class Family:
 
     name: str
     layout: str
-    """``linear``, ``embedding`` or ``switch``: which case model its cases are (the studies' extreme cases
-    follow it)."""
+    """``linear``, ``embedding``, ``switch`` or ``model``: which case model its cases are (the studies' extreme cases
+    follow it; a whole model has none)."""
     use_dora: bool
     bases: tuple[BaseInfo, ...]
     study_cases: Callable[[DType], st.SearchStrategy]
@@ -632,7 +633,60 @@ SWITCH_LINEAR = Family(
     float32_adapters=True,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LINEAR, DORA_LINEAR, EMBEDDING, DORA_EMBEDDING, SWITCH_LINEAR)}
+MODEL = Family(
+    name="model",
+    layout="model",
+    use_dora=False,
+    bases=(
+        BaseInfo(
+            "float",
+            "test_models.py",
+            model_cases,
+            (
+                CheckInfo(
+                    "logits",
+                    model_checks.logits,
+                    "A tiny model adapted by the package's own loaders gives the logits peft's ``get_peft_model`` "
+                    "gives on the transformers model, for the bridged configuration.",
+                    examples=10,
+                ),
+                CheckInfo(
+                    "rope_parameters",
+                    model_checks.rope_parameters,
+                    "The same logits where ``config.json`` names the rotary base only under ``rope_parameters``, as "
+                    "transformers 5 saves a model.",
+                    examples=15,
+                ),
+                CheckInfo(
+                    "adapted_modules",
+                    model_checks.adapted_modules,
+                    "The configuration adapts the modules peft adapts for the bridged ``LoraConfig``.",
+                    examples=15,
+                ),
+                CheckInfo(
+                    "fuse",
+                    model_checks.fuse,
+                    "The fused model the package saves gives the logits of peft's ``merge_and_unload()``.",
+                    examples=15,
+                ),
+                CheckInfo(
+                    "fused_in_transformers",
+                    model_checks.fused_in_transformers,
+                    "The fused model the package saves loads in transformers and gives the logits of peft's "
+                    "``merge_and_unload()``.",
+                    examples=15,
+                ),
+            ),
+        ),
+    ),
+    study_cases=model_cases,
+)
+"""Whole tiny models through the packages' own entry points (`subjects.models`), judged as a whole
+(`foundation.model_verdict`)."""
+
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (LINEAR, DORA_LINEAR, EMBEDDING, DORA_EMBEDDING, SWITCH_LINEAR, MODEL)
+}
 """Every family, by the name its subjects give (`Subject.family`)."""
 
 MODULE_ORDER = tuple(

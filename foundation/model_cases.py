@@ -80,6 +80,9 @@ class ModelCase:
     adapter_scale: float
     """The adapters' entries are drawn uniformly within ±`adapter_scale`."""
     rope_theta: float = 10000.0
+    rope_parameters_only: bool = False
+    """Whether ``config.json`` names the rotary base only under ``rope_parameters``, as transformers 5 saves it; else
+    also at its top level, as transformers 4 saved it (and as most published checkpoints have it)."""
     initializer_range: float = 0.02
     """The standard deviation transformers draws the weights with: its default, or larger for attention that is
     far from uniform."""

@@ -1,7 +1,9 @@
-"""A whole-model case as the files its users move around: the model as transformers saves it, and the adapters as
-mlx-lm saves them. Both sides load these through their own loading paths, so a key or layout mapping bug shows.
+"""A whole-model case as the files its users move around: the model as transformers saves it (with a tokenizer over
+the case's vocabulary, which mlx-lm's ``load`` and ``fuse`` need), and the adapters as mlx-lm saves them. Both sides
+load these through their own loading paths, so a key or layout mapping bug shows.
 
-The files live in one scratch directory per process, removed when it exits.
+The files live in one scratch directory per process, removed when it exits. transformers is imported where a model is
+built: the catalogue of subjects (`subjects.known`) loads this module without it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-import transformers
 from safetensors.numpy import save_file
 
 from foundation.memo import once_per_case
@@ -21,32 +21,61 @@ from foundation.model_cases import ModelCase
 _SCRATCH = tempfile.TemporaryDirectory(prefix="conformance-models-")
 
 
-def _new_directory(prefix: str) -> Path:
+def new_directory(prefix: str) -> Path:
+    """A new directory in this process's scratch directory."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH.name))
+
+
+def _tokenizer(vocab: int):
+    """A word-level tokenizer whose tokens ``t0``, ``t1``... are the ids 0, 1...: what a model directory holds."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t0", eos_token="t1")
 
 
 @once_per_case
 def model_directory(case: ModelCase) -> Path:
-    """The case's model as transformers saves it (``config.json``, ``model.safetensors``) in the case's dtype,
-    initialised by transformers from the case's seed."""
-    directory = _new_directory("model-")
+    """The case's model as transformers saves it (``config.json``, ``model.safetensors``, the tokenizer's files) in
+    the case's dtype, initialised by transformers from the case's seed."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" for every case
+    directory = new_directory("model-")
     config = transformers.AutoConfig.for_model(**case.hf_config())
     with torch.random.fork_rng():
         torch.manual_seed(case.seed)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.to(case.dtype.torch).save_pretrained(directory)
+    _tokenizer(case.vocab).save_pretrained(directory)
+    if not case.rope_parameters_only:
+        saved = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**saved, "rope_theta": case.rope_theta}, indent=2))
+    return directory
+
+
+def mlx_lm_adapters(case: ModelCase) -> tuple[dict[str, np.ndarray], dict]:
+    """The case's adapters as mlx-lm saves them: the weights of ``adapters.safetensors`` (``lora_a`` (in, r) and
+    ``lora_b`` (r, out) per adapted layer) and ``adapter_config.json``."""
+    weights = {}
+    for path, (a, b) in case.adapters.items():
+        weights[f"{path}.lora_a"] = np.ascontiguousarray(a.T)
+        weights[f"{path}.lora_b"] = np.ascontiguousarray(b.T)
+    return weights, case.lora.adapter_config()
+
+
+def write_mlx_lm_adapters(weights: dict[str, np.ndarray], config: dict) -> Path:
+    """A new adapter directory of mlx-lm's format holding `weights` and `config`."""
+    directory = new_directory("mlx-lm-adapters-")
+    save_file(weights, str(directory / "adapters.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(config))
     return directory
 
 
 @once_per_case
 def mlx_lm_adapter_directory(case: ModelCase) -> Path:
-    """The case's adapters as mlx-lm saves them: ``adapters.safetensors`` (``lora_a`` (in, r) and ``lora_b``
-    (r, out) per adapted layer) and ``adapter_config.json``."""
-    directory = _new_directory("mlx-lm-adapters-")
-    weights = {}
-    for path, (a, b) in case.adapters.items():
-        weights[f"{path}.lora_a"] = np.ascontiguousarray(a.T)
-        weights[f"{path}.lora_b"] = np.ascontiguousarray(b.T)
-    save_file(weights, str(directory / "adapters.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps(case.lora.adapter_config()))
-    return directory
+    """The case's adapters in a directory as mlx-lm saves them (`mlx_lm_adapters`)."""
+    return write_mlx_lm_adapters(*mlx_lm_adapters(case))

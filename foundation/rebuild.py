@@ -10,12 +10,15 @@ from foundation.cases import (
     make_embedding_case,
     make_linear_case,
 )
+from foundation.model_cases import ModelCase
 from foundation.switch_cases import SwitchCase, make_switch_case
 
 
-def case_from_description(description: dict) -> LinearCase | EmbeddingCase | SwitchCase:
+def case_from_description(description: dict) -> LinearCase | EmbeddingCase | SwitchCase | ModelCase:
     """Rebuild a case from its ``describe()``."""
     d = description
+    if d.get("kind") == "model":
+        return ModelCase.from_description(d)
     if d.get("kind") == "embedding":
         as_linear = {**d, "in_features": d["num_embeddings"], "out_features": d["dims"], "bias": False}
         lookup = LinearParameters.from_description(as_linear)

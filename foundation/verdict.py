@@ -627,6 +627,9 @@ class Tracked:
 
 VALUES = "values"
 """A `Comparison` of the values themselves, element by element, against the allowed error."""
+WHOLE = "whole"
+"""A `Comparison` of the values as a whole, their root-mean-square error against the allowed one
+(`foundation.model_verdict`): a whole model's logits."""
 
 
 @dataclass
@@ -661,18 +664,20 @@ class Comparison:
         ``non-finite`` for values; else the kind (``dtype``, ``raises``, ``shape``, ``absent``...)."""
         if self.passed:
             return None
-        if self.kind == VALUES:
+        if self.kind in (VALUES, WHOLE):
             return "non-finite" if self.non_finite else "beyond"
         return self.kind
 
     @property
     def what(self) -> str:
         """The side and quantity, and the property where it is not the values: ``subject merged weight dtype``."""
-        return f"{self.side} {self.quantity}" + ("" if self.kind in (VALUES, "shape") else f" {self.kind}")
+        return f"{self.side} {self.quantity}" + ("" if self.kind in (VALUES, WHOLE, "shape") else f" {self.kind}")
 
     def describe(self) -> str:
         if self.problem is not None:
             return f"{self.side} {self.quantity}: {self.problem}"
+        if self.kind == WHOLE:
+            return f"{self.what}: {self.detail}"
         if self.kind != VALUES:
             return f"{self.what} {self.detail}" if self.detail else self.what
         index = ", ".join(map(str, self.worst_index))

@@ -2,26 +2,33 @@
 
 Both sides load the model transformers saved (`foundation.model_files`), each through its own loading path
 (``from_pretrained`` here, mlx-lm's `load_model` with its ``sanitize`` there). The oracle is the same model and
-adapters loaded in float64.
+adapters loaded in float64 (every weight of the case's dtype, and every float32 adapter entry, is exact there).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from peft import get_peft_model
 
+from foundation.memo import once_per_case
 from foundation.model_cases import ModelCase
 from foundation.model_files import model_directory
 from subjects.config_bridge import mlx_module, peft_config, peft_module
 
 
+def loaded(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The model saved in `directory`, as transformers loads it in `dtype`, in eval mode."""
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
 def adapted(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
     """The saved model loaded in `dtype`, adapted by peft as the bridge maps mlx-lm's configuration, with the case's
     adapters, in eval mode."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_directory(case), dtype=dtype)
-    model = get_peft_model(model, peft_config(case.lora, case.layers))
+    model = get_peft_model(loaded(model_directory(case), dtype), peft_config(case.lora, case.layers))
     modules = dict(model.named_modules())
     with torch.no_grad():
         for path, (a, b) in case.adapters.items():
@@ -29,6 +36,24 @@ def adapted(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
             module.lora_A["default"].weight.copy_(torch.from_numpy(a))
             module.lora_B["default"].weight.copy_(torch.from_numpy(b))
     return model.eval()
+
+
+def merged(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
+    """peft's ``merge_and_unload()`` of the adapted model: each weight plus its float32 update, rounded once."""
+    return adapted(case, dtype).merge_and_unload()
+
+
+def merged_update_first(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
+    """The merge in the other order a correct implementation may take (mlx-lm's ``fuse`` does): the update
+    ``scale * B A`` rounded to the model's dtype first, then added in it."""
+    model = loaded(model_directory(case), dtype)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for path, (a, b) in case.adapters.items():
+            update = case.lora.scale * (torch.from_numpy(b) @ torch.from_numpy(a))
+            weight = modules[path].weight
+            weight.copy_(weight + update.to(dtype))
+    return model
 
 
 def adapted_modules(model: torch.nn.Module) -> set[str]:
@@ -39,3 +64,30 @@ def adapted_modules(model: torch.nn.Module) -> set[str]:
 def logits(model: torch.nn.Module, case: ModelCase) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(case.tokens)).logits.to(torch.float64).numpy()
+
+
+ATTENTION = ("sdpa", "eager")
+"""transformers' attention implementations, two orders of one formula: ``sdpa`` keeps the scores in float32 on the
+CPU, ``eager`` (as MLX's attention on the CPU) stores them in the model's dtype before the softmax, which in a model
+with large activations moves the logits by far more."""
+
+
+def logits_in_each_attention(model: torch.nn.Module, case: ModelCase) -> list[np.ndarray]:
+    """The logits with each of `ATTENTION`'s implementations."""
+    found = []
+    for attention in ATTENTION:
+        model.set_attn_implementation(attention)
+        found.append(logits(model, case))
+    return found
+
+
+@once_per_case
+def oracle_logits(case: ModelCase) -> np.ndarray:
+    """The adapted model's logits in float64: what every side's rounding is measured from."""
+    return logits(adapted(case, torch.float64), case)
+
+
+@once_per_case
+def base_logits(case: ModelCase) -> np.ndarray:
+    """The model's logits without adapters, in float64: the oracle's less its adapters' contribution."""
+    return logits(loaded(model_directory(case), torch.float64), case)

@@ -71,7 +71,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
 
     def visit(case, index: int) -> None:
         description = case.describe()
-        if case.quantization is not None:
+        if getattr(case, "quantization", None) is not None:  # a whole model's case has no quantized base yet
             found["quantizations"][case.quantization.kind] = found["quantizations"].get(case.quantization.kind, 0) + 1
         for name, info in checks.items():
             if index % EVERY.get(name, 1):
@@ -155,9 +155,11 @@ def largest_margin(merged: dict, statistical: bool = False) -> float:
 
 
 def default_subject(family: str) -> str:
+    """The family's correct layer of the catalogue; for a whole model, the installed package's entry points."""
     from catalogue import CORRECT
+    from subjects.known import CATALOGUE
 
-    return next(subject.name for subject in CORRECT if subject.family == family)
+    return next(subject.name for subject in (*CORRECT, *CATALOGUE) if subject.family == family)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.false_alarms", description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
     parser.add_argument("--dtype", required=True, choices=list(BY_NAME))
-    parser.add_argument("--subject", help="a subject of the family (default: its correct layer in tests/)")
+    parser.add_argument(
+        "--subject", help="a subject of the family (default: its correct layer in catalogue/; a model: mlx-lm's)"
+    )
     sampling.add_case_options(parser, default_cases=1000)
     parser.add_argument(
         "--out",

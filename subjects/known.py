@@ -28,6 +28,7 @@ from subjects.bridge import (
     LoRALinearConvention,
     LoRASwitchLinearConvention,
 )
+from subjects.models import MlxLmEntryPoints
 
 
 class NotProvided(Exception):
@@ -57,7 +58,8 @@ class Subject:
     family: str
     locations: tuple[str, ...]
     """``module:attribute`` places to look, newest first."""
-    convention: Convention
+    convention: Convention | MlxLmEntryPoints
+    """How the implementation is built and called: a layer's `Convention`, or a whole model's entry points."""
 
     def __str__(self) -> str:
         return self.name
@@ -197,6 +199,13 @@ CATALOGUE: tuple[Subject, ...] = (
         "switch_linear",
         ("mlx_lm.tuner.lora:LoRASwitchLinear",),
         LoRASwitchLinearConvention(),
+    ),
+    Subject(
+        "mlx_lm.load_adapters",
+        "mlx-lm",
+        "model",
+        ("mlx_lm.tuner.utils:load_adapters",),
+        MlxLmEntryPoints(),
     ),
 )
 BY_NAME = {subject.name: subject for subject in CATALOGUE}

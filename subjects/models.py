@@ -3,10 +3,18 @@
 mlx-lm loads the directory transformers saved (`mlx_lm.utils.load_model`, which applies the architecture's
 ``sanitize``) and the adapters from a directory in mlx-lm's own format (``adapters.safetensors`` and
 ``adapter_config.json``) with `mlx_lm.tuner.utils.load_adapters`, which builds the LoRA layers
-(`linear_to_lora_layers`) from that configuration, as ``mlx_lm.generate --adapter-path`` does.
+(`linear_to_lora_layers`) from that configuration, as ``mlx_lm.generate --adapter-path`` does; it fuses them with
+its ``fuse`` command (`mlx_lm.fuse.main`), which saves a model directory.
 """
 
 from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,17 +22,61 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from foundation.model_cases import ModelCase
-from foundation.model_files import mlx_lm_adapter_directory, model_directory
+from foundation.model_files import mlx_lm_adapter_directory, model_directory, new_directory
 
 
-def adapted(case: ModelCase) -> nn.Module:
-    """mlx-lm's model of the case's directory, with the case's adapters loaded by mlx-lm, in eval mode."""
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import load_model
+class MlxLmEntryPoints:
+    """How a user of mlx-lm adapts, runs and fuses a model: the convention of a model subject. A wrong variant
+    (`catalogue.models`) changes one of these steps."""
 
-    model, _ = load_model(model_directory(case))
-    load_adapters(model, str(mlx_lm_adapter_directory(case)))
-    return model.eval()
+    roles: Mapping[str, str] = MappingProxyType({})
+    """A model subject has no layer of its own whose parameters play peft's roles."""
+
+    def adapter_directory(self, case: ModelCase) -> Path:
+        """The adapters as mlx-lm saved them."""
+        return mlx_lm_adapter_directory(case)
+
+    def adapted(self, case: ModelCase) -> nn.Module:
+        """mlx-lm's model of the case's directory, with the case's adapters loaded by mlx-lm, in eval mode."""
+        from mlx_lm.tuner.utils import load_adapters
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(model_directory(case))
+        load_adapters(model, str(self.adapter_directory(case)))
+        return model.eval()
+
+    def fused_directory(self, case: ModelCase, dequantize: bool = False) -> Path:
+        """What mlx-lm's ``fuse`` command (``mlx_lm.fuse --model M --adapter-path A --save-path S``) saves."""
+        from mlx_lm import fuse
+
+        saved = new_directory("mlx-lm-fused-")
+        argv = ["mlx_lm.fuse", "--model", str(model_directory(case)), "--adapter-path"]
+        argv += [
+            str(self.adapter_directory(case)),
+            "--save-path",
+            str(saved),
+            *(["--dequantize"] if dequantize else []),
+        ]
+        with _arguments(argv), contextlib.redirect_stdout(io.StringIO()):
+            fuse.main()
+        return saved
+
+    def fused(self, case: ModelCase, dequantize: bool = False) -> nn.Module:
+        """The model mlx-lm's ``fuse`` saved, loaded by mlx-lm."""
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(self.fused_directory(case, dequantize))
+        return model.eval()
+
+
+@contextlib.contextmanager
+def _arguments(argv: list[str]):
+    before = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = before
 
 
 def adapted_modules(model: nn.Module) -> set[str]:

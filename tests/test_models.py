@@ -15,7 +15,7 @@ from subjects.config_bridge import peft_config
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(model_cases())
 def test_mlx_lm_adapts_the_modules_peft_adapts_for_the_same_configuration(case):
-    adapted = subject.adapted_modules(subject.adapted(case))
+    adapted = subject.adapted_modules(subject.MlxLmEntryPoints().adapted(case))
     assert adapted == reference.adapted_modules(reference.adapted(case, FLOAT32.torch))
     expected = {f"model.layers.{layer}.{key}" for layer in case.adapted_layers for key in case.lora.adapted_keys}
     assert adapted == expected == set(case.adapters)

@@ -1,0 +1,61 @@
+"""Wrong ways to move adapters into mlx-lm's whole model: each changes one step of `MlxLmEntryPoints`, as an exporter,
+a converter or a loader with that bug would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from foundation import memo
+from foundation.model_cases import ModelCase
+from foundation.model_files import mlx_lm_adapters, write_mlx_lm_adapters
+from subjects.models import MlxLmEntryPoints
+
+
+class _WritesItsOwnAdapters(MlxLmEntryPoints):
+    """Writes the case's adapter directory through `changed` (per case, once)."""
+
+    def adapter_directory(self, case: ModelCase) -> Path:
+        return memo.once(case, ("adapters", type(self).__name__), lambda: write_mlx_lm_adapters(*self._changed(case)))
+
+    def _changed(self, case: ModelCase) -> tuple[dict, dict]:
+        weights, config = mlx_lm_adapters(case)
+        return self.changed(case, weights, config)
+
+    def changed(self, case: ModelCase, weights: dict[str, np.ndarray], config: dict) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+
+class ScaleTimesRank(_WritesItsOwnAdapters):
+    """Writes peft's ``lora_alpha`` (scale * r) where mlx-lm's ``scale`` belongs."""
+
+    def changed(self, case, weights, config):
+        parameters = {**config["lora_parameters"], "scale": case.lora.scale * case.lora.rank}
+        return weights, {**config, "lora_parameters": parameters}
+
+
+class OneLayerWithoutAdapter(_WritesItsOwnAdapters):
+    """Leaves the first adapted layer's weights out of the file: mlx-lm loads adapters with ``strict=False``, so
+    that layer keeps its fresh adapter (B = 0) and adds nothing."""
+
+    def changed(self, case, weights, config):
+        first = min(case.adapters)
+        return {name: w for name, w in weights.items() if not name.startswith(f"{first}.")}, config
+
+
+class TransposedOnSquareLayers(_WritesItsOwnAdapters):
+    """Writes the update transposed, ``(B A)^T``, where the layer is square and the file's shapes still agree."""
+
+    def changed(self, case, weights, config):
+        for path, (a, b) in case.adapters.items():
+            if a.shape[1] == b.shape[0]:
+                weights[f"{path}.lora_a"], weights[f"{path}.lora_b"] = np.ascontiguousarray(b), np.ascontiguousarray(a)
+        return weights, config
+
+
+class NumLayersOffByOne(_WritesItsOwnAdapters):
+    """Counts one block too many in ``num_layers``: mlx-lm adapts it too (with a fresh adapter, so the logits stay)."""
+
+    def changed(self, case, weights, config):
+        return weights, {**config, "num_layers": config["num_layers"] + 1}

@@ -1,0 +1,176 @@
+"""The checks of whole models: mlx-lm's entry points on a tiny model against transformers and peft.
+
+Each check runs the subject (`subjects.models.MlxLmEntryPoints`, or a wrong variant of it), the reference (peft on the
+transformers model, in the case's dtype) and the oracle (the same in float64) on one `ModelCase`, and judges the
+subject's logits with the whole-model verdict (`foundation.model_verdict`). As the layer checks do, a check never
+raises because of a side: what a side raises becomes a failing comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from conformance.timing import UNTIMED, PhaseTimer
+from foundation import memo
+from foundation.model_cases import ModelCase
+from foundation.model_files import model_directory
+from foundation.model_verdict import compare_whole
+from foundation.verdict import Comparison, Measurement, failed, raised
+from reference import models as reference
+from subjects import models as subject_side
+from subjects.known import Subject
+
+
+def _side(produce: Callable[[], np.ndarray], quantity: str, side: str) -> tuple[np.ndarray | None, list[Comparison]]:
+    """What a side produced, or the failing comparison of what it raised instead."""
+    try:
+        values = produce()
+    except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
+        return None, [raised(error, quantity, side)]
+    if not np.all(np.isfinite(values)):
+        return None, [failed("has inf or NaN elements", quantity, side, "non-finite")]
+    return values, []
+
+
+def _logits_check(
+    check: str,
+    subject: Subject,
+    case: ModelCase,
+    timer: PhaseTimer,
+    run_subject: Callable[[], np.ndarray],
+    run_references: Callable[[], list[np.ndarray]],
+) -> Measurement:
+    """One check of logits: the subject's against the float64 model's, held to the reference's own error in each
+    order a correct implementation may take (`run_references` gives the logits of each)."""
+    measurement = Measurement(subject.name, check, case.describe())
+    with timer("oracle"):
+        oracle = reference.oracle_logits(case)
+    with timer("reference"):
+        references, problems = memo.once(
+            case, ("reference", check), lambda: _side(lambda: np.stack(run_references()), "logits", "reference")
+        )
+        measurement.comparisons += problems
+    with timer("subject"):
+        observed, problems = _side(run_subject, "logits", "subject")
+        measurement.comparisons += problems
+    if references is not None and observed is not None:
+        measurement.comparisons.append(compare_whole("logits", observed, list(references), oracle, case.dtype))
+        if not measurement.passed:
+            measurement.hints += hints(subject, case, observed)
+    return measurement
+
+
+def logits(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The adapted model's logits in eval mode (mlx-lm's ``load_model`` and ``load_adapters``), against peft's
+    ``get_peft_model`` on the transformers model."""
+    return _logits_check(
+        "logits",
+        subject,
+        case,
+        timer,
+        lambda: subject_side.logits(subject.convention.adapted(case), case),
+        lambda: reference.logits_in_each_attention(reference.adapted(case, case.dtype.torch), case),
+    )
+
+
+def rope_parameters(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """`logits` of the same model saved as transformers 5 saves it: the rotary base only under ``rope_parameters``."""
+    saved_by_transformers_5 = memo.once(case, "rope_parameters_only", lambda: replace(case, rope_parameters_only=True))
+    measurement = logits(subject, saved_by_transformers_5, timer)
+    measurement.check, measurement.case = "rope_parameters", case.describe()
+    return measurement
+
+
+def fuse(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The model mlx-lm's ``fuse`` saves, loaded by mlx-lm, against peft's ``merge_and_unload()``."""
+    return _logits_check(
+        "fuse",
+        subject,
+        case,
+        timer,
+        lambda: subject_side.logits(subject.convention.fused(case), case),
+        lambda: _merges(case),
+    )
+
+
+def fused_in_transformers(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The model mlx-lm's ``fuse`` saves, loaded by transformers' ``from_pretrained``, against peft's
+    ``merge_and_unload()``: the file people take from MLX to the HuggingFace world."""
+    return _logits_check(
+        "fused_in_transformers",
+        subject,
+        case,
+        timer,
+        lambda: reference.logits(reference.loaded(subject.convention.fused_directory(case), case.dtype.torch), case),
+        lambda: _merges(case),
+    )
+
+
+def _merges(case: ModelCase) -> list[np.ndarray]:
+    """The merged model's logits in each order a correct merge may take (`reference.merged`, and the update rounded
+    first), with each attention implementation."""
+    found = []
+    for merge in (reference.merged, reference.merged_update_first):
+        found += reference.logits_in_each_attention(merge(case, case.dtype.torch), case)
+    return found
+
+
+def adapted_modules(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The modules mlx-lm adapts for the configuration are those peft adapts for the bridged one."""
+    measurement = Measurement(subject.name, "adapted_modules", case.describe())
+    with timer("reference"):
+        expected = memo.once(case, ("reference", "adapted_modules"), lambda: _modules_of_reference(case))
+    with timer("subject"):
+        try:
+            found = subject_side.adapted_modules(subject.convention.adapted(case))
+        except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
+            measurement.comparisons.append(raised(error, "adapted modules", "subject"))
+            return measurement
+    comparison = Comparison("adapted modules", "subject", kind="modules", detail=f"{len(found)} modules")
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        comparison.problem = (
+            f"{len(found)} modules adapted, but should be peft's {len(expected)}"
+            + (f"; not adapted: {', '.join(missing)}" if missing else "")
+            + (f"; adapted only by the subject: {', '.join(extra)}" if extra else "")
+        )
+        comparison.margin = float("inf")
+    measurement.comparisons.append(comparison)
+    return measurement
+
+
+def _modules_of_reference(case: ModelCase) -> set[str]:
+    return reference.adapted_modules(reference.adapted(case, case.dtype.torch))
+
+
+def hints(subject: Subject, case: ModelCase, observed: np.ndarray) -> list[str]:
+    """What a failure of the logits looks like: how large the adapters' contribution is against the float64 model's,
+    and where the subject's model was built with another rotary base than the configuration's."""
+    found = []
+    contribution = reference.oracle_logits(case) - reference.base_logits(case)
+    norm = float(np.sum(np.square(contribution)))
+    if norm > 0:
+        ratio = float(np.sum((observed - reference.base_logits(case)) * contribution)) / norm
+        found.append(f"the adapters' contribution to the logits is {ratio:.4f}x the float64 model's")
+    built = rotary_base(subject, case)
+    if built is not None and built != case.rope_theta:
+        found.append(
+            f"{subject.distribution} built the model with rope_theta {built:g}, but config.json says "
+            f"{case.rope_theta:g}"
+            + (" (under rope_parameters, as transformers 5 saves it)" if case.rope_parameters_only else "")
+        )
+    return found
+
+
+def rotary_base(subject: Subject, case: ModelCase) -> float | None:
+    """The rotary base the subject's model was built with, where its arguments say."""
+    try:
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(model_directory(case))
+    except Exception:  # noqa: BLE001 - a hint only
+        return None
+    return getattr(getattr(model, "args", None), "rope_theta", None)
