@@ -72,8 +72,18 @@ def logits(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Me
         case,
         timer,
         lambda: subject_side.logits(subject.convention.adapted(case), case),
-        lambda: reference.logits_in_each_attention(reference.adapted(case, case.dtype.torch), case),
+        lambda: reference_orders(case),
     )
+
+
+def reference_orders(case: ModelCase) -> list[np.ndarray]:
+    """The adapted model's logits in each order a correct implementation may take: each LoRA term added in float32
+    (peft) or rounded to the model's dtype first (mlx-lm), with each attention implementation."""
+    found = []
+    for cast_first in (False, True):
+        model = reference.adapted(case, case.dtype.torch, term_cast_first=cast_first)
+        found += reference.logits_in_each_attention(model, case)
+    return found
 
 
 def rope_parameters(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:

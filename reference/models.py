@@ -25,9 +25,10 @@ def loaded(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
-def adapted(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
+def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) -> torch.nn.Module:
     """The saved model loaded in `dtype`, adapted by peft as the bridge maps mlx-lm's configuration, with the case's
-    adapters, in eval mode."""
+    adapters, in eval mode. peft adds each float32 LoRA term to the base output in float32 and rounds the sum once;
+    with `term_cast_first`, the term is rounded to `dtype` first and added there, as mlx-lm's LoRA layers do."""
     model = get_peft_model(loaded(model_directory(case), dtype), peft_config(case.lora, case.layers))
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -35,7 +36,17 @@ def adapted(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
             module = modules[peft_module(path)]
             module.lora_A["default"].weight.copy_(torch.from_numpy(a))
             module.lora_B["default"].weight.copy_(torch.from_numpy(b))
+            if term_cast_first:
+                module.register_forward_hook(_term_cast_first)
     return model.eval()
+
+
+def _term_cast_first(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A peft LoRA layer's output with its term rounded to the output's dtype before the addition."""
+    (x,) = inputs
+    down, up = module.lora_A["default"], module.lora_B["default"]
+    term = up(down(x.to(down.weight.dtype))) * module.scaling["default"]
+    return module.base_layer(x) + term.to(output.dtype)
 
 
 def merged(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
