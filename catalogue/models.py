@@ -59,3 +59,10 @@ class NumLayersOffByOne(_WritesItsOwnAdapters):
 
     def changed(self, case, weights, config):
         return weights, {**config, "num_layers": config["num_layers"] + 1}
+
+
+class TrainsTheBase(MlxLmEntryPoints):
+    """Prepares the model for training without freezing it first: the base's weights train with the adapters."""
+
+    def trainable(self, case: ModelCase):
+        return super().trainable(case).unfreeze()

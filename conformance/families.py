@@ -664,6 +664,14 @@ MODEL = Family(
                     examples=15,
                 ),
                 CheckInfo(
+                    "steps_sgd",
+                    model_checks.steps_sgd,
+                    "A few SGD steps through the package's training path (its loss, MLX's SGD) move the adapters, and "
+                    "give the losses, that torch's SGD gives peft's model; only the adapters train.",
+                    (model_checks.trainable_steps,),
+                    examples=15,
+                ),
+                CheckInfo(
                     "fuse",
                     model_checks.fuse,
                     "The fused model the package saves gives the logits of peft's ``merge_and_unload()``.",

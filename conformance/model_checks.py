@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from conformance.timing import UNTIMED, PhaseTimer
 from foundation import memo
@@ -126,6 +127,77 @@ def _merges(case: ModelCase) -> list[np.ndarray]:
     for merge in (reference.merged, reference.merged_update_first):
         found += reference.logits_in_each_attention(merge(case, case.dtype.torch), case)
     return found
+
+
+STEPS = 3
+LEARNING_RATE = 0.05
+
+
+def steps_sgd(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """`STEPS` steps of SGD through mlx-lm's training path (its `default_loss`, MLX's SGD) move the adapters, and give
+    the losses, that torch's SGD gives peft's adapted model; only the adapters train."""
+    measurement = Measurement(subject.name, "steps_sgd", case.describe())
+    with timer("oracle"):
+        oracle = memo.once(case, "trained", lambda: reference.trained(case, torch.float64, STEPS, LEARNING_RATE))
+    with timer("reference"):
+        orders, problems = memo.once(case, ("reference", "steps_sgd"), lambda: _trained_references(case))
+        measurement.comparisons += problems
+    with timer("subject"):
+        try:
+            losses, trained = subject.convention.trained(case, STEPS, LEARNING_RATE)
+        except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
+            measurement.comparisons.append(raised(error, "steps", "subject"))
+            return measurement
+    trainable = Comparison("trainable parameters", "subject", kind="trainable", detail=f"{len(trained)} parameters")
+    if set(trained) != set(oracle[1]):
+        missing, extra = sorted(set(oracle[1]) - set(trained)), sorted(set(trained) - set(oracle[1]))
+        trainable.problem = (
+            f"{len(trained)} parameters train, but should be peft's {len(oracle[1])}"
+            + (f"; frozen only in the subject: {', '.join(missing)}" if missing else "")
+            + (f"; trained only by the subject: {', '.join(extra)}" if extra else "")
+        )
+        trainable.margin = float("inf")
+    measurement.comparisons.append(trainable)
+    if trainable.problem is None and orders is not None:
+
+        def moved(parameters: dict[str, np.ndarray]) -> np.ndarray:
+            return np.concatenate([(parameters[name] - start).ravel() for name, start in _initial(case).items()])
+
+        judged = (
+            ("adapter steps", moved(trained), [moved(order[1]) for order in orders], moved(oracle[1])),
+            ("losses", np.array(losses), [np.array(order[0]) for order in orders], np.array(oracle[0])),
+        )
+        for quantity, observed, references, expected in judged:
+            measurement.comparisons.append(compare_whole(quantity, observed, references, expected, case.dtype))
+    return measurement
+
+
+def _initial(case: ModelCase) -> dict[str, np.ndarray]:
+    """The adapters before the steps, by mlx-lm's names and layouts."""
+    found = {}
+    for path, (a, b) in sorted(case.adapters.items()):
+        found[f"{path}.lora_a"], found[f"{path}.lora_b"] = a.T.astype(np.float64), b.T.astype(np.float64)
+    return found
+
+
+def _trained_references(case: ModelCase) -> tuple[list | None, list[Comparison]]:
+    """peft's steps in each order a correct implementation may take: the LoRA term added in float32 or rounded first,
+    either attention, the loss from float32 logits or from the model's dtype."""
+    try:
+        orders = [
+            reference.trained(case, case.dtype.torch, STEPS, LEARNING_RATE, cast_first, attention, in_dtype)
+            for cast_first in (False, True)
+            for attention in reference.ATTENTION
+            for in_dtype in (False, True)
+        ]
+    except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
+        return None, [raised(error, "steps", "reference")]
+    return orders, []
+
+
+def trainable_steps(case: ModelCase) -> bool:
+    """Whether the case has a next token to predict."""
+    return case.length >= 2
 
 
 def adapted_modules(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:

@@ -102,3 +102,48 @@ def oracle_logits(case: ModelCase) -> np.ndarray:
 def base_logits(case: ModelCase) -> np.ndarray:
     """The model's logits without adapters, in float64: the oracle's less its adapters' contribution."""
     return logits(loaded(model_directory(case), torch.float64), case)
+
+
+def trained(
+    case: ModelCase,
+    dtype: torch.dtype,
+    steps: int,
+    learning_rate: float,
+    term_cast_first: bool = False,
+    attention: str = "sdpa",
+    loss_in_dtype: bool = False,
+) -> tuple[list[float], dict[str, np.ndarray]]:
+    """`steps` steps of torch's SGD on peft's adapted model (its base frozen by `get_peft_model`), the mean
+    cross-entropy of each next token, as transformers computes it from float32 logits (or, `loss_in_dtype`, from the
+    logits in the model's dtype, as mlx-lm does); the losses, and the trainable parameters after the steps by
+    mlx-lm's names and layouts (``...q_proj.lora_a`` (in, r))."""
+    model = adapted(case, dtype, term_cast_first)
+    model.set_attn_implementation(attention)
+    model.train()
+    trainable = {mlx_module(name): p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(list(trainable.values()), lr=learning_rate)
+    tokens = torch.from_numpy(case.tokens)
+    losses = []
+    for _ in range(steps):
+        logits = model(tokens[:, :-1]).logits
+        logits = logits if loss_in_dtype else logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return losses, {_mlx_parameter(name): _mlx_layout(name, p) for name, p in trainable.items()}
+
+
+def _mlx_parameter(name: str) -> str:
+    """mlx-lm's name of peft's adapter parameter (``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_a``)."""
+    for peft_name, mlx_name in ((".lora_A.default.weight", ".lora_a"), (".lora_B.default.weight", ".lora_b")):
+        if name.endswith(peft_name):
+            return name.removesuffix(peft_name) + mlx_name
+    return name
+
+
+def _mlx_layout(name: str, parameter: torch.Tensor) -> np.ndarray:
+    """An adapter factor in mlx-lm's layout: peft's A (r, in) and B (out, r), transposed."""
+    values = parameter.detach().to(torch.float64).numpy()
+    return values.T if ".lora_" in name else values

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,45 @@ class MlxLmEntryPoints:
         model, _ = load_model(model_directory(case))
         load_adapters(model, str(self.adapter_directory(case)))
         return model.eval()
+
+    def trainable(self, case: ModelCase) -> nn.Module:
+        """The model as ``mlx_lm.lora`` prepares it for training: frozen, its layers adapted by `linear_to_lora_layers`
+        from the adapter configuration (which leaves only the adapters trainable), the adapters loaded as a resumed
+        run loads them, in training mode."""
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_lm.utils import load_model
+
+        directory = self.adapter_directory(case)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        model, _ = load_model(model_directory(case))
+        model.freeze()
+        dora = config.get("fine_tune_type") == "dora"
+        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=dora)
+        model.load_weights(str(directory / "adapters.safetensors"), strict=False)
+        return model.train()
+
+    def trained(self, case: ModelCase, steps: int, learning_rate: float) -> tuple[list[float], dict[str, np.ndarray]]:
+        """mlx-lm's training path (``mlx_lm.lora``): the model frozen, its layers adapted by `linear_to_lora_layers` from
+        the adapter configuration, the adapters loaded as a resumed run loads them, then `steps` steps of MLX's SGD on
+        mlx-lm's `default_loss` over the case's tokens. The losses, and the trainable parameters after the steps."""
+        import mlx.optimizers as optim
+        from mlx_lm.tuner.trainer import default_loss
+
+        model = self.trainable(case)
+        optimizer = optim.SGD(learning_rate=learning_rate)
+        loss_and_grad = nn.value_and_grad(model, lambda model, batch, lengths: default_loss(model, batch, lengths)[0])
+        batch = mx.array(case.tokens)
+        lengths = mx.array([[0, case.length]] * case.batch)
+        losses = []
+        for _ in range(steps):
+            loss, grads = loss_and_grad(model, batch, lengths)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state, loss)
+            losses.append(loss.item())
+        trained = {
+            name: np.array(value, dtype=np.float64) for name, value in tree_flatten(model.trainable_parameters())
+        }
+        return losses, trained
 
     def fused_directory(self, case: ModelCase, dequantize: bool = False) -> Path:
         """What mlx-lm's ``fuse`` command (``mlx_lm.fuse --model M --adapter-path A --save-path S``) saves."""
