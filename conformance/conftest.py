@@ -218,14 +218,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     only = metafunc.definition.get_closest_marker("dtypes")
     dtypes = [d for d in state["dtypes"] if only is None or d in only.args]
     params = []
+    info = _check_info(metafunc.definition, family)
     for subject in (s for s in state["subjects"] if s.family == family):
-        reason = subject.not_provided_reason()
+        reason = subject.not_provided_reason() or (info.not_provided_reason(subject) if info else None)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params += [pytest.param(subject, DTYPES[d], id=f"{subject.name}-{d}", marks=marks) for d in dtypes]
     if not params and only is not None and any(s.family == family for s in state["subjects"]):
         reason = f"this check runs in {', '.join(only.args)} only, which --dtype did not select"
         params = [pytest.param(None, None, id=NO_SUBJECT, marks=pytest.mark.skip(reason=reason))]
     metafunc.parametrize(("subject", "dtype"), params or [pytest.param(None, None, id=NO_SUBJECT)])
+
+
+def _check_info(definition: pytest.Item, family: str) -> families.CheckInfo | None:
+    """The description of the check a test runs (`conformance.families`), where its family has one."""
+    described = families.FAMILIES.get(family)
+    base = next((b for b in described.bases if b.module == definition.path.name), None) if described else None
+    return base.check(_check_name(definition)) if base else None
 
 
 def _family(item: pytest.Item) -> str | None:

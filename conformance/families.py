@@ -50,12 +50,21 @@ class CheckInfo:
     """The only case dtypes it runs in, where not all."""
     judges: Keep | None = None
     """Whether it can judge a case at all, where it cannot judge every case (replay and the studies ask)."""
+    needs: str | None = None
+    """The entry point it calls, where a family's subjects may lack it (a whole model's ``fused``): the attribute of
+    a subject's convention; a subject without it is not provided for this check."""
 
     def runs_in(self, dtype: str) -> bool:
         return self.dtypes is None or dtype in self.dtypes
 
     def applies(self, case: Case) -> bool:
         return self.judges is None or self.judges(case)
+
+    def not_provided_reason(self, subject: Subject) -> str | None:
+        """Why `subject` cannot take this check (it lacks the entry point the check calls), or None."""
+        if self.needs is None or hasattr(subject.convention, self.needs):
+            return None
+        return f"{subject.name} not provided for {self.name}: {subject.distribution} has no {self.needs} entry point"
 
 
 @dataclass(frozen=True)
@@ -649,6 +658,7 @@ MODEL = Family(
                     "A tiny model adapted by the package's own loaders gives the logits peft's ``get_peft_model`` "
                     "gives on the transformers model, for the bridged configuration.",
                     examples=10,
+                    needs="adapted",
                 ),
                 CheckInfo(
                     "rope_parameters",
@@ -656,12 +666,14 @@ MODEL = Family(
                     "The same logits where ``config.json`` names the rotary base only under ``rope_parameters``, as "
                     "transformers 5 saves a model.",
                     examples=15,
+                    needs="adapted",
                 ),
                 CheckInfo(
                     "adapted_modules",
                     model_checks.adapted_modules,
                     "The configuration adapts the modules peft adapts for the bridged ``LoraConfig``.",
                     examples=15,
+                    needs="adapted",
                 ),
                 CheckInfo(
                     "steps_sgd",
@@ -670,12 +682,14 @@ MODEL = Family(
                     "give the losses, that torch's SGD gives peft's model; only the adapters train.",
                     (model_checks.trainable_steps,),
                     examples=15,
+                    needs="trained",
                 ),
                 CheckInfo(
                     "fuse",
                     model_checks.fuse,
                     "The fused model the package saves gives the logits of peft's ``merge_and_unload()``.",
                     examples=15,
+                    needs="fused",
                 ),
                 CheckInfo(
                     "fused_in_transformers",
@@ -683,6 +697,7 @@ MODEL = Family(
                     "The fused model the package saves loads in transformers and gives the logits of peft's "
                     "``merge_and_unload()``.",
                     examples=15,
+                    needs="fused_directory",
                 ),
             ),
         ),

@@ -28,7 +28,7 @@ from subjects.bridge import (
     LoRALinearConvention,
     LoRASwitchLinearConvention,
 )
-from subjects.models import MlxLmEntryPoints
+from subjects.models import MlxLmEntryPoints, MlxVlmEntryPoints
 
 
 class NotProvided(Exception):
@@ -58,7 +58,7 @@ class Subject:
     family: str
     locations: tuple[str, ...]
     """``module:attribute`` places to look, newest first."""
-    convention: Convention | MlxLmEntryPoints
+    convention: Convention | MlxLmEntryPoints | MlxVlmEntryPoints
     """How the implementation is built and called: a layer's `Convention`, or a whole model's entry points."""
 
     def __str__(self) -> str:
@@ -199,6 +199,13 @@ CATALOGUE: tuple[Subject, ...] = (
         "switch_linear",
         ("mlx_lm.tuner.lora:LoRASwitchLinear",),
         LoRASwitchLinearConvention(),
+    ),
+    Subject(
+        "mlx_vlm.get_peft_model",
+        "mlx-vlm",
+        "model",
+        ("mlx_vlm.trainer:get_peft_model", "mlx_vlm.trainer.peft:get_peft_model"),
+        MlxVlmEntryPoints(),
     ),
     Subject(
         "mlx_lm.load_adapters",

@@ -22,8 +22,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_files import mlx_lm_adapter_directory, model_directory, new_directory
+from foundation.model_files import mlx_lm_adapter_directory, mlx_lm_adapters, model_directory, new_directory
 
 
 class MlxLmEntryPoints:
@@ -109,6 +110,49 @@ class MlxLmEntryPoints:
         return model.eval()
 
 
+class MlxVlmEntryPoints:
+    """How a user of mlx-vlm adapts a model's language part: ``get_peft_model`` with ``rank`` and ``alpha`` (the term
+    is scaled by ``alpha / rank``, as peft's) on the modules named, ``save_adapter``, and ``load_adapters`` onto a
+    fresh model. mlx-vlm has no command that fuses a model, nor mlx-lm's training path: the checks of those skip it."""
+
+    roles: Mapping[str, str] = MappingProxyType({})
+    ROOT = "language_model."
+    """Where mlx-vlm keeps a model's language part (its module names are mlx-lm's behind it)."""
+
+    def targets(self, case: ModelCase) -> list[str]:
+        """The modules to adapt, by mlx-vlm's qualified names: the case's keys in its last `num_layers` blocks."""
+        return [
+            f"{self.ROOT}model.layers.{layer}.{key}" for layer in case.adapted_layers for key in case.lora.adapted_keys
+        ]
+
+    def adapter_directory(self, case: ModelCase) -> Path:
+        """The case's adapters as mlx-vlm's own ``save_adapter`` writes them, from a model ``get_peft_model`` adapted."""
+        return memo.once(case, "mlx-vlm adapters", lambda: self._saved(case))
+
+    def _saved(self, case: ModelCase) -> Path:
+        from mlx_vlm.trainer import get_peft_model, save_adapter
+        from mlx_vlm.utils import load_model
+
+        model = load_model(model_directory(case))
+        alpha = case.lora.scale * case.lora.rank
+        get_peft_model(model, self.targets(case), rank=case.lora.rank, alpha=alpha, dropout=0.0, verbose=False)
+        weights, _ = mlx_lm_adapters(case)
+        model.load_weights([(self.ROOT + name, mx.array(value)) for name, value in weights.items()], strict=False)
+        directory = new_directory("mlx-vlm-adapters-")
+        with contextlib.redirect_stdout(io.StringIO()):
+            save_adapter(model, directory / "adapters.safetensors")
+        return directory
+
+    def adapted(self, case: ModelCase) -> nn.Module:
+        """A fresh model of the case's directory, with mlx-vlm's ``load_adapters`` of the saved adapters, in eval mode."""
+        from mlx_vlm.trainer import load_adapters
+        from mlx_vlm.utils import load_model
+
+        model = load_model(model_directory(case))
+        load_adapters(model, self.adapter_directory(case))
+        return model.eval()
+
+
 @contextlib.contextmanager
 def _arguments(argv: list[str]):
     before = sys.argv
@@ -120,9 +164,12 @@ def _arguments(argv: list[str]):
 
 
 def adapted_modules(model: nn.Module) -> set[str]:
-    """The modules mlx-lm adapted (those holding ``lora_a``)."""
-    return {name.removesuffix(".lora_a") for name, _ in tree_flatten(model.parameters()) if name.endswith(".lora_a")}
+    """The modules the package adapted (those holding ``lora_a``), by mlx-lm's names (mlx-vlm's language part's)."""
+    names = (name.removeprefix(MlxVlmEntryPoints.ROOT) for name, _ in tree_flatten(model.parameters()))
+    return {name.removesuffix(".lora_a") for name in names if name.endswith(".lora_a")}
 
 
 def logits(model: nn.Module, case: ModelCase) -> np.ndarray:
-    return np.array(model(mx.array(case.tokens)).astype(mx.float32), dtype=np.float64)
+    output = model(mx.array(case.tokens))
+    output = getattr(output, "logits", output)  # mlx-vlm's models return an output record
+    return np.array(output.astype(mx.float32), dtype=np.float64)
