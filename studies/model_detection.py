@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(document, indent=1) + "\n")
     found = document["summary"]
     print(
-        f"mlx_lm.load_adapters model logits, {args.dtype}: {found['cases']} cases, {len(failing)} failing; the smallest "
+        f"mlx_lm.load_adapters model logits, {args.dtype}: {found['cases']} cases, {len(failing)} failing; smallest "
         f"scale error of the adapters' contribution caught: median {found['quantiles']['0.5']:.3g}, 99% of cases "
         f"{found['quantiles']['0.99']:.3g}; 1% caught in {found['caught']['0.01']:.0%} of cases, 10% in "
         f"{found['caught']['0.1']:.0%}; 99% of ci runs ({run_cases} cases) catch {found['ci_run_99']:.3g}; wrote {out}"

@@ -64,9 +64,8 @@ class MlxLmEntryPoints:
         return model.train()
 
     def trained(self, case: ModelCase, steps: int, learning_rate: float) -> tuple[list[float], dict[str, np.ndarray]]:
-        """mlx-lm's training path (``mlx_lm.lora``): the model frozen, its layers adapted by `linear_to_lora_layers` from
-        the adapter configuration, the adapters loaded as a resumed run loads them, then `steps` steps of MLX's SGD on
-        mlx-lm's `default_loss` over the case's tokens. The losses, and the trainable parameters after the steps."""
+        """`steps` steps of MLX's SGD on mlx-lm's `default_loss` over the case's tokens, the model prepared as
+        ``mlx_lm.lora`` prepares it (`trainable`). The losses, and the trainable parameters after the steps."""
         import mlx.optimizers as optim
         from mlx_lm.tuner.trainer import default_loss
 
@@ -126,7 +125,7 @@ class MlxVlmEntryPoints:
         ]
 
     def adapter_directory(self, case: ModelCase) -> Path:
-        """The case's adapters as mlx-vlm's own ``save_adapter`` writes them, from a model ``get_peft_model`` adapted."""
+        """The case's adapters as mlx-vlm's own ``save_adapter`` writes them, from a model `get_peft_model` adapted."""
         return memo.once(case, "mlx-vlm adapters", lambda: self._saved(case))
 
     def _saved(self, case: ModelCase) -> Path:
@@ -144,7 +143,7 @@ class MlxVlmEntryPoints:
         return directory
 
     def adapted(self, case: ModelCase) -> nn.Module:
-        """A fresh model of the case's directory, with mlx-vlm's ``load_adapters`` of the saved adapters, in eval mode."""
+        """A fresh model of the case's directory with the saved adapters (mlx-vlm's ``load_adapters``), in eval mode."""
         from mlx_vlm.trainer import load_adapters
         from mlx_vlm.utils import load_model
 
