@@ -1,7 +1,7 @@
-"""The checks of whole models: mlx-lm's entry points on a tiny model against transformers and peft.
+"""The checks of whole models: the packages' own entry points on a tiny model against transformers and peft.
 
-Each check runs the subject (`subjects.models.MlxLmEntryPoints`, or a wrong variant of it), the reference (peft on the
-transformers model, in the case's dtype) and the oracle (the same in float64) on one `ModelCase`, and judges the
+Each check runs the subject (`subjects.models`: mlx-lm's or mlx-vlm's entry points, or a wrong variant of them), the
+reference (peft on the transformers model, in the case's dtype, in each order a correct implementation may take) and the oracle (the same in float64) on one `ModelCase`, and judges the
 subject's logits with the whole-model verdict (`foundation.model_verdict`). As the layer checks do, a check never
 raises because of a side: what a side raises becomes a failing comparison.
 """
@@ -17,7 +17,6 @@ import torch
 from conformance.timing import UNTIMED, PhaseTimer
 from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_files import model_directory
 from foundation.model_verdict import compare_whole
 from foundation.verdict import Comparison, Measurement, failed, raised
 from reference import models as reference
@@ -250,9 +249,6 @@ def hints(subject: Subject, case: ModelCase, observed: np.ndarray) -> list[str]:
 def rotary_base(subject: Subject, case: ModelCase) -> float | None:
     """The rotary base the subject's model was built with, where its arguments say."""
     try:
-        from mlx_lm.utils import load_model
-
-        model, _ = load_model(model_directory(case))
+        return subject.convention.rotary_base(case)
     except Exception:  # noqa: BLE001 - a hint only
         return None
-    return getattr(getattr(model, "args", None), "rope_theta", None)

@@ -85,6 +85,13 @@ class MlxLmEntryPoints:
         }
         return losses, trained
 
+    def rotary_base(self, case: ModelCase) -> float | None:
+        """The rotary base mlx-lm builds the case's model with."""
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(model_directory(case))
+        return getattr(getattr(model, "args", None), "rope_theta", None)
+
     def fused_directory(self, case: ModelCase, dequantize: bool = False) -> Path:
         """What mlx-lm's ``fuse`` command (``mlx_lm.fuse --model M --adapter-path A --save-path S``) saves."""
         from mlx_lm import fuse
@@ -141,6 +148,13 @@ class MlxVlmEntryPoints:
         with contextlib.redirect_stdout(io.StringIO()):
             save_adapter(model, directory / "adapters.safetensors")
         return directory
+
+    def rotary_base(self, case: ModelCase) -> float | None:
+        """The rotary base mlx-vlm builds the case's model's language part with."""
+        from mlx_vlm.utils import load_model
+
+        arguments = getattr(load_model(model_directory(case)).language_model, "args", None)
+        return getattr(arguments, "rope_theta", None)
 
     def adapted(self, case: ModelCase) -> nn.Module:
         """A fresh model of the case's directory with the saved adapters (mlx-vlm's ``load_adapters``), in eval mode."""
