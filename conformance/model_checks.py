@@ -1,8 +1,9 @@
 """The checks of whole models: the packages' own entry points on a tiny model against transformers and peft.
 
 Each check runs the subject (`subjects.models`: mlx-lm's or mlx-vlm's entry points, or a wrong variant of them), the
-reference (peft on the transformers model, in the case's dtype, in each order a correct implementation may take) and the oracle (the same in float64) on one `ModelCase`, and judges the
-subject's logits with the whole-model verdict (`foundation.model_verdict`). As the layer checks do, a check never
+reference (peft on the transformers model, in the case's dtype, in each order a correct implementation may take) and
+the oracle (the same in float64) on one `ModelCase`, and judges the subject's logits (the adapters' movement and the
+losses, for the steps) with the whole-model verdict (`foundation.model_verdict`). As the layer checks do, a check never
 raises because of a side: what a side raises becomes a failing comparison.
 """
 
