@@ -45,3 +45,20 @@ def test_non_finite_logits_and_wrong_shapes_fail_with_what_is_wrong():
     assert not found.passed and found.failure == "non-finite" and found.non_finite == 1
     shaped = compare_whole("logits", ORACLE[:, :4], [ORACLE], ORACLE, FLOAT32)
     assert shaped.failure == "shape" and "but should be (2, 5, 40)" in shaped.describe()
+
+
+def test_the_detection_study_s_smallest_caught_error_is_where_the_verdict_turns():
+    """`studies.model_detection` solves for the scale error the verdict catches in both directions: just below it, one
+    direction still passes; just above it, both fail."""
+    from studies.model_detection import smallest_caught
+
+    error, contribution = 1e-3 * RNG.standard_normal(ORACLE.shape), RNG.standard_normal(ORACLE.shape)
+    allowed = 2 * rms(error)
+    e = smallest_caught(error, contribution, allowed)
+
+    def caught(e: float) -> bool:
+        return all(rms(error + sign * e * contribution) > allowed for sign in (1, -1))
+
+    assert 0 < e < float("inf") and caught(1.001 * e) and not caught(0.999 * e)
+    assert smallest_caught(error, np.zeros_like(error), allowed) == float("inf")
+    assert smallest_caught(error, contribution, 0.5 * rms(error)) == 0.0
