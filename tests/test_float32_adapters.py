@@ -29,10 +29,13 @@ def _base_cases(family: str, base: str):
     return info.cases(BFLOAT16, "affine") if base == "quantized" else info.cases(BFLOAT16)
 
 
+LAYER_FAMILIES = [f for f in FAMILIES.values() if f.layout != "model"]
+
+
 @pytest.mark.parametrize(
-    "family, base", [(f.name, b.base) for f in FAMILIES.values() for b in f.bases], ids=lambda value: str(value)
+    "family, base", [(f.name, b.base) for f in LAYER_FAMILIES for b in f.bases], ids=lambda value: str(value)
 )
-def test_every_family_draws_float32_and_half_precision_adapters_on_a_half_precision_base(family, base):
+def test_every_layer_family_draws_float32_and_half_precision_adapters_on_a_half_precision_base(family, base):
     seen = set()
 
     @settings(max_examples=60, database=None, deadline=None, suppress_health_check=list(HealthCheck))
@@ -43,6 +46,12 @@ def test_every_family_draws_float32_and_half_precision_adapters_on_a_half_precis
     draw()
     assert FAMILIES[family].float32_adapters
     assert seen == {"bfloat16", "float32"}
+
+
+@settings(max_examples=10, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=FAMILIES["model"].on("float").cases(BFLOAT16))
+def test_a_whole_model_s_adapters_are_float32_on_any_base_as_mlx_lm_creates_them_and_peft_keeps_them(case):
+    assert all(a.dtype == b.dtype == np.float32 for a, b in case.adapters.values())
 
 
 @pytest.mark.parametrize(
