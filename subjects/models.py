@@ -92,27 +92,30 @@ class MlxLmEntryPoints:
         model, _ = load_model(model_directory(case))
         return getattr(getattr(model, "args", None), "rope_theta", None)
 
-    def fused_directory(self, case: ModelCase, dequantize: bool = False) -> Path:
+    def fused_directory(self, case: ModelCase) -> Path:
         """What mlx-lm's ``fuse`` command (``mlx_lm.fuse --model M --adapter-path A --save-path S``) saves."""
         from mlx_lm import fuse
 
         saved = new_directory("mlx-lm-fused-")
-        argv = ["mlx_lm.fuse", "--model", str(model_directory(case)), "--adapter-path"]
-        argv += [
-            str(self.adapter_directory(case)),
+        adapters = str(self.adapter_directory(case))
+        argv = [
+            "mlx_lm.fuse",
+            "--model",
+            str(model_directory(case)),
+            "--adapter-path",
+            adapters,
             "--save-path",
             str(saved),
-            *(["--dequantize"] if dequantize else []),
         ]
         with _arguments(argv), contextlib.redirect_stdout(io.StringIO()):
             fuse.main()
         return saved
 
-    def fused(self, case: ModelCase, dequantize: bool = False) -> nn.Module:
+    def fused(self, case: ModelCase) -> nn.Module:
         """The model mlx-lm's ``fuse`` saved, loaded by mlx-lm."""
         from mlx_lm.utils import load_model
 
-        model, _ = load_model(self.fused_directory(case, dequantize))
+        model, _ = load_model(self.fused_directory(case))
         return model.eval()
 
 
@@ -143,7 +146,11 @@ class MlxVlmEntryPoints:
         alpha = case.lora.scale * case.lora.rank
         get_peft_model(model, self.targets(case), rank=case.lora.rank, alpha=alpha, dropout=0.0, verbose=False)
         weights, _ = mlx_lm_adapters(case)
-        model.load_weights([(self.ROOT + name, mx.array(value)) for name, value in weights.items()], strict=False)
+        named = [(self.ROOT + name, mx.array(value)) for name, value in weights.items()]
+        absent = sorted({name for name, _ in named} - {name for name, _ in tree_flatten(model.parameters())})
+        if absent:  # loading them with strict=False would drop them without a word
+            raise ValueError(f"get_peft_model made no adapter parameter {', '.join(absent)}")
+        model.load_weights(named, strict=False)
         directory = new_directory("mlx-vlm-adapters-")
         with contextlib.redirect_stdout(io.StringIO()):
             save_adapter(model, directory / "adapters.safetensors")
