@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=500, help="distinct cases (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the study's seed (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help="default: studies/results/model_detection/<dtype>.json")
+    parser.add_argument("--out", type=Path, help="default: studies/results/models/detection-<dtype>.json")
     threads.add_option(parser)
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)
-    out = sampling.writable(parser, args.out or RESULTS / "model_detection" / f"{args.dtype}.json")
+    out = sampling.writable(parser, args.out or RESULTS / "models" / f"detection-{args.dtype}.json")
     args.family, args.kind, args.base, args.adapter_dtype = "model", "drawn", "float", None
     start = time.perf_counter()
     study = sampling.study_of(args, measure, "mlx_lm.load_adapters")

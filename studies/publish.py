@@ -26,7 +26,8 @@ MARKERS = (
     "<!-- verdict-study summary: written by python -m studies.publish -->",
     "<!-- end of the verdict-study summary -->",
 )
-FAMILIES = tuple(families.FAMILIES)
+FAMILIES = tuple(name for name, family in families.FAMILIES.items() if family.layout != "model")
+"""The layer families: whole models have a verdict of their own, and a page of their own (docs/model-verdict.md)."""
 DTYPES = tuple(dtype.name for dtype in CASE_DTYPES)
 VERDICT_TIGHTENED = "2026-12-01"
 """The day of the last change to the verdict that could raise a correct layer's margin (the scale's
