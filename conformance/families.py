@@ -682,6 +682,7 @@ MODEL = Family(
                     "give the losses, that torch's SGD gives peft's model; only the adapters train.",
                     (model_checks.trainable_steps,),
                     examples=15,
+                    judges=model_checks.trainable_steps,
                     needs="trained",
                 ),
                 CheckInfo(
