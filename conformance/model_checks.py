@@ -148,15 +148,9 @@ def steps_sgd(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) ->
         except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
             measurement.comparisons.append(raised(error, "steps", "subject"))
             return measurement
-    trainable = Comparison("trainable parameters", "subject", kind="trainable", detail=f"{len(trained)} parameters")
-    if set(trained) != set(oracle[1]):
-        missing, extra = sorted(set(oracle[1]) - set(trained)), sorted(set(trained) - set(oracle[1]))
-        trainable.problem = (
-            f"{len(trained)} parameters train, but should be peft's {len(oracle[1])}"
-            + (f"; frozen only in the subject: {', '.join(missing)}" if missing else "")
-            + (f"; trained only by the subject: {', '.join(extra)}" if extra else "")
-        )
-        trainable.margin = float("inf")
+    trainable = _names(
+        "trainable parameters", "trainable", set(trained), set(oracle[1]), "parameters train", "frozen", "trained"
+    )
     measurement.comparisons.append(trainable)
     if trainable.problem is None and orders is not None:
 
@@ -211,17 +205,25 @@ def adapted_modules(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIM
         except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
             measurement.comparisons.append(raised(error, "adapted modules", "subject"))
             return measurement
-    comparison = Comparison("adapted modules", "subject", kind="modules", detail=f"{len(found)} modules")
+    measurement.comparisons.append(
+        _names("adapted modules", "modules", found, expected, "modules adapted", "not adapted", "adapted")
+    )
+    return measurement
+
+
+def _names(quantity: str, kind: str, found: set[str], expected: set[str], counted: str, absent: str, extra: str):
+    """The subject's set of names (of adapted modules, of trainable parameters) against peft's: a failing comparison
+    of kind `kind` that lists the names only one side has, where they differ."""
+    comparison = Comparison(quantity, "subject", kind=kind, detail=f"{len(found)} {counted}")
     if found != expected:
-        missing, extra = sorted(expected - found), sorted(found - expected)
+        only_peft, only_subject = sorted(expected - found), sorted(found - expected)
         comparison.problem = (
-            f"{len(found)} modules adapted, but should be peft's {len(expected)}"
-            + (f"; not adapted: {', '.join(missing)}" if missing else "")
-            + (f"; adapted only by the subject: {', '.join(extra)}" if extra else "")
+            f"{len(found)} {counted}, but should be peft's {len(expected)}"
+            + (f"; {absent} in the subject: {', '.join(only_peft)}" if only_peft else "")
+            + (f"; {extra} only by the subject: {', '.join(only_subject)}" if only_subject else "")
         )
         comparison.margin = float("inf")
-    measurement.comparisons.append(comparison)
-    return measurement
+    return comparison
 
 
 def _modules_of_reference(case: ModelCase) -> set[str]:
