@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         check = find_check(subject.family, spec["check"])
         if check is None:
             raise LookupError(f"{subject} has no check {spec['check']!r}")
+        if check.not_provided_reason(subject):
+            raise LookupError(check.not_provided_reason(subject))
         case = case_from_description(spec["case"])
         if not check.applies(case):
             raise ValueError(

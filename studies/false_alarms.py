@@ -64,7 +64,9 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
     subject = resolve(task.subject)
     known = known_divergences()
     checks = {
-        name: info for name, info in FAMILIES[task.family].checks_on(task.base).items() if info.runs_in(task.dtype)
+        name: info
+        for name, info in FAMILIES[task.family].checks_on(task.base).items()
+        if info.runs_in(task.dtype) and info.not_provided_reason(subject) is None  # as the suite skips it
     }
     found: dict = {"checks": {}, "false_alarms": [], "known_divergences": [], "quantizations": {}}
     runs = {name: CheckRuns(profiles.examples("ci", info.examples)) for name, info in checks.items()}

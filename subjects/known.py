@@ -201,18 +201,18 @@ CATALOGUE: tuple[Subject, ...] = (
         LoRASwitchLinearConvention(),
     ),
     Subject(
-        "mlx_vlm.get_peft_model",
-        "mlx-vlm",
-        "model",
-        ("mlx_vlm.trainer:get_peft_model", "mlx_vlm.trainer.peft:get_peft_model"),
-        MlxVlmEntryPoints(),
-    ),
-    Subject(
         "mlx_lm.load_adapters",
         "mlx-lm",
         "model",
         ("mlx_lm.tuner.utils:load_adapters",),
         MlxLmEntryPoints(),
+    ),
+    Subject(
+        "mlx_vlm.get_peft_model",
+        "mlx-vlm",
+        "model",
+        ("mlx_vlm.trainer:get_peft_model", "mlx_vlm.trainer.peft:get_peft_model"),
+        MlxVlmEntryPoints(),
     ),
 )
 BY_NAME = {subject.name: subject for subject in CATALOGUE}
