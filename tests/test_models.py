@@ -33,3 +33,20 @@ def test_mlx_lm_s_scale_is_peft_s_alpha_over_r_and_its_last_layers_are_peft_s_la
 def test_a_model_case_is_rebuilt_from_its_description(case):
     rebuilt = ModelCase.from_description(case.describe())
     assert all(getattr(rebuilt, f.name) == getattr(case, f.name) for f in dataclasses.fields(ModelCase))
+
+
+def test_a_check_whose_entry_point_a_package_lacks_is_not_provided_for_its_subject():
+    """mlx-vlm has no fuse command and no mlx-lm training path: the suite skips those checks for it, with the reason,
+    and the studies and replay leave them out."""
+    from conformance.families import MODEL
+    from subjects.known import BY_NAME
+
+    checks = MODEL.checks_on("float")
+    vlm, lm = BY_NAME["mlx_vlm.get_peft_model"], BY_NAME["mlx_lm.load_adapters"]
+    assert {name for name, check in checks.items() if check.not_provided_reason(vlm)} == {
+        "steps_sgd",
+        "fuse",
+        "fused_in_transformers",
+    }
+    assert "mlx-vlm has no fused entry point" in checks["fuse"].not_provided_reason(vlm)
+    assert not any(check.not_provided_reason(lm) for check in checks.values())
