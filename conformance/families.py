@@ -657,7 +657,9 @@ MODEL = Family(
                     model_checks.logits,
                     "A tiny model adapted by the package's own loaders gives the logits peft's ``get_peft_model`` "
                     "gives on the transformers model, for the bridged configuration.",
+                    (model_checks.fits_dtype,),
                     examples=10,
+                    judges=model_checks.fits_dtype,
                     needs="adapted",
                 ),
                 CheckInfo(
@@ -665,7 +667,9 @@ MODEL = Family(
                     model_checks.rope_parameters,
                     "The same logits where ``config.json`` names the rotary base only under ``rope_parameters``, as "
                     "transformers 5 saves a model.",
+                    (model_checks.fits_dtype,),
                     examples=15,
+                    judges=model_checks.fits_dtype,
                     needs="adapted",
                 ),
                 CheckInfo(
@@ -689,7 +693,9 @@ MODEL = Family(
                     "fuse",
                     model_checks.fuse,
                     "The fused model the package saves gives the logits of peft's ``merge_and_unload()``.",
+                    (model_checks.fits_dtype,),
                     examples=15,
+                    judges=model_checks.fits_dtype,
                     needs="fused",
                 ),
                 CheckInfo(
@@ -697,7 +703,9 @@ MODEL = Family(
                     model_checks.fused_in_transformers,
                     "The fused model the package saves loads in transformers and gives the logits of peft's "
                     "``merge_and_unload()``.",
+                    (model_checks.fits_dtype,),
                     examples=15,
+                    judges=model_checks.fits_dtype,
                     needs="fused_directory",
                 ),
             ),

@@ -189,9 +189,20 @@ def _trained_references(case: ModelCase) -> tuple[list | None, list[Comparison]]
     return orders, []
 
 
+HEADROOM = 16.0
+"""How far below the dtype's largest number the float64 model's values must stay for a case to be judged."""
+
+
+def fits_dtype(case: ModelCase) -> bool:
+    """Whether the model's values (every module's inputs and outputs, in float64) stay `HEADROOM` times below the
+    largest number of the case's dtype: a tiny float16 model with large adapters overflows in any implementation,
+    peft's too, and there is nothing to judge (as the layer families do not draw such cases)."""
+    return reference.oracle_largest(case) * HEADROOM < case.dtype.largest
+
+
 def trainable_steps(case: ModelCase) -> bool:
-    """Whether the case has a next token to predict."""
-    return case.length >= 2
+    """Whether the case has a next token to predict, in a model its dtype holds."""
+    return case.length >= 2 and fits_dtype(case)
 
 
 def adapted_modules(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:

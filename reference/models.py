@@ -93,9 +93,31 @@ def logits_in_each_attention(model: torch.nn.Module, case: ModelCase) -> list[np
 
 
 @once_per_case
+def _oracle(case: ModelCase) -> tuple[np.ndarray, float]:
+    """The adapted model in float64: its logits, and the largest magnitude any of its modules takes or gives."""
+    model = adapted(case, torch.float64)
+    largest = [0.0]
+
+    def record(module: torch.nn.Module, inputs: tuple, output) -> None:
+        for value in (*inputs, *(output if isinstance(output, tuple) else (output,))):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                largest[0] = max(largest[0], float(value.detach().abs().max()))
+
+    hooks = [module.register_forward_hook(record) for module in model.modules()]
+    found = logits(model, case)
+    for hook in hooks:
+        hook.remove()
+    return found, largest[0]
+
+
 def oracle_logits(case: ModelCase) -> np.ndarray:
     """The adapted model's logits in float64: what every side's rounding is measured from."""
-    return logits(adapted(case, torch.float64), case)
+    return _oracle(case)[0]
+
+
+def oracle_largest(case: ModelCase) -> float:
+    """The largest magnitude any module of the float64 model takes or gives on the case's tokens."""
+    return _oracle(case)[1]
 
 
 @once_per_case
