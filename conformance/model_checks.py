@@ -58,7 +58,8 @@ def _logits_check(
         observed, problems = _side(run_subject, "logits", "subject")
         measurement.comparisons += problems
     if references is not None and observed is not None:
-        measurement.comparisons.append(compare_whole("logits", observed, list(references), oracle, case.dtype))
+        largest = reference.oracle_largest(case)
+        measurement.comparisons.append(compare_whole("logits", observed, list(references), oracle, case.dtype, largest))
         if not measurement.passed:
             measurement.hints += hints(subject, case, observed)
     return measurement
