@@ -642,6 +642,13 @@ SWITCH_LINEAR = Family(
     float32_adapters=True,
 )
 
+
+def _model_check(name: str, doc: str, examples: int, needs: str, fits: Keep = model_checks.fits_dtype) -> CheckInfo:
+    """A whole-model check (`conformance.model_checks`): it draws, and judges, only the cases `fits` takes (a model
+    its dtype holds), and calls the subject's entry point `needs`."""
+    return CheckInfo(name, getattr(model_checks, name), doc, (fits,), examples=examples, judges=fits, needs=needs)
+
+
 MODEL = Family(
     name="model",
     layout="model",
@@ -652,24 +659,18 @@ MODEL = Family(
             "test_models.py",
             model_cases,
             (
-                CheckInfo(
+                _model_check(
                     "logits",
-                    model_checks.logits,
                     "A tiny model adapted by the package's own loaders gives the logits peft's ``get_peft_model`` "
                     "gives on the transformers model, for the bridged configuration.",
-                    (model_checks.fits_dtype,),
                     examples=10,
-                    judges=model_checks.fits_dtype,
                     needs="adapted",
                 ),
-                CheckInfo(
+                _model_check(
                     "rope_parameters",
-                    model_checks.rope_parameters,
                     "The same logits where ``config.json`` names the rotary base only under ``rope_parameters``, as "
                     "transformers 5 saves a model.",
-                    (model_checks.fits_dtype,),
                     examples=15,
-                    judges=model_checks.fits_dtype,
                     needs="adapted",
                 ),
                 CheckInfo(
@@ -679,33 +680,25 @@ MODEL = Family(
                     examples=15,
                     needs="adapted",
                 ),
-                CheckInfo(
+                _model_check(
                     "steps_sgd",
-                    model_checks.steps_sgd,
                     "A few SGD steps through the package's training path (its loss, MLX's SGD) move the adapters, and "
                     "give the losses, that torch's SGD gives peft's model; only the adapters train.",
-                    (model_checks.trainable_steps,),
                     examples=15,
-                    judges=model_checks.trainable_steps,
                     needs="trained",
+                    fits=model_checks.trainable_steps,
                 ),
-                CheckInfo(
+                _model_check(
                     "fuse",
-                    model_checks.fuse,
                     "The fused model the package saves gives the logits of peft's ``merge_and_unload()``.",
-                    (model_checks.fits_dtype,),
                     examples=15,
-                    judges=model_checks.fits_dtype,
                     needs="fused",
                 ),
-                CheckInfo(
+                _model_check(
                     "fused_in_transformers",
-                    model_checks.fused_in_transformers,
                     "The fused model the package saves loads in transformers and gives the logits of peft's "
                     "``merge_and_unload()``.",
-                    (model_checks.fits_dtype,),
                     examples=15,
-                    judges=model_checks.fits_dtype,
                     needs="fused_directory",
                 ),
             ),
