@@ -194,6 +194,7 @@ WRONG_VARIANTS.update(
             WrongVariant(_model_subject(models.TransposedOnSquareLayers), "logits"),
             WrongVariant(_model_subject(models.NumLayersOffByOne), "adapted_modules"),
             WrongVariant(_model_subject(models.TrainsTheBase), "steps_sgd"),
+            WrongVariant(_model_subject(models.FuseDropsAdapters), "fuse", diagnosis="the adapters' contribution"),
         )
     }
 )

@@ -9,7 +9,7 @@ import numpy as np
 
 from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_files import mlx_lm_adapters, write_mlx_lm_adapters
+from foundation.model_files import mlx_lm_adapters, model_directory, write_mlx_lm_adapters
 from subjects.models import MlxLmEntryPoints
 
 
@@ -66,3 +66,10 @@ class TrainsTheBase(MlxLmEntryPoints):
 
     def trainable(self, case: ModelCase):
         return super().trainable(case).unfreeze()
+
+
+class FuseDropsAdapters(MlxLmEntryPoints):
+    """Saves the base model as the fused one: a fuse that forgets to merge the adapters."""
+
+    def fused_directory(self, case: ModelCase) -> Path:
+        return model_directory(case)
