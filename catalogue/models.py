@@ -9,7 +9,7 @@ import numpy as np
 
 from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_files import mlx_lm_adapters, model_directory, write_mlx_lm_adapters
+from foundation.model_files import mlx_lm_adapters, mlx_lm_layout, model_directory, write_mlx_lm_adapters
 from subjects.models import MlxLmEntryPoints
 
 
@@ -49,8 +49,9 @@ class TransposedOnSquareLayers(_WritesItsOwnAdapters):
 
     def changed(self, case, weights, config):
         for path, (a, b) in case.adapters.items():
-            if a.shape[1] == b.shape[0]:
-                weights[f"{path}.lora_a"], weights[f"{path}.lora_b"] = np.ascontiguousarray(b), np.ascontiguousarray(a)
+            if a.shape[-1] == b.shape[-2]:  # (B A)^T = A^T B^T, for each expert of a layer of experts
+                transposed = np.swapaxes(b, -1, -2), np.swapaxes(a, -1, -2)
+                weights[f"{path}.lora_a"], weights[f"{path}.lora_b"] = mlx_lm_layout(*transposed)
         return weights, config
 
 

@@ -18,7 +18,8 @@ import torch
 from conformance.timing import UNTIMED, PhaseTimer
 from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_verdict import compare_whole
+from foundation.model_files import mlx_lm_adapters
+from foundation.model_verdict import MARGIN, compare_whole
 from foundation.verdict import Comparison, Measurement, failed, raised
 from reference import models as reference
 from subjects import models as subject_side
@@ -110,13 +111,27 @@ def fuse(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Meas
 
 def fused_in_transformers(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """The model mlx-lm's ``fuse`` saves, loaded by transformers' ``from_pretrained``, against peft's
-    ``merge_and_unload()``: the file people take from MLX to the HuggingFace world."""
+    ``merge_and_unload()``: the file people take from MLX to the HuggingFace world. Weights transformers cannot map
+    (which it initialises at random, with a warning only) fail the check before the logits."""
+    with timer("subject"):
+        try:
+            directory = subject.convention.fused_directory(case)
+            problem = reference.loading_problems(directory)
+        except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
+            directory, problem = None, error
+    if directory is None or problem is not None:
+        measurement = Measurement(subject.name, "fused_in_transformers", case.describe())
+        if directory is None:
+            measurement.comparisons.append(raised(problem, "logits", "subject"))
+        else:
+            measurement.comparisons.append(failed(problem, "weights", "subject", "absent"))
+        return measurement
     return _logits_check(
         "fused_in_transformers",
         subject,
         case,
         timer,
-        lambda: reference.logits(reference.loaded(subject.convention.fused_directory(case), case.dtype.torch), case),
+        lambda: reference.logits(reference.loaded(directory, case.dtype.torch), case),
         lambda: _merges(case),
     )
 
@@ -139,7 +154,7 @@ def steps_sgd(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) ->
     the losses, that torch's SGD gives peft's adapted model; only the adapters train."""
     measurement = Measurement(subject.name, "steps_sgd", case.describe())
     with timer("oracle"):
-        oracle = memo.once(case, "trained", lambda: reference.trained(case, torch.float64, STEPS, LEARNING_RATE))
+        oracle = _oracle_steps(case)
     with timer("reference"):
         orders, problems = memo.once(case, ("reference", "steps_sgd"), lambda: _trained_references(case))
         measurement.comparisons += problems
@@ -167,12 +182,19 @@ def steps_sgd(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) ->
     return measurement
 
 
+def _oracle_steps(case: ModelCase) -> tuple[list[float], dict[str, np.ndarray], list[np.ndarray]]:
+    """The float64 model's steps: losses, trained parameters, and its routers' logits on the way."""
+
+    def steps() -> tuple[list[float], dict[str, np.ndarray], list[np.ndarray]]:
+        routes: list[np.ndarray] = []
+        return (*reference.trained(case, torch.float64, STEPS, LEARNING_RATE, routes=routes), routes)
+
+    return memo.once(case, "trained", steps)
+
+
 def _initial(case: ModelCase) -> dict[str, np.ndarray]:
     """The adapters before the steps, by mlx-lm's names and layouts."""
-    found = {}
-    for path, (a, b) in sorted(case.adapters.items()):
-        found[f"{path}.lora_a"], found[f"{path}.lora_b"] = a.T.astype(np.float64), b.T.astype(np.float64)
-    return found
+    return {name: values.astype(np.float64) for name, values in sorted(mlx_lm_adapters(case)[0].items())}
 
 
 def _trained_references(case: ModelCase) -> tuple[list | None, list[Comparison]]:
@@ -196,14 +218,64 @@ HEADROOM = 16.0
 
 def fits_dtype(case: ModelCase) -> bool:
     """Whether the model's values (every module's inputs and outputs, in float64) stay `HEADROOM` times below the
-    largest number of the case's dtype: a tiny float16 model with large adapters overflows in any implementation,
-    peft's too, and there is nothing to judge (as the layer families do not draw such cases)."""
-    return reference.oracle_largest(case) * HEADROOM < case.dtype.largest
+    largest number of the case's dtype, and a mixture's routers choose as every rounding would (`routing_holds`): a
+    tiny float16 model with large adapters overflows in any implementation, peft's too, and there is nothing to
+    judge (as the layer families do not draw such cases)."""
+    if reference.oracle_largest(case) * HEADROOM >= case.dtype.largest:
+        return False
+    return not case.mixture or routing_holds(case, reference.oracle_routes(case), _rounded_routes(case))
 
 
 def trainable_steps(case: ModelCase) -> bool:
-    """Whether the case has a next token to predict, in a model its dtype holds."""
-    return case.length >= 2 and fits_dtype(case)
+    """Whether the case has a next token to predict, in a model its dtype holds, whose routers choose as every
+    rounding would in every step."""
+    if case.length < 2 or not fits_dtype(case):
+        return False
+    return not case.mixture or routing_holds(case, _oracle_steps(case)[2], [_rounded_steps_routes(case)])
+
+
+def routing_holds(case: ModelCase, oracle: list[np.ndarray], rounded: list[list[np.ndarray]]) -> bool:
+    """Whether the routers' choices in the float64 model are choices no rounding changes: for every token, the gap
+    between the logit of the last expert chosen and the next exceeds ``2 MARGIN (d + u)``, d the largest distance of
+    a rounded order's router logits from the float64 model's (`rounded`: the reference in the case's dtype) and u
+    the dtype's unit roundoff (MLX chooses from probabilities rounded to the dtype). A subject is allowed `MARGIN`
+    times the reference's error; a token one rounding routes elsewhere is nothing to judge, in any implementation."""
+    chosen = case.experts_per_token
+    if chosen >= case.experts:
+        return True
+    d = max(float(np.max(np.abs(r - o))) for order in rounded for r, o in zip(order, oracle, strict=True))
+    allowed = 2 * MARGIN * (d + case.dtype.unit_roundoff)
+    for logits_of_router in oracle:
+        ranked = -np.sort(-logits_of_router, axis=-1)
+        if np.min(ranked[:, chosen - 1] - ranked[:, chosen]) <= allowed:
+            return False
+    return True
+
+
+def _rounded_routes(case: ModelCase) -> list[list[np.ndarray]]:
+    """The routers' logits of the reference in the case's dtype: adapted, and merged with the update rounded
+    first."""
+
+    def routes() -> list[list[np.ndarray]]:
+        found = []
+        for model in (reference.adapted(case, case.dtype.torch), reference.merged_update_first(case, case.dtype.torch)):
+            with reference.recorded_routes(model) as routed:
+                reference.logits(model, case)
+            found.append(routed)
+        return found
+
+    return memo.once(case, "rounded routes", routes)
+
+
+def _rounded_steps_routes(case: ModelCase) -> list[np.ndarray]:
+    """The routers' logits of peft's steps in the case's dtype."""
+
+    def routes() -> list[np.ndarray]:
+        routed: list[np.ndarray] = []
+        reference.trained(case, case.dtype.torch, STEPS, LEARNING_RATE, routes=routed)
+        return routed
+
+    return memo.once(case, "rounded steps routes", routes)
 
 
 def adapted_modules(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
@@ -239,7 +311,7 @@ def _names(quantity: str, kind: str, found: set[str], expected: set[str], counte
 
 
 def _modules_of_reference(case: ModelCase) -> set[str]:
-    return reference.adapted_modules(reference.adapted(case, case.dtype.torch))
+    return reference.adapted_modules(reference.adapted(case, case.dtype.torch), case)
 
 
 def hints(subject: Subject, case: ModelCase, observed: np.ndarray) -> list[str]:

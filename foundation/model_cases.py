@@ -17,7 +17,11 @@ from hypothesis import strategies as st
 
 from foundation.dtypes import BY_NAME, FLOAT32, DType
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+DENSE_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+MIXTURE_ARCHITECTURES = ("qwen3_moe",)
+"""Whose blocks' feed-forward part is a mixture of experts: a router (``mlp.gate``) picks each token's
+`ModelCase.experts_per_token` of `ModelCase.experts` experts (mlx-lm's ``switch_mlp``, transformers' ``experts``)."""
+ARCHITECTURES = DENSE_ARCHITECTURES + MIXTURE_ARCHITECTURES
 """Decoder-only architectures that mlx-lm and transformers both implement, by their ``model_type``."""
 
 LINEAR_KEYS = (
@@ -29,7 +33,14 @@ LINEAR_KEYS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-"""The linear layers of a block, by their path in it: mlx-lm's ``keys``, what its default adapts."""
+"""The linear layers of a dense block, by their path in it: mlx-lm's ``keys``, what its default adapts."""
+
+EXPERT_KEYS = ("mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj")
+"""A mixture's experts, by mlx-lm's path in a block: a `SwitchLinear` per projection, its weight (experts, out, in)."""
+
+MIXTURE_KEYS = LINEAR_KEYS[:4] + ("mlp.gate",) + EXPERT_KEYS
+"""The layers mlx-lm can adapt in a mixture-of-experts block (and its default adapts): attention's, the router's,
+the experts'."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,8 @@ class LoraSettings:
     scale: float
     """mlx-lm's scale: the LoRA term is ``scale * (x A^T) B^T``, peft's ``lora_alpha / r``."""
     keys: tuple[str, ...] | None
-    """The block's layers to adapt, by path (`LINEAR_KEYS`); None: mlx-lm's default, every linear layer."""
+    """The block's layers to adapt, by path (`ModelCase.block_keys`); None: mlx-lm's default, every linear layer (and
+    every layer of experts)."""
     dropout: float = 0.0
 
     def adapter_config(self) -> dict:
@@ -53,10 +65,6 @@ class LoraSettings:
         if self.keys is not None:
             parameters["keys"] = list(self.keys)
         return {"fine_tune_type": self.fine_tune_type, "num_layers": self.num_layers, "lora_parameters": parameters}
-
-    @property
-    def adapted_keys(self) -> tuple[str, ...]:
-        return LINEAR_KEYS if self.keys is None else self.keys
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,19 +89,47 @@ class ModelCase:
     """The adapters' entries are drawn uniformly within ±`adapter_scale`."""
     rope_theta: float = 10000.0
     rope_parameters_only: bool = False
-    """Whether ``config.json`` names the rotary base only under ``rope_parameters``, as transformers 5 saves it; else
-    also at its top level, as transformers 4 saved it (and as most published checkpoints have it)."""
+    """Whether ``config.json`` is as transformers 5 saves it (the rotary base only under ``rope_parameters``); else
+    with the keys transformers 4 wrote too (`foundation.model_files.transformers_4_keys`), as most published
+    checkpoints have them."""
     initializer_range: float = 0.02
     """The standard deviation transformers draws the weights with: its default, or larger for attention that is
     far from uniform."""
+    experts: int = 0
+    """A mixture's experts per block (`intermediate` is each expert's hidden size); 0: a dense architecture."""
+    experts_per_token: int = 0
+    norm_topk_prob: bool = False
+    """Whether the router's chosen probabilities are divided by their sum."""
 
     @property
     def hidden(self) -> int:
         return self.heads * self.head_dim
 
+    @property
+    def mixture(self) -> bool:
+        return self.architecture in MIXTURE_ARCHITECTURES
+
+    @property
+    def block_keys(self) -> tuple[str, ...]:
+        """The layers of a block mlx-lm can adapt, by path: what its default (``keys`` unset) adapts."""
+        return MIXTURE_KEYS if self.mixture else LINEAR_KEYS
+
+    @property
+    def adapted_keys(self) -> tuple[str, ...]:
+        """The layers of each adapted block that the LoRA configuration adapts."""
+        return self.block_keys if self.lora.keys is None else self.lora.keys
+
     def hf_config(self) -> dict:
         """The model's ``config.json`` as transformers writes it for this architecture."""
-        return {
+        mixture = {
+            "num_experts": self.experts,
+            "num_experts_per_tok": self.experts_per_token,
+            "moe_intermediate_size": self.intermediate,
+            "norm_topk_prob": self.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+        return (mixture if self.mixture else {}) | {
             "model_type": self.architecture,
             "vocab_size": self.vocab,
             "hidden_size": self.hidden,
@@ -115,7 +151,7 @@ class ModelCase:
         return range(max(self.layers - self.lora.num_layers, 0), self.layers)
 
     def dims(self, key: str) -> tuple[int, int]:
-        """(in, out) of a block's linear layer."""
+        """(in, out) of a block's linear layer (of each expert, for a layer of experts)."""
         kv = self.kv_heads * self.head_dim
         return {
             "self_attn.q_proj": (self.hidden, self.hidden),
@@ -125,19 +161,24 @@ class ModelCase:
             "mlp.gate_proj": (self.hidden, self.intermediate),
             "mlp.up_proj": (self.hidden, self.intermediate),
             "mlp.down_proj": (self.intermediate, self.hidden),
+            "mlp.gate": (self.hidden, self.experts),
+            "mlp.switch_mlp.gate_proj": (self.hidden, self.intermediate),
+            "mlp.switch_mlp.up_proj": (self.hidden, self.intermediate),
+            "mlp.switch_mlp.down_proj": (self.intermediate, self.hidden),
         }[key]
 
     @functools.cached_property
     def adapters(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per adapted layer (``model.layers.3.self_attn.q_proj``), A (r, in) and B (out, r), in peft's layouts,
-        float32."""
+        """Per adapted layer (``model.layers.3.self_attn.q_proj``), A (r, in) and B (out, r), float32: peft's layouts
+        of a linear layer; a layer of experts has one pair per expert, A (experts, r, in) and B (experts, out, r)."""
         rng = np.random.default_rng(self.seed)
         found = {}
         for layer in self.adapted_layers:
-            for key in self.lora.adapted_keys:
+            for key in self.adapted_keys:
                 inputs, outputs = self.dims(key)
-                a = rng.uniform(-self.adapter_scale, self.adapter_scale, (self.lora.rank, inputs))
-                b = rng.uniform(-self.adapter_scale, self.adapter_scale, (outputs, self.lora.rank))
+                experts = (self.experts,) if key in EXPERT_KEYS else ()
+                a = rng.uniform(-self.adapter_scale, self.adapter_scale, (*experts, self.lora.rank, inputs))
+                b = rng.uniform(-self.adapter_scale, self.adapter_scale, (*experts, outputs, self.lora.rank))
                 found[f"model.layers.{layer}.{key}"] = (a.astype(np.float32), b.astype(np.float32))
         return found
 
@@ -161,8 +202,8 @@ class ModelCase:
         return cls(**{**named, "dtype": BY_NAME[description["dtype"]], "lora": LoraSettings(**lora)})
 
 
-def lora_settings(layers: int) -> st.SearchStrategy[LoraSettings]:
-    keys = st.none() | st.lists(st.sampled_from(LINEAR_KEYS), min_size=1, unique=True).map(tuple)
+def lora_settings(layers: int, block_keys: tuple[str, ...] = LINEAR_KEYS) -> st.SearchStrategy[LoraSettings]:
+    keys = st.none() | st.lists(st.sampled_from(block_keys), min_size=1, unique=True).map(tuple)
     return st.builds(
         LoraSettings,
         fine_tune_type=st.just("lora"),
@@ -178,8 +219,11 @@ def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32) -> ModelCase:
     """A tiny model of one of `ARCHITECTURES` in `dtype`, with LoRA on some of its last blocks."""
     layers = draw(st.integers(1, 3))
     heads = draw(st.sampled_from([1, 2, 4]))
+    architecture = draw(st.sampled_from(ARCHITECTURES))
+    mixture = architecture in MIXTURE_ARCHITECTURES
+    experts = draw(st.integers(2, 6)) if mixture else 0
     return ModelCase(
-        architecture=draw(st.sampled_from(ARCHITECTURES)),
+        architecture=architecture,
         dtype=dtype,
         layers=layers,
         heads=heads,
@@ -188,11 +232,14 @@ def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32) -> ModelCase:
         intermediate=draw(st.integers(4, 48)),
         vocab=draw(st.integers(8, 64)),
         tied=draw(st.booleans()),
-        lora=draw(lora_settings(layers)),
+        lora=draw(lora_settings(layers, MIXTURE_KEYS if mixture else LINEAR_KEYS)),
         batch=draw(st.integers(1, 2)),
         length=draw(st.integers(1, 8)),
         seed=draw(st.integers(0, 2**31 - 1)),
         adapter_scale=draw(st.sampled_from([0.02, 0.1, 0.5])),
         rope_theta=draw(st.sampled_from([10000.0, 500000.0, 1000000.0])),
         initializer_range=draw(st.sampled_from([0.02, 0.2])),
+        experts=experts,
+        experts_per_token=draw(st.integers(1, min(experts, 3))) if mixture else 0,
+        norm_topk_prob=draw(st.booleans()) if mixture else False,
     )

@@ -53,18 +53,33 @@ def model_directory(case: ModelCase) -> Path:
     _tokenizer(case.vocab).save_pretrained(directory)
     if not case.rope_parameters_only:
         saved = json.loads((directory / "config.json").read_text())
-        (directory / "config.json").write_text(json.dumps({**saved, "rope_theta": case.rope_theta}, indent=2))
+        (directory / "config.json").write_text(json.dumps(saved | transformers_4_keys(case), indent=2))
     return directory
+
+
+def transformers_4_keys(case: ModelCase) -> dict:
+    """What transformers 4 wrote to ``config.json`` (and most published checkpoints hold) that transformers 5 writes
+    otherwise: the rotary base at the top level (5: under ``rope_parameters`` only) and a mixture's ``num_experts``
+    (5: ``num_local_experts``)."""
+    return {"rope_theta": case.rope_theta} | ({"num_experts": case.experts} if case.mixture else {})
 
 
 def mlx_lm_adapters(case: ModelCase) -> tuple[dict[str, np.ndarray], dict]:
     """The case's adapters as mlx-lm saves them: the weights of ``adapters.safetensors`` (``lora_a`` (in, r) and
-    ``lora_b`` (r, out) per adapted layer) and ``adapter_config.json``."""
+    ``lora_b`` (r, out) per adapted linear layer; per layer of experts, ``lora_a`` (experts, r, in) and ``lora_b``
+    (experts, out, r)) and ``adapter_config.json``."""
     weights = {}
     for path, (a, b) in case.adapters.items():
-        weights[f"{path}.lora_a"] = np.ascontiguousarray(a.T)
-        weights[f"{path}.lora_b"] = np.ascontiguousarray(b.T)
+        weights[f"{path}.lora_a"], weights[f"{path}.lora_b"] = mlx_lm_layout(a, b)
     return weights, case.lora.adapter_config()
+
+
+def mlx_lm_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mlx-lm's ``lora_a`` and ``lora_b`` of the adapter whose A and B are in peft's layouts (`ModelCase.adapters`):
+    a linear layer's transposed, a layer of experts' as they are."""
+    if a.ndim == 3:
+        return a, b
+    return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
 
 
 def write_mlx_lm_adapters(weights: dict[str, np.ndarray], config: dict) -> Path:

@@ -7,6 +7,9 @@ adapters loaded in float64 (every weight of the case's dtype, and every float32 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +20,70 @@ from peft import get_peft_model
 from foundation.memo import once_per_case
 from foundation.model_cases import ModelCase
 from foundation.model_files import model_directory
-from subjects.config_bridge import mlx_module, peft_config, peft_module
+from subjects.config_bridge import (
+    FUSED_EXPERTS,
+    ROUTER,
+    adapted_target,
+    block_and_key,
+    gradient_masks,
+    mlx_lm_adapters_of,
+    mlx_lm_layers_of,
+    mlx_module,
+    peft_adapters,
+    peft_config,
+)
 
 
 def loaded(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """The model saved in `directory`, as transformers loads it in `dtype`, in eval mode."""
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    """The model saved in `directory`, as transformers loads it in `dtype`, in eval mode. A mixture's experts run
+    transformers' eager implementation (the formula as its modeling file writes it, a loop over the experts): its
+    default, ``grouped_mm``, has no float64."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, experts_implementation="eager")
+    return model.eval()
+
+
+def loading_problems(directory: Path) -> str | None:
+    """What transformers could not map when it loaded `directory`, if anything: the weights it initialised at random
+    (missing from the files) and those of the files it ignored."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report says what `info` does, on the console
+    try:
+        _, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    said = [f"initialised {len(missing)} weights at random ({', '.join(missing)})"] if missing else []
+    said += [f"ignored {len(unexpected)} weights it does not know ({', '.join(unexpected)})"] if unexpected else []
+    return f"transformers {' and '.join(said)}" if said else None
 
 
 def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) -> torch.nn.Module:
     """The saved model loaded in `dtype`, adapted by peft as the bridge maps mlx-lm's configuration, with the case's
     adapters, in eval mode. peft adds each float32 LoRA term to the base output in float32 and rounds the sum once;
     with `term_cast_first`, the term is rounded to `dtype` first and added there, as mlx-lm's LoRA layers do."""
-    model = get_peft_model(loaded(model_directory(case), dtype), peft_config(case.lora, case.layers))
-    modules = dict(model.named_modules())
+    with warnings.catch_warnings():  # peft checks the patterns against target_modules only; they apply to both
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+        model = get_peft_model(loaded(model_directory(case), dtype), peft_config(case))
+    layers = lora_layers(model)
     with torch.no_grad():
-        for path, (a, b) in case.adapters.items():
-            module = modules[peft_module(path)]
-            module.lora_A["default"].weight.copy_(torch.from_numpy(a))
-            module.lora_B["default"].weight.copy_(torch.from_numpy(b))
-            if term_cast_first:
-                module.register_forward_hook(_term_cast_first)
+        for target, (a, b) in peft_adapters(case).items():
+            layer = layers[target]
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+            if term_cast_first and not hasattr(layer, "parameter_name"):
+                layer.register_forward_hook(_term_cast_first)
     return model.eval()
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """peft's LoRA layers of the adapted `model`, by what each adapts (`subjects.config_bridge.peft_adapters`' names).
+    An adapted parameter's layer (a ``ParamWrapper``) rounds the update to the parameter's dtype and adds it there, as
+    the merge does: `term_cast_first` does not apply to it."""
+    return {
+        adapted_target(name, getattr(module, "parameter_name", None)): module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A")
+    }
 
 
 def _term_cast_first(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -58,18 +103,23 @@ def merged_update_first(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
     """The merge in the other order a correct implementation may take (mlx-lm's ``fuse`` does): the update
     ``scale * B A`` rounded to the model's dtype first, then added in it."""
     model = loaded(model_directory(case), dtype)
-    modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters())
     with torch.no_grad():
         for path, (a, b) in case.adapters.items():
             update = case.lora.scale * (torch.from_numpy(b) @ torch.from_numpy(a))
-            weight = modules[path].weight
+            block, key = block_and_key(path)
+            if key in FUSED_EXPERTS:  # each expert's update, into its rows of transformers' parameter
+                target, index = FUSED_EXPERTS[key]
+                weight = parameters[f"{block}.{target}"][:, index * update.shape[1] : (index + 1) * update.shape[1]]
+            else:
+                weight = parameters[f"{path}.weight"]
             weight.copy_(weight + update.to(dtype))
     return model
 
 
-def adapted_modules(model: torch.nn.Module) -> set[str]:
-    """The modules peft adapted, by mlx-lm's names."""
-    return {mlx_module(name) for name, module in model.named_modules() if hasattr(module, "lora_A")}
+def adapted_modules(model: torch.nn.Module, case: ModelCase) -> set[str]:
+    """The layers of mlx-lm's model that what peft adapted in `model` stands for, by mlx-lm's names."""
+    return {layer for target in lora_layers(model) for layer in mlx_lm_layers_of(case, target)}
 
 
 def logits(model: torch.nn.Module, case: ModelCase) -> np.ndarray:
@@ -93,8 +143,9 @@ def logits_in_each_attention(model: torch.nn.Module, case: ModelCase) -> list[np
 
 
 @once_per_case
-def _oracle(case: ModelCase) -> tuple[np.ndarray, float]:
-    """The adapted model in float64: its logits, and the largest magnitude any of its modules takes or gives."""
+def _oracle(case: ModelCase) -> tuple[np.ndarray, float, list[np.ndarray]]:
+    """The adapted model in float64: its logits, the largest magnitude any of its modules takes or gives, and its
+    routers' logits (`recorded_routes`)."""
     model = adapted(case, torch.float64)
     largest = [0.0]
 
@@ -104,10 +155,11 @@ def _oracle(case: ModelCase) -> tuple[np.ndarray, float]:
                 largest[0] = max(largest[0], float(value.detach().abs().max()))
 
     hooks = [module.register_forward_hook(record) for module in model.modules()]
-    found = logits(model, case)
+    with recorded_routes(model) as routes:
+        found = logits(model, case)
     for hook in hooks:
         hook.remove()
-    return found, largest[0]
+    return found, largest[0], routes
 
 
 def oracle_logits(case: ModelCase) -> np.ndarray:
@@ -118,6 +170,33 @@ def oracle_logits(case: ModelCase) -> np.ndarray:
 def oracle_largest(case: ModelCase) -> float:
     """The largest magnitude any module of the float64 model takes or gives on the case's tokens."""
     return _oracle(case)[1]
+
+
+def oracle_routes(case: ModelCase) -> list[np.ndarray]:
+    """The float64 adapted model's routers' logits on the case's tokens (none for a dense model)."""
+    return _oracle(case)[2]
+
+
+@contextlib.contextmanager
+def recorded_routes(model: torch.nn.Module) -> Iterator[list[np.ndarray]]:
+    """The logits (tokens, experts) of each router of a mixture (``mlp.gate``, adapted or not) that `model` runs
+    while in the context, in float64, in the order computed."""
+    routers = {}
+    for name, module in model.named_modules():  # a peft layer before the router it wraps: the router wins
+        if adapted_target(name, None).endswith(f".{ROUTER}"):
+            routers[adapted_target(name, None)] = module
+    found: list[np.ndarray] = []
+
+    def record(module: torch.nn.Module, inputs: tuple, output) -> None:
+        router_logits = output[0] if isinstance(output, tuple) else output
+        found.append(router_logits.detach().to(torch.float64).reshape(-1, router_logits.shape[-1]).numpy())
+
+    hooks = [module.register_forward_hook(record) for module in routers.values()]
+    try:
+        yield found
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @once_per_case
@@ -134,38 +213,47 @@ def trained(
     term_cast_first: bool = False,
     attention: str = "sdpa",
     loss_in_dtype: bool = False,
+    routes: list[np.ndarray] | None = None,
 ) -> tuple[list[float], dict[str, np.ndarray]]:
     """`steps` steps of torch's SGD on peft's adapted model (its base frozen by `get_peft_model`), the mean
     cross-entropy of each next token, as transformers computes it from float32 logits (or, `loss_in_dtype`, from the
     logits in the model's dtype, as mlx-lm does); the losses, and the trainable parameters after the steps by
-    mlx-lm's names and layouts (``...q_proj.lora_a`` (in, r))."""
+    mlx-lm's names and layouts (``...q_proj.lora_a`` (in, r)). `routes` receives the routers' logits of every step."""
     model = adapted(case, dtype, term_cast_first)
     model.set_attn_implementation(attention)
     model.train()
-    trainable = {mlx_module(name): p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.SGD(list(trainable.values()), lr=learning_rate)
+    layers = lora_layers(model)
+    for target, mask in gradient_masks(case).items():
+        layers[target].lora_B["default"].weight.register_hook(lambda grad, mask=torch.from_numpy(mask): grad * mask)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=learning_rate)
     tokens = torch.from_numpy(case.tokens)
     losses = []
     for _ in range(steps):
-        logits = model(tokens[:, :-1]).logits
+        with recorded_routes(model) as routed:
+            logits = model(tokens[:, :-1]).logits
+        if routes is not None:
+            routes += routed
         logits = logits if loss_in_dtype else logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
-    return losses, {_mlx_parameter(name): _mlx_layout(name, p) for name, p in trainable.items()}
+    return losses, _as_mlx_lm_parameters(case, model, layers)
 
 
-def _mlx_parameter(name: str) -> str:
-    """mlx-lm's name of peft's adapter parameter (``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_a``)."""
-    for peft_name, mlx_name in ((".lora_A.default.weight", ".lora_a"), (".lora_B.default.weight", ".lora_b")):
-        if name.endswith(peft_name):
-            return name.removesuffix(peft_name) + mlx_name
-    return name
-
-
-def _mlx_layout(name: str, parameter: torch.Tensor) -> np.ndarray:
-    """An adapter factor in mlx-lm's layout: peft's A (r, in) and B (out, r), transposed."""
-    values = parameter.detach().to(torch.float64).numpy()
-    return values.T if ".lora_" in name else values
+def _as_mlx_lm_parameters(
+    case: ModelCase, model: torch.nn.Module, layers: dict[str, torch.nn.Module]
+) -> dict[str, np.ndarray]:
+    """The trainable parameters of peft's adapted `model` by mlx-lm's names and in its layouts (``...q_proj.lora_a``
+    (in, r)); any other than the adapters' factors by its name in the model peft wraps."""
+    found, factors = {}, set()
+    for target, layer in layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        factors |= {id(a), id(b)}
+        found |= mlx_lm_adapters_of(case, target, *(f.detach().to(torch.float64).numpy() for f in (a, b)))
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and id(parameter) not in factors:
+            found[mlx_module(name)] = parameter.detach().to(torch.float64).numpy()
+    return found

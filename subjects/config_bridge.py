@@ -5,25 +5,164 @@ mlx-lm (``adapter_config.json``: ``fine_tune_type``, ``num_layers``, ``lora_para
 the last ``num_layers`` blocks, and scales the LoRA term by ``scale``. peft's `LoraConfig` says the same with
 ``target_modules`` (matched against the end of a module's name), ``layers_to_transform`` (block indices) and
 ``lora_alpha`` (the term is scaled by ``lora_alpha / r``, so ``lora_alpha = scale * rank``).
+
+A mixture of experts differs on the two sides. mlx-lm's router ``mlp.gate`` is a linear layer, transformers' a module
+holding a ``weight``; mlx-lm keeps one `SwitchLinear` per projection (``mlp.switch_mlp.gate_proj``, ``up_proj``,
+``down_proj``, each (experts, out, in)), transformers two parameters (``mlp.experts.gate_up_proj``, the gate's rows
+then the up projection's, and ``mlp.experts.down_proj``). peft adapts parameters through ``target_parameters``, which
+``layers_to_transform`` does not restrict, so the bridge names each adapted block's parameters in full. An adapter
+of ``gate_up_proj`` stands for mlx-lm's adapters of both its projections: its A stacks theirs and its B is
+block-diagonal, of rank 2r where both are adapted (``rank_pattern``, ``alpha_pattern``), and the blocks off the
+diagonal, zero, must stay zero in training (`gradient_masks`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from peft import LoraConfig
 
-from foundation.model_cases import LoraSettings
+from foundation.model_cases import LINEAR_KEYS, ModelCase
+
+ROUTER = "mlp.gate"
+FUSED_EXPERTS = {
+    "mlp.switch_mlp.gate_proj": ("mlp.experts.gate_up_proj", 0),
+    "mlp.switch_mlp.up_proj": ("mlp.experts.gate_up_proj", 1),
+    "mlp.switch_mlp.down_proj": ("mlp.experts.down_proj", 0),
+}
+"""Per layer of experts of mlx-lm's, transformers' parameter holding it and which of that parameter's blocks of rows
+it is."""
 
 
-def peft_config(lora: LoraSettings, layers: int) -> LoraConfig:
-    """peft's configuration of the adapters mlx-lm's `lora` puts on a model of `layers` blocks."""
+def peft_target(key: str) -> str:
+    """What peft adapts for mlx-lm's layer `key` of a block: a module (``self_attn.q_proj``) or a parameter
+    (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``)."""
+    if key == ROUTER:
+        return f"{ROUTER}.weight"
+    return FUSED_EXPERTS[key][0] if key in FUSED_EXPERTS else key
+
+
+def peft_config(case: ModelCase) -> LoraConfig:
+    """peft's configuration of the adapters mlx-lm's configuration puts on the case's model."""
+    lora = case.lora
+    blocks = list(case.adapted_layers)
+    parameters = sorted({f"model.layers.{b}.{peft_target(k)}" for b in blocks for k in _parameter_keys(case)})
+    fused = {target: rank for target, rank in _fused_ranks(case).items() if rank != lora.rank}
     return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.scale * lora.rank,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.adapted_keys),
-        layers_to_transform=list(range(max(layers - lora.num_layers, 0), layers)),
+        target_modules=[key for key in case.adapted_keys if key in LINEAR_KEYS],
+        target_parameters=parameters or None,
+        layers_to_transform=blocks,
+        rank_pattern={target.rpartition(".")[2]: rank for target, rank in fused.items()},
+        alpha_pattern={target.rpartition(".")[2]: lora.scale * rank for target, rank in fused.items()},
         use_dora=lora.fine_tune_type == "dora",
     )
+
+
+def _parameter_keys(case: ModelCase) -> list[str]:
+    return [key for key in case.adapted_keys if key not in LINEAR_KEYS]
+
+
+def _members(case: ModelCase, target: str) -> list[str]:
+    """mlx-lm's adapted layers of experts that transformers' parameter `target` holds, in its order of rows."""
+    return sorted(
+        (key for key in case.adapted_keys if key in FUSED_EXPERTS and FUSED_EXPERTS[key][0] == target),
+        key=lambda key: FUSED_EXPERTS[key][1],
+    )
+
+
+def _fused_ranks(case: ModelCase) -> dict[str, int]:
+    """Each adapted expert parameter's rank in peft: r per mlx-lm adapter it stands for."""
+    targets = {FUSED_EXPERTS[key][0] for key in case.adapted_keys if key in FUSED_EXPERTS}
+    return {target: case.lora.rank * len(_members(case, target)) for target in targets}
+
+
+def peft_adapters(case: ModelCase) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The case's adapters as peft holds them, by what peft adapts (`peft_target`, in full:
+    ``model.layers.1.mlp.experts.gate_up_proj``): ``lora_A.weight`` and ``lora_B.weight``. A linear layer's (and the
+    router's) are the case's; an expert parameter's are peft's (r·experts, in) and (out, r·experts), expert e's rank
+    entries at rows e·r... of A and at columns k·experts + e of B."""
+    found = {}
+    for path, (a, b) in case.adapters.items():
+        block, key = block_and_key(path)
+        if key not in FUSED_EXPERTS:
+            found[f"{block}.{peft_target(key)}"] = (a, b)
+    for block in sorted({block_and_key(path)[0] for path in case.adapters}):
+        for target in _fused_ranks(case):
+            a, b = _stacked(case, block, target)
+            found[f"{block}.{target}"] = _experts_layout(a, b)
+    return found
+
+
+def block_and_key(path: str) -> tuple[str, str]:
+    """``model.layers.1`` and ``mlp.gate`` of ``model.layers.1.mlp.gate``."""
+    parts = path.split(".")
+    return ".".join(parts[:3]), ".".join(parts[3:])
+
+
+def _rows(case: ModelCase, key: str) -> slice:
+    """The rows of transformers' expert parameter that mlx-lm's layer `key` is."""
+    outputs = case.dims(key)[1]
+    index = FUSED_EXPERTS[key][1]
+    return slice(index * outputs, (index + 1) * outputs)
+
+
+def _stacked(case: ModelCase, block: str, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """A (experts, r', in) and block-diagonal B (experts, out, r') of peft's adapter of `target` in `block`."""
+    members = _members(case, target)
+    a = np.concatenate([case.adapters[f"{block}.{key}"][0] for key in members], axis=1)
+    return a, _block_diagonal(case, target, [case.adapters[f"{block}.{key}"][1] for key in members])
+
+
+def _block_diagonal(case: ModelCase, target: str, blocks: list[np.ndarray]) -> np.ndarray:
+    """The B (experts, out, r') of `target` whose diagonal blocks, one per member, are `blocks` (experts, rows, r)."""
+    rank = case.lora.rank
+    outputs = sum(case.dims(key)[1] for key in FUSED_EXPERTS if FUSED_EXPERTS[key][0] == target)
+    b = np.zeros((case.experts, outputs, rank * len(blocks)), np.float32)
+    for position, (key, values) in enumerate(zip(_members(case, target), blocks, strict=True)):
+        b[:, _rows(case, key), position * rank : (position + 1) * rank] = values
+    return b
+
+
+def _experts_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    experts, rank, inputs = a.shape
+    return a.reshape(experts * rank, inputs), _experts_layout_b(b)
+
+
+def _experts_layout_b(b: np.ndarray) -> np.ndarray:
+    experts, outputs, rank = b.shape
+    return b.transpose(1, 2, 0).reshape(outputs, rank * experts)
+
+
+def gradient_masks(case: ModelCase) -> dict[str, np.ndarray]:
+    """Per expert parameter that peft adapts, by `peft_adapters`' names: 1 where its ``lora_B.weight`` holds one of
+    mlx-lm's adapters, 0 off the diagonal blocks, where training must leave it zero."""
+    found = {}
+    for block in sorted({block_and_key(path)[0] for path in case.adapters}):
+        for target in _fused_ranks(case):
+            ones = [np.ones((case.experts, case.dims(key)[1], case.lora.rank)) for key in _members(case, target)]
+            found[f"{block}.{target}"] = _experts_layout_b(_block_diagonal(case, target, ones))
+    return found
+
+
+def mlx_lm_adapters_of(case: ModelCase, target: str, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """mlx-lm's adapter parameters (``...q_proj.lora_a`` (in, r); ``...switch_mlp.up_proj.lora_a`` (experts, r, in))
+    of peft's ``lora_A.weight`` `a` and ``lora_B.weight`` `b` of `target` (a name of `peft_adapters`)."""
+    block, key = block_and_key(target)
+    if key not in _fused_ranks(case):
+        path = f"{block}.{ROUTER}" if key == peft_target(ROUTER) else target
+        return {f"{path}.lora_a": a.T, f"{path}.lora_b": b.T}
+    rank = case.lora.rank
+    members = _members(case, key)
+    stacked_a = a.reshape(case.experts, rank * len(members), -1)
+    stacked_b = b.reshape(b.shape[0], rank * len(members), case.experts).transpose(2, 0, 1)
+    found = {}
+    for position, member in enumerate(members):
+        ranks = slice(position * rank, (position + 1) * rank)
+        found[f"{block}.{member}.lora_a"] = stacked_a[:, ranks]
+        found[f"{block}.{member}.lora_b"] = stacked_b[:, _rows(case, member), ranks]
+    return found
 
 
 PEFT_PREFIX = "base_model.model."
@@ -38,3 +177,23 @@ def peft_module(mlx_path: str) -> str:
 def mlx_module(peft_path: str) -> str:
     """mlx-lm's name of the module peft names `peft_path`."""
     return peft_path.removeprefix(PEFT_PREFIX)
+
+
+def adapted_target(module_name: str, parameter_name: str | None) -> str:
+    """The full `peft_target` of the peft layer named `module_name` in the adapted model, which adapts its module's
+    parameter `parameter_name` (a ``ParamWrapper``; nested ones wrap ``base_layer``) or, None, the module."""
+    module = mlx_module(module_name)
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return module if parameter_name is None else f"{module}.{parameter_name}"
+
+
+def mlx_lm_layers_of(case: ModelCase, target: str) -> list[str]:
+    """The layers of mlx-lm's model that peft's adapted `target` (in full) stands for."""
+    block, key = block_and_key(target)
+    if key == peft_target(ROUTER):
+        return [f"{block}.{ROUTER}"]
+    if key in {parameter for parameter, _ in FUSED_EXPERTS.values()}:
+        held = [layer for layer, (parameter, _) in FUSED_EXPERTS.items() if parameter == key]
+        return [f"{block}.{layer}" for layer in _members(case, key) or held]
+    return [target]

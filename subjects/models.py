@@ -130,9 +130,7 @@ class MlxVlmEntryPoints:
 
     def targets(self, case: ModelCase) -> list[str]:
         """The modules to adapt, by mlx-vlm's qualified names: the case's keys in its last `num_layers` blocks."""
-        return [
-            f"{self.ROOT}model.layers.{layer}.{key}" for layer in case.adapted_layers for key in case.lora.adapted_keys
-        ]
+        return [f"{self.ROOT}model.layers.{layer}.{key}" for layer in case.adapted_layers for key in case.adapted_keys]
 
     def adapter_directory(self, case: ModelCase) -> Path:
         """The case's adapters as mlx-vlm's own ``save_adapter`` writes them, from a model `get_peft_model` adapted."""

@@ -3,30 +3,102 @@ and mlx-lm's adapter configuration, bridged to peft's, adapts the same modules o
 
 import dataclasses
 
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 
-from foundation.dtypes import FLOAT32
-from foundation.model_cases import LINEAR_KEYS, LoraSettings, ModelCase, model_cases
+from conformance.model_checks import routing_holds
+from foundation.dtypes import BFLOAT16, FLOAT32
+from foundation.model_cases import LINEAR_KEYS, MIXTURE_KEYS, LoraSettings, ModelCase, model_cases
 from reference import models as reference
 from subjects import models as subject
-from subjects.config_bridge import peft_config
+from subjects.config_bridge import gradient_masks, mlx_lm_adapters_of, peft_adapters, peft_config
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(model_cases())
 def test_mlx_lm_adapts_the_modules_peft_adapts_for_the_same_configuration(case):
     adapted = subject.adapted_modules(subject.MlxLmEntryPoints().adapted(case))
-    assert adapted == reference.adapted_modules(reference.adapted(case, FLOAT32.torch))
-    expected = {f"model.layers.{layer}.{key}" for layer in case.adapted_layers for key in case.lora.adapted_keys}
+    assert adapted == reference.adapted_modules(reference.adapted(case, FLOAT32.torch), case)
+    expected = {f"model.layers.{layer}.{key}" for layer in case.adapted_layers for key in case.adapted_keys}
     assert adapted == expected == set(case.adapters)
 
 
+def _case(architecture: str = "llama", layers: int = 5, **lora) -> ModelCase:
+    mixture = architecture == "qwen3_moe"
+    settings = {"fine_tune_type": "lora", "num_layers": 2, "rank": 4, "scale": 20.0, "keys": None} | lora
+    return ModelCase(
+        architecture, FLOAT32, layers=layers, heads=2, kv_heads=1, head_dim=4, intermediate=6, vocab=16, tied=False,
+        lora=LoraSettings(**settings), batch=1, length=4, seed=3, adapter_scale=0.1,
+        experts=3 if mixture else 0, experts_per_token=2 if mixture else 0,
+    )  # fmt: skip
+
+
 def test_mlx_lm_s_scale_is_peft_s_alpha_over_r_and_its_last_layers_are_peft_s_layers_to_transform():
-    config = peft_config(LoraSettings("lora", num_layers=2, rank=4, scale=20.0, keys=("self_attn.q_proj",)), layers=5)
+    config = peft_config(_case(keys=("self_attn.q_proj",)))
     assert config.lora_alpha / config.r == 20.0
     assert config.layers_to_transform == [3, 4] and set(config.target_modules) == {"self_attn.q_proj"}
-    everything = peft_config(LoraSettings("lora", num_layers=9, rank=1, scale=1.0, keys=None), layers=3)
+    everything = peft_config(_case(layers=3, num_layers=9, rank=1, scale=1.0))
     assert everything.layers_to_transform == [0, 1, 2] and set(everything.target_modules) == set(LINEAR_KEYS)
+
+
+def test_a_mixture_s_router_and_experts_are_peft_s_target_parameters_named_in_full_for_the_adapted_blocks():
+    """peft's ``layers_to_transform`` does not restrict ``target_parameters``: the bridge names each block's."""
+    config = peft_config(_case("qwen3_moe", layers=3, num_layers=1, rank=2, scale=2.0))
+    assert set(config.target_modules) == set(MIXTURE_KEYS[:4])
+    assert config.target_parameters == [
+        "model.layers.2.mlp.experts.down_proj",
+        "model.layers.2.mlp.experts.gate_up_proj",
+        "model.layers.2.mlp.gate.weight",
+    ]
+    # gate_up_proj stands for two of mlx-lm's adapters: rank 2r, and alpha keeping the scale
+    assert config.rank_pattern == {"gate_up_proj": 4} and config.alpha_pattern == {"gate_up_proj": 8.0}
+
+
+@pytest.mark.parametrize("keys", [None, ("mlp.switch_mlp.up_proj",), ("mlp.switch_mlp.gate_proj", "mlp.gate")])
+def test_peft_s_adapter_of_the_experts_is_each_expert_s_updates_of_mlx_lm_and_back(keys):
+    case = _case("qwen3_moe", layers=2, num_layers=1, rank=2, keys=keys)
+    for target, (a, b) in peft_adapters(case).items():
+        back = mlx_lm_adapters_of(case, target, a.astype(np.float64), b.astype(np.float64))
+        for name, values in back.items():
+            path, _, factor = name.rpartition(".")
+            original = case.adapters[path][0 if factor == "lora_a" else 1]
+            expected = original if original.ndim == 3 else original.T
+            np.testing.assert_array_equal(values, expected)
+        if target.endswith("gate_up_proj"):  # peft's update of expert e: [B_gate A_gate; B_up A_up], as transformers
+            experts, rank = case.experts, a.shape[0] // case.experts
+            stacked_a = a.reshape(experts, rank, -1)
+            stacked_b = b.reshape(b.shape[0], rank, experts).transpose(2, 0, 1)
+            rows = {"gate_proj": slice(0, 6), "up_proj": slice(6, 12)}
+            for key, block in rows.items():
+                path = f"model.layers.1.mlp.switch_mlp.{key}"
+                expected = case.adapters[path][1] @ case.adapters[path][0] if path in case.adapters else 0.0
+                np.testing.assert_allclose((stacked_b @ stacked_a)[:, block], expected + np.zeros((3, 6, 8)), rtol=1e-6)
+            mask = gradient_masks(case)[target]
+            assert np.all((mask == 0) <= (b == 0)), "training may move only the blocks that hold mlx-lm's adapters"
+
+
+def test_routing_is_judged_only_where_no_rounding_can_change_the_experts_chosen():
+    case = dataclasses.replace(_case("qwen3_moe"), dtype=BFLOAT16)  # u = 2^-9; chooses 2 of 3
+    oracle = [np.array([[0.9, 0.5, 0.1]])]
+    near = [[np.array([[0.9, 0.5 + 1e-3, 0.1]])]]  # d = 1e-3: the gap 0.4 is far beyond 8 (d + u) = 0.024
+    assert routing_holds(case, oracle, near)
+    assert not routing_holds(case, [np.array([[0.9, 0.5, 0.49]])], near)  # a gap of 0.01 one rounding may close
+    assert not routing_holds(case, oracle, [[np.array([[0.9, 0.5, 0.45]])]])  # the reference's own error: 0.35
+
+
+@pytest.mark.parametrize("dtype", [FLOAT32, BFLOAT16], ids=str)
+def test_a_mixture_of_experts_in_the_reference_matches_its_float64_model_to_its_rounding(dtype):
+    """The bridge's peft model of a mixture (its router and experts as target_parameters) is the float64 model's
+    function: in float32 to about its rounding, and mlx-lm's model agrees (where MLX runs the dtype's experts)."""
+    case = dataclasses.replace(_case("qwen3_moe", layers=2, num_layers=2, rank=2, scale=2.0), dtype=dtype)
+    oracle = reference.oracle_logits(case)
+    rounded = reference.logits(reference.adapted(case, dtype.torch), case)
+    contribution = np.abs(oracle - reference.base_logits(case)).max()
+    assert contribution > 0.01 and np.abs(rounded - oracle).max() < 64 * dtype.unit_roundoff * np.abs(oracle).max()
+    if dtype is FLOAT32:
+        mlx = subject.logits(subject.MlxLmEntryPoints().adapted(case), case)
+        assert np.abs(mlx - oracle).max() < 64 * dtype.unit_roundoff * np.abs(oracle).max()
 
 
 @given(model_cases())
