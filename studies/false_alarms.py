@@ -20,6 +20,10 @@ from pathlib import Path
 from conformance import threads
 from studies import sampling
 
+OUTCOMES = ("raises", "absent", "present")
+"""Failures that say what a side did rather than how far its values are: an entry of these leaves the margins of
+the cases it does not reach to report (a fused mixture transformers cannot load leaves a dense model's fuse judged)."""
+
 EVERY = {"dropout_scaling": 10, "steps_sgd": 10, "steps_adamw": 10}
 """Checks that run on every n-th case only: each costs as much as the rest of the family's together."""
 STATISTICAL = {"dropout_scaling"}
@@ -52,8 +56,8 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
 
     Where the suite lists one side's check as a known divergence (the subject's on a quantized base, MLX's own
     quantized product on the CPU; the reference's where peft itself loses precision), that side's failures
-    explained by it are counted as that, not as false alarms, and that side's margins there are not the
-    verdict's to report; the other side's are.
+    explained by it are counted as that, not as false alarms, and, where the entry is about values (not one of
+    `OUTCOMES`), that side's margins there are not the verdict's to report; the other side's are.
     """
     from conformance import check_run, divergences
     from conformance.families import FAMILIES
@@ -86,7 +90,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
             tally["runs"] += 1
             replay = replay_command(task.subject, name, description)
             entries = divergences.covering(known, check_id(task.family, task.base, name, task.subject, description))
-            diverging = {entry.explanation.side for entry in entries}
+            diverging = {entry.explanation.side for entry in entries if entry.explanation.failure not in OUTCOMES}
             for comparison in measurement.comparisons:
                 if comparison.side in diverging:
                     continue
