@@ -192,6 +192,7 @@ WRONG_VARIANTS.update(
             WrongVariant(_model_subject(models.ScaleTimesRank), "logits", diagnosis="the adapters' contribution"),
             WrongVariant(_model_subject(models.OneLayerWithoutAdapter), "logits"),
             WrongVariant(_model_subject(models.TransposedOnSquareLayers), "logits"),
+            WrongVariant(_model_subject(models.MagnitudesLeftOut), "logits"),
             WrongVariant(_model_subject(models.NumLayersOffByOne), "adapted_modules"),
             WrongVariant(_model_subject(models.TrainsTheBase), "steps_sgd"),
             WrongVariant(_model_subject(models.FuseDropsAdapters), "fuse", diagnosis="the adapters' contribution"),

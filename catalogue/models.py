@@ -55,6 +55,14 @@ class TransposedOnSquareLayers(_WritesItsOwnAdapters):
         return weights, config
 
 
+class MagnitudesLeftOut(_WritesItsOwnAdapters):
+    """Leaves DoRA's magnitudes ``m`` out of the file: mlx-lm loads with ``strict=False``, so each layer keeps the
+    row norms of its base weight that it starts from."""
+
+    def changed(self, case, weights, config):
+        return {name: w for name, w in weights.items() if not name.endswith(".m")}, config
+
+
 class NumLayersOffByOne(_WritesItsOwnAdapters):
     """Counts one block too many in ``num_layers``: mlx-lm adapts it too (with a fresh adapter, so the logits stay)."""
 

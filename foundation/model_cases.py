@@ -182,6 +182,10 @@ class ModelCase:
                 found[f"model.layers.{layer}.{key}"] = (a.astype(np.float32), b.astype(np.float32))
         return found
 
+    @property
+    def dora(self) -> bool:
+        return self.lora.fine_tune_type == "dora"
+
     @functools.cached_property
     def tokens(self) -> np.ndarray:
         return np.random.default_rng(self.seed + 1).integers(0, self.vocab, (self.batch, self.length))
@@ -202,11 +206,14 @@ class ModelCase:
         return cls(**{**named, "dtype": BY_NAME[description["dtype"]], "lora": LoraSettings(**lora)})
 
 
-def lora_settings(layers: int, block_keys: tuple[str, ...] = LINEAR_KEYS) -> st.SearchStrategy[LoraSettings]:
-    keys = st.none() | st.lists(st.sampled_from(block_keys), min_size=1, unique=True).map(tuple)
+def lora_settings(layers: int, mixture: bool = False) -> st.SearchStrategy[LoraSettings]:
+    """A LoRA configuration of a model of `layers` blocks: LoRA or DoRA on a dense model; LoRA on a mixture of experts
+    (neither mlx-lm's `SwitchLinear` nor peft's ``target_parameters`` take DoRA)."""
+    paths = MIXTURE_KEYS if mixture else LINEAR_KEYS
+    keys = st.none() | st.lists(st.sampled_from(paths), min_size=1, unique=True).map(tuple)
     return st.builds(
         LoraSettings,
-        fine_tune_type=st.just("lora"),
+        fine_tune_type=st.just("lora") if mixture else st.sampled_from(["lora", "dora"]),
         num_layers=st.integers(1, layers),
         rank=st.integers(1, 8),
         scale=st.sampled_from([20.0, 2.0, 1.0, 0.5, 10.0, 0.3]),
@@ -232,7 +239,7 @@ def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32) -> ModelCase:
         intermediate=draw(st.integers(4, 48)),
         vocab=draw(st.integers(8, 64)),
         tied=draw(st.booleans()),
-        lora=draw(lora_settings(layers, MIXTURE_KEYS if mixture else LINEAR_KEYS)),
+        lora=draw(lora_settings(layers, mixture)),
         batch=draw(st.integers(1, 2)),
         length=draw(st.integers(1, 8)),
         seed=draw(st.integers(0, 2**31 - 1)),

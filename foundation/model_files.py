@@ -71,7 +71,28 @@ def mlx_lm_adapters(case: ModelCase) -> tuple[dict[str, np.ndarray], dict]:
     weights = {}
     for path, (a, b) in case.adapters.items():
         weights[f"{path}.lora_a"], weights[f"{path}.lora_b"] = mlx_lm_layout(a, b)
+    weights |= {f"{path}.m": m for path, m in dora_magnitudes(case).items()}
     return weights, case.lora.adapter_config()
+
+
+@once_per_case
+def dora_magnitudes(case: ModelCase) -> dict[str, np.ndarray]:
+    """DoRA's magnitude m (out,) per adapted layer, float32: the row norms of the adapted weight ``W + scale B A`` (W as
+    the saved model holds it), each times a factor drawn within [0.5, 1.5] from the case's seed, as training moves m
+    away from the norms it starts at. None for LoRA."""
+    if not case.dora:
+        return {}
+    from safetensors.torch import load_file
+
+    saved = load_file(model_directory(case) / "model.safetensors")
+    rng = np.random.default_rng(case.seed + 2)
+    found = {}
+    for path, (a, b) in sorted(case.adapters.items()):
+        weight = saved[f"{path}.weight"].double().numpy()
+        adapted = weight + case.lora.scale * (b.astype(np.float64) @ a.astype(np.float64))
+        norms = np.linalg.norm(adapted, axis=1)
+        found[path] = (norms * rng.uniform(0.5, 1.5, norms.shape)).astype(np.float32)
+    return found
 
 
 def mlx_lm_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

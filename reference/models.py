@@ -19,7 +19,7 @@ from peft import get_peft_model
 
 from foundation.memo import once_per_case
 from foundation.model_cases import ModelCase
-from foundation.model_files import model_directory
+from foundation.model_files import dora_magnitudes, model_directory
 from subjects.config_bridge import (
     FUSED_EXPERTS,
     ROUTER,
@@ -65,12 +65,15 @@ def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) 
         warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
         model = get_peft_model(loaded(model_directory(case), dtype), peft_config(case))
     layers = lora_layers(model)
+    magnitudes = dora_magnitudes(case)
     with torch.no_grad():
         for target, (a, b) in peft_adapters(case).items():
             layer = layers[target]
             layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
             layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
-            if term_cast_first and not hasattr(layer, "parameter_name"):
+            if target in magnitudes:
+                layer.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(magnitudes[target]))
+            elif term_cast_first and not hasattr(layer, "parameter_name"):
                 layer.register_forward_hook(_term_cast_first)
     return model.eval()
 
@@ -78,7 +81,8 @@ def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) 
 def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """peft's LoRA layers of the adapted `model`, by what each adapts (`subjects.config_bridge.peft_adapters`' names).
     An adapted parameter's layer (a ``ParamWrapper``) rounds the update to the parameter's dtype and adds it there, as
-    the merge does: `term_cast_first` does not apply to it."""
+    the merge does, and a DoRA layer's term is not added to the base output alone: `term_cast_first` applies to
+    neither."""
     return {
         adapted_target(name, getattr(module, "parameter_name", None)): module
         for name, module in model.named_modules()
@@ -101,9 +105,11 @@ def merged(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
 
 def merged_update_first(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
     """The merge in the other order a correct implementation may take (mlx-lm's ``fuse`` does): the update
-    ``scale * B A`` rounded to the model's dtype first, then added in it."""
+    ``scale * B A`` rounded to the model's dtype first, then added in it; DoRA's adapted weight, so rounded, then
+    scaled to its magnitudes by its row norms."""
     model = loaded(model_directory(case), dtype)
     parameters = dict(model.named_parameters())
+    magnitudes = dora_magnitudes(case)
     with torch.no_grad():
         for path, (a, b) in case.adapters.items():
             update = case.lora.scale * (torch.from_numpy(b) @ torch.from_numpy(a))
@@ -113,7 +119,11 @@ def merged_update_first(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
                 weight = parameters[f"{block}.{target}"][:, index * update.shape[1] : (index + 1) * update.shape[1]]
             else:
                 weight = parameters[f"{path}.weight"]
-            weight.copy_(weight + update.to(dtype))
+            adapted = weight + update.to(dtype)
+            if path in magnitudes:
+                norms = torch.linalg.vector_norm(adapted.double(), dim=1, keepdim=True)
+                adapted = torch.from_numpy(magnitudes[path]).double()[:, None] / norms * adapted.double()
+            weight.copy_(adapted.to(dtype))
     return model
 
 
@@ -253,6 +263,10 @@ def _as_mlx_lm_parameters(
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         factors |= {id(a), id(b)}
         found |= mlx_lm_adapters_of(case, target, *(f.detach().to(torch.float64).numpy() for f in (a, b)))
+        if case.dora:  # DoRA's magnitude m (out,), mlx-lm's ``m``
+            magnitude = layer.lora_magnitude_vector["default"].weight
+            factors.add(id(magnitude))
+            found[f"{target}.m"] = magnitude.detach().to(torch.float64).numpy()
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and id(parameter) not in factors:
             found[mlx_module(name)] = parameter.detach().to(torch.float64).numpy()

@@ -142,7 +142,10 @@ class MlxVlmEntryPoints:
 
         model = load_model(model_directory(case))
         alpha = case.lora.scale * case.lora.rank
-        get_peft_model(model, self.targets(case), rank=case.lora.rank, alpha=alpha, dropout=0.0, verbose=False)
+        rank = case.lora.rank
+        get_peft_model(
+            model, self.targets(case), rank=rank, alpha=alpha, dropout=0.0, verbose=False, use_dora=case.dora
+        )
         weights, _ = mlx_lm_adapters(case)
         named = [(self.ROOT + name, mx.array(value)) for name, value in weights.items()]
         absent = sorted({name for name, _ in named} - {name for name, _ in tree_flatten(model.parameters())})

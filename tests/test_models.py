@@ -122,3 +122,21 @@ def test_a_check_whose_entry_point_a_package_lacks_is_not_provided_for_its_subje
     }
     assert "mlx-vlm has no fused entry point" in checks["fuse"].not_provided_reason(vlm)
     assert not any(check.not_provided_reason(lm) for check in checks.values())
+
+
+def test_a_dora_model_s_magnitudes_reach_both_sides_and_matter():
+    """mlx-lm's ``fine_tune_type: dora`` is peft's ``use_dora``: the magnitudes written to the adapter file are
+    mlx-lm's ``m`` and peft's ``lora_magnitude_vector``, and the logits move with them."""
+    case = _case("qwen3", layers=2, num_layers=1, rank=2, scale=2.0, fine_tune_type="dora")
+    from foundation.model_files import dora_magnitudes
+    from mlx.utils import tree_flatten
+
+    magnitudes = dora_magnitudes(case)
+    assert set(magnitudes) == set(case.adapters)
+    loaded = dict(tree_flatten(subject.MlxLmEntryPoints().adapted(case).parameters()))
+    peft = reference.lora_layers(reference.adapted(case, FLOAT32.torch))
+    for path, m in magnitudes.items():
+        np.testing.assert_array_equal(np.array(loaded[f"{path}.m"]), m)
+        np.testing.assert_array_equal(peft[path].lora_magnitude_vector["default"].weight.detach().numpy(), m)
+    as_lora = dataclasses.replace(case, lora=dataclasses.replace(case.lora, fine_tune_type="lora"))
+    assert np.abs(reference.oracle_logits(case) - reference.oracle_logits(as_lora)).max() > 1e-3
