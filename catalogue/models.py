@@ -9,7 +9,13 @@ import numpy as np
 
 from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_files import mlx_lm_adapters, mlx_lm_layout, model_directory, write_mlx_lm_adapters
+from foundation.model_files import (
+    mlx_directory,
+    mlx_lm_adapters,
+    mlx_lm_layout,
+    reference_directory,
+    write_mlx_lm_adapters,
+)
 from subjects.models import MlxLmEntryPoints
 
 
@@ -80,5 +86,5 @@ class TrainsTheBase(MlxLmEntryPoints):
 class FuseDropsAdapters(MlxLmEntryPoints):
     """Saves the base model as the fused one: a fuse that forgets to merge the adapters."""
 
-    def fused_directory(self, case: ModelCase) -> Path:
-        return model_directory(case)
+    def fused_directory(self, case: ModelCase, dequantize: bool = False) -> Path:
+        return reference_directory(case) if dequantize else mlx_directory(case)

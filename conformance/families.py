@@ -643,10 +643,23 @@ SWITCH_LINEAR = Family(
 )
 
 
-def _model_check(name: str, doc: str, examples: int, needs: str, fits: Keep = model_checks.fits_dtype) -> CheckInfo:
+def _model_check(
+    name: str,
+    doc: str,
+    examples: int,
+    needs: str,
+    fits: Keep = model_checks.fits_dtype,
+    dtypes: tuple[str, ...] | None = None,
+) -> CheckInfo:
     """A whole-model check (`conformance.model_checks`): it draws, and judges, only the cases `fits` takes (a model
     its dtype holds), and calls the subject's entry point `needs`."""
-    return CheckInfo(name, getattr(model_checks, name), doc, (fits,), examples=examples, judges=fits, needs=needs)
+    info = CheckInfo(name, getattr(model_checks, name), doc, (fits,), examples=examples, judges=fits, needs=needs)
+    return replace(info, dtypes=dtypes)
+
+
+QUANTIZED_MODEL_DTYPES = ("bfloat16",)
+"""Where a quantized model is checked: what QLoRA trains in. Its glue (the quantized files, the fuse with and without
+``--dequantize``) is the same in every dtype, and each parametrization costs ci time."""
 
 
 MODEL = Family(
@@ -703,8 +716,40 @@ MODEL = Family(
                 ),
             ),
         ),
+        BaseInfo(
+            "quantized",
+            "test_quantized_models.py",
+            lambda dtype, kind: model_cases(dtype, quantized=kind),
+            (
+                _model_check(
+                    "logits",
+                    "A model whose MLX copy is quantized (``mlx_lm.convert -q``), adapted by the package's own loaders "
+                    "(QLoRA), gives the logits peft gives on the values the quantized weights hold.",
+                    examples=10,
+                    needs="adapted",
+                    dtypes=QUANTIZED_MODEL_DTYPES,
+                ),
+                _model_check(
+                    "fuse",
+                    "``fuse --dequantize`` saves the model of peft's ``merge_and_unload()`` on the values the "
+                    "quantized weights hold.",
+                    examples=10,
+                    needs="fused",
+                    dtypes=QUANTIZED_MODEL_DTYPES,
+                ),
+                _model_check(
+                    "requantize",
+                    "``fuse`` without ``--dequantize`` re-quantizes exactly the merge ``--dequantize`` saves, in the "
+                    "base's quantization, and leaves the other layers as they were.",
+                    examples=10,
+                    needs="fused_directory",
+                    dtypes=QUANTIZED_MODEL_DTYPES,
+                ),
+            ),
+        ),
     ),
     study_cases=model_cases,
+    quantized_study_cases=lambda dtype, kind: model_cases(dtype, quantized=kind),
 )
 """Whole tiny models through the packages' own entry points (`subjects.models`), judged as a whole
 (`foundation.model_verdict`)."""

@@ -18,9 +18,9 @@ import torch
 from conformance.timing import UNTIMED, PhaseTimer
 from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_files import mlx_lm_adapters
+from foundation.model_files import mlx_directory, mlx_lm_adapters, mlx_weights, quantized_layers, requantized
 from foundation.model_verdict import MARGIN, compare_whole
-from foundation.verdict import Comparison, Measurement, failed, raised
+from foundation.verdict import Comparison, Measurement, Tracked, compare, failed, raised
 from reference import models as reference
 from subjects import models as subject_side
 from subjects.known import Subject
@@ -46,8 +46,14 @@ def _logits_check(
     run_references: Callable[[], list[np.ndarray]],
 ) -> Measurement:
     """One check of logits: the subject's against the float64 model's, held to the reference's own error in each
-    order a correct implementation may take (`run_references` gives the logits of each)."""
+    order a correct implementation may take (`run_references` gives the logits of each). Where the subject raised,
+    the reference is not run: there is nothing for its error to judge."""
     measurement = Measurement(subject.name, check, case.describe())
+    with timer("subject"):
+        observed, problems = _side(run_subject, "logits", "subject")
+        measurement.comparisons += problems
+    if observed is None:
+        return measurement
     with timer("oracle"):
         oracle = reference.oracle_logits(case)
     with timer("reference"):
@@ -55,10 +61,7 @@ def _logits_check(
             case, ("reference", check), lambda: _side(lambda: np.stack(run_references()), "logits", "reference")
         )
         measurement.comparisons += problems
-    with timer("subject"):
-        observed, problems = _side(run_subject, "logits", "subject")
-        measurement.comparisons += problems
-    if references is not None and observed is not None:
+    if references is not None:
         largest = reference.oracle_largest(case)
         measurement.comparisons.append(compare_whole("logits", observed, list(references), oracle, case.dtype, largest))
         if not measurement.passed:
@@ -98,13 +101,14 @@ def rope_parameters(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIM
 
 
 def fuse(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
-    """The model mlx-lm's ``fuse`` saves, loaded by mlx-lm, against peft's ``merge_and_unload()``."""
+    """The model mlx-lm's ``fuse`` saves (on a quantized base, ``fuse --dequantize``), loaded by mlx-lm, against
+    peft's ``merge_and_unload()``."""
     return _logits_check(
         "fuse",
         subject,
         case,
         timer,
-        lambda: subject_side.logits(subject.convention.fused(case), case),
+        lambda: subject_side.logits(subject.convention.fused(case, dequantize=case.quantization is not None), case),
         lambda: _merges(case),
     )
 
@@ -115,7 +119,7 @@ def fused_in_transformers(subject: Subject, case: ModelCase, timer: PhaseTimer =
     (which it initialises at random, with a warning only) fail the check before the logits."""
     with timer("subject"):
         try:
-            directory = subject.convention.fused_directory(case)
+            directory = subject.convention.fused_directory(case, dequantize=case.quantization is not None)
             problem = reference.loading_problems(directory)
         except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
             directory, problem = None, error
@@ -134,6 +138,43 @@ def fused_in_transformers(subject: Subject, case: ModelCase, timer: PhaseTimer =
         lambda: reference.logits(reference.loaded(directory, case.dtype.torch), case),
         lambda: _merges(case),
     )
+
+
+def requantize(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """mlx-lm's ``fuse`` without ``--dequantize`` keeps a quantized model quantized: each adapted layer is exactly MLX's
+    quantization, in the base's mode, bits and group size, of the weight ``fuse --dequantize`` saves (judged against
+    peft's merge by `fuse`), and every other quantized layer holds what it held. Its detail: how much of the adapters'
+    contribution to the logits the re-quantized model keeps (small updates vanish in re-quantization: mlx-lm #1172)."""
+    measurement = Measurement(subject.name, "requantize", case.describe())
+    with timer("subject"):
+        try:
+            saved = subject.convention.fused_directory(case)
+            fused = quantized_layers(mlx_weights(saved), case)
+            dequantized = mlx_weights(subject.convention.fused_directory(case, dequantize=True))
+            fused_logits = subject_side.logits(subject_side.loaded(saved), case)
+        except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
+            measurement.comparisons.append(raised(error, "requantized weights", "subject"))
+            return measurement
+    with timer("reference"):
+        base = quantized_layers(mlx_weights(mlx_directory(case)), case)
+        expected = {
+            layer: requantized(dequantized[f"{layer}.weight"], case) if layer in case.adapters else values
+            for layer, values in base.items()
+        }
+    if set(fused) != set(expected):
+        measurement.comparisons.append(
+            _names("requantized weights", "absent", set(fused), set(expected), "layers quantized", "not", "quantized")
+        )
+        return measurement
+    layers = sorted(expected)
+    observed = np.concatenate([fused[layer].ravel() for layer in layers])
+    want = Tracked.exact(np.concatenate([expected[layer].ravel() for layer in layers]), case.dtype)
+    comparison = compare("requantized weights", "subject", observed, want)
+    contribution = reference.oracle_logits(case) - reference.base_logits(case)
+    kept = float(np.sum((fused_logits - reference.base_logits(case)) * contribution) / np.sum(np.square(contribution)))
+    comparison.detail = f"the re-quantized model keeps {kept:.1%} of the adapters' contribution to the logits"
+    measurement.comparisons.append(comparison)
+    return measurement
 
 
 def _merges(case: ModelCase) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from foundation.dtypes import BY_NAME, FLOAT32, DType
+from foundation.quantization import AVAILABLE, Quantization
 
 DENSE_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 MIXTURE_ARCHITECTURES = ("qwen3_moe",)
@@ -100,6 +101,9 @@ class ModelCase:
     experts_per_token: int = 0
     norm_topk_prob: bool = False
     """Whether the router's chosen probabilities are divided by their sum."""
+    quantization: Quantization | None = None
+    """How MLX's copy of the model is quantized (``mlx_lm.convert -q``: every linear layer and embedding whose rows the
+    group size divides), or None: the model as transformers saved it."""
 
     @property
     def hidden(self) -> int:
@@ -194,6 +198,7 @@ class ModelCase:
         described = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         described["dtype"] = self.dtype.name
         described["lora"] = dataclasses.asdict(self.lora)
+        described["quantization"] = self.quantization and self.quantization.describe()
         described["kind"] = "model"
         return described
 
@@ -203,7 +208,10 @@ class ModelCase:
         named = {name: value for name, value in description.items() if name in fields}
         lora = dict(description["lora"])
         lora["keys"] = None if lora["keys"] is None else tuple(lora["keys"])
-        return cls(**{**named, "dtype": BY_NAME[description["dtype"]], "lora": LoraSettings(**lora)})
+        quantization = description.get("quantization")
+        quantization = quantization and Quantization(**quantization)
+        lora = LoraSettings(**lora)
+        return cls(**{**named, "dtype": BY_NAME[description["dtype"]], "lora": lora, "quantization": quantization})
 
 
 def lora_settings(layers: int, mixture: bool = False) -> st.SearchStrategy[LoraSettings]:
@@ -222,11 +230,21 @@ def lora_settings(layers: int, mixture: bool = False) -> st.SearchStrategy[LoraS
 
 
 @st.composite
-def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32) -> ModelCase:
-    """A tiny model of one of `ARCHITECTURES` in `dtype`, with LoRA on some of its last blocks."""
+def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32, quantized: str | None = None) -> ModelCase:
+    """A tiny model of one of `ARCHITECTURES` in `dtype`, with LoRA on some of its last blocks; with `quantized` (a
+    `Quantization.kind`), a dense one whose MLX copy is quantized in that kind, of widths its group size divides
+    (hidden and intermediate sizes 32 or 64)."""
     layers = draw(st.integers(1, 3))
-    heads = draw(st.sampled_from([1, 2, 4]))
-    architecture = draw(st.sampled_from(ARCHITECTURES))
+    if quantized is None:
+        architecture = draw(st.sampled_from(ARCHITECTURES))
+        heads, head_dim = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([4, 8, 16]))
+        intermediate, quantization = draw(st.integers(4, 48)), None
+    else:
+        architecture = draw(st.sampled_from(DENSE_ARCHITECTURES))
+        heads, head_dim = draw(st.sampled_from([(2, 16), (4, 8), (4, 16)]))
+        intermediate = draw(st.sampled_from([32, 64]))
+        fitting = [q for q in AVAILABLE if q.kind == quantized and (heads * head_dim) % q.group_size == 0]
+        quantization = draw(st.sampled_from([q for q in fitting if intermediate % q.group_size == 0]))
     mixture = architecture in MIXTURE_ARCHITECTURES
     experts = draw(st.integers(2, 6)) if mixture else 0
     return ModelCase(
@@ -235,8 +253,8 @@ def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32) -> ModelCase:
         layers=layers,
         heads=heads,
         kv_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
-        head_dim=draw(st.sampled_from([4, 8, 16])),
-        intermediate=draw(st.integers(4, 48)),
+        head_dim=head_dim,
+        intermediate=intermediate,
         vocab=draw(st.integers(8, 64)),
         tied=draw(st.booleans()),
         lora=draw(lora_settings(layers, mixture)),
@@ -249,4 +267,5 @@ def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32) -> ModelCase:
         experts=experts,
         experts_per_token=draw(st.integers(1, min(experts, 3))) if mixture else 0,
         norm_topk_prob=draw(st.booleans()) if mixture else False,
+        quantization=quantization,
     )

@@ -9,6 +9,7 @@ built: the catalogue of subjects (`subjects.known`) loads this module without it
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors.numpy import save_file
 
 from foundation.memo import once_per_case
 from foundation.model_cases import ModelCase
+from foundation.quantization import Parts, dequantize, quantize, quantize_base, to_mlx
 
 _SCRATCH = tempfile.TemporaryDirectory(prefix="conformance-models-")
 
@@ -57,6 +59,119 @@ def model_directory(case: ModelCase) -> Path:
     return directory
 
 
+@once_per_case
+def _quantized(case: ModelCase) -> dict[str, tuple[Parts, np.ndarray]]:
+    """Per weight of the saved model that MLX's copy quantizes (every matrix, of a linear layer or an embedding, whose
+    rows the group size divides, as ``mlx_lm.convert -q`` does): its quantized parts and the values they hold."""
+    from safetensors.torch import load_file
+
+    quantization = case.quantization
+    found = {}
+    for name, tensor in sorted(load_file(model_directory(case) / "model.safetensors").items()):
+        if name.endswith(".weight") and tensor.ndim == 2 and tensor.shape[-1] % quantization.group_size == 0:
+            found[name] = quantize_base(tensor.double().numpy(), case.dtype, quantization)
+    return found
+
+
+@once_per_case
+def _mlx_quantized_directory(case: ModelCase) -> Path:
+    """The model as ``mlx_lm.convert -q`` saves it: the quantized weights packed, with their ``scales`` (and
+    ``biases``), the rest in the model's dtype, and ``quantization`` in ``config.json``."""
+    import mlx.core as mx
+    from safetensors.torch import load_file
+
+    directory = new_directory("mlx-quantized-")
+    quantized = _quantized(case)
+    weights = {}
+    for name, tensor in load_file(model_directory(case) / "model.safetensors").items():
+        if name in quantized:
+            parts = to_mlx(quantized[name][0], case.dtype)
+            stem = name.removesuffix(".weight")
+            weights |= dict(zip((name, f"{stem}.scales", f"{stem}.biases"), parts, strict=False))
+        else:
+            weights[name] = mx.array(tensor.double().numpy()).astype(getattr(mx, case.dtype.name))
+    mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = json.loads((model_directory(case) / "config.json").read_text())
+    described = case.quantization.describe()
+    (directory / "config.json").write_text(
+        json.dumps(config | {"quantization": described, "quantization_config": described})
+    )
+    _copy_tokenizer(model_directory(case), directory)
+    return directory
+
+
+@once_per_case
+def _dequantized_directory(case: ModelCase) -> Path:
+    """The saved model with each weight MLX's copy quantizes replaced by the values its parts hold: the function the
+    quantized model computes, as transformers loads it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    directory = new_directory("dequantized-")
+    saved = load_file(model_directory(case) / "model.safetensors")
+    for name, (_, values) in _quantized(case).items():
+        saved[name] = torch.from_numpy(values).to(case.dtype.torch)
+    save_file(saved, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(model_directory(case) / "config.json", directory / "config.json")
+    _copy_tokenizer(model_directory(case), directory)
+    return directory
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for path in source.iterdir():
+        if path.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(path, target / path.name)
+
+
+def mlx_directory(case: ModelCase) -> Path:
+    """The model directory the MLX side loads: as transformers saved it, or quantized as mlx-lm's ``convert -q``
+    saves it."""
+    return model_directory(case) if case.quantization is None else _mlx_quantized_directory(case)
+
+
+def reference_directory(case: ModelCase) -> Path:
+    """The model directory transformers and peft load: as transformers saved it, or with the values MLX's quantized
+    copy holds."""
+    return model_directory(case) if case.quantization is None else _dequantized_directory(case)
+
+
+def mlx_weights(directory: Path) -> dict:
+    """The arrays of an MLX model directory (``model*.safetensors``), by name."""
+    import mlx.core as mx
+
+    found = {}
+    for path in sorted(directory.glob("model*.safetensors")):
+        found |= mx.load(str(path))
+    return found
+
+
+def quantized_layers(weights: dict, case: ModelCase) -> dict[str, np.ndarray]:
+    """The values each quantized layer of an MLX model's `weights` holds (in the case's quantization and dtype), by the
+    layer's path, float64."""
+    import mlx.core as mx
+
+    found = {}
+    for name in sorted(weights):
+        if name.endswith(".scales"):
+            stem = name.removesuffix(".scales")
+            parts = tuple(
+                weights[f"{stem}.{part}"] for part in ("weight", "scales", "biases") if f"{stem}.{part}" in weights
+            )
+            values = dequantize(parts, case.quantization, getattr(mx, case.dtype.name)).astype(mx.float32)
+            found[stem] = np.array(values, dtype=np.float64)
+    return found
+
+
+def requantized(weight, case: ModelCase) -> np.ndarray:
+    """The values an MLX weight holds once quantized, as it is, in the case's quantization (and dequantized to the
+    case's dtype, as the quantized layer computes)."""
+    import mlx.core as mx
+
+    dtype = getattr(mx, case.dtype.name)
+    values = dequantize(quantize(weight, case.quantization), case.quantization, dtype)
+    return np.array(values.astype(mx.float32), dtype=np.float64)
+
+
 def transformers_4_keys(case: ModelCase) -> dict:
     """What transformers 4 wrote to ``config.json`` (and most published checkpoints hold) that transformers 5 writes
     otherwise: the rotary base at the top level (5: under ``rope_parameters`` only) and a mixture's ``num_experts``
@@ -78,13 +193,13 @@ def mlx_lm_adapters(case: ModelCase) -> tuple[dict[str, np.ndarray], dict]:
 @once_per_case
 def dora_magnitudes(case: ModelCase) -> dict[str, np.ndarray]:
     """DoRA's magnitude m (out,) per adapted layer, float32: the row norms of the adapted weight ``W + scale B A`` (W as
-    the saved model holds it), each times a factor drawn within [0.5, 1.5] from the case's seed, as training moves m
+    the reference loads it), each times a factor drawn within [0.5, 1.5] from the case's seed, as training moves m
     away from the norms it starts at. None for LoRA."""
     if not case.dora:
         return {}
     from safetensors.torch import load_file
 
-    saved = load_file(model_directory(case) / "model.safetensors")
+    saved = load_file(reference_directory(case) / "model.safetensors")
     rng = np.random.default_rng(case.seed + 2)
     found = {}
     for path, (a, b) in sorted(case.adapters.items()):

@@ -19,7 +19,7 @@ from peft import get_peft_model
 
 from foundation.memo import once_per_case
 from foundation.model_cases import ModelCase
-from foundation.model_files import dora_magnitudes, model_directory
+from foundation.model_files import dora_magnitudes, reference_directory
 from subjects.config_bridge import (
     FUSED_EXPERTS,
     ROUTER,
@@ -63,7 +63,7 @@ def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) 
     with `term_cast_first`, the term is rounded to `dtype` first and added there, as mlx-lm's LoRA layers do."""
     with warnings.catch_warnings():  # peft checks the patterns against target_modules only; they apply to both
         warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
-        model = get_peft_model(loaded(model_directory(case), dtype), peft_config(case))
+        model = get_peft_model(loaded(reference_directory(case), dtype), peft_config(case))
     layers = lora_layers(model)
     magnitudes = dora_magnitudes(case)
     with torch.no_grad():
@@ -107,7 +107,7 @@ def merged_update_first(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
     """The merge in the other order a correct implementation may take (mlx-lm's ``fuse`` does): the update
     ``scale * B A`` rounded to the model's dtype first, then added in it; DoRA's adapted weight, so rounded, then
     scaled to its magnitudes by its row norms."""
-    model = loaded(model_directory(case), dtype)
+    model = loaded(reference_directory(case), dtype)
     parameters = dict(model.named_parameters())
     magnitudes = dora_magnitudes(case)
     with torch.no_grad():
@@ -212,7 +212,7 @@ def recorded_routes(model: torch.nn.Module) -> Iterator[list[np.ndarray]]:
 @once_per_case
 def base_logits(case: ModelCase) -> np.ndarray:
     """The model's logits without adapters, in float64: the oracle's less its adapters' contribution."""
-    return logits(loaded(model_directory(case), torch.float64), case)
+    return logits(loaded(reference_directory(case), torch.float64), case)
 
 
 def trained(

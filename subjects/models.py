@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_files import mlx_lm_adapter_directory, mlx_lm_adapters, model_directory, new_directory
+from foundation.model_files import mlx_directory, mlx_lm_adapter_directory, mlx_lm_adapters, new_directory
 
 
 class MlxLmEntryPoints:
@@ -43,7 +43,7 @@ class MlxLmEntryPoints:
         from mlx_lm.tuner.utils import load_adapters
         from mlx_lm.utils import load_model
 
-        model, _ = load_model(model_directory(case))
+        model, _ = load_model(mlx_directory(case))
         load_adapters(model, str(self.adapter_directory(case)))
         return model.eval()
 
@@ -56,7 +56,7 @@ class MlxLmEntryPoints:
 
         directory = self.adapter_directory(case)
         config = json.loads((directory / "adapter_config.json").read_text())
-        model, _ = load_model(model_directory(case))
+        model, _ = load_model(mlx_directory(case))
         model.freeze()
         dora = config.get("fine_tune_type") == "dora"
         linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=dora)
@@ -89,11 +89,12 @@ class MlxLmEntryPoints:
         """The rotary base mlx-lm builds the case's model with."""
         from mlx_lm.utils import load_model
 
-        model, _ = load_model(model_directory(case))
+        model, _ = load_model(mlx_directory(case))
         return getattr(getattr(model, "args", None), "rope_theta", None)
 
-    def fused_directory(self, case: ModelCase) -> Path:
-        """What mlx-lm's ``fuse`` command (``mlx_lm.fuse --model M --adapter-path A --save-path S``) saves."""
+    def fused_directory(self, case: ModelCase, dequantize: bool = False) -> Path:
+        """What mlx-lm's ``fuse`` command (``mlx_lm.fuse --model M --adapter-path A --save-path S``, with
+        ``--dequantize`` where asked) saves."""
         from mlx_lm import fuse
 
         saved = new_directory("mlx-lm-fused-")
@@ -101,21 +102,21 @@ class MlxLmEntryPoints:
         argv = [
             "mlx_lm.fuse",
             "--model",
-            str(model_directory(case)),
+            str(mlx_directory(case)),
             "--adapter-path",
             adapters,
             "--save-path",
             str(saved),
         ]
-        with _arguments(argv), contextlib.redirect_stdout(io.StringIO()):
+        with _arguments(argv + ["--dequantize"] * dequantize), contextlib.redirect_stdout(io.StringIO()):
             fuse.main()
         return saved
 
-    def fused(self, case: ModelCase) -> nn.Module:
+    def fused(self, case: ModelCase, dequantize: bool = False) -> nn.Module:
         """The model mlx-lm's ``fuse`` saved, loaded by mlx-lm."""
         from mlx_lm.utils import load_model
 
-        model, _ = load_model(self.fused_directory(case))
+        model, _ = load_model(self.fused_directory(case, dequantize))
         return model.eval()
 
 
@@ -140,7 +141,7 @@ class MlxVlmEntryPoints:
         from mlx_vlm.trainer import get_peft_model, save_adapter
         from mlx_vlm.utils import load_model
 
-        model = load_model(model_directory(case))
+        model = load_model(mlx_directory(case))
         alpha = case.lora.scale * case.lora.rank
         rank = case.lora.rank
         get_peft_model(
@@ -161,7 +162,7 @@ class MlxVlmEntryPoints:
         """The rotary base mlx-vlm builds the case's model's language part with."""
         from mlx_vlm.utils import load_model
 
-        arguments = getattr(load_model(model_directory(case)).language_model, "args", None)
+        arguments = getattr(load_model(mlx_directory(case)).language_model, "args", None)
         return getattr(arguments, "rope_theta", None)
 
     def adapted(self, case: ModelCase) -> nn.Module:
@@ -169,7 +170,7 @@ class MlxVlmEntryPoints:
         from mlx_vlm.trainer import load_adapters
         from mlx_vlm.utils import load_model
 
-        model = load_model(model_directory(case))
+        model = load_model(mlx_directory(case))
         load_adapters(model, self.adapter_directory(case))
         return model.eval()
 
@@ -182,6 +183,14 @@ def _arguments(argv: list[str]):
         yield
     finally:
         sys.argv = before
+
+
+def loaded(directory: Path) -> nn.Module:
+    """The model in an MLX model directory, as mlx-lm loads it, in eval mode."""
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(directory)
+    return model.eval()
 
 
 def adapted_modules(model: nn.Module) -> set[str]:

@@ -140,3 +140,22 @@ def test_a_dora_model_s_magnitudes_reach_both_sides_and_matter():
         np.testing.assert_array_equal(peft[path].lora_magnitude_vector["default"].weight.detach().numpy(), m)
     as_lora = dataclasses.replace(case, lora=dataclasses.replace(case.lora, fine_tune_type="lora"))
     assert np.abs(reference.oracle_logits(case) - reference.oracle_logits(as_lora)).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["affine", "mxfp4"])
+def test_a_quantized_model_is_the_same_values_on_both_sides(kind):
+    """MLX loads the model quantized as ``mlx_lm.convert -q`` writes it; transformers and peft load the values its
+    quantized weights hold: every quantized layer's values are the reference's weight, exactly."""
+    from foundation.model_files import mlx_directory, mlx_weights, quantized_layers, reference_directory
+    from foundation.quantization import AVAILABLE
+    from safetensors.torch import load_file
+
+    quantization = next(q for q in AVAILABLE if q.kind == kind and q.group_size == 32)
+    case = dataclasses.replace(_case("llama", layers=1, num_layers=1), quantization=quantization, head_dim=16)
+    quantized = quantized_layers(mlx_weights(mlx_directory(case)), case)
+    reference_weights = load_file(reference_directory(case) / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj" in quantized and "model.embed_tokens" in quantized
+    for layer, values in quantized.items():
+        np.testing.assert_array_equal(values, reference_weights[f"{layer}.weight"].double().numpy())
+    model = subject.MlxLmEntryPoints().adapted(case)
+    assert type(model.model.layers[0].self_attn.q_proj.linear).__name__ == "QuantizedLinear"
