@@ -77,7 +77,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
 
     def visit(case, index: int) -> None:
         description = case.describe()
-        if getattr(case, "quantization", None) is not None:  # a whole model's case has no quantized base yet
+        if getattr(case, "quantization", None) is not None:  # a case on a float base has none
             found["quantizations"][case.quantization.kind] = found["quantizations"].get(case.quantization.kind, 0) + 1
         for name, info in checks.items():
             if index % EVERY.get(name, 1):
