@@ -159,3 +159,16 @@ def test_a_quantized_model_is_the_same_values_on_both_sides(kind):
         np.testing.assert_array_equal(values, reference_weights[f"{layer}.weight"].double().numpy())
     model = subject.MlxLmEntryPoints().adapted(case)
     assert type(model.model.layers[0].self_attn.q_proj.linear).__name__ == "QuantizedLinear"
+
+
+def test_requantize_holds_a_fuse_to_the_re_quantized_merge_and_says_how_much_of_the_adapters_it_keeps():
+    from catalogue import FuseDropsAdapters
+    from conformance.model_checks import requantize
+    from foundation.quantization import AVAILABLE
+    from subjects.known import BY_NAME
+
+    quantization = next(q for q in AVAILABLE if q.kind == "affine" and q.bits == 4 and q.group_size == 32)
+    case = dataclasses.replace(_case("llama", layers=1, num_layers=1), quantization=quantization, head_dim=16)
+    correct = requantize(BY_NAME["mlx_lm.load_adapters"], case)
+    assert correct.passed and "of the adapters' contribution to the logits" in correct.comparisons[0].detail
+    assert not requantize(FuseDropsAdapters, case).passed  # the base saved as the fused model
