@@ -171,8 +171,13 @@ def requantize(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -
     want = Tracked.exact(np.concatenate([expected[layer].ravel() for layer in layers]), case.dtype)
     comparison = compare("requantized weights", "subject", observed, want)
     contribution = reference.oracle_logits(case) - reference.base_logits(case)
-    kept = float(np.sum((fused_logits - reference.base_logits(case)) * contribution) / np.sum(np.square(contribution)))
-    comparison.detail = f"the re-quantized model keeps {kept:.1%} of the adapters' contribution to the logits"
+    norm = float(np.sum(np.square(contribution)))
+    kept = float(np.sum((fused_logits - reference.base_logits(case)) * contribution)) / norm if norm else None
+    comparison.detail = (
+        "the adapters do not reach the logits"
+        if kept is None
+        else f"the re-quantized model keeps {kept:.1%} of the adapters' contribution to the logits"
+    )
     measurement.comparisons.append(comparison)
     return measurement
 

@@ -169,11 +169,6 @@ PEFT_PREFIX = "base_model.model."
 """What peft's `get_peft_model` puts before a module's name in the model it wraps."""
 
 
-def peft_module(mlx_path: str) -> str:
-    """peft's name of the module mlx-lm names `mlx_path` (``model.layers.0.self_attn.q_proj``)."""
-    return PEFT_PREFIX + mlx_path
-
-
 def mlx_module(peft_path: str) -> str:
     """mlx-lm's name of the module peft names `peft_path`."""
     return peft_path.removeprefix(PEFT_PREFIX)
