@@ -22,6 +22,7 @@ from foundation.model_files import mlx_directory, mlx_lm_adapters, mlx_weights, 
 from foundation.model_verdict import MARGIN, compare_whole
 from foundation.verdict import Comparison, Measurement, Tracked, compare, failed, raised
 from reference import models as reference
+from subjects import kernels
 from subjects import models as subject_side
 from subjects.known import Subject
 
@@ -266,7 +267,10 @@ def fits_dtype(case: ModelCase) -> bool:
     """Whether the model's values (every module's inputs and outputs, in float64) stay `HEADROOM` times below the
     largest number of the case's dtype, and a mixture's routers choose as every rounding would (`routing_holds`): a
     tiny float16 model with large adapters overflows in any implementation, peft's too, and there is nothing to
-    judge (as the layer families do not draw such cases)."""
+    judge (as the layer families do not draw such cases). A mixture is drawn only in a dtype MLX's ``gather_mm``
+    takes on the device: on the CPU, float32 (the switch layers' known divergence shows the rest)."""
+    if case.mixture and not kernels.gather_mm_runs_in(case.dtype):
+        return False
     if reference.oracle_largest(case) * HEADROOM >= case.dtype.largest:
         return False
     return not case.mixture or routing_holds(case, reference.oracle_routes(case), _rounded_routes(case))

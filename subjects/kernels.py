@@ -1,4 +1,4 @@
-"""What MLX's own kernels compute, where the oracle needs it.
+"""What MLX's own kernels compute, where the oracle needs it, and what they take on this device.
 
 A quantized base in half precision may accumulate its product in the case dtype; the oracle narrows its
 bound for that product to what MLX's kernel is off by on the case's own input (see
@@ -7,11 +7,26 @@ bound for that product to what MLX's kernel is off by on the case's own input (s
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import numpy as np
 
 from foundation.cases import LinearCase
+from foundation.dtypes import DType
 from subjects import bridge
+
+
+@functools.cache
+def gather_mm_runs_in(dtype: DType) -> bool:
+    """Whether MLX's ``gather_mm`` (a mixture of experts' product) takes `dtype` on this device: on the CPU it takes
+    float32 only ("[GatherMM::eval] Currently only supports float32"), on Metal every float dtype."""
+    values = mx.ones((1, 1, 2), dtype=getattr(mx, dtype.name))
+    try:
+        mx.eval(mx.gather_mm(values, mx.ones((2, 2, 2), dtype=values.dtype), rhs_indices=mx.array([0])))
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def quantized_base_output(case: LinearCase) -> np.ndarray:
