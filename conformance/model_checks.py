@@ -220,12 +220,15 @@ def steps_sgd(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) ->
         def moved(parameters: dict[str, np.ndarray]) -> np.ndarray:
             return np.concatenate([(parameters[name] - start).ravel() for name, start in _initial(case).items()])
 
+        # A loss carries the logits' errors, whose floor is one rounding of the largest value the model computes;
+        # the adapters' movement is far smaller than those values, and is held to its own.
+        model_largest = reference.oracle_largest(case)
         judged = (
-            ("adapter steps", moved(trained), [moved(order[1]) for order in orders], moved(oracle[1])),
-            ("losses", np.array(losses), [np.array(order[0]) for order in orders], np.array(oracle[0])),
+            ("adapter steps", moved(trained), [moved(order[1]) for order in orders], moved(oracle[1]), 0.0),
+            ("losses", np.array(losses), [np.array(o[0]) for o in orders], np.array(oracle[0]), model_largest),
         )
-        for quantity, observed, references, expected in judged:
-            measurement.comparisons.append(compare_whole(quantity, observed, references, expected, case.dtype))
+        for quantity, observed, references, expected, largest in judged:
+            measurement.comparisons.append(compare_whole(quantity, observed, references, expected, case.dtype, largest))
     return measurement
 
 

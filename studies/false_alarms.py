@@ -56,8 +56,8 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
 
     Where the suite lists one side's check as a known divergence (the subject's on a quantized base, MLX's own
     quantized product on the CPU; the reference's where peft itself loses precision), that side's failures
-    explained by it are counted as that, not as false alarms, and, where the entry is about values (not one of
-    `OUTCOMES`), that side's margins there are not the verdict's to report; the other side's are.
+    explained by it are counted as that, not as false alarms, and are no margin of the verdict's to report; where
+    the entry is about values (not one of `OUTCOMES`), neither are that side's other margins there.
     """
     from conformance import check_run, divergences
     from conformance.families import FAMILIES
@@ -92,7 +92,9 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
             entries = divergences.covering(known, check_id(task.family, task.base, name, task.subject, description))
             diverging = {entry.explanation.side for entry in entries if entry.explanation.failure not in OUTCOMES}
             for comparison in measurement.comparisons:
-                if comparison.side in diverging:
+                if comparison.side in diverging or any(
+                    e.explanation.explains(comparison, measurement.hints) for e in entries
+                ):
                     continue
                 best = tally["largest"].get(comparison.side)
                 if best is None or comparison.margin > best["margin"]:
