@@ -47,8 +47,9 @@ def _logits_check(
     run_references: Callable[[], list[np.ndarray]],
 ) -> Measurement:
     """One check of logits: the subject's against the float64 model's, held to the reference's own error in each
-    order a correct implementation may take (`run_references` gives the logits of each). Where the subject raised,
-    the reference is not run: there is nothing for its error to judge."""
+    order a correct implementation may take (`run_references` gives the logits of each) and to the float64 model's
+    with each module's output perturbed by one rounding (`reference.perturbed_logits`). Where the subject raised, the
+    reference is not run: there is nothing for its error to judge."""
     measurement = Measurement(subject.name, check, case.describe())
     with timer("subject"):
         observed, problems = _side(run_subject, "logits", "subject")
@@ -62,12 +63,20 @@ def _logits_check(
             case, ("reference", check), lambda: _side(lambda: np.stack(run_references()), "logits", "reference")
         )
         measurement.comparisons += problems
+        if references is not None:
+            references = yardsticks(case, list(references))
     if references is not None:
         largest = reference.oracle_largest(case)
-        measurement.comparisons.append(compare_whole("logits", observed, list(references), oracle, case.dtype, largest))
+        measurement.comparisons.append(compare_whole("logits", observed, references, oracle, case.dtype, largest))
         if not measurement.passed:
             measurement.hints += hints(subject, case, observed)
     return measurement
+
+
+def yardsticks(case: ModelCase, references: list[np.ndarray]) -> list[np.ndarray]:
+    """What a subject's logits are held to, by their error against the float64 model's: the reference's `references`
+    and the float64 model perturbed by one rounding at every module (`reference.perturbed_logits`)."""
+    return [*references, *reference.perturbed_logits(case)]
 
 
 def logits(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:

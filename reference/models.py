@@ -209,6 +209,44 @@ def recorded_routes(model: torch.nn.Module) -> Iterator[list[np.ndarray]]:
             hook.remove()
 
 
+PERTURBATIONS = 2
+"""How many perturbed float64 models `perturbed_logits` runs."""
+
+
+@once_per_case
+def perturbed_logits(case: ModelCase) -> list[np.ndarray]:
+    """The float64 adapted model's logits with every module's floating inputs and outputs perturbed by one rounding of
+    the case's dtype (a relative error drawn uniformly within ±u from the case's seed), `PERTURBATIONS` times: what
+    roundings do to the logits, to first order, in whatever order an implementation computes. A perturbed input
+    stands for the roundings inside the module's sums (a dot product's rounded terms are its inputs' terms, each
+    perturbed), a perturbed output for the rounding of its result. Where the model amplifies an error (large
+    adapters into a norm, a sum that cancels), correct implementations' errors differ by far more than where it does
+    not, and these say how far."""
+    model = adapted(case, torch.float64)
+    u = case.dtype.unit_roundoff
+    found = []
+    for draw in range(PERTURBATIONS):
+        generator = torch.Generator().manual_seed(case.seed + draw)
+
+        def rounded(value):
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                return value
+            return value * (1 + u * (2 * torch.rand(value.shape, generator=generator, dtype=value.dtype) - 1))
+
+        def inputs(module: torch.nn.Module, arguments: tuple) -> tuple:
+            return tuple(rounded(argument) for argument in arguments)
+
+        def output(module: torch.nn.Module, arguments: tuple, result):
+            return (rounded(result[0]), *result[1:]) if isinstance(result, tuple) else rounded(result)
+
+        hooks = [module.register_forward_pre_hook(inputs) for module in model.modules()]
+        hooks += [module.register_forward_hook(output) for module in model.modules()]
+        found.append(logits(model, case))
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
 @once_per_case
 def base_logits(case: ModelCase) -> np.ndarray:
     """The model's logits without adapters, in float64: the oracle's less its adapters' contribution."""

@@ -58,9 +58,9 @@ def measure(study: sampling.Study, chunk: int) -> dict:
     def visit(case, index: int) -> None:
         oracle = reference.oracle_logits(case)
         contribution = oracle - reference.base_logits(case)
-        references = model_checks.reference_orders(case)
+        references = model_checks.yardsticks(case, model_checks.reference_orders(case))
         observed = subject_side.logits(entry_points.adapted(case), case)
-        allowed = allowed_error(references, oracle, dtype)[0]
+        allowed = allowed_error(references, oracle, dtype, reference.oracle_largest(case))[0]
         if rms(observed - oracle) > allowed:
             found["failing"].append(case.describe())
             return
