@@ -676,7 +676,7 @@ MODEL = Family(
                     "logits",
                     "A tiny model adapted by the package's own loaders gives the logits peft's ``get_peft_model`` "
                     "gives on the transformers model, for the bridged configuration.",
-                    examples=10,
+                    examples=4,  # a wrong scale or a missing layer is seen in about 1 bfloat16 case in 7
                     needs="adapted",
                 ),
                 _model_check(
