@@ -258,13 +258,18 @@ def _initial(case: ModelCase) -> dict[str, np.ndarray]:
 
 def _trained_references(case: ModelCase) -> tuple[list | None, list[Comparison]]:
     """peft's steps in each order a correct implementation may take: the LoRA term added in float32 or rounded first,
-    either attention, the loss from float32 logits or from the model's dtype."""
+    either attention, the loss from float32 logits or from the model's dtype; and the float64 model's with every
+    forward pass perturbed by one rounding at every module."""
     try:
         orders = [
             reference.trained(case, case.dtype.torch, STEPS, LEARNING_RATE, cast_first, attention, in_dtype)
             for cast_first in (False, True)
             for attention in reference.ATTENTION
             for in_dtype in (False, True)
+        ]
+        orders += [  # what rounding in the forward passes moves, as `reference.perturbed_logits` for the logits
+            reference.trained(case, torch.float64, STEPS, LEARNING_RATE, perturbed=(case.dtype.unit_roundoff, seed))
+            for seed in range(case.seed, case.seed + reference.PERTURBATIONS)
         ]
     except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
         return None, [raised(error, "steps", "reference")]

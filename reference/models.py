@@ -216,35 +216,45 @@ PERTURBATIONS = 2
 @once_per_case
 def perturbed_logits(case: ModelCase) -> list[np.ndarray]:
     """The float64 adapted model's logits with every module's floating inputs and outputs perturbed by one rounding of
-    the case's dtype (a relative error drawn uniformly within ±u from the case's seed), `PERTURBATIONS` times: what
-    roundings do to the logits, to first order, in whatever order an implementation computes. A perturbed input
-    stands for the roundings inside the module's sums (a dot product's rounded terms are its inputs' terms, each
-    perturbed), a perturbed output for the rounding of its result. Where the model amplifies an error (large
-    adapters into a norm, a sum that cancels), correct implementations' errors differ by far more than where it does
-    not, and these say how far."""
+    the case's dtype (`rounding_perturbed`), `PERTURBATIONS` times: what roundings do to the logits, to first order,
+    in whatever order an implementation computes. Where the model amplifies an error (large adapters into a norm, a
+    sum that cancels), correct implementations' errors differ by far more than where it does not, and these say how
+    far."""
     model = adapted(case, torch.float64)
-    u = case.dtype.unit_roundoff
     found = []
     for draw in range(PERTURBATIONS):
-        generator = torch.Generator().manual_seed(case.seed + draw)
+        with rounding_perturbed(model, case.dtype.unit_roundoff, case.seed + draw):
+            found.append(logits(model, case))
+    return found
 
-        def rounded(value):
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                return value
-            return value * (1 + u * (2 * torch.rand(value.shape, generator=generator, dtype=value.dtype) - 1))
 
-        def inputs(module: torch.nn.Module, arguments: tuple) -> tuple:
-            return tuple(rounded(argument) for argument in arguments)
+@contextlib.contextmanager
+def rounding_perturbed(model: torch.nn.Module, unit_roundoff: float, seed: int) -> Iterator[None]:
+    """While in the context, every module of `model` has its floating inputs and outputs multiplied by ``1 + u e``,
+    e drawn uniformly within ±1 from `seed`: one rounding each. A perturbed input stands for the roundings inside the
+    module's sums (a dot product of rounded terms is one of perturbed inputs), a perturbed output for the rounding of
+    its result."""
+    generator = torch.Generator().manual_seed(seed)
 
-        def output(module: torch.nn.Module, arguments: tuple, result):
-            return (rounded(result[0]), *result[1:]) if isinstance(result, tuple) else rounded(result)
+    def rounded(value):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        noise = 2 * torch.rand(value.shape, generator=generator, dtype=value.dtype) - 1
+        return value * (1 + unit_roundoff * noise)
 
-        hooks = [module.register_forward_pre_hook(inputs) for module in model.modules()]
-        hooks += [module.register_forward_hook(output) for module in model.modules()]
-        found.append(logits(model, case))
+    def inputs(module: torch.nn.Module, arguments: tuple) -> tuple:
+        return tuple(rounded(argument) for argument in arguments)
+
+    def output(module: torch.nn.Module, arguments: tuple, result):
+        return (rounded(result[0]), *result[1:]) if isinstance(result, tuple) else rounded(result)
+
+    hooks = [module.register_forward_pre_hook(inputs) for module in model.modules()]
+    hooks += [module.register_forward_hook(output) for module in model.modules()]
+    try:
+        yield
+    finally:
         for hook in hooks:
             hook.remove()
-    return found
 
 
 @once_per_case
@@ -262,11 +272,13 @@ def trained(
     attention: str = "sdpa",
     loss_in_dtype: bool = False,
     routes: list[np.ndarray] | None = None,
+    perturbed: tuple[float, int] | None = None,
 ) -> tuple[list[float], dict[str, np.ndarray]]:
     """`steps` steps of torch's SGD on peft's adapted model (its base frozen by `get_peft_model`), the mean
     cross-entropy of each next token, as transformers computes it from float32 logits (or, `loss_in_dtype`, from the
     logits in the model's dtype, as mlx-lm does); the losses, and the trainable parameters after the steps by
-    mlx-lm's names and layouts (``...q_proj.lora_a`` (in, r)). `routes` receives the routers' logits of every step."""
+    mlx-lm's names and layouts (``...q_proj.lora_a`` (in, r)). `routes` receives the routers' logits of every step;
+    `perturbed` (a unit roundoff and a seed) runs every forward pass `rounding_perturbed`."""
     model = adapted(case, dtype, term_cast_first)
     model.set_attn_implementation(attention)
     model.train()
@@ -277,8 +289,11 @@ def trained(
     optimizer = torch.optim.SGD(trainable, lr=learning_rate)
     tokens = torch.from_numpy(case.tokens)
     losses = []
-    for _ in range(steps):
-        with recorded_routes(model) as routed:
+    for step in range(steps):
+        perturbing = (
+            rounding_perturbed(model, perturbed[0], perturbed[1] + step) if perturbed else contextlib.nullcontext()
+        )
+        with recorded_routes(model) as routed, perturbing:
             logits = model(tokens[:, :-1]).logits
         if routes is not None:
             routes += routed
