@@ -16,10 +16,11 @@ the check's or scenario's name) and the failure (`Comparison.failure`)::
     beyond hint ~ REGEX        the same, where the check's diagnosis has a hint REGEX finds
     systematic [~ REGEX]       the check run's pooled error along a term of the formula is beyond what rounding
                                explains (`foundation.systematic`), where REGEX finds its description
-    computes, convention, shape, absent, present, settings, trainable, premise, modules
+    computes, convention, shape, absent, present, settings, trainable, premise, modules [~ REGEX]
                                what the check reports of that name (``computes``: where peft raises;
                                ``convention``: the subject defines the layer otherwise than peft;
-                               ``modules``: a whole model's adapted modules are not peft's)
+                               ``modules``: a whole model's adapted modules are not peft's), where REGEX finds
+                               what it says
 
 A check is a known divergence only when its entries explain every failing comparison of every case;
 anything else fails the check. A check may have several entries, one per failure. An entry that
@@ -99,7 +100,7 @@ class Explanation:
         if self.margins is not None and not self.margins[0] <= comparison.margin <= self.margins[1]:
             return False
         if self.pattern is not None:
-            texts = [comparison.problem or ""] if self.failure in ("raises", "systematic") else hints
+            texts = hints if self.failure == "beyond" else [comparison.problem or ""]
             return any(re.search(self.pattern, text) for text in texts)
         return True
 
@@ -221,13 +222,9 @@ def parse_explanation(text: str) -> Explanation:
             )
         diagnosis = _regex(hint["pattern"].strip()) if hint else None
         return Explanation(quantity, failure, side, pattern=diagnosis, margins=bounds)
-    if failure == "systematic":
-        if rest and not rest.startswith("~"):
-            raise ValueError(f"{text!r}: after 'systematic', only '~ REGEX' (e.g. 'systematic ~ LoRA term')")
-        return Explanation(quantity, failure, side, pattern=_regex(rest[1:].strip()) if rest else None)
-    if rest:
-        raise ValueError(f"{text!r}: '{failure}' takes nothing after it")
-    return Explanation(quantity, failure, side)
+    if rest and not rest.startswith("~"):
+        raise ValueError(f"{text!r}: after '{failure}', only '~ REGEX' (e.g. 'systematic ~ LoRA term')")
+    return Explanation(quantity, failure, side, pattern=_regex(rest[1:].strip()) if rest else None)
 
 
 def _regex(pattern: str) -> str:

@@ -47,8 +47,8 @@ def _logits_check(
     run_references: Callable[[], list[np.ndarray]],
 ) -> Measurement:
     """One check of logits: the subject's against the float64 model's, held to the reference's own error in each
-    order a correct implementation may take (`run_references` gives the logits of each) and to the float64 model's
-    with each module's output perturbed by one rounding (`reference.perturbed_logits`). Where the subject raised, the
+    order a correct implementation may take (`run_references` gives the logits of each), and to the float64 model's
+    with every module's inputs and outputs perturbed by one rounding (`yardsticks`). Where the subject raised, the
     reference is not run: there is nothing for its error to judge."""
     measurement = Measurement(subject.name, check, case.describe())
     with timer("subject"):
@@ -127,26 +127,19 @@ def fused_in_transformers(subject: Subject, case: ModelCase, timer: PhaseTimer =
     """The model mlx-lm's ``fuse`` saves, loaded by transformers' ``from_pretrained``, against peft's
     ``merge_and_unload()``: the file people take from MLX to the HuggingFace world. Weights transformers cannot map
     (which it initialises at random, with a warning only) fail the check before the logits."""
+    measurement = Measurement(subject.name, "fused_in_transformers", case.describe())
     with timer("subject"):
         try:
             directory = subject.convention.fused_directory(case, dequantize=case.quantization is not None)
-            problem = reference.loading_problems(directory)
+            model, problem = reference.loaded_and_problems(directory, case.dtype.torch)
         except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
-            directory, problem = None, error
-    if directory is None or problem is not None:
-        measurement = Measurement(subject.name, "fused_in_transformers", case.describe())
-        if directory is None:
-            measurement.comparisons.append(raised(problem, "logits", "subject"))
-        else:
-            measurement.comparisons.append(failed(problem, "weights", "subject", "absent"))
+            measurement.comparisons.append(raised(error, "logits", "subject"))
+            return measurement
+    if problem is not None:
+        measurement.comparisons.append(failed(problem, "weights", "subject", "absent"))
         return measurement
     return _logits_check(
-        "fused_in_transformers",
-        subject,
-        case,
-        timer,
-        lambda: reference.logits(reference.loaded(directory, case.dtype.torch), case),
-        lambda: _merges(case),
+        "fused_in_transformers", subject, case, timer, lambda: reference.logits(model, case), lambda: _merges(case)
     )
 
 

@@ -60,14 +60,20 @@ def model_directory(case: ModelCase) -> Path:
 
 
 @once_per_case
+def _saved_weights(case: ModelCase) -> dict:
+    """The weights transformers saved for the case, by name (torch tensors; not to be changed in place)."""
+    from safetensors.torch import load_file
+
+    return load_file(model_directory(case) / "model.safetensors")
+
+
+@once_per_case
 def _quantized(case: ModelCase) -> dict[str, tuple[Parts, np.ndarray]]:
     """Per weight of the saved model that MLX's copy quantizes (every matrix, of a linear layer or an embedding, whose
     rows the group size divides, as ``mlx_lm.convert -q`` does): its quantized parts and the values they hold."""
-    from safetensors.torch import load_file
-
     quantization = case.quantization
     found = {}
-    for name, tensor in sorted(load_file(model_directory(case) / "model.safetensors").items()):
+    for name, tensor in sorted(_saved_weights(case).items()):
         if name.endswith(".weight") and tensor.ndim == 2 and tensor.shape[-1] % quantization.group_size == 0:
             found[name] = quantize_base(tensor.double().numpy(), case.dtype, quantization)
     return found
@@ -78,12 +84,11 @@ def _mlx_quantized_directory(case: ModelCase) -> Path:
     """The model as ``mlx_lm.convert -q`` saves it: the quantized weights packed, with their ``scales`` (and
     ``biases``), the rest in the model's dtype, and ``quantization`` in ``config.json``."""
     import mlx.core as mx
-    from safetensors.torch import load_file
 
     directory = new_directory("mlx-quantized-")
     quantized = _quantized(case)
     weights = {}
-    for name, tensor in load_file(model_directory(case) / "model.safetensors").items():
+    for name, tensor in _saved_weights(case).items():
         if name in quantized:
             parts = to_mlx(quantized[name][0], case.dtype)
             stem = name.removesuffix(".weight")
@@ -105,10 +110,10 @@ def _dequantized_directory(case: ModelCase) -> Path:
     """The saved model with each weight MLX's copy quantizes replaced by the values its parts hold: the function the
     quantized model computes, as transformers loads it."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     directory = new_directory("dequantized-")
-    saved = load_file(model_directory(case) / "model.safetensors")
+    saved = dict(_saved_weights(case))
     for name, (_, values) in _quantized(case).items():
         saved[name] = torch.from_numpy(values).to(case.dtype.torch)
     save_file(saved, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -38,23 +38,24 @@ def loaded(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The model saved in `directory`, as transformers loads it in `dtype`, in eval mode. A mixture's experts run
     transformers' eager implementation (the formula as its modeling file writes it, a loop over the experts): its
     default, ``grouped_mm``, has no float64."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, experts_implementation="eager")
-    return model.eval()
+    return loaded_and_problems(directory, dtype)[0]
 
 
-def loading_problems(directory: Path) -> str | None:
-    """What transformers could not map when it loaded `directory`, if anything: the weights it initialised at random
-    (missing from the files) and those of the files it ignored."""
+def loaded_and_problems(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, str | None]:
+    """`loaded`, and what transformers could not map when it loaded `directory`, if anything: the weights it
+    initialised at random (missing from the files) and those of the files it ignored."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its load report says what `info` does, on the console
     try:
-        _, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, experts_implementation="eager", output_loading_info=True
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
     said = [f"initialised {len(missing)} weights at random ({', '.join(missing)})"] if missing else []
     said += [f"ignored {len(unexpected)} weights it does not know ({', '.join(unexpected)})"] if unexpected else []
-    return f"transformers {' and '.join(said)}" if said else None
+    return model.eval(), (f"transformers {' and '.join(said)}" if said else None)
 
 
 def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) -> torch.nn.Module:

@@ -114,10 +114,7 @@ class MlxLmEntryPoints:
 
     def fused(self, case: ModelCase, dequantize: bool = False) -> nn.Module:
         """The model mlx-lm's ``fuse`` saved, loaded by mlx-lm."""
-        from mlx_lm.utils import load_model
-
-        model, _ = load_model(self.fused_directory(case, dequantize))
-        return model.eval()
+        return loaded(self.fused_directory(case, dequantize))
 
 
 class MlxVlmEntryPoints:

@@ -36,6 +36,7 @@ def _beyond(margin: float, quantity: str = "output", non_finite: bool = False) -
         ("grad *: beyond margin 1..1e3", Explanation("grad *", "beyond", margins=(1.0, 1000.0))),
         ("output: beyond hint ~ weight norm", Explanation("output", "beyond", pattern="weight norm")),
         ("r=0: computes", Explanation("r=0", "computes")),
+        ("weights: absent ~ switch_mlp", Explanation("weights", "absent", pattern="switch_mlp")),
     ],
 )
 def test_an_explanation_reads_as_written_and_prints_back(text, explanation):
@@ -54,7 +55,7 @@ def test_an_explanation_reads_as_written_and_prints_back(text, explanation):
         ("output: dtype", "needs the dtype's name"),
         ("forward: raises", "needs the exception's type"),
         ("forward: raises ValueError ~ (", "is not a regular expression"),
-        ("output: non-finite everywhere", "takes nothing after it"),
+        ("output: non-finite everywhere", "after 'non-finite', only '~ REGEX'"),
     ],
 )
 def test_an_explanation_that_cannot_be_read_says_why(text, message):
@@ -84,6 +85,14 @@ def test_an_entry_explains_only_the_failure_it_names():
     assert not raises.explains(raised(ValueError("shapes differ"), "forward", "subject"), [])
     assert not raises.explains(raised(TypeError("would not load"), "forward", "subject"), [])
     assert not Explanation("r=0", "computes").explains(failed("computed", "r=0", "subject", "non-finite"), [])
+
+
+def test_an_outcome_s_pattern_must_find_what_the_check_says_so_that_another_such_failure_is_not_explained():
+    stacked = Explanation("weights", "absent", pattern="switch_mlp")
+    assert stacked.explains(failed("initialised model.layers.0.mlp.switch_mlp.up_proj.weight", "weights", "subject",
+                                   "absent"), [])  # fmt: skip
+    assert not stacked.explains(failed("initialised model.layers.0.self_attn.q_proj.weight", "weights", "subject",
+                                       "absent"), [])  # fmt: skip
 
 
 def test_a_measurement_is_judged_failure_by_failure():

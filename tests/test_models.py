@@ -208,3 +208,27 @@ def test_a_model_that_amplifies_rounding_is_held_to_what_rounding_does_to_it():
     )  # fmt: skip
     measurement = fuse(BY_NAME["mlx_lm.load_adapters"], case)
     assert measurement.passed and measurement.comparisons[0].margin < 0.5, measurement.comparisons[0].margin
+
+
+def test_qlora_logits_fail_a_wrong_scale_on_a_quantized_base():
+    from catalogue import ScaleTimesRank
+    from conformance.model_checks import logits
+    from foundation.quantization import AVAILABLE
+    from subjects.known import BY_NAME
+
+    quantization = next(q for q in AVAILABLE if q.kind == "affine" and q.bits == 4 and q.group_size == 32)
+    case = dataclasses.replace(_case("llama", layers=1, num_layers=1), quantization=quantization, head_dim=16)
+    assert logits(BY_NAME["mlx_lm.load_adapters"], case).passed
+    assert not logits(ScaleTimesRank, case).passed
+
+
+def test_a_fused_mixture_that_transformers_cannot_map_fails_by_the_weights_it_left_at_random():
+    """mlx-lm's fuse saves a mixture's experts stacked (``switch_mlp``); transformers initialises its experts at random
+    with a warning only. The check says which weights, before comparing any logits."""
+    from conformance.model_checks import fused_in_transformers
+    from subjects.known import BY_NAME
+
+    measurement = fused_in_transformers(BY_NAME["mlx_lm.load_adapters"], _case("qwen3_moe", layers=1, num_layers=1))
+    (comparison,) = measurement.comparisons
+    assert comparison.failure == "absent" and "initialised" in comparison.problem
+    assert "experts.gate_up_proj" in comparison.problem and "switch_mlp" in comparison.problem
