@@ -112,6 +112,16 @@ class Family:
     float32_adapters: bool = False
     """Whether its cases on a half-precision base may hold a float32 adapter (`LinearParameters.adapter_dtype`), as
     its bases' cases draw them: the studies' extreme cases follow it."""
+    takes: Callable[[Subject, Any], bool] | None = None
+    """Whether a subject can take a case at all, where not every subject takes every case (a whole model of an
+    architecture its package does not implement): the suite and the studies draw for a subject only the cases it
+    takes."""
+
+    def cases_for(self, subject: Subject, cases: st.SearchStrategy) -> st.SearchStrategy:
+        """`cases`, less those `subject` cannot take (`takes`)."""
+        if self.takes is None:
+            return cases
+        return cases.filter(lambda case: self.takes(subject, case))
 
     def on(self, base: str) -> BaseInfo | None:
         return next((b for b in self.bases if b.base == base), None)
@@ -750,6 +760,7 @@ MODEL = Family(
     ),
     study_cases=model_cases,
     quantized_study_cases=lambda dtype, kind: model_cases(dtype, quantized=kind),
+    takes=lambda subject, case: case.architecture in subject.convention.architectures,
 )
 """Whole tiny models through the packages' own entry points (`subjects.models`), judged as a whole
 (`foundation.model_verdict`)."""

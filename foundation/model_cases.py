@@ -1,5 +1,5 @@
-"""Whole tiny models: a decoder-only architecture's configuration, a LoRA configuration as an mlx-lm user writes it,
-and the tokens, drawn by Hypothesis and built in code (nothing is downloaded).
+"""Whole tiny models: a decoder-only (or vision-language) architecture's configuration, a LoRA configuration as an
+mlx-lm user writes it, and the tokens, drawn by Hypothesis and built in code (nothing is downloaded).
 
 A case holds no weights: the reference side makes them (transformers initialises the model from `seed` and saves it
 to a directory, which both sides load through their own loading paths), and the adapters are drawn here from `seed`,
@@ -22,8 +22,16 @@ DENSE_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 MIXTURE_ARCHITECTURES = ("qwen3_moe",)
 """Whose blocks' feed-forward part is a mixture of experts: a router (``mlp.gate``) picks each token's
 `ModelCase.experts_per_token` of `ModelCase.experts` experts (mlx-lm's ``switch_mlp``, transformers' ``experts``)."""
-ARCHITECTURES = DENSE_ARCHITECTURES + MIXTURE_ARCHITECTURES
+TEXT_ARCHITECTURES = DENSE_ARCHITECTURES + MIXTURE_ARCHITECTURES
 """Decoder-only architectures that mlx-lm and transformers both implement, by their ``model_type``."""
+VISION_LANGUAGE_ARCHITECTURES = ("idefics3",)
+"""Vision-language models that mlx-vlm and transformers both implement, whose language part (a dense Llama behind a
+vision tower, SmolVLM's architecture) takes LoRA; mlx-lm loads none. Their cases run on tokens alone."""
+ARCHITECTURES = TEXT_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES
+
+LANGUAGE_ROOTS = {"idefics3": "model.text_model."}
+"""Where transformers keeps a vision-language model's language part, whose blocks a case names as a text model's
+(``model.layers.1.self_attn.q_proj``)."""
 
 LINEAR_KEYS = (
     "self_attn.q_proj",
@@ -120,6 +128,16 @@ class ModelCase:
         return self.architecture in MIXTURE_ARCHITECTURES
 
     @property
+    def vision_language(self) -> bool:
+        return self.architecture in VISION_LANGUAGE_ARCHITECTURES
+
+    def reference_name(self, name: str) -> str:
+        """transformers' name of the case's module or weight `name` (as mlx-lm names a text model's:
+        ``model.layers.1.self_attn.q_proj``)."""
+        root = LANGUAGE_ROOTS.get(self.architecture)
+        return root + name.removeprefix("model.") if root and name.startswith("model.") else name
+
+    @property
     def block_keys(self) -> tuple[str, ...]:
         """The layers of a block mlx-lm can adapt, by path: what its default (``keys`` unset) adapts."""
         return MIXTURE_KEYS if self.mixture else LINEAR_KEYS
@@ -130,7 +148,22 @@ class ModelCase:
         return self.block_keys if self.lora.keys is None else self.lora.keys
 
     def hf_config(self) -> dict:
-        """The model's ``config.json`` as transformers writes it for this architecture."""
+        """The model's ``config.json`` as transformers writes it for this architecture; a vision-language model's
+        language part under ``text_config``, beside a small vision tower of as many blocks (whose layers' names and
+        indices a careless mapping would adapt too)."""
+        if self.vision_language:
+            vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": self.layers}
+            vision["num_attention_heads"] = 2
+            return {
+                "model_type": self.architecture,
+                "text_config": self._text_config() | {"model_type": "llama"},
+                "vision_config": vision | {"image_size": 28, "patch_size": 14},
+                "scale_factor": 1,
+                "tie_word_embeddings": self.tied,
+            }
+        return self._text_config()
+
+    def _text_config(self) -> dict:
         mixture = {
             "num_experts": self.experts,
             "num_experts_per_tok": self.experts_per_token,
@@ -238,8 +271,9 @@ def lora_settings(layers: int, mixture: bool = False) -> st.SearchStrategy[LoraS
 @st.composite
 def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32, quantized: str | None = None) -> ModelCase:
     """A tiny model of one of `ARCHITECTURES` in `dtype`, with LoRA on some of its last blocks; with `quantized` (a
-    `Quantization.kind`), a dense one whose MLX copy is quantized in that kind, of widths its group size divides
-    (hidden and intermediate sizes 32 or 64)."""
+    `Quantization.kind`), a dense text model whose MLX copy is quantized in that kind, of widths its group size
+    divides (hidden and intermediate sizes 32 or 64). A vision-language model's embeddings are not tied: mlx-vlm's
+    idefics3 always has an output layer of its own."""
     layers = draw(st.integers(1, 3))
     if quantized is None:
         architecture = draw(st.sampled_from(ARCHITECTURES))
@@ -262,7 +296,7 @@ def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32, quantized: str | None =
         head_dim=head_dim,
         intermediate=intermediate,
         vocab=draw(st.integers(8, 64)),
-        tied=draw(st.booleans()),
+        tied=draw(st.booleans()) and architecture not in VISION_LANGUAGE_ARCHITECTURES,
         lora=draw(lora_settings(layers, mixture)),
         batch=draw(st.integers(1, 2)),
         length=draw(st.integers(1, 8)),

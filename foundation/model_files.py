@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from foundation.memo import once_per_case
-from foundation.model_cases import ModelCase
+from foundation.model_cases import VISION_LANGUAGE_ARCHITECTURES, ModelCase
 from foundation.quantization import Parts, dequantize, quantize, quantize_base, to_mlx
 
 _SCRATCH = tempfile.TemporaryDirectory(prefix="conformance-models-")
@@ -50,13 +50,26 @@ def model_directory(case: ModelCase) -> Path:
     config = transformers.AutoConfig.for_model(**case.hf_config())
     with torch.random.fork_rng():
         torch.manual_seed(case.seed)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_class(case.architecture).from_config(config, dtype=torch.float32)
     model.to(case.dtype.torch).save_pretrained(directory)
     _tokenizer(case.vocab).save_pretrained(directory)
     if not case.rope_parameters_only:
         saved = json.loads((directory / "config.json").read_text())
-        (directory / "config.json").write_text(json.dumps(saved | transformers_4_keys(case), indent=2))
+        if case.vision_language:
+            saved["text_config"] |= transformers_4_keys(case)
+        else:
+            saved |= transformers_4_keys(case)
+        (directory / "config.json").write_text(json.dumps(saved, indent=2))
     return directory
+
+
+def auto_class(architecture: str):
+    """transformers' class that builds and loads a model of `architecture` with its output layer."""
+    import transformers
+
+    if architecture in VISION_LANGUAGE_ARCHITECTURES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 @once_per_case
@@ -208,7 +221,7 @@ def dora_magnitudes(case: ModelCase) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(case.seed + 2)
     found = {}
     for path, (a, b) in sorted(case.adapters.items()):
-        weight = saved[f"{path}.weight"].double().numpy()
+        weight = saved[case.reference_name(f"{path}.weight")].double().numpy()
         adapted = weight + case.lora.scale * (b.astype(np.float64) @ a.astype(np.float64))
         norms = np.linalg.norm(adapted, axis=1)
         found[path] = (norms * rng.uniform(0.5, 1.5, norms.shape)).astype(np.float32)

@@ -8,6 +8,7 @@ adapters loaded in float64 (every weight of the case's dtype, and every float32 
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from peft import get_peft_model
 
 from foundation.memo import once_per_case
 from foundation.model_cases import ModelCase
-from foundation.model_files import dora_magnitudes, reference_directory
+from foundation.model_files import auto_class, dora_magnitudes, reference_directory
 from subjects.config_bridge import (
     FUSED_EXPERTS,
     ROUTER,
@@ -46,8 +47,9 @@ def loaded_and_problems(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.M
     initialised at random (missing from the files) and those of the files it ignored."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its load report says what `info` does, on the console
+    architecture = json.loads((directory / "config.json").read_text())["model_type"]
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        model, info = auto_class(architecture).from_pretrained(
             directory, dtype=dtype, experts_implementation="eager", output_loading_info=True
         )
     finally:
@@ -117,9 +119,11 @@ def merged_update_first(case: ModelCase, dtype: torch.dtype) -> torch.nn.Module:
             block, key = block_and_key(path)
             if key in FUSED_EXPERTS:  # each expert's update, into its rows of transformers' parameter
                 target, index = FUSED_EXPERTS[key]
-                weight = parameters[f"{block}.{target}"][:, index * update.shape[1] : (index + 1) * update.shape[1]]
+                weight = parameters[case.reference_name(f"{block}.{target}")][
+                    :, index * update.shape[1] : (index + 1) * update.shape[1]
+                ]
             else:
-                weight = parameters[f"{path}.weight"]
+                weight = parameters[case.reference_name(f"{path}.weight")]
             adapted = weight + update.to(dtype)
             if path in magnitudes:
                 norms = torch.linalg.vector_norm(adapted.double(), dim=1, keepdim=True)

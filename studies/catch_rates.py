@@ -44,8 +44,13 @@ def strategy(name: str, dtype_name: str, kind: str | None):
     """The cases the variant's check draws in its test module (`conformance.families`)."""
     from foundation.dtypes import BY_NAME
 
+    from catalogue import WRONG_VARIANTS
+    from conformance.families import FAMILIES
+
     base, info = _check_of(name, kind)
     cases = base.cases(BY_NAME[dtype_name], kind) if kind else base.cases(BY_NAME[dtype_name])
+    subject = WRONG_VARIANTS[name].subject
+    cases = FAMILIES[subject.family].cases_for(subject, cases)
     for keep in info.keep:
         cases = cases.filter(keep)
     return cases

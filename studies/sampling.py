@@ -165,7 +165,11 @@ class Study:
                 seen[identity] = None
                 visit(case, len(seen) - 1)
 
+        from conformance.families import FAMILIES
+        from subjects.known import resolve
+
         cases = strategy(self.family, self.dtype, self.kind, self.base, self.adapter_dtype)
+        cases = FAMILIES[self.family].cases_for(resolve(self.subject), cases)
         draw_chunk(cases, self.seed, chunk, self.size, once)
         return sorted(seen)
 

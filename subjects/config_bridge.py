@@ -6,6 +6,11 @@ the last ``num_layers`` blocks, and scales the LoRA term by ``scale``. peft's `L
 ``target_modules`` (matched against the end of a module's name), ``layers_to_transform`` (block indices) and
 ``lora_alpha`` (the term is scaled by ``lora_alpha / r``, so ``lora_alpha = scale * rank``).
 
+A vision-language model's language part is named otherwise in transformers (``model.text_model.layers.1...``) than a
+text model's, whose names the case uses, and its vision tower has layers of the same names (``self_attn.q_proj``) in
+blocks of the same indices, which ``layers_to_transform`` would adapt too: there the bridge names each adapted module
+in full.
+
 A mixture of experts differs on the two sides. mlx-lm's router ``mlp.gate`` is a linear layer, transformers' a module
 holding a ``weight``; mlx-lm keeps one `SwitchLinear` per projection (``mlp.switch_mlp.gate_proj``, ``up_proj``,
 ``down_proj``, each (experts, out, in)), transformers two parameters (``mlp.experts.gate_up_proj``, the gate's rows
@@ -21,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from peft import LoraConfig
 
-from foundation.model_cases import LINEAR_KEYS, ModelCase
+from foundation.model_cases import LANGUAGE_ROOTS, LINEAR_KEYS, ModelCase
 
 ROUTER = "mlp.gate"
 FUSED_EXPERTS = {
@@ -47,13 +52,16 @@ def peft_config(case: ModelCase) -> LoraConfig:
     blocks = list(case.adapted_layers)
     parameters = sorted({f"model.layers.{b}.{peft_target(k)}" for b in blocks for k in _parameter_keys(case)})
     fused = {target: rank for target, rank in _fused_ranks(case).items() if rank != lora.rank}
+    modules = [key for key in case.adapted_keys if key in LINEAR_KEYS]
+    if case.vision_language:
+        modules = [case.reference_name(f"model.layers.{b}.{key}") for b in blocks for key in modules]
     return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.scale * lora.rank,
         lora_dropout=lora.dropout,
-        target_modules=[key for key in case.adapted_keys if key in LINEAR_KEYS],
+        target_modules=modules,
         target_parameters=parameters or None,
-        layers_to_transform=blocks,
+        layers_to_transform=None if case.vision_language else blocks,
         rank_pattern={target.rpartition(".")[2]: rank for target, rank in fused.items()},
         alpha_pattern={target.rpartition(".")[2]: lora.scale * rank for target, rank in fused.items()},
         use_dora=lora.fine_tune_type == "dora",
@@ -170,8 +178,13 @@ PEFT_PREFIX = "base_model.model."
 
 
 def mlx_module(peft_path: str) -> str:
-    """mlx-lm's name of the module peft names `peft_path`."""
-    return peft_path.removeprefix(PEFT_PREFIX)
+    """mlx-lm's name of the module peft names `peft_path` (a vision-language model's language part's by the names
+    of a text model's blocks, as cases name them)."""
+    name = peft_path.removeprefix(PEFT_PREFIX)
+    for root in LANGUAGE_ROOTS.values():
+        if name.startswith(root):
+            return "model." + name.removeprefix(root)
+    return name
 
 
 def adapted_target(module_name: str, parameter_name: str | None) -> str:

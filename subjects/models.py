@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from foundation import memo
-from foundation.model_cases import ModelCase
+from foundation.model_cases import ARCHITECTURES, TEXT_ARCHITECTURES, ModelCase
 from foundation.model_files import mlx_directory, mlx_lm_adapter_directory, mlx_lm_adapters, new_directory
 
 
@@ -33,6 +33,8 @@ class MlxLmEntryPoints:
 
     roles: Mapping[str, str] = MappingProxyType({})
     """A model subject has no layer of its own whose parameters play peft's roles."""
+    architectures: tuple[str, ...] = TEXT_ARCHITECTURES
+    """The architectures its loader builds (mlx-lm: text models only)."""
 
     def adapter_directory(self, case: ModelCase) -> Path:
         """The adapters as mlx-lm saved them."""
@@ -123,12 +125,21 @@ class MlxVlmEntryPoints:
     fresh model. mlx-vlm has no command that fuses a model, nor mlx-lm's training path: the checks of those skip it."""
 
     roles: Mapping[str, str] = MappingProxyType({})
+    architectures: tuple[str, ...] = ARCHITECTURES
     ROOT = "language_model."
-    """Where mlx-vlm keeps a model's language part (its module names are mlx-lm's behind it)."""
+    """Where mlx-vlm keeps a model's language part: a text model's module names are mlx-lm's behind it
+    (``language_model.model.layers.1...``), a vision-language model's without mlx-lm's ``model.``
+    (``language_model.layers.1...``)."""
 
     def targets(self, case: ModelCase) -> list[str]:
         """The modules to adapt, by mlx-vlm's qualified names: the case's keys in its last `num_layers` blocks."""
-        return [f"{self.ROOT}model.layers.{layer}.{key}" for layer in case.adapted_layers for key in case.adapted_keys]
+        return [
+            self.name(case, f"model.layers.{layer}.{key}") for layer in case.adapted_layers for key in case.adapted_keys
+        ]
+
+    def name(self, case: ModelCase, path: str) -> str:
+        """mlx-vlm's name of the language part's `path` (as mlx-lm names a text model's: ``model.layers.1...``)."""
+        return self.ROOT + (path.removeprefix("model.") if case.vision_language else path)
 
     def adapter_directory(self, case: ModelCase) -> Path:
         """The case's adapters as mlx-vlm's own ``save_adapter`` writes them, from a model `get_peft_model` adapted."""
@@ -145,7 +156,7 @@ class MlxVlmEntryPoints:
             model, self.targets(case), rank=rank, alpha=alpha, dropout=0.0, verbose=False, use_dora=case.dora
         )
         weights, _ = mlx_lm_adapters(case)
-        named = [(self.ROOT + name, mx.array(value)) for name, value in weights.items()]
+        named = [(self.name(case, name), mx.array(value)) for name, value in weights.items()]
         absent = sorted({name for name, _ in named} - {name for name, _ in tree_flatten(model.parameters())})
         if absent:  # loading them with strict=False would drop them without a word
             raise ValueError(f"get_peft_model made no adapter parameter {', '.join(absent)}")
@@ -159,7 +170,8 @@ class MlxVlmEntryPoints:
         """The rotary base mlx-vlm builds the case's model's language part with."""
         from mlx_vlm.utils import load_model
 
-        arguments = getattr(load_model(mlx_directory(case)).language_model, "args", None)
+        language = load_model(mlx_directory(case)).language_model
+        arguments = getattr(language, "args", None) or getattr(language, "config", None)
         return getattr(arguments, "rope_theta", None)
 
     def adapted(self, case: ModelCase) -> nn.Module:
@@ -191,12 +203,22 @@ def loaded(directory: Path) -> nn.Module:
 
 
 def adapted_modules(model: nn.Module) -> set[str]:
-    """The modules the package adapted (those holding ``lora_a``), by mlx-lm's names (mlx-vlm's language part's)."""
-    names = (name.removeprefix(MlxVlmEntryPoints.ROOT) for name, _ in tree_flatten(model.parameters()))
-    return {name.removesuffix(".lora_a") for name in names if name.endswith(".lora_a")}
+    """The modules the package adapted (those holding ``lora_a``), by mlx-lm's names (mlx-vlm's language part's by
+    the names of a text model's, `MlxVlmEntryPoints.name`'s inverse)."""
+    found = set()
+    for name, _ in tree_flatten(model.parameters()):
+        if name.endswith(".lora_a"):
+            module = name.removesuffix(".lora_a")
+            if module.startswith(MlxVlmEntryPoints.ROOT):
+                module = module.removeprefix(MlxVlmEntryPoints.ROOT)
+                module = module if module.startswith("model.") else f"model.{module}"
+            found.add(module)
+    return found
 
 
 def logits(model: nn.Module, case: ModelCase) -> np.ndarray:
-    output = model(mx.array(case.tokens))
+    """The model's logits on the case's tokens (a vision-language model's without an image: mlx-vlm's models take
+    ``pixel_values`` None for a prompt of text), float64."""
+    output = model(mx.array(case.tokens), *([None] if case.vision_language else []))
     output = getattr(output, "logits", output)  # mlx-vlm's models return an output record
     return np.array(output.astype(mx.float32), dtype=np.float64)

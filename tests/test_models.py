@@ -16,7 +16,7 @@ from subjects.config_bridge import gradient_masks, mlx_lm_adapters_of, peft_adap
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(model_cases())
+@given(model_cases().filter(lambda case: not case.vision_language))
 def test_mlx_lm_adapts_the_modules_peft_adapts_for_the_same_configuration(case):
     adapted = subject.adapted_modules(subject.MlxLmEntryPoints().adapted(case))
     assert adapted == reference.adapted_modules(reference.adapted(case, FLOAT32.torch), case)
@@ -25,6 +25,7 @@ def test_mlx_lm_adapts_the_modules_peft_adapts_for_the_same_configuration(case):
 
 
 def _case(architecture: str = "llama", layers: int = 5, **lora) -> ModelCase:
+    """A small case of `architecture` whose LoRA configuration is mlx-lm's defaults changed by `lora`."""
     mixture = architecture == "qwen3_moe"
     settings = {"fine_tune_type": "lora", "num_layers": 2, "rank": 4, "scale": 20.0, "keys": None} | lora
     return ModelCase(
@@ -105,6 +106,53 @@ def test_a_mixture_of_experts_in_the_reference_matches_its_float64_model_to_its_
 def test_a_model_case_is_rebuilt_from_its_description(case):
     rebuilt = ModelCase.from_description(case.describe())
     assert all(getattr(rebuilt, f.name) == getattr(case, f.name) for f in dataclasses.fields(ModelCase))
+
+
+def test_a_vision_language_model_s_language_part_is_adapted_on_both_sides_and_its_vision_tower_on_neither():
+    """idefics3's vision tower has ``self_attn.q_proj`` in blocks of the same indices as its language part's: peft's
+    ``layers_to_transform`` would adapt both, so the bridge names the language part's modules in full; mlx-vlm names
+    them behind ``language_model.``, without mlx-lm's ``model.``."""
+    case = _case("idefics3", layers=2, num_layers=1, rank=2, keys=("self_attn.q_proj", "mlp.down_proj"))
+    config = peft_config(case)
+    assert config.layers_to_transform is None
+    assert set(config.target_modules) == {
+        "model.text_model.layers.1.self_attn.q_proj",
+        "model.text_model.layers.1.mlp.down_proj",
+    }
+    expected = {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+    assert reference.adapted_modules(reference.adapted(case, FLOAT32.torch), case) == expected
+    vlm = subject.MlxVlmEntryPoints()
+    assert vlm.targets(case) == ["language_model.layers.1.self_attn.q_proj", "language_model.layers.1.mlp.down_proj"]
+    model = vlm.adapted(case)
+    assert subject.adapted_modules(model) == expected
+    oracle = reference.oracle_logits(case)
+    contribution = np.abs(oracle - reference.base_logits(case)).max()
+    assert contribution > 1e-3 and np.abs(subject.logits(model, case) - oracle).max() < 1e-5 * np.abs(oracle).max()
+
+
+def test_only_mlx_vlm_draws_vision_language_models():
+    """mlx-lm implements no vision-language model: the suite draws them for mlx-vlm alone, not as a failure of
+    mlx-lm's."""
+    from conformance.families import MODEL
+    from subjects.known import BY_NAME
+
+    vision = _case("idefics3", layers=2)
+    assert MODEL.takes(BY_NAME["mlx_vlm.get_peft_model"], vision)
+    assert not MODEL.takes(BY_NAME["mlx_lm.load_adapters"], vision)
+    assert MODEL.takes(BY_NAME["mlx_lm.load_adapters"], _case("llama"))
+
+
+def test_the_studies_draw_for_a_subject_only_the_models_it_takes():
+    from studies.sampling import Study
+
+    def architectures(subject: str) -> set[str]:
+        seen: list[str] = []
+        study = Study(None, subject, "model", "float32", "drawn", seed=0, size=40)
+        study.each_distinct(0, lambda case, index: seen.append(case.architecture))
+        return set(seen)
+
+    assert "idefics3" in architectures("mlx_vlm.get_peft_model")
+    assert "idefics3" not in architectures("mlx_lm.load_adapters")
 
 
 def test_a_check_whose_entry_point_a_package_lacks_is_not_provided_for_its_subject():
