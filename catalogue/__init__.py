@@ -195,6 +195,7 @@ WRONG_VARIANTS.update(
             WrongVariant(_model_subject(models.MagnitudesLeftOut), "logits"),
             WrongVariant(_model_subject(models.NumLayersOffByOne), "adapted_modules"),
             WrongVariant(_model_subject(models.TrainsTheBase), "steps_sgd"),
+            WrongVariant(_model_subject(models.DefaultAdam), "steps_adam", diagnosis="the adapters' movement is"),
             WrongVariant(_model_subject(models.FuseDropsAdapters), "fuse", diagnosis="the adapters' contribution"),
         )
     }

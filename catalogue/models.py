@@ -83,6 +83,16 @@ class TrainsTheBase(MlxLmEntryPoints):
         return super().trainable(case).unfreeze()
 
 
+class DefaultAdam(MlxLmEntryPoints):
+    """Trains with MLX's Adam as it comes, mlx-lm's default (``optimizer: adam``, no ``optimizer_config``): its moments
+    are not bias-corrected, so its first step is ``sqrt(1 - b2) / (1 - b1)`` = 0.316 / 0.1, 3.16 times torch's."""
+
+    def optimizer(self, name: str, learning_rate: float):
+        import mlx.optimizers as optim
+
+        return optim.Adam(learning_rate=learning_rate) if name == "adam" else super().optimizer(name, learning_rate)
+
+
 class FuseDropsAdapters(MlxLmEntryPoints):
     """Saves the base model as the fused one: a fuse that forgets to merge the adapters."""
 

@@ -712,6 +712,14 @@ MODEL = Family(
                     fits=model_checks.trainable_steps,
                 ),
                 _model_check(
+                    "steps_adam",
+                    "The same with Adam (mlx-lm's default optimizer, bias-corrected as ``optimizer_config`` can ask) "
+                    "against torch's Adam.",
+                    examples=15,
+                    needs="trained",
+                    fits=model_checks.trainable_adam_steps,
+                ),
+                _model_check(
                     "fuse",
                     "The fused model the package saves gives the logits of peft's ``merge_and_unload()``.",
                     examples=15,

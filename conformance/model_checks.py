@@ -195,21 +195,39 @@ def _merges(case: ModelCase) -> list[np.ndarray]:
 
 
 STEPS = 3
-LEARNING_RATE = 0.05
+OPTIMIZERS = ("sgd", "adam")
+"""The optimizers the steps take: SGD, and Adam (mlx-lm's default optimizer; torch's, with its bias correction)."""
+
+
+def learning_rate(case: ModelCase, optimizer: str) -> float:
+    """SGD's 0.05; Adam's a sixteenth of the range the adapters are drawn within, as each of its steps moves every
+    entry by about the learning rate, whatever the gradient's size."""
+    return 0.05 if optimizer == "sgd" else case.adapter_scale / 16
 
 
 def steps_sgd(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
     """`STEPS` steps of SGD through mlx-lm's training path (its `default_loss`, MLX's SGD) move the adapters, and give
     the losses, that torch's SGD gives peft's adapted model; only the adapters train."""
-    measurement = Measurement(subject.name, "steps_sgd", case.describe())
+    return _steps(subject, case, timer, "sgd")
+
+
+def steps_adam(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """As `steps_sgd`, with Adam: MLX's, bias-corrected as mlx-lm's ``optimizer_config`` can ask, against torch's."""
+    return _steps(subject, case, timer, "adam")
+
+
+def _steps(subject: Subject, case: ModelCase, timer: PhaseTimer, optimizer: str) -> Measurement:
+    measurement = Measurement(subject.name, f"steps_{optimizer}", case.describe())
     with timer("oracle"):
-        oracle = _oracle_steps(case)
+        oracle = _oracle_steps(case, optimizer)
     with timer("reference"):
-        orders, problems = memo.once(case, ("reference", "steps_sgd"), lambda: _trained_references(case))
+        orders, problems = memo.once(
+            case, ("reference", f"steps_{optimizer}"), lambda: _trained_references(case, optimizer)
+        )
         measurement.comparisons += problems
     with timer("subject"):
         try:
-            losses, trained = subject.convention.trained(case, STEPS, LEARNING_RATE)
+            losses, trained = subject.convention.trained(case, STEPS, learning_rate(case, optimizer), optimizer)
         except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
             measurement.comparisons.append(raised(error, "steps", "subject"))
             return measurement
@@ -231,17 +249,27 @@ def steps_sgd(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) ->
         )
         for quantity, observed, references, expected, largest in judged:
             measurement.comparisons.append(compare_whole(quantity, observed, references, expected, case.dtype, largest))
+        if not measurement.passed:
+            measurement.hints.append(movement_hint(moved(trained), moved(oracle[1])))
     return measurement
 
 
-def _oracle_steps(case: ModelCase) -> tuple[list[float], dict[str, np.ndarray], list[np.ndarray]]:
+def movement_hint(observed: np.ndarray, expected: np.ndarray) -> str:
+    """How far the subject's steps moved the adapters, along the float64 model's movement: a step size's error (a
+    learning rate, an optimizer's bias correction) is a factor."""
+    ratio = float(observed @ expected) / float(expected @ expected) if np.any(expected) else float("nan")
+    return f"the adapters' movement is {ratio:.7f}x the float64 model's"
+
+
+def _oracle_steps(case: ModelCase, optimizer: str) -> tuple[list[float], dict[str, np.ndarray], list[np.ndarray]]:
     """The float64 model's steps: losses, trained parameters, and its routers' logits on the way."""
 
     def steps() -> tuple[list[float], dict[str, np.ndarray], list[np.ndarray]]:
         routes: list[np.ndarray] = []
-        return (*reference.trained(case, torch.float64, STEPS, LEARNING_RATE, routes=routes), routes)
+        rate = learning_rate(case, optimizer)
+        return (*reference.trained(case, torch.float64, STEPS, rate, routes=routes, optimizer=optimizer), routes)
 
-    return memo.once(case, "trained", steps)
+    return memo.once(case, ("trained", optimizer), steps)
 
 
 def _initial(case: ModelCase) -> dict[str, np.ndarray]:
@@ -249,19 +277,22 @@ def _initial(case: ModelCase) -> dict[str, np.ndarray]:
     return {name: values.astype(np.float64) for name, values in sorted(mlx_lm_adapters(case)[0].items())}
 
 
-def _trained_references(case: ModelCase) -> tuple[list | None, list[Comparison]]:
+def _trained_references(case: ModelCase, optimizer: str) -> tuple[list | None, list[Comparison]]:
     """peft's steps in each order a correct implementation may take: the LoRA term added in float32 or rounded first,
     either attention, the loss from float32 logits or from the model's dtype; and the float64 model's with every
     forward pass perturbed by one rounding at every module."""
+    rate = learning_rate(case, optimizer)
     try:
         orders = [
-            reference.trained(case, case.dtype.torch, STEPS, LEARNING_RATE, cast_first, attention, in_dtype)
+            reference.trained(case, case.dtype.torch, STEPS, rate, cast_first, attention, in_dtype, optimizer=optimizer)
             for cast_first in (False, True)
             for attention in reference.ATTENTION
             for in_dtype in (False, True)
         ]
         orders += [  # what rounding in the forward passes moves, as `reference.perturbed_logits` for the logits
-            reference.trained(case, torch.float64, STEPS, LEARNING_RATE, perturbed=(case.dtype.unit_roundoff, seed))
+            reference.trained(
+                case, torch.float64, STEPS, rate, perturbed=(case.dtype.unit_roundoff, seed), optimizer=optimizer
+            )
             for seed in range(case.seed, case.seed + reference.PERTURBATIONS)
         ]
     except Exception as error:  # noqa: BLE001 - any exception of a side is a finding
@@ -286,12 +317,19 @@ def fits_dtype(case: ModelCase) -> bool:
     return not case.mixture or routing_holds(case, reference.oracle_routes(case), _rounded_routes(case))
 
 
-def trainable_steps(case: ModelCase) -> bool:
+def trainable_steps(case: ModelCase, optimizer: str = "sgd") -> bool:
     """Whether the case has a next token to predict, in a model its dtype holds, whose routers choose as every
-    rounding would in every step."""
+    rounding would in every step of `optimizer`."""
     if case.length < 2 or not fits_dtype(case):
         return False
-    return not case.mixture or routing_holds(case, _oracle_steps(case)[2], [_rounded_steps_routes(case)])
+    if not case.mixture:
+        return True
+    return routing_holds(case, _oracle_steps(case, optimizer)[2], [_rounded_steps_routes(case, optimizer)])
+
+
+def trainable_adam_steps(case: ModelCase) -> bool:
+    """`trainable_steps` with Adam."""
+    return trainable_steps(case, "adam")
 
 
 def routing_holds(case: ModelCase, oracle: list[np.ndarray], rounded: list[list[np.ndarray]]) -> bool:
@@ -327,15 +365,16 @@ def _rounded_routes(case: ModelCase) -> list[list[np.ndarray]]:
     return memo.once(case, "rounded routes", routes)
 
 
-def _rounded_steps_routes(case: ModelCase) -> list[np.ndarray]:
-    """The routers' logits of peft's steps in the case's dtype."""
+def _rounded_steps_routes(case: ModelCase, optimizer: str) -> list[np.ndarray]:
+    """The routers' logits of peft's steps of `optimizer` in the case's dtype."""
 
     def routes() -> list[np.ndarray]:
         routed: list[np.ndarray] = []
-        reference.trained(case, case.dtype.torch, STEPS, LEARNING_RATE, routes=routed)
+        rate = learning_rate(case, optimizer)
+        reference.trained(case, case.dtype.torch, STEPS, rate, routes=routed, optimizer=optimizer)
         return routed
 
-    return memo.once(case, "rounded steps routes", routes)
+    return memo.once(case, ("rounded steps routes", optimizer), routes)
 
 
 def adapted_modules(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:

@@ -278,8 +278,10 @@ def trained(
     loss_in_dtype: bool = False,
     routes: list[np.ndarray] | None = None,
     perturbed: tuple[float, int] | None = None,
+    optimizer: str = "sgd",
 ) -> tuple[list[float], dict[str, np.ndarray]]:
-    """`steps` steps of torch's SGD on peft's adapted model (its base frozen by `get_peft_model`), the mean
+    """`steps` steps of torch's `optimizer` (``sgd`` or ``adam``, torch's defaults but the learning rate) on peft's
+    adapted model (its base frozen by `get_peft_model`), the mean
     cross-entropy of each next token, as transformers computes it from float32 logits (or, `loss_in_dtype`, from the
     logits in the model's dtype, as mlx-lm does); the losses, and the trainable parameters after the steps by
     mlx-lm's names and layouts (``...q_proj.lora_a`` (in, r)). `routes` receives the routers' logits of every step;
@@ -291,7 +293,7 @@ def trained(
     for target, mask in gradient_masks(case).items():
         layers[target].lora_B["default"].weight.register_hook(lambda grad, mask=torch.from_numpy(mask): grad * mask)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=learning_rate)
+    torch_optimizer = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(trainable, lr=learning_rate)
     tokens = torch.from_numpy(case.tokens)
     losses = []
     for step in range(steps):
@@ -304,9 +306,9 @@ def trained(
             routes += routed
         logits = logits if loss_in_dtype else logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        optimizer.zero_grad()
+        torch_optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        torch_optimizer.step()
         losses.append(float(loss))
     return losses, _as_mlx_lm_parameters(case, model, layers)
 

@@ -65,22 +65,34 @@ class MlxLmEntryPoints:
         model.load_weights(str(directory / "adapters.safetensors"), strict=False)
         return model.train()
 
-    def trained(self, case: ModelCase, steps: int, learning_rate: float) -> tuple[list[float], dict[str, np.ndarray]]:
-        """`steps` steps of MLX's SGD on mlx-lm's `default_loss` over the case's tokens, the model prepared as
-        ``mlx_lm.lora`` prepares it (`trainable`). The losses, and the trainable parameters after the steps."""
+    def optimizer(self, name: str, learning_rate: float):
+        """The MLX optimizer ``mlx_lm.lora`` builds for ``optimizer: name`` with this `optimizer_config`: SGD as it is;
+        Adam with ``{"adam": {"bias_correction": true}}``, torch's Adam (MLX's own default leaves the moments
+        uncorrected: `catalogue.models.DefaultAdam`)."""
         import mlx.optimizers as optim
+
+        if name == "adam":
+            return optim.Adam(learning_rate=learning_rate, bias_correction=True)
+        return optim.SGD(learning_rate=learning_rate)
+
+    def trained(
+        self, case: ModelCase, steps: int, learning_rate: float, optimizer: str = "sgd"
+    ) -> tuple[list[float], dict[str, np.ndarray]]:
+        """`steps` steps of the MLX `optimizer` (``sgd`` or ``adam``) on mlx-lm's `default_loss` over the case's
+        tokens, the model prepared as ``mlx_lm.lora`` prepares it (`trainable`). The losses, and the trainable
+        parameters after the steps."""
         from mlx_lm.tuner.trainer import default_loss
 
         model = self.trainable(case)
-        optimizer = optim.SGD(learning_rate=learning_rate)
+        mlx_optimizer = self.optimizer(optimizer, learning_rate)
         loss_and_grad = nn.value_and_grad(model, lambda model, batch, lengths: default_loss(model, batch, lengths)[0])
         batch = mx.array(case.tokens)
         lengths = mx.array([[0, case.length]] * case.batch)
         losses = []
         for _ in range(steps):
             loss, grads = loss_and_grad(model, batch, lengths)
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state, loss)
+            mlx_optimizer.update(model, grads)
+            mx.eval(model.parameters(), mlx_optimizer.state, loss)
             losses.append(loss.item())
         trained = {
             name: np.array(value, dtype=np.float64) for name, value in tree_flatten(model.trainable_parameters())

@@ -165,6 +165,7 @@ def test_a_check_whose_entry_point_a_package_lacks_is_not_provided_for_its_subje
     vlm, lm = BY_NAME["mlx_vlm.get_peft_model"], BY_NAME["mlx_lm.load_adapters"]
     assert {name for name, check in checks.items() if check.not_provided_reason(vlm)} == {
         "steps_sgd",
+        "steps_adam",
         "fuse",
         "fused_in_transformers",
     }
@@ -280,3 +281,57 @@ def test_a_fused_mixture_that_transformers_cannot_map_fails_by_the_weights_it_le
     (comparison,) = measurement.comparisons
     assert comparison.failure == "absent" and "initialised" in comparison.problem
     assert "experts.gate_up_proj" in comparison.problem and "switch_mlp" in comparison.problem
+
+
+def test_mlx_s_bias_corrected_adam_steps_short_of_torch_s_in_float32():
+    """The finding behind the known divergence of ``steps_adam`` in float32: MLX computes ``1 - b2^t`` in float32 from
+    b2 rounded to float32, so its first step is 6.4e-6 short of torch's, whatever the gradient. When MLX computes it
+    in double, this test fails and the entry goes."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import torch
+
+    gradient = np.array([0.045, -0.01, 1e-4], np.float32)
+    mlx_adam = optim.Adam(learning_rate=2**-10, bias_correction=True)
+    moved = np.array(mlx_adam.apply_gradients({"w": mx.array(gradient)}, {"w": mx.zeros(3)})["w"])
+    weight = torch.zeros(3, requires_grad=True)
+    weight.grad = torch.from_numpy(gradient)
+    torch.optim.Adam([weight], lr=2**-10).step()
+    ratio = moved / weight.detach().numpy()
+    assert np.all((1 - 7e-6 < ratio) & (ratio < 1 - 6e-6)), ratio
+
+
+class _AdamInDouble(subject.MlxLmEntryPoints):
+    """mlx-lm's training path with an Adam whose bias correction is computed in double, as torch's."""
+
+    def optimizer(self, name: str, learning_rate: float):
+        import math
+
+        import mlx.core as mx
+        import mlx.optimizers as optim
+
+        class AdamInDouble(optim.Adam):
+            def apply_single(self, gradient, parameter, state):
+                b1, b2, step = *self.betas, int(self.step.item())
+                state["m"] = b1 * state["m"] + (1 - b1) * gradient
+                state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+                size = self.learning_rate.astype(gradient.dtype) / (1 - b1**step)
+                return parameter - size * state["m"] / (mx.sqrt(state["v"]) / math.sqrt(1 - b2**step) + self.eps)
+
+        return AdamInDouble(learning_rate=learning_rate, bias_correction=True)
+
+
+def test_adam_steps_pass_with_the_bias_correction_in_double_and_fail_mlx_lm_s_default_adam():
+    """The check's verdict holds Adam to torch's: in double it passes where MLX's own falls 6.4e-6 short (the known
+    divergence), and mlx-lm's default (no bias correction: a first step 3.16 times torch's) fails by its movement."""
+    from catalogue import WRONG_VARIANTS
+    from conformance.model_checks import steps_adam
+    from subjects.known import BY_NAME, Subject
+
+    case = dataclasses.replace(_case("qwen2", layers=1, num_layers=1, rank=4, scale=2.0), adapter_scale=0.02, seed=4)
+    in_double = Subject("adam-in-double", "mlx-lm", "model", ("mlx_lm.tuner.utils:load_adapters",), _AdamInDouble())
+    assert steps_adam(in_double, case).passed
+    mlx = steps_adam(BY_NAME["mlx_lm.load_adapters"], case)
+    assert not mlx.passed and "movement is 0.99999" in mlx.hints[-1]
+    default = steps_adam(WRONG_VARIANTS["DefaultAdam"].subject, case)
+    assert not default.passed and float(default.hints[-1].split()[4].rstrip("x")) > 1.5
