@@ -180,8 +180,10 @@ WRONG_VARIANTS = {
 
 
 def _model_subject(convention: type) -> Subject:
-    """A wrong way through mlx-lm's whole-model entry points (`catalogue.models`)."""
+    """A wrong way through mlx-lm's (or mlx-vlm's) whole-model entry points (`catalogue.models`)."""
     name = f"{__name__}:{convention.__name__}"
+    if issubclass(convention, models.MlxVlmEntryPoints):
+        return Subject(name, "mlx-vlm", MODEL.name, ("mlx_vlm.trainer:get_peft_model",), convention())
     return Subject(name, "mlx-lm", MODEL.name, ("mlx_lm.tuner.utils:load_adapters",), convention())
 
 
@@ -197,6 +199,7 @@ WRONG_VARIANTS.update(
             WrongVariant(_model_subject(models.TrainsTheBase), "steps_sgd"),
             WrongVariant(_model_subject(models.DefaultAdam), "steps_adam", diagnosis="the adapters' movement is"),
             WrongVariant(_model_subject(models.FuseDropsAdapters), "fuse", diagnosis="the adapters' contribution"),
+            WrongVariant(_model_subject(models.AlphaIsScale), "logits", diagnosis="the adapters' contribution"),
         )
     }
 )

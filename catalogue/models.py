@@ -1,5 +1,5 @@
-"""Wrong ways to move adapters into mlx-lm's whole model: each changes one step of `MlxLmEntryPoints`, as an exporter,
-a converter or a loader with that bug would."""
+"""Wrong ways to move adapters into a whole model: each changes one step of `MlxLmEntryPoints` (or of
+`MlxVlmEntryPoints`), as an exporter, a converter or a loader with that bug would."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from foundation import memo
-from foundation.model_cases import ModelCase
+from foundation.model_cases import DENSE_ARCHITECTURES, VISION_LANGUAGE_ARCHITECTURES, ModelCase
 from foundation.model_files import (
     mlx_directory,
     mlx_lm_adapters,
@@ -16,7 +16,7 @@ from foundation.model_files import (
     reference_directory,
     write_mlx_lm_adapters,
 )
-from subjects.models import MlxLmEntryPoints
+from subjects.models import MlxLmEntryPoints, MlxVlmEntryPoints
 
 
 class _WritesItsOwnAdapters(MlxLmEntryPoints):
@@ -98,3 +98,14 @@ class FuseDropsAdapters(MlxLmEntryPoints):
 
     def fused_directory(self, case: ModelCase, dequantize: bool = False) -> Path:
         return reference_directory(case) if dequantize else mlx_directory(case)
+
+
+class AlphaIsScale(MlxVlmEntryPoints):
+    """Passes mlx-lm's ``scale`` as mlx-vlm's ``alpha``, which mlx-vlm divides by the rank: the term is r times too
+    small (the same where r = 1). Drawn on the models mlx-vlm adapts (it refuses a mixture's experts, a known
+    divergence of its own)."""
+
+    architectures = DENSE_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES
+
+    def alpha(self, case: ModelCase) -> float:
+        return case.lora.scale

@@ -149,6 +149,10 @@ class MlxVlmEntryPoints:
             self.name(case, f"model.layers.{layer}.{key}") for layer in case.adapted_layers for key in case.adapted_keys
         ]
 
+    def alpha(self, case: ModelCase) -> float:
+        """mlx-vlm's ``alpha`` for the case's configuration: its term is scaled by ``alpha / rank``, as peft's."""
+        return case.lora.scale * case.lora.rank
+
     def name(self, case: ModelCase, path: str) -> str:
         """mlx-vlm's name of the language part's `path` (as mlx-lm names a text model's: ``model.layers.1...``)."""
         return self.ROOT + (path.removeprefix("model.") if case.vision_language else path)
@@ -162,10 +166,9 @@ class MlxVlmEntryPoints:
         from mlx_vlm.utils import load_model
 
         model = load_model(mlx_directory(case))
-        alpha = case.lora.scale * case.lora.rank
         rank = case.lora.rank
         get_peft_model(
-            model, self.targets(case), rank=rank, alpha=alpha, dropout=0.0, verbose=False, use_dora=case.dora
+            model, self.targets(case), rank=rank, alpha=self.alpha(case), dropout=0.0, verbose=False, use_dora=case.dora
         )
         weights, _ = mlx_lm_adapters(case)
         named = [(self.name(case, name), mx.array(value)) for name, value in weights.items()]
