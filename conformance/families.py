@@ -763,6 +763,16 @@ MODEL = Family(
                     needs="fused_directory",
                     dtypes=QUANTIZED_MODEL_DTYPES,
                 ),
+                _model_check(
+                    "steps_sgd",
+                    "QLoRA training: a few SGD steps through the package's training path on the quantized model move "
+                    "the adapters, and give the losses, that torch's SGD gives peft's model on the values the "
+                    "quantized weights hold.",
+                    examples=10,
+                    needs="trained",
+                    fits=model_checks.trainable_steps,
+                    dtypes=QUANTIZED_MODEL_DTYPES,
+                ),
             ),
         ),
     ),

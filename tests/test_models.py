@@ -271,6 +271,23 @@ def test_qlora_logits_fail_a_wrong_scale_on_a_quantized_base():
     assert not logits(ScaleTimesRank, case).passed
 
 
+def test_qlora_steps_on_a_quantized_base_pass_and_fail_a_wrong_scale():
+    """mlx-lm's training path on the quantized model (QLoRA) against peft's steps on the values it holds: within the
+    yardstick that includes the float64 model trained with perturbed forward passes, and not with r times the
+    scale."""
+    from catalogue import ScaleTimesRank
+    from conformance.model_checks import steps_sgd
+    from foundation.dtypes import BFLOAT16
+    from foundation.quantization import AVAILABLE
+    from subjects.known import BY_NAME
+
+    quantization = next(q for q in AVAILABLE if q.kind == "mxfp4")
+    llama = _case("llama", layers=1, num_layers=1, scale=2.0)
+    case = dataclasses.replace(llama, quantization=quantization, head_dim=16, dtype=BFLOAT16, intermediate=32)
+    assert steps_sgd(BY_NAME["mlx_lm.load_adapters"], case).passed
+    assert not steps_sgd(ScaleTimesRank, case).passed
+
+
 def test_a_fused_mixture_that_transformers_cannot_map_fails_by_the_weights_it_left_at_random():
     """mlx-lm's fuse saves a mixture's experts stacked (``switch_mlp``); transformers initialises its experts at random
     with a warning only. The check says which weights, before comparing any logits."""
