@@ -20,7 +20,7 @@ from conformance.checks import Case
 from conformance.timing import PhaseTimer
 from foundation.cases import EmbeddingCase, LinearCase, embedding_cases, gradients_fit, linear_cases
 from foundation.dtypes import FLOAT32, DType
-from foundation.model_cases import model_cases
+from foundation.model_cases import ModelCase, model_cases
 from foundation.switch_cases import switch_cases, switch_gradients_fit
 from foundation.verdict import Measurement
 from subjects.known import Subject
@@ -112,16 +112,16 @@ class Family:
     float32_adapters: bool = False
     """Whether its cases on a half-precision base may hold a float32 adapter (`LinearParameters.adapter_dtype`), as
     its bases' cases draw them: the studies' extreme cases follow it."""
-    takes: Callable[[Subject, Any], bool] | None = None
-    """Whether a subject can take a case at all, where not every subject takes every case (a whole model of an
-    architecture its package does not implement): the suite and the studies draw for a subject only the cases it
-    takes."""
+    as_taken: Callable[[Subject, Any], Any] | None = None
+    """What a subject makes of a case, where not every subject takes every case as drawn (a whole model of an
+    architecture its package does not implement): the case, another it stands for, or None (not drawn for the
+    subject). The suite and the studies give each subject its own view of the same draws."""
 
     def cases_for(self, subject: Subject, cases: st.SearchStrategy) -> st.SearchStrategy:
-        """`cases`, less those `subject` cannot take (`takes`)."""
-        if self.takes is None:
+        """`cases` as `subject` takes them (`as_taken`)."""
+        if self.as_taken is None:
             return cases
-        return cases.filter(lambda case: self.takes(subject, case))
+        return cases.map(lambda case: self.as_taken(subject, case)).filter(lambda case: case is not None)
 
     def on(self, base: str) -> BaseInfo | None:
         return next((b for b in self.bases if b.base == base), None)
@@ -667,6 +667,16 @@ def _model_check(
     return replace(info, dtypes=dtypes)
 
 
+def _model_as_taken(subject: Subject, case: ModelCase) -> ModelCase | None:
+    """A whole model as `subject`'s package takes it: as drawn where it implements the architecture; a vision-language
+    model's language part, as the text model it is, where it implements text models only (mlx-lm), so that every
+    subject draws alike and shares what is built from a case; otherwise not at all."""
+    if case.architecture in subject.convention.architectures:
+        return case
+    language = case.language_model()
+    return language if language.architecture in subject.convention.architectures else None
+
+
 QUANTIZED_MODEL_DTYPES = ("bfloat16",)
 """Where a quantized model is checked: what QLoRA trains in. Its glue (the quantized files, the fuse with and without
 ``--dequantize``) is the same in every dtype, and each parametrization costs ci time."""
@@ -778,7 +788,7 @@ MODEL = Family(
     ),
     study_cases=model_cases,
     quantized_study_cases=lambda dtype, kind: model_cases(dtype, quantized=kind),
-    takes=lambda subject, case: case.architecture in subject.convention.architectures,
+    as_taken=lambda subject, case: _model_as_taken(subject, case),
 )
 """Whole tiny models through the packages' own entry points (`subjects.models`), judged as a whole
 (`foundation.model_verdict`)."""

@@ -16,6 +16,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from foundation.dtypes import BY_NAME, FLOAT32, DType
+from foundation.memo import built_once
 from foundation.quantization import AVAILABLE, Quantization
 
 DENSE_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -29,6 +30,8 @@ VISION_LANGUAGE_ARCHITECTURES = ("idefics3",)
 vision tower, SmolVLM's architecture) takes LoRA; mlx-lm loads none. Their cases run on tokens alone."""
 ARCHITECTURES = TEXT_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES
 
+LANGUAGE_ARCHITECTURES = {"idefics3": "llama"}
+"""The text architecture of a vision-language model's language part."""
 LANGUAGE_ROOTS = {"idefics3": "model.text_model."}
 """Where transformers keeps a vision-language model's language part, whose blocks a case names as a text model's
 (``model.layers.1.self_attn.q_proj``)."""
@@ -130,6 +133,13 @@ class ModelCase:
     @property
     def vision_language(self) -> bool:
         return self.architecture in VISION_LANGUAGE_ARCHITECTURES
+
+    def language_model(self) -> ModelCase:
+        """A vision-language case's language part as the text model it is (a Llama of the same configuration, seed
+        and adapters), for a package that implements no vision-language model; any other case itself."""
+        if not self.vision_language:
+            return self
+        return shared(dataclasses.replace(self, architecture=LANGUAGE_ARCHITECTURES[self.architecture]))
 
     def reference_name(self, name: str) -> str:
         """transformers' name of the case's module or weight `name` (as mlx-lm names a text model's:
@@ -268,6 +278,14 @@ def lora_settings(layers: int, mixture: bool = False) -> st.SearchStrategy[LoraS
     )
 
 
+def shared(case: ModelCase) -> ModelCase:
+    """The case drawn with these parameters earlier in the current scope, if any (`foundation.memo.share_cases`): the
+    subjects of one check draw the same cases, and what is built from a case (the model files, the oracle, the
+    reference's orders) is built once for all of them."""
+    parameters = tuple((f.name, getattr(case, f.name)) for f in dataclasses.fields(case))
+    return built_once(("model", parameters), lambda: case)
+
+
 @st.composite
 def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32, quantized: str | None = None) -> ModelCase:
     """A tiny model of one of `ARCHITECTURES` in `dtype`, with LoRA on some of its last blocks; with `quantized` (a
@@ -287,25 +305,27 @@ def model_cases(draw: st.DrawFn, dtype: DType = FLOAT32, quantized: str | None =
         quantization = draw(st.sampled_from([q for q in fitting if intermediate % q.group_size == 0]))
     mixture = architecture in MIXTURE_ARCHITECTURES
     experts = draw(st.integers(2, 6)) if mixture else 0
-    return ModelCase(
-        architecture=architecture,
-        dtype=dtype,
-        layers=layers,
-        heads=heads,
-        kv_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
-        head_dim=head_dim,
-        intermediate=intermediate,
-        vocab=draw(st.integers(8, 64)),
-        tied=draw(st.booleans()) and architecture not in VISION_LANGUAGE_ARCHITECTURES,
-        lora=draw(lora_settings(layers, mixture)),
-        batch=draw(st.integers(1, 2)),
-        length=draw(st.integers(1, 8)),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        adapter_scale=draw(st.sampled_from([s for s in ADAPTER_SCALES if s >= 16 * dtype.unit_roundoff])),
-        rope_theta=draw(st.sampled_from([10000.0, 500000.0, 1000000.0])),
-        initializer_range=draw(st.sampled_from([0.02, 0.2])),
-        experts=experts,
-        experts_per_token=draw(st.integers(1, min(experts, 3))) if mixture else 0,
-        norm_topk_prob=draw(st.booleans()) if mixture else False,
-        quantization=quantization,
+    return shared(
+        ModelCase(
+            architecture=architecture,
+            dtype=dtype,
+            layers=layers,
+            heads=heads,
+            kv_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
+            head_dim=head_dim,
+            intermediate=intermediate,
+            vocab=draw(st.integers(8, 64)),
+            tied=draw(st.booleans()) and architecture not in VISION_LANGUAGE_ARCHITECTURES,
+            lora=draw(lora_settings(layers, mixture)),
+            batch=draw(st.integers(1, 2)),
+            length=draw(st.integers(1, 8)),
+            seed=draw(st.integers(0, 2**31 - 1)),
+            adapter_scale=draw(st.sampled_from([s for s in ADAPTER_SCALES if s >= 16 * dtype.unit_roundoff])),
+            rope_theta=draw(st.sampled_from([10000.0, 500000.0, 1000000.0])),
+            initializer_range=draw(st.sampled_from([0.02, 0.2])),
+            experts=experts,
+            experts_per_token=draw(st.integers(1, min(experts, 3))) if mixture else 0,
+            norm_topk_prob=draw(st.booleans()) if mixture else False,
+            quantization=quantization,
+        )
     )

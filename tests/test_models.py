@@ -130,19 +130,37 @@ def test_a_vision_language_model_s_language_part_is_adapted_on_both_sides_and_it
     assert contribution > 1e-3 and np.abs(subject.logits(model, case) - oracle).max() < 1e-5 * np.abs(oracle).max()
 
 
-def test_only_mlx_vlm_draws_vision_language_models():
-    """mlx-lm implements no vision-language model: the suite draws them for mlx-vlm alone, not as a failure of
-    mlx-lm's."""
+def test_mlx_lm_takes_a_vision_language_model_as_its_language_part_and_mlx_vlm_as_drawn():
+    """mlx-lm implements no vision-language model: it takes such a draw as the Llama its language part is, so that
+    both packages draw alike and share what is built from each case."""
     from conformance.families import MODEL
     from subjects.known import BY_NAME
 
     vision = _case("idefics3", layers=2)
-    assert MODEL.takes(BY_NAME["mlx_vlm.get_peft_model"], vision)
-    assert not MODEL.takes(BY_NAME["mlx_lm.load_adapters"], vision)
-    assert MODEL.takes(BY_NAME["mlx_lm.load_adapters"], _case("llama"))
+    vlm, lm = BY_NAME["mlx_vlm.get_peft_model"], BY_NAME["mlx_lm.load_adapters"]
+    assert MODEL.as_taken(vlm, vision) is vision
+    language = MODEL.as_taken(lm, vision)
+    assert language.architecture == "llama" and language.adapters.keys() == vision.adapters.keys()
+    assert all(getattr(language, f.name) == getattr(vision, f.name) for f in dataclasses.fields(ModelCase)[1:])
+    llama = _case("llama")
+    assert MODEL.as_taken(lm, llama) is llama and MODEL.as_taken(vlm, llama) is llama
 
 
-def test_the_studies_draw_for_a_subject_only_the_models_it_takes():
+def test_the_subjects_of_a_check_share_each_model_case_drawn_alike():
+    """Within a check's group (`memo.share_cases`), a case drawn again with the same parameters is the case drawn
+    first, with what was built from it."""
+    from foundation import memo
+    from foundation.model_cases import shared
+
+    memo.share_cases("a check's group")
+    try:
+        first = shared(_case("qwen3"))
+        assert shared(_case("qwen3")) is first and shared(_case("qwen2")) is not first
+    finally:
+        memo.share_cases(None)
+
+
+def test_the_studies_draw_for_each_subject_the_models_it_takes():
     from studies.sampling import Study
 
     def architectures(subject: str) -> set[str]:
