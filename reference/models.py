@@ -281,11 +281,11 @@ def trained(
     optimizer: str = "sgd",
 ) -> tuple[list[float], dict[str, np.ndarray]]:
     """`steps` steps of torch's `optimizer` (``sgd`` or ``adam``, torch's defaults but the learning rate) on peft's
-    adapted model (its base frozen by `get_peft_model`), the mean
-    cross-entropy of each next token, as transformers computes it from float32 logits (or, `loss_in_dtype`, from the
-    logits in the model's dtype, as mlx-lm does); the losses, and the trainable parameters after the steps by
-    mlx-lm's names and layouts (``...q_proj.lora_a`` (in, r)). `routes` receives the routers' logits of every step;
-    `perturbed` (a unit roundoff and a seed) runs every forward pass `rounding_perturbed`."""
+    adapted model (its base frozen by `get_peft_model`), the mean cross-entropy of each next token, as transformers
+    computes it from float32 logits (or, `loss_in_dtype`, from the logits in the model's dtype, as mlx-lm does); the
+    losses, and the trainable parameters after the steps by mlx-lm's names and layouts (``...q_proj.lora_a``
+    (in, r)). `routes` receives the routers' logits of every step; `perturbed` (a unit roundoff and a seed) runs every
+    forward pass `rounding_perturbed`."""
     model = adapted(case, dtype, term_cast_first)
     model.set_attn_implementation(attention)
     model.train()
