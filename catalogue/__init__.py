@@ -15,7 +15,16 @@ from catalogue.layers import (
     PeftStyleEmbeddingConvention,
     PeftStyleSwitchConvention,
 )
-from conformance.families import DORA_EMBEDDING, DORA_LINEAR, EMBEDDING, FAMILIES, LINEAR, MODEL, SWITCH_LINEAR
+from conformance.families import (
+    ADAM_MODEL_DTYPES,
+    DORA_EMBEDDING,
+    DORA_LINEAR,
+    EMBEDDING,
+    FAMILIES,
+    LINEAR,
+    MODEL,
+    SWITCH_LINEAR,
+)
 from foundation.dtypes import CASE_DTYPES
 from subjects.bridge import DoRAEmbeddingConvention, LoRALinearConvention
 from subjects.known import Subject
@@ -197,7 +206,12 @@ WRONG_VARIANTS.update(
             WrongVariant(_model_subject(models.MagnitudesLeftOut), "logits"),
             WrongVariant(_model_subject(models.NumLayersOffByOne), "adapted_modules"),
             WrongVariant(_model_subject(models.TrainsTheBase), "steps_sgd"),
-            WrongVariant(_model_subject(models.DefaultAdam), "steps_adam", diagnosis="the adapters' movement is"),
+            WrongVariant(
+                _model_subject(models.DefaultAdam),
+                "steps_adam",
+                visible_in=ADAM_MODEL_DTYPES,
+                diagnosis="the adapters' movement is",
+            ),
             WrongVariant(_model_subject(models.FuseDropsAdapters), "fuse", diagnosis="the adapters' contribution"),
             WrongVariant(_model_subject(models.AlphaIsScale), "logits", diagnosis="the adapters' contribution"),
         )
