@@ -309,7 +309,7 @@ def trained(
         torch_optimizer.zero_grad()
         loss.backward()
         torch_optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, _as_mlx_lm_parameters(case, model, layers)
 
 
