@@ -319,9 +319,9 @@ def test_a_fused_mixture_that_transformers_cannot_map_fails_by_the_weights_it_le
 
 
 def test_mlx_s_bias_corrected_adam_steps_short_of_torch_s_in_float32():
-    """The finding behind the known divergence of ``steps_adam`` in float32: MLX computes ``1 - b2^t`` in float32 from
-    b2 rounded to float32, so its first step is 6.4e-6 short of torch's, whatever the gradient. When MLX computes it
-    in double, this test fails and the entry goes."""
+    """Why ``steps_adam`` is not judged in float32 (`conformance.families.ADAM_MODEL_DTYPES`): MLX computes
+    ``1 - b2^t`` in float32 from b2 rounded to float32, so its first step is 6.4e-6 short of torch's, whatever the
+    gradient. When MLX computes it in double, this test fails and float32 can be judged."""
     import mlx.core as mx
     import mlx.optimizers as optim
     import torch
@@ -357,8 +357,9 @@ class _AdamInDouble(subject.MlxLmEntryPoints):
 
 
 def test_adam_steps_pass_with_the_bias_correction_in_double_and_fail_mlx_lm_s_default_adam():
-    """The check's verdict holds Adam to torch's: in double it passes where MLX's own falls 6.4e-6 short (the known
-    divergence), and mlx-lm's default (no bias correction: a first step 3.16 times torch's) fails by its movement."""
+    """The check's verdict holds Adam to torch's: with the bias correction in double it passes where MLX's own falls
+    6.4e-6 short in float32, and mlx-lm's default (no bias correction: a first step 3.16 times torch's) fails by its
+    movement."""
     from catalogue import WRONG_VARIANTS
     from conformance.model_checks import steps_adam
     from subjects.known import BY_NAME, Subject
