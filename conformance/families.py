@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from conformance import checks, model_checks, training_checks
@@ -663,8 +664,23 @@ def _model_check(
 ) -> CheckInfo:
     """A whole-model check (`conformance.model_checks`): it draws, and judges, only the cases `fits` takes (a model
     its dtype holds), and calls the subject's entry point `needs`."""
-    info = CheckInfo(name, getattr(model_checks, name), doc, (fits,), examples=examples, judges=fits, needs=needs)
+    run = _as_taken(getattr(model_checks, name), fits)
+    info = CheckInfo(name, run, doc, (fits,), examples=examples, judges=fits, needs=needs)
     return replace(info, dtypes=dtypes)
+
+
+def _as_taken(check: Callable[..., Measurement], fits: Keep | None = None) -> Callable[..., Measurement]:
+    """`check` on the case as the subject takes it (`_model_as_taken`). The suite draws one case for every subject (a
+    test's cases follow from its source, which names no subject), so a case a subject cannot take, or whose stand-in
+    its dtype does not hold, is rejected there (Hypothesis's `assume`) and another drawn."""
+
+    def run(subject: Subject, case: ModelCase, *arguments: Any) -> Measurement:
+        taken = _model_as_taken(subject, case)
+        assume(taken is not None and (taken is case or fits is None or fits(taken)))
+        return check(subject, taken, *arguments)
+
+    run.__name__, run.__doc__ = check.__name__, check.__doc__
+    return run
 
 
 def _model_as_taken(subject: Subject, case: ModelCase) -> ModelCase | None:
@@ -718,7 +734,7 @@ MODEL = Family(
                 ),
                 CheckInfo(
                     "adapted_modules",
-                    model_checks.adapted_modules,
+                    _as_taken(model_checks.adapted_modules),
                     "The configuration adapts the modules peft adapts for the bridged ``LoraConfig``.",
                     examples=15,
                     needs="adapted",

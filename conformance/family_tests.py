@@ -24,8 +24,8 @@ def _test(family: Family, base: BaseInfo, info: CheckInfo) -> Callable:
     """The test function of one check: draw a case as the check draws them, run the check, record and assert."""
 
     @functools.cache  # built once: Hypothesis works out a new strategy's properties at its first draw
-    def drawn(subject, *arguments: object) -> st.SearchStrategy:
-        cases = family.cases_for(subject, base.cases(*arguments))
+    def drawn(*arguments: object) -> st.SearchStrategy:
+        cases = base.cases(*arguments)
         for keep in info.keep:  # a case met again (`memo.share_cases`) is not judged again
             cases = cases.filter(lambda case, keep=keep: memo.once(case, keep, lambda: keep(case)))
         return cases
@@ -33,11 +33,11 @@ def _test(family: Family, base: BaseInfo, info: CheckInfo) -> Callable:
     if base.base == "quantized":
 
         def test(subject, dtype, kind, data, recorder):
-            record_and_assert(recorder, info.run(subject, data.draw(drawn(subject, dtype, kind), label="case")))
+            record_and_assert(recorder, info.run(subject, data.draw(drawn(dtype, kind), label="case")))
     else:
 
         def test(subject, dtype, data, recorder):
-            record_and_assert(recorder, info.run(subject, data.draw(drawn(subject, dtype), label="case")))
+            record_and_assert(recorder, info.run(subject, data.draw(drawn(dtype), label="case")))
 
     name = base.test_name(info.name)
     test.__name__ = test.__qualname__ = name
