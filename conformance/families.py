@@ -815,7 +815,7 @@ MODEL = Family(
     ),
     study_cases=model_cases,
     quantized_study_cases=lambda dtype, kind: model_cases(dtype, quantized=kind),
-    as_taken=lambda subject, case: _model_as_taken(subject, case),
+    as_taken=_model_as_taken,
 )
 """Whole tiny models through the packages' own entry points (`subjects.models`), judged as a whole
 (`foundation.model_verdict`)."""

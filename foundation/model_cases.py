@@ -162,11 +162,15 @@ class ModelCase:
         language part under ``text_config``, beside a small vision tower of as many blocks (whose layers' names and
         indices a careless mapping would adapt too)."""
         if self.vision_language:
-            vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": self.layers}
-            vision["num_attention_heads"] = 2
+            vision = {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": self.layers,
+                "num_attention_heads": 2,
+            }
             return {
                 "model_type": self.architecture,
-                "text_config": self._text_config() | {"model_type": "llama"},
+                "text_config": self._text_config() | {"model_type": LANGUAGE_ARCHITECTURES[self.architecture]},
                 "vision_config": vision | {"image_size": 28, "patch_size": 14},
                 "scale_factor": 1,
                 "tie_word_embeddings": self.tied,

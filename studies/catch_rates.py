@@ -42,10 +42,9 @@ def _check_of(name: str, kind: str | None):
 
 def strategy(name: str, dtype_name: str, kind: str | None):
     """The cases the variant's check draws in its test module (`conformance.families`)."""
-    from foundation.dtypes import BY_NAME
-
     from catalogue import WRONG_VARIANTS
     from conformance.families import FAMILIES
+    from foundation.dtypes import BY_NAME
 
     base, info = _check_of(name, kind)
     cases = base.cases(BY_NAME[dtype_name], kind) if kind else base.cases(BY_NAME[dtype_name])
