@@ -287,7 +287,7 @@ def _trained_references(case: ModelCase, optimizer: str) -> tuple[list | None, l
             reference.trained(case, case.dtype.torch, STEPS, rate, cast_first, attention, in_dtype, optimizer=optimizer)
             for cast_first in (False, True)
             for attention in reference.ATTENTION
-            for in_dtype in (False, True)
+            for in_dtype in reference.loss_orders(case)
         ]
         orders += [  # what rounding in the forward passes moves, as `reference.perturbed_logits` for the logits
             reference.trained(

@@ -8,6 +8,7 @@ adapters loaded in float64 (every weight of the case's dtype, and every float32 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import warnings
 from collections.abc import Iterator
@@ -60,10 +61,24 @@ def loaded_and_problems(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.M
     return model.eval(), (f"transformers {' and '.join(said)}" if said else None)
 
 
+def loss_orders(case: ModelCase) -> tuple[bool, ...]:
+    """Whether the loss is computed from the logits in the model's dtype (`trained`'s `loss_in_dtype`): both where
+    that dtype is coarser than float32, the one computation where it is float32."""
+    return (False, True) if case.dtype.torch != torch.float32 else (False,)
+
+
 def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) -> torch.nn.Module:
     """The saved model loaded in `dtype`, adapted by peft as the bridge maps mlx-lm's configuration, with the case's
     adapters, in eval mode. peft adds each float32 LoRA term to the base output in float32 and rounds the sum once;
-    with `term_cast_first`, the term is rounded to `dtype` first and added there, as mlx-lm's LoRA layers do."""
+    with `term_cast_first`, the term is rounded to `dtype` first and added there, as mlx-lm's LoRA layers do.
+
+    A copy of the one loaded for the case: the callers train, merge and hook it, and loading it (transformers'
+    ``from_pretrained``, peft's ``get_peft_model``) costs ten times the copy."""
+    return copy.deepcopy(_adapted_once(case, dtype, term_cast_first))
+
+
+@once_per_case
+def _adapted_once(case: ModelCase, dtype: torch.dtype, term_cast_first: bool) -> torch.nn.Module:
     with warnings.catch_warnings():  # peft checks the patterns against target_modules only; they apply to both
         warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
         model = get_peft_model(loaded(reference_directory(case), dtype), peft_config(case))

@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 
 from conformance.model_checks import routing_holds
@@ -209,6 +210,21 @@ def test_a_dora_model_s_magnitudes_reach_both_sides_and_matter():
         np.testing.assert_array_equal(peft[path].lora_magnitude_vector["default"].weight.detach().numpy(), m)
     as_lora = dataclasses.replace(case, lora=dataclasses.replace(case.lora, fine_tune_type="lora"))
     assert np.abs(reference.oracle_logits(case) - reference.oracle_logits(as_lora)).max() > 1e-3
+
+
+def test_each_reference_run_starts_from_the_adapted_model_as_loaded_whatever_the_runs_before_did_to_theirs():
+    """peft's model is loaded once per case and copied for each order a check runs: a training step or a merge
+    must not reach the next order's model."""
+    case = _case("qwen3", layers=2, num_layers=1, rank=2, scale=2.0)
+    before = {name: p.detach().clone() for name, p in reference.adapted(case, FLOAT32.torch).named_parameters()}
+    reference.trained(case, FLOAT32.torch, 2, 0.5)
+    reference.merged(case, FLOAT32.torch)
+    after = dict(reference.adapted(case, FLOAT32.torch).named_parameters())
+    assert set(after) == set(before)
+    for name, parameter in after.items():
+        assert torch.equal(parameter.detach(), before[name]), name
+    (losses, trained), (again, trained_again) = (reference.trained(case, FLOAT32.torch, 2, 0.5) for _ in range(2))
+    assert losses == again and all(np.array_equal(trained[name], trained_again[name]) for name in trained)
 
 
 @pytest.mark.parametrize("kind", ["affine", "mxfp4"])
