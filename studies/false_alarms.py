@@ -1,11 +1,12 @@
 """False alarms: run correct implementations over many cases and record every check's largest margin.
 
 ``python -m studies.false_alarms --family linear --dtype float32 --cases 100000 [--kind drawn|extreme]
-[--base float|conv1d|quantized] [--adapter-dtype float32] [--subject NAME] [--seed S] [--workers N] [--out FILE]``
+[--base float|conv1d|quantized] [--adapter-dtype float32] [--subject NAME] [--check NAME ...] [--seed S] [--workers N]
+[--out FILE]``
 
 Every case goes through every check its family has on that base in that dtype (`conformance.families`),
 on the subject and on the reference (peft), both judged against the oracle; the slowest checks
-(`EVERY`) on every n-th case only. A margin above 1 is a false alarm: it is listed with the command
+(`EVERY`) on every n-th case only, unless the study names its checks (``--check``), which then run on every case. A margin above 1 is a false alarm: it is listed with the command
 that replays it. The default subject is the family's correct layer of ``catalogue/layers.py``.
 """
 
@@ -71,7 +72,9 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
         name: info
         for name, info in FAMILIES[task.family].checks_on(task.base).items()
         if info.runs_in(task.dtype) and info.not_provided_reason(subject) is None  # as the suite skips it
+        and (not task.checks or name in task.checks)
     }
+    every = {} if task.checks else EVERY
     found: dict = {"checks": {}, "false_alarms": [], "known_divergences": [], "quantizations": {}}
     runs = {name: CheckRuns(profiles.examples("ci", info.examples)) for name, info in checks.items()}
 
@@ -80,7 +83,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
         if getattr(case, "quantization", None) is not None:  # a case on a float base has none
             found["quantizations"][case.quantization.kind] = found["quantizations"].get(case.quantization.kind, 0) + 1
         for name, info in checks.items():
-            if index % EVERY.get(name, 1):
+            if index % every.get(name, 1):
                 continue
             tally = found["checks"].setdefault(name, {"runs": 0, "not_judgeable": 0, "largest": {}})
             if not info.applies(case):  # as the check's test module leaves the case out
@@ -182,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     sampling.add_case_options(parser, default_cases=1000)
     parser.add_argument(
+        "--check",
+        action="append",
+        metavar="NAME",
+        help="only this check of the family, on every case (may be given more than once; default: every check, the "
+        f"slowest ({', '.join(EVERY)}) on every {max(EVERY.values())}th case)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>.json)",
@@ -190,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     threads.apply_option(parser, args)
     sampling.check_usage(parser, args.family, args.kind, args.base, args.dtype, args.adapter_dtype)
     subject = args.subject or default_subject(args.family)
+    unknown = sorted(set(args.check or ()) - set(FAMILIES[args.family].checks_on(args.base)))
+    if unknown:
+        parser.error(
+            f"{args.family} has no check {', '.join(unknown)} on a {args.base} base "
+            f"(its checks: {', '.join(FAMILIES[args.family].checks_on(args.base))})"
+        )
     name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype)
     out = args.out or RESULTS / "false_alarms" / name
     sampling.writable(parser, out)
@@ -212,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--kind {args.kind}",
             *sampling.base_option(args.base, args.adapter_dtype),
             f"--subject {subject}",
+            *(f"--check {name}" for name in args.check or ()),
             f"--seed {args.seed}",
         ]
     )

@@ -151,6 +151,8 @@ class Study:
     base: str = "float"
     adapter_dtype: str | None = None
     """Only cases whose adapter has this dtype, where given."""
+    checks: tuple[str, ...] = ()
+    """Only these of the family's checks, each on every case, where given."""
 
     def __call__(self, chunk: int) -> dict:
         return self.measure(self, chunk)
@@ -186,6 +188,7 @@ def study_of(args: argparse.Namespace, measure: Callable[[Study, int], dict], su
         chunk_size(args.cases),
         args.base,
         args.adapter_dtype,
+        tuple(getattr(args, "check", None) or ()),
     )
 
 

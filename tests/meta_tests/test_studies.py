@@ -202,6 +202,16 @@ def test_a_correct_output_failing_in_a_known_divergence_is_left_out_of_detection
     assert detection.failure_kind(known, task, affine) == "failing"
 
 
+def test_a_study_of_named_checks_runs_only_those_and_each_on_every_case(tmp_path):
+    out = tmp_path / "steps.json"
+    options = ["--family", "linear", "--dtype", "float32", "--cases", "12", "--check", "steps_sgd", "--out", str(out)]
+    assert false_alarms.main(options) == 0
+    document = json.loads(out.read_text())
+    assert set(document["checks"]) == {"steps_sgd"} and "--check steps_sgd" in document["command"]
+    tally = document["checks"]["steps_sgd"]
+    assert tally["runs"] + tally["not_judgeable"] >= document["cases"]  # not every 10th, as among all checks
+
+
 @pytest.mark.parametrize(
     ("family", "options", "refusal"),
     [
@@ -209,6 +219,7 @@ def test_a_correct_output_failing_in_a_known_divergence_is_left_out_of_detection
         ("linear", ["--base", "quantized", "--kind", "extreme"], "extreme cases have float bases only"),
         ("linear", ["--adapter-dtype", "float32"], "no float32 adapters on a float32 base of linear"),
         ("switch_linear", ["--adapter-dtype", "float32"], "no float32 adapters on a float32 base of switch_linear"),
+        ("linear", ["--check", "steps"], "linear has no check steps on a float base (its checks: forward,"),
     ],
 )
 def test_a_study_the_suite_has_no_cases_of_is_refused(family, options, refusal, capsys):
