@@ -137,9 +137,14 @@ def _underflowed(value: np.ndarray, lost: np.ndarray | float) -> np.ndarray | No
     return _swamped(np.abs(value), lost) if np.any(lost) else None
 
 
-def _combined(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray | None:
-    """Two shrinkings of one value, one after the other."""
-    return second if first is None else first if second is None else first + second
+def _nonnegative_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` of non-negative bounds, where an unbounded error (inf) times an exact 0 adds nothing (not NaN)."""
+    if np.isfinite(a).all() and np.isfinite(b).all():
+        return a @ b
+    unbounded_a, unbounded_b = np.isinf(a), np.isinf(b)
+    finite = np.where(unbounded_a, 0.0, a) @ np.where(unbounded_b, 0.0, b)
+    reaches = unbounded_a.astype(float) @ (b > 0).astype(float) + (a > 0).astype(float) @ unbounded_b.astype(float)
+    return np.where(reaches > 0, np.inf, finite)
 
 
 def _products_rounding(factor: float, value: np.ndarray, dtype: DType) -> np.ndarray:
@@ -338,12 +343,12 @@ class Tracked:
         rounding = dtype.unit_roundoff * magnitude
         swamped = None if addend is None else _swamped(np.abs(addend), rounding)
         lost = _underflowing(magnitude, dtype, underflow)
-        bias, variance, underflowed = origin.bias, origin.variance + np.square(rounding), origin.underflowed
+        bias, variance, underflowed = origin.bias, origin.variance + np.square(rounding), None
         if underflow > dtype.underflow:  # flushed to zero: not a rounding to the nearest, so it need not average out
             bias = bias + lost
         elif np.any(lost):
             variance = variance + np.square(lost)
-            underflowed = _combined(underflowed, _underflowed(value, lost))
+            underflowed = _underflowed(value, lost)
         origin = Origin(
             parents=origin.parents,
             pullback=origin.pullback,
@@ -397,10 +402,10 @@ class Tracked:
         left, right = self._as_dot_product_reads_it(dtype), other._as_dot_product_reads_it(dtype)
         propagated: np.ndarray | float = 0.0
         if left.bound.any():
-            propagated = propagated + left.bound @ np.abs(right.value)
+            propagated = propagated + _nonnegative_matmul(left.bound, np.abs(right.value))
         if right.bound.any():
-            propagated = propagated + left.magnitude @ right.bound
-        magnitudes = left.magnitude @ right.magnitude
+            propagated = propagated + _nonnegative_matmul(left.magnitude, right.bound)
+        magnitudes = _nonnegative_matmul(left.magnitude, right.magnitude)
         as_they_are = magnitudes if left is self and right is other else None
         return value, propagated, magnitudes, as_they_are, (left, right)
 
@@ -533,43 +538,24 @@ class Tracked:
         return self._stored(value, propagated, origin, dtype=promoted(self.dtype, other.dtype))
 
     def row_norm(self, accumulation: DType = ACCUMULATION) -> Tracked:
-        """The Euclidean norm over the last axis, its squares summed in `accumulation` and formed there or in this
-        value's own dtype (MLX squares a half-precision row in its dtype, torch in float32)."""
+        """The Euclidean norm over the last axis, its squares formed and summed in `accumulation`."""
         inner = self.value.shape[-1]
         value = np.linalg.norm(self.value, axis=-1)
         propagated = np.linalg.norm(self.bound, axis=-1)
+        # The sum of squares is off by gamma(n + 1) relatively, and a square root halves that; each of the n
+        # squares may also underflow, which moves the sum by n half-subnormals and the root by at most the
+        # root of that (|sqrt(a) - sqrt(b)| <= sqrt(|a - b|)).
         magnitude = np.linalg.norm(self.magnitude, axis=-1)
-        squares = np.square(self.magnitude)
-        formed = self.dtype if self.dtype.unit_roundoff > accumulation.unit_roundoff else accumulation
-        # The sum of squares is off by gamma(n + 1) relatively where they are formed in `accumulation`, and by one
-        # rounding of each square more where they are formed in a coarser dtype; a square root halves that.
-        own = 0.0 if formed is accumulation else formed.unit_roundoff
-        relative = gamma(inner + 1, accumulation) + own * (1 + gamma(inner + 1, accumulation))
-        accumulated = (relative / 2) * magnitude
-        # Each square below the smallest normal number is rounded on the subnormal grid instead: an absolute error
-        # of up to `formed.underflow`, L in all, which moves a root of at least `low` by at most
-        # sqrt(low^2) - sqrt(low^2 - L) (all of it, and at most sqrt(L), where low^2 <= L).
-        subnormal = _underflowing(squares, formed, formed.underflow)
-        lost = np.sum(subnormal, axis=-1) + inner * accumulation.underflow
-        low = np.square(np.maximum(value - propagated, 0.0))
-        underflow = np.where(low > lost, np.sqrt(low) - np.sqrt(np.maximum(low - lost, 0.0)), np.sqrt(lost))
+        accumulated = (gamma(inner + 1, accumulation) / 2) * magnitude
+        underflow = np.sqrt(inner * accumulation.underflow)
         a = self.value
 
         def pullback(change: np.ndarray) -> tuple[np.ndarray]:
             with np.errstate(divide="ignore", invalid="ignore"):
                 return (np.where(value[..., None] > 0, change[..., None] * a / value[..., None], 0.0),)
 
-        # The model's scales: each partial sum of up to the whole sum, rounded in `accumulation`; each square's own
-        # rounding, relative where it is normal (|a|^2 u / 2|a| on the root) and absolute on the subnormal grid; the
-        # squares rounded on that grid, which shrinks them (`Origin.underflowed`), so that the root may only shrink.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            per_square = np.sqrt(np.sum(np.square(own * squares + subnormal), axis=-1))
-            squares_noise = np.where(value > 0, np.minimum(per_square / (2 * value), underflow), underflow)
-        shrunk = np.sum(_swamped(np.square(self.value), subnormal), axis=-1)
-        underflowed = value - np.sqrt(np.maximum(np.square(value) - shrunk, 0.0))
-        noise = (math.sqrt(inner + 1) * accumulation.unit_roundoff / 2) * magnitude + squares_noise
-        shrinks = underflowed if np.any(shrunk) else None
-        origin = Origin((self,), pullback, variance=np.square(noise), underflowed=shrinks)
+        noise = (math.sqrt(inner + 1) * accumulation.unit_roundoff / 2) * magnitude + underflow
+        origin = Origin((self,), pullback, variance=np.square(noise))
         return self._stored(value, propagated + accumulated + underflow, origin)
 
     def sqrt(self) -> Tracked:

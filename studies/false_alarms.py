@@ -6,8 +6,9 @@
 
 Every case goes through every check its family has on that base in that dtype (`conformance.families`),
 on the subject and on the reference (peft), both judged against the oracle; the slowest checks
-(`EVERY`) on every n-th case only, unless the study names its checks (``--check``), which then run on every case. A margin above 1 is a false alarm: it is listed with the command
-that replays it. The default subject is the family's correct layer of ``catalogue/layers.py``.
+(`EVERY`) on every n-th case only, unless the study names its checks (``--check``), which then run on
+every case. A margin above 1 is a false alarm: it is listed with the command that replays it. The default
+subject is the family's correct layer of ``catalogue/layers.py``.
 """
 
 from __future__ import annotations

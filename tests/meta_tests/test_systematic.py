@@ -208,10 +208,11 @@ def test_a_result_below_half_the_smallest_subnormal_may_round_to_zero_and_that_i
     assert found.coefficient == pytest.approx(-1) and found.statistic == 0.0, found
 
 
-def test_a_norm_whose_squares_underflow_in_half_precision_may_shrink_and_that_is_explained():
+def test_a_norm_whose_squares_are_formed_in_float16_is_seen_short_where_they_are_subnormal():
     """Found by a ci run (MLX's quantized DoRA layer in float16, W of ~1e-3, a large LoRA term): MLX's linalg.norm
     squares a float16 row in float16, where each square below 2^-25 rounds to 0. The norm came out 0.1% short in
-    every row, 7 scales of a model that took the squares to be formed in float32; it may only shrink."""
+    every row, 7 scales; peft squares in float32. The model takes the squares to be formed in float32, so this is
+    MLX's known divergence, not a rounding order it explains."""
     rng = np.random.default_rng(2)
     rows = Tracked.exact(round_to(rng.standard_normal((171, 128)) * 3e-4, FLOAT16), FLOAT16)
     norm = rows.row_norm()
@@ -219,8 +220,7 @@ def test_a_norm_whose_squares_underflow_in_half_precision_may_shrink_and_that_is
     squares_in_float16 = np.square(rows.value).astype(np.float16).astype(np.float64)
     observed = round_to(np.sqrt(squares_in_float16.sum(axis=-1)), FLOAT16)
     (found,) = systematic.components("norm", observed, expected)
-    assert found.coefficient < -5 * found.scale  # far beyond what mean-zero noise explains
-    assert found.low <= found.coefficient and found.statistic == 0.0, found
+    assert found.coefficient < 0 and found.statistic > systematic.THRESHOLD, found
 
 
 @pytest.mark.parametrize("scale", [math.sqrt(63), 20.0, 10.0, 1 / 0.9])

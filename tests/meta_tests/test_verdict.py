@@ -307,3 +307,13 @@ def test_a_lora_term_one_percent_off_is_caught_when_it_dominates(dtype):
 
 def test_mlx_default_device_is_a_known_one():
     assert mx.default_device() in (mx.Device(mx.cpu), mx.Device(mx.gpu))
+
+
+def test_an_exact_zero_times_an_unbounded_error_adds_nothing_to_a_product_s_bound():
+    """A weight row whose norm's bound reaches the norm itself is unbounded after the division; an input element
+    that is exactly 0 multiplies it exactly, and the product's bound is inf where the row reaches, never NaN."""
+    x = Tracked.exact(np.array([[0.0, 1.0], [1.0, 0.0]]), FLOAT32)
+    weight = Tracked(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[np.inf, 0.0], [0.0, 1e-3]]), FLOAT32)
+    product = x @ weight
+    assert not np.isnan(product.bound).any()
+    assert np.isfinite(product.bound[0]).all() and product.bound[1, 0] == np.inf and product.bound[1, 1] < 1e-6
