@@ -72,7 +72,8 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
     checks = {
         name: info
         for name, info in FAMILIES[task.family].checks_on(task.base).items()
-        if info.runs_in(task.dtype) and info.not_provided_reason(subject) is None  # as the suite skips it
+        if info.runs_in(task.dtype)
+        and info.not_provided_reason(subject) is None  # as the suite skips it
         and (not task.checks or name in task.checks)
     }
     every = {} if task.checks else EVERY
