@@ -94,11 +94,14 @@ def logits(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Me
 
 def reference_orders(case: ModelCase) -> list[np.ndarray]:
     """The adapted model's logits in each order a correct implementation may take: each LoRA term added in float32
-    (peft) or rounded to the model's dtype first (mlx-lm), with each attention implementation."""
+    (peft) or rounded to the model's dtype first (mlx-lm), with each attention implementation; on a quantized model in
+    half precision also MLX's own order, whose quantized layers sum their products in the dtype."""
     found = []
     for cast_first in (False, True):
         model = reference.adapted(case, case.dtype.torch, term_cast_first=cast_first)
         found += reference.logits_in_each_attention(model, case)
+    if reference.sums_quantized_in_dtype(case):
+        found.append(reference.mlx_quantized_logits(case))
     return found
 
 
@@ -279,7 +282,8 @@ def _initial(case: ModelCase) -> dict[str, np.ndarray]:
 
 def _trained_references(case: ModelCase, optimizer: str) -> tuple[list | None, list[Comparison]]:
     """peft's steps in each order a correct implementation may take: the LoRA term added in float32 or rounded first,
-    either attention, the loss from float32 logits or from the model's dtype; and the float64 model's with every
+    either attention, the loss from float32 logits or from the model's dtype (on a quantized model in half precision,
+    also MLX's own order, whose quantized layers sum their products in the dtype); and the float64 model's with every
     forward pass perturbed by one rounding at every module."""
     rate = learning_rate(case, optimizer)
     try:
@@ -289,6 +293,20 @@ def _trained_references(case: ModelCase, optimizer: str) -> tuple[list | None, l
             for attention in reference.ATTENTION
             for in_dtype in reference.loss_orders(case)
         ]
+        if reference.sums_quantized_in_dtype(case):  # MLX's own order, the quantized layers' sums in the dtype
+            orders.append(
+                reference.trained(
+                    case,
+                    case.dtype.torch,
+                    STEPS,
+                    rate,
+                    True,
+                    "eager",
+                    True,
+                    optimizer=optimizer,
+                    quantized_in_dtype=True,
+                )
+            )
         orders += [  # what rounding in the forward passes moves, as `reference.perturbed_logits` for the logits
             reference.trained(
                 case, torch.float64, STEPS, rate, perturbed=(case.dtype.unit_roundoff, seed), optimizer=optimizer

@@ -22,6 +22,7 @@ from peft import get_peft_model
 from foundation.memo import once_per_case
 from foundation.model_cases import ModelCase
 from foundation.model_files import auto_class, dora_magnitudes, reference_directory
+from reference.quantized_products import products_in_dtype
 from subjects.config_bridge import (
     FUSED_EXPERTS,
     ROUTER,
@@ -59,6 +60,21 @@ def loaded_and_problems(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.M
     said = [f"initialised {len(missing)} weights at random ({', '.join(missing)})"] if missing else []
     said += [f"ignored {len(unexpected)} weights it does not know ({', '.join(unexpected)})"] if unexpected else []
     return model.eval(), (f"transformers {' and '.join(said)}" if said else None)
+
+
+def sums_quantized_in_dtype(case: ModelCase) -> bool:
+    """Whether MLX's kernel sums the products of the case's quantized layers in the model's dtype (it does in half
+    precision; `reference.quantized_products`), an order peft's model on the dequantized values does not take."""
+    return case.quantization is not None and case.dtype.torch != torch.float32
+
+
+def mlx_quantized_logits(case: ModelCase) -> np.ndarray:
+    """The logits in the order MLX takes on a quantized base in half precision: each LoRA term rounded first, the
+    attention's scores stored in the dtype (``eager``), the quantized layers' products summed in the dtype."""
+    model = adapted(case, case.dtype.torch, term_cast_first=True)
+    model.set_attn_implementation("eager")
+    with products_in_dtype(model, case):
+        return logits(model, case)
 
 
 def loss_orders(case: ModelCase) -> tuple[bool, ...]:
@@ -294,13 +310,15 @@ def trained(
     routes: list[np.ndarray] | None = None,
     perturbed: tuple[float, int] | None = None,
     optimizer: str = "sgd",
+    quantized_in_dtype: bool = False,
 ) -> tuple[list[float], dict[str, np.ndarray]]:
     """`steps` steps of torch's `optimizer` (``sgd`` or ``adam``, torch's defaults but the learning rate) on peft's
     adapted model (its base frozen by `get_peft_model`), the mean cross-entropy of each next token, as transformers
     computes it from float32 logits (or, `loss_in_dtype`, from the logits in the model's dtype, as mlx-lm does); the
     losses, and the trainable parameters after the steps by mlx-lm's names and layouts (``...q_proj.lora_a``
     (in, r)). `routes` receives the routers' logits of every step; `perturbed` (a unit roundoff and a seed) runs every
-    forward pass `rounding_perturbed`."""
+    forward pass `rounding_perturbed`; `quantized_in_dtype` sums the products of the layers MLX holds quantized in
+    `dtype` (`reference.quantized_products`)."""
     model = adapted(case, dtype, term_cast_first)
     model.set_attn_implementation(attention)
     model.train()
@@ -311,20 +329,22 @@ def trained(
     torch_optimizer = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(trainable, lr=learning_rate)
     tokens = torch.from_numpy(case.tokens)
     losses = []
-    for step in range(steps):
-        perturbing = (
-            rounding_perturbed(model, perturbed[0], perturbed[1] + step) if perturbed else contextlib.nullcontext()
-        )
-        with recorded_routes(model) as routed, perturbing:
-            logits = model(tokens[:, :-1]).logits
-        if routes is not None:
-            routes += routed
-        logits = logits if loss_in_dtype else logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        torch_optimizer.zero_grad()
-        loss.backward()
-        torch_optimizer.step()
-        losses.append(float(loss.detach()))
+    quantized = products_in_dtype(model, case) if quantized_in_dtype else contextlib.nullcontext()
+    with quantized:
+        for step in range(steps):
+            perturbing = (
+                rounding_perturbed(model, perturbed[0], perturbed[1] + step) if perturbed else contextlib.nullcontext()
+            )
+            with recorded_routes(model) as routed, perturbing:
+                logits = model(tokens[:, :-1]).logits
+            if routes is not None:
+                routes += routed
+            logits = logits if loss_in_dtype else logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            torch_optimizer.zero_grad()
+            loss.backward()
+            torch_optimizer.step()
+            losses.append(float(loss.detach()))
     return losses, _as_mlx_lm_parameters(case, model, layers)
 
 

@@ -324,6 +324,54 @@ def test_qlora_steps_on_a_quantized_base_pass_and_fail_a_wrong_scale():
     assert not steps_sgd(ScaleTimesRank, case).passed
 
 
+def test_mlx_s_affine_quantized_product_in_bfloat16_is_the_sum_in_the_dtype_the_reference_takes_as_its_order():
+    """MLX's CPU kernel sums a quantized layer's products in bfloat16, term by term (bit for bit, affine); its mx
+    kernels sum in another order and err no more. peft's dense product sums in float32, six times more precisely."""
+    import mlx.core as mx
+
+    from reference.quantized_products import summed_in_dtype
+
+    rng = np.random.default_rng(0)
+    for mode, bits, group_size in (("affine", 4, 64), ("affine", 1, 64), ("mxfp4", 4, 32)):
+        options = {"group_size": group_size, "bits": bits, "mode": mode}
+        weight, scales, *biases = mx.quantize(
+            mx.array(rng.standard_normal((48, 128)) * 0.2, dtype=mx.bfloat16), **options
+        )
+        held = mx.dequantize(weight, scales, *(biases or [None]), **options)
+        x = mx.array(rng.standard_normal((8, 128)), dtype=mx.bfloat16)
+        kernel = np.array(
+            mx.quantized_matmul(x, weight, scales, *(biases or [None]), transpose=True, **options).astype(mx.float32)
+        )
+        as_torch = (torch.from_numpy(np.array(a.astype(mx.float32))).bfloat16() for a in (x, held))
+        summed = summed_in_dtype(*as_torch).float().numpy()
+        exact = (
+            np.array(x.astype(mx.float32)).astype(np.float64) @ np.array(held.astype(mx.float32)).astype(np.float64).T
+        )
+        if mode == "affine":
+            np.testing.assert_array_equal(kernel, summed)
+        assert np.sqrt(np.mean(np.square(kernel - exact))) <= np.sqrt(np.mean(np.square(summed - exact)))
+
+
+def test_qlora_steps_of_a_correct_package_pass_with_its_kernel_s_order_among_the_references():
+    """Found by the QLoRA steps study (seed 17, 101 cases): mlx-lm's steps on a 1-bit qwen3 in bfloat16 erred 5.6
+    times peft's (margin 1.39); with MLX's kernel dense instead they erred as peft's (0.21). Its own order, the
+    quantized layers' sums in bfloat16, is now among the references (margin 0.26)."""
+    from conformance.model_checks import steps_sgd
+    from foundation.rebuild import case_from_description
+    from subjects.known import BY_NAME
+
+    case = case_from_description(
+        {"architecture": "qwen3", "dtype": "bfloat16", "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16,
+         "intermediate": 64, "vocab": 38, "tied": True, "batch": 1, "length": 8, "seed": 17032260,
+         "lora": {"fine_tune_type": "lora", "num_layers": 2, "rank": 6, "scale": 0.3, "keys": None, "dropout": 0.0},
+         "adapter_scale": 0.1, "rope_theta": 1000000.0, "rope_parameters_only": False, "initializer_range": 0.2,
+         "experts": 0, "experts_per_token": 0, "norm_topk_prob": False,
+         "quantization": {"mode": "affine", "bits": 1, "group_size": 64}, "kind": "model"}
+    )  # fmt: skip
+    measurement = steps_sgd(BY_NAME["mlx_lm.load_adapters"], case)
+    assert measurement.passed and measurement.margin < 0.5, measurement.margin
+
+
 def test_a_fused_mixture_that_transformers_cannot_map_fails_by_the_weights_it_left_at_random():
     """mlx-lm's fuse saves a mixture's experts stacked (``switch_mlp``); transformers initialises its experts at random
     with a warning only. The check says which weights, before comparing any logits."""
