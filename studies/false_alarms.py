@@ -110,7 +110,7 @@ def run_chunk(task: sampling.Study, chunk: int) -> dict:
                     }
             if measurement.passed:
                 by_design = {c.quantity for c in measurement.components if check_run.by_design(c.quantity, entries)}
-                runs[name].add(description, measurement.components, by_design)
+                runs[name].add(description, measurement.components, by_design, entries)
                 continue
             finding = {"check": name, "what": measurement.worst.describe(), "replay": replay}
             judgement = divergences.judge(measurement, entries)
@@ -265,9 +265,11 @@ def print_check_runs(runs: dict, subject: str) -> int:
         )
         alarms += counted
         runs_of = max((t["runs"] for t in terms.values()), default=0)
+        known = sum(t.get("known_divergences", 0) for t in terms.values())
         print(
-            f"  check runs of {name} ({merged['size']} cases each, {runs_of} runs): "
-            f"{counted} false alarms, largest statistic {largest:.3g} of {merged['threshold']:.3g}"
+            f"  check runs of {name} ({merged['size']} cases each, {runs_of} runs): {counted} false alarms"
+            f"{f', {known} known divergences' if known else ''}, largest statistic {largest:.3g} of "
+            f"{merged['threshold']:.3g}"
         )
         for key, term in terms.items():
             if term["false_alarms"] and term.get("worst_case"):

@@ -146,6 +146,22 @@ def test_a_study_s_cases_make_check_runs_of_the_ci_size_and_a_run_beyond_the_thr
     assert not check_runs.merge([skipped.finished()])["terms"]
 
 
+def test_a_run_beyond_the_threshold_that_a_known_divergence_of_its_cases_explains_is_counted_as_that():
+    """A correct layer on a quantized base calls MLX's quantized product, whose known imprecision the suite's entries
+    explain; a study counts such a run as the suite does."""
+    explanation = divergences.parse_explanation("grad x: systematic ~ base term")
+    entry = divergences.KnownDivergence("test_quantized_linear.py::test_grad[*-float16-mxfp8]", explanation, "MLX", 1)
+    loud = systematic.Component("grad x", "base term", 1.0, 0.01, 0.0, 0.0)
+    other = systematic.Component("grad x", "LoRA term", 1.0, 0.01, 0.0, 0.0)
+    runs = check_runs.CheckRuns(size=2)
+    for index in range(4):
+        runs.add({"seed": index, "adapter_dtype": "float16"}, [loud, other], set(), [entry] if index < 2 else [])
+    terms = check_runs.merge([runs.finished()])["terms"]
+    base, lora = terms["grad x|base term|float16"], terms["grad x|LoRA term|float16"]
+    assert (base["false_alarms"], base["known_divergences"]) == (1, 1)  # the second run's cases have no entry
+    assert (lora["false_alarms"], lora["known_divergences"]) == (2, 0)  # the entry names the base term only
+
+
 def test_a_seed_whose_cases_all_pass_is_caught_by_its_check_run():
     found = catch_rates.run_seed(catch_rates.Task("ScaleOffInBfloat16", "bfloat16", None, examples=150, seed=1))
     assert found == {"caught": True, "by": "the check run", "cases": found["cases"]}
