@@ -93,6 +93,26 @@ def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) 
     return copy.deepcopy(_adapted_once(case, dtype, term_cast_first))
 
 
+@contextlib.contextmanager
+def _borrowed(case: ModelCase, dtype: torch.dtype, term_cast_first: bool) -> Iterator[torch.nn.Module]:
+    """The case's adapted model itself, not a copy (a copy costs as much as a few training steps of a tiny model),
+    given back as loaded: its trainable parameters and their gradients restored, in eval mode, with the attention it
+    had. Its borrower removes the hooks it adds."""
+    model = _adapted_once(case, dtype, term_cast_first)
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    attention = model.config._attn_implementation
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in trainable:
+                    parameter.copy_(trainable[name])
+                    parameter.grad = None
+        model.set_attn_implementation(attention)
+        model.eval()
+
+
 @once_per_case
 def _adapted_once(case: ModelCase, dtype: torch.dtype, term_cast_first: bool) -> torch.nn.Module:
     with warnings.catch_warnings():  # peft checks the patterns against target_modules only; they apply to both
@@ -319,50 +339,71 @@ def trained(
     (in, r)). `routes` receives the routers' logits of every step; `perturbed` (a unit roundoff and a seed) runs every
     forward pass `rounding_perturbed`; `quantized_in_dtype` sums the products of the layers MLX holds quantized in
     `dtype` (`reference.quantized_products`)."""
-    model = adapted(case, dtype, term_cast_first)
-    model.set_attn_implementation(attention)
-    model.train()
-    layers = lora_layers(model)
-    for target, mask in gradient_masks(case).items():
-        layers[target].lora_B["default"].weight.register_hook(lambda grad, mask=torch.from_numpy(mask): grad * mask)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    torch_optimizer = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(trainable, lr=learning_rate)
+    with _borrowed(case, dtype, term_cast_first) as model:
+        model.set_attn_implementation(attention)
+        model.train()
+        layers = lora_layers(model)
+        masked = [
+            layers[target].lora_B["default"].weight.register_hook(lambda grad, mask=torch.from_numpy(mask): grad * mask)
+            for target, mask in gradient_masks(case).items()
+        ]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        torch_optimizer = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(trainable, lr=learning_rate)
+        quantized = products_in_dtype(model, case) if quantized_in_dtype else contextlib.nullcontext()
+        try:
+            with quantized:
+                losses = _steps(model, case, steps, torch_optimizer, loss_in_dtype, routes, perturbed)
+            return losses, _as_mlx_lm_parameters(case, model, layers)
+        finally:
+            for hook in masked:
+                hook.remove()
+
+
+def _steps(
+    model: torch.nn.Module,
+    case: ModelCase,
+    steps: int,
+    torch_optimizer: torch.optim.Optimizer,
+    loss_in_dtype: bool,
+    routes: list[np.ndarray] | None,
+    perturbed: tuple[float, int] | None,
+) -> list[float]:
+    """`trained`'s steps on `model`: their losses."""
     tokens = torch.from_numpy(case.tokens)
     losses = []
-    quantized = products_in_dtype(model, case) if quantized_in_dtype else contextlib.nullcontext()
-    with quantized:
-        for step in range(steps):
-            perturbing = (
-                rounding_perturbed(model, perturbed[0], perturbed[1] + step) if perturbed else contextlib.nullcontext()
-            )
-            with recorded_routes(model) as routed, perturbing:
-                logits = model(tokens[:, :-1]).logits
-            if routes is not None:
-                routes += routed
-            logits = logits if loss_in_dtype else logits.float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-            torch_optimizer.zero_grad()
-            loss.backward()
-            torch_optimizer.step()
-            losses.append(float(loss.detach()))
-    return losses, _as_mlx_lm_parameters(case, model, layers)
+    for step in range(steps):
+        perturbing = (
+            rounding_perturbed(model, perturbed[0], perturbed[1] + step) if perturbed else contextlib.nullcontext()
+        )
+        with recorded_routes(model) as routed, perturbing:
+            logits = model(tokens[:, :-1]).logits
+        if routes is not None:
+            routes += routed
+        logits = logits if loss_in_dtype else logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        torch_optimizer.zero_grad()
+        loss.backward()
+        torch_optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def _as_mlx_lm_parameters(
     case: ModelCase, model: torch.nn.Module, layers: dict[str, torch.nn.Module]
 ) -> dict[str, np.ndarray]:
     """The trainable parameters of peft's adapted `model` by mlx-lm's names and in its layouts (``...q_proj.lora_a``
-    (in, r)); any other than the adapters' factors by its name in the model peft wraps."""
+    (in, r)); any other than the adapters' factors by its name in the model peft wraps. Copies: the model is given
+    back as loaded (`_borrowed`)."""
     found, factors = {}, set()
     for target, layer in layers.items():
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         factors |= {id(a), id(b)}
-        found |= mlx_lm_adapters_of(case, target, *(f.detach().to(torch.float64).numpy() for f in (a, b)))
+        found |= mlx_lm_adapters_of(case, target, *(f.detach().to(torch.float64, copy=True).numpy() for f in (a, b)))
         if case.dora:  # DoRA's magnitude m (out,), mlx-lm's ``m``
             magnitude = layer.lora_magnitude_vector["default"].weight
             factors.add(id(magnitude))
-            found[f"{target}.m"] = magnitude.detach().to(torch.float64).numpy()
+            found[f"{target}.m"] = magnitude.detach().to(torch.float64, copy=True).numpy()
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and id(parameter) not in factors:
-            found[mlx_module(name)] = parameter.detach().to(torch.float64).numpy()
+            found[mlx_module(name)] = parameter.detach().to(torch.float64, copy=True).numpy()
     return found

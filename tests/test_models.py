@@ -13,6 +13,7 @@ from foundation.dtypes import BFLOAT16, FLOAT32
 from foundation.model_cases import LINEAR_KEYS, MIXTURE_KEYS, LoraSettings, ModelCase, model_cases
 from reference import models as reference
 from subjects import models as subject
+from foundation.model_files import mlx_lm_adapters
 from subjects.config_bridge import gradient_masks, mlx_lm_adapters_of, peft_adapters, peft_config
 
 
@@ -213,8 +214,8 @@ def test_a_dora_model_s_magnitudes_reach_both_sides_and_matter():
 
 
 def test_each_reference_run_starts_from_the_adapted_model_as_loaded_whatever_the_runs_before_did_to_theirs():
-    """peft's model is loaded once per case and copied for each order a check runs: a training step or a merge
-    must not reach the next order's model."""
+    """peft's model is loaded once per case, copied for each order a check runs or lent to a training and given back
+    as loaded: a training step or a merge must not reach the next order's model."""
     case = _case("qwen3", layers=2, num_layers=1, rank=2, scale=2.0)
     before = {name: p.detach().clone() for name, p in reference.adapted(case, FLOAT32.torch).named_parameters()}
     reference.trained(case, FLOAT32.torch, 2, 0.5)
@@ -225,6 +226,10 @@ def test_each_reference_run_starts_from_the_adapted_model_as_loaded_whatever_the
         assert torch.equal(parameter.detach(), before[name]), name
     (losses, trained), (again, trained_again) = (reference.trained(case, FLOAT32.torch, 2, 0.5) for _ in range(2))
     assert losses == again and all(np.array_equal(trained[name], trained_again[name]) for name in trained)
+    (_, in_float64), (_, again_in_float64) = (reference.trained(case, torch.float64, 2, 0.5) for _ in range(2))
+    initial = mlx_lm_adapters(case)[0]
+    for name, values in in_float64.items():  # what a step returns is what it trained to, not the model it gave back
+        assert not np.array_equal(values, initial[name]) and np.array_equal(values, again_in_float64[name]), name
 
 
 @pytest.mark.parametrize("kind", ["affine", "mxfp4"])
