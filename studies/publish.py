@@ -160,6 +160,7 @@ def check_run_alarms(found: dict) -> list[dict]:
                 "document": d,
                 "runs": sum(t["runs"] for _, _, t in terms),
                 "false_alarms": sum(t["false_alarms"] for _, _, t in terms),
+                "known_divergences": sum(t.get("known_divergences", 0) for _, _, t in terms),
                 "largest": largest["largest_statistic"] or 0.0,
                 "threshold": threshold,
                 "where": f"{check}: {' / '.join(key.split('|')[:2])}",

@@ -416,7 +416,7 @@ def test_a_study_s_check_runs_are_published_with_their_largest_statistic_and_wha
         for line in page.splitlines()
         if line.startswith(f"| `{document['subject']}` | linear |") and "forward: output / LoRA term" in line
     )
-    assert "| 2 | 0 | 1.41 (5.8) |" in alarms  # two runs, none beyond; the first pools to 0.01 +- 0.01 / sqrt(2)
+    assert "| 2 | 0 | 0 | 1.41 (5.8) |" in alarms  # two runs, none beyond; the first pools to 0.01 +- 0.01 / sqrt(2)
     caught = next(
         line for line in page.splitlines() if line.startswith("| linear | float | float32 | float32 | forward |")
     )
