@@ -98,8 +98,8 @@ def reference_orders(case: ModelCase) -> list[np.ndarray]:
     half precision also MLX's own order, whose quantized layers sum their products in the dtype."""
     found = []
     for cast_first in (False, True):
-        model = reference.adapted(case, case.dtype.torch, term_cast_first=cast_first)
-        found += reference.logits_in_each_attention(model, case)
+        with reference.borrowed(case, case.dtype.torch, term_cast_first=cast_first) as model:
+            found += reference.logits_in_each_attention(model, case)
     if reference.sums_quantized_in_dtype(case):
         found.append(reference.mlx_quantized_logits(case))
     return found
@@ -373,14 +373,17 @@ def _rounded_routes(case: ModelCase) -> list[list[np.ndarray]]:
     first."""
 
     def routes() -> list[list[np.ndarray]]:
-        found = []
-        for model in (reference.adapted(case, case.dtype.torch), reference.merged_update_first(case, case.dtype.torch)):
-            with reference.recorded_routes(model) as routed:
-                reference.logits(model, case)
-            found.append(routed)
-        return found
+        with reference.borrowed(case, case.dtype.torch) as adapted:
+            found = [_routes_of(adapted, case)]
+        return [*found, _routes_of(reference.merged_update_first(case, case.dtype.torch), case)]
 
     return memo.once(case, "rounded routes", routes)
+
+
+def _routes_of(model: torch.nn.Module, case: ModelCase) -> list[np.ndarray]:
+    with reference.recorded_routes(model) as routed:
+        reference.logits(model, case)
+    return routed
 
 
 def _rounded_steps_routes(case: ModelCase, optimizer: str) -> list[np.ndarray]:
@@ -428,7 +431,8 @@ def _names(quantity: str, kind: str, found: set[str], expected: set[str], counte
 
 
 def _modules_of_reference(case: ModelCase) -> set[str]:
-    return reference.adapted_modules(reference.adapted(case, case.dtype.torch), case)
+    with reference.borrowed(case, case.dtype.torch) as model:
+        return reference.adapted_modules(model, case)
 
 
 def hints(subject: Subject, case: ModelCase, observed: np.ndarray) -> list[str]:

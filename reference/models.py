@@ -71,10 +71,10 @@ def sums_quantized_in_dtype(case: ModelCase) -> bool:
 def mlx_quantized_logits(case: ModelCase) -> np.ndarray:
     """The logits in the order MLX takes on a quantized base in half precision: each LoRA term rounded first, the
     attention's scores stored in the dtype (``eager``), the quantized layers' products summed in the dtype."""
-    model = adapted(case, case.dtype.torch, term_cast_first=True)
-    model.set_attn_implementation("eager")
-    with products_in_dtype(model, case):
-        return logits(model, case)
+    with borrowed(case, case.dtype.torch, term_cast_first=True) as model:
+        model.set_attn_implementation("eager")
+        with products_in_dtype(model, case):
+            return logits(model, case)
 
 
 def loss_orders(case: ModelCase) -> tuple[bool, ...]:
@@ -88,16 +88,16 @@ def adapted(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) 
     adapters, in eval mode. peft adds each float32 LoRA term to the base output in float32 and rounds the sum once;
     with `term_cast_first`, the term is rounded to `dtype` first and added there, as mlx-lm's LoRA layers do.
 
-    A copy of the one loaded for the case: the callers train, merge and hook it, and loading it (transformers'
-    ``from_pretrained``, peft's ``get_peft_model``) costs ten times the copy."""
+    A copy of the one loaded for the case, for a caller that keeps or changes it (a merge); loading it (transformers'
+    ``from_pretrained``, peft's ``get_peft_model``) costs ten times the copy, and `borrowed` costs nothing."""
     return copy.deepcopy(_adapted_once(case, dtype, term_cast_first))
 
 
 @contextlib.contextmanager
-def _borrowed(case: ModelCase, dtype: torch.dtype, term_cast_first: bool) -> Iterator[torch.nn.Module]:
-    """The case's adapted model itself, not a copy (a copy costs as much as a few training steps of a tiny model),
-    given back as loaded: its trainable parameters and their gradients restored, in eval mode, with the attention it
-    had. Its borrower removes the hooks it adds."""
+def borrowed(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False) -> Iterator[torch.nn.Module]:
+    """`adapted`'s model itself, not a copy (a copy costs as much as a few training steps of a tiny model), given back
+    as loaded: its trainable parameters and their gradients restored, in eval mode, with the attention it had. Its
+    borrower removes the hooks it adds."""
     model = _adapted_once(case, dtype, term_cast_first)
     trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     attention = model.config._attn_implementation
@@ -212,7 +212,6 @@ def logits_in_each_attention(model: torch.nn.Module, case: ModelCase) -> list[np
 def _oracle(case: ModelCase) -> tuple[np.ndarray, float, list[np.ndarray]]:
     """The adapted model in float64: its logits, the largest magnitude any of its modules takes or gives, and its
     routers' logits (`recorded_routes`)."""
-    model = adapted(case, torch.float64)
     largest = [0.0]
 
     def record(module: torch.nn.Module, inputs: tuple, output) -> None:
@@ -220,11 +219,14 @@ def _oracle(case: ModelCase) -> tuple[np.ndarray, float, list[np.ndarray]]:
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
                 largest[0] = max(largest[0], float(value.detach().abs().max()))
 
-    hooks = [module.register_forward_hook(record) for module in model.modules()]
-    with recorded_routes(model) as routes:
-        found = logits(model, case)
-    for hook in hooks:
-        hook.remove()
+    with borrowed(case, torch.float64) as model:
+        hooks = [module.register_forward_hook(record) for module in model.modules()]
+        try:
+            with recorded_routes(model) as routes:
+                found = logits(model, case)
+        finally:
+            for hook in hooks:
+                hook.remove()
     return found, largest[0], routes
 
 
@@ -276,11 +278,11 @@ def perturbed_logits(case: ModelCase) -> list[np.ndarray]:
     in whatever order an implementation computes. Where the model amplifies an error (large adapters into a norm, a
     sum that cancels), correct implementations' errors differ by far more than where it does not, and these say how
     far."""
-    model = adapted(case, torch.float64)
     found = []
-    for draw in range(PERTURBATIONS):
-        with rounding_perturbed(model, case.dtype.unit_roundoff, case.seed + draw):
-            found.append(logits(model, case))
+    with borrowed(case, torch.float64) as model:
+        for draw in range(PERTURBATIONS):
+            with rounding_perturbed(model, case.dtype.unit_roundoff, case.seed + draw):
+                found.append(logits(model, case))
     return found
 
 
@@ -339,7 +341,7 @@ def trained(
     (in, r)). `routes` receives the routers' logits of every step; `perturbed` (a unit roundoff and a seed) runs every
     forward pass `rounding_perturbed`; `quantized_in_dtype` sums the products of the layers MLX holds quantized in
     `dtype` (`reference.quantized_products`)."""
-    with _borrowed(case, dtype, term_cast_first) as model:
+    with borrowed(case, dtype, term_cast_first) as model:
         model.set_attn_implementation(attention)
         model.train()
         layers = lora_layers(model)
@@ -393,7 +395,7 @@ def _as_mlx_lm_parameters(
 ) -> dict[str, np.ndarray]:
     """The trainable parameters of peft's adapted `model` by mlx-lm's names and in its layouts (``...q_proj.lora_a``
     (in, r)); any other than the adapters' factors by its name in the model peft wraps. Copies: the model is given
-    back as loaded (`_borrowed`)."""
+    back as loaded (`borrowed`)."""
     found, factors = {}, set()
     for target, layer in layers.items():
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight

@@ -232,6 +232,28 @@ def test_each_reference_run_starts_from_the_adapted_model_as_loaded_whatever_the
         assert not np.array_equal(values, initial[name]) and np.array_equal(values, again_in_float64[name]), name
 
 
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
+
+
+def test_a_borrowed_model_comes_back_without_its_borrowers_hooks_and_with_its_attention_even_when_they_raise():
+    """The oracle, the perturbed models and the reference's orders borrow the case's loaded model instead of copying
+    it; what they hook or switch must not reach the next borrower."""
+    from conformance.model_checks import reference_orders
+
+    case = _case("qwen3", layers=2, num_layers=1, rank=2, scale=2.0)
+    with reference.borrowed(case, torch.float64) as model:
+        hooks, attention = _hooks(model), model.config._attn_implementation
+        expected = reference.logits(model, case)
+    reference.oracle_logits(case), reference.perturbed_logits(case), reference_orders(case)
+    with pytest.raises(RuntimeError), reference.borrowed(case, torch.float64) as model:
+        model.set_attn_implementation("eager" if attention != "eager" else "sdpa")
+        raise RuntimeError("a borrower that fails")
+    with reference.borrowed(case, torch.float64) as model:
+        assert (_hooks(model), model.config._attn_implementation) == (hooks, attention)
+        np.testing.assert_array_equal(reference.logits(model, case), expected)
+
+
 @pytest.mark.parametrize("kind", ["affine", "mxfp4"])
 def test_a_quantized_model_is_the_same_values_on_both_sides(kind):
     """MLX loads the model quantized as ``mlx_lm.convert -q`` writes it; transformers and peft load the values its
