@@ -68,7 +68,7 @@ def read_mlx_lm(directory: Path) -> Adapters:
     config = _json(directory / MLX_CONFIG)
     kind = config.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
-        raise NotConvertible(f"fine_tune_type {kind!r}: only LoRA and DoRA adapters are adapters ({directory})")
+        raise NotConvertible(f"fine_tune_type {kind!r}: not LoRA or DoRA adapters ({directory})")
     if "lora_parameters" not in config and "alpha" in config:
         raise NotConvertible(f"{directory / MLX_CONFIG}: mlx-vlm's schema (rank, alpha), not converted yet")
     parameters = config.get("lora_parameters") or {}
@@ -90,6 +90,7 @@ def read_mlx_lm(directory: Path) -> Adapters:
             raise NotConvertible(f"{path}: a layer of experts (lora_a {tuple(a.shape)}): not converted yet")
         _in_blocks(path)
         layers[path] = Adapter(a.T.contiguous(), b.T.contiguous(), weights.get(f"{path}.m"))
+    _check_halves(layers, {name.rpartition(".")[0] for name in weights})
     _check_ranks(layers, int(parameters["rank"]), directory / MLX_WEIGHTS)
     dora = kind == "dora"
     _check_magnitudes(layers, dora, directory / MLX_WEIGHTS)
@@ -149,12 +150,13 @@ def read_peft(directory: Path) -> Adapters:
             raise NotConvertible(f"{name}: not an adapter parameter of peft's LoRA ({', '.join(leaves)})")
         if leaf != "lora_A.weight":
             continue
-        path = name[len(PEFT_PREFIX) : -len(".lora_A.weight")]
+        path = _peft_path(name)
         b = weights.get(f"{PEFT_PREFIX}{path}.lora_B.weight")
         if b is None:
             raise NotConvertible(f"{path}: lora_A without lora_B")
         _in_blocks(path)
         layers[path] = Adapter(weights[name], b, weights.get(f"{PEFT_PREFIX}{path}.lora_magnitude_vector"))
+    _check_halves(layers, {_peft_path(name) for name in weights})
     _check_ranks(layers, config.r, directory / PEFT_WEIGHTS)
     _check_magnitudes(layers, config.use_dora, directory / PEFT_WEIGHTS)
     scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
@@ -220,6 +222,17 @@ def _as_product(layers: dict[str, Adapter]) -> tuple[set[str], set[int]] | None:
 def _in_blocks(path: str) -> None:
     if not BLOCK.match(path):
         raise NotConvertible(f"{path}: a layer outside the model's blocks, not converted yet")
+
+
+def _peft_path(name: str) -> str:
+    """``model.layers.1.self_attn.q_proj`` of ``base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight``."""
+    name = name.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+    return name.rpartition(".")[0]
+
+
+def _check_halves(layers: dict[str, Adapter], paths: set[str]) -> None:
+    for path in sorted(paths - set(layers)):
+        raise NotConvertible(f"{path}: a B factor or a magnitude without its A factor")
 
 
 def _check_ranks(layers: dict[str, Adapter], rank: int, where: Path) -> None:

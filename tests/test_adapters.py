@@ -116,6 +116,7 @@ def _broken_mlx_lm(tmp_path, change) -> str:
     [
         (lambda w: w.update({k: w[k].T.contiguous() for k in w if k.endswith("lora_a")}), "configuration's rank is 2"),
         (lambda w: w.pop("model.layers.2.mlp.down_proj.lora_b"), "lora_a without lora_b"),
+        (lambda w: w.pop("model.layers.2.mlp.down_proj.lora_a"), "a B factor or a magnitude without its A factor"),
         (lambda w: w.update({"model.layers.2.self_attn.q_proj.lora_c": torch.zeros(2)}), "not an adapter parameter"),
         (
             lambda w: w.update({"lm_head.lora_a": torch.zeros(8, 2), "lm_head.lora_b": torch.zeros(2, 16)}),
@@ -124,7 +125,15 @@ def _broken_mlx_lm(tmp_path, change) -> str:
         (lambda w: w.update({"model.layers.2.mlp.down_proj.m": torch.ones(8)}), "a magnitude in a LoRA adapter"),
         (lambda w: w.update({"model.layers.2.mlp.down_proj.lora_a": torch.zeros(3, 2, 6)}), "layer of experts"),
     ],
-    ids=["transposed", "half an adapter", "unknown key", "outside the blocks", "stray magnitude", "experts"],
+    ids=[
+        "transposed",
+        "half an adapter",
+        "the other half",
+        "unknown key",
+        "outside the blocks",
+        "stray magnitude",
+        "experts",
+    ],
 )
 def test_a_broken_or_unconvertible_mlx_lm_file_is_refused_with_its_reason_and_nothing_written(
     change, said, tmp_path, capsys
