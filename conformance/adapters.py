@@ -30,9 +30,10 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from subjects.config_bridge import PEFT_PREFIX
+
 MLX_WEIGHTS, MLX_CONFIG = "adapters.safetensors", "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 BLOCK = re.compile(r"^(?P<blocks>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<key>.+)$")
 """A path inside a model's blocks: ``model.layers.3.self_attn.q_proj`` is block 3's ``self_attn.q_proj``."""
 
@@ -90,13 +91,9 @@ def read_mlx_lm(directory: Path) -> Adapters:
             raise NotConvertible(f"{path}: a layer of experts (lora_a {tuple(a.shape)}): not converted yet")
         _in_blocks(path)
         layers[path] = Adapter(a.T.contiguous(), b.T.contiguous(), weights.get(f"{path}.m"))
-    _check_halves(layers, {name.rpartition(".")[0] for name in weights})
-    _check_ranks(layers, int(parameters["rank"]), directory / MLX_WEIGHTS)
-    dora = kind == "dora"
-    _check_magnitudes(layers, dora, directory / MLX_WEIGHTS)
-    return Adapters(
-        layers, int(parameters["rank"]), float(parameters["scale"]), float(parameters.get("dropout", 0.0)), dora
-    )
+    rank, dora = int(parameters["rank"]), kind == "dora"
+    _check(layers, {name.rpartition(".")[0] for name in weights}, rank, dora, directory / MLX_WEIGHTS)
+    return Adapters(layers, rank, float(parameters["scale"]), float(parameters.get("dropout", 0.0)), dora)
 
 
 def write_peft(adapters: Adapters, directory: Path) -> None:
@@ -156,9 +153,7 @@ def read_peft(directory: Path) -> Adapters:
             raise NotConvertible(f"{path}: lora_A without lora_B")
         _in_blocks(path)
         layers[path] = Adapter(weights[name], b, weights.get(f"{PEFT_PREFIX}{path}.lora_magnitude_vector"))
-    _check_halves(layers, {_peft_path(name) for name in weights})
-    _check_ranks(layers, config.r, directory / PEFT_WEIGHTS)
-    _check_magnitudes(layers, config.use_dora, directory / PEFT_WEIGHTS)
+    _check(layers, {_peft_path(name) for name in weights}, config.r, config.use_dora, directory / PEFT_WEIGHTS)
     scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     return Adapters(layers, config.r, scale, float(config.lora_dropout), bool(config.use_dora))
 
@@ -230,24 +225,20 @@ def _peft_path(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _check_halves(layers: dict[str, Adapter], paths: set[str]) -> None:
-    for path in sorted(paths - set(layers)):
-        raise NotConvertible(f"{path}: a B factor or a magnitude without its A factor")
-
-
-def _check_ranks(layers: dict[str, Adapter], rank: int, where: Path) -> None:
+def _check(layers: dict[str, Adapter], paths: set[str], rank: int, dora: bool, where: Path) -> None:
+    """Refuses a file (`where`) whose adapters are not whole pairs of factors of the configuration's rank, with a
+    magnitude exactly where the configuration says DoRA; `paths` are the layers any of its weights belongs to."""
     if not layers:
         raise NotConvertible(f"{where}: no adapters")
+    orphans = sorted(paths - set(layers))
+    if orphans:
+        raise NotConvertible(f"{orphans[0]}: a B factor or a magnitude without its A factor")
     for path, adapter in layers.items():
         if adapter.a.ndim != 2 or adapter.b.ndim != 2 or adapter.a.shape[0] != rank or adapter.b.shape[1] != rank:
             raise NotConvertible(
                 f"{path}: factors A {tuple(adapter.a.shape)} and B {tuple(adapter.b.shape)} in peft's layouts "
                 f"(r, in) and (out, r), but the configuration's rank is {rank} (a transposed or mis-ranked file)"
             )
-
-
-def _check_magnitudes(layers: dict[str, Adapter], dora: bool, where: Path) -> None:
-    for path, adapter in layers.items():
         if dora and adapter.magnitude is None:
             raise NotConvertible(f"{path}: a DoRA adapter without its magnitude ({where})")
         if not dora and adapter.magnitude is not None:
@@ -301,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             write_mlx_lm(adapters, args.out, model_blocks(args.model))
     except NotConvertible as error:
         print(f"python -m conformance.adapters {args.command}: not converted: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"python -m conformance.adapters {args.command}: could not write {args.out}: {error}", file=sys.stderr)
         return 1
     kind = "DoRA" if adapters.dora else "LoRA"
     print(f"wrote {args.out}: {len(adapters.layers)} {kind} adapters of rank {adapters.rank}, scale {adapters.scale:g}")

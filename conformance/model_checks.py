@@ -300,9 +300,9 @@ def _trained_references(case: ModelCase, optimizer: str) -> tuple[list | None, l
                     case.dtype.torch,
                     STEPS,
                     rate,
-                    True,
-                    "eager",
-                    True,
+                    term_cast_first=True,
+                    attention="eager",
+                    loss_in_dtype=True,
                     optimizer=optimizer,
                     quantized_in_dtype=True,
                 )

@@ -14,8 +14,7 @@ import torch
 
 from foundation.model_cases import ModelCase
 from foundation.model_files import mlx_directory, mlx_weights
-
-PEFT_PREFIX = "base_model.model."
+from subjects.config_bridge import mlx_module
 
 
 def summed_in_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -60,7 +59,7 @@ def products_in_dtype(model: torch.nn.Module, case: ModelCase) -> Iterator[None]
     hooks = [
         module.register_forward_hook(product)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.removeprefix(PEFT_PREFIX).removesuffix(".base_layer") in paths
+        if isinstance(module, torch.nn.Linear) and mlx_module(name).removesuffix(".base_layer") in paths
     ]
     if paths and not hooks:
         raise LookupError(f"none of peft's layers is one MLX quantized ({', '.join(sorted(paths))})")

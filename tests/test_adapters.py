@@ -73,10 +73,9 @@ def test_a_peft_adapter_as_mlx_lm_s_loads_with_load_adapters_and_gives_mlx_lm_s_
 def test_a_round_trip_gives_back_mlx_lm_s_file_value_for_value(tmp_path):
     case = _case("dora", keys=None)
     source = mlx_lm_adapter_directory(case)
-    converter.main(["to-peft", str(source), str(tmp_path / "peft")])
-    converter.main(
-        ["to-mlx", str(tmp_path / "peft"), str(tmp_path / "back"), "--model", str(reference_directory(case))]
-    )
+    assert converter.main(["to-peft", str(source), str(tmp_path / "peft")]) == 0
+    back = ["to-mlx", str(tmp_path / "peft"), str(tmp_path / "back"), "--model", str(reference_directory(case))]
+    assert converter.main(back) == 0
     before, after = (
         load_file(str(source / "adapters.safetensors")),
         load_file(str(tmp_path / "back" / "adapters.safetensors")),
@@ -175,6 +174,9 @@ def test_the_command_line_says_what_is_wrong_with_its_arguments(tmp_path, capsys
         assert exited.value.code == 2 and said in capsys.readouterr().err
     assert converter.main(["to-peft", str(tmp_path), str(tmp_path / "y")]) == 1
     assert "adapter_config.json: no such file" in capsys.readouterr().err
+    unwritable = occupied / "file" / "out"  # a directory under a file
+    assert converter.main(["to-peft", str(mlx_lm_adapter_directory(_case())), str(unwritable)]) == 1
+    assert f"could not write {unwritable}" in capsys.readouterr().err
     (tmp_path / "adapter_config.json").write_text(json.dumps({"rank": 8, "alpha": 16, "dropout": 0.0}))
     found = subprocess.run(
         [sys.executable, "-m", "conformance.adapters", "to-peft", str(tmp_path), str(tmp_path / "y")],
