@@ -205,6 +205,8 @@ WRONG_VARIANTS.update(
             WrongVariant(_model_subject(models.TransposedOnSquareLayers), "logits"),
             WrongVariant(_model_subject(models.MagnitudesLeftOut), "logits"),
             WrongVariant(_model_subject(models.NumLayersOffByOne), "adapted_modules"),
+            WrongVariant(_model_subject(models.SavesFactorsInPeftsLayout), "adapters_in_peft"),
+            WrongVariant(_model_subject(models.ReadsScaleAsAlpha), "adapters_from_peft"),
             WrongVariant(_model_subject(models.TrainsTheBase), "steps_sgd"),
             WrongVariant(
                 _model_subject(models.DefaultAdam),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from foundation import memo
 from foundation.model_cases import DENSE_ARCHITECTURES, VISION_LANGUAGE_ARCHITECTURES, ModelCase
 from foundation.model_files import (
     mlx_directory,
+    mlx_lm_adapter_directory,
     mlx_lm_adapters,
     mlx_lm_layout,
     reference_directory,
@@ -74,6 +76,41 @@ class NumLayersOffByOne(_WritesItsOwnAdapters):
 
     def changed(self, case, weights, config):
         return weights, {**config, "num_layers": config["num_layers"] + 1}
+
+
+class SavesFactorsInPeftsLayout(MlxLmEntryPoints):
+    """Saves each factor in peft's layout (A (r, in), B (out, r)) and loads them transposed back: its own round trip
+    gives the function, but the file means nothing, or something else, to anyone else's loader."""
+
+    def adapter_directory(self, case: ModelCase) -> Path:
+        def saved() -> Path:
+            weights, config = mlx_lm_adapters(case)
+            for name in [name for name in weights if name.endswith(("lora_a", "lora_b"))]:
+                weights[name] = np.ascontiguousarray(np.swapaxes(weights[name], -1, -2))
+            return write_mlx_lm_adapters(weights, config)
+
+        return memo.once(case, ("adapters", type(self).__name__), saved)
+
+    def adapted(self, case: ModelCase, directory: Path | None = None):
+        return super().adapted(case, directory or mlx_lm_adapter_directory(case))  # its loader transposes back
+
+
+class ReadsScaleAsAlpha(MlxLmEntryPoints):
+    """Its loader takes a file's ``scale`` for peft's ``lora_alpha`` and divides it by the rank (the same where
+    r = 1)."""
+
+    def adapted(self, case: ModelCase, directory: Path | None = None):
+        weights, config = mlx_lm_adapters(case) if directory is None else _read_mlx_lm_files(directory)
+        parameters = config["lora_parameters"]
+        misread = {**config, "lora_parameters": {**parameters, "scale": parameters["scale"] / parameters["rank"]}}
+        return super().adapted(case, write_mlx_lm_adapters(weights, misread))
+
+
+def _read_mlx_lm_files(directory: Path) -> tuple[dict[str, np.ndarray], dict]:
+    from safetensors.torch import load_file
+
+    weights = {name: w.float().numpy() for name, w in load_file(str(directory / "adapters.safetensors")).items()}
+    return weights, json.loads((directory / "adapter_config.json").read_text())
 
 
 class TrainsTheBase(MlxLmEntryPoints):

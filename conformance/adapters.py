@@ -1,5 +1,5 @@
-"""Adapter files between mlx-lm and peft: ``python -m conformance.adapters to-peft MLX_DIR OUT`` and
-``python -m conformance.adapters to-mlx PEFT_DIR OUT --model MODEL_DIR``.
+"""Adapter files between mlx-lm or mlx-vlm and peft: ``python -m conformance.adapters to-peft MLX_DIR OUT`` and
+``python -m conformance.adapters to-mlx PEFT_DIR OUT --model MODEL_DIR`` (``--for mlx-vlm``: mlx-vlm's file).
 
 mlx-lm saves ``adapters.safetensors`` (per adapted linear layer ``<path>.lora_a`` (in, r), ``<path>.lora_b``
 (r, out) and, for DoRA, ``<path>.m`` (out,)) and ``adapter_config.json`` (``fine_tune_type``, ``num_layers``,
@@ -10,10 +10,15 @@ last ``num_layers`` blocks and scales each LoRA term by ``scale``. peft saves ``
 ``use_dora``, ``rank_pattern``, ``alpha_pattern``), and scales the term by ``lora_alpha / r`` (rsLoRA:
 ``lora_alpha / sqrt(r)``). The same adapters mean the same function on both sides.
 
-Converted: LoRA and DoRA on the linear layers of a model's blocks, plain or rsLoRA. Refused, each with the reason:
-what one side cannot say (rank or alpha patterns of several values, blocks other than the last ``num_layers``, DoRA
-on an embedding) and what this converter does not convert yet (layers of experts, embeddings, layers outside the
-blocks). A file whose factors disagree with its configuration's rank is refused, never written.
+mlx-vlm (0.7.10) saves the same files in mlx-lm's schema, naming each layer of a text model in full under its
+``language_model.`` root (``keys`` lists them; ``num_layers`` is -1).
+
+Converted: LoRA and DoRA on the linear layers of a text model's blocks, plain or rsLoRA. Refused, each with the
+reason: what one side cannot say (rank or alpha patterns of several values, blocks other than the last
+``num_layers``, DoRA on an embedding, mlx-vlm's older schema (rank, alpha), whose meaning changed between releases)
+and what this converter does not convert yet (layers of experts, embeddings, layers outside the blocks, a
+vision-language model's language part). A file whose factors disagree with its configuration's rank is refused,
+never written.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from foundation.model_cases import MLX_VLM_ROOT
 from subjects.config_bridge import PEFT_PREFIX
 
 MLX_WEIGHTS, MLX_CONFIG = "adapters.safetensors", "adapter_config.json"
@@ -64,19 +70,24 @@ class Adapters:
     dora: bool
 
 
-def read_mlx_lm(directory: Path) -> Adapters:
-    """The adapters of an mlx-lm adapter directory."""
+def read_mlx(directory: Path) -> Adapters:
+    """The adapters of an adapter directory mlx-lm or mlx-vlm saved (mlx-vlm's names of a text model's layers,
+    ``language_model.model.layers...``, read as mlx-lm's)."""
     config = _json(directory / MLX_CONFIG)
     kind = config.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise NotConvertible(f"fine_tune_type {kind!r}: not LoRA or DoRA adapters ({directory})")
     if "lora_parameters" not in config and "alpha" in config:
-        raise NotConvertible(f"{directory / MLX_CONFIG}: mlx-vlm's schema (rank, alpha), not converted yet")
+        raise NotConvertible(
+            f"{directory / MLX_CONFIG}: mlx-vlm's older schema (rank, alpha), whose scale depends on the release "
+            "that wrote it (0.4.4 scales the term by alpha, later releases by alpha / rank) and the file does not "
+            "say which"
+        )
     parameters = config.get("lora_parameters") or {}
     missing = [name for name in ("rank", "scale") if name not in parameters]
     if missing:
         raise NotConvertible(f"{directory / MLX_CONFIG}: lora_parameters has no {' or '.join(missing)}")
-    weights = _weights(directory / MLX_WEIGHTS)
+    weights = {_text_model_name(name): values for name, values in _weights(directory / MLX_WEIGHTS).items()}
     layers = {}
     for name in sorted(weights):
         path, _, leaf = name.rpartition(".")
@@ -158,6 +169,15 @@ def read_peft(directory: Path) -> Adapters:
     return Adapters(layers, config.r, scale, float(config.lora_dropout), bool(config.use_dora))
 
 
+def _text_model_name(name: str) -> str:
+    """mlx-lm's name of a weight mlx-vlm names ``language_model.model.layers...`` (a text model's)."""
+    if not name.startswith(MLX_VLM_ROOT):
+        return name
+    if not name.startswith(f"{MLX_VLM_ROOT}model."):
+        raise NotConvertible(f"{name}: a vision-language model's language part, not converted yet")
+    return name.removeprefix(MLX_VLM_ROOT)
+
+
 def write_mlx_lm(adapters: Adapters, directory: Path, blocks: int) -> None:
     """`adapters` as mlx-lm saves them, for a model of `blocks` blocks: ``keys`` in the last ``num_layers``."""
     modules = _as_product(adapters.layers)
@@ -173,12 +193,31 @@ def write_mlx_lm(adapters: Adapters, directory: Path, blocks: int) -> None:
             f"mlx-lm adapts the last num_layers blocks of the model's {blocks}; these adapters adapt blocks "
             f"{', '.join(map(str, sorted(indices)))}"
         )
+    _save_mlx(adapters, directory, num_layers, sorted(keys), "")
+
+
+def write_mlx(adapters: Adapters, directory: Path, package: str, blocks: int | None = None) -> None:
+    """`adapters` as `package` (``mlx-lm``, for a model of `blocks` blocks, or ``mlx-vlm``) saves them."""
+    if package == "mlx-vlm":
+        write_mlx_vlm(adapters, directory)
+    else:
+        write_mlx_lm(adapters, directory, blocks)
+
+
+def write_mlx_vlm(adapters: Adapters, directory: Path) -> None:
+    """`adapters` as mlx-vlm's ``save_adapter`` saves a text model's: every layer by its full name under
+    ``language_model.``, in ``keys``."""
+    _save_mlx(adapters, directory, -1, sorted(f"{MLX_VLM_ROOT}{path}" for path in adapters.layers), MLX_VLM_ROOT)
+
+
+def _save_mlx(adapters: Adapters, directory: Path, num_layers: int, keys: list[str], root: str) -> None:
+    """The weights in MLX's layouts (A (in, r), B (r, out)) under `root`, and mlx-lm's configuration schema."""
     weights = {}
     for path, adapter in adapters.layers.items():
-        weights[f"{path}.lora_a"] = adapter.a.T.contiguous()
-        weights[f"{path}.lora_b"] = adapter.b.T.contiguous()
+        weights[f"{root}{path}.lora_a"] = adapter.a.T.contiguous()
+        weights[f"{root}{path}.lora_b"] = adapter.b.T.contiguous()
         if adapter.magnitude is not None:
-            weights[f"{path}.m"] = adapter.magnitude.contiguous()
+            weights[f"{root}{path}.m"] = adapter.magnitude.contiguous()
     config = {
         "fine_tune_type": "dora" if adapters.dora else "lora",
         "num_layers": num_layers,
@@ -186,7 +225,7 @@ def write_mlx_lm(adapters: Adapters, directory: Path, blocks: int) -> None:
             "rank": adapters.rank,
             "scale": adapters.scale,
             "dropout": adapters.dropout,
-            "keys": sorted(keys),
+            "keys": keys,
         },
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -267,29 +306,35 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.adapters", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    to_peft = commands.add_parser("to-peft", help="an mlx-lm adapter directory as peft's")
+    to_peft = commands.add_parser("to-peft", help="an mlx-lm or mlx-vlm adapter directory as peft's")
     to_peft.add_argument(
-        "source", type=Path, help="mlx-lm's adapter directory (adapters.safetensors, adapter_config.json)"
+        "source", type=Path, help="mlx-lm's or mlx-vlm's adapter directory (adapters.safetensors, adapter_config.json)"
     )
     to_peft.add_argument("out", type=Path, help="the peft adapter directory to write")
-    to_mlx = commands.add_parser("to-mlx", help="a peft adapter directory as mlx-lm's")
+    to_mlx = commands.add_parser("to-mlx", help="a peft adapter directory as mlx-lm's (or mlx-vlm's)")
     to_mlx.add_argument(
         "source", type=Path, help="peft's adapter directory (adapter_model.safetensors, adapter_config.json)"
     )
-    to_mlx.add_argument("out", type=Path, help="the mlx-lm adapter directory to write")
+    to_mlx.add_argument("out", type=Path, help="the MLX adapter directory to write")
     to_mlx.add_argument(
-        "--model", type=Path, required=True, help="the base model's directory: its config.json gives the block count"
+        "--model", type=Path, help="for mlx-lm: the base model's directory, whose config.json gives the block count"
+    )
+    to_mlx.add_argument(
+        "--for", dest="package", choices=("mlx-lm", "mlx-vlm"), default="mlx-lm", help="whose loader (mlx-lm)"
     )
     args = parser.parse_args(argv)
+    if args.command == "to-mlx" and args.package == "mlx-lm" and args.model is None:
+        parser.error("to-mlx for mlx-lm needs --model MODEL_DIR (mlx-lm's file names the adapted blocks by count)")
     if args.out.exists() and any(args.out.iterdir() if args.out.is_dir() else [args.out]):
         parser.error(f"{args.out} exists and is not an empty directory; give a new one")
     try:
         if args.command == "to-peft":
-            adapters = read_mlx_lm(args.source)
+            adapters = read_mlx(args.source)
             write_peft(adapters, args.out)
         else:
             adapters = read_peft(args.source)
-            write_mlx_lm(adapters, args.out, model_blocks(args.model))
+            blocks = model_blocks(args.model) if args.package == "mlx-lm" else None
+            write_mlx(adapters, args.out, args.package, blocks)
     except NotConvertible as error:
         print(f"python -m conformance.adapters {args.command}: not converted: {error}", file=sys.stderr)
         return 1

@@ -757,6 +757,24 @@ MODEL = Family(
                     dtypes=ADAM_MODEL_DTYPES,
                 ),
                 _model_check(
+                    "adapters_in_peft",
+                    "The adapters the package saves, converted to peft's files (``python -m conformance.adapters "
+                    "to-peft``) and loaded by ``PeftModel.from_pretrained``, give peft's logits. Drawn on what the "
+                    "converter converts: text models without experts.",
+                    examples=10,
+                    needs="adapter_directory",
+                    fits=model_checks.converts,
+                ),
+                _model_check(
+                    "adapters_from_peft",
+                    "peft's adapters as ``save_pretrained`` saves them, converted to the package's files (``python -m "
+                    "conformance.adapters to-mlx``) and loaded by the package's own loader, give peft's logits. Drawn "
+                    "on what the converter converts: text models without experts.",
+                    examples=10,
+                    needs="adapted",
+                    fits=model_checks.converts,
+                ),
+                _model_check(
                     "fuse",
                     "The fused model the package saves gives the logits of peft's ``merge_and_unload()``.",
                     examples=15,

@@ -15,10 +15,18 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from conformance import adapters as adapter_files
 from conformance.timing import UNTIMED, PhaseTimer
 from foundation import memo
 from foundation.model_cases import ModelCase
-from foundation.model_files import mlx_directory, mlx_lm_adapters, mlx_weights, quantized_layers, requantized
+from foundation.model_files import (
+    mlx_directory,
+    mlx_lm_adapters,
+    mlx_weights,
+    new_directory,
+    quantized_layers,
+    requantized,
+)
 from foundation.model_verdict import MARGIN, compare_whole
 from foundation.verdict import Comparison, Measurement, Tracked, compare, failed, raised
 from reference import models as reference
@@ -45,11 +53,13 @@ def _logits_check(
     timer: PhaseTimer,
     run_subject: Callable[[], np.ndarray],
     run_references: Callable[[], list[np.ndarray]],
+    references_of: str | None = None,
 ) -> Measurement:
     """One check of logits: the subject's against the float64 model's, held to the reference's own error in each
-    order a correct implementation may take (`run_references` gives the logits of each), and to the float64 model's
-    with every module's inputs and outputs perturbed by one rounding (`yardsticks`). Where the subject raised, the
-    reference is not run: there is nothing for its error to judge."""
+    order a correct implementation may take (`run_references` gives the logits of each; those of check
+    `references_of` where they are that check's), and to the float64 model's with every module's inputs and outputs
+    perturbed by one rounding (`yardsticks`). Where the subject raised, the reference is not run: there is nothing for
+    its error to judge."""
     measurement = Measurement(subject.name, check, case.describe())
     with timer("subject"):
         observed, problems = _side(run_subject, "logits", "subject")
@@ -60,7 +70,9 @@ def _logits_check(
         oracle = reference.oracle_logits(case)
     with timer("reference"):
         references, problems = memo.once(
-            case, ("reference", check), lambda: _side(lambda: np.stack(run_references()), "logits", "reference")
+            case,
+            ("reference", references_of or check),
+            lambda: _side(lambda: np.stack(run_references()), "logits", "reference"),
         )
         measurement.comparisons += problems
         if references is not None:
@@ -103,6 +115,42 @@ def reference_orders(case: ModelCase) -> list[np.ndarray]:
     if reference.sums_quantized_in_dtype(case):
         found.append(reference.mlx_quantized_logits(case))
     return found
+
+
+def adapters_in_peft(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """The adapters the package saves (`adapter_directory`: its own save path), converted to peft's files by
+    `conformance.adapters` and loaded by peft's ``PeftModel.from_pretrained``, give the logits of peft's adapted
+    model: what the file means in the HuggingFace world."""
+
+    def in_peft() -> np.ndarray:
+        converted = new_directory("converted-to-peft-") / "adapters"
+        adapter_files.write_peft(adapter_files.read_mlx(subject.convention.adapter_directory(case)), converted)
+        return reference.logits(reference.with_saved_adapters(case, converted), case)
+
+    return _logits_check(
+        "adapters_in_peft", subject, case, timer, in_peft, lambda: reference_orders(case), references_of="logits"
+    )
+
+
+def adapters_from_peft(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:
+    """peft's adapters as its ``save_pretrained`` saves them, converted to the package's files by
+    `conformance.adapters` and loaded by the package's own loader, give peft's logits."""
+
+    def from_peft() -> np.ndarray:
+        converted = new_directory("converted-from-peft-") / "adapters"
+        read = adapter_files.read_peft(reference.saved_adapters(case))
+        adapter_files.write_mlx(read, converted, subject.convention.adapter_schema, case.layers)
+        return subject_side.logits(subject.convention.adapted(case, converted), case)
+
+    return _logits_check(
+        "adapters_from_peft", subject, case, timer, from_peft, lambda: reference_orders(case), references_of="logits"
+    )
+
+
+def converts(case: ModelCase) -> bool:
+    """Whether `conformance.adapters` converts the case's adapters (a text model's linear layers: not yet a
+    mixture's experts, nor a vision-language model's language part), in a model its dtype holds (`fits_dtype`)."""
+    return not case.mixture and not case.vision_language and fits_dtype(case)
 
 
 def rope_parameters(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:

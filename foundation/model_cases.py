@@ -35,6 +35,10 @@ LANGUAGE_ARCHITECTURES = {"idefics3": "llama"}
 LANGUAGE_ROOTS = {"idefics3": "model.text_model."}
 """Where transformers keeps a vision-language model's language part, whose blocks a case names as a text model's
 (``model.layers.1.self_attn.q_proj``)."""
+MLX_VLM_ROOT = "language_model."
+"""Where mlx-vlm keeps a model's language part: a text model's module names are mlx-lm's behind it
+(``language_model.model.layers.1...``), a vision-language model's without mlx-lm's ``model.``
+(``language_model.layers.1...``)."""
 
 LINEAR_KEYS = (
     "self_attn.q_proj",

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from foundation.memo import once_per_case
 from foundation.model_cases import ModelCase
-from foundation.model_files import auto_class, dora_magnitudes, reference_directory
+from foundation.model_files import auto_class, dora_magnitudes, new_directory, reference_directory
 from reference.quantized_products import products_in_dtype
 from subjects.config_bridge import (
     FUSED_EXPERTS,
@@ -130,6 +130,23 @@ def _adapted_once(case: ModelCase, dtype: torch.dtype, term_cast_first: bool) ->
             elif term_cast_first and not hasattr(layer, "parameter_name"):
                 layer.register_forward_hook(_term_cast_first)
     return model.eval()
+
+
+@once_per_case
+def saved_adapters(case: ModelCase) -> Path:
+    """The case's adapters as peft's ``save_pretrained`` saves them, from its adapted model in the case's dtype."""
+    directory = new_directory("peft-adapters-")
+    with borrowed(case, case.dtype.torch) as model:
+        model.save_pretrained(str(directory))
+    return directory
+
+
+def with_saved_adapters(case: ModelCase, directory: Path) -> torch.nn.Module:
+    """The case's model in its dtype with the adapters of a peft adapter `directory`, as peft's
+    ``PeftModel.from_pretrained`` loads them, in eval mode."""
+    with warnings.catch_warnings():  # transformers' deprecation of a name peft calls, on every load
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        return PeftModel.from_pretrained(loaded(reference_directory(case), case.dtype.torch), str(directory)).eval()
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

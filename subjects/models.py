@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from foundation import memo
-from foundation.model_cases import ARCHITECTURES, TEXT_ARCHITECTURES, ModelCase
+from foundation.model_cases import ARCHITECTURES, MLX_VLM_ROOT, TEXT_ARCHITECTURES, ModelCase
 from foundation.model_files import mlx_directory, mlx_lm_adapter_directory, mlx_lm_adapters, new_directory
 
 
@@ -36,34 +36,29 @@ class MlxLmEntryPoints:
     architectures: tuple[str, ...] = TEXT_ARCHITECTURES
     """The architectures its loader builds (mlx-lm: text models only)."""
 
-    def adapter_directory(self, case: ModelCase) -> Path:
-        """The adapters as mlx-lm saved them."""
-        return mlx_lm_adapter_directory(case)
+    adapter_schema = "mlx-lm"
+    """The adapter files its loader reads: what `conformance.adapters` writes for it."""
 
-    def adapted(self, case: ModelCase) -> nn.Module:
-        """mlx-lm's model of the case's directory, with the case's adapters loaded by mlx-lm, in eval mode."""
+    def adapter_directory(self, case: ModelCase) -> Path:
+        """The case's adapters as mlx-lm's training saves them: the model ``mlx_lm.lora`` prepares from them
+        (`prepared_for_training`, from the case's adapters written in mlx-lm's format), its trainable parameters saved
+        as its trainer saves them (``mx.save_safetensors``), beside the configuration ``mlx_lm.lora`` writes
+        (``save_config``)."""
+        return memo.once(case, "mlx-lm saved adapters", lambda: _saved_by_mlx_lm(case))
+
+    def adapted(self, case: ModelCase, directory: Path | None = None) -> nn.Module:
+        """mlx-lm's model of the case's directory, with the adapters of `directory` (the case's, `adapter_directory`)
+        loaded by mlx-lm's ``load_adapters``, in eval mode."""
         from mlx_lm.tuner.utils import load_adapters
         from mlx_lm.utils import load_model
 
         model, _ = load_model(mlx_directory(case))
-        load_adapters(model, str(self.adapter_directory(case)))
+        load_adapters(model, str(directory or self.adapter_directory(case)))
         return model.eval()
 
     def trainable(self, case: ModelCase) -> nn.Module:
-        """The model as ``mlx_lm.lora`` prepares it for training: frozen, its layers adapted by `linear_to_lora_layers`
-        from the adapter configuration (which leaves only the adapters trainable), the adapters loaded as a resumed
-        run loads them, in training mode."""
-        from mlx_lm.tuner.utils import linear_to_lora_layers
-        from mlx_lm.utils import load_model
-
-        directory = self.adapter_directory(case)
-        config = json.loads((directory / "adapter_config.json").read_text())
-        model, _ = load_model(mlx_directory(case))
-        model.freeze()
-        dora = config.get("fine_tune_type") == "dora"
-        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=dora)
-        model.load_weights(str(directory / "adapters.safetensors"), strict=False)
-        return model.train()
+        """The model as ``mlx_lm.lora`` prepares it for training (`prepared_for_training`), in training mode."""
+        return prepared_for_training(case, self.adapter_directory(case)).train()
 
     def optimizer(self, name: str, learning_rate: float):
         """The MLX optimizer ``mlx_lm.lora`` builds for ``optimizer: name`` with this `optimizer_config`: SGD as it is;
@@ -138,10 +133,8 @@ class MlxVlmEntryPoints:
 
     roles: Mapping[str, str] = MappingProxyType({})
     architectures: tuple[str, ...] = ARCHITECTURES
-    ROOT = "language_model."
-    """Where mlx-vlm keeps a model's language part: a text model's module names are mlx-lm's behind it
-    (``language_model.model.layers.1...``), a vision-language model's without mlx-lm's ``model.``
-    (``language_model.layers.1...``)."""
+    ROOT = MLX_VLM_ROOT
+    adapter_schema = "mlx-vlm"
 
     def targets(self, case: ModelCase) -> list[str]:
         """The modules to adapt, by mlx-vlm's qualified names: the case's keys in its last `num_layers` blocks."""
@@ -159,7 +152,7 @@ class MlxVlmEntryPoints:
 
     def adapter_directory(self, case: ModelCase) -> Path:
         """The case's adapters as mlx-vlm's own ``save_adapter`` writes them, from a model `get_peft_model` adapted."""
-        return memo.once(case, "mlx-vlm adapters", lambda: self._saved(case))
+        return memo.once(case, ("mlx-vlm adapters", type(self).__name__), lambda: self._saved(case))
 
     def _saved(self, case: ModelCase) -> Path:
         from mlx_vlm.trainer import get_peft_model, save_adapter
@@ -189,14 +182,42 @@ class MlxVlmEntryPoints:
         arguments = getattr(language, "args", None) or getattr(language, "config", None)
         return getattr(arguments, "rope_theta", None)
 
-    def adapted(self, case: ModelCase) -> nn.Module:
-        """A fresh model of the case's directory with the saved adapters (mlx-vlm's ``load_adapters``), in eval mode."""
+    def adapted(self, case: ModelCase, directory: Path | None = None) -> nn.Module:
+        """A fresh model of the case's directory with the adapters of `directory` (the case's, as `adapter_directory`
+        saved them) loaded by mlx-vlm's ``load_adapters``, in eval mode."""
         from mlx_vlm.trainer import load_adapters
         from mlx_vlm.utils import load_model
 
         model = load_model(mlx_directory(case))
-        load_adapters(model, self.adapter_directory(case))
+        load_adapters(model, directory or self.adapter_directory(case))
         return model.eval()
+
+
+def prepared_for_training(case: ModelCase, directory: Path) -> nn.Module:
+    """The case's model as ``mlx_lm.lora`` prepares it for training from the adapter `directory`: frozen, its layers
+    adapted by `linear_to_lora_layers` from the adapter configuration (which leaves only the adapters trainable), the
+    adapters loaded as a resumed run loads them."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    model, _ = load_model(mlx_directory(case))
+    model.freeze()
+    dora = config.get("fine_tune_type") == "dora"
+    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=dora)
+    model.load_weights(str(directory / "adapters.safetensors"), strict=False)
+    return model
+
+
+def _saved_by_mlx_lm(case: ModelCase) -> Path:
+    from mlx_lm.utils import save_config
+
+    written = mlx_lm_adapter_directory(case)
+    model = prepared_for_training(case, written)
+    directory = new_directory("mlx-lm-adapters-")
+    mx.save_safetensors(str(directory / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    save_config(json.loads((written / "adapter_config.json").read_text()), directory / "adapter_config.json")
+    return directory
 
 
 @contextlib.contextmanager
