@@ -220,3 +220,18 @@ def test_the_command_line_says_what_is_wrong_with_its_arguments(tmp_path, capsys
     )
     said = "mlx-vlm's older schema (rank, alpha), whose scale depends on the release"
     assert found.returncode == 1 and said in found.stderr
+
+
+def test_neither_mlx_package_loads_the_other_s_file_and_the_way_between_them_is_peft_s_format(tmp_path):
+    """What the README's round-trip table says of the two MLX packages: each refuses the other's file, and
+    ``to-peft`` then ``to-mlx`` carries it across."""
+    case, lm, vlm = _case(), subject.MlxLmEntryPoints(), subject.MlxVlmEntryPoints()
+    with pytest.raises(AttributeError, match="has no attribute 'self_attn'"):
+        vlm.adapted(case, lm.adapter_directory(case))
+    with pytest.raises(ValueError, match="not an adapter parameter in the model"):
+        lm.adapted(case, vlm.adapter_directory(case))
+    assert converter.main(["to-peft", str(lm.adapter_directory(case)), str(tmp_path / "peft")]) == 0
+    assert converter.main(["to-mlx", str(tmp_path / "peft"), str(tmp_path / "vlm"), "--for", "mlx-vlm"]) == 0
+    np.testing.assert_array_equal(
+        subject.logits(vlm.adapted(case, tmp_path / "vlm"), case), subject.logits(vlm.adapted(case), case)
+    )
