@@ -13,10 +13,16 @@ last ``num_layers`` blocks and scales each LoRA term by ``scale``. peft saves ``
 mlx-vlm (0.7.10) saves the same files in mlx-lm's schema, naming each layer of a text model in full under its
 ``language_model.`` root (``keys`` lists them; ``num_layers`` is -1).
 
-Converted: LoRA and DoRA on the linear layers of a text model's blocks, plain or rsLoRA. Refused, each with the
-reason: what one side cannot say (rank or alpha patterns of several values, blocks other than the last
-``num_layers``, DoRA on an embedding, mlx-vlm's older schema (rank, alpha), whose meaning changed between releases)
-and what this converter does not convert yet (layers of experts, embeddings, layers outside the blocks, a
+A mixture of experts' layers (mlx-lm's router ``mlp.gate`` and ``SwitchLinear`` layers ``mlp.switch_mlp.*``, A
+(experts, r, in), B (experts, out, r)) are peft's ``target_parameters`` on transformers' modules (the router's
+``weight``, the fused ``mlp.experts.gate_up_proj`` and ``down_proj``), as `subjects.config_bridge` maps them: the gate
+and up projections' adapters are one of rank 2r (``rank_pattern``, ``alpha_pattern``) with a block-diagonal B.
+
+Converted: LoRA and DoRA on the linear layers of a text model's blocks, LoRA on a mixture's router and experts, plain
+or rsLoRA. Refused, each with the reason: what one side cannot say (rank or alpha patterns other than a fused
+parameter's r per layer, a fused B whose blocks off the diagonal are not zero, blocks other than the last
+``num_layers``, DoRA on an embedding or on experts, mlx-vlm's older schema (rank, alpha), whose meaning changed
+between releases) and what this converter does not convert yet (embeddings, layers outside the blocks, a
 vision-language model's language part). A file whose factors disagree with its configuration's rank is refused,
 never written.
 """
@@ -28,15 +34,24 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from foundation.model_cases import MLX_VLM_ROOT
-from subjects.config_bridge import PEFT_PREFIX
+from subjects.config_bridge import (
+    FUSED_EXPERTS,
+    PEFT_PREFIX,
+    ROUTER,
+    block_diagonal,
+    experts_layout,
+    experts_of,
+    peft_target,
+)
 
 MLX_WEIGHTS, MLX_CONFIG = "adapters.safetensors", "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -51,23 +66,31 @@ class NotConvertible(ValueError):
 
 @dataclass(frozen=True)
 class Adapter:
-    """One adapted linear layer in peft's layouts: A (r, in), B (out, r), DoRA's magnitude (out,) or None."""
+    """One adapted linear layer in peft's layouts: A (r, in), B (out, r), DoRA's magnitude (out,) or None; for a
+    parameter of `experts` experts, A (r·experts, in) and B (out, r·experts)."""
 
     a: torch.Tensor
     b: torch.Tensor
     magnitude: torch.Tensor | None = None
+    experts: int = 0
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0] // max(self.experts, 1)
 
 
 @dataclass(frozen=True)
 class Adapters:
     """What both formats say, in one vocabulary: the adapted layers by path, the rank, the scale of the LoRA term,
-    the dropout and whether it is DoRA."""
+    the dropout and whether it is DoRA; and a mixture's adapted parameters (peft's ``target_parameters``: a router's
+    weight, transformers' fused experts) by their full names."""
 
     layers: dict[str, Adapter]
     rank: int
     scale: float
     dropout: float
     dora: bool
+    parameters: dict[str, Adapter] = field(default_factory=dict)
 
 
 def read_mlx(directory: Path) -> Adapters:
@@ -88,7 +111,8 @@ def read_mlx(directory: Path) -> Adapters:
     if missing:
         raise NotConvertible(f"{directory / MLX_CONFIG}: lora_parameters has no {' or '.join(missing)}")
     weights = {_text_model_name(name): values for name, values in _weights(directory / MLX_WEIGHTS).items()}
-    layers = {}
+    rank, dora = int(parameters["rank"]), kind == "dora"
+    layers, experts = {}, {}
     for name in sorted(weights):
         path, _, leaf = name.rpartition(".")
         if leaf not in ("lora_a", "lora_b", "m"):
@@ -98,33 +122,79 @@ def read_mlx(directory: Path) -> Adapters:
         a, b = weights[name], weights.get(f"{path}.lora_b")
         if b is None:
             raise NotConvertible(f"{path}: lora_a without lora_b")
-        if a.ndim != 2:
-            raise NotConvertible(f"{path}: a layer of experts (lora_a {tuple(a.shape)}): not converted yet")
         _in_blocks(path)
-        layers[path] = Adapter(a.T.contiguous(), b.T.contiguous(), weights.get(f"{path}.m"))
-    rank, dora = int(parameters["rank"]), kind == "dora"
-    _check(layers, {name.rpartition(".")[0] for name in weights}, rank, dora, directory / MLX_WEIGHTS)
-    return Adapters(layers, rank, float(parameters["scale"]), float(parameters.get("dropout", 0.0)), dora)
+        if a.ndim == 3:
+            experts[path] = (a, b)
+        else:
+            layers[path] = Adapter(a.T.contiguous(), b.T.contiguous(), weights.get(f"{path}.m"))
+    if not experts:
+        _check(layers, {name.rpartition(".")[0] for name in weights}, rank, dora, directory / MLX_WEIGHTS)
+    elif layers:
+        _check(
+            layers, {name.rpartition(".")[0] for name in weights} - set(experts), rank, dora, directory / MLX_WEIGHTS
+        )
+    routers = {path: layers.pop(path) for path in list(layers) if BLOCK.match(path)["key"] == ROUTER}
+    found = {f"{path}.weight": adapter for path, adapter in routers.items()} | _fused_experts(experts, rank, dora)
+    scale, dropout = float(parameters["scale"]), float(parameters.get("dropout", 0.0))
+    return Adapters(layers, rank, scale, dropout, dora, found)
+
+
+def _fused_experts(experts: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, dora: bool) -> dict[str, Adapter]:
+    """mlx-lm's layers of experts (``mlp.switch_mlp.gate_proj``: A (experts, r, in), B (experts, out, r)) as peft's
+    adapters of transformers' fused expert parameters (``mlp.experts.gate_up_proj``, `subjects.config_bridge`)."""
+    if experts and dora:
+        raise NotConvertible(f"{min(experts)}: DoRA on a layer of experts (neither mlx-lm nor peft has it)")
+    members: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for path, (a, b) in experts.items():
+        match = BLOCK.match(path)
+        if match["key"] not in FUSED_EXPERTS:
+            raise NotConvertible(f"{path}: a layer of experts transformers does not hold as {', '.join(FUSED_EXPERTS)}")
+        if a.shape[1] != rank or b.shape[-1] != rank or a.shape[0] != b.shape[0]:
+            raise NotConvertible(
+                f"{path}: factors A {tuple(a.shape)} and B {tuple(b.shape)}, but mlx-lm's layouts are (experts, r, in) "
+                f"and (experts, out, r) with the configuration's rank {rank}"
+            )
+        target, position = FUSED_EXPERTS[match["key"]]
+        members.setdefault((f"{match['blocks']}.{match['index']}", target), {})[position] = (a, b)
+    found = {}
+    for (block, target), held in sorted(members.items()):
+        positions = sorted(held)
+        dtype, rows = held[positions[0]][0].dtype, held[positions[0]][1].shape[1]
+        fused = sum(1 for parameter, _ in FUSED_EXPERTS.values() if parameter == target)
+        a = torch.cat([held[p][0] for p in positions], dim=1).float().numpy()
+        b = block_diagonal(
+            [held[p][1].float().numpy() for p in positions],
+            [slice(p * rows, (p + 1) * rows) for p in positions],
+            rows * fused,
+        )
+        peft_a, peft_b = (torch.from_numpy(values).to(dtype) for values in experts_layout(a, b))
+        found[f"{block}.{target}"] = Adapter(peft_a, peft_b, experts=a.shape[0])
+    return found
 
 
 def write_peft(adapters: Adapters, directory: Path) -> None:
     """`adapters` as peft saves them: its `LoraConfig` by peft's own ``save_pretrained``, the weights in its keys."""
-    modules = _as_product(adapters.layers)
+    modules = _as_product(adapters.layers) if adapters.layers else (set(), set())
     if modules is None:
         target_modules, layers_to_transform = sorted(adapters.layers), None
     else:
-        target_modules, layers_to_transform = sorted(modules[0]), sorted(modules[1])
+        target_modules, layers_to_transform = sorted(modules[0]), sorted(modules[1]) or None
+    ranks = _rank_pattern(adapters)
     config = LoraConfig(
         r=adapters.rank,
         lora_alpha=adapters.scale * adapters.rank,
         lora_dropout=adapters.dropout,
         target_modules=target_modules,
+        target_parameters=sorted(adapters.parameters, key=_wrapping_order) or None,
         layers_to_transform=layers_to_transform,
+        rank_pattern=ranks,
+        alpha_pattern={name: adapters.scale * rank for name, rank in ranks.items()},
         use_dora=adapters.dora,
         task_type="CAUSAL_LM",
     )
     weights = {}
-    for path, adapter in adapters.layers.items():
+    wrapped = _wrapping(list(adapters.parameters))
+    for path, adapter in [*adapters.layers.items(), *((wrapped[t], a) for t, a in adapters.parameters.items())]:
         weights[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.a.contiguous()
         weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = adapter.b.contiguous()
         if adapter.magnitude is not None:
@@ -134,19 +204,54 @@ def write_peft(adapters: Adapters, directory: Path) -> None:
     save_file(weights, str(directory / PEFT_WEIGHTS))
 
 
+def _rank_pattern(adapters: Adapters) -> dict[str, int]:
+    """peft's ``rank_pattern`` for the parameters whose rank is not the configuration's (a fused parameter of
+    experts holds r per member), by the parameter's name, which every block shares."""
+    ranks: dict[str, set[int]] = {}
+    for target, adapter in adapters.parameters.items():
+        ranks.setdefault(target.rpartition(".")[2], set()).add(adapter.rank)
+    for name, found in ranks.items():
+        if len(found) > 1:
+            raise NotConvertible(f"{name}: ranks {sorted(found)} in different blocks; peft's rank_pattern has one")
+    return {name: rank for name, (rank,) in sorted(ranks.items()) if rank != adapters.rank}
+
+
+def _wrapping_names() -> list[str]:
+    """The names of the parameters this converter adapts, in the order their modules define them: a router's
+    ``weight``, transformers' ``gate_up_proj`` before its ``down_proj``."""
+    return [
+        peft_target(ROUTER).rpartition(".")[2],
+        *dict.fromkeys(p.rpartition(".")[2] for p, _ in FUSED_EXPERTS.values()),
+    ]
+
+
+def _wrapping_order(target: str) -> tuple[str, int]:
+    module, _, name = target.rpartition(".")
+    return module, _wrapping_names().index(name)
+
+
+def _wrapping(targets: list[str]) -> dict[str, str]:
+    """Where peft keeps each target parameter's adapter. It wraps a module's adapted parameters in the order the
+    module defines them, each wrapper taking the last as its ``base_layer``: ``mlp.experts.base_layer.lora_A``
+    adapts ``gate_up_proj``, ``mlp.experts.lora_A`` ``down_proj``."""
+    by_module: dict[str, list[str]] = {}
+    for target in sorted(targets, key=_wrapping_order):
+        by_module.setdefault(target.rpartition(".")[0], []).append(target)
+    return {
+        target: module + ".base_layer" * (len(held) - 1 - position)
+        for module, held in by_module.items()
+        for position, target in enumerate(held)
+    }
+
+
 def read_peft(directory: Path) -> Adapters:
     """The adapters of a peft adapter directory (its config read by peft's own ``LoraConfig.from_pretrained``)."""
     if not (directory / "adapter_config.json").is_file():
         raise NotConvertible(f"{directory}: no adapter_config.json")
     config = LoraConfig.from_pretrained(str(directory))
-    if config.target_parameters:
-        raise NotConvertible(f"target_parameters {config.target_parameters}: layers of experts are not converted yet")
-    for pattern, name in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
-        if pattern:
-            raise NotConvertible(
-                f"{name} {pattern}: mlx-lm gives every adapted layer one rank and one scale (lora_parameters)"
-            )
+    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     weights = _weights(directory / PEFT_WEIGHTS)
+    parameters = _peft_parameters(config, weights)
     layers, leaves = {}, ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     for name in sorted(weights):
         if not name.startswith(PEFT_PREFIX):
@@ -164,9 +269,49 @@ def read_peft(directory: Path) -> Adapters:
             raise NotConvertible(f"{path}: lora_A without lora_B")
         _in_blocks(path)
         layers[path] = Adapter(weights[name], b, weights.get(f"{PEFT_PREFIX}{path}.lora_magnitude_vector"))
-    _check(layers, {_peft_path(name) for name in weights}, config.r, config.use_dora, directory / PEFT_WEIGHTS)
-    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    return Adapters(layers, config.r, scale, float(config.lora_dropout), bool(config.use_dora))
+    if layers or not parameters:
+        _check(layers, {_peft_path(name) for name in weights}, config.r, config.use_dora, directory / PEFT_WEIGHTS)
+    return Adapters(layers, config.r, scale, float(config.lora_dropout), bool(config.use_dora), parameters)
+
+
+def _peft_parameters(config: LoraConfig, weights: dict[str, torch.Tensor]) -> dict[str, Adapter]:
+    """The adapters of peft's ``target_parameters`` (a router's weight, transformers' fused experts, each named in
+    full), taken out of `weights`; refuses ranks and alphas that mlx-lm's one rank and scale cannot say."""
+    targets = list(config.target_parameters or [])
+    known = _wrapping_names()
+    for target in targets:
+        match = BLOCK.match(target)
+        if not match or match["key"] not in {peft_target(ROUTER), *(p for p, _ in FUSED_EXPERTS.values())}:
+            raise NotConvertible(
+                f"target_parameters {target!r}: not a router's weight or transformers' fused experts named in full "
+                f"({', '.join(known)} in a block)"
+            )
+    if config.use_dora and targets:
+        raise NotConvertible(f"{targets[0]}: DoRA on a layer of experts (neither mlx-lm nor peft has it)")
+    fused = {name for name in known if name != "weight"}
+    for pattern, name in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
+        if set(pattern) - fused:
+            raise NotConvertible(
+                f"{name} {pattern}: mlx-lm gives every adapted layer one rank and one scale (lora_parameters)"
+            )
+    for name, rank in config.rank_pattern.items():
+        alpha = config.alpha_pattern.get(name, config.lora_alpha)
+        if rank % config.r or not math.isclose(alpha / rank, config.lora_alpha / config.r, rel_tol=1e-12):
+            raise NotConvertible(
+                f"{name}: rank {rank} and alpha {alpha} in peft's patterns; mlx-lm's layers of experts fused in it "
+                f"hold rank {config.r} each, at one scale"
+            )
+    found = {}
+    for target, path in _wrapping(targets).items():
+        a, b = (weights.pop(f"{PEFT_PREFIX}{path}.{leaf}", None) for leaf in ("lora_A.weight", "lora_B.weight"))
+        if a is None or b is None:
+            raise NotConvertible(f"{target}: no lora_A and lora_B at {path}, where peft keeps its adapter")
+        rank = config.rank_pattern.get(target.rpartition(".")[2], config.r)
+        experts = 0 if target.endswith(peft_target(ROUTER)) else a.shape[0] // rank
+        if a.shape[0] != rank * max(experts, 1) or b.shape[1] != a.shape[0]:
+            raise NotConvertible(f"{target}: A {tuple(a.shape)} and B {tuple(b.shape)} disagree with rank {rank}")
+        found[target] = Adapter(a, b, experts=experts)
+    return found
 
 
 def _text_model_name(name: str) -> str:
@@ -180,11 +325,11 @@ def _text_model_name(name: str) -> str:
 
 def write_mlx_lm(adapters: Adapters, directory: Path, blocks: int) -> None:
     """`adapters` as mlx-lm saves them, for a model of `blocks` blocks: ``keys`` in the last ``num_layers``."""
-    modules = _as_product(adapters.layers)
+    layers = _mlx_layers(adapters)
+    modules = _as_product(layers)
     if modules is None:
         raise NotConvertible(
-            "mlx-lm adapts the same keys in every adapted block; these adapters adapt "
-            f"{', '.join(sorted(adapters.layers))}"
+            f"mlx-lm adapts the same keys in every adapted block; these adapters adapt {', '.join(sorted(layers))}"
         )
     keys, indices = modules
     num_layers = blocks - min(indices)
@@ -193,7 +338,63 @@ def write_mlx_lm(adapters: Adapters, directory: Path, blocks: int) -> None:
             f"mlx-lm adapts the last num_layers blocks of the model's {blocks}; these adapters adapt blocks "
             f"{', '.join(map(str, sorted(indices)))}"
         )
-    _save_mlx(adapters, directory, num_layers, sorted(keys), "")
+    _save_mlx(adapters, layers, directory, num_layers, sorted(keys), "")
+
+
+def _mlx_layers(adapters: Adapters) -> dict[str, dict[str, torch.Tensor]]:
+    """Every adapted layer by mlx-lm's path, its weights by name (``lora_a``, ``lora_b``, ``m``) in MLX's layouts:
+    a router's (in, r) and (r, out) as a linear layer's; a layer of experts' (experts, r, in) and (experts, out, r),
+    split out of transformers' fused parameter."""
+    found = {}
+    for path, adapter in adapters.layers.items():
+        found[path] = {"lora_a": adapter.a.T, "lora_b": adapter.b.T}
+        if adapter.magnitude is not None:
+            found[path]["m"] = adapter.magnitude
+    for target, adapter in adapters.parameters.items():
+        if not adapter.experts:
+            found[target.rpartition(".")[0]] = {"lora_a": adapter.a.T, "lora_b": adapter.b.T}
+            continue
+        match = BLOCK.match(target)
+        members = sorted((position, key) for key, (p, position) in FUSED_EXPERTS.items() if p == match["key"])
+        rows = adapter.b.shape[0] // len(members)
+        adapted = _adapted_members(target, adapter, members, rows, adapters.rank)
+        at = [slice(position * rows, (position + 1) * rows) for position, _ in adapted]
+        a, b = adapter.a.float().numpy(), adapter.b.float().numpy()
+        split = experts_of(a, b, adapter.experts, adapters.rank, at)
+        if not np.array_equal(
+            experts_layout(
+                a.reshape(adapter.experts, -1, a.shape[1]), block_diagonal([x for _, x in split], at, b.shape[0])
+            )[1],
+            b,
+        ):
+            raise NotConvertible(
+                f"{target}: B mixes the ranks of {' and '.join(k for _, k in members)} (peft trained it whole); "
+                "mlx-lm's separate layers of experts cannot hold it"
+            )
+        for (_, key), (member_a, member_b) in zip(adapted, split, strict=True):
+            block = f"{match['blocks']}.{match['index']}.{key}"
+            found[block] = {
+                "lora_a": torch.from_numpy(member_a).to(adapter.a.dtype),
+                "lora_b": torch.from_numpy(member_b).to(adapter.b.dtype),
+            }
+    return found
+
+
+def _adapted_members(
+    target: str, adapter: Adapter, members: list[tuple[int, str]], rows: int, rank: int
+) -> list[tuple[int, str]]:
+    """Which of mlx-lm's layers of experts a fused parameter's adapter stands for: all of them where it holds r
+    ranks for each; where it holds r, the one whose rows of B are not zero."""
+    count = adapter.rank // rank
+    if count == len(members):
+        return members
+    nonzero = [(p, k) for p, k in members if bool(adapter.b[p * rows : (p + 1) * rows].any())]
+    if count != 1 or len(nonzero) != 1:
+        raise NotConvertible(
+            f"{target}: rank {adapter.rank} over {', '.join(k for _, k in members)}, with rows of "
+            f"{len(nonzero)} of them adapted; mlx-lm holds rank {rank} for each layer it adapts"
+        )
+    return nonzero
 
 
 def write_mlx(adapters: Adapters, directory: Path, package: str, blocks: int | None = None) -> None:
@@ -207,17 +408,20 @@ def write_mlx(adapters: Adapters, directory: Path, package: str, blocks: int | N
 def write_mlx_vlm(adapters: Adapters, directory: Path) -> None:
     """`adapters` as mlx-vlm's ``save_adapter`` saves a text model's: every layer by its full name under
     ``language_model.``, in ``keys``."""
-    _save_mlx(adapters, directory, -1, sorted(f"{MLX_VLM_ROOT}{path}" for path in adapters.layers), MLX_VLM_ROOT)
+    layers = _mlx_layers(adapters)
+    _save_mlx(adapters, layers, directory, -1, sorted(f"{MLX_VLM_ROOT}{path}" for path in layers), MLX_VLM_ROOT)
 
 
-def _save_mlx(adapters: Adapters, directory: Path, num_layers: int, keys: list[str], root: str) -> None:
-    """The weights in MLX's layouts (A (in, r), B (r, out)) under `root`, and mlx-lm's configuration schema."""
-    weights = {}
-    for path, adapter in adapters.layers.items():
-        weights[f"{root}{path}.lora_a"] = adapter.a.T.contiguous()
-        weights[f"{root}{path}.lora_b"] = adapter.b.T.contiguous()
-        if adapter.magnitude is not None:
-            weights[f"{root}{path}.m"] = adapter.magnitude.contiguous()
+def _save_mlx(
+    adapters: Adapters,
+    layers: dict[str, dict[str, torch.Tensor]],
+    directory: Path,
+    num_layers: int,
+    keys: list[str],
+    root: str,
+) -> None:
+    """The `layers`' weights (`_mlx_layers`) under `root`, and mlx-lm's configuration schema."""
+    weights = {f"{root}{path}.{name}": w.contiguous() for path, held in layers.items() for name, w in held.items()}
     config = {
         "fine_tune_type": "dora" if adapters.dora else "lora",
         "num_layers": num_layers,

@@ -760,7 +760,7 @@ MODEL = Family(
                     "adapters_in_peft",
                     "The adapters the package saves, converted to peft's files (``python -m conformance.adapters "
                     "to-peft``) and loaded by ``PeftModel.from_pretrained``, give peft's logits. Drawn on what the "
-                    "converter converts: text models without experts.",
+                    "converter converts: text models.",
                     examples=10,
                     needs="adapter_directory",
                     fits=model_checks.converts,
@@ -769,7 +769,7 @@ MODEL = Family(
                     "adapters_from_peft",
                     "peft's adapters as ``save_pretrained`` saves them, converted to the package's files (``python -m "
                     "conformance.adapters to-mlx``) and loaded by the package's own loader, give peft's logits. Drawn "
-                    "on what the converter converts: text models without experts.",
+                    "on what the converter converts: text models.",
                     examples=10,
                     needs="adapted",
                     fits=model_checks.converts,

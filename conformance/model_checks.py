@@ -148,9 +148,9 @@ def adapters_from_peft(subject: Subject, case: ModelCase, timer: PhaseTimer = UN
 
 
 def converts(case: ModelCase) -> bool:
-    """Whether `conformance.adapters` converts the case's adapters (a text model's linear layers: not yet a
-    mixture's experts, nor a vision-language model's language part), in a model its dtype holds (`fits_dtype`)."""
-    return not case.mixture and not case.vision_language and fits_dtype(case)
+    """Whether `conformance.adapters` converts the case's adapters (a text model's: not yet a vision-language
+    model's language part), in a model its dtype holds (`fits_dtype`)."""
+    return not case.vision_language and fits_dtype(case)
 
 
 def rope_parameters(subject: Subject, case: ModelCase, timer: PhaseTimer = UNTIMED) -> Measurement:

@@ -144,8 +144,9 @@ def saved_adapters(case: ModelCase) -> Path:
 def with_saved_adapters(case: ModelCase, directory: Path) -> torch.nn.Module:
     """The case's model in its dtype with the adapters of a peft adapter `directory`, as peft's
     ``PeftModel.from_pretrained`` loads them, in eval mode."""
-    with warnings.catch_warnings():  # transformers' deprecation of a name peft calls, on every load
+    with warnings.catch_warnings():  # a deprecation peft meets on every load; the patterns, as in `_adapted_once`
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
         return PeftModel.from_pretrained(loaded(reference_directory(case), case.dtype.torch), str(directory)).eval()
 
 

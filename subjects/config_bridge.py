@@ -99,7 +99,7 @@ def peft_adapters(case: ModelCase) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for block in sorted({block_and_key(path)[0] for path in case.adapters}):
         for target in _fused_ranks(case):
             a, b = _stacked(case, block, target)
-            found[f"{block}.{target}"] = _experts_layout(a, b)
+            found[f"{block}.{target}"] = experts_layout(a, b)
     return found
 
 
@@ -125,15 +125,25 @@ def _stacked(case: ModelCase, block: str, target: str) -> tuple[np.ndarray, np.n
 
 def _block_diagonal(case: ModelCase, target: str, blocks: list[np.ndarray]) -> np.ndarray:
     """The B (experts, out, r') of `target` whose diagonal blocks, one per member, are `blocks` (experts, rows, r)."""
-    rank = case.lora.rank
-    outputs = sum(case.dims(key)[1] for key in FUSED_EXPERTS if FUSED_EXPERTS[key][0] == target)
-    b = np.zeros((case.experts, outputs, rank * len(blocks)), np.float32)
-    for position, (key, values) in enumerate(zip(_members(case, target), blocks, strict=True)):
-        b[:, _rows(case, key), position * rank : (position + 1) * rank] = values
+    held = [key for key in FUSED_EXPERTS if FUSED_EXPERTS[key][0] == target]
+    rows = [_rows(case, key) for key in _members(case, target)]
+    return block_diagonal(blocks, rows, sum(case.dims(key)[1] for key in held))
+
+
+def block_diagonal(blocks: list[np.ndarray], rows: list[slice], outputs: int) -> np.ndarray:
+    """The B (experts, `outputs`, r') of a fused expert parameter whose diagonal blocks, one per adapted member, are
+    `blocks` (experts, its rows, r) at its `rows`, each member's r columns after the last's; zero elsewhere."""
+    experts, _, rank = blocks[0].shape
+    b = np.zeros((experts, outputs, rank * len(blocks)), np.float32)
+    for position, (values, at) in enumerate(zip(blocks, rows, strict=True)):
+        b[:, at, position * rank : (position + 1) * rank] = values
     return b
 
 
-def _experts_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def experts_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """peft's ``lora_A.weight`` (r·experts, in) and ``lora_B.weight`` (out, r·experts) of a parameter of experts
+    whose adapters are A (experts, r, in) and B (experts, out, r): expert e's rank entries at rows e·r... of A and
+    at columns k·experts + e of B."""
     experts, rank, inputs = a.shape
     return a.reshape(experts * rank, inputs), _experts_layout_b(b)
 
@@ -161,16 +171,24 @@ def mlx_lm_adapters_of(case: ModelCase, target: str, a: np.ndarray, b: np.ndarra
     if key not in _fused_ranks(case):
         path = f"{block}.{ROUTER}" if key == peft_target(ROUTER) else target
         return {f"{path}.lora_a": a.T, f"{path}.lora_b": b.T}
-    rank = case.lora.rank
     members = _members(case, key)
-    stacked_a = a.reshape(case.experts, rank * len(members), -1)
-    stacked_b = b.reshape(b.shape[0], rank * len(members), case.experts).transpose(2, 0, 1)
     found = {}
-    for position, member in enumerate(members):
-        ranks = slice(position * rank, (position + 1) * rank)
-        found[f"{block}.{member}.lora_a"] = stacked_a[:, ranks]
-        found[f"{block}.{member}.lora_b"] = stacked_b[:, _rows(case, member), ranks]
+    split = experts_of(a, b, case.experts, case.lora.rank, [_rows(case, member) for member in members])
+    for member, (member_a, member_b) in zip(members, split, strict=True):
+        found[f"{block}.{member}.lora_a"], found[f"{block}.{member}.lora_b"] = member_a, member_b
     return found
+
+
+def experts_of(
+    a: np.ndarray, b: np.ndarray, experts: int, rank: int, rows: list[slice]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The adapters, A (experts, r, in) and B (experts, its rows, r), of each adapted member of a fused expert
+    parameter (at `rows`, in order) of peft's ``lora_A.weight`` `a` and ``lora_B.weight`` `b` (`experts_layout`'s
+    inverse: member k's rank entries are the k-th r of each expert's)."""
+    stacked_a = a.reshape(experts, rank * len(rows), -1)
+    stacked_b = b.reshape(b.shape[0], rank * len(rows), experts).transpose(2, 0, 1)
+    ranks = [slice(position * rank, (position + 1) * rank) for position in range(len(rows))]
+    return [(stacked_a[:, r], stacked_b[:, at, r]) for at, r in zip(rows, ranks, strict=True)]
 
 
 PEFT_PREFIX = "base_model.model."

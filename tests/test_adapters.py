@@ -235,3 +235,51 @@ def test_neither_mlx_package_loads_the_other_s_file_and_the_way_between_them_is_
     np.testing.assert_array_equal(
         subject.logits(vlm.adapted(case, tmp_path / "vlm"), case), subject.logits(vlm.adapted(case), case)
     )
+
+
+def _mixture(keys: tuple[str, ...] | None = None) -> ModelCase:
+    lora = LoraSettings(fine_tune_type="lora", num_layers=2, rank=2, scale=2.0, keys=keys)
+    return ModelCase(
+        "qwen3_moe", FLOAT32, layers=3, heads=2, kv_heads=1, head_dim=4, intermediate=6, vocab=16, tied=False,
+        lora=lora, batch=1, length=4, seed=3, adapter_scale=0.1, experts=3, experts_per_token=2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [None, ("mlp.switch_mlp.up_proj",), ("mlp.switch_mlp.gate_proj", "mlp.switch_mlp.down_proj"), ("mlp.gate",)],
+    ids=["every layer", "up only", "gate and down", "router"],
+)
+def test_a_mixture_s_experts_and_router_cross_both_ways_bit_for_bit(keys, tmp_path):
+    """mlx-lm's layers of experts are transformers' fused parameters in peft (``target_parameters``, the gate and up
+    projections' adapters one of rank 2r, ``rank_pattern``), and come back as they were."""
+    case, lm = _mixture(keys), subject.MlxLmEntryPoints()
+    assert converter.main(["to-peft", str(lm.adapter_directory(case)), str(tmp_path / "peft")]) == 0
+    np.testing.assert_array_equal(
+        reference.logits(reference.with_saved_adapters(case, tmp_path / "peft"), case), _reference_logits(case)
+    )
+    back = ["to-mlx", str(reference.saved_adapters(case)), str(tmp_path / "mlx"), "--model", str(mlx_directory(case))]
+    assert converter.main(back) == 0
+    before = load_file(str(lm.adapter_directory(case) / "adapters.safetensors"))
+    after = load_file(str(tmp_path / "mlx" / "adapters.safetensors"))
+    assert set(before) == set(after) and all(torch.equal(before[name], after[name]) for name in before)
+    np.testing.assert_array_equal(
+        subject.logits(lm.adapted(case, tmp_path / "mlx"), case), subject.logits(lm.adapted(case), case)
+    )
+
+
+def test_a_fused_adapter_peft_trained_whole_is_refused_where_mlx_lm_s_separate_layers_cannot_hold_it(tmp_path):
+    case = _mixture(("mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj"))
+    source = reference.saved_adapters(case)
+    weights = load_file(str(source / "adapter_model.safetensors"))
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    name = "base_model.model.model.layers.2.mlp.experts.lora_B.weight"
+    weights[name] = weights[name] + 1e-3  # B's blocks off the diagonal no longer zero, as whole training leaves them
+    save_file(weights, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    with pytest.raises(converter.NotConvertible, match="B mixes the ranks of mlp.switch_mlp.gate_proj and"):
+        converter.write_mlx_lm(converter.read_peft(tmp_path / "peft"), tmp_path / "mlx", 3)
+    config = json.loads((source / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | {"rank_pattern": {"gate_up_proj": 3}}))
+    with pytest.raises(converter.NotConvertible, match="rank 3 and alpha"):
+        converter.read_peft(tmp_path / "peft")
