@@ -14,7 +14,8 @@ mlx-vlm (0.7.10) saves the same files in mlx-lm's schema, naming each layer of a
 ``language_model.`` root (``keys`` lists them; ``num_layers`` is -1).
 
 A mixture of experts' layers (mlx-lm's router ``mlp.gate`` and ``SwitchLinear`` layers ``mlp.switch_mlp.*``, A
-(experts, r, in), B (experts, out, r)) are peft's ``target_parameters`` on transformers' modules (the router's
+(experts, r, in), B (experts, out, r); mlx-lm 0.28.2 and before saved A as (r·experts, in), expert-major, which is read
+too) are peft's ``target_parameters`` on transformers' modules (the router's
 ``weight``, the fused ``mlp.experts.gate_up_proj`` and ``down_proj``), as `subjects.config_bridge` maps them: the gate
 and up projections' adapters are one of rank 2r (``rank_pattern``, ``alpha_pattern``) with a block-diagonal B.
 
@@ -123,6 +124,8 @@ def read_mlx(directory: Path) -> Adapters:
         if b is None:
             raise NotConvertible(f"{path}: lora_a without lora_b")
         _in_blocks(path)
+        if a.ndim == 2 and b.ndim == 3 and a.shape[0] == b.shape[0] * rank:  # mlx-lm 0.28.2 and before: (r·experts, in)
+            a = a.reshape(b.shape[0], rank, a.shape[1])
         if a.ndim == 3:
             experts[path] = (a, b)
         else:

@@ -283,3 +283,22 @@ def test_a_fused_adapter_peft_trained_whole_is_refused_where_mlx_lm_s_separate_l
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | {"rank_pattern": {"gate_up_proj": 3}}))
     with pytest.raises(converter.NotConvertible, match="rank 3 and alpha"):
         converter.read_peft(tmp_path / "peft")
+
+
+def test_mlx_lm_s_old_expert_layout_reads_as_the_new_one(tmp_path):
+    """mlx-lm 0.28.2 and before kept a layer of experts' A as (r·experts, in), expert e's ranks at rows e·r...: the
+    same adapters, converted to the same peft file."""
+    case, lm = _mixture(), subject.MlxLmEntryPoints()
+    new = lm.adapter_directory(case)
+    weights = load_file(str(new / "adapters.safetensors"))
+    old = {
+        name: w.reshape(-1, w.shape[-1]) if ".switch_mlp." in name and name.endswith("lora_a") else w
+        for name, w in weights.items()
+    }
+    (tmp_path / "old").mkdir()
+    save_file(old, str(tmp_path / "old" / "adapters.safetensors"))
+    (tmp_path / "old" / "adapter_config.json").write_text((new / "adapter_config.json").read_text())
+    for source, out in ((new, "from new"), (tmp_path / "old", "from old")):
+        assert converter.main(["to-peft", str(source), str(tmp_path / out)]) == 0
+    first, second = (load_file(str(tmp_path / out / "adapter_model.safetensors")) for out in ("from new", "from old"))
+    assert set(first) == set(second) and all(torch.equal(first[name], second[name]) for name in first)

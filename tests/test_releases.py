@@ -20,9 +20,10 @@ from tests.conftest import GATE_ENVIRONMENTS, ROOT
 pytestmark = [pytest.mark.release, pytest.mark.xdist_group("gate")]  # one worker builds the environment
 
 
-def release_environment(requirement: str) -> Path:
-    """The python of an environment with this suite (editable) and `requirement`, shared with the gate's tests."""
-    source = sources.parse(requirement, "mlx-vlm")
+def release_environment(requirement: str, package: str = "mlx-vlm") -> Path:
+    """The python of an environment with this suite (editable) and `requirement` (of `package`), shared with the
+    gate's tests."""
+    source = sources.parse(requirement, package)
     return environment.prepare(source, GATE_ENVIRONMENTS / source.slug())
 
 
@@ -184,4 +185,96 @@ save_adapter(model, Path(saved) / "adapters.safetensors")
 again = apply_lora_layers(wrapped(), saved)
 logits = again.language_model(mx.array(json.loads(tokens)))
 np.save(Path(out) / "logits.npy", np.array(logits, dtype=np.float64))
+"""
+
+
+def test_an_adapter_mlx_lm_0_28_2_saved_for_a_mixture_is_refused_by_the_latest_and_converted_to_the_same_file(
+    tmp_path,
+):
+    """mlx-lm 0.28.2 kept a layer of experts' A as (r·experts, in); 0.28.3 on keep (experts, r, in). The latest
+    refuses 0.28.2's file with an error that names the shape; the converter reads it as the same adapters (0.28.2's
+    own layers compute their function from it), and writes the peft file the new layout gives."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conformance import adapters as converter
+    from foundation.dtypes import FLOAT32
+    from foundation.model_cases import LoraSettings, ModelCase
+    from foundation.model_files import mlx_lm_adapter_directory
+    from subjects import models as subject
+
+    lora = LoraSettings(fine_tune_type="lora", num_layers=2, rank=2, scale=2.0, keys=None)
+    case = ModelCase(
+        "qwen3_moe", FLOAT32, layers=3, heads=2, kv_heads=1, head_dim=4, intermediate=6, vocab=16, tied=False,
+        lora=lora, batch=1, length=4, seed=3, adapter_scale=0.1, experts=3, experts_per_token=2,
+    )  # fmt: skip
+    new = mlx_lm_adapter_directory(case)
+    python = release_environment("mlx-lm==0.28.2", "mlx-lm")
+    run = subprocess.run(
+        [str(python), "-c", SAVED_BY_0_28_2, str(new), str(tmp_path)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    old = tmp_path / "saved by 0.28.2"
+    shapes = {name: tuple(w.shape) for name, w in load_file(str(old / "adapters.safetensors")).items()}
+    assert shapes["model.layers.2.mlp.switch_mlp.up_proj.lora_a"] == (2 * 3, 8)  # (r·experts, in)
+
+    # 0.28.2's layer computes, from what it saved, the LoRA term of the adapters in the new layout
+    term = np.load(tmp_path / "term.npy")
+    a, b = case.adapters["model.layers.2.mlp.switch_mlp.up_proj"]  # (experts, r, in), (experts, out, r)
+    x, chosen = np.load(tmp_path / "x.npy"), np.load(tmp_path / "indices.npy")
+    expected = np.stack(
+        [[lora.scale * (b[e] @ (a[e] @ x[t, 0])) for e in chosen[t]] for t in range(x.shape[0])]
+    )  # fmt: skip
+    np.testing.assert_allclose(term[:, :, 0], expected, rtol=1e-5, atol=1e-7)  # float32 sums of a few products
+
+    with pytest.raises(ValueError, match="lora_a"):
+        subject.MlxLmEntryPoints().adapted(case, old)
+    for source, out in ((new, "from new"), (old, "from old")):
+        assert converter.main(["to-peft", str(source), str(tmp_path / out)]) == 0
+    first, second = (load_file(str(tmp_path / out / "adapter_model.safetensors")) for out in ("from new", "from old"))
+    assert set(first) == set(second) and all(torch.equal(first[name], second[name]) for name in first)
+
+
+SAVED_BY_0_28_2 = """
+import json, shutil, sys
+from pathlib import Path
+import mlx.core as mx, mlx.nn as nn, numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+new, out = Path(sys.argv[1]), Path(sys.argv[2])
+config = json.loads((new / "adapter_config.json").read_text())
+written = mx.load(str(new / "adapters.safetensors"))
+root = nn.Module()
+root.model = nn.Module()
+root.model.layers = [nn.Module() for _ in range(1 + max(int(n.split(".")[2]) for n in written))]
+for name in [n for n in written if n.endswith(".lora_a")]:
+    path = name.removesuffix(".lora_a")
+    a, b = written[name], written[f"{path}.lora_b"]
+    if a.ndim == 3:  # this release's own layer of experts, its A given in its own layout
+        experts, rank, inputs = a.shape
+        layer = LoRASwitchLinear(inputs, b.shape[1], experts, r=rank, scale=config["lora_parameters"]["scale"])
+        layer.lora_a, layer.lora_b = a.reshape(experts * rank, inputs), b
+    else:
+        layer = LoRALinear(a.shape[0], b.shape[1], r=a.shape[1])
+        layer.lora_a, layer.lora_b = a, b
+    layer.linear.freeze()
+    parent = root.model.layers[int(path.split(".")[2])]
+    *inner, leaf = path.split(".")[3:]
+    for part in inner:
+        if part not in parent:
+            parent[part] = nn.Module()
+        parent = parent[part]
+    parent[leaf] = layer
+    if path == "model.layers.2.mlp.switch_mlp.up_proj":
+        layer.linear.weight = mx.zeros_like(layer.linear.weight)
+        x = mx.random.normal((5, 1, 1, inputs), key=mx.random.key(0))
+        indices = mx.array([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]])
+        term = layer(x, indices)
+        for file, values in (("term", term), ("x", x[:, 0]), ("indices", indices)):
+            np.save(out / f"{file}.npy", np.array(values))
+saved = out / "saved by 0.28.2"
+saved.mkdir()
+mx.save_safetensors(str(saved / "adapters.safetensors"), dict(tree_flatten(root.trainable_parameters())))
+shutil.copy(new / "adapter_config.json", saved)
 """
