@@ -49,6 +49,7 @@ from subjects.config_bridge import (
     PEFT_PREFIX,
     ROUTER,
     block_diagonal,
+    experts_b_layout,
     experts_layout,
     experts_of,
     peft_target,
@@ -364,12 +365,7 @@ def _mlx_layers(adapters: Adapters) -> dict[str, dict[str, torch.Tensor]]:
         at = [slice(position * rows, (position + 1) * rows) for position, _ in adapted]
         a, b = adapter.a.float().numpy(), adapter.b.float().numpy()
         split = experts_of(a, b, adapter.experts, adapters.rank, at)
-        if not np.array_equal(
-            experts_layout(
-                a.reshape(adapter.experts, -1, a.shape[1]), block_diagonal([x for _, x in split], at, b.shape[0])
-            )[1],
-            b,
-        ):
+        if not np.array_equal(experts_b_layout(block_diagonal([x for _, x in split], at, b.shape[0])), b):
             raise NotConvertible(
                 f"{target}: B mixes the ranks of {' and '.join(k for _, k in members)} (peft trained it whole); "
                 "mlx-lm's separate layers of experts cannot hold it"

@@ -145,10 +145,11 @@ def experts_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     whose adapters are A (experts, r, in) and B (experts, out, r): expert e's rank entries at rows e·r... of A and
     at columns k·experts + e of B."""
     experts, rank, inputs = a.shape
-    return a.reshape(experts * rank, inputs), _experts_layout_b(b)
+    return a.reshape(experts * rank, inputs), experts_b_layout(b)
 
 
-def _experts_layout_b(b: np.ndarray) -> np.ndarray:
+def experts_b_layout(b: np.ndarray) -> np.ndarray:
+    """peft's ``lora_B.weight`` (out, r·experts) of B (experts, out, r) (`experts_layout`)."""
     experts, outputs, rank = b.shape
     return b.transpose(1, 2, 0).reshape(outputs, rank * experts)
 
@@ -160,7 +161,7 @@ def gradient_masks(case: ModelCase) -> dict[str, np.ndarray]:
     for block in sorted({block_and_key(path)[0] for path in case.adapters}):
         for target in _fused_ranks(case):
             ones = [np.ones((case.experts, case.dims(key)[1], case.lora.rank)) for key in _members(case, target)]
-            found[f"{block}.{target}"] = _experts_layout_b(_block_diagonal(case, target, ones))
+            found[f"{block}.{target}"] = experts_b_layout(_block_diagonal(case, target, ones))
     return found
 
 
