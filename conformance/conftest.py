@@ -347,6 +347,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 explained={str(line): count for line, count in explained.items()},
                 longrepr=_longrepr(report),
                 systematic=item.stash[CHECK_RUN].records() if CHECK_RUN in item.stash else [],
+                judges_saved_adapters=families.judges_saved_adapters(check_id(item), _check_name(item)),
             )
         )
 

@@ -54,6 +54,10 @@ class CheckInfo:
     needs: str | None = None
     """The entry point it calls, where a family's subjects may lack it (a whole model's ``fused``): the attribute of
     a subject's convention; a subject without it is not provided for this check."""
+    judges_saved_adapters: bool = False
+    """Whether it judges the function a saved adapter file gives (a whole model's adapters saved by one side and
+    loaded by another): where its verdict changes between a base and a change, so does what such a file means
+    (`reports.regression`)."""
 
     def runs_in(self, dtype: str) -> bool:
         return self.dtypes is None or dtype in self.dtypes
@@ -661,12 +665,13 @@ def _model_check(
     needs: str,
     fits: Keep = model_checks.fits_dtype,
     dtypes: tuple[str, ...] | None = None,
+    judges_saved_adapters: bool = False,
 ) -> CheckInfo:
     """A whole-model check (`conformance.model_checks`): it draws, and judges, only the cases `fits` takes (a model
     its dtype holds), and calls the subject's entry point `needs`."""
     run = _as_taken(getattr(model_checks, name), fits)
     info = CheckInfo(name, run, doc, (fits,), examples=examples, judges=fits, needs=needs)
-    return replace(info, dtypes=dtypes)
+    return replace(info, dtypes=dtypes, judges_saved_adapters=judges_saved_adapters)
 
 
 def _as_taken(check: Callable[..., Measurement], fits: Keep | None = None) -> Callable[..., Measurement]:
@@ -724,6 +729,7 @@ MODEL = Family(
                     "gives on the transformers model, for the bridged configuration.",
                     examples=4,  # a wrong scale or a missing layer is seen in about 1 bfloat16 case in 7
                     needs="adapted",
+                    judges_saved_adapters=True,
                 ),
                 _model_check(
                     "rope_parameters",
@@ -764,6 +770,7 @@ MODEL = Family(
                     examples=10,
                     needs="adapter_directory",
                     fits=model_checks.converts,
+                    judges_saved_adapters=True,
                 ),
                 _model_check(
                     "adapters_from_peft",
@@ -773,6 +780,7 @@ MODEL = Family(
                     examples=10,
                     needs="adapted",
                     fits=model_checks.converts,
+                    judges_saved_adapters=True,
                 ),
                 _model_check(
                     "fuse",
@@ -801,6 +809,7 @@ MODEL = Family(
                     examples=10,
                     needs="adapted",
                     dtypes=QUANTIZED_MODEL_DTYPES,
+                    judges_saved_adapters=True,
                 ),
                 _model_check(
                     "fuse",
@@ -856,6 +865,17 @@ def find_check(family: str, name: str) -> CheckInfo | None:
     """The check `name` of a family, on a float or a quantized base: what replay can re-run."""
     found = FAMILIES.get(family)
     return found.find_check(name) if found else None
+
+
+def judges_saved_adapters(check_id: str, name: str) -> bool:
+    """Whether the check `name` of test item `check_id` (``test_models.py::test_logits[...]``) judges the function a
+    saved adapter file gives (`CheckInfo.judges_saved_adapters`)."""
+    module = check_id.partition("::")[0]
+    return any(
+        base.module == module and (check := base.check(name)) is not None and check.judges_saved_adapters
+        for family in FAMILIES.values()
+        for base in family.bases
+    )
 
 
 def replayable(name: str) -> bool:

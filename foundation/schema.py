@@ -160,6 +160,9 @@ class CheckRecord(_Record):
     systematic: list[dict[str, Any]] = field(default_factory=list)
     """Each quantity's error along each term of its formula, pooled over the check's passing cases
     (`foundation.systematic.Pooled`)."""
+    judges_saved_adapters: bool = False
+    """Whether the check judges the function a saved adapter file gives: a change of its verdict between a base and a
+    change is a change of what such a file means (`reports.regression`)."""
     run: int = 0
     label: str = ""
 

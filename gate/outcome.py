@@ -72,6 +72,14 @@ def console_lines(results: Results, comparison: Comparison) -> list[str]:
             lines.append(f"  {check.check_id}: {why}")
         if len(checks) > LISTED:
             lines.append(f"  …and {len(checks) - LISTED} more (in the summary)")
+    changed = comparison.saved_adapters_changed
+    if changed:
+        lines.append(
+            f"gate: saved adapters change meaning: {len(changed)} check(s) of saved adapter files changed verdict "
+            "against the base; an adapter saved with the base gives another function with this change (say so to "
+            "users, or convert their files)"
+        )
+        lines += [f"  {c.check_id}: {'now fails' if c.status == Status.FAIL else 'now passes'}" for c in changed]
     for entry in comparison.now_passing_divergences:
         lines.append(f"gate: known divergence now passing, drop or narrow its entry: {entry.check_id}")
     known = [d for d in results.known_divergences if d.status == Status.KNOWN_DIVERGENCE]

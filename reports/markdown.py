@@ -50,6 +50,15 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
     if comparison.fixed:
         lines += ["", f"### Fixed since the base: {len(comparison.fixed)}", ""]
         lines += [f"- {subject_label(c)} `{c.check_id}`" for c in comparison.fixed]
+    if comparison.saved_adapters_changed:
+        changed = comparison.saved_adapters_changed
+        lines += ["", f"### Saved adapters change meaning: {len(changed)}", ""]
+        lines += [
+            "These checks of saved adapter files changed verdict against the base: an adapter saved with the base "
+            "gives another function with this change (say so to users, or convert their files).",
+            "",
+        ]
+        lines += [f"- `{c.check_id}`: {'now fails' if c.status == Status.FAIL else 'now passes'}" for c in changed]
     if comparison.no_longer_provided:
         lines += [
             "",

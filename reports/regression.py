@@ -35,6 +35,17 @@ class Comparison:
     base: Results | None = None
 
     @property
+    def saved_adapters_changed(self) -> list[CheckRecord]:
+        """The checks of saved adapter files whose verdict changed against the base (`CheckRecord.
+        judges_saved_adapters`). Each verdict holds the function a file gives to the allowed error around peft's
+        meaning of it (`foundation.model_verdict`), so where one side passes and the other fails, the same file gives
+        the two sides different functions: adapters saved with the base mean something else with this change,
+        whichever side is right."""
+        if self.base is None:
+            return []
+        return [c for c in [*self.new_failures, *self.fixed] if c.judges_saved_adapters]
+
+    @property
     def passed(self) -> bool:
         return not self.new_failures
 

@@ -31,6 +31,13 @@ def forward(subject: str, dtype: str, status: str) -> dict:
     return check(f"test_linear.py::test_forward[{subject}-{dtype}]", subject, dtype, "forward", status)
 
 
+def model_logits(subject: str, dtype: str, status: str) -> dict:
+    """The whole-model logits check of `subject` in `dtype`: it judges the function a saved adapter gives."""
+    return check(f"test_models.py::test_logits[{subject}-{dtype}]", subject, dtype, "logits", status) | {
+        "judges_saved_adapters": True
+    }
+
+
 def divergence(check_id: str, status: str, now_passing: list[str] = (), explained: int = 0) -> dict:
     """A results file's entry for one line of the known-divergences file."""
     return {

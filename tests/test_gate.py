@@ -25,7 +25,7 @@ from reports import markdown
 from reports.regression import compare
 from reports.results import merge
 from tests.conftest import GATE_ENVIRONMENTS, ROOT
-from tests.documents import divergence, document, forward
+from tests.documents import divergence, document, forward, model_logits
 
 PULL_REQUEST = ROOT / "tests" / "fixtures" / "mlx-vlm-pull-request"
 LINEAR_ONLY = ("--", "-k", "test_linear.py", "--dtype", "float32")
@@ -131,6 +131,40 @@ def test_with_a_base_only_checks_that_did_not_fail_there_are_new():
     assert "### Failing in the base too: 1 (not counted against this change)" in summary
     assert "### Fixed since the base: 1" in summary and "### No longer provided: 1" in summary
     assert "- base: mlx 1 · mlx-vlm 0.7.10" in summary
+
+
+def test_a_change_of_verdict_on_saved_adapter_files_is_flagged_as_a_change_of_what_they_mean():
+    """A check of saved adapter files that passes on one side and fails on the other: the same file gives the two
+    sides different functions, whichever is right (the raw-alpha fix changed what every saved adapter meant)."""
+    base = _results(
+        model_logits("lm", "float32", "fail"), model_logits("lm", "bfloat16", "pass"), forward("s", "float32", "fail")
+    )
+    now = _results(
+        model_logits("lm", "float32", "pass"), model_logits("lm", "bfloat16", "fail"), forward("s", "float32", "pass")
+    )
+    comparison = compare(now, base)
+    assert [(c.check_id, c.status.value) for c in comparison.saved_adapters_changed] == [
+        ("test_models.py::test_logits[lm-bfloat16]", "fail"),
+        ("test_models.py::test_logits[lm-float32]", "pass"),
+    ]
+    assert not compare(now, None).saved_adapters_changed and not compare(now, now).saved_adapters_changed
+    summary = markdown.render(now, comparison=comparison)
+    assert "### Saved adapters change meaning: 2" in summary
+    assert "- `test_models.py::test_logits[lm-float32]`: now passes" in summary
+    lines = outcome.console_lines(now, comparison)
+    assert any(line.startswith("gate: saved adapters change meaning: 2 check(s)") for line in lines)
+    assert "  test_models.py::test_logits[lm-bfloat16]: now fails" in lines
+
+
+def test_the_checks_of_saved_adapter_files_are_the_model_checks_that_load_them():
+    from conformance.families import judges_saved_adapters
+
+    for module, name in [("test_models.py", n) for n in ("logits", "adapters_in_peft", "adapters_from_peft")] + [
+        ("test_quantized_models.py", "logits")
+    ]:
+        assert judges_saved_adapters(f"{module}::test_{name}[x-float32]", name), (module, name)
+    for module, name in [("test_models.py", "fuse"), ("test_models.py", "steps_sgd"), ("test_linear.py", "forward")]:
+        assert not judges_saved_adapters(f"{module}::test_{name}[x-float32]", name), (module, name)
 
 
 def test_a_known_divergence_that_now_passes_is_reported_as_fixed_whatever_the_base():
