@@ -50,8 +50,8 @@ from subjects.config_bridge import (
     ROUTER,
     block_diagonal,
     experts_b_layout,
-    experts_layout,
     experts_of,
+    fused_adapter,
     peft_target,
 )
 
@@ -131,12 +131,9 @@ def read_mlx(directory: Path) -> Adapters:
             experts[path] = (a, b)
         else:
             layers[path] = Adapter(a.T.contiguous(), b.T.contiguous(), weights.get(f"{path}.m"))
-    if not experts:
-        _check(layers, {name.rpartition(".")[0] for name in weights}, rank, dora, directory / MLX_WEIGHTS)
-    elif layers:
-        _check(
-            layers, {name.rpartition(".")[0] for name in weights} - set(experts), rank, dora, directory / MLX_WEIGHTS
-        )
+    if layers or not experts:
+        paths = {name.rpartition(".")[0] for name in weights} - set(experts)
+        _check(layers, paths, rank, dora, directory / MLX_WEIGHTS)
     routers = {path: layers.pop(path) for path in list(layers) if BLOCK.match(path)["key"] == ROUTER}
     found = {f"{path}.weight": adapter for path, adapter in routers.items()} | _fused_experts(experts, rank, dora)
     scale, dropout = float(parameters["scale"]), float(parameters.get("dropout", 0.0))
@@ -165,14 +162,10 @@ def _fused_experts(experts: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: 
         positions = sorted(held)
         dtype, rows = held[positions[0]][0].dtype, held[positions[0]][1].shape[1]
         fused = sum(1 for parameter, _ in FUSED_EXPERTS.values() if parameter == target)
-        a = torch.cat([held[p][0] for p in positions], dim=1).float().numpy()
-        b = block_diagonal(
-            [held[p][1].float().numpy() for p in positions],
-            [slice(p * rows, (p + 1) * rows) for p in positions],
-            rows * fused,
-        )
-        peft_a, peft_b = (torch.from_numpy(values).to(dtype) for values in experts_layout(a, b))
-        found[f"{block}.{target}"] = Adapter(peft_a, peft_b, experts=a.shape[0])
+        members = [(held[p][0].float().numpy(), held[p][1].float().numpy()) for p in positions]
+        at = [slice(p * rows, (p + 1) * rows) for p in positions]
+        peft_a, peft_b = (torch.from_numpy(values).to(dtype) for values in fused_adapter(members, at, rows * fused))
+        found[f"{block}.{target}"] = Adapter(peft_a, peft_b, experts=members[0][0].shape[0])
     return found
 
 
@@ -220,18 +213,17 @@ def _rank_pattern(adapters: Adapters) -> dict[str, int]:
     return {name: rank for name, (rank,) in sorted(ranks.items()) if rank != adapters.rank}
 
 
-def _wrapping_names() -> list[str]:
-    """The names of the parameters this converter adapts, in the order their modules define them: a router's
-    ``weight``, transformers' ``gate_up_proj`` before its ``down_proj``."""
-    return [
-        peft_target(ROUTER).rpartition(".")[2],
-        *dict.fromkeys(p.rpartition(".")[2] for p, _ in FUSED_EXPERTS.values()),
-    ]
+WRAPPED_IN_ORDER = (
+    peft_target(ROUTER).rpartition(".")[2],
+    *dict.fromkeys(parameter.rpartition(".")[2] for parameter, _ in FUSED_EXPERTS.values()),
+)
+"""The names of the parameters this converter adapts, in the order their modules define them: a router's
+``weight``, transformers' ``gate_up_proj`` before its ``down_proj``."""
 
 
 def _wrapping_order(target: str) -> tuple[str, int]:
     module, _, name = target.rpartition(".")
-    return module, _wrapping_names().index(name)
+    return module, WRAPPED_IN_ORDER.index(name)
 
 
 def _wrapping(targets: list[str]) -> dict[str, str]:
@@ -282,17 +274,16 @@ def _peft_parameters(config: LoraConfig, weights: dict[str, torch.Tensor]) -> di
     """The adapters of peft's ``target_parameters`` (a router's weight, transformers' fused experts, each named in
     full), taken out of `weights`; refuses ranks and alphas that mlx-lm's one rank and scale cannot say."""
     targets = list(config.target_parameters or [])
-    known = _wrapping_names()
     for target in targets:
         match = BLOCK.match(target)
         if not match or match["key"] not in {peft_target(ROUTER), *(p for p, _ in FUSED_EXPERTS.values())}:
             raise NotConvertible(
                 f"target_parameters {target!r}: not a router's weight or transformers' fused experts named in full "
-                f"({', '.join(known)} in a block)"
+                f"({', '.join(WRAPPED_IN_ORDER)} in a block)"
             )
     if config.use_dora and targets:
         raise NotConvertible(f"{targets[0]}: DoRA on a layer of experts (neither mlx-lm nor peft has it)")
-    fused = {name for name in known if name != "weight"}
+    fused = set(WRAPPED_IN_ORDER[1:])
     for pattern, name in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         if set(pattern) - fused:
             raise NotConvertible(

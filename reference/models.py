@@ -115,8 +115,7 @@ def borrowed(case: ModelCase, dtype: torch.dtype, term_cast_first: bool = False)
 
 @once_per_case
 def _adapted_once(case: ModelCase, dtype: torch.dtype, term_cast_first: bool) -> torch.nn.Module:
-    with warnings.catch_warnings():  # peft checks the patterns against target_modules only; they apply to both
-        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+    with _peft_quietly():
         model = get_peft_model(loaded(reference_directory(case), dtype), peft_config(case))
     layers = lora_layers(model)
     magnitudes = dora_magnitudes(case)
@@ -144,10 +143,18 @@ def saved_adapters(case: ModelCase) -> Path:
 def with_saved_adapters(case: ModelCase, directory: Path) -> torch.nn.Module:
     """The case's model in its dtype with the adapters of a peft adapter `directory`, as peft's
     ``PeftModel.from_pretrained`` loads them, in eval mode."""
-    with warnings.catch_warnings():  # a deprecation peft meets on every load; the patterns, as in `_adapted_once`
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+    with _peft_quietly():
         return PeftModel.from_pretrained(loaded(reference_directory(case), case.dtype.torch), str(directory)).eval()
+
+
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """peft's warnings on building an adapted model that say nothing here: it checks rank and alpha patterns against
+    ``target_modules`` only (they apply to ``target_parameters`` too), and meets a transformers deprecation."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        yield
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

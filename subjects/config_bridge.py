@@ -98,8 +98,10 @@ def peft_adapters(case: ModelCase) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             found[f"{block}.{peft_target(key)}"] = (a, b)
     for block in sorted({block_and_key(path)[0] for path in case.adapters}):
         for target in _fused_ranks(case):
-            a, b = _stacked(case, block, target)
-            found[f"{block}.{target}"] = experts_layout(a, b)
+            members = _members(case, target)
+            adapters = [case.adapters[f"{block}.{key}"] for key in members]
+            held = sum(case.dims(key)[1] for key in FUSED_EXPERTS if FUSED_EXPERTS[key][0] == target)
+            found[f"{block}.{target}"] = fused_adapter(adapters, [_rows(case, key) for key in members], held)
     return found
 
 
@@ -116,18 +118,21 @@ def _rows(case: ModelCase, key: str) -> slice:
     return slice(index * outputs, (index + 1) * outputs)
 
 
-def _stacked(case: ModelCase, block: str, target: str) -> tuple[np.ndarray, np.ndarray]:
-    """A (experts, r', in) and block-diagonal B (experts, out, r') of peft's adapter of `target` in `block`."""
-    members = _members(case, target)
-    a = np.concatenate([case.adapters[f"{block}.{key}"][0] for key in members], axis=1)
-    return a, _block_diagonal(case, target, [case.adapters[f"{block}.{key}"][1] for key in members])
-
-
 def _block_diagonal(case: ModelCase, target: str, blocks: list[np.ndarray]) -> np.ndarray:
     """The B (experts, out, r') of `target` whose diagonal blocks, one per member, are `blocks` (experts, rows, r)."""
     held = [key for key in FUSED_EXPERTS if FUSED_EXPERTS[key][0] == target]
     rows = [_rows(case, key) for key in _members(case, target)]
     return block_diagonal(blocks, rows, sum(case.dims(key)[1] for key in held))
+
+
+def fused_adapter(
+    members: list[tuple[np.ndarray, np.ndarray]], rows: list[slice], outputs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """peft's ``lora_A.weight`` and ``lora_B.weight`` of a fused expert parameter of `outputs` rows whose adapted
+    members' adapters are `members` (A (experts, r, in), B (experts, its rows, r)) at their `rows`: A stacks theirs,
+    B is block-diagonal (`experts_of`'s inverse)."""
+    stacked = np.concatenate([a for a, _ in members], axis=1)
+    return experts_layout(stacked, block_diagonal([b for _, b in members], rows, outputs))
 
 
 def block_diagonal(blocks: list[np.ndarray], rows: list[slice], outputs: int) -> np.ndarray:

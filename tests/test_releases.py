@@ -222,10 +222,16 @@ def test_an_adapter_mlx_lm_0_28_2_saved_for_a_mixture_is_refused_by_the_latest_a
     term = np.load(tmp_path / "term.npy")
     a, b = case.adapters["model.layers.2.mlp.switch_mlp.up_proj"]  # (experts, r, in), (experts, out, r)
     x, chosen = np.load(tmp_path / "x.npy"), np.load(tmp_path / "indices.npy")
-    expected = np.stack(
-        [[lora.scale * (b[e] @ (a[e] @ x[t, 0])) for e in chosen[t]] for t in range(x.shape[0])]
-    )  # fmt: skip
-    np.testing.assert_allclose(term[:, :, 0], expected, rtol=1e-5, atol=1e-7)  # float32 sums of a few products
+    a64, b64, x64 = (values.astype(np.float64) for values in (a, b, x))
+
+    def term_of(a, b, x):
+        return np.stack([[lora.scale * (b[e] @ (a[e] @ x[t, 0])) for e in chosen[t]] for t in range(x.shape[0])])
+
+    # float32's worst case for two nested sums (of `in` then r products) and the scale: gamma_n of the magnitudes
+    n = a.shape[2] + a.shape[1] + 1
+    gamma = n * FLOAT32.unit_roundoff / (1 - n * FLOAT32.unit_roundoff)
+    error = np.abs(term[:, :, 0] - term_of(a64, b64, x64))
+    assert np.all(error <= gamma * term_of(np.abs(a64), np.abs(b64), np.abs(x64))), error.max()
 
     with pytest.raises(ValueError, match="lora_a"):
         subject.MlxLmEntryPoints().adapted(case, old)
