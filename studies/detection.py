@@ -199,13 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        help="the JSON to write (default: studies/results/detection/<family>[-<base>]-<dtype>-<kind>.json)",
+        help="the JSON to write (default: studies/results/detection/<family>[-<base>]-<dtype>-<kind>[-seed<S>].json)",
     )
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)
     sampling.check_usage(parser, args.family, args.kind, args.base, args.dtype, args.adapter_dtype)
     subject = false_alarms.default_subject(args.family)
-    name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype)
+    name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype, args.seed)
     out = args.out or RESULTS / "detection" / name
     sampling.writable(parser, out)
 

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>.json)",
+        help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>[-seed<S>].json)",
     )
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.family} has no check {', '.join(unknown)} on a {args.base} base "
             f"(its checks: {', '.join(FAMILIES[args.family].checks_on(args.base))})"
         )
-    name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype)
+    name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype, args.seed)
     out = args.out or RESULTS / "false_alarms" / name
     sampling.writable(parser, out)
 

@@ -184,6 +184,7 @@ def test_a_study_of_float32_adapters_draws_only_those_and_says_so_in_its_file_na
     assert drawn and extreme and all(case.mixed and case.adapter_dtype.name == "float32" for case in drawn + extreme)
     name = sampling.result_name("linear", "float", "bfloat16", "drawn", "float32")
     assert name == "linear-bfloat16-float32-adapters-drawn.json"
+    assert sampling.result_name("linear", "float", "bfloat16", "drawn", seed=2) == "linear-bfloat16-drawn-seed2.json"
     out = tmp_path / name
     options = ["--family", "linear", "--dtype", "bfloat16", "--cases", "6", "--adapter-dtype", "float32"]
     assert false_alarms.main([*options, "--out", str(out)]) == 0
