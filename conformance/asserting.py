@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import sys
 
 from hypothesis.control import current_build_context, currently_in_test_context
 
@@ -10,6 +10,7 @@ from conformance import divergences
 from conformance.divergences import Judgement
 from conformance.families import replayable
 from conformance.recording import Recorder
+from foundation.schema import Row, replay_command
 from foundation.verdict import Measurement
 
 
@@ -34,12 +35,23 @@ def message(measurement: Measurement, check_id: str = "", judgement: Judgement |
     if agreeing:
         lines.append(f"  within the allowed error: {', '.join(agreeing)}")
     lines += [f"  diagnosis: {hint}" for hint in measurement.hints]
-    if replayable(measurement.check):
-        replay = json.dumps({"subject": measurement.subject, "check": measurement.check, "case": measurement.case})
-        lines.append(f"  replay: python -m conformance.replay '{replay}'")
-    elif check_id:
-        lines.append(f"  replay: pytest 'conformance/{check_id}'")
+    replay = replay_of(measurement.subject, measurement.check, measurement.case, check_id)
+    if replay:
+        lines.append(f"  replay: {replay}")
     return "\n".join(lines)
+
+
+def replay_of(subject: str, check: str, case: dict, check_id: str = "") -> str:
+    """How to run one case again: the suite's replay, by this Python (which has the suite installed), for a check
+    it can replay alone; else the test, with pytest."""
+    if replayable(check):
+        return replay_command(subject, check, case, sys.executable)
+    return f"pytest 'conformance/{check_id}'" if check_id else ""
+
+
+def row_replay(row: Row | None) -> str:
+    """`replay_of` a recorded case (empty without one)."""
+    return replay_of(row.subject, row.check, row.case, row.check_id) if row is not None else ""
 
 
 def record_and_assert(recorder: Recorder, measurement: Measurement) -> None:

@@ -10,10 +10,10 @@ import mlx.core as mx
 import pytest
 from hypothesis import settings
 
-from conformance import check_run, divergences, families, recording, scheduling, threads
+from conformance import asserting, check_run, divergences, families, recording, scheduling, threads
 from foundation import memo, profiles, quantization
 from foundation.dtypes import BY_NAME as DTYPES
-from foundation.schema import CheckRecord, DivergenceRecord, Row, Status
+from foundation.schema import CheckRecord, DivergenceRecord, Row, Status, showing_case
 from subjects.known import CATALOGUE, Subject, select, versions
 
 NO_SUBJECT = "no-selected-subject"
@@ -336,6 +336,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             seen = [entry for entry in entries if entry.line in explained]
             report.outcome = "skipped"
             report.wasxfail = "known divergence: " + "; ".join(dict.fromkeys(entry.reason for entry in seen))
+        report.user_properties.append((STATUS_PROPERTY, status.value))
         params = item.callspec.params if hasattr(item, "callspec") else {}
         state["checks"].append(
             CheckRecord(
@@ -348,8 +349,29 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                 longrepr=_longrepr(report),
                 systematic=item.stash[CHECK_RUN].records() if CHECK_RUN in item.stash else [],
                 judges_saved_adapters=families.judges_saved_adapters(check_id(item), _check_name(item)),
+                replay=asserting.row_replay(showing_case(recorder.rows[recorder.first_row :]))
+                if status in (Status.FAIL, Status.KNOWN_DIVERGENCE)
+                else "",
             )
         )
+
+
+STATUS_PROPERTY = "conformance status"
+"""The report's user property that carries a check's status to the terminal (from an xdist worker too)."""
+NAMED = {
+    Status.KNOWN_DIVERGENCE: ("known divergence", "x", "KNOWN DIVERGENCE"),
+    Status.MISSED_THIS_RUN: ("missed this run", "m", "MISSED THIS RUN"),
+    Status.NOT_PROVIDED: ("not provided", "s", "NOT PROVIDED"),
+}
+"""How pytest's progress and last line name the statuses pytest has no word of its own for (it would say xfailed,
+passed and skipped): as the results, the report and the gate do."""
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
+    status = dict(report.user_properties).get(STATUS_PROPERTY)
+    if status is not None and Status(status) in NAMED and report.when in ("setup", "call"):
+        return NAMED[Status(status)]
+    return None
 
 
 def _not_seen(entries: list[divergences.KnownDivergence], explained: dict[int, int]) -> str:

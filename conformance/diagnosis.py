@@ -28,10 +28,10 @@ def scalar_multiple(observed: np.ndarray, expected: np.ndarray, allowed: np.ndar
     return None
 
 
-def _explain_factor(k: float, case: LinearCase) -> str:
-    """What a LoRA term k times too large usually means."""
+def _readings(case: LinearCase) -> dict[str, float]:
+    """The factors a LoRA term is commonly off by, each with what it usually means."""
     s, r = case.scale, case.r
-    readings = {
+    return {
         "0: the LoRA term is missing": 0.0,
         "-1: the LoRA term has the wrong sign": -1.0,
         "r: the raw alpha is used where alpha / r belongs": float(r),
@@ -41,8 +41,16 @@ def _explain_factor(k: float, case: LinearCase) -> str:
         "scale: the scale is applied twice": s,
         "1/scale: the scale is not applied": 1.0 / s,
     }
-    matches = [reading for reading, factor in readings.items() if abs(k - factor) <= 1e-2 * max(1.0, abs(factor))]
+
+
+def _explain_factor(k: float, case: LinearCase) -> str:
+    """What a LoRA term k times too large usually means."""
+    matches = [reading for reading, factor in _readings(case).items() if _same_factor(k, factor)]
     return f" (= {'; or '.join(matches)})" if matches else ""
+
+
+def _same_factor(k: float, factor: float) -> bool:
+    return abs(k - factor) <= 1e-2 * max(1.0, abs(factor))
 
 
 def _factor_hint(what: str, k: float | None, case: LinearCase, elements: int) -> list[str]:
@@ -208,6 +216,54 @@ def adapter_in_base_dtype(case: Case) -> Case:
     magnitude = None if case.magnitude is None else round_to(case.magnitude, dtype)
     rounded = {"lora_A": round_to(case.lora_A, dtype), "lora_B": round_to(case.lora_B, dtype), "magnitude": magnitude}
     return replace(case, adapter_dtype=dtype, **rounded)
+
+
+def _adapted_linear(case: Case) -> LinearCase | None:
+    """The linear layer whose LoRA scale a case's formulas use: an embedding's lookup, a switch layer's first
+    expert (its experts share r and alpha), the case itself."""
+    if isinstance(case, EmbeddingCase):
+        return case.lookup
+    if isinstance(case, SwitchCase):
+        return case.experts[0] if case.experts else None
+    return case if isinstance(case, LinearCase) else None
+
+
+def with_scale_times(case: Case, factor: float) -> Case:
+    """The case with its LoRA scale `factor` times its own (alpha scaled: every scaling rule is linear in it)."""
+    if isinstance(case, EmbeddingCase):
+        return replace(case, lookup=with_scale_times(case.lookup, factor))
+    if isinstance(case, SwitchCase):
+        return replace(case, experts=tuple(with_scale_times(expert, factor) for expert in case.experts))
+    return replace(case, alpha=case.alpha * factor)
+
+
+def scale_hints(case: Case, measurement: Measurement, observed: dict, expect: Callable[[Case], dict]) -> list[str]:
+    """Where every value the subject got wrong agrees with the check's formulas for the case with its LoRA scale
+    off by a recognised factor (`_readings`): the ratio diagnosis of checks whose quantity is not a LoRA term alone
+    (gradients, dropout, optimizer steps) or not an exact multiple of it (a quantized base in half precision)."""
+    linear = _adapted_linear(case)
+    wrong = {c.quantity for c in measurement.comparisons if c.side == "subject" and c.kind == VALUES and not c.passed}
+    if linear is None or not wrong or not wrong <= observed.keys():
+        return []
+    matches = {}
+    for reading, factor in _readings(linear).items():
+        if _same_factor(factor, 1.0):
+            continue
+        try:
+            expected = expect(with_scale_times(case, factor))
+        except Exception:  # noqa: BLE001 - a diagnosis that cannot be made is no finding
+            continue
+        if all(
+            expected.get(q) is not None and compare(q, "subject", observed[q][0], expected[q]).passed for q in wrong
+        ):
+            matches[reading] = factor
+    factors = set(matches.values())
+    if not matches or any(not _same_factor(f, min(factors)) for f in factors):
+        return []  # none, or several factors at once: the bound cannot tell them apart
+    return [
+        f"{', '.join(sorted(wrong))} agree with a LoRA scale {min(factors):.3f}× peft's "
+        f"(= {'; or '.join(matches)})"
+    ]
 
 
 _SIDES = {"subject": "the subject's", "reference": "peft's"}

@@ -7,6 +7,7 @@ complete and written once however many workers ran.
 
 from __future__ import annotations
 
+import errno
 import json
 import platform
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ def now() -> str:
 
 def check_writable(path: Path) -> None:
     """Fail early, with the path in the message, if an output file cannot be written (leaving no empty file)."""
+    blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     existed = path.exists()
     with path.open("a"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,9 @@ class CheckRecord(_Record):
     judges_saved_adapters: bool = False
     """Whether the check judges the function a saved adapter file gives: a change of its verdict between a base and a
     change is a change of what such a file means (`reports.regression`)."""
+    replay: str = ""
+    """Where a case failed (a failure, or a known divergence): the command that replays the case shown for it
+    (`showing_case`), by the Python that ran the suite."""
     run: int = 0
     label: str = ""
 
@@ -181,6 +185,18 @@ class DivergenceRecord(_Record):
     now_passing: list[str]
     """The checks it covers in which it explained nothing (empty for an @sometimes entry)."""
     label: str = ""
+
+
+def replay_command(subject: str, check: str, case: dict, python: str = "python") -> str:
+    """The suite's replay of one recorded case, run by `python` (one with this suite installed: the one that ran
+    the suite, e.g. ``.tox/conformance/bin/python``)."""
+    return f"{python} -m conformance.replay '{json.dumps({'subject': subject, 'check': check, 'case': case})}'"
+
+
+def showing_case(rows: list[Row]) -> Row | None:
+    """The failing case that shows a check's failure: Hypothesis' final, shrunk one, else the first."""
+    failing = [row for row in rows if row.failed]
+    return next((row for row in failing if row.final), failing[0] if failing else None)
 
 
 def document(meta: dict, rows: list[Row], checks: list[CheckRecord], divergences: list[DivergenceRecord]) -> dict:

@@ -10,6 +10,7 @@ gate. Uses only the standard library, so any Python 3.10+ can run it from a chec
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from collections import deque
@@ -19,6 +20,27 @@ from gate import NEW_FAILURE, PASSED, SETUP_FAILED, USAGE_ERROR, SetupError, env
 
 INTERRUPTED = 130
 PYTEST_EXITS = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
+SECTION = re.compile(r"^=+ (.*) =+$")
+LOGGED_ONLY = ("FAILURES", "ERRORS", "warnings summary", "short test summary info")
+"""pytest's sections the console leaves to pytest.log: tracebacks and per-test lines, which the gate's own summary
+says once per root cause."""
+
+
+class Console:
+    """What of pytest's output the console shows: its progress and its own last line, not its tracebacks."""
+
+    def __init__(self) -> None:
+        self.logged_only = False
+        self.held = 0
+
+    def shows(self, line: str) -> bool:
+        header = SECTION.match(line.strip())
+        if header:  # a section's title, or pytest's last line (shown)
+            self.logged_only = header.group(1).startswith(LOGGED_ONLY)
+        if self.logged_only and not line.startswith("conformance: "):
+            self.held += 1
+            return False
+        return True
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,10 +137,9 @@ def gate(args: argparse.Namespace, pytest_args: list[str]) -> int:
     outcome = subprocess.run(decide).returncode
     if outcome not in (PASSED, NEW_FAILURE, SETUP_FAILED):
         raise SetupError(f"deciding the outcome failed (exit {outcome}; its error is above)")
-    outputs = ", ".join(str(args.out / name) for name in ("summary.md", "report.html", "conformance.json", "junit.xml"))
+    written = ("summary.md", "report.html", "conformance.json", "junit.xml", "pytest.log")
+    outputs = ", ".join(str(args.out / name) for name in written)
     print(f"gate: wrote {outputs}", flush=True)
-    if outcome == NEW_FAILURE:
-        print(f"gate: replay a failure with the summary's commands, run by {python}", flush=True)
     print(f"gate: exit {outcome}", flush=True)
     return outcome
 
@@ -136,12 +157,16 @@ def run_suite(python: Path, args: argparse.Namespace, out: Path, pytest_args: li
             [*command, *pytest_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as process,
     ):
+        console = Console()
         for line in process.stdout:
-            print(line, end="", flush=True)
+            if console.shows(line):
+                print(line, end="", flush=True)
             log.write(line)
             if line.strip():
                 tail.append(line.strip())
         status = process.wait()
+    if console.held:
+        print(f"gate: pytest's tracebacks and failure lines ({console.held} lines) are in {out / 'pytest.log'}")
     if status in (0, 1):
         return status
     last = tail[-1] if tail else "no output"

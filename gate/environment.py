@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from gate import SetupError
@@ -57,15 +58,24 @@ def _prepare(source: Source, directory: Path, python: str, fresh: bool) -> Path:
     if source.pinned and not fresh and stamp.exists() and json.loads(stamp.read_text()) == plan:
         print(f"gate: reusing {directory} (built for {source.text}; --fresh rebuilds it)", flush=True)
         return python_of(directory)
-    print(f"gate: building {directory} for {source.text}", flush=True)
+    print(f"gate: building {directory} for {source.text} (a few minutes; each step is named as it ends)", flush=True)
     _run([python, "-m", "venv", "--clear", str(directory)], f"cannot create a virtual environment with {python}")
     # pip compiles every module it installs (torch's thousands among them), which takes longer than the
     # installation itself; the suite's first import compiles only those it uses, and keeps them.
     pip = [str(python_of(directory)), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", "--no-compile"]
-    _run([*pip, source.pip_argument()], f"cannot install the source {source.text}")
-    _run([*pip, *TORCH, "-e", str(SUITE)], "cannot install the conformance suite beside it")
+    _run([*pip, source.pip_argument()], f"cannot install the source {source.text}", step=f"installed {source.text}")
+    _run(
+        [*pip, *TORCH, "-e", str(SUITE)],
+        "cannot install the conformance suite beside it",
+        step="installed the suite" + (f" and {TORCH[0]}" if TORCH else ""),
+    )
     what = "cannot import the conformance suite there"
-    _run([str(python_of(directory)), "-c", WARM_UP], what, {"PYTHONDONTWRITEBYTECODE": None})
+    _run(
+        [str(python_of(directory)), "-c", WARM_UP],
+        what,
+        {"PYTHONDONTWRITEBYTECODE": None},
+        step="imported once (compiles what a run uses)",
+    )
     stamp.write_text(json.dumps(plan))
     return python_of(directory)
 
@@ -78,8 +88,12 @@ def installed_version(python: Path, distribution: str) -> str | None:
     return found or None
 
 
-def _run(command: list[str], what: str, environment: dict[str, str | None] | None = None) -> None:
-    """Run `command` (with `environment`'s variables set, or unset where None); `SetupError` naming `what`."""
+def _run(
+    command: list[str], what: str, environment: dict[str, str | None] | None = None, step: str = ""
+) -> None:
+    """Run `command` (with `environment`'s variables set, or unset where None); `SetupError` naming `what`. A `step`
+    is printed with its duration when it ends."""
+    start = time.perf_counter()
     env = dict(os.environ)
     for name, value in (environment or {}).items():
         if value is None:
@@ -92,6 +106,8 @@ def _run(command: list[str], what: str, environment: dict[str, str | None] | Non
         raise SetupError(f"{what}: {error.strerror or error}") from None
     if done.returncode != 0:
         raise SetupError(f"{what}: {_first_error(done.stderr or done.stdout)}")
+    if step:
+        print(f"gate:   {step} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def _first_error(output: str) -> str:

@@ -13,12 +13,13 @@ from pathlib import Path
 from foundation.schema import Status
 from gate import NEW_FAILURE, PASSED, SETUP_FAILED
 from reports import publish
-from reports.markdown import diagnosis
 from reports.regression import RAN, Comparison, compare
+from reports.repro import replay_command
 from reports.results import Results, ResultsError, load, subject_label
+from reports.root_causes import RootCause, root_causes
 
 LISTED = 40
-"""Checks named one by one on the console per section; the summary and the report have them all."""
+"""Checks (or root causes) named one by one on the console per section; the summary and the report have them all."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,24 +53,25 @@ def main(argv: list[str] | None = None) -> int:
 def console_lines(results: Results, comparison: Comparison) -> list[str]:
     failing_rows = results.failing_case_by_check()
     against = " against the base" if comparison.base is not None else ""
-    verdict = (
-        f"{len(comparison.new_failures)} new failure(s){against}"
-        if comparison.new_failures
-        else f"no new failure{against}"
-    )
+    new = comparison.new_failures
+    causes = root_causes(new, failing_rows)
+    verdict = f"{len(new)} new failure(s){against}, {len(causes)} root cause(s)" if new else f"no new failure{against}"
     lines = [f"gate: {verdict}"]
-    sections = [
-        ("new failure", comparison.new_failures, True),
-        ("failing in the base too, not counted", comparison.failing_in_base_too, True),
-        ("fixed since the base", comparison.fixed, False),
-        ("ran in the base, not provided now", comparison.no_longer_provided, False),
-    ]
-    for title, checks, diagnose in sections:
+    lines += _cause_lines("root cause", causes)
+    old = comparison.failing_in_base_too
+    if old:
+        old_causes = root_causes(old, failing_rows)
+        lines.append(
+            f"gate: failing in the base too, not counted: {len(old)} check(s), {len(old_causes)} root cause(s)"
+        )
+        lines += _cause_lines("root cause (failing in the base too)", old_causes)
+    for title, checks in (
+        ("fixed since the base", comparison.fixed),
+        ("ran in the base, not provided now", comparison.no_longer_provided),
+    ):
         if checks:
             lines.append(f"gate: {title}: {len(checks)}")
-        for check in checks[:LISTED]:
-            why = diagnosis(check, failing_rows.get((check.run, check.check_id))) if diagnose else subject_label(check)
-            lines.append(f"  {check.check_id}: {why}")
+        lines += [f"  {check.check_id}: {subject_label(check)}" for check in checks[:LISTED]]
         if len(checks) > LISTED:
             lines.append(f"  …and {len(checks) - LISTED} more (in the summary)")
     changed = comparison.saved_adapters_changed
@@ -86,6 +88,20 @@ def console_lines(results: Results, comparison: Comparison) -> list[str]:
     if known:
         lines.append(f"gate: known divergences seen (not failures): {len(known)}")
         lines += [f"  {d.check_id}: {d.reason}" for d in known]
+    return lines
+
+
+def _cause_lines(title: str, causes: list[RootCause]) -> list[str]:
+    """Each root cause: its subject and cause, the checks it fails, the case that shows it and its replay."""
+    lines = []
+    for number, cause in enumerate(causes[:LISTED], 1):
+        lines.append(f"gate: {title} {number} of {len(causes)}: {cause.subject}: {cause.cause}")
+        lines.append(f"  fails {len(cause.checks)} check(s): {'; '.join(cause.check_names())}")
+        lines.append(f"  shown on {cause.representative.check_id}: {cause.diagnosis}")
+        if cause.row is not None:
+            lines.append(f"  replay: {replay_command(cause.representative, cause.row)}")
+    if len(causes) > LISTED:
+        lines.append(f"  …and {len(causes) - LISTED} more root causes (in the summary)")
     return lines
 
 

@@ -28,12 +28,34 @@ PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "conformance", "font.size": 9})
 
 
+KNOWN = "known divergence"
+"""The histogram's series of cases whose every failure a known divergence explains (any dtype)."""
+
+
+def explained(row: Row) -> bool:
+    """A failing case whose every failing comparison a known divergence explains."""
+    return row.failed and bool(row.explained_by) and all(row.explained_by)
+
+
 def _margins_by_dtype(rows: list[Row]) -> dict[str, list[float]]:
+    """Each dtype's margins, and the known divergences' under `KNOWN`."""
     by_dtype: dict[str, list[float]] = {}
     for row in rows:
         if row.margin is not None:
-            by_dtype.setdefault(row.dtype, []).append(max(row.margin, SMALLEST_MARGIN))
+            by_dtype.setdefault(KNOWN if explained(row) else row.dtype, []).append(max(row.margin, SMALLEST_MARGIN))
     return by_dtype
+
+
+def _without_margin(rows: list[Row]) -> str:
+    """Why cases have no margin to plot (it is not finite), or empty if every case has one."""
+    missing = [row for row in rows if row.margin is None]
+    if not missing:
+        return ""
+    agreed = sum(not row.failed for row in missing)
+    failed = len(missing) - agreed
+    parts = [f"{agreed} agreed exactly where no error is allowed"] if agreed else []
+    parts += [f"{failed} failed with no finite error (raised, or inf/NaN)"] if failed else []
+    return f"not plotted: {len(missing)} of {len(rows)} cases: " + "; ".join(parts)
 
 
 def check_figure(rows: list[Row], title: str) -> str:
@@ -45,8 +67,14 @@ def check_figure(rows: list[Row], title: str) -> str:
     largest = max((m for values in margins.values() for m in values), default=1.0)
     top = max(1.0, largest) * 2
     bins = [SMALLEST_MARGIN * (top / SMALLEST_MARGIN) ** (i / 40) for i in range(41)]
-    for dtype in ordered_dtypes(margins):
+    for dtype in ordered_dtypes(set(margins) - {KNOWN}):
         histogram.hist(margins[dtype], bins=bins, histtype="step", color=COLOURS.get(dtype), label=dtype)
+    if KNOWN in margins:
+        histogram.hist(margins[KNOWN], bins=bins, histtype="stepfilled", color="#ef6c00", alpha=0.35, label=KNOWN)
+    missing = _without_margin(rows)
+    if missing:
+        where = (0.02, 0.5) if not margins else (0.02, 0.97)
+        histogram.text(*where, missing, transform=histogram.transAxes, fontsize=7, va="top", wrap=True)
     histogram.axvline(1.0, color="black", linestyle="--", linewidth=1)
     histogram.set(xscale="log", xlabel="margin = observed / allowed error", ylabel="cases")
     histogram.text(1.0, 1.0, " limit", transform=histogram.get_xaxis_transform(), va="top", fontsize=8)

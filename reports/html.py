@@ -13,6 +13,7 @@ import jinja2
 
 from foundation.schema import CheckRecord, Row, Status
 from reports import figures, repro, verdict_study
+from reports.root_causes import root_causes
 from reports.results import (
     NO_SUBJECT,
     Results,
@@ -65,7 +66,7 @@ def _card(check: CheckRecord, row: Row | None, subjects: dict) -> dict:
         "systematic": [p["description"] for p in check.systematic if p.get("verdict") in ("fail", "known divergence")],
     }
     if row is not None:
-        card["replay"] = repro.replay_command(row)
+        card["replay"] = repro.replay_command(check, row)
         reason = repro.unsupported_reason(row, subjects.get(row.subject))
         card["script"] = repro.script(row, subjects[row.subject]) if reason is None else ""
         card["no_script"] = reason or ""
@@ -119,6 +120,19 @@ def _matrix(details: dict[tuple[str, str], Detail], order: list[str]) -> dict[st
     return dict(sorted(modules.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
+def _causes(results: Results, cards: list[dict]) -> list[dict]:
+    """The failing checks by root cause: each with its representative's card and the cards of all its checks."""
+    failing_rows = results.failing_case_by_check()
+    by_anchor = {card["anchor"]: card for card in cards}
+    failing = [check for check in results.checks if check.status == Status.FAIL and check.subject != NO_SUBJECT]
+    causes = []
+    for cause in root_causes(failing, failing_rows):
+        card = by_anchor[anchor("card", cause.representative.label, cause.representative.check_id)]
+        members = [(c.check_id, anchor("card", c.label, c.check_id)) for c in cause.checks]
+        causes.append({"cause": cause, "card": card, "checks": members, "names": cause.check_names()})
+    return causes
+
+
 def view(results: Results) -> dict:
     """Everything the template shows, computed from the results alone."""
     details, cards, divergent = _details(results)
@@ -134,6 +148,7 @@ def view(results: Results) -> dict:
         "modules": _matrix(details, next((run["modules"] for run in results.runs if "modules" in run), [])),
         "details": [details[key] for key in sorted(details)],
         "cards": cards,
+        "causes": _causes(results, cards),
         "divergent": divergent,
         "known_divergences": sorted(
             results.known_divergences, key=lambda d: (d.status != Status.NOW_PASSING, d.check_id)

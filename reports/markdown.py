@@ -7,6 +7,7 @@ from reports import matrix
 from reports.regression import Comparison, compare
 from reports.repro import replay_command
 from reports.results import Results, subject_label
+from reports.root_causes import RootCause, diagnosis, root_causes
 
 FAILURE_LIMIT = 30
 """Failures listed one by one; the rest are counted (the HTML report has them all)."""
@@ -38,15 +39,13 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
         "",
     ]
     failed = comparison.new_failures
-    lines.append(f"### New failures: {len(failed)}" if failed else "### No new failure")
+    lines.append(f"### New failures: {_counted(failed, failing_rows)}" if failed else "### No new failure")
     if failed:
-        lines += _failure_table(failed, failing_rows)
+        lines += _failures(failed, failing_rows)
     if comparison.failing_in_base_too:
-        lines += [
-            "",
-            f"### Failing in the base too: {len(comparison.failing_in_base_too)} (not counted against this change)",
-        ]
-        lines += _failure_table(comparison.failing_in_base_too, failing_rows)
+        old = comparison.failing_in_base_too
+        lines += ["", f"### Failing in the base too: {_counted(old, failing_rows)} (not counted against this change)"]
+        lines += _failures(old, failing_rows)
     if comparison.fixed:
         lines += ["", f"### Fixed since the base: {len(comparison.fixed)}", ""]
         lines += [f"- {subject_label(c)} `{c.check_id}`" for c in comparison.fixed]
@@ -86,29 +85,50 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
     return "\n".join(lines) + "\n"
 
 
+def _counted(checks: list[CheckRecord], failing_rows: dict[tuple[int, str], Row]) -> str:
+    causes = len(root_causes(checks, failing_rows))
+    return f"{len(checks)} check(s), {causes} root cause(s)"
+
+
+def _failures(checks: list[CheckRecord], failing_rows: dict[tuple[int, str], Row]) -> list[str]:
+    """Each root cause with the case that shows it and the checks it fails; then every check, folded away."""
+    lines = []
+    for number, cause in enumerate(root_causes(checks, failing_rows), 1):
+        lines += ["", *_cause_lines(number, cause)]
+    lines += ["", f"<details><summary>every failing check ({len(checks)})</summary>", ""]
+    lines += _failure_table(checks, failing_rows)
+    return lines + ["", "</details>"]
+
+
+def _cause_lines(number: int, cause: RootCause) -> list[str]:
+    check, row = cause.representative, cause.row
+    lines = [f"#### {number}. {cause.subject}: {cause.cause} ({len(cause.checks)} check(s))", ""]
+    lines.append(f"- shown on `{check.check_id}`{_figures(row)}: {_cell(cause.diagnosis)}")
+    lines.append(f"- checks: {'; '.join(cause.check_names())}")
+    if row is not None:
+        lines += ["", "```sh", replay_command(check, row), "```"]
+    return lines
+
+
+def _figures(row: Row | None) -> str:
+    """The failing case's worst comparison's error and allowed error (the comparison a diagnosis quotes)."""
+    if row is None or row.max_error is None:
+        return ""
+    allowed = "–" if row.allowed_error is None else f"{row.allowed_error:.3g}"
+    return f" (error {row.max_error:.3g}, allowed {allowed})"
+
+
 def _failure_table(checks: list[CheckRecord], failing_rows: dict[tuple[int, str], Row]) -> list[str]:
-    """The failing checks' table (observed, allowed, diagnosis), FAILURE_LIMIT of them, and their replay commands."""
-    lines = ["", "| subject | check id | observed | allowed | diagnosis |", "|---|---|---|---|---|"]
+    """The failing checks' table (observed, allowed, diagnosis), FAILURE_LIMIT of them."""
+    lines = ["| subject | check id | observed | allowed | diagnosis |", "|---|---|---|---|---|"]
     lines += [_failure_line(check, failing_rows.get((check.run, check.check_id))) for check in checks[:FAILURE_LIMIT]]
     if len(checks) > FAILURE_LIMIT:
         lines.append(f"\n…and {len(checks) - FAILURE_LIMIT} more (all in the HTML report).")
-    replays = [failing_rows[(c.run, c.check_id)] for c in checks[:FAILURE_LIMIT] if (c.run, c.check_id) in failing_rows]
-    if replays:
-        lines += ["", "<details><summary>replay commands</summary>", "", "```sh"]
-        lines += [replay_command(row) for row in replays]
-        lines += ["```", "", "</details>"]
     return lines
 
 
 def _reason(check: CheckRecord) -> str:
     return _cell((check.longrepr.strip().splitlines() or ["not provided"])[-1])
-
-
-def diagnosis(check: CheckRecord, row: Row | None) -> str:
-    """Why a check failed, in one line: its failing case's hints, else its first failure, else the error it raised."""
-    if row is None:  # no recorded case: the check raised before measuring
-        return (check.longrepr.strip().splitlines() or [""])[-1]
-    return "; ".join(row.hints or row.failures[:1])
 
 
 def _failure_line(check: CheckRecord, row: Row | None) -> str:

@@ -11,7 +11,6 @@ DoRA on a float ``nn.Linear`` and of LoRA on ``nn.Embedding``, and for the gradi
 from __future__ import annotations
 
 import base64
-import json
 import math
 from functools import cache
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from foundation.schema import Row
+from foundation import schema
+from foundation.schema import CheckRecord, Row
 
 CHECKS = ("forward", "merge", "grad", "grad_bias_all")
 GRADIENT_MODULES = ("test_linear.py", "test_dora_linear.py")
@@ -58,10 +58,10 @@ def _template() -> jinja2.Template:
     return environment.get_template("repro.py.j2")
 
 
-def replay_command(row: Row) -> str:
-    """The suite's own replay of a recorded case (exact, any check; needs this repository installed)."""
-    spec = json.dumps({"subject": row.subject, "check": row.check, "case": row.case})
-    return f"python -m conformance.replay '{spec}'"
+def replay_command(check: CheckRecord, row: Row) -> str:
+    """The suite's own replay of a check's failing case (exact): the command the run recorded, by its Python; for
+    results without one, by ``python`` (one with this suite installed)."""
+    return check.replay or schema.replay_command(row.subject, row.check, row.case)
 
 
 def unsupported_reason(row: Row, subject: dict | None) -> str | None:

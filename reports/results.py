@@ -51,12 +51,10 @@ class Results:
     def failing_case_by_check(self) -> dict[tuple[int, str], Row]:
         """Per test item (run, check id), the row that shows its failure: Hypothesis' final, shrunk one, else the
         first."""
-        chosen: dict[tuple[int, str], Row] = {}
+        by_check: dict[tuple[int, str], list[Row]] = {}
         for row in self.failing_rows():
-            key = (row.run, row.check_id)
-            if key not in chosen or (row.final and not chosen[key].final):
-                chosen[key] = row
-        return chosen
+            by_check.setdefault((row.run, row.check_id), []).append(row)
+        return {key: schema.showing_case(rows) for key, rows in by_check.items()}
 
 
 def configuration(meta: dict) -> tuple:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from conformance import threads
+from foundation.schema import replay_command
 from studies import sampling
 
 OUTCOMES = ("raises", "absent", "present")
@@ -31,10 +32,6 @@ EVERY = {"dropout_scaling": 10, "steps_sgd": 10, "steps_adamw": 10}
 STATISTICAL = {"dropout_scaling"}
 """Checks whose margin is a statistic's (a correct layer exceeds 1 with probability 1e-9), not rounding's."""
 RESULTS = Path(__file__).with_name("results")
-
-
-def replay_command(subject: str, check: str, case: dict) -> str:
-    return f"python -m conformance.replay '{json.dumps({'subject': subject, 'check': check, 'case': case})}'"
 
 
 def check_id(family: str, base: str, check: str, subject: str, case: dict) -> str:

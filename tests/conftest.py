@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +28,61 @@ GATE_ENVIRONMENTS = ROOT / ".tox" / "gate"
 """Where the gate builds the environments of pinned releases for the tests (reused between them)."""
 
 
+_CONFIG: list[pytest.Config] = []
+"""This process's pytest configuration, for `to_terminal`."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """The project's own tests hold the suite's thread policy too, in each of their xdist workers, and know its
     marks (some build the generated test modules' functions outside a conformance run)."""
     threads.apply(threads.chosen())
     conformance.conftest.register_markers(config)
+    _CONFIG[:] = [config]
+
+
+@contextlib.contextmanager
+def to_terminal() -> Iterator[None]:
+    """What is printed inside goes to the terminal while a test runs, also from an xdist worker (whose standard
+    output nobody reads, but whose standard error is the terminal's): a long step's progress."""
+    capture = _CONFIG[0].pluginmanager.getplugin("capturemanager") if _CONFIG else None
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        sys.stderr.flush()
+
+
+LINEAR_ONLY = ("--", "-k", "test_linear.py", "--dtype", "float32")
+"""pytest options after which a gate runs the linear checks in float32 only: minutes instead of tens."""
+
+
+def run_gate(
+    tmp_path: Path, source: str, *args: str, env_dir: Path = GATE_ENVIRONMENTS
+) -> subprocess.CompletedProcess:
+    """``python -m gate SOURCE`` writing into tmp_path/out; `args` may end in ``-- pytest options``."""
+    own = ["--out", str(tmp_path / "out"), "--env-dir", str(env_dir)]
+    building(source, args[args.index("--package") + 1] if "--package" in args else "mlx-vlm", env_dir)
+    return subprocess.run([sys.executable, "-m", "gate", source, *own, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def gate_on_0_4_4(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The gate on mlx-vlm 0.4.4, the release that scales by the raw alpha (its linear checks in float32): the
+    run and its output folder. Its tests share the ``gate`` xdist group, so one worker runs it, once."""
+    tmp_path = tmp_path_factory.mktemp("gate-0.4.4")
+    return run_gate(tmp_path, "mlx-vlm==0.4.4", *LINEAR_ONLY), tmp_path / "out"
+
+
+def building(requirement: str, package: str = "mlx-vlm", env_dir: Path = GATE_ENVIRONMENTS) -> bool:
+    """Whether the gate will build an environment for `requirement` (minutes) rather than reuse one; said on the
+    terminal when it will."""
+    from gate import environment, sources
+
+    source = sources.parse(requirement, package)
+    if not (source.pinned and (env_dir / source.slug() / environment.STAMP).exists()):
+        with to_terminal():
+            print(f"\ntests: the gate builds an environment for {requirement} under {env_dir} (a few minutes)")
+        return True
+    return False
 
 
 @dataclass

@@ -51,8 +51,10 @@ def divergence(check_id: str, status: str, now_passing: list[str] = (), explaine
     }
 
 
-def row(check_id: str, check: str, case: dict, verdict: str = "fail", margin: float | None = None) -> Row:
-    """A row of a case of `check`, its numbers left out."""
+def row(
+    check_id: str, check: str, case: dict, verdict: str = "fail", margin: float | None = None, **fields
+) -> Row:
+    """A row of a case of `check`, its numbers left out (unless given in `fields`, which override any field)."""
     return Row.from_json(
         {
             "check_id": check_id,
@@ -72,9 +74,16 @@ def row(check_id: str, check: str, case: dict, verdict: str = "fail", margin: fl
             "final": True,
             "versions": {},
             "device": "cpu",
+            **fields,
         }
     )
 
 
-def document(checks: list[dict], meta: dict = META, divergences: list[dict] = ()) -> dict:
-    return {"format": FORMAT, "meta": meta, "rows": [], "checks": checks, "known_divergences": list(divergences)}
+def document(checks: list[dict], meta: dict = META, divergences: list[dict] = (), rows: list[Row] = ()) -> dict:
+    return {
+        "format": FORMAT,
+        "meta": meta,
+        "rows": [r.to_json() for r in rows],
+        "checks": checks,
+        "known_divergences": list(divergences),
+    }

@@ -24,11 +24,10 @@ from gate import __main__ as gate_cli
 from reports import markdown
 from reports.regression import compare
 from reports.results import merge
-from tests.conftest import GATE_ENVIRONMENTS, ROOT
+from tests.conftest import GATE_ENVIRONMENTS, LINEAR_ONLY, ROOT, run_gate
 from tests.documents import divergence, document, forward, model_logits
 
 PULL_REQUEST = ROOT / "tests" / "fixtures" / "mlx-vlm-pull-request"
-LINEAR_ONLY = ("--", "-k", "test_linear.py", "--dtype", "float32")
 RAW_ALPHA = "the LoRA term is 2.000× peft's (= r: the raw alpha is used where alpha / r belongs"
 
 
@@ -127,8 +126,8 @@ def test_with_a_base_only_checks_that_did_not_fail_there_are_new():
     assert [c.subject for c in comparison.fixed] == ["fixed"]
     assert [c.subject for c in comparison.no_longer_provided] == ["moved"]
     summary = markdown.render(now, comparison=comparison)
-    assert "### New failures: 2" in summary
-    assert "### Failing in the base too: 1 (not counted against this change)" in summary
+    assert "### New failures: 2 check(s), 2 root cause(s)" in summary
+    assert "### Failing in the base too: 1 check(s), 1 root cause(s) (not counted against this change)" in summary
     assert "### Fixed since the base: 1" in summary and "### No longer provided: 1" in summary
     assert "- base: mlx 1 · mlx-vlm 0.7.10" in summary
 
@@ -249,19 +248,13 @@ def test_a_source_tree_pip_cannot_build_exits_with_the_setup_code_and_pips_reaso
     tree = tmp_path / "broken"
     tree.mkdir()
     (tree / "pyproject.toml").write_text("[project\nname = 'mlx-vlm'\n")
-    run = _gate(tmp_path, str(tree), env_dir=tmp_path / "envs")
+    run = run_gate(tmp_path, str(tree), env_dir=tmp_path / "envs")
     assert run.returncode == SETUP_FAILED, run.stdout
     last = run.stdout.strip().splitlines()[-1]
     assert last.startswith(f"gate: set-up failed: cannot install the source {tree}: ERROR:"), last
 
 
 # --- whole runs ----------------------------------------------------------------------------------
-
-
-def _gate(tmp_path: Path, source: str, *args: str, env_dir: Path = GATE_ENVIRONMENTS) -> subprocess.CompletedProcess:
-    """``python -m gate SOURCE`` writing into tmp_path/out; `args` may end in ``-- pytest options``."""
-    own = ["--out", str(tmp_path / "out"), "--env-dir", str(env_dir)]
-    return subprocess.run([sys.executable, "-m", "gate", source, *own, *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def _summary(tmp_path: Path) -> str:
@@ -275,7 +268,7 @@ LATEST = f"mlx-vlm=={importlib.metadata.version('mlx-vlm')}"
 @pytest.fixture(scope="session")
 def latest_results(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     tmp_path = tmp_path_factory.mktemp("latest")
-    return _gate(tmp_path, LATEST, *LINEAR_ONLY), tmp_path / "out" / "conformance.json"
+    return run_gate(tmp_path, LATEST, *LINEAR_ONLY), tmp_path / "out" / "conformance.json"
 
 
 @pytest.mark.release
@@ -299,30 +292,32 @@ def test_the_latest_release_passes_the_gate_and_lists_its_known_divergences(late
 
 @pytest.mark.release
 @pytest.mark.xdist_group("gate")
-def test_mlx_vlm_0_4_4_fails_the_gate_naming_loralayers_scaling(tmp_path):
-    run = _gate(tmp_path, "mlx-vlm==0.4.4", *LINEAR_ONLY)
+def test_mlx_vlm_0_4_4_fails_the_gate_naming_loralayers_scaling_once_for_all_its_checks(gate_on_0_4_4):
+    run, out = gate_on_0_4_4
     assert run.returncode == NEW_FAILURE, run.stdout[-3000:] + run.stderr
-    assert f"test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]: {RAW_ALPHA}" in run.stdout
-    summary = _summary(tmp_path)
-    assert (
-        "mlx-vlm 0.4.4" in summary
-        and "| mlx_vlm.LoRaLayer | `test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]` |" in summary
-    )
-    assert RAW_ALPHA in summary
+    cause = "mlx_vlm.LoRaLayer: the LoRA scale is off by a factor r: the raw alpha is used where alpha / r belongs"
+    assert "gate: root cause 1 of " in run.stdout and cause in run.stdout
+    assert f"  shown on test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]: {RAW_ALPHA}" in run.stdout
+    assert f"  replay: {GATE_ENVIRONMENTS / 'mlx-vlm-0.4.4' / 'bin' / 'python'} -m conformance.replay" in run.stdout
+    assert "Traceback" not in run.stdout and "AssertionError" not in run.stdout
+    assert "AssertionError" in (out / "pytest.log").read_text()  # the tracebacks are kept there
+    summary = (out / "summary.md").read_text()
+    assert "mlx-vlm 0.4.4" in summary and f"#### 1. {cause}" in summary
+    assert "| mlx_vlm.LoRaLayer | `test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]` |" in summary
 
 
 @pytest.mark.release
 @pytest.mark.xdist_group("gate")
 def test_regression_mode_against_the_latest_release_reports_only_0_4_4s_new_failures(tmp_path, latest_results):
     _, baseline = latest_results
-    run = _gate(tmp_path, "mlx-vlm==0.4.4", "--baseline", str(baseline), *LINEAR_ONLY)
+    run = run_gate(tmp_path, "mlx-vlm==0.4.4", "--baseline", str(baseline), *LINEAR_ONLY)
     assert run.returncode == NEW_FAILURE, run.stdout[-3000:] + run.stderr
     now = json.loads((tmp_path / "out" / "conformance.json").read_text())
     failing = {c["check_id"] for c in now["checks"] if c["status"] == "fail"}
     assert failing and {c.split("[")[1].split("-")[0] for c in failing} == {"mlx_vlm.LoRaLayer"}
     assert f"gate: {len(failing)} new failure(s) against the base" in run.stdout
     assert "gate: ran in the base, not provided now:" in run.stdout  # 0.4.4 has no LoRALinear
-    again = _gate(tmp_path, "mlx-vlm==0.4.4", "--baseline", str(tmp_path / "out" / "conformance.json"), *LINEAR_ONLY)
+    again = run_gate(tmp_path, "mlx-vlm==0.4.4", "--baseline", str(tmp_path / "out" / "conformance.json"), *LINEAR_ONLY)
     assert again.returncode == PASSED, again.stdout[-3000:]
     assert f"gate: failing in the base too, not counted: {len(failing)}" in again.stdout
 
@@ -330,7 +325,7 @@ def test_regression_mode_against_the_latest_release_reports_only_0_4_4s_new_fail
 @pytest.mark.release
 @pytest.mark.xdist_group("gate")
 def test_the_fix_of_the_raw_alpha_bug_against_a_base_source_of_0_4_4_reports_the_fixed_checks(tmp_path):
-    run = _gate(tmp_path, LATEST, "--base", "mlx-vlm==0.4.4", "--", "-k", "test_linear.py and test_forward")
+    run = run_gate(tmp_path, LATEST, "--base", "mlx-vlm==0.4.4", "--", "-k", "test_linear.py and test_forward")
     assert run.returncode == PASSED, run.stdout[-3000:] + run.stderr
     assert "gate: the base, mlx-vlm==0.4.4, to make the baseline" in run.stdout
     fixed = [f"test_linear.py::test_forward[mlx_vlm.LoRaLayer-{dtype}]" for dtype in ("float32", "float16", "bfloat16")]
@@ -344,10 +339,10 @@ def test_the_fix_of_the_raw_alpha_bug_against_a_base_source_of_0_4_4_reports_the
 def test_a_pull_requests_source_tree_that_drops_the_bias_fails_naming_the_bug(tmp_path):
     tree = tmp_path / "pull-request"
     shutil.copytree(PULL_REQUEST, tree)  # pip builds in the tree; keep the repository's copy clean
-    run = _gate(tmp_path, str(tree), *LINEAR_ONLY, env_dir=tmp_path / "envs")
+    run = run_gate(tmp_path, str(tree), *LINEAR_ONLY, env_dir=tmp_path / "envs")
     assert run.returncode == NEW_FAILURE, run.stdout[-3000:] + run.stderr
     dropped = "the output is off by exactly minus the bias: the bias is dropped"
-    assert f"test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]: {dropped}" in run.stdout
+    assert f"  shown on test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]: {dropped}" in run.stdout
     assert dropped in _summary(tmp_path)
     assert (
         "gate: known divergence now passing, drop or narrow its entry: test_linear.py::test_merge[mlx_vlm.LoRaLayer"
@@ -366,7 +361,7 @@ def test_a_git_url_at_a_commit_is_installed_like_a_pull_requests_checkout(tmp_pa
     commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     source = f"git+file://{repository}@{commit}"
     forward_only = ("--", "-k", "test_linear.py and test_forward", "--dtype", "float32")
-    run = _gate(tmp_path, source, *forward_only, env_dir=tmp_path / "envs")
+    run = run_gate(tmp_path, source, *forward_only, env_dir=tmp_path / "envs")
     assert run.returncode == NEW_FAILURE, run.stdout[-3000:] + run.stderr
     assert f"mlx-vlm 0.7.10+pull.request.drops.bias from {source}" in run.stdout
     assert "the bias is dropped" in run.stdout
@@ -374,7 +369,7 @@ def test_a_git_url_at_a_commit_is_installed_like_a_pull_requests_checkout(tmp_pa
 
 @pytest.mark.release
 def test_a_release_that_does_not_exist_exits_with_the_setup_code_and_pips_reason(tmp_path):
-    run = _gate(tmp_path, "mlx-vlm==0.0.0", env_dir=tmp_path / "envs")
+    run = run_gate(tmp_path, "mlx-vlm==0.0.0", env_dir=tmp_path / "envs")
     assert run.returncode == SETUP_FAILED, run.stdout + run.stderr
     assert run.stdout.strip().splitlines()[-1] == (
         "gate: set-up failed: cannot install the source mlx-vlm==0.0.0: "

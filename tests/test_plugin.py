@@ -102,7 +102,8 @@ def test_unwritable_results_or_report_path_is_refused_before_running(run_suite, 
     blocker = tmp_path / "file"
     blocker.write_text("")
     run = run_suite(*CORRECT, option, str(blocker / name))
-    assert run.ret == USAGE_ERROR and f"{option} {blocker / name}: cannot write" in run.output
+    assert run.ret == USAGE_ERROR
+    assert f"{option} {blocker / name}: cannot write: {blocker} is a file, not a directory" in run.output
 
 
 def test_subjects_not_provided_are_skipped_with_the_installed_version(run_suite):

@@ -6,6 +6,7 @@ built by the gate and cached under ``.tox/gate``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from gate import environment, sources
-from tests.conftest import GATE_ENVIRONMENTS, ROOT
+from tests.conftest import GATE_ENVIRONMENTS, ROOT, building, to_terminal
 
 pytestmark = [pytest.mark.release, pytest.mark.xdist_group("gate")]  # one worker builds the environment
 
@@ -24,7 +25,8 @@ def release_environment(requirement: str, package: str = "mlx-vlm") -> Path:
     """The python of an environment with this suite (editable) and `requirement` (of `package`), shared with the
     gate's tests."""
     source = sources.parse(requirement, package)
-    return environment.prepare(source, GATE_ENVIRONMENTS / source.slug())
+    with to_terminal() if building(requirement, package) else contextlib.nullcontext():  # its steps are shown
+        return environment.prepare(source, GATE_ENVIRONMENTS / source.slug())
 
 
 def test_mlx_vlm_0_4_4_fails_loralayer_forward_with_the_lora_term_r_times_peft(tmp_path):
