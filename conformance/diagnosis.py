@@ -261,8 +261,7 @@ def scale_hints(case: Case, measurement: Measurement, observed: dict, expect: Ca
     if not matches or any(not _same_factor(f, min(factors)) for f in factors):
         return []  # none, or several factors at once: the bound cannot tell them apart
     return [
-        f"{', '.join(sorted(wrong))} agree with a LoRA scale {min(factors):.3f}× peft's "
-        f"(= {'; or '.join(matches)})"
+        f"{', '.join(sorted(wrong))} agree with a LoRA scale {min(factors):.3f}× peft's (= {'; or '.join(matches)})"
     ]
 
 

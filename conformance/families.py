@@ -3,7 +3,7 @@ draw, their dtypes and example counts, and what the studies draw.
 
 A `Family` is to this suite what an OpInfo is to PyTorch's tests: the test modules (``test_<family>.py``,
 ``test_quantized_<family>.py``, ``test_conv1d.py``) are generated from it (`conformance.family_tests`), and
-the plugin, replay, the benchmark, the studies and the catalogue of wrong variants read it. The README's
+the plugin, replay, the benchmark, the studies and the catalogue of wrong variants read it. docs/development.md,
 "Adding a family" lists what else a new family needs.
 """
 

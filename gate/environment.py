@@ -88,9 +88,7 @@ def installed_version(python: Path, distribution: str) -> str | None:
     return found or None
 
 
-def _run(
-    command: list[str], what: str, environment: dict[str, str | None] | None = None, step: str = ""
-) -> None:
+def _run(command: list[str], what: str, environment: dict[str, str | None] | None = None, step: str = "") -> None:
     """Run `command` (with `environment`'s variables set, or unset where None); `SetupError` naming `what`. A `step`
     is printed with its duration when it ends."""
     start = time.perf_counter()

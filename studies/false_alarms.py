@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>[-seed<S>].json)",
+        help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>[-seed<S>]"
+        ".json)",
     )
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)

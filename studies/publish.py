@@ -1,7 +1,7 @@
 """Publish the studies: ``python -m studies.publish`` reads ``studies/results/`` and writes
 ``docs/verdict-study.md`` (the numbers, with the commands that produced them),
 ``reports/verdict_study.json`` (the same figures, which every HTML report shows) and the summary
-in the README (between its markers)."""
+in docs/verdict.md (between its markers)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "studies" / "results"
 DOCUMENT = ROOT / "docs" / "verdict-study.md"
 FIGURES = ROOT / "reports" / "verdict_study.json"
-README = ROOT / "README.md"
+SUMMARY_PAGE = ROOT / "docs" / "verdict.md"
+"""The page that shows the studies' summary between its `MARKERS` (the README links to it)."""
 MARKERS = (
     "<!-- verdict-study summary: written by python -m studies.publish -->",
     "<!-- end of the verdict-study summary -->",
@@ -254,10 +255,10 @@ def render(found: dict) -> str:
     )
 
 
-def readme_summary(found: dict) -> str:
-    """The summary the README shows between its `MARKERS`."""
+def summary(found: dict) -> str:
+    """The summary `SUMMARY_PAGE` shows between its `MARKERS`."""
     return (
-        _template("readme-summary.md.j2")
+        _template("verdict-summary.md.j2")
         .render(
             found=found,
             families=FAMILIES,
@@ -273,13 +274,13 @@ def readme_summary(found: dict) -> str:
     )
 
 
-def with_summary(readme: str, summary: str) -> str:
-    """The README with the summary between its markers replaced."""
+def with_summary(page: str, written: str) -> str:
+    """The page with the summary between its markers replaced."""
     start, end = MARKERS
-    if start not in readme or end not in readme:
-        raise ValueError(f"the README lacks the markers {start} ... {end}")
-    before, rest = readme.split(start, 1)
-    return f"{before}{start}\n{summary}\n{end}{rest.split(end, 1)[1]}"
+    if start not in page or end not in page:
+        raise ValueError(f"{SUMMARY_PAGE.name} lacks the markers {start} ... {end}")
+    before, rest = page.split(start, 1)
+    return f"{before}{start}\n{written}\n{end}{rest.split(end, 1)[1]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     DOCUMENT.parent.mkdir(parents=True, exist_ok=True)
     DOCUMENT.write_text(render(found))
     FIGURES.write_text(json.dumps(figures(found), indent=1) + "\n")
-    README.write_text(with_summary(README.read_text(), readme_summary(found)))
+    SUMMARY_PAGE.write_text(with_summary(SUMMARY_PAGE.read_text(), summary(found)))
     print(
-        f"wrote {DOCUMENT.relative_to(ROOT)}, {FIGURES.relative_to(ROOT)} and the README's summary from "
+        f"wrote {DOCUMENT.relative_to(ROOT)}, {FIGURES.relative_to(ROOT)} and the summary in "
+        f"{SUMMARY_PAGE.relative_to(ROOT)} from "
         f"{len(found['false_alarms'])} "
         f"false-alarm and {len(found['detection'])} detection results"
     )

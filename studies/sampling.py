@@ -76,9 +76,7 @@ def _strategy(family: str, dtype_name: str, kind: str, base: str) -> st.SearchSt
     return described.study_cases(dtype)
 
 
-def result_name(
-    family: str, base: str, dtype: str, kind: str, adapter_dtype: str | None = None, seed: int = 0
-) -> str:
+def result_name(family: str, base: str, dtype: str, kind: str, adapter_dtype: str | None = None, seed: int = 0) -> str:
     """A study's result file: ``linear-float32-drawn.json``, ``linear-quantized-float32-drawn.json``,
     ``linear-bfloat16-float32-adapters-drawn.json``; a seed other than 0 is named (``linear-float32-drawn-seed2.json``)
     so that a further seed adds a study instead of overwriting the first."""

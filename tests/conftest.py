@@ -55,9 +55,7 @@ LINEAR_ONLY = ("--", "-k", "test_linear.py", "--dtype", "float32")
 """pytest options after which a gate runs the linear checks in float32 only: minutes instead of tens."""
 
 
-def run_gate(
-    tmp_path: Path, source: str, *args: str, env_dir: Path = GATE_ENVIRONMENTS
-) -> subprocess.CompletedProcess:
+def run_gate(tmp_path: Path, source: str, *args: str, env_dir: Path = GATE_ENVIRONMENTS) -> subprocess.CompletedProcess:
     """``python -m gate SOURCE`` writing into tmp_path/out; `args` may end in ``-- pytest options``."""
     own = ["--out", str(tmp_path / "out"), "--env-dir", str(env_dir)]
     building(source, args[args.index("--package") + 1] if "--package" in args else "mlx-vlm", env_dir)

@@ -51,9 +51,7 @@ def divergence(check_id: str, status: str, now_passing: list[str] = (), explaine
     }
 
 
-def row(
-    check_id: str, check: str, case: dict, verdict: str = "fail", margin: float | None = None, **fields
-) -> Row:
+def row(check_id: str, check: str, case: dict, verdict: str = "fail", margin: float | None = None, **fields) -> Row:
     """A row of a case of `check`, its numbers left out (unless given in `fields`, which override any field)."""
     return Row.from_json(
         {

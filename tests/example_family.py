@@ -1,4 +1,4 @@
-"""A family added the way the README's "Adding a family" says, for `tests/test_adding_a_family.py`: LoRA on a
+"""A family added the way docs/development.md ("Adding a family") says, for `tests/test_adding_a_family.py`: LoRA on a
 Linear base without a bias, described in one record, with a correct and a wrong subject."""
 
 from __future__ import annotations

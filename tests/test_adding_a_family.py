@@ -1,5 +1,5 @@
 """A new family is one record in `conformance.families`, a two-line test module and its subjects: the plugin
-parametrizes, draws, records and reports its checks like any other family's (README, "Adding a family")."""
+parametrizes, draws, records and reports its checks like any other family's (docs/development.md, "Adding a family")."""
 
 from __future__ import annotations
 

@@ -13,17 +13,13 @@ from foundation.quantization import AVAILABLE
 from subjects.known import resolve
 
 RAW_ALPHA = "(= r: the raw alpha is used where alpha / r belongs)"
-LINEAR = dict(
-    in_features=64, out_features=6, r=4, alpha=3.0, use_rslora=False, batch_shape=(3,), has_bias=True, seed=5
-)
+LINEAR = dict(in_features=64, out_features=6, r=4, alpha=3.0, use_rslora=False, batch_shape=(3,), has_bias=True, seed=5)
 SCALES = (1.0, 1.0, 1.0, 1.0)
 
 
 def _case(dtype=FLOAT32, dropout=0.0, quantized=False):
     quantization = next(q for q in AVAILABLE if q.kind == "affine") if quantized else None
-    return make_linear_case(
-        dtype=dtype, dropout=dropout, magnitudes=SCALES, quantization=quantization, **LINEAR
-    )
+    return make_linear_case(dtype=dtype, dropout=dropout, magnitudes=SCALES, quantization=quantization, **LINEAR)
 
 
 @pytest.mark.parametrize(

@@ -307,8 +307,8 @@ def test_the_published_document_is_rendered_from_the_results_in_the_repository()
     found = publish.studies()
     assert publish.DOCUMENT.read_text() == publish.render(found), "run python -m studies.publish"
     assert json.loads(publish.FIGURES.read_text()) == publish.figures(found), "run python -m studies.publish"
-    readme = publish.README.read_text()
-    assert readme == publish.with_summary(readme, publish.readme_summary(found)), "run python -m studies.publish"
+    page = publish.SUMMARY_PAGE.read_text()
+    assert page == publish.with_summary(page, publish.summary(found)), "run python -m studies.publish"
 
 
 def _result(folder: Path, measured: str | None) -> Path:
@@ -329,10 +329,10 @@ def test_a_result_measured_before_the_verdict_was_tightened_is_published_as_the_
     found = publish.studies(tmp_path)
     assert found["false_alarms"][0]["earlier_verdict"]
     assert "(earlier verdict)" in publish.render(found)
-    assert "extreme*" in publish.readme_summary(found) and "\\* measured before" in publish.readme_summary(found)
+    assert "extreme*" in publish.summary(found) and "\\* measured before" in publish.summary(found)
     _result(tmp_path, publish.VERDICT_TIGHTENED)
     found = publish.studies(tmp_path)
-    assert "(earlier verdict)" not in publish.render(found) and "*" not in publish.readme_summary(found)
+    assert "(earlier verdict)" not in publish.render(found) and "*" not in publish.summary(found)
 
 
 def test_the_detection_table_counts_the_cases_left_out_failing_and_as_known_divergences(tmp_path):
