@@ -340,6 +340,7 @@ def test_a_pull_requests_source_tree_that_drops_the_bias_fails_naming_the_bug(tm
     shutil.copytree(PULL_REQUEST, tree)  # pip builds in the tree; keep the repository's copy clean
     run = run_gate(tmp_path, str(tree), *LINEAR_ONLY, env_dir=tmp_path / "envs")
     assert run.returncode == NEW_FAILURE, run.stdout[-3000:] + run.stderr
+    assert "gate:   installed the suite" in run.stdout, "building an environment names its steps"
     dropped = "the output is off by exactly minus the bias: the bias is dropped"
     assert f"  shown on test_linear.py::test_forward[mlx_vlm.LoRaLayer-float32]: {dropped}" in run.stdout
     assert dropped in _summary(tmp_path)

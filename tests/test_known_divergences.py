@@ -1,6 +1,7 @@
 """Known divergences in a run: an entry explains only the failure it names, every case is still judged,
 a second bug behind an entry fails the check by name, and an entry that explains nothing fails the run."""
 
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -67,6 +68,9 @@ def test_a_second_bug_behind_an_entry_fails_its_check_and_is_named(run_suite, tm
     explained = sum(alone.results["checks"][0]["explained"].values())
     assert explained == sum(len(r["failures"]) for r in rows) > 0
     assert f"1 known divergence ({explained} failing comparisons, each explained by an entry)" in alone.output
+    assert "1 known divergence in " in alone.output.splitlines()[-1], "pytest names the status as the results do"
+    replay = alone.results["checks"][0]["replay"]
+    assert replay.startswith(f"{sys.executable} -m conformance.replay '{{\"subject\": \"catalogue:{case.known}\"")
 
     behind = run_suite("--subject", f"catalogue:{case.second}", *selection, module="test_linear.py")
     assert behind.ret == FAILED, behind.output
@@ -92,6 +96,7 @@ def test_an_entry_whose_check_passes_fails_the_run_unless_it_is_sometimes_seen(r
     run = run_suite(*selection, "--known-divergences", str(tmp_path / "known.txt"), module="test_linear.py")
     assert run.ret == 0, run.output
     assert run.status("merge", "float32") == {"missed this run"}
+    assert "1 missed this run in " in run.output.splitlines()[-1]
 
 
 def test_an_intermittent_entry_never_seen_in_a_thorough_run_fails_it():

@@ -12,7 +12,7 @@ import pytest
 
 from foundation.schema import Status
 from reports import __main__ as reports_cli
-from reports import html, markdown, matrix, repro
+from reports import figures, html, markdown, matrix, repro
 from reports.results import ResultsError, load, merge
 from tests.conftest import RECORDED_SUBJECTS, ROOT
 from tests.documents import META, divergence
@@ -252,3 +252,12 @@ def test_every_report_shows_the_verdicts_measured_figures_with_their_commands():
     assert "Not measured yet" not in page
     for entry in (study["false_alarms"][0], study["detection"][0]):
         assert f"<code>{entry['command']}</code>".replace("'", "&#39;") in page
+
+
+def test_a_figure_says_which_cases_it_cannot_place_and_draws_known_divergences_apart():
+    case = {"dtype": "float32", "in_features": 8}
+    exact = [_row("t", "init", case, verdict="pass", margin=None) for _ in range(3)]
+    assert "not plotted: 3 of 3 cases: 3 agreed exactly where no error is allowed" in figures.check_figure(exact, "x")
+    known = _row("t", "forward", case, margin=5.0, failures=["f"], explained_by=["line 1"])
+    drawn = figures.check_figure([known, _row("t", "forward", case, verdict="pass", margin=0.5)], "x")
+    assert figures.KNOWN in drawn and "not plotted" not in drawn

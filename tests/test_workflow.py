@@ -140,3 +140,12 @@ def test_the_tox_environments_pass_node_and_npm_their_certificate_settings():
     tox.read(ROOT / "tox.ini")
     passed = set(tox["testenv"]["pass_env"].split())
     assert {"NODE_EXTRA_CA_CERTS", "SSL_CERT_DIR", "npm_config_*", "NPM_CONFIG_*"} <= passed
+
+
+def test_the_tests_environment_runs_the_files_it_is_given_and_all_tests_without():
+    """Found by a newcomer: `bin/tox -e tests -- tests/test_report_in_browser.py` ran the whole suite, `tests` being
+    fixed in the command."""
+    tox = configparser.ConfigParser(interpolation=None)
+    tox.read(ROOT / "tox.ini")
+    command = tox["testenv:tests"]["commands"].split()
+    assert command[0] == "pytest" and command[-1] == "{posargs:tests}" and "tests" not in command
