@@ -112,7 +112,7 @@ def _cause_lines(number: int, cause: RootCause) -> list[str]:
 
 def _figures(row: Row | None) -> str:
     """The failing case's worst comparison's error and allowed error (the comparison a diagnosis quotes)."""
-    if row is None or row.max_error is None:
+    if row is None or row.max_error is None or row.judged_at is None:  # no value compared (it raised, say)
         return ""
     allowed = "–" if row.allowed_error is None else f"{row.allowed_error:.3g}"
     return f" (error {row.max_error:.3g}, allowed {allowed})"
