@@ -46,15 +46,20 @@ def _margins_by_dtype(rows: list[Row]) -> dict[str, list[float]]:
     return by_dtype
 
 
+NO_ERROR = " no finite error (raised, or inf/NaN)"
+
+
 def _without_margin(rows: list[Row]) -> str:
     """Why cases have no margin to plot (it is not finite), or empty if every case has one."""
     missing = [row for row in rows if row.margin is None]
     if not missing:
         return ""
-    agreed = sum(not row.failed for row in missing)
-    failed = len(missing) - agreed
-    parts = [f"{agreed} agreed exactly where no error is allowed"] if agreed else []
-    parts += [f"{failed} failed with no finite error (raised, or inf/NaN)"] if failed else []
+    counts = {
+        "agreed exactly where no error is allowed": sum(not row.failed for row in missing),
+        "failed as known divergences, with" + NO_ERROR: sum(explained(row) for row in missing),
+        "failed with" + NO_ERROR: sum(row.failed and not explained(row) for row in missing),
+    }
+    parts = [f"{n} {what}" for what, n in counts.items() if n]
     return f"not plotted: {len(missing)} of {len(rows)} cases: " + "; ".join(parts)
 
 

@@ -261,3 +261,5 @@ def test_a_figure_says_which_cases_it_cannot_place_and_draws_known_divergences_a
     known = _row("t", "forward", case, margin=5.0, failures=["f"], explained_by=["line 1"])
     drawn = figures.check_figure([known, _row("t", "forward", case, verdict="pass", margin=0.5)], "x")
     assert figures.KNOWN in drawn and "not plotted" not in drawn
+    raised = _row("t", "init", case, margin=None, failures=["raised"], explained_by=["line 2"])
+    assert "1 failed as known divergences, with no finite error" in figures.check_figure([raised], "x")
