@@ -70,7 +70,7 @@ def test_a_second_bug_behind_an_entry_fails_its_check_and_is_named(run_suite, tm
     assert f"1 known divergence ({explained} failing comparisons, each explained by an entry)" in alone.output
     assert "1 known divergence in " in alone.output.splitlines()[-1], "pytest names the status as the results do"
     replay = alone.results["checks"][0]["replay"]
-    assert replay.startswith(f"{sys.executable} -m conformance.replay '{{\"subject\": \"catalogue:{case.known}\"")
+    assert replay.startswith(f'{sys.executable} -m conformance.replay \'{{"subject": "catalogue:{case.known}"')
 
     behind = run_suite("--subject", f"catalogue:{case.second}", *selection, module="test_linear.py")
     assert behind.ret == FAILED, behind.output
