@@ -39,13 +39,10 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
         "",
     ]
     failed = comparison.new_failures
-    lines.append(f"### New failures: {_counted(failed, failing_rows)}" if failed else "### No new failure")
-    if failed:
-        lines += _failures(failed, failing_rows)
+    lines += _failures("New failures", failed, failing_rows) if failed else ["### No new failure"]
     if comparison.failing_in_base_too:
-        old = comparison.failing_in_base_too
-        lines += ["", f"### Failing in the base too: {_counted(old, failing_rows)} (not counted against this change)"]
-        lines += _failures(old, failing_rows)
+        old = _failures("Failing in the base too", comparison.failing_in_base_too, failing_rows)
+        lines += ["", f"{old[0]} (not counted against this change)", *old[1:]]
     if comparison.fixed:
         lines += ["", f"### Fixed since the base: {len(comparison.fixed)}", ""]
         lines += [f"- {subject_label(c)} `{c.check_id}`" for c in comparison.fixed]
@@ -85,15 +82,12 @@ def render(results: Results, report_path: str = "", comparison: Comparison | Non
     return "\n".join(lines) + "\n"
 
 
-def _counted(checks: list[CheckRecord], failing_rows: dict[tuple[int, str], Row]) -> str:
-    causes = len(root_causes(checks, failing_rows))
-    return f"{len(checks)} check(s), {causes} root cause(s)"
-
-
-def _failures(checks: list[CheckRecord], failing_rows: dict[tuple[int, str], Row]) -> list[str]:
-    """Each root cause with the case that shows it and the checks it fails; then every check, folded away."""
-    lines = []
-    for number, cause in enumerate(root_causes(checks, failing_rows), 1):
+def _failures(title: str, checks: list[CheckRecord], failing_rows: dict[tuple[int, str], Row]) -> list[str]:
+    """A heading with the counts; each root cause with the case that shows it and the checks it fails; then every
+    check, folded away."""
+    causes = root_causes(checks, failing_rows)
+    lines = [f"### {title}: {len(checks)} check(s), {len(causes)} root cause(s)"]
+    for number, cause in enumerate(causes, 1):
         lines += ["", *_cause_lines(number, cause)]
     lines += ["", f"<details><summary>every failing check ({len(checks)})</summary>", ""]
     lines += _failure_table(checks, failing_rows)
