@@ -60,5 +60,7 @@ def record_and_assert(recorder: Recorder, measurement: Measurement) -> None:
     __tracebackhide__ = True  # a failure's traceback ends in the test that asserted
     final = current_build_context().is_final if currently_in_test_context() else True
     judgement = divergences.judge(measurement, recorder.entries)
+    if not judgement.passed:
+        measurement.diagnose_fully()
     recorder.record(measurement, final=final, judgement=judgement)
     assert judgement.passed, message(measurement, recorder.check_id, judgement if recorder.entries else None)

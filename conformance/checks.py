@@ -106,8 +106,8 @@ def measure(
     else:
         if diagnose is not None:
             measurement.hints += diagnose(measurement, observed)
-        if not measurement.hints:
-            measurement.hints += diagnosis.scale_hints(case, measurement, observed, subject_expect)
+        if not measurement.hints:  # costly: made for a failure no known divergence explains
+            measurement.costly_hints = lambda: diagnosis.scale_hints(case, measurement, observed, subject_expect)
         if precision_hints:
             measurement.hints += diagnosis.precision_hints(case, measurement, observed, subject_expect)
             measurement.hints += diagnosis.precision_hints(case, measurement, judged[1], expect, side="reference")

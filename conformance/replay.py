@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if measurement.passed:
         print(f"{subject} {spec['check']}: passes (margin {measurement.margin:.3g})")
         return 0
+    measurement.diagnose_fully()
     print(message(measurement))
     return 1
 

@@ -770,10 +770,19 @@ class Measurement:
     hints: list[str] = field(default_factory=list)
     components: list = field(default_factory=list)
     """Where it passed: the subject's error along each term of each quantity (`foundation.systematic.Component`)."""
+    costly_hints: Callable[[], list[str]] | None = None
+    """Where it failed: a diagnosis that evaluates the check again, made only for a failure no known divergence
+    explains (`diagnose_fully`)."""
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.comparisons)
+
+    def diagnose_fully(self) -> None:
+        """Add the costly hints, once."""
+        if self.costly_hints is not None:
+            self.hints += self.costly_hints()
+            self.costly_hints = None
 
     @property
     def worst(self) -> Comparison:

@@ -36,10 +36,25 @@ def _case(dtype=FLOAT32, dropout=0.0, quantized=False):
 def test_a_raw_alpha_is_named_by_every_check_with_a_lora_term(check, case):
     measurement = check(resolve("catalogue:RawAlpha"), case)
     assert not measurement.passed
+    measurement.diagnose_fully()
     assert any(RAW_ALPHA in hint for hint in measurement.hints), measurement.hints
 
 
 def test_a_correct_layer_gets_no_scale_diagnosis_and_a_wrong_one_without_a_recognised_factor_none():
-    assert training_checks.grad(resolve("catalogue:CorrectLoRALinear"), _case()).hints == []
+    correct = training_checks.grad(resolve("catalogue:CorrectLoRALinear"), _case())
+    assert correct.passed and correct.costly_hints is None and correct.hints == []
     measurement = training_checks.grad(resolve("catalogue:GradientLeaksIntoBase"), _case())
+    measurement.diagnose_fully()
     assert not any("LoRA scale" in hint for hint in measurement.hints)
+
+
+def test_the_costly_diagnosis_is_made_only_for_a_failure_no_known_divergence_explains(run_suite, tmp_path):
+    known = tmp_path / "known.txt"
+    entry = "test_linear.py::test_grad[catalogue:RawAlpha-float32] | grad *: beyond margin 1..1e12  # the raw alpha"
+    known.write_text(entry + "\n")
+    selection = ("--subject", "catalogue:RawAlpha", "--dtype", "float32", "-k", "test_grad and not bias_all")
+    explained = run_suite(*selection, "--known-divergences", str(known), module="test_linear.py")
+    assert explained.ret == 0 and not any(r["hints"] for r in explained.results["rows"])
+    failing = run_suite(*selection, module="test_linear.py")
+    rows = [r for r in failing.results["rows"] if r["verdict"] == "fail"]
+    assert rows and all(any("LoRA scale" in hint for hint in r["hints"]) for r in rows if r["final"])
