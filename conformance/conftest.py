@@ -472,6 +472,31 @@ def pytest_testnodedown(node, error) -> None:
         state["threads_in_force"][node.workerinput["workerid"]] = output["threads"]
 
 
+ROOT_CAUSES = "failures by root cause"
+"""The terminal summary's section that names each root cause of the run's failures once (the gate says its own)."""
+
+
+def _write_root_causes(terminalreporter, checks: list[CheckRecord], rows: list[Row]) -> None:
+    """The failing checks grouped by root cause, each with the case that shows it and its replay command."""
+    failing = [check for check in checks if check.status == Status.FAIL]
+    if not failing:
+        return
+    from reports.root_causes import root_causes  # the reports' modules load only when something failed
+
+    by_check: dict[str, list[Row]] = {}
+    for row in rows:
+        by_check.setdefault(row.check_id, []).append(row)
+    shown = {(0, check_id): showing_case(found) for check_id, found in by_check.items()}
+    causes = root_causes(failing, {key: row for key, row in shown.items() if row is not None})
+    terminalreporter.section(f"{ROOT_CAUSES}: {len(causes)} of {len(failing)} failing checks")
+    for number, cause in enumerate(causes, 1):
+        terminalreporter.write_line(f"{number}. {cause.subject}: {cause.cause} ({len(cause.checks)} check(s))")
+        terminalreporter.write_line(f"   fails {'; '.join(cause.check_names())}")
+        terminalreporter.write_line(f"   shown on {cause.representative.check_id}: {cause.diagnosis}")
+        if cause.representative.replay:
+            terminalreporter.write_line(f"   replay: {cause.representative.replay}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
@@ -492,6 +517,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                 f"line {d.line}: {d.check_id} | {d.explains}: not seen {where}; remove it (or narrow its "
                 "pattern) in the known-divergences file"
             )
+    _write_root_causes(terminalreporter, state["checks"], rows)
     policy = state["threads"]
     for process, measured in sorted(state["threads_in_force"].items()):
         off = threads.departures(policy, measured)
