@@ -132,9 +132,8 @@ def test_the_report_opens_on_the_root_causes_before_the_matrix():
 
 
 def test_a_runs_terminal_summary_names_each_root_cause_once(run_suite):
-    run = run_suite(
-        "--subject", "catalogue:RawAlpha", "--dtype", "float32", "-k", "test_forward or test_grad", module="test_linear.py"
-    )
+    selection = ("--subject", "catalogue:RawAlpha", "--dtype", "float32", "-k", "test_forward or test_grad")
+    run = run_suite(*selection, module="test_linear.py")
     summary = run.output[run.output.index("failures by root cause: ") :]
     assert summary.startswith("failures by root cause: 1 of 3 failing checks")
     assert "1. catalogue:RawAlpha: the LoRA scale is off by a factor " in summary
