@@ -242,8 +242,10 @@ def scale_hints(case: Case, measurement: Measurement, observed: dict, expect: Ca
     off by a recognised factor (`_readings`): the ratio diagnosis of checks whose quantity is not a LoRA term alone
     (gradients, dropout, optimizer steps) or not an exact multiple of it (a quantized base in half precision)."""
     linear = _adapted_linear(case)
-    wrong = {c.quantity for c in measurement.comparisons if c.side == "subject" and c.kind == VALUES and not c.passed}
-    if linear is None or not wrong or not wrong <= observed.keys():
+    valued = [c for c in measurement.comparisons if c.side == "subject" and c.kind == VALUES]
+    wrong = {c.quantity for c in valued if not c.passed}
+    compared = {c.quantity for c in valued}  # the factor must explain the values it got right too
+    if linear is None or not wrong or not compared <= observed.keys():
         return []
     matches = {}
     for reading, factor in _readings(linear).items():
@@ -254,7 +256,7 @@ def scale_hints(case: Case, measurement: Measurement, observed: dict, expect: Ca
         except Exception:  # noqa: BLE001 - a diagnosis that cannot be made is no finding
             continue
         if all(
-            expected.get(q) is not None and compare(q, "subject", observed[q][0], expected[q]).passed for q in wrong
+            expected.get(q) is not None and compare(q, "subject", observed[q][0], expected[q]).passed for q in compared
         ):
             matches[reading] = factor
     factors = set(matches.values())
