@@ -481,13 +481,10 @@ def _write_root_causes(terminalreporter, checks: list[CheckRecord], rows: list[R
     failing = [check for check in checks if check.status == Status.FAIL]
     if not failing:
         return
-    from reports.root_causes import root_causes  # the reports' modules load only when something failed
+    from reports.results import Results  # the reports' modules load only when something failed
+    from reports.root_causes import root_causes
 
-    by_check: dict[str, list[Row]] = {}
-    for row in rows:
-        by_check.setdefault(row.check_id, []).append(row)
-    shown = {(0, check_id): showing_case(found) for check_id, found in by_check.items()}
-    causes = root_causes(failing, {key: row for key, row in shown.items() if row is not None})
+    causes = root_causes(failing, Results(runs=[], rows=rows, checks=checks).failing_case_by_check())
     terminalreporter.section(f"{ROOT_CAUSES}: {len(causes)} of {len(failing)} failing checks")
     for number, cause in enumerate(causes, 1):
         terminalreporter.write_line(f"{number}. {cause.subject}: {cause.cause} ({len(cause.checks)} check(s))")
