@@ -73,9 +73,10 @@ def _card(check: CheckRecord, row: Row | None, subjects: dict) -> dict:
     return card
 
 
-def _details(results: Results) -> tuple[dict[tuple[str, str], Detail], list[dict], list[dict]]:
+def _details(
+    results: Results, failing_rows: dict[tuple[int, str], Row]
+) -> tuple[dict[tuple[str, str], Detail], list[dict], list[dict]]:
     """Each subject's checks with their parametrizations; the failure cards and the known divergences' cards."""
-    failing_rows = results.failing_case_by_check()
     cases: dict[tuple[int, str], list[Row]] = defaultdict(list)
     for row in results.rows:
         cases[(row.run, row.check_id)].append(row)
@@ -120,9 +121,8 @@ def _matrix(details: dict[tuple[str, str], Detail], order: list[str]) -> dict[st
     return dict(sorted(modules.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
-def _causes(results: Results, cards: list[dict]) -> list[dict]:
+def _causes(results: Results, failing_rows: dict[tuple[int, str], Row], cards: list[dict]) -> list[dict]:
     """The failing checks by root cause: each with its representative's card and the cards of all its checks."""
-    failing_rows = results.failing_case_by_check()
     by_anchor = {card["anchor"]: card for card in cards}
     failing = [check for check in results.checks if check.status == Status.FAIL and check.subject != NO_SUBJECT]
     causes = []
@@ -135,7 +135,8 @@ def _causes(results: Results, cards: list[dict]) -> list[dict]:
 
 def view(results: Results) -> dict:
     """Everything the template shows, computed from the results alone."""
-    details, cards, divergent = _details(results)
+    failing_rows = results.failing_case_by_check()
+    details, cards, divergent = _details(results, failing_rows)
     by_check: dict[str, list[Row]] = defaultdict(list)
     for row in results.rows:
         by_check[module_check(row.check_id, row.check)].append(row)
@@ -148,7 +149,7 @@ def view(results: Results) -> dict:
         "modules": _matrix(details, next((run["modules"] for run in results.runs if "modules" in run), [])),
         "details": [details[key] for key in sorted(details)],
         "cards": cards,
-        "causes": _causes(results, cards),
+        "causes": _causes(results, failing_rows, cards),
         "divergent": divergent,
         "known_divergences": sorted(
             results.known_divergences, key=lambda d: (d.status != Status.NOW_PASSING, d.check_id)
