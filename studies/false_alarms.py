@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        help="the JSON to write (default: studies/results/false_alarms/<family>[-<base>]-<dtype>-<kind>[-seed<S>]"
-        ".json)",
+        help="the JSON to write (default: studies/results/false_alarms/[<subject>-]<family>[-<base>]-<dtype>-<kind>"
+        "[-seed<S>].json, the subject named when it is not the default)",
     )
     args = parser.parse_args(argv)
     threads.apply_option(parser, args)
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.family} has no check {', '.join(unknown)} on a {args.base} base "
             f"(its checks: {', '.join(FAMILIES[args.family].checks_on(args.base))})"
         )
-    name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype, args.seed)
+    named = None if subject == default_subject(args.family) else subject
+    name = sampling.result_name(args.family, args.base, args.dtype, args.kind, args.adapter_dtype, args.seed, named)
     out = args.out or RESULTS / "false_alarms" / name
     sampling.writable(parser, out)
 

@@ -76,13 +76,24 @@ def _strategy(family: str, dtype_name: str, kind: str, base: str) -> st.SearchSt
     return described.study_cases(dtype)
 
 
-def result_name(family: str, base: str, dtype: str, kind: str, adapter_dtype: str | None = None, seed: int = 0) -> str:
+def result_name(
+    family: str,
+    base: str,
+    dtype: str,
+    kind: str,
+    adapter_dtype: str | None = None,
+    seed: int = 0,
+    subject: str | None = None,
+) -> str:
     """A study's result file: ``linear-float32-drawn.json``, ``linear-quantized-float32-drawn.json``,
     ``linear-bfloat16-float32-adapters-drawn.json``; a seed other than 0 is named (``linear-float32-drawn-seed2.json``)
-    so that a further seed adds a study instead of overwriting the first."""
+    so that a further seed adds a study instead of overwriting the first, and so is a subject other than the
+    family's default (``mlx_lm.LoRALinear-linear-bfloat16-drawn.json``), so that a release's study stands beside the
+    catalogue's."""
     adapters = [] if adapter_dtype is None else [f"{adapter_dtype}-adapters"]
     seeded = [] if seed == 0 else [f"seed{seed}"]
-    return "-".join([family, *([] if base == "float" else [base]), dtype, *adapters, kind, *seeded]) + ".json"
+    named = [] if subject is None else [subject.replace(":", "_")]
+    return "-".join([*named, family, *([] if base == "float" else [base]), dtype, *adapters, kind, *seeded]) + ".json"
 
 
 def base_option(base: str, adapter_dtype: str | None = None) -> list[str]:

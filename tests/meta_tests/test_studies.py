@@ -175,6 +175,14 @@ def test_studies_on_other_bases_draw_those_bases():
     assert all(case.fan_in_fan_out and case.use_dora for case in conv1d)
 
 
+def test_a_further_seed_or_another_subject_adds_a_study_instead_of_overwriting_one():
+    assert sampling.result_name("linear", "float", "bfloat16", "drawn", seed=2) == "linear-bfloat16-drawn-seed2.json"
+    release = sampling.result_name("linear", "float", "bfloat16", "drawn", seed=2, subject="mlx_lm.LoRALinear")
+    assert release == "mlx_lm.LoRALinear-linear-bfloat16-drawn-seed2.json"
+    catalogue = sampling.result_name("linear", "quantized", "float16", "drawn", subject="catalogue:RawAlpha")
+    assert catalogue == "catalogue_RawAlpha-linear-quantized-float16-drawn.json"
+
+
 def test_a_study_of_float32_adapters_draws_only_those_and_says_so_in_its_file_name(tmp_path):
     drawn, extreme = [], []
     sampling.draw_chunk(sampling.strategy("linear", "bfloat16", "drawn", "float", "float32"), 0, 0, 20, drawn.append)
@@ -184,7 +192,6 @@ def test_a_study_of_float32_adapters_draws_only_those_and_says_so_in_its_file_na
     assert drawn and extreme and all(case.mixed and case.adapter_dtype.name == "float32" for case in drawn + extreme)
     name = sampling.result_name("linear", "float", "bfloat16", "drawn", "float32")
     assert name == "linear-bfloat16-float32-adapters-drawn.json"
-    assert sampling.result_name("linear", "float", "bfloat16", "drawn", seed=2) == "linear-bfloat16-drawn-seed2.json"
     out = tmp_path / name
     options = ["--family", "linear", "--dtype", "bfloat16", "--cases", "6", "--adapter-dtype", "float32"]
     assert false_alarms.main([*options, "--out", str(out)]) == 0
@@ -396,8 +403,9 @@ def test_a_known_divergence_of_peft_leaves_out_peft_s_margins_and_keeps_the_subj
     assert set(found["checks"]["merge"]["largest"]) == {"subject", "reference"}
 
 
-def test_a_study_s_check_runs_are_published_with_their_largest_statistic_and_what_a_run_catches(tmp_path):
-    path = _result(tmp_path, publish.VERDICT_TIGHTENED)
+def _with_check_runs(folder: Path) -> dict:
+    """The extreme Linear result with two drawn check runs of forward, one of them 2 scales off."""
+    path = _result(folder, publish.VERDICT_TIGHTENED)
     runs = check_runs.CheckRuns(size=2)
     for index, coefficient in enumerate([0.0, 0.02, 0.0, 0.0]):
         runs.add(
@@ -411,6 +419,11 @@ def test_a_study_s_check_runs_are_published_with_their_largest_statistic_and_wha
         "check_runs": {"forward": check_runs.merge([runs.finished()])},
     }
     path.write_text(json.dumps(document))
+    return document
+
+
+def test_a_study_s_check_runs_are_published_with_their_largest_statistic_and_what_a_run_catches(tmp_path):
+    document = _with_check_runs(tmp_path)
     page = publish.render(publish.studies(tmp_path))
     alarms = next(
         line
@@ -422,3 +435,11 @@ def test_a_study_s_check_runs_are_published_with_their_largest_statistic_and_wha
         line for line in page.splitlines() if line.startswith("| linear | float | float32 | float32 | forward |")
     )
     assert "| LoRA term | 2 | 2 |" in caught
+
+
+def test_a_release_s_study_adds_its_false_alarms_but_no_second_row_of_what_a_run_catches(tmp_path):
+    document = {**_with_check_runs(tmp_path), "subject": "mlx_lm.LoRALinear"}
+    (tmp_path / "false_alarms" / "mlx_lm.LoRALinear-linear-float32-drawn.json").write_text(json.dumps(document))
+    lines = publish.render(publish.studies(tmp_path)).splitlines()
+    assert any(line.startswith("| `mlx_lm.LoRALinear` | linear | float | drawn | float32 |") for line in lines)
+    assert sum(line.startswith("| linear | float | float32 | float32 | forward |") for line in lines) == 1
