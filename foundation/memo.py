@@ -26,6 +26,13 @@ def kept(case: object) -> dict:
     return vars(case).setdefault(KEPT, {})
 
 
+def forget(case: object) -> None:
+    """Drop what has been computed from `case`. A case may outlive its use in a reference cycle (Hypothesis's
+    draw holds the frames that hold it), where the oracle's graphs it kept, gigabytes for a large switch case,
+    would wait for the cyclic garbage collector; whoever is done with a case says so."""
+    getattr(case, "__dict__", {}).pop(KEPT, None)
+
+
 def once(case: object, key: Hashable, compute: Callable[[], R]) -> R:
     """``compute()``, computed once per case and `key`."""
     table = kept(case)
@@ -60,6 +67,8 @@ def share_cases(scope: Hashable | None) -> None:
     """
     global _scope, _built
     if scope != _scope or scope is None:
+        for built in _built.values():
+            forget(built)
         _scope, _built = scope, {}
 
 

@@ -30,6 +30,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from conformance import threads
+from foundation import memo
 
 CHUNK = 500
 """Draws per Hypothesis run: small enough to spread over processes, large enough to amortise start-up."""
@@ -179,6 +180,7 @@ class Study:
             if identity not in seen:
                 seen[identity] = None
                 visit(case, len(seen) - 1)
+                memo.forget(case)
 
         from conformance.families import FAMILIES
         from subjects.known import resolve

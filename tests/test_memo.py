@@ -119,6 +119,19 @@ def test_within_a_scope_a_case_is_built_once_per_parameters_and_a_new_scope_buil
     assert memo.built_once(("linear", 1), build) is not memo.built_once(("linear", 1), build)  # no scope: every time
 
 
+def test_what_a_case_kept_goes_when_its_scope_ends_even_if_the_case_lives_on():
+    try:
+        memo.share_cases("test_forward[float32]")
+        case = memo.built_once(("linear", 1), _case)
+        memo.once(case, "oracle", lambda: np.zeros(3))
+        assert memo.kept(case)
+        memo.share_cases("test_forward[float16]")
+        assert not memo.kept(case)  # a reference cycle may keep the case; its graphs go now
+        memo.built_once(("linear", 1), lambda: None)  # what cannot be drawn is None, and forgetting it is nothing
+    finally:
+        memo.share_cases(None)
+
+
 def test_a_shared_case_cannot_be_changed_by_a_check():
     case = _case()
     with pytest.raises(ValueError, match="read-only"):

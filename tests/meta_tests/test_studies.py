@@ -14,7 +14,7 @@ from foundation.dtypes import FLOAT16, FLOAT32
 from foundation.quantization import AVAILABLE, KINDS
 from foundation.rebuild import case_from_description
 from foundation.schema import CheckRecord, Row, Status
-from foundation import systematic
+from foundation import memo, systematic
 from foundation.verdict import Tracked, compare
 from reports.results import Results
 from studies import (
@@ -224,6 +224,18 @@ def test_a_correct_output_failing_in_a_known_divergence_is_left_out_of_detection
     )
     assert detection.failure_kind(known, task, mxfp8) == "known_divergences"
     assert detection.failure_kind(known, task, affine) == "failing"
+
+
+def test_a_study_forgets_what_each_case_kept_once_its_checks_are_done():
+    task = sampling.Study(false_alarms.run_chunk, "catalogue:CorrectLoRALinear", "linear", "float32", "drawn", 0, 4)
+    visited = []
+
+    def visit(case, index: int) -> None:
+        memo.once(case, "oracle", lambda: np.zeros(3))
+        visited.append(case)
+
+    task.each_distinct(0, visit)
+    assert visited and not any(memo.kept(case) for case in visited)
 
 
 def test_a_study_of_named_checks_runs_only_those_and_each_on_every_case(tmp_path):
