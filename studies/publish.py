@@ -49,6 +49,8 @@ def _load(path: Path) -> dict:
     document["adapters"] = "" if document["adapter_dtype"] == document.get("dtype") else document["adapter_dtype"]
     document.setdefault("known_divergences", [])
     document.setdefault("quantizations", {})
+    if "subject" in document:  # a study of layers, not of catch rates or repeated runs
+        document["release"] = not document["subject"].startswith("catalogue:")  # an installed package's layer
     return document
 
 
@@ -182,7 +184,7 @@ def check_run_detection(found: dict) -> list[dict]:
     }
     rows = []
     for d in found["false_alarms"]:
-        if d["kind"] != "drawn" or not d["subject"].startswith("catalogue:"):
+        if d["kind"] != "drawn" or d["release"]:
             continue
         for check, runs in d.get("check_runs", {}).items():
             for key, term in sorted(runs["terms"].items()):
