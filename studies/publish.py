@@ -174,15 +174,19 @@ def check_run_alarms(found: dict) -> list[dict]:
 
 
 def check_run_detection(found: dict) -> list[dict]:
-    """The relative error of each term of each check's quantities that a ci run catches in 99% of runs, per drawn
-    result and adapter dtype, beside the per-case threshold of forward's LoRA term where the detection study
-    measured it; only the catalogue's correct layers' (a release's study adds its false alarms, not another row of
-    what its runs would catch)."""
+    """The relative error of each term of each check's quantities that a ci run catches in 99% of runs, per family,
+    base, dtype and adapter dtype, beside the per-case threshold of forward's LoRA term where the detection study
+    measured it; only the catalogue's correct layers' drawn cases (a release's study adds its false alarms, not
+    another row of what its runs would catch).
+
+    Studies of the same stratum under several seeds make one row: their runs add up, and the largest of their 99th
+    percentiles is given, which bounds the pooled one (no more than 1% of each study's runs lie above it, so no more
+    than 1% of all of them do); their medians are given as a range."""
     per_case = {
         (d["family"], d["base"], d["dtype"], d["adapter_dtype"]): d["perturbations"]["lora"]["threshold"]
         for d in found["detection"]
     }
-    rows = []
+    rows: dict[tuple, dict] = {}
     for d in found["false_alarms"]:
         if d["kind"] != "drawn" or d["release"]:
             continue
@@ -191,7 +195,9 @@ def check_run_detection(found: dict) -> list[dict]:
                 quantity, name, adapter_dtype = key.split("|")
                 if not term["runs"]:
                     continue
-                rows.append(
+                stratum = (d["family"], d["base"], d["dtype"], adapter_dtype, check, quantity, name, runs["size"])
+                row = rows.setdefault(
+                    stratum,
                     {
                         "document": d,
                         "check": check,
@@ -199,15 +205,19 @@ def check_run_detection(found: dict) -> list[dict]:
                         "term": name,
                         "adapters": adapter_dtype,
                         "size": runs["size"],
-                        "runs": term["runs"],
-                        "q99": term["detectable_q99"],
-                        "median": term["detectable_median"],
-                        "per_case": per_case.get((d["family"], d["base"], d["dtype"], adapter_dtype))
-                        if check == "forward" and name == "LoRA term"
-                        else None,
-                    }
+                        "studies": 0,
+                        "runs": 0,
+                        "q99": 0.0,
+                        "median": (float("inf"), 0.0),
+                        "per_case": per_case.get(stratum[:4]) if check == "forward" and name == "LoRA term" else None,
+                    },
                 )
-    return rows
+                row["studies"] += 1
+                row["runs"] += term["runs"]
+                row["q99"] = max(row["q99"], term["detectable_q99"])
+                low, high = row["median"]
+                row["median"] = (min(low, term["detectable_median"]), max(high, term["detectable_median"]))
+    return list(rows.values())
 
 
 def _template(name: str) -> jinja2.Template:

@@ -1,5 +1,6 @@
 """The studies of the verdict (``studies/``): they draw what they say, reproducibly, and measure what they claim."""
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -446,7 +447,28 @@ def test_a_study_s_check_runs_are_published_with_their_largest_statistic_and_wha
     caught = next(
         line for line in page.splitlines() if line.startswith("| linear | float | float32 | float32 | forward |")
     )
-    assert "| LoRA term | 2 | 2 |" in caught
+    assert "| LoRA term | 2 | 1 | 2 |" in caught
+
+
+def test_studies_of_one_stratum_under_several_seeds_make_one_row_of_what_a_run_catches(tmp_path):
+    document = _with_check_runs(tmp_path)
+    term = document["check_runs"]["forward"]["terms"]["output|LoRA term|float32"]
+    other = copy.deepcopy(document) | {"seed": 1}
+    other["check_runs"]["forward"]["terms"]["output|LoRA term|float32"] |= {
+        "runs": 3,
+        "detectable_q99": term["detectable_q99"] * 4,
+        "detectable_median": term["detectable_median"] * 2,
+    }
+    (tmp_path / "false_alarms" / "linear-float32-drawn-seed1.json").write_text(json.dumps(other))
+    rows = [
+        line
+        for line in publish.render(publish.studies(tmp_path)).splitlines()
+        if line.startswith("| linear | float | float32 | float32 | forward | output | LoRA term |")
+    ]
+    assert len(rows) == 1, rows
+    cells = [cell.strip() for cell in rows[0].split("|")[8:13]]
+    median = f"{term['detectable_median']:.2g}–{term['detectable_median'] * 2:.2g}"
+    assert cells == ["2", "2", "5", f"{term['detectable_q99'] * 4:.2g}", median], cells
 
 
 def test_a_release_s_study_adds_its_false_alarms_but_no_second_row_of_what_a_run_catches(tmp_path):
