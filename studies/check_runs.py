@@ -6,7 +6,8 @@ for that check's test (a chunk's last, shorter run is left out). For each quanti
 gives its pooled statistic (a false alarm above `systematic.THRESHOLD`, or where its worst case lies beyond
 `systematic.case_threshold`: `largest_case_ratio` is the largest of those over its threshold) and the smallest
 relative error of the term it would have caught (`Pooled.detectable`); the study publishes the largest statistic, the
-false alarms and the 99th percentile of the detectable error (an error of that size is caught in 99% of ci runs).
+false alarms, the largest statistic of the runs no known divergence explains, and the 99th percentile of the
+detectable error (an error of that size is caught in 99% of ci runs).
 All of the study's cases pooled at once (`whole`) hold the model to a far finer scale than any run does.
 """
 
@@ -104,6 +105,9 @@ def merge(chunks: list[dict]) -> dict:
         summary[key] = {
             "runs": len(statistics),
             "largest_statistic": float(statistics.max()) if len(statistics) else None,
+            "largest_unexplained_statistic": float(statistics[~explained].max(initial=0.0))
+            if len(statistics)
+            else None,
             "largest_case_ratio": float(worst_cases.max()) if len(worst_cases) else None,
             "false_alarms": int(np.sum(((statistics > systematic.THRESHOLD) | (worst_cases > 1)) & ~explained)),
             "known_divergences": int(np.sum(explained)),

@@ -265,10 +265,11 @@ def print_check_runs(runs: dict, subject: str) -> int:
         alarms += counted
         runs_of = max((t["runs"] for t in terms.values()), default=0)
         known = sum(t.get("known_divergences", 0) for t in terms.values())
+        unexplained = max((t["largest_unexplained_statistic"] or 0.0 for t in terms.values()), default=0.0)
         print(
             f"  check runs of {name} ({merged['size']} cases each, {runs_of} runs): {counted} false alarms"
             f"{f', {known} known divergences' if known else ''}, largest statistic {largest:.3g} of "
-            f"{merged['threshold']:.3g}"
+            f"{merged['threshold']:.3g}{f' ({unexplained:.3g} of the runs none explains)' if known else ''}"
         )
         for key, term in terms.items():
             if term["false_alarms"] and term.get("worst_case"):

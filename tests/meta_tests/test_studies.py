@@ -163,6 +163,26 @@ def test_a_run_beyond_the_threshold_that_a_known_divergence_of_its_cases_explain
     assert (lora["false_alarms"], lora["known_divergences"]) == (2, 0)  # the entry names the base term only
 
 
+def test_a_study_publishes_the_largest_statistic_of_the_runs_no_known_divergence_explains(tmp_path):
+    explanation = divergences.parse_explanation("grad x: systematic ~ base term")
+    entry = divergences.KnownDivergence("test_quantized_linear.py::test_grad[*-float16-mxfp8]", explanation, "MLX", 1)
+    runs = check_runs.CheckRuns(size=2)
+    for index, coefficient in enumerate([1.0, 1.0, 0.01, 0.01]):
+        component = systematic.Component("grad x", "base term", coefficient, 0.01, 0.0, 0.0)
+        runs.add({"seed": index, "adapter_dtype": "float32"}, [component], set(), [entry] if index < 2 else [])
+    merged = check_runs.merge([runs.finished()])
+    term = merged["terms"]["grad x|base term|float32"]
+    assert term["largest_statistic"] > systematic.THRESHOLD and term["known_divergences"] == 1
+    assert term["largest_unexplained_statistic"] == pytest.approx(2**0.5)  # 0.01 +- 0.01 / sqrt(2)
+    path = _result(tmp_path, publish.VERDICT_TIGHTENED)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "kind": "drawn", "check_runs": {"grad": merged}}))
+    assert "(1.41 over the runs no known divergence explains; " in publish.summary(publish.studies(tmp_path))
+    del term["largest_unexplained_statistic"]  # as a study measured before results kept it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "check_runs": {"grad": merged}}))
+    row = next(line for line in publish.render(publish.studies(tmp_path)).splitlines() if "grad: grad x" in line)
+    assert "| not kept |" in row
+
+
 def test_a_seed_whose_cases_all_pass_is_caught_by_its_check_run():
     found = catch_rates.run_seed(catch_rates.Task("ScaleOffInBfloat16", "bfloat16", None, examples=150, seed=1))
     assert found == {"caught": True, "by": "the check run", "cases": found["cases"]}
