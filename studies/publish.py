@@ -34,6 +34,9 @@ VERDICT_TIGHTENED = "2026-12-01"
 """The day of the last change to the verdict that could raise a correct layer's margin (the scale's
 charge, ``verdict.scaling_roundings``): results measured before it are marked as the earlier verdict's."""
 
+RUN_TARGETS = {"bfloat16": 1e-2, "float16": 1e-3, "float32": 1e-5}
+"""Per dtype, the relative error of forward's LoRA term (a wrong scale) that a ci run should catch in 99% of runs."""
+
 
 class ResultError(ValueError):
     """A result file that lacks what publishing needs."""
@@ -232,6 +235,17 @@ def check_run_detection(found: dict) -> list[dict]:
     return list(rows.values())
 
 
+def check_run_targets(rows: list[dict]) -> list[dict]:
+    """The rows of `check_run_detection` for forward's LoRA term, each with its dtype's target (`RUN_TARGETS`) and
+    whether its runs meet it."""
+    targets = []
+    for row in rows:
+        if (row["check"], row["quantity"], row["term"]) == ("forward", "output", "LoRA term"):
+            target = RUN_TARGETS[row["document"]["dtype"]]
+            targets.append(row | {"target": target, "met": row["q99"] <= target})
+    return targets
+
+
 def _template(name: str) -> jinja2.Template:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent),
@@ -273,6 +287,7 @@ def render(found: dict) -> str:
         totals=totals(found),
         check_run_alarms=check_run_alarms(found),
         check_run_detection=check_run_detection(found),
+        check_run_targets=check_run_targets(check_run_detection(found)),
         quantizations=", ".join(quantizations) or "none measured yet",
         dora_largest=max(
             (d["largest_margin"] for d in found["false_alarms"] if d["family"].startswith("dora_")), default=0.0

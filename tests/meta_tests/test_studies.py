@@ -491,6 +491,18 @@ def test_studies_of_one_stratum_under_several_seeds_make_one_row_of_what_a_run_c
     assert cells == ["2", "2", "5", f"{term['detectable_q99'] * 4:.2g}", median], cells
 
 
+def test_what_a_run_catches_of_forward_s_lora_term_is_held_against_its_dtype_s_target(tmp_path):
+    document = _with_check_runs(tmp_path)
+    term = document["check_runs"]["forward"]["terms"]["output|LoRA term|float32"]
+    for q99, verdict in [(publish.RUN_TARGETS["float32"] * 3, "no (3x)"), (publish.RUN_TARGETS["float32"], "yes")]:
+        term["detectable_q99"] = q99
+        (tmp_path / "false_alarms" / "linear-float32-extreme.json").write_text(json.dumps(document))
+        page = publish.render(publish.studies(tmp_path))
+        row = next(line for line in page.splitlines() if line.startswith("| linear | float | float32 | float32 | 2 |"))
+        assert row.endswith(f"| {verdict} |"), row
+        assert f"({int(verdict == 'yes')} of 1 met)" in page
+
+
 def test_a_release_s_study_adds_its_false_alarms_but_no_second_row_of_what_a_run_catches(tmp_path):
     document = {**_with_check_runs(tmp_path), "subject": "mlx_lm.LoRALinear"}
     (tmp_path / "false_alarms" / "mlx_lm.LoRALinear-linear-float32-drawn.json").write_text(json.dumps(document))
