@@ -278,6 +278,7 @@ def totals(found: dict) -> dict:
 def render(found: dict) -> str:
     """docs/verdict-study.md."""
     quantizations = sorted({kind for d in found["false_alarms"] for kind in d["quantizations"]})
+    detection = check_run_detection(found)
     return _template("verdict-study.md.j2").render(
         found=found,
         perturbations=PERTURBATIONS,
@@ -286,8 +287,8 @@ def render(found: dict) -> str:
         tightened=VERDICT_TIGHTENED,
         totals=totals(found),
         check_run_alarms=check_run_alarms(found),
-        check_run_detection=check_run_detection(found),
-        check_run_targets=check_run_targets(check_run_detection(found)),
+        check_run_detection=detection,
+        check_run_targets=check_run_targets(detection),
         quantizations=", ".join(quantizations) or "none measured yet",
         dora_largest=max(
             (d["largest_margin"] for d in found["false_alarms"] if d["family"].startswith("dora_")), default=0.0
