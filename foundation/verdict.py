@@ -80,7 +80,8 @@ class Origin:
     """A bound on this step's errors that may not average out (underflow, subnormals read as zero)."""
     constant: np.ndarray | None = None
     """How the result moves where an implementation rounds a Python constant (the scale) to the dtype first: one
-    rounding shared by every element, which an implementation makes or does not."""
+    rounding shared by every element, which an implementation makes or does not; and where products that share a
+    factor are each rounded once, which lean with that factor (`_products_rounding`, `_single_products_rounding`)."""
     orders: tuple[Tracked, ...] = ()
     """One formula evaluated in several orders (`Tracked.covering`): an implementation takes one of them."""
     addend: np.ndarray | None = None
@@ -155,9 +156,26 @@ def _products_rounding(factor: float, value: np.ndarray, dtype: DType) -> np.nda
     false-alarm study of switch layers). Computed exactly where the operand is known, it is charged like a rounded
     constant (`Origin.constant`): an implementation that multiplies in `dtype` makes it, one that multiplies in a
     finer dtype does not."""
-    held = round_to(value, dtype)
     with np.errstate(invalid="ignore", over="ignore"):
-        moved = round_to(factor * held, dtype) - factor * held
+        return _rounding_of(factor * round_to(value, dtype), dtype)
+
+
+def _single_products_rounding(a: np.ndarray, b: np.ndarray, dtype: DType) -> np.ndarray:
+    """How rounding each element of ``a @ b`` to `dtype` moves it, where each is one product (an inner size of 1)
+    of `a` and `b` as `dtype` holds them: every element of a row shares its factor of `a`, every element of a column
+    its factor of `b`, so, as a scale's products do (`_products_rounding`), their roundings lean one way along the
+    result (a bfloat16 factor of mantissa 255/128 rounds every product toward 0: -0.44 of a unit roundoff along
+    them; found by the false-alarm study of the embedding's extremes, ``as_linear`` with one dimension). Computed
+    exactly (two such factors multiply exactly in float64) and charged like a rounded constant: an implementation
+    that stores the products in `dtype` makes it, one that keeps them finer does not."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _rounding_of(round_to(a, dtype) @ round_to(b, dtype), dtype)
+
+
+def _rounding_of(exact: np.ndarray, dtype: DType) -> np.ndarray:
+    """``round_to(exact, dtype) - exact`` where it is finite, and 0 where it is not (an overflow, ``0 * inf``): not
+    charged. Within ``np.errstate(invalid=..., over=...)``."""
+    moved = round_to(exact, dtype) - exact
     return np.where(np.isfinite(moved), moved, 0.0)
 
 
@@ -453,7 +471,8 @@ class Tracked:
         noise = math.sqrt(inner + 1) * accumulation.unit_roundoff * magnitudes
         lost = _underflows(inner, Tracked._product_underflow(dtype, accumulation), dtype.flushes_in_dot_products)
         moved = functools.partial(_matmul_pullback, a, b) if start is None else pullback
-        origin = Origin(operands, moved, variance=np.square(noise + lost.noise), bias=lost.bias)
+        single = _single_products_rounding(a, b, dtype) if inner == 1 else None
+        origin = Origin(operands, moved, variance=np.square(noise + lost.noise), bias=lost.bias, constant=single)
         return operands[0]._stored(value, bound, origin, dtype.dot_product_underflow, dtype, addend)
 
     def matmul(self, other: Tracked, accumulation: DType = ACCUMULATION) -> Tracked:
