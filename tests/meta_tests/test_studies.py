@@ -92,8 +92,11 @@ def test_a_case_that_cannot_cancel_as_asked_is_refused():
 
 
 def test_extreme_cases_reach_what_the_suite_rarely_does():
+    """Hypothesis also draws constants it finds in the modules loaded so far, so what a seed draws depends on which
+    tests ran before in the process: 100 cases, so that the extremes show whatever was loaded (30 missed small
+    alphas once, under xdist)."""
     drawn = []
-    sampling.draw_chunk(extremes.cases_for("linear", FLOAT16), seed=0, index=0, size=30, visit=drawn.append)
+    sampling.draw_chunk(extremes.cases_for("linear", FLOAT16), seed=0, index=0, size=100, visit=drawn.append)
     assert drawn and all(max(c.in_features, c.out_features) >= 1024 for c in drawn)
     assert max(c.r for c in drawn) > 64 and {c.cancel for c in drawn} == {None, "input", "terms"}
     assert min(c.alpha for c in drawn) < 0.1 and max(c.alpha for c in drawn) > 10
