@@ -170,6 +170,7 @@ def check_run_alarms(found: dict) -> list[dict]:
             continue
         check, key, largest = max(terms, key=lambda t: t[2]["largest_statistic"] or 0.0)
         threshold = next(iter(d["check_runs"].values()))["threshold"]
+        unexplained = [_largest_unexplained(t) for _, _, t in terms]
         rows.append(
             {
                 "document": d,
@@ -180,9 +181,7 @@ def check_run_alarms(found: dict) -> list[dict]:
                 "threshold": threshold,
                 "where": f"{check}: {' / '.join(key.split('|')[:2])}",
                 "largest_case_ratio": max(t["largest_case_ratio"] or 0.0 for _, _, t in terms),
-                "largest_unexplained": None
-                if any(_largest_unexplained(t) is None for _, _, t in terms)
-                else max(_largest_unexplained(t) for _, _, t in terms),
+                "largest_unexplained": None if None in unexplained else max(unexplained),
             }
         )
     return rows
