@@ -248,7 +248,7 @@ def test_elementwise_products_sharing_a_broadcast_factor_lean_with_it_and_are_ex
     """DoRA's factor ``m / ||W + s B A||`` multiplies every element of its column, as h did in the embedding's
     ``h W^T`` above (no study has met this one yet): with one output column of 3,904 rows and a factor of mantissa
     255/128, every product that was not exact rounds toward 0, 13.8 of the model's scales along the term for a
-    correct layer before the model charged it. A 1% error of the term is still seen."""
+    correctly rounded product before the model charged it. A 1% error of the term is still seen."""
     rng = np.random.default_rng(4)
     factor = Tracked.exact(np.array([2 - 2 * dtype.unit_roundoff]), dtype)  # every bit of the mantissa set
     column = Tracked.exact(round_to(rng.standard_normal((3904, 1)), dtype), dtype)
