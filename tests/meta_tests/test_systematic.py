@@ -223,38 +223,29 @@ def test_a_norm_whose_squares_are_formed_in_float16_is_seen_short_where_they_are
     assert found.coefficient < 0 and found.statistic > systematic.THRESHOLD, found
 
 
-@pytest.mark.parametrize("dtype", [BFLOAT16, FLOAT16])
-def test_products_sharing_a_factor_each_rounded_once_lean_with_it_and_are_explained(dtype):
-    """Found by the false-alarm study of the embedding's extremes in bfloat16: ``as_linear`` with one dimension and
-    one hidden vector, whose one element has the mantissa 255/128 (all ones), is ``h W^T`` with an inner size of 1,
-    so every product shares h, and every one of its 3,904 roundings that was not exact went toward 0: -0.44 of a
-    unit roundoff along the base term, 9.75 of the model's scales beyond for a correct layer. A 1% error of the term
-    is still seen."""
-    rng = np.random.default_rng(4)
-    h = Tracked.exact(np.array([[2 - 2 * dtype.unit_roundoff]]), dtype)  # every bit of the mantissa set
-    weight = Tracked.exact(round_to(rng.standard_normal((3904, 1)), dtype), dtype)
-    product = h @ weight.T
-    expected = product.with_terms({"base term": product.value})
-    observed = round_to(h.value @ weight.value.T, dtype)
-    (found,) = systematic.components("output", observed, expected)
-    assert found.statistic < systematic.THRESHOLD / 4, found
-    assert -found.coefficient / found.scale > systematic.THRESHOLD  # the lean, which independent roundings do not make
-    (wrong,) = systematic.components("output", observed * 1.01, expected)
-    assert wrong.statistic > systematic.THRESHOLD, wrong
+SHARED_FACTOR_PRODUCTS = {
+    "inner size 1": lambda shared, column: shared @ column.T,
+    "broadcast": lambda shared, column: column * shared,
+}
+"""Two ways every product shares one factor, written once for `Tracked` and numpy alike: a matrix product of
+inner size 1 (the embedding's ``h W^T`` with one dimension, a rank-1 ``B A``) and an elementwise product with a
+broadcast factor (DoRA's ``m / ||W + s B A||`` times every element of its column)."""
 
 
 @pytest.mark.parametrize("dtype", [BFLOAT16, FLOAT16])
-def test_elementwise_products_sharing_a_broadcast_factor_lean_with_it_and_are_explained(dtype):
-    """DoRA's factor ``m / ||W + s B A||`` multiplies every element of its column, as h did in the embedding's
-    ``h W^T`` above (no study has met this one yet): with one output column of 3,904 rows and a factor of mantissa
-    255/128, every product that was not exact rounds toward 0, 13.8 of the model's scales along the term for a
-    correctly rounded product before the model charged it. A 1% error of the term is still seen."""
+@pytest.mark.parametrize("product", SHARED_FACTOR_PRODUCTS.values(), ids=SHARED_FACTOR_PRODUCTS)
+def test_products_sharing_a_factor_each_rounded_once_lean_with_it_and_are_explained(product, dtype):
+    """Found by the false-alarm study of the embedding's extremes in bfloat16 (inner size 1): ``as_linear`` with one
+    dimension and one hidden value h of mantissa 255/128 (all ones) makes every product of ``h W^T`` share h, and
+    every one of its 3,904 roundings that was not exact went toward 0: -0.44 of a unit roundoff along the base term,
+    9.75 of the model's scales beyond for a correct layer. DoRA's broadcast factor leans the same way (13.8 scales
+    for the product alone; no study met it). A 1% error of the term is still seen."""
     rng = np.random.default_rng(4)
-    factor = Tracked.exact(np.array([2 - 2 * dtype.unit_roundoff]), dtype)  # every bit of the mantissa set
+    shared = Tracked.exact(np.array([[2 - 2 * dtype.unit_roundoff]]), dtype)  # every bit of the mantissa set
     column = Tracked.exact(round_to(rng.standard_normal((3904, 1)), dtype), dtype)
-    product = column * factor
-    expected = product.with_terms({"magnitude": product.value})
-    observed = round_to(column.value * factor.value, dtype)
+    expected = product(shared, column)
+    expected = expected.with_terms({"term": expected.value})
+    observed = round_to(product(shared.value, column.value), dtype)
     (found,) = systematic.components("output", observed, expected)
     assert found.statistic < systematic.THRESHOLD / 4, found
     assert -found.coefficient / found.scale > systematic.THRESHOLD  # the lean, which independent roundings do not make
