@@ -506,9 +506,22 @@ def test_what_a_run_catches_of_forward_s_lora_term_is_held_against_its_dtype_s_t
         assert f"({int(verdict == 'yes')} of 1 met)" in page
 
 
-def test_a_release_s_study_adds_its_false_alarms_but_no_second_row_of_what_a_run_catches(tmp_path):
-    document = {**_with_check_runs(tmp_path), "subject": "mlx_lm.LoRALinear"}
-    (tmp_path / "false_alarms" / "mlx_lm.LoRALinear-linear-float32-drawn.json").write_text(json.dumps(document))
+@pytest.mark.parametrize(
+    ("name", "change", "listed"),
+    [
+        ("mlx_lm.LoRALinear-linear-float32-drawn.json", {"subject": "mlx_lm.LoRALinear"}, "| `mlx_lm.LoRALinear` |"),
+        (
+            "linear-bfloat16-float32-adapters-drawn.json",
+            {"dtype": "bfloat16", "adapter_dtype": "float32"},
+            "| `catalogue:CorrectLoRALinear` | linear | float | drawn | bfloat16 (float32 adapters) |",
+        ),
+    ],
+    ids=["a release", "float32 adapters only"],
+)
+def test_a_study_unlike_a_ci_run_adds_its_false_alarms_but_no_row_of_what_a_run_catches(tmp_path, name, change, listed):
+    document = {**_with_check_runs(tmp_path), **change}
+    (tmp_path / "false_alarms" / name).write_text(json.dumps(document))
     lines = publish.render(publish.studies(tmp_path)).splitlines()
-    assert any(line.startswith("| `mlx_lm.LoRALinear` | linear | float | drawn | float32 |") for line in lines)
+    assert any(line.startswith(listed) for line in lines)
     assert sum(line.startswith("| linear | float | float32 | float32 | forward |") for line in lines) == 1
+    assert not any(line.startswith("| linear | float | bfloat16 |") and "| forward |" in line for line in lines)
