@@ -59,9 +59,12 @@ def _load(path: Path) -> dict:
 
 def _ordered(documents: list[dict]) -> list[dict]:
     def rank(d: dict) -> tuple:
-        return tuple(
-            order.index(d[key]) if d[key] in order else 99
-            for key, order in (("family", FAMILIES), ("base", BASES), ("kind", KINDS), ("dtype", DTYPES))
+        return (
+            *(
+                order.index(d[key]) if d[key] in order else 99
+                for key, order in (("family", FAMILIES), ("base", BASES), ("kind", KINDS), ("dtype", DTYPES))
+            ),
+            d.get("release", False),  # the correct layer's studies first, whatever the files' names
         )
 
     return sorted(documents, key=rank)

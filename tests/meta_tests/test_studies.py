@@ -525,3 +525,12 @@ def test_a_study_unlike_a_ci_run_adds_its_false_alarms_but_no_row_of_what_a_run_
     assert any(line.startswith(listed) for line in lines)
     assert sum(line.startswith("| linear | float | float32 | float32 | forward |") for line in lines) == 1
     assert not any(line.startswith("| linear | float | bfloat16 |") and "| forward |" in line for line in lines)
+
+
+def test_a_release_s_study_is_listed_after_the_correct_layer_s_of_its_family_and_dtype(tmp_path):
+    document = _with_check_runs(tmp_path)
+    release = document | {"subject": "mlx_lm.LoRALinear"}
+    (tmp_path / "false_alarms" / "0-named-first.json").write_text(json.dumps(release))
+    lines = publish.render(publish.studies(tmp_path)).splitlines()
+    first = [line.split("|")[1].strip() for line in lines if line.startswith("| `") and "| linear | float |" in line]
+    assert first[:2] == [f"`{document['subject']}`", "`mlx_lm.LoRALinear`"], first
